@@ -1,0 +1,68 @@
+"""M-step and parameter conversions, in float64 (K x D arrays are small).
+
+Empty components: a component whose responsibility mass N_k falls below one
+sample after an E-step is re-seeded (see ``GaussianMixture`` notes); the M-step
+itself only keeps the arithmetic finite, as scikit-learn does, by adding
+10 * eps to every N_k.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import CholeskyParams, EStepResult, natural_params
+
+COVARIANCE_TYPES = ("full", "diag", "spherical")
+
+
+def m_step(stats: EStepResult, covariance_type: str, reg_covar: float):
+    """Weights, means and covariances (all relative to the shift the statistics are of).
+
+    Parameters
+    ----------
+    stats : EStepResult summed over the data set (float64)
+
+    Returns
+    -------
+    weights (K,), means (K, D), covariances (K,), (K, D) or (K, D, D)
+    """
+    nk = stats.nk + 10 * torch.finfo(torch.float64).eps
+    means = stats.s1 / nk[:, None]
+    if covariance_type == "full":
+        cov = stats.s2 / nk[:, None, None] - means[:, :, None] * means[:, None, :]
+        cov += reg_covar * torch.eye(means.shape[1], dtype=cov.dtype, device=cov.device)
+    elif covariance_type == "diag":
+        cov = stats.s2 / nk[:, None] - means * means + reg_covar
+    else:
+        cov = (stats.s2 / nk - (means * means).sum(1)) / means.shape[1] + reg_covar
+    if covariance_type != "full":
+        # float32 statistics can round an almost-zero variance below the floor.
+        cov = cov.clamp_min(reg_covar)
+    return nk / nk.sum(), means, cov
+
+
+def precisions_cholesky(covariances: torch.Tensor, covariance_type: str) -> torch.Tensor:
+    """scikit-learn's ``precisions_cholesky_``: 1/sqrt(var), or upper P with P P^T = inv(cov)."""
+    if covariance_type != "full":
+        return 1.0 / torch.sqrt(covariances)
+    chol, info = torch.linalg.cholesky_ex(covariances)
+    if bool((info > 0).any()):
+        bad = int(torch.nonzero(info > 0)[0, 0])
+        raise ValueError(f"component {bad} has an ill-defined covariance (not positive definite): "
+                         "decrease n_components or increase reg_covar")
+    eye = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
+    inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return inv.transpose(1, 2)
+
+
+def kernel_params(weights, means, covariances, prec_chol, covariance_type):
+    """Parameters in the form the E-step kernels read (float64; cast by the caller)."""
+    if covariance_type == "full":
+        return CholeskyParams(means, prec_chol, torch.log(weights))
+    return natural_params(weights, means, covariances)
+
+
+def n_parameters(n_components: int, n_features: int, covariance_type: str) -> int:
+    cov = {"full": n_features * (n_features + 1) // 2, "diag": n_features, "spherical": 1}[covariance_type]
+    return n_components * (cov + n_features) + n_components - 1
+
+

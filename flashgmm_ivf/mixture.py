@@ -1,0 +1,519 @@
+"""GaussianMixture: scikit-learn's estimator, with a fused E-step and streaming EM."""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import kernels
+from ._chunks import ChunkSource, to_tensor
+from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
+from ._mstep import COVARIANCE_TYPES, kernel_params, m_step, n_parameters, precisions_cholesky
+from ._validation import check_choice, check_nonnegative_float, check_positive_int
+from .kernels import EStepResult
+
+DEVICES = ("auto", "cpu", "cuda")
+COMPUTE_DTYPES = ("float32", "float64")
+# Fewer than one sample's worth of responsibility: the component is re-seeded.
+EMPTY_MASS = 1.0
+RESEED_CANDIDATES = 32
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at max_iter before the lower bound changed by less than tol."""
+
+
+class GaussianMixture:
+    """Gaussian mixture fitted by EM with a fused E-step that never stores N x K responsibilities.
+
+    Parameters and attributes follow :class:`sklearn.mixture.GaussianMixture`.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+    covariance_type : {'diag', 'spherical', 'full'}, default='diag'
+        'full' runs the torch path only and is meant for D <= 256.
+    tol : float, default=1e-3
+        EM stops when the lower bound (mean log-likelihood per sample) changes by less.
+    reg_covar : float, default=1e-6
+        Added to every variance: the floor that keeps collapsed components finite.
+    max_iter : int, default=100
+    n_init : int, default=1
+        Initialisations tried; the one with the highest lower bound is kept.
+    init_params : {'kmeans', 'k-means++', 'random_from_data'}, default='kmeans'
+        How the initial means are drawn, from a uniform sample of at most 256 rows per
+        component ('kmeans' is ``faiss.Kmeans``). Weights and covariances then come from
+        assigning every row to its nearest initial mean.
+    weights_init : array of shape (n_components,), optional
+    means_init : array of shape (n_components, n_features), optional
+    precisions_init : array, optional
+        Precisions (inverse covariances): (K,) spherical, (K, D) diag, (K, D, D) full.
+    random_state : int, numpy Generator or None
+    warm_start : bool, default=False
+        Start the next fit from the current parameters (n_init is then 1).
+    verbose : int, default=0
+        1: a tqdm bar over EM iterations; 2: also a bar over the chunks of each pass.
+    device : {'auto', 'cpu', 'cuda'}, default='auto'
+        'auto' is CUDA when available. On CUDA, float32 diag/spherical models use the
+        Triton kernels; everything else uses the torch reference on that device.
+    chunk_size : int, default=262144
+        Rows per block moved to the device: memory use is O(chunk_size * K) at most.
+    compute_dtype : {'float32', 'float64'}, default='float32'
+        Arithmetic of the E-step. Statistics are always summed, and the M-step done, in float64.
+    precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32'}, default='bf16x3'
+        Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
+        is fast and loose (~1e-3 relative) and opt-in only.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_ : ndarray of shape (K,), (K, D) or (K, D, D)
+    precisions_ : ndarray, same shape as covariances_
+    precisions_cholesky_ : ndarray, same shape as covariances_
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood per sample in the last E-step of the best initialisation
+        (of the parameters before the final M-step, as in scikit-learn).
+    lower_bounds_ : list of float
+        The lower bound at every iteration of the best initialisation.
+    n_reseeded_ : int
+        Components re-seeded because they emptied (see Notes).
+    n_features_in_ : int
+
+    Notes
+    -----
+    Numerics: all E-step arithmetic is on rows shifted by the weighted mean of the
+    component means (about the data mean), so raw-scale data (values 0..255, norms
+    ~500) keeps its float32 digits in |x|^2 - 2 x.mu + |mu|^2.
+
+    Empty components: when a component's responsibility mass N_k drops below one
+    sample, it is re-seeded on the worst-explained row of that E-step (lowest
+    log-likelihood), with the average covariance of the other components and weight
+    1/n. K therefore never shrinks (an IVF index keeps nlist lists). The lower bound
+    never decreases by more than round-off except across a re-seed; an iteration that
+    re-seeds is never taken as converged.
+    """
+
+    def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
+                 n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
+                 random_state=None, warm_start=False, verbose=0, device="auto", chunk_size=262144,
+                 compute_dtype="float32", precision="bf16x3"):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.device = device
+        self.chunk_size = chunk_size
+        self.compute_dtype = compute_dtype
+        self.precision = precision
+
+    # ------------------------------------------------------------------ sklearn plumbing
+    def get_params(self, deep=True):
+        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
+                if name != "self"}
+
+    def set_params(self, **params):
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for GaussianMixture; valid: {sorted(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self):
+        defaults = inspect.signature(type(self).__init__).parameters
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
+                   if not isinstance(v, np.ndarray) and v != defaults[k].default]
+        return f"GaussianMixture({', '.join(changed)})"
+
+    # ------------------------------------------------------------------ validation
+    def _check_parameters(self):
+        check_positive_int(self.n_components, "n_components")
+        check_choice(self.covariance_type, "covariance_type", COVARIANCE_TYPES)
+        check_nonnegative_float(self.tol, "tol")
+        check_nonnegative_float(self.reg_covar, "reg_covar")
+        check_positive_int(self.max_iter, "max_iter")
+        check_positive_int(self.n_init, "n_init")
+        check_choice(self.init_params, "init_params", INIT_METHODS)
+        check_choice(self.device, "device", DEVICES)
+        check_positive_int(self.chunk_size, "chunk_size")
+        check_choice(self.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+        check_choice(self.precision, "precision", kernels.PRECISIONS)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device; use device='auto' or 'cpu'")
+
+    def _check_initial_parameters(self, n_features):
+        k, d, cov = self.n_components, n_features, self.covariance_type
+        if self.weights_init is not None:
+            w = _as_float64(self.weights_init, "weights_init", (k,))
+            if (w < 0).any() or (w > 1).any() or abs(w.sum() - 1) > 1e-6:
+                raise ValueError(f"weights_init must lie in [0, 1] and sum to 1, got sum {w.sum():.8f}")
+        if self.means_init is not None:
+            _as_float64(self.means_init, "means_init", (k, d))
+        if self.precisions_init is not None:
+            shape = {"spherical": (k,), "diag": (k, d), "full": (k, d, d)}[cov]
+            p = _as_float64(self.precisions_init, "precisions_init", shape)
+            if cov != "full" and (p <= 0).any():
+                raise ValueError(f"precisions_init must be positive; first bad component "
+                                 f"{int(np.argwhere(p <= 0)[0][0])}")
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def _uses_kernels(self, device) -> bool:
+        return device.type == "cuda" and self.compute_dtype == "float32" and self.covariance_type != "full"
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y=None):
+        """Estimate the parameters by EM.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            ndarray, np.memmap, h5py.Dataset or torch.Tensor; read ``chunk_size`` rows at a
+            time, so a memmap or h5py dataset is never loaded whole. uint8/int/float16/float32/
+            float64 and non-contiguous arrays are accepted.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_parameters()
+        return self._fit(ChunkSource(X, self.chunk_size))
+
+    def fit_stream(self, chunks):
+        """Estimate the parameters by EM over data that arrives in chunks.
+
+        Parameters
+        ----------
+        chunks : callable returning an iterable of arrays of shape (n_i, n_features), or a
+            list of such arrays. EM reads the data once per iteration, so a callable is
+            called once per pass (e.g. ``lambda: (f["x"][i:i + m] for i in range(0, n, m))``).
+
+        Returns
+        -------
+        self
+        """
+        self._check_parameters()
+        return self._fit(ChunkSource(chunks, self.chunk_size))
+
+    def _fit(self, source: ChunkSource):
+        n = source.validate()
+        if n == 0:
+            raise ValueError("X has 0 samples; at least one is required")
+        if n < self.n_components:
+            raise ValueError(f"n_components={self.n_components} must be <= n_samples={n}")
+        if self.covariance_type == "full" and source.n_features > 256:
+            warnings.warn(f"covariance_type='full' with {source.n_features} features costs O(K D^2) per row")
+        self._check_initial_parameters(source.n_features)
+        device = self._device()
+        fitted = hasattr(self, "means_")
+        if fitted and self.means_.shape[1] != source.n_features:
+            raise ValueError(f"X has {source.n_features} features, but the model was fitted with "
+                             f"{self.means_.shape[1]}")
+        do_init = not (self.warm_start and fitted)
+        rng = _rng(self.random_state)
+        best = None
+        for _ in range(self.n_init if do_init else 1):
+            state = self._initialize(source, rng, device) if do_init else self._state(device)
+            lower_bound = -math.inf if do_init else self.lower_bound_
+            bounds, converged, reseeded_total, n_iter = [], False, 0, 0
+            bar = tqdm(total=self.max_iter, desc="EM", disable=not self.verbose, leave=False)
+            for n_iter in range(1, self.max_iter + 1):
+                previous = lower_bound
+                stats, log_lik, worst = self._e_step(source, state, device)
+                lower_bound = log_lik / n
+                bounds.append(lower_bound)
+                state, reseeded = self._m_step(stats, worst, state, n)
+                reseeded_total += reseeded
+                bar.update()
+                bar.set_postfix(lower_bound=f"{lower_bound:.6g}")
+                if abs(lower_bound - previous) < self.tol and not reseeded:
+                    converged = True
+                    break
+            bar.close()
+            if best is None or lower_bound > best[0]:
+                best = (lower_bound, state, converged, n_iter, bounds, reseeded_total)
+        lower_bound, state, converged, n_iter, bounds, reseeded_total = best
+        if not converged:
+            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last change of the "
+                          f"lower bound above tol={self.tol}); increase max_iter or tol", ConvergenceWarning)
+        self._set_state(state)
+        self.converged_, self.n_iter_, self.lower_bound_ = converged, n_iter, float(lower_bound)
+        self.lower_bounds_, self.n_reseeded_ = bounds, reseeded_total
+        self.n_features_in_ = source.n_features
+        return self
+
+    def _initialize(self, source, rng, device):
+        k = self.n_components
+        if self.means_init is not None:
+            seeds = np.asarray(self.means_init, dtype=np.float64)
+        else:
+            sample = uniform_sample(source, sample_size(k, source.n_features), rng)
+            seeds = initial_means(sample, k, self.init_params, rng)
+        shift = torch.as_tensor(seeds.mean(0), device=device)
+        stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift, device)
+        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
+        if self.weights_init is not None:
+            weights = torch.as_tensor(np.asarray(self.weights_init, dtype=np.float64), device=device)
+        if self.means_init is not None:
+            means = torch.as_tensor(seeds, device=device) - shift
+        if self.precisions_init is not None:
+            prec = torch.as_tensor(np.asarray(self.precisions_init, dtype=np.float64), device=device)
+            cov = 1.0 / prec if self.covariance_type != "full" else torch.linalg.inv(prec)
+        return self._recentre(_State(weights, means, cov, None, shift))
+
+    def _hard_assignment_stats(self, source, seeds_c, shift, device) -> EStepResult:
+        """Statistics of assigning every row to its nearest seed (one-hot responsibilities)."""
+        k, d = seeds_c.shape
+        nearest = kernels.natural_params(torch.ones(k, dtype=torch.float64, device=device) / k, seeds_c,
+                                         torch.ones(k, dtype=torch.float64, device=device))
+        acc = _zero_stats(k, d, self.covariance_type, device)
+        for _, block in self._blocks(source, "init"):
+            x = to_tensor(block, device)
+            labels = self._best_components(x, nearest, shift)
+            xc = x.to(torch.float64) - shift
+            acc.nk.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+            acc.s1.index_add_(0, labels, xc)
+            if self.covariance_type == "spherical":
+                acc.s2.index_add_(0, labels, (xc * xc).sum(1))
+            elif self.covariance_type == "diag":
+                acc.s2.index_add_(0, labels, xc * xc)
+            else:
+                acc.s2.index_add_(0, labels, xc[:, :, None] * xc[:, None, :])
+        return acc
+
+    def _e_step(self, source, state, device):
+        """One pass: summed statistics, summed log-likelihood, and the worst-explained rows."""
+        k, d = state.means.shape
+        params = self._kernel_params(state, device)
+        acc = _zero_stats(k, d, self.covariance_type, device)
+        log_lik = 0.0
+        worst_ll = torch.empty(0, dtype=torch.float64, device=device)
+        worst_rows = torch.empty(0, d, dtype=torch.float64, device=device)
+        for _, block in self._blocks(source, "E-step"):
+            x = to_tensor(block, device)
+            res = self._estep_block(x, params, state.shift)
+            for total, part in zip(acc[1:], res[1:]):
+                total += part
+            log_lik += float(res.log_norm.sum(dtype=torch.float64))
+            m = min(RESEED_CANDIDATES, x.shape[0])
+            low = torch.topk(res.log_norm.to(torch.float64), m, largest=False).indices
+            worst_ll = torch.cat([worst_ll, res.log_norm[low].to(torch.float64)])
+            worst_rows = torch.cat([worst_rows, x[low].to(torch.float64)])
+            keep = torch.topk(worst_ll, min(RESEED_CANDIDATES, worst_ll.numel()), largest=False).indices
+            worst_ll, worst_rows = worst_ll[keep], worst_rows[keep]
+        return acc, log_lik, worst_rows[torch.argsort(worst_ll)]
+
+    def _m_step(self, stats, worst_rows, state, n):
+        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
+        empty = torch.nonzero(stats.nk < EMPTY_MASS).flatten()[: worst_rows.shape[0]]
+        if empty.numel():
+            kept = torch.ones_like(weights, dtype=torch.bool)
+            kept[empty] = False
+            means[empty] = worst_rows[: empty.numel()] - state.shift
+            cov[empty] = cov[kept].mean(0) if bool(kept.any()) else cov[empty]
+            weights[empty] = 1.0 / n
+            weights = weights / weights.sum()
+        return self._recentre(_State(weights, means, cov, None, state.shift)), int(empty.numel())
+
+    def _recentre(self, state):
+        """Move the shift to the weighted mean of the means; fill in precisions_cholesky."""
+        # A float32-representable shift: the kernels subtract it in float32, exactly.
+        shift = (state.shift + state.weights @ state.means).float().double()
+        return _State(state.weights, state.means - (shift - state.shift), state.cov,
+                      precisions_cholesky(state.cov, self.covariance_type), shift)
+
+    def _kernel_params(self, state, device):
+        params = kernel_params(state.weights, state.means, state.cov, state.prec_chol, self.covariance_type)
+        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        return params.to(device=device, dtype=dtype)
+
+    def _estep_block(self, x, params, shift) -> EStepResult:
+        if self._uses_kernels(x.device):
+            return kernels.estep(x, params, shift, precision=self.precision)
+        return kernels.reference.estep(x, params, shift, dtype=params[0].dtype)
+
+    def _best_components(self, x, params, shift) -> torch.Tensor:
+        if self._uses_kernels(x.device):
+            return kernels.log_norm(x, params.to(dtype=torch.float32), shift, precision=self.precision)[1].long()
+        return self._weighted_log_prob(x, params, shift).argmax(1)
+
+    def _weighted_log_prob(self, x, params, shift):
+        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        out = []
+        rows = kernels.reference._chunk_rows(len(params[0]), x.shape[1], self.covariance_type == "full")
+        for start in range(0, x.shape[0], rows):
+            out.append(kernels.reference.weighted_log_prob(x[start:start + rows], params, shift, dtype=dtype))
+        return torch.cat(out)
+
+    def _blocks(self, source, what):
+        return tqdm(source, desc=what, disable=self.verbose < 2, leave=False, unit="chunk")
+
+    # ------------------------------------------------------------------ state <-> attributes
+    def _set_state(self, state):
+        self.weights_ = state.weights.cpu().numpy()
+        self.means_ = (state.means + state.shift).cpu().numpy()
+        self.covariances_ = state.cov.cpu().numpy()
+        self._set_precisions()
+
+    def _set_precisions(self):
+        """precisions_cholesky_ and precisions_ from covariances_."""
+        cov = torch.as_tensor(self.covariances_)
+        prec_chol = precisions_cholesky(cov, self.covariance_type)
+        self.precisions_cholesky_ = prec_chol.numpy()
+        self.precisions_ = (prec_chol @ prec_chol.transpose(1, 2)).numpy() \
+            if self.covariance_type == "full" else 1.0 / self.covariances_
+
+    def _state(self, device):
+        self._check_fitted()
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)  # noqa: E731
+        shift = t(self.weights_ @ self.means_)
+        return self._recentre(_State(t(self.weights_), t(self.means_) - shift, t(self.covariances_), None, shift))
+
+    def _check_fitted(self):
+        if not hasattr(self, "means_"):
+            raise ValueError("this GaussianMixture is not fitted yet: call fit first")
+
+    # ------------------------------------------------------------------ inference
+    def _prepared_blocks(self, X):
+        """Validated blocks ``(offset, x, params, shift)`` of X on the model's device."""
+        self._check_fitted()
+        self._check_parameters()
+        device = self._device()
+        state = self._state(device)
+        params = self._kernel_params(state, device)
+        source = ChunkSource(X, self.chunk_size)
+        source.n_features = self.means_.shape[1]
+        if source.validate() == 0:
+            raise ValueError("X has 0 samples; at least one is required")
+        for offset, block in source:
+            yield offset, to_tensor(block, device), params, state.shift
+
+    def _scan(self, X, per_block):
+        """Apply ``per_block(x, params, shift)`` over the blocks of X; concatenate on the host."""
+        return torch.cat([per_block(x, params, shift).cpu() for _, x, params, shift in self._prepared_blocks(X)]).numpy()
+
+    def iter_weighted_log_prob(self, X):
+        """Yield ``(offset, block)`` with block[i, k] = log pi_k + log N(x_{offset+i} | mu_k, Sigma_k).
+
+        Blocks are float32/float64 torch tensors (``compute_dtype``) of at most
+        ``chunk_size`` rows on the model's device, so the n x K matrix is never held
+        whole: consumers (soft assignment, posterior probing) reduce each block, e.g.
+        to its top few components, before asking for the next.
+        """
+        for offset, x, params, shift in self._prepared_blocks(X):
+            yield offset, self._weighted_log_prob(x, params, shift)
+
+    def score_samples(self, X):
+        """Log-likelihood log p(x_n) of every row, shape (n_samples,), float64."""
+        def block(x, params, shift):
+            if self._uses_kernels(x.device):
+                return kernels.log_norm(x, params, shift, precision=self.precision)[0]
+            return torch.logsumexp(self._weighted_log_prob(x, params, shift), 1).double()
+        return self._scan(X, block)
+
+    def score(self, X, y=None):
+        """Mean log-likelihood per sample."""
+        return float(self.score_samples(X).mean())
+
+    def predict(self, X):
+        """Most probable component of every row, shape (n_samples,), int64."""
+        return self._scan(X, self._best_components)
+
+    def predict_proba(self, X):
+        """Responsibilities, shape (n_samples, n_components), float64 (materialises n x K: the caller asked)."""
+        def block(x, params, shift):
+            ll = self._weighted_log_prob(x, params, shift).double()
+            return torch.exp(ll - torch.logsumexp(ll, 1, keepdim=True))
+        return self._scan(X, block)
+
+    def bic(self, X):
+        """Bayesian information criterion on X (lower is better)."""
+        ll = self.score_samples(X)
+        return -2 * ll.sum() + self._n_parameters() * math.log(ll.shape[0])
+
+    def aic(self, X):
+        """Akaike information criterion on X (lower is better)."""
+        return -2 * self.score_samples(X).sum() + 2 * self._n_parameters()
+
+    def _n_parameters(self):
+        return n_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
+
+    def sample(self, n_samples=1):
+        """Draw samples; returns X of shape (n_samples, n_features) and their components y."""
+        self._check_fitted()
+        check_positive_int(n_samples, "n_samples")
+        rng = _rng(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_ / self.weights_.sum())
+        d = self.means_.shape[1]
+        xs = []
+        for k, (mean, count) in enumerate(zip(self.means_, counts)):
+            z = rng.standard_normal((count, d))
+            if self.covariance_type == "full":
+                xs.append(mean + z @ np.linalg.cholesky(self.covariances_[k]).T)
+            else:
+                xs.append(mean + z * np.sqrt(self.covariances_[k]))
+        return np.vstack(xs), np.repeat(np.arange(self.n_components), counts)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path):
+        """Write the fitted model to ``path`` (.npz of plain arrays + a versioned JSON header; no pickle)."""
+        from ._io import save_mixture
+        save_mixture(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a model written by :meth:`save`; corrupt or truncated files raise ValueError."""
+        from ._io import load_mixture
+        return load_mixture(cls, path)
+
+
+class _State:
+    """Parameters during EM: float64 tensors on the device, means relative to ``shift``."""
+
+    __slots__ = ("weights", "means", "cov", "prec_chol", "shift")
+
+    def __init__(self, weights, means, cov, prec_chol, shift):
+        self.weights, self.means, self.cov, self.prec_chol, self.shift = weights, means, cov, prec_chol, shift
+
+
+def _zero_stats(k, d, covariance_type, device) -> EStepResult:
+    f64 = dict(dtype=torch.float64, device=device)
+    s2_shape = {"spherical": (k,), "diag": (k, d), "full": (k, d, d)}[covariance_type]
+    return EStepResult(None, torch.zeros(k, **f64), torch.zeros(k, d, **f64), torch.zeros(s2_shape, **f64))
+
+
+def _rng(random_state) -> np.random.Generator:
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    if isinstance(random_state, np.random.RandomState):
+        return np.random.default_rng(random_state.randint(2**31 - 1))
+    return np.random.default_rng(random_state)
+
+
+def _as_float64(value, name, shape):
+    a = np.asarray(value, dtype=np.float64)
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds NaN or infinity (first at flat index {int(np.argmin(np.isfinite(a)))})")
+    return a

@@ -1,0 +1,13 @@
+"""E-step kernels: fused Triton passes and the torch reference of the same math.
+
+``estep`` and ``log_norm`` run the Triton kernels (CUDA, or the CPU under
+``TRITON_INTERPRET=1``); ``reference.estep`` is the torch version, used as the
+CPU path and as the oracle in tests.
+"""
+from . import reference
+from .estep import PRECISIONS, default_blocks, estep, log_norm
+from .params import CholeskyParams, NaturalParams, natural_params
+from .result import EStepResult
+
+__all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "NaturalParams", "default_blocks",
+           "estep", "log_norm", "natural_params", "reference"]

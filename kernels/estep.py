@@ -1,0 +1,119 @@
+"""The fused E-step launcher: pass 1 (log Z) then pass 2 (statistics)."""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .log_norm import log_norm as _launch_log_norm
+from .params import NaturalParams, split_offset
+from .result import EStepResult
+from .stats import stats as _launch_stats
+
+PRECISIONS = ("bf16x3", "tf32x3", "ieee", "tf32")
+# Partial statistics of the row splits stay under this many bytes (the N=10M
+# memory bar is "input + 64 MB").
+PARTIALS_BUDGET = 32 << 20
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8)
+
+
+def _prepare(x, params: NaturalParams, shift):
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, features), got shape {tuple(x.shape)}")
+    d = x.shape[1]
+    if params.lin.shape[1] != d:
+        raise ValueError(f"x has {d} features but the parameters have {params.lin.shape[1]}")
+    if x.dtype not in _KERNEL_DTYPES:
+        x = x.to(torch.float32)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    params, offset = split_offset(params)
+    params = params.to(device=x.device, dtype=torch.float32)
+    if shift is None:
+        shift = torch.zeros(d, dtype=torch.float32, device=x.device)
+    else:
+        shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
+    return x, params, shift, offset
+
+
+def _check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def default_blocks(n_features: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D): a whole row in one D tile up to 128 features."""
+    block_d = min(128, max(16, triton.next_power_of_2(n_features)))
+    return 64, 64, block_d
+
+
+def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=None):
+    """log Z_n and argmax_k (log pi_k + log N(x_n | k)) for every row, by the Triton kernel.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D), float32/float16/bfloat16/uint8/int8 (others are cast to float32)
+    params : NaturalParams relative to ``shift``
+    shift : Tensor of shape (D,) or None
+
+    Returns
+    -------
+    log_norm : float64 Tensor of shape (n,)
+    best : int32 Tensor of shape (n,)
+    """
+    _check_precision(precision)
+    x, params, shift, offset = _prepare(x, params, shift)
+    block_n, block_k, block_d = blocks or default_blocks(x.shape[1])
+    lz, best = _launch_log_norm(x, shift, params, precision=precision,
+                                block_n=block_n, block_k=block_k, block_d=block_d)
+    return lz.double() + offset, best
+
+
+def _default_split(n_comps, n_features, blocks, device) -> int:
+    block_n, block_k, block_d = blocks
+    programs = triton.cdiv(n_comps, block_k) * triton.cdiv(n_features, block_d)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    by_memory = PARTIALS_BUDGET // (8 * n_comps * n_features + 8 * n_comps)
+    return int(max(1, min(triton.cdiv(4 * sms, programs), by_memory)))
+
+
+def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=None,
+          n_split=None) -> EStepResult:
+    """Fused E-step of a diagonal or spherical mixture over a block of rows.
+
+    Returns the per-row log-normalisers and the sufficient statistics
+    N_k, sum_n r_nk (x_n - shift), sum_n r_nk (x_n - shift)**2 (diag) or
+    sum_n r_nk |x_n - shift|**2 (spherical), without writing the N x K
+    responsibilities anywhere.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D) on the device the kernels run on (CUDA, or CPU
+        under ``TRITON_INTERPRET=1``)
+    params : NaturalParams relative to ``shift``
+    shift : Tensor of shape (D,) or None
+    precision : one of ``PRECISIONS`` (see ``kernels.tile``)
+    blocks : (BLOCK_N, BLOCK_K, BLOCK_D) or None for ``default_blocks``
+    n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
+
+    Returns
+    -------
+    EStepResult, all float64.
+    """
+    _check_precision(precision)
+    x, params, shift, offset = _prepare(x, params, shift)
+    n, d = x.shape
+    k = params.lin.shape[0]
+    f64 = dict(dtype=torch.float64, device=x.device)
+    if n == 0:
+        s2_shape = (k, d) if params.diagonal else (k,)
+        return EStepResult(torch.empty(0, **f64),
+                           torch.zeros(k, **f64), torch.zeros(k, d, **f64), torch.zeros(s2_shape, **f64))
+    blocks = blocks or default_blocks(d)
+    block_n, block_k, block_d = blocks
+    lz, _ = _launch_log_norm(x, shift, params, precision=precision,
+                             block_n=block_n, block_k=block_k, block_d=block_d)
+    n_split = n_split or _default_split(k, d, blocks, x.device)
+    nk, s1, s2 = _launch_stats(x, shift, params, lz, n_split=n_split, precision=precision,
+                               block_n=block_n, block_k=block_k, block_d=block_d)
+    return EStepResult(lz.double() + offset, nk.sum(0, dtype=torch.float64), s1.sum(0, dtype=torch.float64),
+                       s2.sum(0, dtype=torch.float64))

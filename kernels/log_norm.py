@@ -1,0 +1,54 @@
+"""Pass 1 of the E-step: log Z_n and the best component of every row.
+
+One program owns BLOCK_N rows and streams over all K components in tiles,
+keeping an online log-sum-exp (running max m and scaled sum s), so nothing of
+size N x K is ever stored.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .tile import split_dtype, weighted_log_prob
+
+
+@triton.jit
+def log_norm_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
+                    log_norm_ptr, best_ptr, n_rows, n_comps, n_cols,
+                    DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                    SPLIT_DTYPE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    # A finite floor instead of -inf: a tile of components all at -inf (zero weight)
+    # must give exp(-inf - floor) = 0, not exp(-inf + inf) = NaN.
+    floor = -3.0e38
+    run_max = tl.full([BLOCK_N], floor, dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    best = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, n_comps, BLOCK_K):
+        comps = k0 + tl.arange(0, BLOCK_K)
+        ll, _ = weighted_log_prob(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
+                                  rows, row_mask, comps, n_comps, n_cols,
+                                  DIAGONAL, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, SPLIT_DTYPE)
+        tile_max = tl.max(ll, axis=1)
+        tile_arg = tl.argmax(ll, axis=1).to(tl.int32) + k0
+        best = tl.where(tile_max > run_max, tile_arg, best)
+        new_max = tl.maximum(run_max, tile_max)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(ll - new_max[:, None]), axis=1)
+        run_max = new_max
+    tl.store(log_norm_ptr + rows, run_max + tl.log(run_sum), mask=row_mask)
+    tl.store(best_ptr + rows, best, mask=row_mask)
+
+
+def log_norm(x, shift, params, *, precision, block_n, block_k, block_d):
+    """Launch pass 1; returns (log_norm float32 (n,), best component int32 (n,))."""
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    best = torch.empty(n, dtype=torch.int32, device=x.device)
+    grid = (triton.cdiv(n, block_n),)
+    log_norm_kernel[grid](x, x.stride(0), shift, params.quad, params.lin, params.const,
+                          out, best, n, params.lin.shape[0], d,
+                          DIAGONAL=params.diagonal, BLOCK_N=block_n, BLOCK_K=block_k,
+                          BLOCK_D=block_d, PRECISION=precision,
+                          SPLIT_DTYPE=split_dtype(x.device))
+    return out, best
