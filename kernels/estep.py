@@ -46,6 +46,10 @@ def default_blocks(n_features: int) -> tuple[int, int, int]:
     return 64, 64, block_d
 
 
+# Warps of (pass 1, pass 2); pass 2 holds two BLOCK_K x BLOCK_D accumulators in registers.
+DEFAULT_WARPS = (4, 8)
+
+
 def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=None):
     """log Z_n and argmax_k (log pi_k + log N(x_n | k)) for every row, by the Triton kernel.
 
@@ -77,7 +81,7 @@ def _default_split(n_comps, n_features, blocks, device) -> int:
 
 
 def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=None,
-          n_split=None) -> EStepResult:
+          n_split=None, num_warps=DEFAULT_WARPS) -> EStepResult:
     """Fused E-step of a diagonal or spherical mixture over a block of rows.
 
     Returns the per-row log-normalisers and the sufficient statistics
@@ -94,6 +98,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=No
     precision : one of ``PRECISIONS`` (see ``kernels.tile``)
     blocks : (BLOCK_N, BLOCK_K, BLOCK_D) or None for ``default_blocks``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
+    num_warps : (pass 1, pass 2) warps per program
 
     Returns
     -------
@@ -110,10 +115,10 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=No
                            torch.zeros(k, **f64), torch.zeros(k, d, **f64), torch.zeros(s2_shape, **f64))
     blocks = blocks or default_blocks(d)
     block_n, block_k, block_d = blocks
-    lz, _ = _launch_log_norm(x, shift, params, precision=precision,
-                             block_n=block_n, block_k=block_k, block_d=block_d)
+    lz, _ = _launch_log_norm(x, shift, params, precision=precision, block_n=block_n, block_k=block_k,
+                             block_d=block_d, num_warps=num_warps[0])
     n_split = n_split or _default_split(k, d, blocks, x.device)
-    nk, s1, s2 = _launch_stats(x, shift, params, lz, n_split=n_split, precision=precision,
-                               block_n=block_n, block_k=block_k, block_d=block_d)
+    nk, s1, s2 = _launch_stats(x, shift, params, lz, n_split=n_split, precision=precision, block_n=block_n,
+                               block_k=block_k, block_d=block_d, num_warps=num_warps[1])
     return EStepResult(lz.double() + offset, nk.sum(0, dtype=torch.float64), s1.sum(0, dtype=torch.float64),
                        s2.sum(0, dtype=torch.float64))

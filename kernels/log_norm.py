@@ -40,7 +40,7 @@ def log_norm_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
     tl.store(best_ptr + rows, best, mask=row_mask)
 
 
-def log_norm(x, shift, params, *, precision, block_n, block_k, block_d):
+def log_norm(x, shift, params, *, precision, block_n, block_k, block_d, num_warps=4):
     """Launch pass 1; returns (log_norm float32 (n,), best component int32 (n,))."""
     n, d = x.shape
     out = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -50,5 +50,5 @@ def log_norm(x, shift, params, *, precision, block_n, block_k, block_d):
                           out, best, n, params.lin.shape[0], d,
                           DIAGONAL=params.diagonal, BLOCK_N=block_n, BLOCK_K=block_k,
                           BLOCK_D=block_d, PRECISION=precision,
-                          SPLIT_DTYPE=split_dtype(x.device))
+                          SPLIT_DTYPE=split_dtype(x.device), num_warps=num_warps)
     return out, best

@@ -62,7 +62,7 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr, log_n
             tl.store(s2_ptr + out, s2, mask=comp_mask)
 
 
-def stats(x, shift, params, log_norm, *, n_split, precision, block_n, block_k, block_d):
+def stats(x, shift, params, log_norm, *, n_split, precision, block_n, block_k, block_d, num_warps=8):
     """Launch pass 2; returns float32 partials (nk, s1, s2), each with a leading split axis."""
     n, d = x.shape
     k = params.lin.shape[0]
@@ -79,5 +79,5 @@ def stats(x, shift, params, log_norm, *, n_split, precision, block_n, block_k, b
                        nk, s1, s2, n, k, d, tiles_per_split,
                        DIAGONAL=params.diagonal, BLOCK_N=block_n, BLOCK_K=block_k,
                        BLOCK_D=block_d, PRECISION=precision,
-                       SPLIT_DTYPE=split_dtype(x.device))
+                       SPLIT_DTYPE=split_dtype(x.device), num_warps=num_warps)
     return nk, s1, s2
