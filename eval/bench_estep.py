@@ -62,9 +62,9 @@ def em_iteration(estep, x, weights, means, var, shift, covariance_type):
     return stats, m_step(stats, covariance_type, 1e-6)
 
 
-def methods(precisions):
+def methods(precisions, configs):
     def ours(precision):
-        return lambda x, p, s: kernels.estep(x, p, s, precision=precision)
+        return lambda x, p, s: kernels.estep(x, p, s, precision=precision, configs=configs)
 
     def torch_ref(chunk, tf32):
         def run(x, p, s):
@@ -123,7 +123,7 @@ def environment():
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def bench(n, k, d, covariance_type, precisions, repeat, gen):
+def bench(n, k, d, covariance_type, precisions, configs, repeat, gen):
     x = raw_scale_rows(n, d, 256, gen, "cuda")
     weights, means, var, shift = starting_params(x, k, covariance_type, gen)
     params = kernels.natural_params(weights, means, var)
@@ -131,7 +131,7 @@ def bench(n, k, d, covariance_type, precisions, repeat, gen):
     flop = (12 if covariance_type == "diag" else 6) * n * k * d
     input_bytes = torch.cuda.memory_allocated()
     rows = []
-    for name, estep in methods(precisions).items():
+    for name, estep in methods(precisions, configs).items():
         def iteration():
             return em_iteration(estep, x, weights, means, var, shift, covariance_type)
         median, times = time_ms(iteration, repeat)
@@ -143,21 +143,21 @@ def bench(n, k, d, covariance_type, precisions, repeat, gen):
         del got
     x8 = x.to(torch.uint8)
     del x
-    median, times = time_ms(lambda: em_iteration(lambda a, p, s: kernels.estep(a, p, s), x8, weights, means, var,
-                                                 shift, covariance_type), repeat)
+    ours = methods(["bf16x3"], configs)["ours (bf16x3)"]
+    median, times = time_ms(lambda: em_iteration(ours, x8, weights, means, var, shift, covariance_type), repeat)
     rows.append({"method": "ours (bf16x3, uint8 input)", "covariance_type": covariance_type, "n": n, "k": k,
                  "d": d, "ms_per_iteration": median, "ms_all": times, "tflops": flop / median / 1e9,
-                 "relative_error": relative_errors(kernels.estep(x8, params, shift), ref)})
+                 "relative_error": relative_errors(ours(x8, params, shift), ref)})
     return rows
 
 
-def memory_at_scale(n, k, d, gen):
+def memory_at_scale(n, k, d, configs, gen):
     """Peak GPU memory of our EM iteration above the float32 input, at large N."""
     x = raw_scale_rows(n, d, 256, gen, "cuda")
     weights, means, var, shift = starting_params(x, k, "diag", gen)
     input_bytes = torch.cuda.memory_allocated()
-    peak = peak_above(lambda: em_iteration(lambda a, p, s: kernels.estep(a, p, s), x, weights, means, var, shift,
-                                           "diag"), input_bytes)
+    ours = methods(["bf16x3"], configs)["ours (bf16x3)"]
+    peak = peak_above(lambda: em_iteration(ours, x, weights, means, var, shift, "diag"), input_bytes)
     return {"n": n, "k": k, "d": d, "input_mib": n * d * 4 / 2**20, "peak_mib_above_input": peak}
 
 
@@ -182,21 +182,29 @@ def main(argv=None):
     parser.add_argument("--precisions", default="bf16x3,ieee,tf32x3,tf32")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--memory-n", type=int, default=10_000_000, help="N of the peak-memory check (0: skip)")
+    parser.add_argument("--configs", help="JSON from tune_estep (pass1, pass2 launch configs); default: built-in")
     parser.add_argument("--out", default="eval/results/bench_estep.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_estep needs a CUDA device")
+    configs = None
+    if args.configs:
+        with open(args.configs) as f:
+            tuned = json.load(f)
+        configs = (kernels.LaunchConfig(**tuned["pass1"]), kernels.LaunchConfig(**tuned["pass2"]))
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
     for cov in args.covariance_types.split(","):
-        rows += bench(args.n, args.k, args.d, cov, args.precisions.split(","), args.repeat, gen)
+        rows += bench(args.n, args.k, args.d, cov, args.precisions.split(","), configs, args.repeat, gen)
         torch.cuda.empty_cache()
-    memory = memory_at_scale(args.memory_n, args.k, args.d, gen) if args.memory_n else None
+    memory = memory_at_scale(args.memory_n, args.k, args.d, configs, gen) if args.memory_n else None
     print_table(rows)
     if memory:
         print(f"\npeak GPU memory of ours at N={memory['n']:,}: input {memory['input_mib']:.0f} MiB "
               f"+ {memory['peak_mib_above_input']:.1f} MiB")
-    result = {"environment": environment(), "rows": rows, "memory_at_scale": memory}
+    launch = configs or kernels.default_configs(args.d)
+    result = {"environment": environment(), "launch_configs": [c._asdict() for c in launch], "rows": rows,
+              "memory_at_scale": memory}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,37 +1,66 @@
-"""Time the fused E-step over kernel configurations (blocks, warps) on a GPU; prints a table."""
+"""Time each E-step pass over launch configurations on a GPU; print a table, write the best as JSON.
+
+``python -m flashgmm_ivf.eval.tune_estep --out tuned.json`` then
+``python -m flashgmm_ivf.eval.bench_estep --configs tuned.json`` benchmarks with the winners.
+"""
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 
 import torch
+import triton
 
 from flashgmm_ivf import kernels
 from flashgmm_ivf.eval.bench_estep import raw_scale_rows, starting_params, time_ms
+from flashgmm_ivf.kernels import LaunchConfig
+from flashgmm_ivf.kernels.estep import _default_split
+from flashgmm_ivf.kernels.log_norm import log_norm
+from flashgmm_ivf.kernels.stats import stats
+
+SPACE = dict(block_n=(64, 128), block_k=(64, 128), block_d=(64, 128), num_warps=(4, 8), num_stages=(1, 2))
+
+
+def sweep(name, run):
+    best = None
+    for values in itertools.product(*SPACE.values()):
+        config = LaunchConfig(*values)
+        try:
+            ms, _ = time_ms(lambda: run(config), 3)
+        except triton.runtime.errors.OutOfResources:
+            print(f"{name:8} {config}: out of resources")
+            continue
+        print(f"{name:8} {config}: {ms:.3f} ms")
+        if best is None or ms < best[0]:
+            best = (ms, config)
+    return best
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--covariance-type", default="diag")
     parser.add_argument("--precision", default="bf16x3")
+    parser.add_argument("--out", default="tuned_estep.json")
     args = parser.parse_args(argv)
     gen = torch.Generator("cuda").manual_seed(0)
     x = raw_scale_rows(args.n, args.d, 256, gen, "cuda")
     weights, means, var, shift = starting_params(x, args.k, args.covariance_type, gen)
-    params = kernels.natural_params(weights, means, var)
-    block_d = kernels.default_blocks(args.d)[2]
-    print(f"{'BLOCK_N':>7} {'BLOCK_K':>7} {'warps':>7} {'ms':>8}")
-    for block_n, block_k, warps in itertools.product((64, 128), (64, 128), ((4, 4), (4, 8), (8, 8))):
-        try:
-            ms, _ = time_ms(lambda: kernels.estep(x, params, shift, precision=args.precision,
-                                                  blocks=(block_n, block_k, block_d), num_warps=warps), 5)
-        except Exception as err:  # out of registers or shared memory: report, keep sweeping
-            print(f"{block_n:7} {block_k:7} {str(warps):>7} failed: {type(err).__name__}")
-            continue
-        print(f"{block_n:7} {block_k:7} {str(warps):>7} {ms:8.2f}")
+    params = kernels.natural_params(weights, means, var).to(dtype=torch.float32)
+    shift = shift.float()
+    lz, _ = log_norm(x, shift, params, args.precision, kernels.default_configs(args.d)[0])
+    first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c))
+    second = sweep("pass 2", lambda c: stats(x, shift, params, lz, _default_split(args.k, args.d, c, x.device),
+                                             args.precision, c))
+    result = {"n": args.n, "k": args.k, "d": args.d, "covariance_type": args.covariance_type,
+              "precision": args.precision, "pass1": first[1]._asdict(), "pass1_ms": first[0],
+              "pass2": second[1]._asdict(), "pass2_ms": second[0]}
+    print(json.dumps(result))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
 CPU path and as the oracle in tests.
 """
 from . import reference
-from .estep import PRECISIONS, default_blocks, estep, log_norm
+from .estep import PRECISIONS, LaunchConfig, default_configs, estep, log_norm
 from .params import CholeskyParams, NaturalParams, natural_params
 from .result import EStepResult
 
-__all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "NaturalParams", "default_blocks",
+__all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "LaunchConfig", "NaturalParams", "default_configs",
            "estep", "log_norm", "natural_params", "reference"]

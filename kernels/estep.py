@@ -1,6 +1,8 @@
 """The fused E-step launcher: pass 1 (log Z) then pass 2 (statistics)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -40,17 +42,27 @@ def _check_precision(precision):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def default_blocks(n_features: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_D): a whole row in one D tile up to 128 features."""
+class LaunchConfig(NamedTuple):
+    """Tile sizes and launch settings of one pass."""
+
+    block_n: int
+    block_k: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_configs(n_features: int) -> tuple[LaunchConfig, LaunchConfig]:
+    """(pass 1, pass 2) settings: a whole row in one D tile up to 128 features.
+
+    Two pipeline stages: three stages of float32 tiles at BLOCK_D=128 exceed the 228 KB of
+    shared memory of an H100. Pass 2 holds two BLOCK_K x BLOCK_D accumulators, hence 8 warps.
+    """
     block_d = min(128, max(16, triton.next_power_of_2(n_features)))
-    return 64, 64, block_d
+    return LaunchConfig(64, 64, block_d, 4, 2), LaunchConfig(64, 64, block_d, 8, 2)
 
 
-# Warps of (pass 1, pass 2); pass 2 holds two BLOCK_K x BLOCK_D accumulators in registers.
-DEFAULT_WARPS = (4, 8)
-
-
-def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=None):
+def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config=None):
     """log Z_n and argmax_k (log pi_k + log N(x_n | k)) for every row, by the Triton kernel.
 
     Parameters
@@ -66,22 +78,19 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks
     """
     _check_precision(precision)
     x, params, shift, offset = _prepare(x, params, shift)
-    block_n, block_k, block_d = blocks or default_blocks(x.shape[1])
-    lz, best = _launch_log_norm(x, shift, params, precision=precision,
-                                block_n=block_n, block_k=block_k, block_d=block_d)
+    lz, best = _launch_log_norm(x, shift, params, precision, config or default_configs(x.shape[1])[0])
     return lz.double() + offset, best
 
 
-def _default_split(n_comps, n_features, blocks, device) -> int:
-    block_n, block_k, block_d = blocks
-    programs = triton.cdiv(n_comps, block_k) * triton.cdiv(n_features, block_d)
+def _default_split(n_comps, n_features, config, device) -> int:
+    programs = triton.cdiv(n_comps, config.block_k) * triton.cdiv(n_features, config.block_d)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     by_memory = PARTIALS_BUDGET // (8 * n_comps * n_features + 8 * n_comps)
     return int(max(1, min(triton.cdiv(4 * sms, programs), by_memory)))
 
 
-def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=None,
-          n_split=None, num_warps=DEFAULT_WARPS) -> EStepResult:
+def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=None,
+          n_split=None) -> EStepResult:
     """Fused E-step of a diagonal or spherical mixture over a block of rows.
 
     Returns the per-row log-normalisers and the sufficient statistics
@@ -96,9 +105,8 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=No
     params : NaturalParams relative to ``shift``
     shift : Tensor of shape (D,) or None
     precision : one of ``PRECISIONS`` (see ``kernels.tile``)
-    blocks : (BLOCK_N, BLOCK_K, BLOCK_D) or None for ``default_blocks``
+    configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
-    num_warps : (pass 1, pass 2) warps per program
 
     Returns
     -------
@@ -113,12 +121,9 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", blocks=No
         s2_shape = (k, d) if params.diagonal else (k,)
         return EStepResult(torch.empty(0, **f64),
                            torch.zeros(k, **f64), torch.zeros(k, d, **f64), torch.zeros(s2_shape, **f64))
-    blocks = blocks or default_blocks(d)
-    block_n, block_k, block_d = blocks
-    lz, _ = _launch_log_norm(x, shift, params, precision=precision, block_n=block_n, block_k=block_k,
-                             block_d=block_d, num_warps=num_warps[0])
-    n_split = n_split or _default_split(k, d, blocks, x.device)
-    nk, s1, s2 = _launch_stats(x, shift, params, lz, n_split=n_split, precision=precision, block_n=block_n,
-                               block_k=block_k, block_d=block_d, num_warps=num_warps[1])
+    first, second = configs or default_configs(d)
+    lz, _ = _launch_log_norm(x, shift, params, precision, first)
+    n_split = n_split or _default_split(k, d, second, x.device)
+    nk, s1, s2 = _launch_stats(x, shift, params, lz, n_split, precision, second)
     return EStepResult(lz.double() + offset, nk.sum(0, dtype=torch.float64), s1.sum(0, dtype=torch.float64),
                        s2.sum(0, dtype=torch.float64))

@@ -40,15 +40,15 @@ def log_norm_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
     tl.store(best_ptr + rows, best, mask=row_mask)
 
 
-def log_norm(x, shift, params, *, precision, block_n, block_k, block_d, num_warps=4):
+def log_norm(x, shift, params, precision, config):
     """Launch pass 1; returns (log_norm float32 (n,), best component int32 (n,))."""
     n, d = x.shape
     out = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
-    grid = (triton.cdiv(n, block_n),)
+    grid = (triton.cdiv(n, config.block_n),)
     log_norm_kernel[grid](x, x.stride(0), shift, params.quad, params.lin, params.const,
                           out, best, n, params.lin.shape[0], d,
-                          DIAGONAL=params.diagonal, BLOCK_N=block_n, BLOCK_K=block_k,
-                          BLOCK_D=block_d, PRECISION=precision,
-                          SPLIT_DTYPE=split_dtype(x.device), num_warps=num_warps)
+                          DIAGONAL=params.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                          BLOCK_D=config.block_d, PRECISION=precision, SPLIT_DTYPE=split_dtype(x.device),
+                          num_warps=config.num_warps, num_stages=config.num_stages)
     return out, best

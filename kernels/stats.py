@@ -62,11 +62,11 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr, log_n
             tl.store(s2_ptr + out, s2, mask=comp_mask)
 
 
-def stats(x, shift, params, log_norm, *, n_split, precision, block_n, block_k, block_d, num_warps=8):
+def stats(x, shift, params, log_norm, n_split, precision, config):
     """Launch pass 2; returns float32 partials (nk, s1, s2), each with a leading split axis."""
     n, d = x.shape
     k = params.lin.shape[0]
-    n_tiles = triton.cdiv(n, block_n)
+    n_tiles = triton.cdiv(n, config.block_n)
     n_split = max(1, min(n_split, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, tiles_per_split)
@@ -74,10 +74,10 @@ def stats(x, shift, params, log_norm, *, n_split, precision, block_n, block_k, b
     nk = torch.empty(n_split, k, **f32)
     s1 = torch.empty(n_split, k, d, **f32)
     s2 = torch.empty((n_split, k, d) if params.diagonal else (n_split, k), **f32)
-    grid = (triton.cdiv(k, block_k), triton.cdiv(d, block_d), n_split)
+    grid = (triton.cdiv(k, config.block_k), triton.cdiv(d, config.block_d), n_split)
     stats_kernel[grid](x, x.stride(0), shift, params.quad, params.lin, params.const, log_norm,
                        nk, s1, s2, n, k, d, tiles_per_split,
-                       DIAGONAL=params.diagonal, BLOCK_N=block_n, BLOCK_K=block_k,
-                       BLOCK_D=block_d, PRECISION=precision,
-                       SPLIT_DTYPE=split_dtype(x.device), num_warps=num_warps)
+                       DIAGONAL=params.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                       BLOCK_D=config.block_d, PRECISION=precision, SPLIT_DTYPE=split_dtype(x.device),
+                       num_warps=config.num_warps, num_stages=config.num_stages)
     return nk, s1, s2

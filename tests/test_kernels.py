@@ -42,6 +42,10 @@ def make_rows(n, d, kind, gen):
     return torch.randn(n, d, generator=gen)
 
 
+def configs(blocks):
+    return kernels.LaunchConfig(*blocks), kernels.LaunchConfig(*blocks)
+
+
 def relative_error(got, ref):
     return float((got.double().cpu() - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-300))
 
@@ -56,7 +60,7 @@ def test_estep_matches_float64_reference(n, d, k, blocks, diagonal, kind, precis
     params, shift = random_mixture(x, k, diagonal, gen)
     ref = kernels.reference.estep(x.double(), params, shift)
     got = kernels.estep(x.to(DEVICE), params.to(DEVICE), shift.to(DEVICE), precision=precision,
-                        blocks=blocks, n_split=3)
+                        configs=configs(blocks), n_split=3)
     for name, g, r in zip(ref._fields, got, ref):
         assert g.shape == r.shape, name
         assert torch.isfinite(g).all(), f"{name} has unwritten (NaN) entries"
@@ -81,7 +85,7 @@ def test_log_norm_best_component_is_the_argmax(diagonal, poisoned_empty):
     params, shift = random_mixture(x, 40, diagonal, gen)
     ll = kernels.reference.weighted_log_prob(x.double(), params, shift)
     log_z, best = kernels.log_norm(x.to(DEVICE), params.to(DEVICE), shift.to(DEVICE), precision="ieee",
-                                   blocks=(32, 16, 16))
+                                   config=kernels.LaunchConfig(32, 16, 16))
     assert torch.equal(best.cpu().long(), ll.argmax(1))
     assert relative_error(log_z, torch.logsumexp(ll, 1)) < 1e-6
 
@@ -93,7 +97,7 @@ def test_zero_weight_components_take_no_mass():
     const = params.const.clone()
     const[:16] = -torch.inf  # a whole K tile with zero weight
     params = params._replace(const=const)
-    got = kernels.estep(x.to(DEVICE), params.to(DEVICE), shift.to(DEVICE), precision="ieee", blocks=(16, 16, 16))
+    got = kernels.estep(x.to(DEVICE), params.to(DEVICE), shift.to(DEVICE), precision="ieee", configs=configs((16, 16, 16)))
     assert torch.isfinite(got.log_norm).all()
     assert float(got.nk[:16].abs().max()) == 0.0
     assert abs(float(got.nk.sum()) - 70) < 1e-4
