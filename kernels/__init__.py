@@ -6,8 +6,8 @@ CPU path and as the oracle in tests.
 """
 from . import reference
 from .estep import PRECISIONS, LaunchConfig, default_configs, estep, log_norm
-from .params import CholeskyParams, NaturalParams, natural_params
+from .params import CholeskyParams, KernelWeights, NaturalParams, kernel_weights, natural_params
 from .result import EStepResult
 
-__all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "LaunchConfig", "NaturalParams", "default_configs",
-           "estep", "log_norm", "natural_params", "reference"]
+__all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "KernelWeights", "LaunchConfig", "NaturalParams",
+           "default_configs", "estep", "kernel_weights", "log_norm", "natural_params", "reference"]

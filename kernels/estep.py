@@ -7,7 +7,7 @@ import torch
 import triton
 
 from .log_norm import log_norm as _launch_log_norm
-from .params import NaturalParams, split_offset
+from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
 from .stats import stats as _launch_stats
 
@@ -18,7 +18,9 @@ PARTIALS_BUDGET = 32 << 20
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8)
 
 
-def _prepare(x, params: NaturalParams, shift):
+def _prepare(x, params: NaturalParams, shift, precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (rows, features), got shape {tuple(x.shape)}")
     d = x.shape[1]
@@ -29,17 +31,11 @@ def _prepare(x, params: NaturalParams, shift):
     if x.stride(1) != 1:
         x = x.contiguous()
     params, offset = split_offset(params)
-    params = params.to(device=x.device, dtype=torch.float32)
     if shift is None:
         shift = torch.zeros(d, dtype=torch.float32, device=x.device)
     else:
         shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
-    return x, params, shift, offset
-
-
-def _check_precision(precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return x, kernel_weights(params, precision, x.device), shift, offset
 
 
 class LaunchConfig(NamedTuple):
@@ -76,9 +72,8 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     log_norm : float64 Tensor of shape (n,)
     best : int32 Tensor of shape (n,)
     """
-    _check_precision(precision)
-    x, params, shift, offset = _prepare(x, params, shift)
-    lz, best = _launch_log_norm(x, shift, params, precision, config or default_configs(x.shape[1])[0])
+    x, weights, shift, offset = _prepare(x, params, shift, precision)
+    lz, best = _launch_log_norm(x, shift, weights, precision, config or default_configs(x.shape[1])[0])
     return lz.double() + offset, best
 
 
@@ -112,18 +107,17 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     -------
     EStepResult, all float64.
     """
-    _check_precision(precision)
-    x, params, shift, offset = _prepare(x, params, shift)
+    x, weights, shift, offset = _prepare(x, params, shift, precision)
     n, d = x.shape
-    k = params.lin.shape[0]
+    k = weights.n_comps
     f64 = dict(dtype=torch.float64, device=x.device)
     if n == 0:
-        s2_shape = (k, d) if params.diagonal else (k,)
+        s2_shape = (k, d) if weights.diagonal else (k,)
         return EStepResult(torch.empty(0, **f64),
                            torch.zeros(k, **f64), torch.zeros(k, d, **f64), torch.zeros(s2_shape, **f64))
     first, second = configs or default_configs(d)
-    lz, _ = _launch_log_norm(x, shift, params, precision, first)
+    lz, _ = _launch_log_norm(x, shift, weights, precision, first)
     n_split = n_split or _default_split(k, d, second, x.device)
-    nk, s1, s2 = _launch_stats(x, shift, params, lz, n_split, precision, second)
+    nk, s1, s2 = _launch_stats(x, shift, weights, lz, n_split, precision, second)
     return EStepResult(lz.double() + offset, nk.sum(0, dtype=torch.float64), s1.sum(0, dtype=torch.float64),
                        s2.sum(0, dtype=torch.float64))

@@ -12,7 +12,7 @@ from .tile import split_dtype, weighted_log_prob
 
 
 @triton.jit
-def log_norm_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
+def log_norm_kernel(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
                     log_norm_ptr, best_ptr, n_rows, n_comps, n_cols,
                     DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -27,7 +27,7 @@ def log_norm_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
     best = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
-        ll, _ = weighted_log_prob(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
+        ll, _ = weighted_log_prob(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
                                   rows, row_mask, comps, n_comps, n_cols,
                                   DIAGONAL, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, SPLIT_DTYPE)
         tile_max = tl.max(ll, axis=1)
@@ -40,15 +40,15 @@ def log_norm_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
     tl.store(best_ptr + rows, best, mask=row_mask)
 
 
-def log_norm(x, shift, params, precision, config):
+def log_norm(x, shift, weights, precision, config):
     """Launch pass 1; returns (log_norm float32 (n,), best component int32 (n,))."""
     n, d = x.shape
     out = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(n, config.block_n),)
-    log_norm_kernel[grid](x, x.stride(0), shift, params.quad, params.lin, params.const,
-                          out, best, n, params.lin.shape[0], d,
-                          DIAGONAL=params.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+    log_norm_kernel[grid](x, x.stride(0), shift, *weights,
+                          out, best, n, weights.n_comps, d,
+                          DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                           BLOCK_D=config.block_d, PRECISION=precision, SPLIT_DTYPE=split_dtype(x.device),
                           num_warps=config.num_warps, num_stages=config.num_stages)
     return out, best

@@ -99,3 +99,49 @@ def split_offset(params: NaturalParams) -> tuple[NaturalParams, float]:
     finite = params.const[torch.isfinite(params.const)]
     offset = float(finite.max()) if finite.numel() else 0.0
     return params._replace(const=params.const - offset), offset
+
+
+class KernelWeights(NamedTuple):
+    """What the Triton kernels read: weight matrices transposed to (D, K), so a tile's
+    components are contiguous, and split as hi + lo bfloat16 values for ``bf16x3``
+    (for the other precisions ``*_lo`` is ``*_hi``, the float32 matrix).
+
+    For spherical models ``quad_hi`` is the (K,) vector and ``quad_lo`` repeats it.
+    """
+
+    lin_hi: torch.Tensor
+    lin_lo: torch.Tensor
+    quad_hi: torch.Tensor
+    quad_lo: torch.Tensor
+    const: torch.Tensor
+
+    @property
+    def n_comps(self) -> int:
+        return self.const.shape[0]
+
+    @property
+    def diagonal(self) -> bool:
+        return self.quad_hi.dim() == 2
+
+
+def kernel_weights(params: NaturalParams, precision: str, device) -> KernelWeights:
+    """Lay out (and for ``bf16x3`` split) ``params`` once per E-step, not once per tile.
+
+    The split pieces are bfloat16 on a GPU; under the interpreter, which cannot multiply
+    bfloat16, they are the same values held in float32.
+    """
+    device = torch.device(device)
+    piece = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def layout(w):
+        w = (w.T if w.dim() == 2 else w).to(device).contiguous()
+        if precision != "bf16x3" or w.dim() == 1:
+            w = w.to(torch.float32)
+            return w, w
+        hi = w.to(torch.bfloat16)
+        lo = (w - hi.to(w.dtype)).to(torch.bfloat16)
+        return hi.to(piece), lo.to(piece)
+
+    lin_hi, lin_lo = layout(params.lin)
+    quad_hi, quad_lo = layout(params.quad)
+    return KernelWeights(lin_hi, lin_lo, quad_hi, quad_lo, params.const.to(device, torch.float32).contiguous())

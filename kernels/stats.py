@@ -11,11 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile import split_dtype, dot, load_rows, weighted_log_prob
+from .tile import dot, load_rows, split_dtype, weighted_log_prob
 
 
 @triton.jit
-def stats_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr, log_norm_ptr,
+def stats_kernel(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr, log_norm_ptr,
                  nk_ptr, s1_ptr, s2_ptr, n_rows, n_comps, n_cols, tiles_per_split,
                  DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -37,7 +37,7 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr, log_n
     for tile in range(first_tile, last_tile):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        ll, sq_norm = weighted_log_prob(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
+        ll, sq_norm = weighted_log_prob(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
                                         rows, row_mask, comps, n_comps, n_cols,
                                         DIAGONAL, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, SPLIT_DTYPE)
         log_z = tl.load(log_norm_ptr + rows, mask=row_mask, other=float("inf"))
@@ -62,10 +62,10 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr, log_n
             tl.store(s2_ptr + out, s2, mask=comp_mask)
 
 
-def stats(x, shift, params, log_norm, n_split, precision, config):
+def stats(x, shift, weights, log_norm, n_split, precision, config):
     """Launch pass 2; returns float32 partials (nk, s1, s2), each with a leading split axis."""
     n, d = x.shape
-    k = params.lin.shape[0]
+    k = weights.n_comps
     n_tiles = triton.cdiv(n, config.block_n)
     n_split = max(1, min(n_split, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, n_split)
@@ -73,11 +73,11 @@ def stats(x, shift, params, log_norm, n_split, precision, config):
     f32 = dict(dtype=torch.float32, device=x.device)
     nk = torch.empty(n_split, k, **f32)
     s1 = torch.empty(n_split, k, d, **f32)
-    s2 = torch.empty((n_split, k, d) if params.diagonal else (n_split, k), **f32)
+    s2 = torch.empty((n_split, k, d) if weights.diagonal else (n_split, k), **f32)
     grid = (triton.cdiv(k, config.block_k), triton.cdiv(d, config.block_d), n_split)
-    stats_kernel[grid](x, x.stride(0), shift, params.quad, params.lin, params.const, log_norm,
+    stats_kernel[grid](x, x.stride(0), shift, *weights, log_norm,
                        nk, s1, s2, n, k, d, tiles_per_split,
-                       DIAGONAL=params.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                       DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                        BLOCK_D=config.block_d, PRECISION=precision, SPLIT_DTYPE=split_dtype(x.device),
                        num_warps=config.num_warps, num_stages=config.num_stages)
     return nk, s1, s2

@@ -29,24 +29,37 @@ def _round_bf16(a):
 
 
 @triton.jit
-def dot(a, b, acc, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
-    """acc + a @ b for float32 tiles, at the requested precision.
+def _split(a, SPLIT_DTYPE: tl.constexpr):
+    hi = _round_bf16(a)
+    return hi.to(SPLIT_DTYPE), _round_bf16(a - hi).to(SPLIT_DTYPE)
+
+
+@triton.jit
+def dot_presplit(a, b_hi, b_lo, acc, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+    """acc + a @ b for a float32 tile ``a`` and ``b`` already split as b_hi + b_lo (bf16x3),
+    or ``b_hi`` = b itself for the other precisions.
 
     SPLIT_DTYPE is the type the bf16x3 pieces reach the tensor cores in:
     bfloat16 on a GPU (lossless, they are bfloat16 values), float32 under the
     interpreter.
     """
     if PRECISION == "bf16x3":
-        a_hi = _round_bf16(a)
-        b_hi = _round_bf16(b)
-        a_lo = _round_bf16(a - a_hi).to(SPLIT_DTYPE)
-        b_lo = _round_bf16(b - b_hi).to(SPLIT_DTYPE)
-        a_hi = a_hi.to(SPLIT_DTYPE)
-        b_hi = b_hi.to(SPLIT_DTYPE)
+        a_hi, a_lo = _split(a, SPLIT_DTYPE)
         # Small terms first, so the large one lands on an accumulator that already holds them.
         acc = tl.dot(a_lo, b_hi, acc)
         acc = tl.dot(a_hi, b_lo, acc)
         acc = tl.dot(a_hi, b_hi, acc)
+    else:
+        acc = tl.dot(a, b_hi, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+    """acc + a @ b for two float32 tiles, at the requested precision."""
+    if PRECISION == "bf16x3":
+        b_hi, b_lo = _split(b, SPLIT_DTYPE)
+        acc = dot_presplit(a, b_hi, b_lo, acc, PRECISION, SPLIT_DTYPE)
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
@@ -63,13 +76,14 @@ def load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols):
 
 
 @triton.jit
-def weighted_log_prob(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
+def weighted_log_prob(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
                       rows, row_mask, comps, n_comps, n_cols,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     """(BLOCK_N, BLOCK_K) tile of log pi_k + log N(x_n | k); -inf for padded components.
 
-    Also returns |x_n - shift|^2 per row (spherical statistics need it).
+    The weights are (D, K) matrices, split by the launcher (see ``kernels.estep``); for
+    spherical models ``quad_hi_ptr`` is the (K,) vector. Also returns |x_n - shift|^2.
     """
     comp_mask = comps < n_comps
     ll = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -78,20 +92,22 @@ def weighted_log_prob(x_ptr, stride_x, shift_ptr, quad_ptr, lin_ptr, const_ptr,
         cols = d0 + tl.arange(0, BLOCK_D)
         x = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
         w_mask = (cols[:, None] < n_cols) & comp_mask[None, :]
-        w_offs = comps[None, :] * n_cols + cols[:, None]
-        lin = tl.load(lin_ptr + w_offs, mask=w_mask, other=0.0)
+        w_offs = cols[:, None] * n_comps + comps[None, :]
         # Each D tile sums into a fresh accumulator, then joins the running total:
         # round-off grows with the size of the partial sums, and with D ~ 1000 a
         # single running sum costs a decimal digit.
-        part = dot(x, lin, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), PRECISION, SPLIT_DTYPE)
+        part = dot_presplit(x, tl.load(lin_hi_ptr + w_offs, mask=w_mask, other=0.0),
+                            tl.load(lin_lo_ptr + w_offs, mask=w_mask, other=0.0),
+                            tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), PRECISION, SPLIT_DTYPE)
         if DIAGONAL:
-            quad = tl.load(quad_ptr + w_offs, mask=w_mask, other=0.0)
-            part = dot(x * x, quad, part, PRECISION, SPLIT_DTYPE)
+            part = dot_presplit(x * x, tl.load(quad_hi_ptr + w_offs, mask=w_mask, other=0.0),
+                                tl.load(quad_lo_ptr + w_offs, mask=w_mask, other=0.0),
+                                part, PRECISION, SPLIT_DTYPE)
         ll += part
         sq_norm += tl.sum(x * x, axis=1)
     if not DIAGONAL:
         # Spherical: the |x|^2 term is rank one, so it stays exact float32.
-        quad = tl.load(quad_ptr + comps, mask=comp_mask, other=0.0)
+        quad = tl.load(quad_hi_ptr + comps, mask=comp_mask, other=0.0)
         ll += sq_norm[:, None] * quad[None, :]
     const = tl.load(const_ptr + comps, mask=comp_mask, other=float("-inf"))
     return ll + const[None, :], sq_norm

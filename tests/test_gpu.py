@@ -21,10 +21,16 @@ def test_compiled_estep_matches_float64(precision, diagonal, n, d, k, poisoned_e
     x = make_rows(n, d, "raw", gen)
     params, shift = random_mixture(x, k, diagonal, gen)
     ref = kernels.reference.estep(x.double(), params, shift)
+    # What float32 arithmetic itself can reach here (at D ~ 1000 with flat posteriors it is
+    # ~1e-5): float32-class precisions must stay within 1e-5 or within twice that floor.
+    floor = kernels.reference.estep(x.double(), params, shift, dtype=torch.float32)
     got = kernels.estep(x.cuda(), params.to("cuda"), shift.cuda(), precision=precision)
-    for name, g, r in zip(ref._fields, got, ref):
+    for name, g, r, f in zip(ref._fields, got, ref, floor):
         assert torch.isfinite(g).all(), name
-        assert relative_error(g, r) < TOLERANCE[precision], (name, relative_error(g, r))
+        tolerance = TOLERANCE[precision]
+        if precision in ("ieee", "tf32x3"):
+            tolerance = max(tolerance, 2 * relative_error(f, r))
+        assert relative_error(g, r) < tolerance, (name, relative_error(g, r), relative_error(f, r))
 
 
 def test_compiled_estep_is_deterministic():

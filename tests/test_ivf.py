@@ -347,6 +347,9 @@ def test_factory_and_api(fashion):
     assert (I[:, 0] == np.arange(10**6, 10**6 + 5)).all()
     index.nprobe = 16
     assert index.index.nprobe == 16
+    D, I = index.search(base[:0], 3)
+    assert D.shape == I.shape == (0, 3)
+    assert index.assign(base[:50]).lists.shape == (50, 3)
     ip = index_factory(50, "IVF8_GMM(spherical),Flat", faiss.METRIC_INNER_PRODUCT)
     assert ip.metric == "ip" and ip.index.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
     assert ip.index.metric_type == faiss.METRIC_INNER_PRODUCT
