@@ -17,6 +17,7 @@ on the GPU. Run: ``python -m flashgmm_ivf.eval.bench_estep --out eval/results/be
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -27,10 +28,11 @@ import time
 import torch
 import triton
 
-from flashgmm_ivf import kernels
+from flashgmm_ivf import GaussianMixture, kernels
 from flashgmm_ivf._mstep import m_step
 
 TORCH_CHUNK = 65536
+CHUNK = inspect.signature(GaussianMixture).parameters["chunk_size"].default
 
 
 def raw_scale_rows(n, d, clusters, gen, device):
@@ -59,12 +61,22 @@ def starting_params(x, k, covariance_type, gen):
 
 def em_iteration(estep, x, weights, means, var, shift, covariance_type):
     stats = estep(x, kernels.natural_params(weights, means, var), shift)
-    return stats, m_step(stats, covariance_type, 1e-6)
+    return float(stats.log_norm.sum()), m_step(stats, covariance_type, 1e-6)
 
 
-def methods(precisions, configs):
+def methods(precisions, configs, keep_rows=False):
+    """E-step callables by name; ``keep_rows`` keeps every row's log Z (for the accuracy check only:
+    an EM iteration, like GaussianMixture, keeps just its sum)."""
     def ours(precision):
-        return lambda x, p, s: kernels.estep(x, p, s, precision=precision, configs=configs)
+        # As GaussianMixture runs it: blocks of its default chunk_size rows, statistics summed.
+        def run(x, p, s):
+            parts = []
+            for i in range(0, len(x), CHUNK):
+                r = kernels.estep(x[i:i + CHUNK], p, s, precision=precision, configs=configs)
+                parts.append(r if keep_rows else r._replace(log_norm=r.log_norm.sum(0, keepdim=True)))
+            return kernels.EStepResult(torch.cat([r.log_norm for r in parts]),
+                                       *(sum(r[j] for r in parts) for j in (1, 2, 3)))
+        return run
 
     def torch_ref(chunk, tf32):
         def run(x, p, s):
@@ -131,11 +143,12 @@ def bench(n, k, d, covariance_type, precisions, configs, repeat, gen):
     flop = (12 if covariance_type == "diag" else 6) * n * k * d
     input_bytes = torch.cuda.memory_allocated()
     rows = []
+    checked = methods(precisions, configs, keep_rows=True)
     for name, estep in methods(precisions, configs).items():
         def iteration():
             return em_iteration(estep, x, weights, means, var, shift, covariance_type)
         median, times = time_ms(iteration, repeat)
-        got = estep(x, params, shift)
+        got = checked[name](x, params, shift)
         rows.append({"method": name, "covariance_type": covariance_type, "n": n, "k": k, "d": d,
                      "ms_per_iteration": median, "ms_all": times, "tflops": flop / median / 1e9,
                      "peak_mib_above_input": peak_above(iteration, input_bytes),
@@ -147,7 +160,8 @@ def bench(n, k, d, covariance_type, precisions, configs, repeat, gen):
     median, times = time_ms(lambda: em_iteration(ours, x8, weights, means, var, shift, covariance_type), repeat)
     rows.append({"method": "ours (bf16x3, uint8 input)", "covariance_type": covariance_type, "n": n, "k": k,
                  "d": d, "ms_per_iteration": median, "ms_all": times, "tflops": flop / median / 1e9,
-                 "relative_error": relative_errors(ours(x8, params, shift), ref)})
+                 "relative_error": relative_errors(methods(["bf16x3"], configs, True)["ours (bf16x3)"](x8, params, shift),
+                                                   ref)})
     return rows
 
 

@@ -22,7 +22,8 @@ from flashgmm_ivf.kernels.stats import stats
 # Pass 2 holds two BLOCK_K x BLOCK_D accumulators: it gets 8 warps; pass 1 wins with one stage.
 SPACES = {
     "pass 1": dict(block_n=(64, 128), block_k=(64, 128), block_d=(64, 128), num_warps=(4, 8), num_stages=(1,)),
-    "pass 2": dict(block_n=(64, 128), block_k=(64, 128), block_d=(64, 128), num_warps=(8,), num_stages=(1, 2)),
+    "pass 2": dict(block_n=(64, 128), block_k=(64, 128), block_d=(64, 128), num_warps=(8,), num_stages=(1, 2),
+                   x_left=(False, True)),
 }
 
 
@@ -48,6 +49,7 @@ def main(argv=None):
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--covariance-type", default="diag")
     parser.add_argument("--precision", default="bf16x3")
+    parser.add_argument("--passes", default="pass 1,pass 2")
     parser.add_argument("--out", default="tuned_estep.json")
     args = parser.parse_args(argv)
     gen = torch.Generator("cuda").manual_seed(0)
@@ -56,9 +58,12 @@ def main(argv=None):
     params = kernels.kernel_weights(kernels.natural_params(weights, means, var), args.precision, "cuda")
     shift = shift.float()
     lz, _ = log_norm(x, shift, params, args.precision, kernels.default_configs(args.d)[0])
-    first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c))
+    passes = args.passes.split(",")
+    defaults = kernels.default_configs(args.d)
+    first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c)) if "pass 1" in passes \
+        else (float("nan"), defaults[0])
     second = sweep("pass 2", lambda c: stats(x, shift, params, lz, _default_split(args.k, args.d, c, x.device),
-                                             args.precision, c))
+                                             args.precision, c)) if "pass 2" in passes else (float("nan"), defaults[1])
     result = {"n": args.n, "k": args.k, "d": args.d, "covariance_type": args.covariance_type,
               "precision": args.precision, "pass1": first[1]._asdict(), "pass1_ms": first[0],
               "pass2": second[1]._asdict(), "pass2_ms": second[0]}

@@ -46,6 +46,7 @@ class LaunchConfig(NamedTuple):
     block_d: int
     num_warps: int = 4
     num_stages: int = 2
+    x_left: bool = False  # pass 2 only: x^T r instead of r^T x (see kernels.stats)
 
 
 def default_configs(n_features: int) -> tuple[LaunchConfig, LaunchConfig]:

@@ -42,12 +42,10 @@ def weighted_log_prob(x, params, shift=None, *, dtype=torch.float64) -> torch.Te
         log_det = torch.log(torch.diagonal(prec_chol, dim1=1, dim2=2)).sum(1)
         return log_w + log_det - 0.5 * xc.shape[1] * _LOG_2PI - 0.5 * (y * y).sum(2)
     quad, lin, const = (t.to(dtype) for t in params)
-    ll = xc @ lin.T + const
     if quad.dim() == 2:
-        ll += (xc * xc) @ quad.T
-    else:
-        ll += (xc * xc).sum(1, keepdim=True) * quad
-    return ll
+        # One product over [x, x^2] instead of two: half the passes over the block.
+        return torch.addmm(const, torch.cat([xc, xc * xc], 1), torch.cat([lin, quad], 1).T)
+    return torch.addmm(const, xc, lin.T) + (xc * xc).sum(1, keepdim=True) * quad
 
 
 def _chunk_rows(n_components: int, n_features: int, full: bool) -> int:
@@ -91,11 +89,14 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         resp = torch.exp(ll - lz[:, None])
         log_norm[start:start + chunk] = lz
         nk += resp.sum(0, dtype=torch.float64)
-        s1 += (resp.T @ xc).to(torch.float64)
         if spherical:
+            s1 += (resp.T @ xc).to(torch.float64)
             s2 += (resp.T @ (xc * xc).sum(1)).to(torch.float64)
         elif full:
+            s1 += (resp.T @ xc).to(torch.float64)
             s2 += torch.einsum("nk,nd,ne->kde", resp, xc, xc).to(torch.float64)
         else:
-            s2 += (resp.T @ (xc * xc)).to(torch.float64)
+            both = (resp.T @ torch.cat([xc, xc * xc], 1)).to(torch.float64)
+            s1 += both[:, :d]
+            s2 += both[:, d:]
     return EStepResult(log_norm + offset, nk, s1, s2)

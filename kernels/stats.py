@@ -19,7 +19,9 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr
                  nk_ptr, s1_ptr, s2_ptr, n_rows, n_comps, n_cols, tiles_per_split,
                  DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                 SPLIT_DTYPE: tl.constexpr):
+                 SPLIT_DTYPE: tl.constexpr, X_LEFT: tl.constexpr):
+    # X_LEFT: accumulate x^T r as (BLOCK_D, BLOCK_K) tiles instead of r^T x as (BLOCK_K, BLOCK_D):
+    # which operand order the tensor cores take better is measured, not guessed (eval/tune_estep).
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     split = tl.program_id(2)
@@ -27,9 +29,12 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr
     comp_mask = comps < n_comps
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     nk = tl.zeros([BLOCK_K], dtype=tl.float32)
-    s1 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    if X_LEFT:
+        s1 = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    else:
+        s1 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     if DIAGONAL:
-        s2 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        s2 = tl.zeros_like(s1)
     else:
         s2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     first_tile = split * tiles_per_split
@@ -37,22 +42,32 @@ def stats_kernel(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr
     for tile in range(first_tile, last_tile):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        ll, sq_norm = weighted_log_prob(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
-                                        rows, row_mask, comps, n_comps, n_cols,
+        ll, sq_norm = weighted_log_prob(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr,
+                                        quad_lo_ptr, const_ptr, rows, row_mask, comps, n_comps, n_cols,
                                         DIAGONAL, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, SPLIT_DTYPE)
         log_z = tl.load(log_norm_ptr + rows, mask=row_mask, other=float("inf"))
         resp = tl.exp(ll - log_z[:, None])  # padded rows and components give exactly 0
         nk += tl.sum(resp, axis=0)
         x = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
-        resp_t = tl.trans(resp)
-        s1 = dot(resp_t, x, s1, PRECISION, SPLIT_DTYPE)
-        if DIAGONAL:
-            s2 = dot(resp_t, x * x, s2, PRECISION, SPLIT_DTYPE)
+        if X_LEFT:
+            x_t = tl.trans(x)
+            s1 = dot(x_t, resp, s1, PRECISION, SPLIT_DTYPE)
+            if DIAGONAL:
+                s2 = dot(x_t * x_t, resp, s2, PRECISION, SPLIT_DTYPE)
         else:
+            resp_t = tl.trans(resp)
+            s1 = dot(resp_t, x, s1, PRECISION, SPLIT_DTYPE)
+            if DIAGONAL:
+                s2 = dot(resp_t, x * x, s2, PRECISION, SPLIT_DTYPE)
+        if not DIAGONAL:
             s2 += tl.sum(resp * sq_norm[:, None], axis=0)
     out = split * n_comps + comps
-    out_2d = out[:, None] * n_cols + cols[None, :]
-    mask_2d = comp_mask[:, None] & (cols[None, :] < n_cols)
+    if X_LEFT:
+        out_2d = out[None, :] * n_cols + cols[:, None]
+        mask_2d = comp_mask[None, :] & (cols[:, None] < n_cols)
+    else:
+        out_2d = out[:, None] * n_cols + cols[None, :]
+        mask_2d = comp_mask[:, None] & (cols[None, :] < n_cols)
     tl.store(s1_ptr + out_2d, s1, mask=mask_2d)
     if DIAGONAL:
         tl.store(s2_ptr + out_2d, s2, mask=mask_2d)
@@ -79,5 +94,5 @@ def stats(x, shift, weights, log_norm, n_split, precision, config):
                        nk, s1, s2, n, k, d, tiles_per_split,
                        DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                        BLOCK_D=config.block_d, PRECISION=precision, SPLIT_DTYPE=split_dtype(x.device),
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+                       X_LEFT=config.x_left, num_warps=config.num_warps, num_stages=config.num_stages)
     return nk, s1, s2

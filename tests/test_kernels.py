@@ -166,3 +166,18 @@ def test_reference_estep_equals_dense_numpy(covariance):
     s2 = {"diag": resp.T @ xc**2, "spherical": resp.T @ (xc**2).sum(1),
           "full": np.einsum("nk,nd,ne->kde", resp, xc, xc)}[covariance]
     np.testing.assert_allclose(got.s2.numpy(), s2, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_statistics_operand_orders_agree(diagonal, poisoned_empty):
+    """Pass 2's two operand orders (r^T x and x^T r) compute the same statistics."""
+    gen = torch.Generator().manual_seed(8)
+    x = make_rows(90, 45, "raw", gen)
+    params, shift = random_mixture(x, 37, diagonal, gen)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    first = kernels.LaunchConfig(32, 16, 32)
+    for x_left in (False, True):
+        got = kernels.estep(x.to(DEVICE), params.to(DEVICE), shift.to(DEVICE), precision="bf16x3",
+                            configs=(first, kernels.LaunchConfig(32, 16, 32, x_left=x_left)), n_split=2)
+        for name, g, r in zip(ref._fields, got, ref):
+            assert relative_error(g, r) < TOLERANCE["bf16x3"], (x_left, name)
