@@ -181,3 +181,11 @@ def test_statistics_operand_orders_agree(diagonal, poisoned_empty):
                             configs=(first, kernels.LaunchConfig(32, 16, 32, x_left=x_left)), n_split=2)
         for name, g, r in zip(ref._fields, got, ref):
             assert relative_error(g, r) < TOLERANCE["bf16x3"], (x_left, name)
+
+
+def test_passes_must_tile_features_alike():
+    gen = torch.Generator().manual_seed(9)
+    x = make_rows(20, 40, "raw", gen)
+    params, shift = random_mixture(x, 3, True, gen)
+    with pytest.raises(ValueError, match="same block_d, got 16 and 32"):
+        kernels.estep(x, params, shift, configs=(kernels.LaunchConfig(16, 16, 16), kernels.LaunchConfig(16, 16, 32)))
