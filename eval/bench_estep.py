@@ -70,12 +70,12 @@ def methods(precisions, configs, keep_rows=False):
     def ours(precision):
         # As GaussianMixture runs it: blocks of its default chunk_size rows, statistics summed.
         def run(x, p, s):
-            parts = []
+            log_norms, total = [], None
             for i in range(0, len(x), CHUNK):
                 r = kernels.estep(x[i:i + CHUNK], p, s, precision=precision, configs=configs)
-                parts.append(r if keep_rows else r._replace(log_norm=r.log_norm.sum(0, keepdim=True)))
-            return kernels.EStepResult(torch.cat([r.log_norm for r in parts]),
-                                       *(sum(r[j] for r in parts) for j in (1, 2, 3)))
+                log_norms.append(r.log_norm if keep_rows else r.log_norm.sum(0, keepdim=True))
+                total = list(r[1:]) if total is None else [t.add_(u) for t, u in zip(total, r[1:])]
+            return kernels.EStepResult(torch.cat(log_norms), *total)
         return run
 
     def torch_ref(chunk, tf32):
@@ -208,11 +208,12 @@ def main(argv=None):
         configs = (kernels.LaunchConfig(**tuned["pass1"]), kernels.LaunchConfig(**tuned["pass2"]))
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
-    for cov in args.covariance_types.split(","):
+    for cov in filter(None, args.covariance_types.split(",")):
         rows += bench(args.n, args.k, args.d, cov, args.precisions.split(","), configs, args.repeat, gen)
         torch.cuda.empty_cache()
     memory = memory_at_scale(args.memory_n, args.k, args.d, configs, gen) if args.memory_n else None
-    print_table(rows)
+    if rows:
+        print_table(rows)
     if memory:
         print(f"\npeak GPU memory of ours at N={memory['n']:,}: input {memory['input_mib']:.0f} MiB "
               f"+ {memory['peak_mib_above_input']:.1f} MiB")
