@@ -128,9 +128,10 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 
 def _sum_splits(partials: torch.Tensor) -> torch.Tensor:
-    """Float64 sum over the leading split axis, one slice at a time: ``sum(dtype=float64)``
-    would first copy all partials to float64 (measured: +32 MB at K=1024, D=128)."""
-    total = partials[0].double()
-    for part in partials[1:]:
-        total += part
-    return total
+    """Sum over the leading split axis, then widen to float64.
+
+    Each partial is already a float32 sum over thousands of rows, so adding a few dozen of
+    them in float32 costs nothing measurable; ``sum(dtype=float64)`` would instead first copy
+    every partial to float64 (measured: +32 MB at K=1024, D=128, N=10M).
+    """
+    return partials.sum(0).double()
