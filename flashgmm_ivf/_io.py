@@ -28,9 +28,13 @@ def save_mixture(gmm, path):
                    "lower_bound_": float(gmm.lower_bound_), "lower_bounds_": [float(b) for b in gmm.lower_bounds_],
                    "n_reseeded_": int(gmm.n_reseeded_), "n_features_in_": int(gmm.n_features_in_)},
     }
-    with open(path, "wb") as f:
-        np.savez(f, header=np.array(json.dumps(header)), weights=gmm.weights_, means=gmm.means_,
-                 covariances=gmm.covariances_)
+    arrays = dict(header=np.array(json.dumps(header)), weights=gmm.weights_, means=gmm.means_,
+                  covariances=gmm.covariances_)
+    if hasattr(path, "write"):  # a file object (e.g. io.BytesIO inside an index file)
+        np.savez(path, **arrays)
+        return
+    with open(path, "wb") as f:  # not np.savez(path): it would append '.npz' to other names
+        np.savez(f, **arrays)
 
 
 def load_mixture(cls, path):

@@ -1,0 +1,16 @@
+"""GMM coarse quantizer inside FAISS IndexIVF: soft assignment, dedup search, drop-in API.
+
+Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``):
+
+- :mod:`.quantizer`: the GMM means as the flat quantizer of an IndexIVFFlat / IVFPQ /
+  IVFScalarQuantizer, true coarse distances, posterior ranking of lists, adding copies.
+- :mod:`.soft_assign`: log-space soft assignment (threshold tau or copies budget).
+- :mod:`.index`: :class:`GMMIndexIVF` and :func:`index_factory` (FAISS verbs).
+- :mod:`.index_io`: :func:`write_index` / :func:`read_index` (npz + JSON header, no pickle).
+"""
+from .index import GMMIndexIVF, SearchStats, dedup_results, index_factory
+from .index_io import read_index, write_index
+from .soft_assign import SoftAssignment, TopComponents, assign_budget, assign_tau, soft_assign, top_components
+
+__all__ = ["GMMIndexIVF", "SearchStats", "SoftAssignment", "TopComponents", "assign_budget", "assign_tau",
+           "dedup_results", "index_factory", "read_index", "soft_assign", "top_components", "write_index"]

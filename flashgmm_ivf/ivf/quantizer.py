@@ -1,0 +1,159 @@
+"""The GMM as the coarse quantizer of a real FAISS IndexIVF: small functions over FAISS objects.
+
+The means of the mixture become the centroids of an ``IndexFlatL2`` (``IndexFlatIP``
+for inner-product / cosine data), the quantizer of an ``IndexIVFFlat``,
+``IndexIVFPQ`` or ``IndexIVFScalarQuantizer``. FAISS then computes every residual
+``x - mu_k`` itself (``add_core`` with the list numbers we choose), so residual
+encodings are those of plain FAISS.
+
+Coarse distances: IVFPQ (L2, ``by_residual``) uses the coarse distance handed to
+``search_preassigned`` as term 1 of its decomposed distance, and IVFScalarQuantizer
+(inner product, ``by_residual``) uses it as the <q, mu_k> term. So whatever ranks the
+lists (a GMM posterior, say), the ``coarse_dis`` given to FAISS is always the true
+distance (squared L2, or inner product) between the query and the list's mean,
+computed by the quantizer itself (``compute_distance_subset``), never a GMM score.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import faiss
+
+__all__ = ["METRICS", "parse_metric", "new_ivf", "set_centroids", "coarse_distances", "posterior_lists",
+           "add_assigned", "SUPPORTED_IVF"]
+
+# metric name -> (FAISS metric, normalise rows). 'cosine' is inner product on unit rows.
+METRICS = {"l2": (faiss.METRIC_L2, False), "ip": (faiss.METRIC_INNER_PRODUCT, False),
+           "cosine": (faiss.METRIC_INNER_PRODUCT, True)}
+# add_core with our own list numbers is implemented (and residual-correct) for these.
+SUPPORTED_IVF = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
+
+
+def parse_metric(metric) -> str:
+    """Canonical metric name: 'l2', 'ip' or 'cosine' (accepts faiss.METRIC_L2 / METRIC_INNER_PRODUCT)."""
+    if isinstance(metric, str) and metric.lower() in METRICS:
+        return metric.lower()
+    if not isinstance(metric, (bool, str)) and metric == faiss.METRIC_L2:
+        return "l2"
+    if not isinstance(metric, (bool, str)) and metric == faiss.METRIC_INNER_PRODUCT:
+        return "ip"
+    raise ValueError(f"metric must be one of {sorted(METRICS)}, faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT, "
+                     f"got {metric!r}")
+
+
+def new_ivf(d: int, nlist: int, encoding: str = "Flat", metric: str = "l2") -> faiss.IndexIVF:
+    """An untrained FAISS IVF index with a flat quantizer of the index's metric.
+
+    Parameters
+    ----------
+    d, nlist : int
+    encoding : str
+        The part of a FAISS factory string after ``IVF<nlist>,``: 'Flat', 'PQ<M>',
+        'PQ<M>x<nbits>', 'SQ8', 'SQ4', 'SQfp16', ...
+    metric : 'l2', 'ip' or 'cosine'
+
+    Returns
+    -------
+    faiss.IndexIVFFlat, IndexIVFPQ or IndexIVFScalarQuantizer (downcast).
+    """
+    faiss_metric = METRICS[parse_metric(metric)][0]
+    try:
+        # index_factory returns the downcast, owning object (downcast_index would give a
+        # non-owning view of an object freed with the temporary).
+        index = faiss.index_factory(int(d), f"IVF{int(nlist)},{encoding}", faiss_metric)
+    except RuntimeError as err:
+        raise ValueError(f"FAISS cannot build 'IVF{nlist},{encoding}': {str(err).strip().splitlines()[-1]}") from err
+    # Fast-scan and other IVF variants pack codes in their own layout; add_core with
+    # precomputed lists is not theirs, so only the three classic encodings are offered.
+    if type(index) not in SUPPORTED_IVF:
+        raise ValueError(f"encoding {encoding!r} gives {type(index).__name__}; supported: Flat, PQ<M>[x<nbits>], "
+                         "SQ<bits>/SQfp16 (IndexIVFFlat, IndexIVFPQ, IndexIVFScalarQuantizer)")
+    return index
+
+
+def set_centroids(index_ivf: faiss.IndexIVF, means: np.ndarray) -> None:
+    """Make ``means`` (nlist, d) the centroids of the IVF's flat quantizer (replacing any)."""
+    means = np.ascontiguousarray(means, dtype=np.float32)
+    if means.shape != (index_ivf.nlist, index_ivf.d):
+        raise ValueError(f"means must have shape ({index_ivf.nlist}, {index_ivf.d}), got {means.shape}")
+    quantizer = faiss.downcast_index(index_ivf.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlat):
+        raise TypeError(f"the quantizer must be a faiss.IndexFlat, got {type(quantizer).__name__}")
+    quantizer.reset()
+    quantizer.add(means)
+
+
+def coarse_distances(index_ivf: faiss.IndexIVF, x: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
+    """True distances from each query to the means of its lists, as the quantizer computes them.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF with a flat quantizer
+    x : ndarray of shape (n, d), float32
+    list_nos : ndarray of shape (n, p), int64, entries in [0, nlist) (or -1: distance left at the neutral value)
+
+    Returns
+    -------
+    ndarray of shape (n, p), float32: squared L2 for METRIC_L2, inner product for METRIC_INNER_PRODUCT.
+    """
+    quantizer = faiss.downcast_index(index_ivf.quantizer)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
+    n, p = list_nos.shape
+    dis = np.empty((n, p), dtype=np.float32)
+    quantizer.compute_distance_subset(n, faiss.swig_ptr(x), p, faiss.swig_ptr(dis), faiss.swig_ptr(list_nos))
+    return dis
+
+
+def posterior_lists(gmm, x, nprobe: int) -> np.ndarray:
+    """The ``nprobe`` lists of highest posterior log pi_k + log N(q | mu_k, Sigma_k) per query.
+
+    Parameters
+    ----------
+    gmm : fitted GaussianMixture
+    x : array-like of shape (n, d)
+    nprobe : int <= K
+
+    Returns
+    -------
+    ndarray of shape (n, nprobe), int64, most probable first.
+    """
+    out = []
+    for _, block in gmm.iter_weighted_log_prob(x):
+        # Reduce each block to its top nprobe before the next: no n x K matrix.
+        out.append(torch.topk(block, nprobe, dim=1).indices.cpu().numpy().astype(np.int64))
+    return np.concatenate(out) if out else np.empty((0, nprobe), np.int64)
+
+
+def add_assigned(index_ivf: faiss.IndexIVF, x: np.ndarray, lists: np.ndarray, ids: np.ndarray) -> None:
+    """Add every row of x to each of its lists, with its id repeated.
+
+    Parameters
+    ----------
+    index_ivf : trained faiss.IndexIVF
+    x : ndarray of shape (n, d), float32
+    lists : ndarray of shape (n, m), int64; column 0 the primary list, -1 = no copy
+    ids : ndarray of shape (n,), int64
+
+    Notes
+    -----
+    FAISS's ``add_core`` (as ``faiss.contrib.ivf_tools.add_preassigned``) takes one list
+    per vector, so it is called once per column, on the rows that have a copy there. ``add_core`` encodes
+    each copy against the mean of the list it goes to (its own residual).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    lists = np.asarray(lists, dtype=np.int64)
+    if x.shape[0] != lists.shape[0] or ids.shape != (x.shape[0],):
+        raise ValueError(f"x {x.shape}, lists {lists.shape} and ids {ids.shape} disagree on the number of rows")
+    for col in range(lists.shape[1]):
+        rows = np.flatnonzero(lists[:, col] >= 0)
+        if not rows.size:
+            continue
+        # What faiss.contrib.ivf_tools.add_preassigned does, with the arrays held in
+        # named variables: that helper rebinds its ``ids`` argument to a raw pointer,
+        # so a temporary ids array would be freed before add_core reads it.
+        xs = np.ascontiguousarray(x[rows])
+        ls = np.ascontiguousarray(lists[rows, col])
+        ids_s = np.ascontiguousarray(ids[rows])
+        index_ivf.add_core(rows.size, faiss.swig_ptr(xs), faiss.swig_ptr(ids_s), faiss.swig_ptr(ls))
