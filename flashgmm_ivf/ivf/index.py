@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from .._validation import check_positive_int
 from ..mixture import GaussianMixture
 from .quantizer import METRICS, add_assigned, coarse_distances, new_ivf, parse_metric, posterior_lists, set_centroids
 from .soft_assign import SoftAssignment, assign_budget, assign_tau, top_components
@@ -158,8 +159,8 @@ class GMMIndexIVF:
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, probe="centroid", nprobe=1, tau=None,
                  copies=None, max_copies=4, temperature=1.0, gmm=None, **gmm_params):
-        self._d = _check_int(d, "d")
-        self._nlist = _check_int(nlist, "nlist")
+        self._d = check_positive_int(d, "d")
+        self._nlist = check_positive_int(nlist, "nlist")
         self.encoding = str(encoding)
         self.metric = parse_metric(metric)
         self.index = new_ivf(self._d, self._nlist, self.encoding, self.metric)
@@ -232,7 +233,7 @@ class GMMIndexIVF:
         """Change the soft-assignment policy of later ``add`` calls (see the class parameters)."""
         if tau is not None and copies is not None:
             raise ValueError("give either tau (threshold policy) or copies (budget policy), not both")
-        max_copies = _check_int(max_copies, "max_copies")
+        max_copies = check_positive_int(max_copies, "max_copies")
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau <= 1):
             raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
         if copies is not None and (isinstance(copies, bool) or not isinstance(copies, numbers.Real)
@@ -357,7 +358,7 @@ class GMMIndexIVF:
         if self._ntotal == 0:
             raise ValueError("the index is empty: add vectors before search")
         x = self._vectors(x, "x")
-        k = _check_int(k, "k")
+        k = check_positive_int(k, "k")
         nprobe = self._nprobe if nprobe is None else _check_nprobe(nprobe, self._nlist)
         probe = self._probe if probe is None else _check_probe(probe)
         nq = x.shape[0]
@@ -587,16 +588,8 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
 
 
 # ---------------------------------------------------------------------- checks
-def _check_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _check_nprobe(value, nlist):
-    value = _check_int(value, "nprobe")
+    value = check_positive_int(value, "nprobe")
     if value > nlist:
         raise ValueError(f"nprobe must be <= nlist={nlist}, got {value}")
     return value

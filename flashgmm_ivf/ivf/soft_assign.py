@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from .._validation import check_positive_int
 
 __all__ = ["TopComponents", "SoftAssignment", "top_components", "assign_tau", "assign_budget", "soft_assign"]
 
@@ -111,7 +112,7 @@ def top_components(gmm, X, m: int, *, temperature: float = 1.0) -> TopComponents
     -------
     TopComponents with arrays of shape (n, min(m, K)).
     """
-    m = _check_int(m, "m")
+    m = check_positive_int(m, "m")
     temperature = _check_temperature(temperature)
     k = int(gmm.n_components)
     m = min(m, k)
@@ -221,7 +222,7 @@ def soft_assign(gmm, X, *, tau: float | None = None, copies: float | None = None
     """
     if tau is not None and copies is not None:
         raise ValueError("give either tau (threshold policy) or copies (budget policy), not both")
-    max_copies = _check_int(max_copies, "max_copies")
+    max_copies = check_positive_int(max_copies, "max_copies")
     top = top_components(gmm, X, max_copies, temperature=temperature)
     if copies is not None:
         return assign_budget(top, copies)
@@ -230,15 +231,7 @@ def soft_assign(gmm, X, *, tau: float | None = None, copies: float | None = None
 
 def _columns(top: TopComponents, max_copies):
     m = top.labels.shape[1]
-    return m if max_copies is None else min(_check_int(max_copies, "max_copies"), m)
-
-
-def _check_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return m if max_copies is None else min(check_positive_int(max_copies, "max_copies"), m)
 
 
 def _check_temperature(value):
