@@ -24,7 +24,6 @@ one is computed, so the n x K matrix never exists.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
