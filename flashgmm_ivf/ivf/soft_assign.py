@@ -24,6 +24,7 @@ one is computed, so the n x K matrix never exists.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
