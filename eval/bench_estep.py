@@ -155,7 +155,6 @@ def bench(n, k, d, covariance_type, precisions, configs, repeat, gen):
                      "relative_error": relative_errors(got, ref)})
         del got
     x8 = x.to(torch.uint8)
-    del x
     ours = methods(["bf16x3"], configs)["ours (bf16x3)"]
     median, times = time_ms(lambda: em_iteration(ours, x8, weights, means, var, shift, covariance_type), repeat)
     rows.append({"method": "ours (bf16x3, uint8 input)", "covariance_type": covariance_type, "n": n, "k": k,

@@ -8,7 +8,6 @@ import time
 from importlib import resources
 
 import numpy as np
-import torch
 
 from .mixture import GaussianMixture
 

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .params import CholeskyParams, NaturalParams, split_offset
+from .params import CholeskyParams, split_offset
 from .result import EStepResult
 
 _LOG_2PI = math.log(2 * math.pi)
