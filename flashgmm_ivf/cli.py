@@ -1,4 +1,4 @@
-"""Command line: ``flashgmm-ivf fit`` (fit a GMM and print a summary)."""
+"""Command line: ``flashgmm-ivf fit`` (fit a GMM and print a summary), ``flashgmm-ivf sweep`` (IVF recall sweep)."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--save", help="write the fitted model here (.npz)")
     fit.add_argument("-v", "--verbose", type=int, default=1)
     fit.set_defaults(func=cmd_fit)
+    # Imported here: the sweep module imports this one (for bundled_dataset).
+    from .eval import sweep as sweep_eval
+    sweep = sub.add_parser("sweep", help="recall@10 vs distance computations: GMM-IVF vs k-means IVF and spilling "
+                                         "rules (default: the bundled SIFT sample, < 1 minute on 2 cores)")
+    sweep_eval.add_arguments(sweep)
+    sweep.set_defaults(func=sweep_eval.run_args)
+    from .distributed import add_train_command  # `train [--distributed]`: data-parallel EM under torchrun
+    add_train_command(sub)
     return parser
 
 

@@ -15,12 +15,17 @@ from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
 from ._mstep import COVARIANCE_TYPES, kernel_params, m_step, n_parameters, precisions_cholesky
 from ._validation import check_choice, check_nonnegative_float, check_positive_int
 from .kernels import EStepResult
+from .kernels.truncated import TruncatedEStep
 
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("float32", "float64")
 # Fewer than one sample's worth of responsibility: the component is re-seeded.
 EMPTY_MASS = 1.0
 RESEED_CANDIDATES = 32
+ESTEPS = ("auto", "dense", "truncated")
+# estep='auto' truncates from this many components on: there a dense pass costs
+# >= 4096 log-densities per row, the truncated one ~n_candidates * (n_neighbors + 1).
+AUTO_TRUNCATED_MIN = 4096
 
 
 class ConvergenceWarning(UserWarning):
@@ -67,6 +72,17 @@ class GaussianMixture:
     precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32'}, default='bf16x3'
         Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
         is fast and loose (~1e-3 relative) and opt-in only.
+    estep : {'auto', 'dense', 'truncated'}, default='auto'
+        'dense' evaluates every row against all K components. 'truncated' is truncated
+        variational EM (``flashgmm_ivf.kernels.truncated``): each row keeps its
+        ``n_candidates`` best components and each E-step ranks those and their
+        ``n_neighbors`` nearest components (by distance between means), so an iteration
+        costs O(N n_candidates n_neighbors D) instead of O(N K D). 'auto' is 'truncated'
+        from K = 4096 on (diag and spherical), 'dense' below. Not for 'full' covariances.
+    n_candidates : int, default=8
+        C', components kept per row by the truncated E-step (clipped to K).
+    n_neighbors : int, default=12
+        G, neighbours per component in the graph the truncated E-step searches (clipped to K - 1).
 
     Attributes
     ----------
@@ -79,7 +95,9 @@ class GaussianMixture:
     n_iter_ : int
     lower_bound_ : float
         Mean log-likelihood per sample in the last E-step of the best initialisation
-        (of the parameters before the final M-step, as in scikit-learn).
+        (of the parameters before the final M-step, as in scikit-learn). With the
+        truncated E-step it is the truncated free energy per sample,
+        mean_n log sum_{k in K_n} pi_k N(x_n | k), a lower bound of that log-likelihood.
     lower_bounds_ : list of float
         The lower bound at every iteration of the best initialisation.
     n_reseeded_ : int
@@ -97,13 +115,22 @@ class GaussianMixture:
     log-likelihood), with the average covariance of the other components and weight
     1/n. K therefore never shrinks (an IVF index keeps nlist lists). The lower bound
     never decreases by more than round-off except across a re-seed; an iteration that
-    re-seeds is never taken as converged.
+    re-seeds is never taken as converged. With the truncated E-step a re-seeded
+    component also joins the candidate set of the row it was seeded on.
+
+    Truncated E-step: the candidate sets, (N, n_candidates) int32 indexed by row
+    number, persist across the iterations of one fit (in an unlinked temporary file
+    above 1 GiB); rows start from their nearest means. The data must come in the same
+    order on every pass.
     """
+
+    # The truncated E-step's state during a fit (None otherwise).
+    _truncation = None
 
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
                  random_state=None, warm_start=False, verbose=0, device="auto", chunk_size=262144,
-                 compute_dtype="float32", precision="bf16x3"):
+                 compute_dtype="float32", precision="bf16x3", estep="auto", n_candidates=8, n_neighbors=12):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -121,6 +148,9 @@ class GaussianMixture:
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
         self.precision = precision
+        self.estep = estep
+        self.n_candidates = n_candidates
+        self.n_neighbors = n_neighbors
 
     # ------------------------------------------------------------------ sklearn plumbing
     def get_params(self, deep=True):
@@ -154,6 +184,12 @@ class GaussianMixture:
         check_positive_int(self.chunk_size, "chunk_size")
         check_choice(self.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
         check_choice(self.precision, "precision", kernels.PRECISIONS)
+        check_choice(self.estep, "estep", ESTEPS)
+        check_positive_int(self.n_candidates, "n_candidates")
+        check_positive_int(self.n_neighbors, "n_neighbors")
+        if self.estep == "truncated" and self.covariance_type == "full":
+            raise ValueError("estep='truncated' supports covariance_type 'diag' and 'spherical', not 'full'; "
+                             "use estep='dense'")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device; use device='auto' or 'cpu'")
 
@@ -176,6 +212,12 @@ class GaussianMixture:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def _truncates(self) -> bool:
+        """Whether fitting uses the truncated E-step ('auto' resolved)."""
+        if self.estep == "auto":
+            return self.n_components >= AUTO_TRUNCATED_MIN and self.covariance_type != "full"
+        return self.estep == "truncated"
 
     def _uses_kernels(self, device) -> bool:
         return device.type == "cuda" and self.compute_dtype == "float32" and self.covariance_type != "full"
@@ -234,6 +276,8 @@ class GaussianMixture:
         best = None
         for _ in range(self.n_init if do_init else 1):
             state = self._initialize(source, rng, device) if do_init else self._state(device)
+            self._truncation = TruncatedEStep(n, self.n_components, source.n_features, self.n_candidates,
+                                              self.n_neighbors) if self._truncates() else None
             lower_bound = -math.inf if do_init else self.lower_bound_
             bounds, converged, reseeded_total, n_iter = [], False, 0, 0
             bar = tqdm(total=self.max_iter, desc="EM", disable=not self.verbose, leave=False)
@@ -253,6 +297,7 @@ class GaussianMixture:
             if best is None or lower_bound > best[0]:
                 best = (lower_bound, state, converged, n_iter, bounds, reseeded_total)
         lower_bound, state, converged, n_iter, bounds, reseeded_total = best
+        self._truncation = None
         if not converged:
             warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last change of the "
                           f"lower bound above tol={self.tol}); increase max_iter or tol", ConvergenceWarning)
@@ -270,8 +315,11 @@ class GaussianMixture:
             sample = uniform_sample(source, sample_size(k, source.n_features), rng)
             seeds = initial_means(sample, k, self.init_params, rng)
         shift = torch.as_tensor(seeds.mean(0), device=device)
-        stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift, device)
-        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
+        # With weights, means and precisions all given, the hard-assignment pass (O(N K D))
+        # would be thrown away: skip it.
+        if any(given is None for given in (self.weights_init, self.means_init, self.precisions_init)):
+            stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift, device)
+            weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
         if self.weights_init is not None:
             weights = torch.as_tensor(np.asarray(self.weights_init, dtype=np.float64), device=device)
         if self.means_init is not None:
@@ -309,9 +357,12 @@ class GaussianMixture:
         log_lik = 0.0
         worst_ll = torch.empty(0, dtype=torch.float64, device=device)
         worst_rows = torch.empty(0, d, dtype=torch.float64, device=device)
-        for _, block in self._blocks(source, "E-step"):
+        worst_at = torch.empty(0, dtype=torch.int64, device=device)
+        if self._truncation is not None:
+            self._truncation.begin_pass(state.means + state.shift)
+        for offset, block in self._blocks(source, "E-step"):
             x = to_tensor(block, device)
-            res = self._estep_block(x, params, state.shift)
+            res = self._estep_block(x, params, state.shift, offset)
             for total, part in zip(acc[1:], res[1:]):
                 total += part
             log_lik += float(res.log_norm.sum(dtype=torch.float64))
@@ -319,9 +370,13 @@ class GaussianMixture:
             low = torch.topk(res.log_norm.to(torch.float64), m, largest=False).indices
             worst_ll = torch.cat([worst_ll, res.log_norm[low].to(torch.float64)])
             worst_rows = torch.cat([worst_rows, x[low].to(torch.float64)])
+            worst_at = torch.cat([worst_at, low + offset])
             keep = torch.topk(worst_ll, min(RESEED_CANDIDATES, worst_ll.numel()), largest=False).indices
-            worst_ll, worst_rows = worst_ll[keep], worst_rows[keep]
-        return acc, log_lik, worst_rows[torch.argsort(worst_ll)]
+            worst_ll, worst_rows, worst_at = worst_ll[keep], worst_rows[keep], worst_at[keep]
+        order = torch.argsort(worst_ll)
+        if self._truncation is not None:
+            self._truncation.worst_rows = worst_at[order]
+        return acc, log_lik, worst_rows[order]
 
     def _m_step(self, stats, worst_rows, state, n):
         weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
@@ -333,6 +388,8 @@ class GaussianMixture:
             cov[empty] = cov[kept].mean(0) if bool(kept.any()) else cov[empty]
             weights[empty] = 1.0 / n
             weights = weights / weights.sum()
+            if self._truncation is not None:
+                self._truncation.plant(empty)
         return self._recentre(_State(weights, means, cov, None, state.shift)), int(empty.numel())
 
     def _recentre(self, state):
@@ -347,7 +404,11 @@ class GaussianMixture:
         dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
         return params.to(device=device, dtype=dtype)
 
-    def _estep_block(self, x, params, shift) -> EStepResult:
+    def _estep_block(self, x, params, shift, offset=None) -> EStepResult:
+        """E-step of one block; ``offset`` (its first row's global index) keys the truncated
+        E-step's candidate sets and is ignored by the dense one."""
+        if self._truncation is not None:
+            return self._truncation.block(offset, x, params, shift, dtype=params[0].dtype)
         if self._uses_kernels(x.device):
             return kernels.estep(x, params, shift, precision=self.precision)
         return kernels.reference.estep(x, params, shift, dtype=params[0].dtype)

@@ -8,9 +8,10 @@ Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_too
 - :mod:`.index`: :class:`GMMIndexIVF` and :func:`index_factory` (FAISS verbs).
 - :mod:`.index_io`: :func:`write_index` / :func:`read_index` (npz + JSON header, no pickle).
 """
-from .index import GMMIndexIVF, SearchStats, dedup_results, index_factory
+from .index import GMMIndexIVF, SearchStats, dedup_results, index_factory, search_dedup
 from .index_io import read_index, write_index
 from .soft_assign import SoftAssignment, TopComponents, assign_budget, assign_tau, soft_assign, top_components
 
 __all__ = ["GMMIndexIVF", "SearchStats", "SoftAssignment", "TopComponents", "assign_budget", "assign_tau",
-           "dedup_results", "index_factory", "read_index", "soft_assign", "top_components", "write_index"]
+           "dedup_results", "index_factory", "read_index", "search_dedup", "soft_assign", "top_components",
+           "write_index"]

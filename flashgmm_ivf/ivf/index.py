@@ -26,7 +26,7 @@ from ..mixture import GaussianMixture
 from .quantizer import METRICS, add_assigned, coarse_distances, new_ivf, parse_metric, posterior_lists, set_centroids
 from .soft_assign import SoftAssignment, assign_budget, assign_tau, top_components
 
-__all__ = ["GMMIndexIVF", "SearchStats", "index_factory", "dedup_results", "PROBES"]
+__all__ = ["GMMIndexIVF", "SearchStats", "index_factory", "dedup_results", "search_dedup", "PROBES"]
 
 PROBES = ("centroid", "posterior")
 # Accepted spellings of the two probing modes ('l2' / 'ip' name the quantizer's metric).
@@ -365,37 +365,14 @@ class GMMIndexIVF:
         if nq == 0:
             self.last_stats = SearchStats(0, nprobe, probe, 0, 0)
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
-        if probe == "centroid":
-            ncoarse = nq * self._nlist
-
-            def fetch(rows, kk):
-                return self.index.search(x[rows], kk, params=params)
-        else:
+        lists = coarse = None
+        ncoarse = nq * self._nlist
+        if probe == "posterior":
             lists = posterior_lists(self.gmm, x, nprobe)
             coarse = coarse_distances(self.index, x, lists)
-            ncoarse = nq * (self._nlist + nprobe)
-
-            def fetch(rows, kk):
-                return _search_preassigned(self.index, x[rows], kk, lists[rows], coarse[rows], params)
-        faiss.cvar.indexIVF_stats.reset()
-        entries = int(self.index.ntotal)
-        kk = min(k * self._max_dup, max(k, entries))
-        rows = np.arange(nq)
-        raw_d, raw_i = fetch(rows, kk)
-        D, I, count = dedup_results(raw_d, raw_i, k, self.metric_type)
-        # Short rows whose kk slots were all filled (no -1): duplicates crowded out unique
-        # ids and the lists hold more, so fetch those rows again with twice the slots.
-        short = rows[(count < k) & (raw_i[:, -1] >= 0)]
-        n_refetch = 0
-        while short.size and kk < entries:
-            kk = min(2 * kk, entries)
-            raw_d, raw_i = fetch(short, kk)
-            d_s, i_s, c_s = dedup_results(raw_d, raw_i, k, self.metric_type)
-            D[short], I[short], count[short] = d_s, i_s, c_s
-            n_refetch += short.size
-            short = short[(c_s < k) & (raw_i[:, -1] >= 0)]
-        self.last_stats = SearchStats(nq, nprobe, probe, int(faiss.cvar.indexIVF_stats.ndis), ncoarse, n_refetch)
+            ncoarse += nq * nprobe
+        D, I, ndis, n_refetch = search_dedup(self.index, x, k, nprobe, self._max_dup, lists, coarse)
+        self.last_stats = SearchStats(nq, nprobe, probe, ndis, ncoarse, n_refetch)
         return D, I
 
     def reset(self):
@@ -501,6 +478,63 @@ def dedup_results(D, I, k, metric_type=faiss.METRIC_L2):
     Ik[missing] = -1
     Dk[missing] = _PAD if metric_type == faiss.METRIC_L2 else -_PAD
     return Dk, Ik, count
+
+
+def search_dedup(index_ivf, x, k, nprobe, max_dup=1, list_nos=None, coarse_dis=None):
+    """k nearest distinct ids from a FAISS IVF index whose vectors may sit in several lists.
+
+    Over-fetches ``k * max_dup`` results, keeps each id's first (best) occurrence, and
+    fetches rows again with twice the slots while duplicates crowded out unique ids.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF
+    x : ndarray of shape (nq, d), float32, C-contiguous
+    k : int
+    nprobe : int
+    max_dup : int
+        Most lists any id was added to (sizes the over-fetch; a larger true count only
+        costs re-fetches).
+    list_nos : ndarray of shape (nq, nprobe), int64, optional
+        Lists to probe (``search_preassigned``); None: the index's quantizer picks them.
+    coarse_dis : ndarray of shape (nq, nprobe), float32, optional
+        True distances to the means of ``list_nos`` (required with it).
+
+    Returns
+    -------
+    D : ndarray of shape (nq, k), float32
+    I : ndarray of shape (nq, k), int64, distinct ids per row, -1 padded
+    ndis : int
+        Codes scanned (``faiss.cvar.indexIVF_stats.ndis``), duplicates and re-fetches included;
+        the coarse step is not counted.
+    n_refetch : int
+        Query rows fetched again.
+    """
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if list_nos is None:
+        def fetch(rows, kk):
+            return index_ivf.search(x[rows], kk, params=params)
+    else:
+        def fetch(rows, kk):
+            return _search_preassigned(index_ivf, x[rows], kk, list_nos[rows], coarse_dis[rows], params)
+    faiss.cvar.indexIVF_stats.reset()
+    entries = int(index_ivf.ntotal)
+    kk = min(k * max_dup, max(k, entries))
+    rows = np.arange(x.shape[0])
+    raw_d, raw_i = fetch(rows, kk)
+    D, I, count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
+    # Short rows whose kk slots were all filled (no -1): duplicates crowded out unique
+    # ids and the lists hold more, so fetch those rows again with twice the slots.
+    short = rows[(count < k) & (raw_i[:, -1] >= 0)]
+    n_refetch = 0
+    while short.size and kk < entries:
+        kk = min(2 * kk, entries)
+        raw_d, raw_i = fetch(short, kk)
+        d_s, i_s, c_s = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
+        D[short], I[short], count[short] = d_s, i_s, c_s
+        n_refetch += short.size
+        short = short[(c_s < k) & (raw_i[:, -1] >= 0)]
+    return D, I, int(faiss.cvar.indexIVF_stats.ndis), n_refetch
 
 
 def _search_preassigned(index_ivf, x, k, list_nos, coarse_dis, params):

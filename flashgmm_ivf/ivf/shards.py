@@ -1,0 +1,281 @@
+"""Sharded GMM-IVF indexes: ranks fill copies of one trained index; FAISS merges or searches the shards.
+
+Flow on P ranks (or P jobs), over one trained index (the fitted GMM's means in the flat
+quantizer, the encoder trained; written once with :func:`~flashgmm_ivf.ivf.write_index`)::
+
+    trained = read_index("trained.npz")                     # every rank
+    shard = build_shard(trained, x, rank, world_size)        # soft-assigns and adds its rows
+    write_shard(shard, f"shard{rank}.faissindex")            # plain FAISS file + JSON counters
+
+    shards = [read_shard(p, trained) for p in paths]
+    index = merge_shards(trained, shards)                    # IndexIVF.merge_from, in RAM
+    index = merge_shards(trained, [read_shard(p, trained, mmap=True) for p in paths],
+                         ondisk="lists.ivfdata")             # OnDiskInvertedLists: data > RAM
+    index = ShardedGMMIndex(shards)                          # no merge: faiss.IndexShardsIVF
+
+Ids are global row numbers, so one vector's copies (soft assignment) all live in one
+shard and shards hold disjoint ids. That is what makes sharded search exact: the k
+nearest distinct ids over all shards are the best k among every shard's k nearest
+distinct ids. With the ``copies`` budget policy each shard meets the budget on its own
+rows (the gap threshold is per ``add`` call); the ``tau`` policy assigns row by row, so
+shards hold exactly the single index's entries.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .._validation import check_positive_int
+from ..distributed import shard_range
+from .index import GMMIndexIVF, SearchStats, _check_nprobe, _check_probe, search_dedup
+from .quantizer import coarse_distances, posterior_lists
+
+__all__ = ["ShardedGMMIndex", "build_shard", "empty_copy", "merge_shards", "read_shard", "to_gpu", "write_shard"]
+
+SHARD_FORMAT = "flashgmm_ivf.IVFShard"
+SHARD_VERSION = 1
+
+
+def empty_copy(index: GMMIndexIVF) -> GMMIndexIVF:
+    """A trained, empty copy of ``index`` sharing its GMM (quantizer and encoder cloned, lists empty).
+
+    Clone the trained index before adding to it: FAISS's ``clone_index`` copies the lists too.
+    """
+    if not index.is_trained:
+        raise ValueError("the index is not trained: train it (GMM and encoder) before sharding")
+    inner = faiss.clone_index(index.index)
+    inner.reset()
+    return _wrap(index, inner, n_vectors=0, next_id=0, max_dup=1)
+
+
+def build_shard(trained: GMMIndexIVF, x, rank: int, world_size: int, *, chunk_size: int = 65536) -> GMMIndexIVF:
+    """This rank's shard: rows ``shard_range(n, rank, world_size)`` of x, soft-assigned and added.
+
+    Parameters
+    ----------
+    trained : GMMIndexIVF, trained (its lists are not touched)
+    x : array-like of shape (n, d): ndarray, np.memmap, h5py dataset (read ``chunk_size`` rows at a time)
+    rank, world_size : int
+    chunk_size : int
+
+    Returns
+    -------
+    GMMIndexIVF holding rows [start, stop) with their global row numbers as ids.
+    """
+    start, stop = shard_range(int(x.shape[0]), rank, world_size)
+    shard = empty_copy(trained)
+    for i in range(start, stop, chunk_size):
+        j = min(i + chunk_size, stop)
+        shard.add_with_ids(x[i:j], np.arange(i, j, dtype=np.int64))
+    return shard
+
+
+def write_shard(shard: GMMIndexIVF, path) -> None:
+    """Write the shard's inverted lists as a plain FAISS file at ``path`` and its counters to ``path.json``.
+
+    The FAISS file is what ``faiss.read_index`` reads (memory-mapped with ``IO_FLAG_MMAP``
+    by :func:`read_shard`); the GMM is not repeated: it is the trained index's.
+    """
+    faiss.write_index(shard.index, str(path))
+    header = {"format": SHARD_FORMAT, "format_version": SHARD_VERSION, "d": shard.d, "nlist": shard.nlist,
+              "faiss_class": type(shard.index).__name__, "n_entries": int(shard.index.ntotal),
+              "n_vectors": shard.ntotal, "next_id": shard._next_id, "max_dup": shard._max_dup}
+    Path(f"{path}.json").write_text(json.dumps(header))
+
+
+def read_shard(path, trained: GMMIndexIVF, *, mmap: bool = False) -> GMMIndexIVF:
+    """Read a shard written by :func:`write_shard`, checked against the trained index it was built from.
+
+    Parameters
+    ----------
+    path : str or Path
+    trained : GMMIndexIVF
+    mmap : bool
+        Memory-map the lists (``faiss.IO_FLAG_MMAP``) instead of reading them: for
+        :func:`merge_shards` with ``ondisk`` when the shards exceed RAM.
+
+    Raises
+    ------
+    ValueError naming the file when the counters are malformed or the shard does not
+    belong to ``trained`` (other class, shape or centroids).
+    """
+    try:
+        header = json.loads(Path(f"{path}.json").read_text())
+        if header.get("format") != SHARD_FORMAT or header.get("format_version") != SHARD_VERSION:
+            raise ValueError(f"format {header.get('format')!r} version {header.get('format_version')!r}, "
+                             f"expected {SHARD_FORMAT!r} version {SHARD_VERSION}")
+        counters = {key: int(header[key]) for key in ("n_vectors", "next_id", "max_dup", "n_entries")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}.json: not a readable shard header: {err}") from err
+    inner = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+    if int(inner.ntotal) != counters.pop("n_entries"):
+        raise ValueError(f"{path}: holds {inner.ntotal} entries, its header says {header['n_entries']}")
+    _check_same_training(trained.index, inner, path)
+    return _wrap(trained, inner, **counters)
+
+
+def merge_shards(trained: GMMIndexIVF, shards, *, ondisk=None) -> GMMIndexIVF:
+    """One index holding every shard's entries, merged by FAISS.
+
+    Parameters
+    ----------
+    trained : GMMIndexIVF, trained (its lists are not touched)
+    shards : list of GMMIndexIVF from :func:`build_shard` / :func:`read_shard`, disjoint ids
+    ondisk : str or Path, optional
+        None: ``IndexIVF.merge_from`` in RAM (it moves the entries: the shards are left
+        empty). A path: the lists are written there as ``faiss.OnDiskInvertedLists``
+        (``merge_from_multiple``, as ``faiss.contrib.ondisk.merge_ondisk``), so shards read
+        with ``mmap=True`` can exceed RAM; the returned index reads its lists from that file.
+
+    Returns
+    -------
+    GMMIndexIVF
+    """
+    shards = list(shards)
+    merged = empty_copy(trained)
+    for shard in shards:
+        _check_same_training(trained.index, shard.index, "shard")
+    if ondisk is None:
+        for shard in shards:
+            merged.index.merge_from(shard.index, 0)
+    else:
+        invlists = faiss.OnDiskInvertedLists(merged.nlist, merged.index.code_size, str(ondisk))
+        pointers = faiss.InvertedListsPtrVector()
+        for shard in shards:
+            pointers.push_back(shard.index.invlists)
+        merged.index.ntotal = invlists.merge_from_multiple(pointers.data(), pointers.size(), False)
+        merged.index.replace_invlists(invlists, True)
+        invlists.this.disown()  # the index owns it now
+    merged._ntotal = sum(s.ntotal for s in shards)
+    merged._next_id = max([s._next_id for s in shards], default=0)
+    merged._max_dup = max([s._max_dup for s in shards], default=1)
+    return merged
+
+
+class ShardedGMMIndex:
+    """Search over shards without merging them: ``faiss.IndexShardsIVF`` over their IVF indexes.
+
+    The shards share the GMM and the quantizer, so a centroid-probed search quantizes
+    each query once (``IndexShardsIVF``) and scans the same lists in every shard. A
+    posterior-probed search ranks lists by the GMM once and calls every shard's
+    ``search_preassigned`` with those lists and the true coarse distances. Either way the
+    results are deduplicated by id and counted as :meth:`GMMIndexIVF.search` does, and
+    equal the merged index's.
+
+    Parameters
+    ----------
+    shards : list of GMMIndexIVF (same trained index, disjoint ids); they stay owned by the caller
+    nprobe, probe : optional, default: the first shard's
+
+    Attributes
+    ----------
+    index : faiss.IndexShardsIVF
+    gmm : GaussianMixture
+    last_stats : SearchStats or None
+    """
+
+    def __init__(self, shards, *, nprobe=None, probe=None):
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("no shards given")
+        first = self.shards[0]
+        for shard in self.shards[1:]:
+            _check_same_training(first.index, shard.index, "shard")
+        self.gmm = first.gmm
+        quantizer = faiss.downcast_index(first.index.quantizer)
+        # threaded=False: the shards' scans update FAISS's global indexIVF_stats in turn,
+        # so ndis adds up exactly (each shard's search still runs its own OpenMP threads).
+        self.index = faiss.IndexShardsIVF(quantizer, first.nlist, False, False)
+        for shard in self.shards:
+            self.index.add_shard(shard.index)
+        self.nprobe = first.nprobe if nprobe is None else _check_nprobe(nprobe, first.nlist)
+        self.probe = first.probe if probe is None else _check_probe(probe)
+        self.last_stats = None
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors over all shards (each counted once, whatever its copies)."""
+        return sum(s.ntotal for s in self.shards)
+
+    def search(self, x, k, *, nprobe=None, probe=None):
+        """k nearest neighbours with distinct ids over all shards; as :meth:`GMMIndexIVF.search`.
+
+        Returns
+        -------
+        D : ndarray of shape (nq, k), float32
+        I : ndarray of shape (nq, k), int64, -1 padded
+        """
+        first = self.shards[0]
+        x = first._vectors(x, "x")
+        k = check_positive_int(k, "k")
+        nprobe = self.nprobe if nprobe is None else _check_nprobe(nprobe, first.nlist)
+        probe = self.probe if probe is None else _check_probe(probe)
+        max_dup = max(s._max_dup for s in self.shards)
+        nq, nlist = x.shape[0], first.nlist
+        if probe == "centroid":
+            for shard in self.shards:  # IndexShardsIVF requires every shard's nprobe to match the search's
+                shard.nprobe = nprobe
+            D, I, ndis, n_refetch = search_dedup(self.index, x, k, nprobe, max_dup)
+            self.last_stats = SearchStats(nq, nprobe, probe, ndis, nq * nlist, n_refetch)
+            return D, I
+        lists = posterior_lists(self.gmm, x, nprobe)
+        coarse = coarse_distances(first.index, x, lists)
+        parts = [search_dedup(s.index, x, k, nprobe, max_dup, lists, coarse) for s in self.shards]
+        D, I = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
+                                       keep_max=first.metric_type == faiss.METRIC_INNER_PRODUCT)
+        self.last_stats = SearchStats(nq, nprobe, probe, sum(p[2] for p in parts), nq * (nlist + nprobe),
+                                      sum(p[3] for p in parts))
+        return D, I
+
+
+def to_gpu(index: GMMIndexIVF, device: int = 0, resources=None) -> GMMIndexIVF:
+    """A GMMIndexIVF whose inner IVF index lives on a GPU (``faiss.index_cpu_to_gpu``); the GMM is shared.
+
+    Search keeps its deduplication (done on the host over the GPU's over-fetched results).
+
+    Parameters
+    ----------
+    index : GMMIndexIVF (CPU)
+    device : int, GPU number
+    resources : faiss.StandardGpuResources, optional (one is made and kept alive with the index)
+
+    Notes
+    -----
+    FAISS GPU indexes do not update ``faiss.cvar.indexIVF_stats``, so ``last_stats.ndis``
+    of a GPU search reads 0; count scanned codes on the CPU index. GPU IVF search takes
+    k <= 2048, which bounds ``k * max_copies``.
+    """
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise RuntimeError("this FAISS build has no GPU support (install faiss-gpu to use to_gpu)")
+    resources = resources or faiss.StandardGpuResources()
+    gpu = _wrap(index, faiss.index_cpu_to_gpu(resources, device, index.index), n_vectors=index.ntotal,
+                next_id=index._next_id, max_dup=index._max_dup)
+    gpu._gpu_resources = resources
+    return gpu
+
+
+# ---------------------------------------------------------------------- helpers
+def _wrap(like: GMMIndexIVF, inner, *, n_vectors, next_id, max_dup) -> GMMIndexIVF:
+    """A GMMIndexIVF with ``like``'s settings and GMM around the FAISS index ``inner``."""
+    out = GMMIndexIVF(like.d, like.nlist, like.encoding, like.metric, probe=like.probe, nprobe=like.nprobe,
+                      tau=like.tau, copies=like.copies, max_copies=like.max_copies, temperature=like.temperature,
+                      gmm=like.gmm)
+    out.index = inner
+    out.index.nprobe = out.nprobe
+    out._ntotal, out._next_id, out._max_dup = n_vectors, next_id, max_dup
+    return out
+
+
+def _check_same_training(reference, other, where):
+    """Both FAISS IVF indexes come from one training: class, shape, metric, code size and centroids."""
+    same = (type(other) is type(reference) and other.d == reference.d and other.nlist == reference.nlist
+            and other.metric_type == reference.metric_type and other.code_size == reference.code_size)
+    if not same:
+        raise ValueError(f"{where}: {type(other).__name__}(d={other.d}, nlist={other.nlist}) does not match the "
+                         f"trained {type(reference).__name__}(d={reference.d}, nlist={reference.nlist})")
+    centroids = [faiss.downcast_index(i.quantizer).reconstruct_n(0, i.nlist) for i in (reference, other)]
+    if not np.array_equal(*centroids):
+        raise ValueError(f"{where}: its quantizer's centroids differ from the trained index's (another training?)")

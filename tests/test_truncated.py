@@ -1,0 +1,221 @@
+"""Truncated E-step: equals the dense one with all candidates, monotone bound, estimator option."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_set
+from flashgmm_ivf import ConvergenceWarning, GaussianMixture, index_factory
+from flashgmm_ivf.kernels import natural_params, reference, truncated
+from flashgmm_ivf.mixture import AUTO_TRUNCATED_MIN
+
+F64 = dict(compute_dtype="float64", tol=0.0, random_state=0, device="cpu")
+
+
+def fit_quietly(gmm, x, method="fit"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return getattr(gmm, method)(x)
+
+
+def random_mixture(k, d, diagonal, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
+    means = torch.randn(k, d, generator=gen, dtype=torch.float64) * 2
+    shape = (k, d) if diagonal else (k,)
+    variances = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.3
+    return natural_params(weights / weights.sum(), means, variances)
+
+
+def full_graph(k):
+    """Every other component as a neighbour."""
+    return torch.stack([torch.cat([torch.arange(c), torch.arange(c + 1, k)]) for c in range(k)])
+
+
+@pytest.fixture(scope="module")
+def sift():
+    return shared_set("sift-photos-128-small")[:2000]
+
+
+# ---------------------------------------------------------------- the block function
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_all_candidates_equal_the_dense_estep(diagonal):
+    k, d, n = 7, 3, 101                                 # odd shapes, several sub-blocks
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) * 3 + 10
+    params, shift = random_mixture(k, d, diagonal), torch.full((d,), 10.0, dtype=torch.float64)
+    dense = reference.estep(x, params, shift)
+    order = torch.stack([torch.randperm(k, generator=gen) for _ in range(n)])
+    for cand, graph in [(order, full_graph(k)), (order[:, :2], full_graph(k)), (order, torch.empty(k, 0).long())]:
+        if cand.shape[1] < k and graph.shape[1] == 0:
+            continue
+        got, new = truncated.estep(x, params, shift, cand[:, :k] if graph.shape[1] == 0 else cand,
+                                   graph, chunk_size=30)
+        if cand.shape[1] == k:
+            for ours, ref in zip(got, dense):
+                np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6, atol=1e-9)
+            # best first, and every component exactly once
+            assert torch.equal(new.sort(1).values, torch.arange(k).expand(n, k))
+    assert got.nk.sum().item() == pytest.approx(n)
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_truncated_log_norm_is_a_lower_bound_that_the_search_raises(diagonal):
+    k, d, n, c = 40, 5, 300, 3
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) * 2
+    params = random_mixture(k, d, diagonal, seed=3)
+    cand = torch.stack([torch.randperm(k, generator=gen)[:c] for _ in range(n)])
+    graph = torch.randint(k, (k, 4), generator=gen)
+    kept_only, _ = truncated.estep(x, params, None, cand, torch.empty(k, 0).long())
+    searched, new = truncated.estep(x, params, None, cand, graph)
+    exact = reference.estep(x, params, None).log_norm
+    assert (kept_only.log_norm <= searched.log_norm + 1e-12).all()
+    assert (searched.log_norm <= exact + 1e-12).all()
+    again, _ = truncated.estep(x, params, None, new, torch.empty(k, 0).long())
+    np.testing.assert_allclose(again.log_norm.numpy(), searched.log_norm.numpy(), rtol=1e-12)
+    assert searched.nk.sum().item() == pytest.approx(n)
+
+
+def test_mean_index_inverted_file_graph_and_search(monkeypatch):
+    monkeypatch.setattr(truncated, "EXACT_SEARCH_MAX", 16)
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(300, 8)).astype(np.float32)
+    index = truncated.MeanIndex(8, 300)
+    assert isinstance(index.index, type(index.index)) and index.index is not index.exact
+    index.update(means)
+    graph = index.graph(means, 5)
+    assert graph.shape == (300, 5) and graph.min() >= 0 and graph.max() < 300
+    exact = ((means[:, None] - means[None]) ** 2).sum(-1)
+    np.fill_diagonal(exact, np.inf)
+    # the nearest other mean is found for nearly all (inverted file: approximate)
+    assert (graph[:, 0] == exact.argmin(1)).mean() > 0.9
+    found = index.search(rng.normal(size=(50, 8)).astype(np.float32), 7)
+    assert found.shape == (50, 7) and found.min() >= 0
+
+
+# ---------------------------------------------------------------- the estimator
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_estimator_with_all_candidates_equals_dense(sift, covariance_type):
+    x = sift[:1500]
+    common = dict(covariance_type=covariance_type, max_iter=6, **F64)
+    dense = fit_quietly(GaussianMixture(9, estep="dense", **common), x)
+    trunc = fit_quietly(GaussianMixture(9, estep="truncated", n_candidates=9, n_neighbors=8, **common), x)
+    np.testing.assert_allclose(trunc.lower_bounds_, dense.lower_bounds_, rtol=1e-6)
+    np.testing.assert_allclose(trunc.means_, dense.means_, atol=1e-6)
+    np.testing.assert_allclose(trunc.covariances_, dense.covariances_, rtol=1e-6)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_truncated_bound_never_decreases(sift, covariance_type):
+    g = fit_quietly(GaussianMixture(24, covariance_type=covariance_type, estep="truncated", n_candidates=3,
+                                    n_neighbors=4, max_iter=15, **F64), sift)
+    bounds = np.array(g.lower_bounds_)
+    assert g.n_reseeded_ == 0 and len(bounds) == 15
+    assert np.all(np.diff(bounds) >= -1e-9 * np.abs(bounds[1:]))
+    # the truncated free energy is below the exact log-likelihood of the same parameters
+    dense = fit_quietly(GaussianMixture(24, covariance_type=covariance_type, estep="dense", max_iter=1,
+                                        weights_init=g.weights_, means_init=g.means_,
+                                        precisions_init=g.precisions_, **F64), sift)
+    assert dense.lower_bound_ >= fit_quietly(
+        GaussianMixture(24, covariance_type=covariance_type, estep="truncated", n_candidates=3, n_neighbors=4,
+                        max_iter=1, weights_init=g.weights_, means_init=g.means_, precisions_init=g.precisions_,
+                        **F64), sift).lower_bound_
+
+
+def test_streaming_and_memmap_candidates_equal_in_memory(sift, monkeypatch):
+    x = sift[:1700]
+    kw = dict(estep="truncated", n_candidates=3, n_neighbors=4, max_iter=5, **F64)
+    ref = fit_quietly(GaussianMixture(11, chunk_size=1000, **kw), x)
+    streamed = fit_quietly(GaussianMixture(11, **kw), lambda: (x[i:i + 333] for i in range(0, len(x), 333)),
+                           "fit_stream")
+    monkeypatch.setattr(truncated, "IN_MEMORY_BYTES", 0)
+    on_disk = GaussianMixture(11, chunk_size=777, **kw)
+    seen = []
+    real_block = truncated.TruncatedEStep.block
+    monkeypatch.setattr(truncated.TruncatedEStep, "block",
+                        lambda self, *a, **k: seen.append(type(self.candidates)) or real_block(self, *a, **k))
+    fit_quietly(on_disk, x)
+    assert set(seen) == {np.memmap}
+    for g in (streamed, on_disk):
+        np.testing.assert_allclose(g.lower_bounds_, ref.lower_bounds_, rtol=1e-10)
+        np.testing.assert_allclose(g.means_, ref.means_, atol=1e-8)
+
+
+def test_inverted_file_path_fits(sift, monkeypatch):
+    monkeypatch.setattr(truncated, "EXACT_SEARCH_MAX", 16)
+    g = fit_quietly(GaussianMixture(64, estep="truncated", n_candidates=4, n_neighbors=6, max_iter=6, **F64), sift)
+    bounds = np.array(g.lower_bounds_)
+    assert np.all(np.diff(bounds) >= -1e-9 * np.abs(bounds[1:])) and g.n_reseeded_ == 0
+
+
+def test_empty_component_is_reseeded_as_the_dense_path_does(sift):
+    x = sift[:1000].astype(np.float64)
+    means = x[:3].copy()
+    means[2] = 1e4  # far from every row: no responsibility
+    kw = dict(means_init=means, max_iter=6, **F64)
+    dense = fit_quietly(GaussianMixture(3, estep="dense", **kw), x)
+    every = fit_quietly(GaussianMixture(3, estep="truncated", n_candidates=3, n_neighbors=2, **kw), x)
+    assert dense.n_reseeded_ >= 1 and every.n_reseeded_ == dense.n_reseeded_
+    np.testing.assert_allclose(every.lower_bounds_, dense.lower_bounds_, rtol=1e-9)
+    np.testing.assert_allclose(every.weights_, dense.weights_, rtol=1e-9)
+    few = fit_quietly(GaussianMixture(3, estep="truncated", n_candidates=2, n_neighbors=1, **kw), x)
+    assert few.n_reseeded_ >= 1
+    assert np.isfinite(few.means_).all() and np.isfinite(few.covariances_).all()
+    # the re-seeded component keeps (at least) its seed row: it joined that row's candidates
+    assert np.abs(few.means_).max() < 300 and few.weights_.min() > 0.9 / len(x)
+
+
+def test_plant_puts_components_on_the_worst_rows():
+    store = truncated.TruncatedEStep(10, 6, 2, 3, 2)
+    store.candidates[:] = 0
+    store.worst_rows = torch.tensor([7, 2, 5])
+    store.plant(torch.tensor([4, 5]))
+    assert store.candidates[7, -1] == 4 and store.candidates[2, -1] == 5 and store.candidates[5, -1] == 0
+
+
+def test_collapsed_components_match_dense():
+    # few distinct rows: components collapse onto single points (variance at the floor)
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(6, 4)) * 5, 40, axis=0)
+    kw = dict(means_init=x[::40][:5], max_iter=4, reg_covar=1e-3, **F64)
+    dense = fit_quietly(GaussianMixture(5, estep="dense", **kw), x)
+    trunc = fit_quietly(GaussianMixture(5, estep="truncated", n_candidates=5, n_neighbors=4, **kw), x)
+    np.testing.assert_allclose(trunc.lower_bounds_, dense.lower_bounds_, rtol=1e-6)
+    assert trunc.n_reseeded_ == dense.n_reseeded_
+
+
+@pytest.mark.parametrize("params,error,message", [
+    (dict(estep="sparse"), ValueError, "estep must be one of"),
+    (dict(n_candidates=0), ValueError, "n_candidates must be >= 1"),
+    (dict(n_neighbors=0), ValueError, "n_neighbors must be >= 1"),
+    (dict(n_candidates=2.5), TypeError, "n_candidates must be an integer"),
+    (dict(estep="truncated", covariance_type="full"), ValueError, "not 'full'"),
+])
+def test_option_validation(sift, params, error, message):
+    with pytest.raises(error, match=message):
+        GaussianMixture(2, **params).fit(sift[:50])
+
+
+def test_auto_picks_truncated_for_large_k_only():
+    assert GaussianMixture(AUTO_TRUNCATED_MIN)._truncates()
+    assert not GaussianMixture(AUTO_TRUNCATED_MIN - 1)._truncates()
+    assert not GaussianMixture(AUTO_TRUNCATED_MIN, covariance_type="full")._truncates()
+    assert GaussianMixture(8, estep="truncated")._truncates()
+    assert GaussianMixture(8, n_candidates=20, n_neighbors=30).get_params()["n_neighbors"] == 30
+
+
+def test_block_needs_the_row_offset():
+    store = truncated.TruncatedEStep(5, 3, 2, 2, 1)
+    store.begin_pass(torch.zeros(3, 2, dtype=torch.float64) + torch.arange(3.0)[:, None])
+    with pytest.raises(ValueError, match="global row offset"):
+        store.block(None, torch.zeros(5, 2), random_mixture(3, 2, True), None)
+
+
+def test_index_factory_keyword_form_trains_a_truncated_gmm(sift):
+    index = index_factory(128, "IVF16_GMM(diag,iter=3),Flat", estep="truncated", n_candidates=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        index.train(sift[:1000].astype(np.float32))
+    assert index.gmm.estep == "truncated" and index.gmm.means_.shape == (16, 128)
