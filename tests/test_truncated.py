@@ -1,6 +1,7 @@
 """Truncated E-step: equals the dense one with all candidates, monotone bound, estimator option."""
 import warnings
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -46,18 +47,18 @@ def test_all_candidates_equal_the_dense_estep(diagonal):
     x = torch.randn(n, d, generator=gen, dtype=torch.float64) * 3 + 10
     params, shift = random_mixture(k, d, diagonal), torch.full((d,), 10.0, dtype=torch.float64)
     dense = reference.estep(x, params, shift)
-    order = torch.stack([torch.randperm(k, generator=gen) for _ in range(n)])
-    for cand, graph in [(order, full_graph(k)), (order[:, :2], full_graph(k)), (order, torch.empty(k, 0).long())]:
-        if cand.shape[1] < k and graph.shape[1] == 0:
-            continue
-        got, new = truncated.estep(x, params, shift, cand[:, :k] if graph.shape[1] == 0 else cand,
-                                   graph, chunk_size=30)
+    every = torch.stack([torch.randperm(k, generator=gen) for _ in range(n)])
+    no_graph = torch.empty(k, 0, dtype=torch.int64)
+    # C' = K, reached from the kept sets alone or from two of them and the graph
+    for cand, graph in [(every, no_graph), (every[:, :2], full_graph(k))]:
+        got, new = truncated.estep(x, params, shift, cand, graph, chunk_size=30)
         if cand.shape[1] == k:
             for ours, ref in zip(got, dense):
                 np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6, atol=1e-9)
-            # best first, and every component exactly once
-            assert torch.equal(new.sort(1).values, torch.arange(k).expand(n, k))
-    assert got.nk.sum().item() == pytest.approx(n)
+            assert torch.equal(new.sort(1).values, torch.arange(k).expand(n, k))  # each component once
+        assert got.nk.sum().item() == pytest.approx(n)
+    # two kept of seven: a lower bound, with the best two found through the graph
+    np.testing.assert_allclose(new.numpy(), reference.weighted_log_prob(x, params, shift).topk(2).indices.numpy())
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
@@ -83,7 +84,7 @@ def test_mean_index_inverted_file_graph_and_search(monkeypatch):
     rng = np.random.default_rng(0)
     means = rng.normal(size=(300, 8)).astype(np.float32)
     index = truncated.MeanIndex(8, 300)
-    assert isinstance(index.index, type(index.index)) and index.index is not index.exact
+    assert isinstance(index.index, faiss.IndexIVFFlat)
     index.update(means)
     graph = index.graph(means, 5)
     assert graph.shape == (300, 5) and graph.min() >= 0 and graph.max() < 300
@@ -219,3 +220,10 @@ def test_index_factory_keyword_form_trains_a_truncated_gmm(sift):
         warnings.simplefilter("ignore", ConvergenceWarning)
         index.train(sift[:1000].astype(np.float32))
     assert index.gmm.estep == "truncated" and index.gmm.means_.shape == (16, 128)
+
+
+def test_factory_string_selects_the_truncated_estep():
+    index = index_factory(8, "IVF16_GMM(diag,truncated,n_candidates=4),Flat")
+    assert index.gmm.estep == "truncated" and index.gmm.n_candidates == 4
+    with pytest.raises(ValueError, match="a bare option is a covariance type"):
+        index_factory(8, "IVF16_GMM(diag,sparse),Flat")

@@ -563,7 +563,9 @@ _OPTIONS = {
     "seed": ("random_state", int), "random_state": ("random_state", int),
     "init": ("init_params", str), "device": ("device", str), "compute_dtype": ("compute_dtype", str),
     "n_init": ("n_init", int), "chunk_size": ("chunk_size", int),
+    "estep": ("estep", str), "n_candidates": ("n_candidates", int), "n_neighbors": ("n_neighbors", int),
 }
+_ESTEPS = ("dense", "truncated")
 
 
 def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexIVF:
@@ -575,9 +577,10 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     description : str
         ``"IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM(diag),Flat"``,
         ``"IVF256_GMM(spherical,copies=1.5,probe=posterior,iter=20),PQ16"``. Options:
-        a covariance type (diag | spherical | full), and key=value pairs: tau, copies
+        a covariance type (diag | spherical | full), an E-step (dense | truncated), and key=value pairs: tau, copies
         (alias budget), max_copies, T (temperature), probe, nprobe, iter (max_iter), tol,
-        reg_covar, seed (random_state), init, device, compute_dtype, n_init, chunk_size.
+        reg_covar, seed (random_state), init, device, compute_dtype, n_init, chunk_size, estep,
+        n_candidates, n_neighbors.
         The encoding is any FAISS IVF encoding among Flat, PQ<M>[x<nbits>], SQ<bits>, SQfp16.
     metric : faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT, or 'l2' / 'ip' / 'cosine'
     **kwargs
@@ -598,10 +601,10 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     parsed = {}
     for item in filter(None, (s.strip() for s in (options or "").split(","))):
         if "=" not in item:
-            if item not in _COVARIANCE:
+            if item not in _COVARIANCE + _ESTEPS:
                 raise ValueError(f"{description!r}: unknown option {item!r}; a bare option is a covariance type "
-                                 f"{_COVARIANCE}, others are key=value")
-            key, value = "covariance_type", item
+                                 f"{_COVARIANCE} or an E-step {_ESTEPS}, others are key=value")
+            key, value = ("covariance_type", item) if item in _COVARIANCE else ("estep", item)
         else:
             name, raw = (s.strip() for s in item.split("=", 1))
             if name not in _OPTIONS:
