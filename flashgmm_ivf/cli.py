@@ -59,18 +59,23 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def add_gmm_arguments(parser, *, n_components, max_iter):
+    """The GaussianMixture options shared by the ``fit`` and ``train`` commands."""
+    parser.add_argument("-k", "--n-components", type=int, default=n_components)
+    parser.add_argument("--covariance-type", default="diag", choices=["diag", "spherical", "full"])
+    parser.add_argument("--max-iter", type=int, default=max_iter)
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashgmm-ivf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="fit a GMM (default: the bundled SIFT sample) and print a summary")
     fit.add_argument("--data", help=".npy file of shape (n, d); default: the bundled real SIFT sample")
-    fit.add_argument("-k", "--n-components", type=int, default=64)
-    fit.add_argument("--covariance-type", default="diag", choices=["diag", "spherical", "full"])
-    fit.add_argument("--max-iter", type=int, default=100)
-    fit.add_argument("--tol", type=float, default=1e-3)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    fit.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
+    add_gmm_arguments(fit, n_components=64, max_iter=100)
     fit.add_argument("--save", help="write the fitted model here (.npz)")
     fit.add_argument("-v", "--verbose", type=int, default=1)
     fit.set_defaults(func=cmd_fit)

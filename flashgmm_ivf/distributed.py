@@ -634,14 +634,9 @@ def add_train_command(subparsers):
                                   epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--data", required=True, help="vector file: .npy, .fvecs/.bvecs, .fbin/.u8bin/.i8bin, .hdf5")
     train.add_argument("--key", help="HDF5 dataset name (default 'train')")
-    train.add_argument("-k", "--n-components", type=int, default=1024)
-    train.add_argument("--covariance-type", default="diag", choices=["diag", "spherical", "full"])
-    train.add_argument("--max-iter", type=int, default=20)
-    train.add_argument("--tol", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
+    from .cli import add_gmm_arguments  # here: cli imports this module's command
+    add_gmm_arguments(train, n_components=1024, max_iter=20)
     train.add_argument("--init", default="kmeans", choices=["kmeans", "k-means++", "random_from_data"])
-    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    train.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     train.add_argument("--chunk-size", type=int, default=262144)
     train.add_argument("--distributed", action="store_true",
                        help="join the torchrun process group (NCCL with GPUs, else gloo); each rank fits its rows")
