@@ -449,12 +449,13 @@ class DistributedGaussianMixture(GaussianMixture):
     def _global_worst_rows(self, worst, state, device):
         """The RESEED_CANDIDATES worst-explained rows over all ranks, worst first, identical everywhere.
 
-        ``worst`` (m, D), m <= RESEED_CANDIDATES, are this rank's; their log-likelihoods are
-        recomputed by the same E-step code (a few rows) and gathered with them.
+        ``worst`` (m, D), m <= RESEED_CANDIDATES, are this rank's; their exact log-likelihoods
+        (a few rows, dense over all K whichever E-step the fit uses: the truncated one keys its
+        state by row offset, which these rows no longer have) are gathered with them.
         """
         d = state.means.shape[1]
-        log_norm = self._estep_block(worst, self._kernel_params(state, device), state.shift).log_norm \
-            if worst.shape[0] else torch.empty(0, device=device)
+        log_norm = torch.logsumexp(self._weighted_log_prob(worst, self._kernel_params(state, device), state.shift),
+                                   1) if worst.shape[0] else torch.empty(0, device=device)
         packed = torch.full((RESEED_CANDIDATES, d + 1), math.inf, dtype=torch.float64, device=device)
         packed[:worst.shape[0], 0] = log_norm.to(torch.float64)
         packed[:worst.shape[0], 1:] = worst
