@@ -19,20 +19,20 @@ from flashgmm_ivf.kernels.estep import _default_split
 from flashgmm_ivf.kernels.log_norm import log_norm
 from flashgmm_ivf.kernels.stats import stats
 
-# Pass 2 holds two BLOCK_K x BLOCK_D accumulators: it gets 8 warps; pass 1 wins with one stage.
+# BLOCK_D is not swept: both passes use default_configs' (D in one feature tile up to 128).
 SPACES = {
-    "pass 1": dict(block_n=(64, 128), block_k=(64, 128), block_d=(64, 128), num_warps=(4, 8), num_stages=(1,)),
-    "pass 2": dict(block_n=(64, 128), block_k=(64, 128), block_d=(64, 128), num_warps=(8,), num_stages=(1, 2),
-                   x_left=(False, True)),
+    "pass 1": dict(block_n=(64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2),
+                   rows_first=(False, True)),
+    "pass 2": dict(block_n=(32, 64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
 }
 
 
-def sweep(name, run):
+def sweep(name, run, block_d):
     best = None
     for values in itertools.product(*SPACES[name].values()):
-        config = LaunchConfig(*values)
+        config = LaunchConfig(block_d=block_d, **dict(zip(SPACES[name], values)))
         try:
-            ms, _ = time_ms(lambda: run(config), 3)
+            ms, _ = time_ms(lambda config=config: run(config), 3)
         except triton.runtime.errors.OutOfResources:
             print(f"{name:8} {config}: out of resources")
             continue
@@ -57,15 +57,15 @@ def main(argv=None):
     weights, means, var, shift = starting_params(x, args.k, args.covariance_type, gen)
     params = kernels.kernel_weights(kernels.natural_params(weights, means, var), args.precision, "cuda")
     shift = shift.float()
-    lz, _ = log_norm(x, shift, params, args.precision, kernels.default_configs(args.d)[0])
+    defaults = kernels.default_configs(args.d, args.covariance_type == "diag")
+    lz, _ = log_norm(x, shift, params, args.precision, defaults[0])
     passes = args.passes.split(",")
-    defaults = kernels.default_configs(args.d)
-    first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c)) if "pass 1" in passes \
-        else (float("nan"), defaults[0])
-    # Pass 2 must tile D as pass 1 does (kernels.estep explains why).
-    SPACES["pass 2"]["block_d"] = (first[1].block_d,)
+    block_d = defaults[0].block_d
+    first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c), block_d) \
+        if "pass 1" in passes else (float("nan"), defaults[0])
     second = sweep("pass 2", lambda c: stats(x, shift, params, lz, _default_split(args.k, args.d, c, x.device),
-                                             args.precision, c)) if "pass 2" in passes else (float("nan"), defaults[1])
+                                             args.precision, c), block_d) \
+        if "pass 2" in passes else (float("nan"), defaults[1])
     result = {"n": args.n, "k": args.k, "d": args.d, "covariance_type": args.covariance_type,
               "precision": args.precision, "pass1": first[1]._asdict(), "pass1_ms": first[0],
               "pass2": second[1]._asdict(), "pass2_ms": second[0]}

@@ -102,8 +102,8 @@ def split_offset(params: NaturalParams) -> tuple[NaturalParams, float]:
 
 
 class KernelWeights(NamedTuple):
-    """What the Triton kernels read: weight matrices transposed to (D, K), so a tile's
-    components are contiguous, and split as hi + lo bfloat16 values for ``bf16x3``
+    """What the Triton kernels read: (K, D) weight matrices, the left operand of the
+    (K, N) log-density tiles, split as hi + lo bfloat16 values for ``bf16x3``
     (for the other precisions ``*_lo`` is ``*_hi``, the float32 matrix).
 
     For spherical models ``quad_hi`` is the (K,) vector and ``quad_lo`` repeats it.
@@ -134,7 +134,7 @@ def kernel_weights(params: NaturalParams, precision: str, device) -> KernelWeigh
     piece = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def layout(w):
-        w = (w.T if w.dim() == 2 else w).to(device).contiguous()
+        w = w.to(device).contiguous()
         if precision != "bf16x3" or w.dim() == 1:
             w = w.to(torch.float32)
             return w, w

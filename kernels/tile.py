@@ -1,5 +1,14 @@
 """Device functions shared by the two E-step kernels (no kernel lives here).
 
+Both passes work on *transposed* log-density tiles, (BLOCK_K components, BLOCK_N
+rows), the orientation of flash attention: in pass 2 the responsibilities r are
+then the left operand of ``r @ x`` straight from registers, as attention's P is
+in ``P @ V``, and the rows of x are loaded and split once per tile and serve
+both products (``W @ x^T`` for the log-densities, ``r @ x`` for the statistics).
+Pass 1 uses the same functions so its log Z has exactly pass 2's rounding; it may take
+the tiles the other way round, (BLOCK_N, BLOCK_K) (``ROWS_FIRST``), adding the same
+products in the same order.
+
 ``PRECISION`` selects how float32 tiles meet the tensor cores:
 
 * ``"ieee"``: plain float32 FMAs, exact to float32 round-off, slowest;
@@ -29,85 +38,135 @@ def _round_bf16(a):
 
 
 @triton.jit
-def _split(a, SPLIT_DTYPE: tl.constexpr):
-    hi = _round_bf16(a)
-    return hi.to(SPLIT_DTYPE), _round_bf16(a - hi).to(SPLIT_DTYPE)
+def split(a, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+    """Operands (hi, lo) of a float32 tile: its bfloat16 pieces for bf16x3, else (a, a).
 
-
-@triton.jit
-def dot_presplit(a, b_hi, b_lo, acc, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
-    """acc + a @ b for a float32 tile ``a`` and ``b`` already split as b_hi + b_lo (bf16x3),
-    or ``b_hi`` = b itself for the other precisions.
-
-    SPLIT_DTYPE is the type the bf16x3 pieces reach the tensor cores in:
-    bfloat16 on a GPU (lossless, they are bfloat16 values), float32 under the
-    interpreter.
+    SPLIT_DTYPE is the type the pieces reach the tensor cores in: bfloat16 on a GPU
+    (lossless, they are bfloat16 values), float32 under the interpreter.
     """
     if PRECISION == "bf16x3":
-        a_hi, a_lo = _split(a, SPLIT_DTYPE)
-        # Small terms first, so the large one lands on an accumulator that already holds them.
-        acc = tl.dot(a_lo, b_hi, acc)
-        acc = tl.dot(a_hi, b_lo, acc)
+        hi = _round_bf16(a)
+        return hi.to(SPLIT_DTYPE), _round_bf16(a - hi).to(SPLIT_DTYPE)
+    else:
+        return a, a
+
+
+@triton.jit
+def dot_split(a_hi, a_lo, b_hi, b_lo, acc, PRECISION: tl.constexpr, B_LO_FIRST: tl.constexpr = False):
+    """acc + a @ b for operands split by ``split`` (``*_lo`` unused unless bf16x3).
+
+    The small terms go first, so the large one lands on an accumulator that already holds
+    them; B_LO_FIRST adds a_hi @ b_lo before a_lo @ b_hi, so that b^T @ a^T rounds exactly
+    as a @ b does in the default order.
+    """
+    if PRECISION == "bf16x3":
+        if B_LO_FIRST:
+            acc = tl.dot(a_hi, b_lo, acc)
+            acc = tl.dot(a_lo, b_hi, acc)
+        else:
+            acc = tl.dot(a_lo, b_hi, acc)
+            acc = tl.dot(a_hi, b_lo, acc)
         acc = tl.dot(a_hi, b_hi, acc)
     else:
-        acc = tl.dot(a, b_hi, acc, input_precision=PRECISION)
+        acc = tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def dot(a, b, acc, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
-    """acc + a @ b for two float32 tiles, at the requested precision."""
-    if PRECISION == "bf16x3":
-        b_hi, b_lo = _split(b, SPLIT_DTYPE)
-        acc = dot_presplit(a, b_hi, b_lo, acc, PRECISION, SPLIT_DTYPE)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols):
-    """Rows of x minus the shift, as float32; zero outside the matrix."""
+def row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
+                 DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of rows minus the shift, zero outside the matrix, split for
+    the tensor cores: (x_hi, x_lo, xx_hi, xx_lo, sq_norm), xx = x * x (diagonal models
+    only; spherical ones get x again, unused) and sq_norm the tile's sum of x * x per row.
+    """
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-    return tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+    x = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+    xx = x * x
+    x_hi, x_lo = split(x, PRECISION, SPLIT_DTYPE)
+    if DIAGONAL:
+        xx_hi, xx_lo = split(xx, PRECISION, SPLIT_DTYPE)
+    else:
+        xx_hi, xx_lo = x_hi, x_lo
+    return x_hi, x_lo, xx_hi, xx_lo, tl.sum(xx, axis=1)
 
 
 @triton.jit
-def weighted_log_prob(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
+def _weights_dot(w_hi_ptr, w_lo_ptr, w_offs, w_mask, x_hi, x_lo, acc, PRECISION: tl.constexpr,
+                 ROWS_FIRST: tl.constexpr):
+    w_hi = tl.load(w_hi_ptr + w_offs, mask=w_mask, other=0.0)
+    w_lo = tl.load(w_lo_ptr + w_offs, mask=w_mask, other=0.0)
+    if ROWS_FIRST:
+        return dot_split(x_hi, x_lo, tl.trans(w_hi), tl.trans(w_lo), acc, PRECISION, True)
+    else:
+        return dot_split(w_hi, w_lo, tl.trans(x_hi), tl.trans(x_lo), acc, PRECISION)
+
+
+@triton.jit
+def log_prob_part(lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, comps, comp_mask, cols, n_cols,
+                  x_hi, x_lo, xx_hi, xx_lo, DIAGONAL: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """Contribution of one feature tile to the log-densities, in a fresh accumulator: round-off
+    grows with the size of the partial sums, and with D ~ 1000 a single running sum costs a
+    decimal digit.
+
+    The tile is (BLOCK_K, BLOCK_N), or (BLOCK_N, BLOCK_K) with ROWS_FIRST (pass 1's choice:
+    its log-sum-exp then reduces within threads); both orientations add the same products
+    in the same order. The weights are (K, D) matrices split by the launcher (see
+    ``kernels.params``).
+    """
+    w_mask = comp_mask[:, None] & (cols[None, :] < n_cols)
+    w_offs = comps[:, None] * n_cols + cols[None, :]
+    if ROWS_FIRST:
+        part = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        part = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    part = _weights_dot(lin_hi_ptr, lin_lo_ptr, w_offs, w_mask, x_hi, x_lo, part, PRECISION, ROWS_FIRST)
+    if DIAGONAL:
+        part = _weights_dot(quad_hi_ptr, quad_lo_ptr, w_offs, w_mask, xx_hi, xx_lo, part, PRECISION, ROWS_FIRST)
+    return part
+
+
+@triton.jit
+def finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL: tl.constexpr,
+                    ROWS_FIRST: tl.constexpr):
+    """Add the per-component constants (and the spherical rank-one |x|^2 term, kept exact
+    in float32) to summed feature tiles: log pi_k + log N(x_n | k), -inf for padded components."""
+    const = tl.load(const_ptr + comps, mask=comp_mask, other=float("-inf"))
+    if not DIAGONAL:
+        quad = tl.load(quad_ptr + comps, mask=comp_mask, other=0.0)
+        if ROWS_FIRST:
+            ll += sq_norm[:, None] * quad[None, :]
+        else:
+            ll += quad[:, None] * sq_norm[None, :]
+    if ROWS_FIRST:
+        return ll + const[None, :]
+    else:
+        return ll + const[:, None]
+
+
+@triton.jit
+def log_prob_streamed(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, const_ptr,
                       rows, row_mask, comps, n_comps, n_cols,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) tile of log pi_k + log N(x_n | k); -inf for padded components.
-
-    The weights are (D, K) matrices, split by the launcher (see ``kernels.estep``); for
-    spherical models ``quad_hi_ptr`` is the (K,) vector. Also returns |x_n - shift|^2.
-    """
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr,
+                      ROWS_FIRST: tl.constexpr):
+    """Log-densities (oriented as ``log_prob_part``'s) when D spans several feature tiles,
+    re-reading the rows tile by tile; also returns |x_n - shift|^2. (When D fits one tile
+    the kernels load the rows once and call ``log_prob_part`` and ``finish_log_prob``.)"""
     comp_mask = comps < n_comps
-    ll = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if ROWS_FIRST:
+        ll = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        ll = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     sq_norm = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, n_cols, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
-        w_mask = (cols[:, None] < n_cols) & comp_mask[None, :]
-        w_offs = cols[:, None] * n_comps + comps[None, :]
-        # Each D tile sums into a fresh accumulator, then joins the running total:
-        # round-off grows with the size of the partial sums, and with D ~ 1000 a
-        # single running sum costs a decimal digit.
-        part = dot_presplit(x, tl.load(lin_hi_ptr + w_offs, mask=w_mask, other=0.0),
-                            tl.load(lin_lo_ptr + w_offs, mask=w_mask, other=0.0),
-                            tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), PRECISION, SPLIT_DTYPE)
-        if DIAGONAL:
-            part = dot_presplit(x * x, tl.load(quad_hi_ptr + w_offs, mask=w_mask, other=0.0),
-                                tl.load(quad_lo_ptr + w_offs, mask=w_mask, other=0.0),
-                                part, PRECISION, SPLIT_DTYPE)
-        ll += part
-        sq_norm += tl.sum(x * x, axis=1)
-    if not DIAGONAL:
-        # Spherical: the |x|^2 term is rank one, so it stays exact float32.
-        quad = tl.load(quad_hi_ptr + comps, mask=comp_mask, other=0.0)
-        ll += sq_norm[:, None] * quad[None, :]
-    const = tl.load(const_ptr + comps, mask=comp_mask, other=float("-inf"))
-    return ll + const[None, :], sq_norm
+        x_hi, x_lo, xx_hi, xx_lo, sq = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
+                                                    DIAGONAL, PRECISION, SPLIT_DTYPE)
+        ll += log_prob_part(lin_hi_ptr, lin_lo_ptr, quad_hi_ptr, quad_lo_ptr, comps, comp_mask, cols, n_cols,
+                            x_hi, x_lo, xx_hi, xx_lo, DIAGONAL, BLOCK_K, BLOCK_N, PRECISION, ROWS_FIRST)
+        sq_norm += sq
+    return finish_log_prob(ll, sq_norm, quad_hi_ptr, const_ptr, comps, comp_mask, DIAGONAL, ROWS_FIRST), sq_norm
