@@ -57,7 +57,7 @@ def main(argv=None):
     weights, means, var, shift = starting_params(x, args.k, args.covariance_type, gen)
     params = kernels.kernel_weights(kernels.natural_params(weights, means, var), args.precision, "cuda")
     shift = shift.float()
-    defaults = kernels.default_configs(args.d, args.covariance_type == "diag")
+    defaults = kernels.default_configs(args.d, args.covariance_type == "diag", args.precision)
     lz, _ = log_norm(x, shift, params, args.precision, defaults[0])
     passes = args.passes.split(",")
     block_d = defaults[0].block_d

@@ -1,12 +1,17 @@
 """Re-iterable blocks of rows, so one EM code path serves arrays, memmaps, h5py and generators.
 
-EM reads the data once per iteration; only one block of ``chunk_size`` rows is
-ever in memory (or on the GPU) at a time, so N may exceed both.
+EM reads the data once per iteration; only a few blocks of ``chunk_size`` rows are
+ever in memory (or on the GPU) at a time, so N may exceed both. On CUDA,
+:func:`device_blocks` streams them through pinned host buffers, overlapping the
+disk read and the host-to-device copy of the next block with the compute on this one.
 """
 from __future__ import annotations
 
 import inspect
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -87,6 +92,19 @@ def _count_nonfinite(block) -> int:
     return int((~np.isfinite(np.asarray(block)).all(axis=1)).sum())
 
 
+# Block dtypes that travel to the device as they are: uint8/int8 stay compact (the kernels
+# widen them), float64 stays exact; anything else becomes float32.
+_KEPT_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8,
+                np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+# Blocks read ahead (pinned buffers) and blocks handed out whose compute may still run:
+# one being read, one being copied, one being computed on.
+PREFETCH_DEPTH = 3
+# Threads copying rows (from the page cache or the disk) into pinned memory: one thread's
+# memcpy out of a memmap runs at a few GB/s, less than a fast E-step consumes; half the
+# cores, at most 4, leave the rest to the caller.
+READER_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def to_tensor(block, device: torch.device) -> torch.Tensor:
     """A block on ``device``: uint8/int8 stay compact (the kernels widen them), float64 stays exact,
     anything else becomes float32."""
@@ -95,6 +113,108 @@ def to_tensor(block, device: torch.device) -> torch.Tensor:
         # torch wants writable memory; a read-only memmap chunk is copied (one chunk, not the data set).
         block = torch.from_numpy(block if block.flags.writeable else block.copy())
     t = block
-    if t.dtype not in (torch.uint8, torch.int8, torch.float32, torch.float64):
+    if t.dtype not in _KEPT_DTYPES.values():
         t = t.to(torch.float32)
     return t.to(device, non_blocking=True)
+
+
+def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFETCH_DEPTH,
+                  readers: int = READER_THREADS) -> Iterator[tuple[int, torch.Tensor]]:
+    """Blocks ``(offset, tensor)`` of ``source`` moved to ``device`` (as :func:`to_tensor`).
+
+    On CUDA, numpy blocks (arrays, memmaps, h5py reads) are copied by ``readers`` background
+    threads into ``depth`` pinned host buffers and from there to the GPU on a side stream;
+    the compute stream waits on each copy's event only. Reading and copying the next blocks
+    thus overlap the compute on this one, and at most ``depth`` blocks handed out may still
+    be in use on the GPU (the generator waits for the oldest before reading further), so
+    device memory stays O(depth * chunk_size * D). torch tensors are moved as they are.
+    Elsewhere (CPU) this is ``to_tensor`` of each block, in the caller's thread.
+
+    Every tensor is a fresh allocation: the consumer may keep it past the next block.
+
+    Parameters
+    ----------
+    source : iterable of ``(offset, block)``, e.g. a :class:`ChunkSource`
+    device : torch.device
+    depth : int, blocks read ahead and blocks in flight on the GPU
+    readers : int, threads filling the pinned buffers
+
+    Yields
+    ------
+    offset : int
+    x : Tensor on ``device``
+    """
+    if device.type != "cuda":
+        return ((offset, to_tensor(block, device)) for offset, block in source)
+    return _pinned_blocks(source, device, depth, readers)
+
+
+class _PinnedSlot:
+    """A pinned host buffer and the event of the last host-to-device copy out of it."""
+
+    __slots__ = ("copied", "host")
+
+    def __init__(self):
+        self.host = None
+        self.copied = None
+
+    def fill(self, block: np.ndarray) -> torch.Tensor:
+        """Copy ``block`` into the buffer (growing it as needed) once its last copy is done; return the view."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        dtype = _KEPT_DTYPES.get(block.dtype, torch.float32)
+        n, d = block.shape
+        if self.host is None or self.host.dtype != dtype or self.host.shape[1] != d or self.host.shape[0] < n:
+            # torch's caching host allocator recycles these between EM passes.
+            self.host = torch.empty((n, d), dtype=dtype, pin_memory=True)
+        view = self.host[:n]
+        # The dtype conversion to_tensor would do ('unsafe' as torch's .to), fused with the read.
+        np.copyto(view.numpy(), block, casting="unsafe")
+        return view
+
+
+def _pinned_blocks(source, device, depth, readers):
+    compute = torch.cuda.current_stream(device)
+    copier = torch.cuda.Stream(device)
+    slots = [_PinnedSlot() for _ in range(depth)]
+    blocks = iter(source)
+    # Read ahead in order: (offset, slot, future of its filled view) or (offset, None, tensor).
+    pending = deque()
+    in_use = deque()
+    filled = 0
+    with ThreadPoolExecutor(readers, thread_name_prefix="flashgmm-read") as pool:
+        def read_ahead():
+            nonlocal filled
+            while len(pending) < depth and (item := next(blocks, None)) is not None:
+                offset, block = item
+                if isinstance(block, torch.Tensor):
+                    pending.append((offset, None, block))
+                    continue
+                # A slot comes round again only after its previous block's copy was queued
+                # (popped below); fill() then waits for that copy to finish.
+                slot = slots[filled % depth]
+                filled += 1
+                pending.append((offset, slot, pool.submit(slot.fill, block)))
+
+        read_ahead()
+        while pending:
+            offset, slot, item = pending.popleft()
+            if slot is None:
+                x = to_tensor(item, device)
+            else:
+                host = item.result()
+                with torch.cuda.stream(copier):
+                    x = torch.empty(host.shape, dtype=host.dtype, device=device)
+                    x.copy_(host, non_blocking=True)
+                    slot.copied = torch.cuda.Event()
+                    slot.copied.record(copier)
+                compute.wait_event(slot.copied)
+                # x was allocated on the copy stream: keep its memory until the compute is done.
+                x.record_stream(compute)
+            read_ahead()
+            yield offset, x
+            done = torch.cuda.Event()
+            done.record(compute)
+            in_use.append(done)
+            if len(in_use) >= depth:
+                in_use.popleft().synchronize()

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import kernels
-from ._chunks import ChunkSource, to_tensor
+from ._chunks import ChunkSource, device_blocks
 from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
 from ._mstep import COVARIANCE_TYPES, kernel_params, m_step, n_parameters, precisions_cholesky
 from ._validation import check_choice, check_nonnegative_float, check_positive_int
@@ -66,7 +66,10 @@ class GaussianMixture:
         'auto' is CUDA when available. On CUDA, float32 diag/spherical models use the
         Triton kernels; everything else uses the torch reference on that device.
     chunk_size : int, default=262144
-        Rows per block moved to the device: memory use is O(chunk_size * K) at most.
+        Rows per block moved to the device: memory use is O(chunk_size * K) at most. On CUDA,
+        numpy data (memmaps, h5py) is streamed through pinned host buffers, the next blocks'
+        reads and host-to-device copies overlapping the compute on this one
+        (``_chunks.device_blocks``: a few blocks in flight, whatever N is).
     compute_dtype : {'float32', 'float64'}, default='float32'
         Arithmetic of the E-step. Statistics are always summed, and the M-step done, in float64.
     precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32'}, default='bf16x3'
@@ -335,8 +338,7 @@ class GaussianMixture:
         nearest = kernels.natural_params(torch.ones(k, dtype=torch.float64, device=device) / k, seeds_c,
                                          torch.ones(k, dtype=torch.float64, device=device))
         acc = _zero_stats(k, d, self.covariance_type, device)
-        for _, block in self._blocks(source, "init"):
-            x = to_tensor(block, device)
+        for _, x in self._blocks(source, device, "init"):
             labels = self._best_components(x, nearest, shift)
             xc = x.to(torch.float64) - shift
             acc.nk.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
@@ -354,18 +356,18 @@ class GaussianMixture:
         k, d = state.means.shape
         params = self._kernel_params(state, device)
         acc = _zero_stats(k, d, self.covariance_type, device)
-        log_lik = 0.0
+        # Summed on the device: a host read per block would stall the stream of blocks.
+        log_lik = torch.zeros((), dtype=torch.float64, device=device)
         worst_ll = torch.empty(0, dtype=torch.float64, device=device)
         worst_rows = torch.empty(0, d, dtype=torch.float64, device=device)
         worst_at = torch.empty(0, dtype=torch.int64, device=device)
         if self._truncation is not None:
             self._truncation.begin_pass(state.means + state.shift)
-        for offset, block in self._blocks(source, "E-step"):
-            x = to_tensor(block, device)
+        for offset, x in self._blocks(source, device, "E-step"):
             res = self._estep_block(x, params, state.shift, offset)
             for total, part in zip(acc[1:], res[1:]):
                 total += part
-            log_lik += float(res.log_norm.sum(dtype=torch.float64))
+            log_lik += res.log_norm.sum(dtype=torch.float64)
             m = min(RESEED_CANDIDATES, x.shape[0])
             low = torch.topk(res.log_norm.to(torch.float64), m, largest=False).indices
             worst_ll = torch.cat([worst_ll, res.log_norm[low].to(torch.float64)])
@@ -376,7 +378,7 @@ class GaussianMixture:
         order = torch.argsort(worst_ll)
         if self._truncation is not None:
             self._truncation.worst_rows = worst_at[order]
-        return acc, log_lik, worst_rows[order]
+        return acc, float(log_lik), worst_rows[order]
 
     def _m_step(self, stats, worst_rows, state, n):
         weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
@@ -426,8 +428,10 @@ class GaussianMixture:
             out.append(kernels.reference.weighted_log_prob(x[start:start + rows], params, shift, dtype=dtype))
         return torch.cat(out)
 
-    def _blocks(self, source, what):
-        return tqdm(source, desc=what, disable=self.verbose < 2, leave=False, unit="chunk")
+    def _blocks(self, source, device, what):
+        """``(offset, x)`` over the source, x on ``device`` (pinned and prefetched on CUDA, see
+        ``_chunks.device_blocks``), with a progress bar at verbose >= 2."""
+        return tqdm(device_blocks(source, device), desc=what, disable=self.verbose < 2, leave=False, unit="chunk")
 
     # ------------------------------------------------------------------ state <-> attributes
     def _set_state(self, state):
@@ -466,8 +470,8 @@ class GaussianMixture:
         source.n_features = self.means_.shape[1]
         if source.validate() == 0:
             raise ValueError("X has 0 samples; at least one is required")
-        for offset, block in source:
-            yield offset, to_tensor(block, device), params, state.shift
+        for offset, x in device_blocks(source, device):
+            yield offset, x, params, state.shift
 
     def _scan(self, X, per_block):
         """Apply ``per_block(x, params, shift)`` over the blocks of X; concatenate on the host."""

@@ -49,14 +49,18 @@ class LaunchConfig(NamedTuple):
     rows_first: bool = False  # pass 1 only: (rows, components) tiles (see kernels.log_norm)
 
 
-def default_configs(n_features: int, diagonal: bool = True) -> tuple[LaunchConfig, LaunchConfig]:
+def default_configs(n_features: int, diagonal: bool = True,
+                    precision: str = "bf16x3") -> tuple[LaunchConfig, LaunchConfig]:
     """(pass 1, pass 2) settings, tuned on an H100 at N=1M, K=1024, D=128 (eval/tune_estep.py).
 
     Up to D = 128 one feature tile holds a whole row, so the rows are loaded and split once
     per row tile; beyond, 64-wide tiles keep the float32 partial sums short. Both passes must
-    share BLOCK_D (see ``estep``).
+    share BLOCK_D (see ``estep``). The float32-operand precisions get half-size tiles: their
+    operands take twice the shared memory of bf16x3's pieces.
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
+    if precision != "bf16x3":
+        return LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
     if diagonal:
         return LaunchConfig(128, 128, block_d, 8, 1, True), LaunchConfig(64, 128, block_d, 8, 2)
     return LaunchConfig(128, 64, block_d, 8, 1, True), LaunchConfig(128, 128, block_d, 8, 1)
@@ -77,7 +81,7 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     best : int32 Tensor of shape (n,)
     """
     x, weights, shift, offset = _prepare(x, params, shift, precision)
-    config = config or default_configs(x.shape[1], weights.diagonal)[0]
+    config = config or default_configs(x.shape[1], weights.diagonal, precision)[0]
     lz, best = _launch_log_norm(x, shift, weights, precision, config)
     return lz.double() + offset, best
 
@@ -120,7 +124,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
         s2_shape = (k, d) if weights.diagonal else (k,)
         return EStepResult(torch.empty(0, **f64),
                            torch.zeros(k, **f64), torch.zeros(k, d, **f64), torch.zeros(s2_shape, **f64))
-    first, second = configs or default_configs(d, weights.diagonal)
+    first, second = configs or default_configs(d, weights.diagonal, precision)
     if first.block_d != second.block_d:
         # r = exp(ll - log Z) sums to one only if pass 2 recomputes ll with pass 1's rounding:
         # a different D tiling groups the float32 sums differently (measured: 1.5e-4 error in N_k).

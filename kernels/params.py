@@ -88,17 +88,22 @@ def natural_params(weights, means, variances) -> NaturalParams:
     return NaturalParams(quad, lin, const)
 
 
-def split_offset(params: NaturalParams) -> tuple[NaturalParams, float]:
+def split_offset(params: NaturalParams) -> tuple[NaturalParams, torch.Tensor]:
     """Move the largest finite constant out of ``params``: (params with const - c, c).
 
     log pi_k + log N(x | k) is dominated by the -D/2 log(2 pi var) volume term
     (thousands of nats for raw data in high D); carried through float32 it costs
     ~1e-4 nats of every log-density. Kernels work on the remainder and callers add
     ``c`` back to log Z in float64; responsibilities do not change.
+
+    ``c`` is a 0-dim tensor on the parameters' device (0 if no constant is finite):
+    reading it back as a number would stall the GPU once per block of rows.
     """
-    finite = params.const[torch.isfinite(params.const)]
-    offset = float(finite.max()) if finite.numel() else 0.0
-    return params._replace(const=params.const - offset), offset
+    const = params.const
+    finite = torch.isfinite(const)
+    offset = torch.where(finite, const, float("-inf")).amax()
+    offset = torch.where(finite.any(), offset, torch.zeros_like(offset))
+    return params._replace(const=const - offset), offset
 
 
 class KernelWeights(NamedTuple):

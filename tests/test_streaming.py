@@ -1,0 +1,110 @@
+"""Streaming blocks to the device: pinned, prefetched copies on CUDA, plain ``to_tensor`` on CPU."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from flashgmm_ivf import GaussianMixture
+from flashgmm_ivf._chunks import ChunkSource, device_blocks, to_tensor
+
+CONVERSIONS = {
+    "uint8": lambda x: x,
+    "float16": lambda x: x.astype(np.float16),
+    "float64": lambda x: x.astype(np.float64),
+    "int64": lambda x: x.astype(np.int64),
+    "strided": lambda x: np.repeat(x, 2, axis=1)[:, ::2],
+    "torch": lambda x: torch.from_numpy(x.astype(np.float32)),
+}
+
+
+def rows(n=1000, d=12, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, d), dtype=np.uint8)
+
+
+def memmap_of(x, tmp_path):
+    np.save(tmp_path / "x.npy", x)
+    return np.load(tmp_path / "x.npy", mmap_mode="r")
+
+
+def assert_same_blocks(data, device, chunk_size=97):
+    source = ChunkSource(data, chunk_size)
+    got = list(device_blocks(source, device))
+    want = [(offset, to_tensor(block, "cpu")) for offset, block in source]
+    assert [o for o, _ in got] == [o for o, _ in want]
+    for (_, g), (_, w) in zip(got, want):
+        assert g.device.type == device.type and g.dtype == w.dtype
+        assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize("convert", list(CONVERSIONS.values()), ids=list(CONVERSIONS))
+def test_cpu_blocks_are_plain_to_tensor(convert):
+    assert_same_blocks(convert(rows()), torch.device("cpu"))
+
+
+def test_cpu_blocks_from_memmap_and_generator(tmp_path):
+    x = rows()
+    assert_same_blocks(memmap_of(x, tmp_path), torch.device("cpu"))
+    assert_same_blocks(lambda: (x[i:i + 301] for i in range(0, len(x), 301)), torch.device("cpu"))
+
+
+def test_cpu_memmap_fit_matches_in_memory_fit(tmp_path):
+    x = rows(2000, 8)
+    fit = {"max_iter": 4, "tol": 0.0, "random_state": 0, "device": "cpu", "chunk_size": 300}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = GaussianMixture(5, **fit).fit(x)
+        got = GaussianMixture(5, **fit).fit(memmap_of(x, tmp_path))
+    np.testing.assert_array_equal(got.means_, ref.means_)
+    assert got.lower_bounds_ == ref.lower_bounds_
+
+
+# ---------------------------------------------------------------- CUDA: pinned buffers, side stream
+@pytest.mark.gpu
+@pytest.mark.parametrize("convert", list(CONVERSIONS.values()), ids=list(CONVERSIONS))
+def test_pinned_blocks_equal_to_tensor(convert, tmp_path):
+    x = convert(rows(5000, 33))
+    assert_same_blocks(x, torch.device("cuda"), chunk_size=700)
+    if isinstance(x, np.ndarray):
+        assert_same_blocks(memmap_of(np.ascontiguousarray(x), tmp_path), torch.device("cuda"), chunk_size=700)
+
+
+@pytest.mark.gpu
+def test_pinned_blocks_survive_kept_references_and_early_stop():
+    x = rows(10000, 16)
+    kept = []
+    for i, (offset, block) in enumerate(device_blocks(ChunkSource(x, 512), torch.device("cuda"), depth=2)):
+        kept.append((offset, block * 1))   # the consumer's compute, queued on the current stream
+        kept.append((offset, block))       # and the block itself, kept past the next one
+        if i == 10:
+            break
+    torch.cuda.synchronize()
+    for offset, block in kept:
+        np.testing.assert_array_equal(block.cpu().numpy(), x[offset:offset + len(block)])
+
+
+@pytest.mark.gpu
+def test_pinned_streaming_keeps_device_memory_bounded(tmp_path):
+    x = memmap_of(rows(200_000, 64), tmp_path)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.zeros((), dtype=torch.float64, device="cuda")
+    for _, block in device_blocks(ChunkSource(x, 8192), torch.device("cuda"), depth=3):
+        total += block.double().sum()
+    torch.cuda.synchronize()
+    assert float(total) == float(x.sum(dtype=np.float64))
+    # float64 temporaries of 2 blocks plus 4 blocks of uint8, far below the 25 blocks of the data.
+    assert torch.cuda.max_memory_allocated() - base < 8 * 8192 * 64 * 8
+
+
+@pytest.mark.gpu
+def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path):
+    x = rows(50_000, 32)
+    fit = {"max_iter": 5, "tol": 0.0, "random_state": 0, "device": "cuda", "chunk_size": 4096}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = GaussianMixture(16, **fit).fit(torch.from_numpy(x).cuda())
+        got = GaussianMixture(16, **fit).fit(memmap_of(x, tmp_path))
+    np.testing.assert_array_equal(got.means_, ref.means_)
+    assert got.lower_bounds_ == ref.lower_bounds_
