@@ -72,9 +72,9 @@ class GaussianMixture:
         (``_chunks.device_blocks``: a few blocks in flight, whatever N is).
     compute_dtype : {'float32', 'float64'}, default='float32'
         Arithmetic of the E-step. Statistics are always summed, and the M-step done, in float64.
-    precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32'}, default='bf16x3'
+    precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16'}, default='bf16x3'
         Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
-        is fast and loose (~1e-3 relative) and opt-in only.
+        and 'bf16' are fast and loose (~1e-3 relative in the statistics) and opt-in only.
     estep : {'auto', 'dense', 'truncated'}, default='auto'
         'dense' evaluates every row against all K components. 'truncated' is truncated
         variational EM (``flashgmm_ivf.kernels.truncated``): each row keeps its

@@ -11,7 +11,7 @@ from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
 from .stats import stats as _launch_stats
 
-PRECISIONS = ("bf16x3", "tf32x3", "ieee", "tf32")
+PRECISIONS = ("bf16x3", "tf32x3", "ieee", "tf32", "bf16")
 # Partial statistics of the row splits stay under this many bytes (the N=10M
 # memory bar is "input + 64 MB").
 PARTIALS_BUDGET = 32 << 20
@@ -59,7 +59,7 @@ def default_configs(n_features: int, diagonal: bool = True,
     operands take twice the shared memory of bf16x3's pieces.
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
-    if precision != "bf16x3":
+    if precision not in ("bf16x3", "bf16"):
         return LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
     if diagonal:
         return LaunchConfig(128, 128, block_d, 8, 1, True), LaunchConfig(64, 128, block_d, 8, 2)

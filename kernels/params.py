@@ -108,8 +108,9 @@ def split_offset(params: NaturalParams) -> tuple[NaturalParams, torch.Tensor]:
 
 class KernelWeights(NamedTuple):
     """What the Triton kernels read: (K, D) weight matrices, the left operand of the
-    (K, N) log-density tiles, split as hi + lo bfloat16 values for ``bf16x3``
-    (for the other precisions ``*_lo`` is ``*_hi``, the float32 matrix).
+    (K, N) log-density tiles, split as hi + lo bfloat16 values for ``bf16x3``,
+    rounded to bfloat16 for ``bf16`` (``*_lo`` repeats ``*_hi``); for the other
+    precisions ``*_lo`` is ``*_hi``, the float32 matrix.
 
     For spherical models ``quad_hi`` is the (K,) vector and ``quad_lo`` repeats it.
     """
@@ -140,11 +141,11 @@ def kernel_weights(params: NaturalParams, precision: str, device) -> KernelWeigh
 
     def layout(w):
         w = w.to(device).contiguous()
-        if precision != "bf16x3" or w.dim() == 1:
+        if precision not in ("bf16x3", "bf16") or w.dim() == 1:
             w = w.to(torch.float32)
             return w, w
         hi = w.to(torch.bfloat16)
-        lo = (w - hi.to(w.dtype)).to(torch.bfloat16)
+        lo = (w - hi.to(w.dtype)).to(torch.bfloat16) if precision == "bf16x3" else hi
         return hi.to(piece), lo.to(piece)
 
     lin_hi, lin_lo = layout(params.lin)

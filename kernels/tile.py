@@ -15,7 +15,9 @@ products in the same order.
 * ``"tf32x3"``: Triton's three-pass TF32 split, near-float32 accuracy;
 * ``"bf16x3"``: each operand split as hi + lo bfloat16 values and three bf16
   products (hi*hi + hi*lo + lo*hi): ~2^-17 relative per product, float32 accumulate;
-* ``"tf32"``: one TF32 product, fast and loose (~1e-3): opt-in only.
+* ``"tf32"``: one TF32 product, fast and loose (~1e-3): opt-in only;
+* ``"bf16"``: one bfloat16 product of the rounded operands, fastest and loosest
+  (~1e-3 on centred data): opt-in only.
 """
 import triton
 import triton.language as tl
@@ -47,6 +49,9 @@ def split(a, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     if PRECISION == "bf16x3":
         hi = _round_bf16(a)
         return hi.to(SPLIT_DTYPE), _round_bf16(a - hi).to(SPLIT_DTYPE)
+    elif PRECISION == "bf16":
+        hi = _round_bf16(a).to(SPLIT_DTYPE)
+        return hi, hi
     else:
         return a, a
 
@@ -66,6 +71,8 @@ def dot_split(a_hi, a_lo, b_hi, b_lo, acc, PRECISION: tl.constexpr, B_LO_FIRST: 
         else:
             acc = tl.dot(a_lo, b_hi, acc)
             acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_hi, b_hi, acc)
+    elif PRECISION == "bf16":
         acc = tl.dot(a_hi, b_hi, acc)
     else:
         acc = tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
