@@ -398,7 +398,7 @@ class DistributedGaussianMixture(GaussianMixture):
         seeds = self._initial_seeds(source, rng)
         shift = torch.as_tensor(seeds.mean(0), device=device)
         stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift, device)
-        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
+        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar, self._relative_floor())
         if self.weights_init is not None:
             weights = torch.as_tensor(np.asarray(self.weights_init, dtype=np.float64), device=device)
         if self.precisions_init is not None:

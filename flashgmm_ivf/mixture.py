@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from . import kernels
 from ._chunks import ChunkSource, device_blocks
 from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
-from ._mstep import COVARIANCE_TYPES, kernel_params, m_step, n_parameters, precisions_cholesky
+from ._mstep import COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, kernel_params, m_step, n_parameters, precisions_cholesky
 from ._validation import check_choice, check_nonnegative_float, check_positive_int
 from .kernels import EStepResult
 from .kernels.truncated import TruncatedEStep
@@ -45,7 +45,10 @@ class GaussianMixture:
     tol : float, default=1e-3
         EM stops when the lower bound (mean log-likelihood per sample) changes by less.
     reg_covar : float, default=1e-6
-        Added to every variance: the floor that keeps collapsed components finite.
+        Added to every variance: the floor that keeps collapsed components finite. With
+        ``compute_dtype='float32'`` diagonal and spherical variances are also kept above
+        1e-4 times the data's mean squared deviation per feature, the smallest variance
+        float32 log-densities resolve on raw-scale data (see ``_mstep.FLOAT32_RELATIVE_FLOOR``).
     max_iter : int, default=100
     n_init : int, default=1
         Initialisations tried; the one with the highest lower bound is kept.
@@ -322,7 +325,7 @@ class GaussianMixture:
         # would be thrown away: skip it.
         if any(given is None for given in (self.weights_init, self.means_init, self.precisions_init)):
             stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift, device)
-            weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
+            weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar, self._relative_floor())
         if self.weights_init is not None:
             weights = torch.as_tensor(np.asarray(self.weights_init, dtype=np.float64), device=device)
         if self.means_init is not None:
@@ -380,8 +383,13 @@ class GaussianMixture:
             self._truncation.worst_rows = worst_at[order]
         return acc, float(log_lik), worst_rows[order]
 
+    def _relative_floor(self) -> float:
+        """Variance floor relative to the data's scale that the E-step's arithmetic needs
+        (``_mstep.FLOAT32_RELATIVE_FLOOR``); none in float64."""
+        return FLOAT32_RELATIVE_FLOOR if self.compute_dtype == "float32" else 0.0
+
     def _m_step(self, stats, worst_rows, state, n):
-        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar)
+        weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar, self._relative_floor())
         empty = torch.nonzero(stats.nk < EMPTY_MASS).flatten()[: worst_rows.shape[0]]
         if empty.numel():
             kept = torch.ones_like(weights, dtype=torch.bool)
