@@ -5,9 +5,11 @@ vectors added to their lists with :func:`flashgmm_ivf.ivf.quantizer.add_assigned
 is searched by the same dedup search (:func:`flashgmm_ivf.ivf.search_dedup`, lists
 probed by distance to their centroid) and is charged the same cost per query: codes
 scanned (``indexIVF_stats.ndis``, copies included) plus K coarse distances (plus
-nprobe true distances when a GMM method probes by posterior).
+nprobe true distances when a GMM method probes by posterior, plus K Gaussian
+log-densities when ``@gap`` runs on a non-spherical GMM: a spherical one's follow from
+the K distances).
 
-Methods are ``<partition>[+<rule>][@posterior]``:
+Methods are ``<partition>[+<rule>][@<probing>]``, or a preset name (``PRESETS``):
 
 - partitions: ``kmeans-niter10`` (FAISS's IVF training default), ``kmeans-niter25``
   (``faiss.Kmeans`` default; alias ``kmeans``), ``gmm-diag`` (alias ``gmm``),
@@ -18,24 +20,36 @@ Methods are ``<partition>[+<rule>][@posterior]``:
   ``soar``, ``rair``; they add copies on top of the partition's primary lists.
 - ``@posterior`` (GMM partitions only): queries probe the nprobe lists of highest GMM
   posterior instead of the nearest means.
+- ``@adaptive`` (any partition; needs learn queries): each query gets its own nprobe
+  from a :class:`flashgmm_ivf.ivf.probing.ProbeTable` calibrated on the learn queries
+  (bins of the coarse-distance spread log(d_32 / d_1)); the knob swept instead of nprobe
+  is the recall@10 asked of the table on the learn queries (``RECALL_KNOBS``).
+- ``@gap`` (GMM partitions only): nearest means first, stop at the first list whose
+  weighted log-likelihood is more than delta nats below the query's best component
+  (:func:`flashgmm_ivf.ivf.probing.gap_nprobe`); the deltas swept are the learn queries'
+  median gaps at ranks 1, 2, 4, ... of the nprobe sweep.
 
 Each method runs at every copies budget it can spend (1.0 for hard k-means; > 1 for
-rules), at nprobe 1, 2, 4, ... (stopping once recall@10 > 0.99). SOAR's and RAIR's
+rules), at nprobe 1, 2, 4, ... or at each knob value of an adaptive rule (stopping once
+recall@10 > 0.99). SOAR's and RAIR's
 lambda are tuned on the set's learn queries (cost to recall@10 = 0.9 at the largest
 budget) when it has some, else left at the published defaults; results are reported
 on the test queries. Angular sets are normalised to unit rows and searched by L2,
 which ranks neighbours as cosine does.
 
-Outputs in ``--out``: ``sweep_<dataset>.csv`` (one row per method x budget x nprobe),
-``.json`` (the rows, the summary, the tuning runs and the environment), ``.png``
-(recall@10 vs distance computations, one panel per budget) and ``.md`` (the summary
-table: distance computations per query to reach recall@10 = 0.8 / 0.9 / 0.95, and the
-ratio to the best k-means method at the same budget).
+Outputs in ``--out`` (``--prefix`` replaces ``sweep``): ``sweep_<dataset>.csv`` (one row
+per method x budget x nprobe or knob), ``.json`` (the rows, the summary, the tuning runs
+and the environment), ``.png`` (recall@10 vs distance computations, one panel per budget)
+and ``.md`` (the summary table: distance computations per query to reach recall@10 =
+0.8 / 0.9 / 0.95, their ratios to fixed-nprobe k-means at the same budget, to FAISS
+k-means IVF at 1 copy, to the best spilling rule and to adaptive k-means at the same
+budget, index bytes and QPS).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -54,12 +68,16 @@ from tqdm import tqdm
 
 from ..datasets import ground_truth, load_dataset
 from ..ivf import GMMIndexIVF, assign_budget, search_dedup, top_components
+from ..ivf.probing import (SPREAD_RANK, ProbeTable, component_scores, distance_spread, gap_nprobe, list_members,
+                           neighbor_depths, ranked_lists, scan_costs, search_adaptive)
 from ..ivf.quantizer import add_assigned, coarse_distances, new_ivf, posterior_lists, set_centroids
+from ..ivf.soft_assign import TopComponents
 from ..ivf.spill import RULES, spill
+from ..mixture import GaussianMixture
 
-__all__ = ["Method", "parse_methods", "load_data", "train_partition", "method_lists", "probe_gmm", "build_index",
-           "sweep_nprobe", "recall_at", "cost_at", "tune_lambda", "summarize", "markdown", "plot", "run",
-           "add_arguments", "main"]
+__all__ = ["Method", "add_arguments", "build_index", "cached_partition", "cost_at", "fit_probe_table", "gap_deltas",
+           "load_data", "main", "markdown", "method_lists", "parse_methods", "plot", "probe_gmm", "recall_at", "run",
+           "summarize", "sweep_adaptive", "sweep_gap", "sweep_method", "sweep_nprobe", "train_partition", "tune_lambda"]
 
 TARGETS = (0.8, 0.9, 0.95)
 RECALL_KS = (1, 10, 100)
@@ -71,6 +89,15 @@ ALL_METHODS = ("kmeans-niter10", "kmeans-niter25", "kmeans+top2", "kmeans+spann"
                "gmm-diag", "gmm-spherical", "gmm+soar")
 # The no-argument run (bundled SIFT sample, < 1 minute on 2 cores).
 QUICK_METHODS = ("kmeans-niter10", "kmeans-niter25", "kmeans+spann", "kmeans+soar", "gmm-diag", "gmm+soar")
+# Issue 6: adaptive probing on every partition, against fixed-nprobe k-means and its spilling rules.
+ADAPTIVE_METHODS = ("kmeans-niter25", "kmeans+top2", "kmeans+spann", "kmeans+soar", "kmeans+rair",
+                    "kmeans@adaptive", "kmeans+soar@adaptive", "gmm-spherical", "gmm-spherical@adaptive",
+                    "gmm-spherical@gap", "gmm-diag@adaptive", "gmm+soar@adaptive", "gmm-spherical+soar@adaptive")
+PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METHODS}
+PROBES = ("centroid", "posterior", "adaptive", "gap")
+GMM_PROBES = ("posterior", "gap")  # need a GMM's densities
+# Recall@10 asked of a ProbeTable on the learn queries: the knob of '@adaptive' curves.
+RECALL_KNOBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
 COPIES = (1.0, 1.3, 1.6, 2.0)
 LAMBDA_DEFAULT = {"soar": 1.0, "rair": 0.5}
 LAMBDA_GRID = {"soar": (0.5, 1.0, 1.5), "rair": (0.5, 0.75, 1.0)}
@@ -90,7 +117,7 @@ class Method:
     def name(self) -> str:
         short = {v: k for k, v in ALIASES.items()}
         name = self.partition if self.rule is None else f"{short.get(self.partition, self.partition)}+{self.rule}"
-        return name + ("@posterior" if self.probe == "posterior" else "")
+        return name + ("" if self.probe == "centroid" else f"@{self.probe}")
 
     @property
     def is_gmm(self) -> bool:
@@ -104,7 +131,9 @@ class Method:
 
 
 def parse_methods(spec) -> list[Method]:
-    """Methods from a comma-separated string or a list of names (see the module docstring)."""
+    """Methods from a comma-separated string, a preset name (``PRESETS``) or a list of names (see the module docstring)."""
+    if isinstance(spec, str) and spec in PRESETS:
+        spec = PRESETS[spec]
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for name in (n.strip() for n in names if n.strip()):
@@ -116,8 +145,11 @@ def parse_methods(spec) -> list[Method]:
                              f"(aliases {ALIASES})")
         if rule and rule not in RULES:
             raise ValueError(f"method {name!r}: unknown spill rule {rule!r}; known: {sorted(RULES)}")
-        if probe not in ("", "posterior") or (probe and not partition.startswith("gmm")):
-            raise ValueError(f"method {name!r}: only GMM partitions take a probing suffix, and it is '@posterior'")
+        if probe and probe not in PROBES[1:]:
+            raise ValueError(f"method {name!r}: unknown probing {probe!r}; known: "
+                             + ", ".join(f"'@{p}'" for p in PROBES[1:]))
+        if probe in GMM_PROBES and not partition.startswith("gmm"):
+            raise ValueError(f"method {name!r}: only GMM partitions take " + " or ".join(f"'@{p}'" for p in GMM_PROBES))
         out.append(Method(partition, rule or None, probe or "centroid"))
     if not out:
         raise ValueError("no methods given")
@@ -138,7 +170,7 @@ class Data:
     info: dict = field(default_factory=dict)
 
 
-def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, seed=1234) -> Data:
+def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, max_learn=None, seed=1234) -> Data:
     """A benchmark set as float32 L2 arrays with recall@100 ground truth.
 
     Parameters
@@ -152,7 +184,9 @@ def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, s
         Use a deterministic random subset of this many base rows (seeded by ``seed``);
         ground truth is then recomputed exactly (cached).
     max_queries : int
-        First rows of the test (and learn) queries used.
+        First rows of the test queries used.
+    max_learn : int, optional
+        First rows of the learn queries used (default: ``max_queries``).
     seed : int
 
     Returns
@@ -184,7 +218,7 @@ def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, s
           else ground_truth(base, test, kmax, "l2"))
     learn = gt_learn = None
     if ds.learn is not None:
-        learn = np.ascontiguousarray(ds.learn[:max_queries], dtype=np.float32)
+        learn = np.ascontiguousarray(ds.learn[:max_queries if max_learn is None else max_learn], dtype=np.float32)
         gt_learn = ground_truth(base, learn, 10, "l2")
     return Data(dataset, base, test, gt.astype(np.int64), learn, gt_learn, info)
 
@@ -264,6 +298,40 @@ def train_partition(partition, base, nlist, *, seed=1234, gmm_iter=15, device="a
                       "reg_covar": float(gmm.reg_covar), "init_params": gmm.init_params})
 
 
+def cached_partition(cache, name, partition, base, nlist, *, seed=1234, gmm_iter=15, device="auto",
+                     verbose=0) -> Partition:
+    """:func:`train_partition`, read from / written to the folder ``cache`` (None: no cache).
+
+    The file name holds the set's name, shape, nlist, partition, seed, EM iterations and a
+    digest of a strided sample of the base, so a changed base never hits a stale entry.
+    A GMM is stored with ``GaussianMixture.save`` beside the arrays (no pickle).
+    """
+    if cache is None:
+        return train_partition(partition, base, nlist, seed=seed, gmm_iter=gmm_iter, device=device, verbose=verbose)
+    n, d = base.shape
+    digest = hashlib.sha256(np.ascontiguousarray(base[:: max(1, n // 4096)]).tobytes()).hexdigest()[:12]
+    em = f"-iter{gmm_iter}" if partition.startswith("gmm") else ""
+    stem = Path(cache) / f"{name}-{n}x{d}-nlist{nlist}-{partition}-seed{seed}{em}-{digest}"
+    arrays, gmm_file = stem.with_suffix(".npz"), stem.with_suffix(".gmm.npz")
+    if arrays.exists():
+        z = np.load(arrays, allow_pickle=False)
+        top = gmm = None
+        if gmm_file.exists():
+            gmm = GaussianMixture.load(gmm_file)
+            top = TopComponents(z["top_labels"], z["top_log_resp"], 1.0, nlist)
+        return Partition(z["centroids"], z["primary"], top, gmm, float(z["train_s"]), float(z["assign_s"]),
+                         json.loads(str(z["info"])))
+    part = train_partition(partition, base, nlist, seed=seed, gmm_iter=gmm_iter, device=device, verbose=verbose)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if part.gmm is not None:
+        part.gmm.save(gmm_file)
+        extra = {"top_labels": part.top.labels, "top_log_resp": part.top.log_resp}
+    np.savez(arrays, centroids=part.centroids, primary=part.primary, train_s=part.train_s, assign_s=part.assign_s,
+             info=json.dumps(part.info), **extra)
+    return part
+
+
 def method_lists(method: Method, part: Partition, base, copies, lam=None):
     """Lists of every base row for one method at one budget.
 
@@ -332,10 +400,10 @@ def sweep_nprobe(index, queries, gt, nprobes, max_dup, *, gmm=None, ks=RECALL_KS
 
     Returns
     -------
-    list of dict with nprobe, recall_at_<k>, ndis_per_query, coarse_per_query,
+    list of dict with nprobe, knob (None), recall_at_<k>, ndis_per_query, coarse_per_query,
     dist_per_query (their sum) and qps (search incl. dedup, wall clock).
     """
-    nq, nlist = queries.shape[0], index.nlist
+    nlist = index.nlist
     curve = []
     for p in nprobes:
         start = time.perf_counter()
@@ -344,24 +412,109 @@ def sweep_nprobe(index, queries, gt, nprobes, max_dup, *, gmm=None, ks=RECALL_KS
             lists = posterior_lists(gmm, queries, p)
             coarse = coarse_distances(index, queries, lists)
         _, I, ndis, _ = search_dedup(index, queries, max(ks), p, max_dup, lists, coarse)
-        seconds = time.perf_counter() - start
-        ncoarse = nlist + (p if gmm is not None else 0)
-        row = {"nprobe": p, **{f"recall_at_{k}": recall_at(I, gt, k) for k in ks},
-               "ndis_per_query": ndis / nq, "coarse_per_query": float(ncoarse),
-               "dist_per_query": ndis / nq + ncoarse, "qps": nq / seconds}
+        row = _point(p, None, I, gt, ks, ndis, nlist + (p if gmm is not None else 0), time.perf_counter() - start)
         curve.append(row)
         if row["recall_at_10"] > stop:
             break
     return curve
 
 
-def cost_at(curve, target, key="recall_at_10"):
-    """Distance computations per query at a recall target, interpolated linearly in log(cost).
+def _point(nprobe, knob, I, gt, ks, ndis, coarse_per_query, seconds):
+    """One row of a curve: recall@k, codes scanned and coarse evaluations per query, QPS."""
+    nq = I.shape[0]
+    return {"nprobe": nprobe, "knob": knob, **{f"recall_at_{k}": recall_at(I, gt, k) for k in ks},
+            "ndis_per_query": ndis / nq, "coarse_per_query": float(coarse_per_query),
+            "dist_per_query": ndis / nq + coarse_per_query, "qps": nq / seconds}
+
+
+def fit_probe_table(index, queries, gt, depth) -> ProbeTable:
+    """A :class:`ProbeTable` for recall@10, calibrated on training queries with ground truth ``gt`` (nq, >= 10)."""
+    dis, lists = ranked_lists(index, queries, depth)
+    return ProbeTable.fit(distance_spread(dis), neighbor_depths(lists, list_members(index), gt[:, :10]),
+                          scan_costs(index, lists))
+
+
+def sweep_adaptive(index, queries, gt, table, max_dup, *, knobs=RECALL_KNOBS, ks=RECALL_KS, stop=STOP_RECALL):
+    """Recall@k and cost per query at each recall asked of ``table``, stopping once recall@10 > ``stop``.
+
+    Cost per query: codes scanned + nlist coarse distances (the spread feature reads the
+    same distances). Rows as :func:`sweep_nprobe`, with nprobe the mean over queries and
+    knob the recall asked.
+    """
+    def choose(recall):
+        # Rank only as deep as the spread feature and this recall's deepest bin need.
+        depth = min(table.depth, max(SPREAD_RANK, int(table.bin_nprobe(recall).max())))
+        dis, lists = ranked_lists(index, queries, depth)
+        return dis, lists, table.nprobe(distance_spread(dis), recall)
+    return _sweep_per_query(index, queries, gt, knobs, choose, index.nlist, max_dup, ks, stop)
+
+
+def gap_deltas(gmm, index, queries, nprobes):
+    """The knob values of ``@gap``: median over ``queries`` of the log-likelihood gap at each rank of ``nprobes``."""
+    _, lists = ranked_lists(index, queries, max(nprobes))
+    scores, best = component_scores(gmm, queries, lists)
+    gaps = np.median(best[:, None] - scores[:, np.asarray(nprobes) - 1], axis=0)
+    return sorted({float(g) for g in np.maximum.accumulate(gaps)})
+
+
+def sweep_gap(index, queries, gt, gmm, deltas, depth, max_dup, *, ks=RECALL_KS, stop=STOP_RECALL):
+    """Recall@k and cost per query at each log-likelihood gap ``delta`` (nats), stopping once recall@10 > ``stop``.
+
+    Cost per query: codes scanned + nlist coarse distances, + nlist Gaussian log-densities
+    unless the GMM is spherical (its log-densities follow from the same distances).
+    """
+    def choose(delta):
+        dis, lists = ranked_lists(index, queries, depth)
+        return dis, lists, gap_nprobe(*component_scores(gmm, queries, lists), delta)
+    coarse = index.nlist * (1 if gmm.covariance_type == "spherical" else 2)
+    return _sweep_per_query(index, queries, gt, deltas, choose, coarse, max_dup, ks, stop)
+
+
+def _sweep_per_query(index, queries, gt, knobs, choose, coarse_per_query, max_dup, ks, stop):
+    """Curve of a rule whose knob sets each query's nprobe: ``choose(knob)`` -> (coarse_dis, list_nos, nprobe)."""
+    curve = []
+    for knob in knobs:
+        start = time.perf_counter()  # the coarse step and the rule are part of the search time
+        dis, lists, nprobe = choose(knob)
+        _, I, ndis = search_adaptive(index, queries, max(ks), lists, dis, nprobe, max_dup)
+        row = _point(float(nprobe.mean()), knob, I, gt, ks, ndis, coarse_per_query, time.perf_counter() - start)
+        curve.append(row)
+        if row["recall_at_10"] > stop:
+            break
+    return curve
+
+
+def sweep_method(method, part, index, data, nprobes, max_dup):
+    """The test-query curve of ``method`` on ``index``; adaptive rules are set up on the learn queries.
+
+    Returns
+    -------
+    curve : list of dict (see :func:`sweep_nprobe`)
+    params : dict, the probing's settings for the CSV
+    extra_bytes : int, what the probing keeps beside the index (table, GMM weights and variances)
+    """
+    depth = min(index.nlist, 2 * max(nprobes))
+    if method.probe == "adaptive":
+        table = fit_probe_table(index, data.learn, data.gt_learn, depth)
+        params = {"probe_table": {"bins": int(table.counts.size), "depth": depth, "feature": "log(d_32/d_1)",
+                                  "calibrated_on": f"{len(data.learn)} learn queries"}}
+        return sweep_adaptive(index, data.test, data.gt, table, max_dup), params, table.nbytes
+    if method.probe == "gap":
+        deltas = gap_deltas(part.gmm, index, data.learn, nprobes)
+        gmm_bytes = 4 * (part.gmm.weights_.size + part.gmm.covariances_.size)
+        return (sweep_gap(index, data.test, data.gt, part.gmm, deltas, depth, max_dup),
+                {"gap_deltas_from": f"{len(data.learn)} learn queries"}, gmm_bytes)
+    return sweep_nprobe(index, data.test, data.gt, nprobes, max_dup, gmm=probe_gmm(method, part)), {}, 0
+
+
+def cost_at(curve, target, key="recall_at_10", value="dist_per_query"):
+    """Distance computations per query (or another ``value``) at a recall target, interpolated linearly in log.
 
     Parameters
     ----------
     curve : list of dict with 'dist_per_query' and ``key``, cost increasing
     target : float
+    value : str, the row entry interpolated (e.g. 'qps')
 
     Returns
     -------
@@ -370,7 +523,7 @@ def cost_at(curve, target, key="recall_at_10"):
     """
     previous = None
     for point in curve:
-        cost, recall = point["dist_per_query"], point[key]
+        cost, recall = point[value], point[key]
         if recall >= target:
             if previous is None or recall <= previous[1]:
                 return cost
@@ -406,54 +559,98 @@ def tune_lambda(method, part, data, copies, nprobes):
 
 # ---------------------------------------------------------------------- summary
 def summarize(rows, targets=TARGETS):
-    """Cost to reach each recall@10 target per (method, budget), and its ratio to k-means.
+    """Cost to reach each recall@10 target per (method, budget), and its ratios to the references.
 
-    The reference at a budget is the cheapest k-means-partition method (hard or spilled)
-    measured at that same budget, per target.
+    References, per target (None where absent or not reached):
+
+    - ``ratio_to_kmeans`` / ``reference``: the cheapest k-means-partition method probed
+      with a fixed nprobe (hard or spilled) at the same budget;
+    - ``ratio_to_ivf``: FAISS k-means IVF as shipped, ``kmeans-niter25`` with a fixed
+      nprobe at 1 copy, whatever the method's budget (issue 6's yardstick);
+    - ``ratio_to_spill`` / ``spill_reference``: the cheapest k-means spilling rule
+      (top2 / SPANN / SOAR / RAIR) with a fixed nprobe at the same budget;
+    - ``ratio_to_adaptive_kmeans``: the cheapest k-means-partition method with
+      ``@adaptive`` probing at the same budget (the control for adaptive GMM methods).
 
     Parameters
     ----------
     rows : list of dict with method, partition, copies_target, copies_per_vector, dist_per_query, recall_at_10
+        (and optionally rule, probe, index_bytes, qps)
 
     Returns
     -------
-    list of dict: method, copies_target, copies_per_vector, cost_at {target: float|None},
-    ratio_to_kmeans {target: float|None}, reference {target: method name|None}.
+    list of dict: method, partition, probe, copies_target, copies_per_vector, index_bytes,
+    cost_at {target: float|None}, qps_at {target: float|None}, the ratios above {target: float|None}
+    and reference / spill_reference {target: method name|None}.
     """
     curves = {}
     for r in rows:
         curves.setdefault((r["method"], r["copies_target"]), []).append(r)
     out = []
     for (method, copies), curve in curves.items():
-        out.append({"method": method, "partition": curve[0]["partition"], "copies_target": copies,
-                    "copies_per_vector": curve[0]["copies_per_vector"],
-                    "cost_at": {str(t): cost_at(curve, t) for t in targets}})
+        first = curve[0]
+        out.append({"method": method, "partition": first["partition"], "rule": first.get("rule") or "",
+                    "probe": first.get("probe", "centroid"), "copies_target": copies,
+                    "copies_per_vector": first["copies_per_vector"], "index_bytes": first.get("index_bytes"),
+                    "cost_at": {str(t): cost_at(curve, t) for t in targets},
+                    "qps_at": {str(t): cost_at(curve, t, value="qps") if "qps" in first else None
+                               for t in targets}})
+
+    def kmeans(s, probe="centroid"):
+        return s["partition"].startswith("kmeans") and s["probe"] == probe
+
+    def cheapest(t, keep):
+        found = [(r["cost_at"][t], r["method"]) for r in out if keep(r) and r["cost_at"][t] is not None]
+        return min(found) if found else None
+
+    def ratio(mine, ref):
+        return mine / ref[0] if ref is not None and mine is not None else None
     for s in out:
-        s["ratio_to_kmeans"], s["reference"] = {}, {}
+        for key in ("ratio_to_kmeans", "reference", "ratio_to_ivf", "ratio_to_spill", "spill_reference",
+                    "ratio_to_adaptive_kmeans"):
+            s[key] = {}
         for t in map(str, targets):
-            refs = [(r["cost_at"][t], r["method"]) for r in out if r["partition"].startswith("kmeans")
-                    and r["copies_target"] == s["copies_target"] and r["cost_at"][t] is not None]
-            ref = min(refs) if refs else None
-            mine = s["cost_at"][t]
-            s["ratio_to_kmeans"][t] = mine / ref[0] if ref and mine is not None else None
-            s["reference"][t] = ref[1] if ref else None
+            mine, same = s["cost_at"][t], s["copies_target"]
+            ref = cheapest(t, lambda r, c=same: kmeans(r) and r["copies_target"] == c)
+            spill = cheapest(t, lambda r, c=same: kmeans(r) and r["rule"] and r["copies_target"] == c)
+            ivf = cheapest(t, lambda r: kmeans(r) and r["method"] == "kmeans-niter25" and r["copies_target"] == 1.0)
+            adaptive = cheapest(t, lambda r, c=same: kmeans(r, "adaptive") and r["copies_target"] == c)
+            s["ratio_to_kmeans"][t], s["reference"][t] = ratio(mine, ref), ref[1] if ref else None
+            s["ratio_to_spill"][t], s["spill_reference"][t] = ratio(mine, spill), spill[1] if spill else None
+            s["ratio_to_ivf"][t] = ratio(mine, ivf)
+            s["ratio_to_adaptive_kmeans"][t] = ratio(mine, adaptive)
     return sorted(out, key=lambda s: (s["copies_target"], s["method"]))
 
 
+RATIO_COLUMNS = (("ratio_to_kmeans", "vs k-means, same copies"), ("ratio_to_ivf", "vs IVF k-means, 1 copy"),
+                 ("ratio_to_spill", "vs best spill, same copies"),
+                 ("ratio_to_adaptive_kmeans", "vs k-means@adaptive, same copies"))
+
+
 def markdown(summary, title, targets=TARGETS):
-    """The summary as a markdown table (n/r: target not reached within the nprobe sweep)."""
+    """The summary as a markdown table (n/r: target not reached within the sweep; –: no reference).
+
+    Ratio groups that no method has a value for are left out; cost ratios below 1 mean
+    cheaper than the reference.
+    """
     def cost(v):
         return "n/r" if v is None else f"{v:,.0f}"
 
     def ratio(v):
         return "–" if v is None else f"{v:.2f}"
     head = " | ".join(f"@{t}" for t in targets)
-    lines = [title, "", f"| method | copies | dist/query {head} | ratio vs k-means {head} |",
-             "|---|---|" + "---|" * (2 * len(targets))]
+    groups = [(key, label) for key, label in RATIO_COLUMNS
+              if any(s[key][str(t)] is not None for s in summary for t in targets)]
+    lines = [title, "", f"| method | copies | dist/query {head} | "
+             + "".join(f"{label} {head} | " for _, label in groups) + f"index MB | QPS @{targets[-1]} |",
+             "|---|---|" + "---|" * (len(targets) * (1 + len(groups)) + 2)]
     for s in summary:
+        qps = s["qps_at"][str(targets[-1])]
+        size = "–" if s["index_bytes"] is None else f"{s['index_bytes'] / 1e6:.1f}"
         lines.append(f"| {s['method']} | {s['copies_per_vector']:.2f} | "
                      + " | ".join(cost(s["cost_at"][str(t)]) for t in targets) + " | "
-                     + " | ".join(ratio(s["ratio_to_kmeans"][str(t)]) for t in targets) + " |")
+                     + "".join(" | ".join(ratio(s[key][str(t)]) for t in targets) + " | " for key, _ in groups)
+                     + f"{size} | {'–' if qps is None else f'{qps:,.0f}'} |")
     return "\n".join(lines)
 
 
@@ -468,12 +665,13 @@ def plot(rows, path, title):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # One colour per method, the same in every plot (tab10 without its grey, kept for the yardstick).
     palette = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7] + list(plt.cm.Dark2.colors)
-    order = list(ALL_METHODS) + [m for m in methods if m not in ALL_METHODS]
+    known = list(dict.fromkeys(ALL_METHODS + tuple(m.name for m in parse_methods(ADAPTIVE_METHODS))))
+    order = known + [m for m in methods if m not in known]
     colors = {m: palette[order.index(m) % len(palette)] for m in methods}
     ncols = min(2, len(budgets))
     nrows = math.ceil(len(budgets) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.4 * nrows), sharey=True, squeeze=False)
-    reference = [r for r in rows if r["copies_target"] == 1.0 and r["partition"] == "kmeans-niter25"]
+    reference = [r for r in rows if r["copies_target"] == 1.0 and r["method"] == "kmeans-niter25"]
     for ax, budget in zip(axes.flat, budgets):
         if budget > 1.0 and reference:  # hard k-means as a fixed yardstick in every panel
             ax.plot([r["dist_per_query"] for r in reference], [r["recall_at_10"] for r in reference],
@@ -481,9 +679,10 @@ def plot(rows, path, title):
         for m in methods:
             curve = [r for r in rows if r["method"] == m and r["copies_target"] == budget]
             if curve:
-                ax.plot([r["dist_per_query"] for r in curve], [r["recall_at_10"] for r in curve], marker="o",
-                        ms=3, lw=1.6, color=colors[m], ls=":" if m.endswith("@posterior") else
-                        "-" if m.startswith("gmm") else "-.", label=m)
+                # Marker: how lists are probed (square: a per-query nprobe); line: GMM solid, k-means dash-dot.
+                ax.plot([r["dist_per_query"] for r in curve], [r["recall_at_10"] for r in curve],
+                        marker="s" if m.endswith(("@adaptive", "@gap")) else "o", ms=3, lw=1.6, color=colors[m],
+                        ls=":" if m.endswith("@posterior") else "-" if m.startswith("gmm") else "-.", label=m)
         for t in TARGETS:
             ax.axhline(t, color="0.85", lw=0.8, zorder=0)
         ax.set_xscale("log")
@@ -526,12 +725,13 @@ def environment() -> dict:
 
 # ---------------------------------------------------------------------- driver
 def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copies=COPIES, nprobes=None,
-        out="sweep-results", max_queries=1000, max_base=None, seed=1234, gmm_iter=15, device="auto",
-        quiet=False) -> dict:
-    """Run a sweep and write ``sweep_<dataset>.{csv,json,png,md}`` into ``out``.
+        out="sweep-results", prefix="sweep", max_queries=1000, max_learn=None, max_base=None, seed=1234,
+        gmm_iter=15, device="auto", cache=None, quiet=False) -> dict:
+    """Run a sweep and write ``<prefix>_<dataset>.{csv,json,png,md}`` into ``out``.
 
     Parameters are the CLI options (see ``add_arguments``); ``nlist`` None means 64 for
-    the bundled set, else the power of two nearest sqrt(n).
+    the bundled set, else the power of two nearest sqrt(n); ``methods`` a preset name,
+    comma-separated names or a list.
 
     Returns
     -------
@@ -543,7 +743,12 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
     copies = sorted({float(c) for c in copies})
     if any(not 1.0 <= c <= 2.0 for c in copies):
         raise ValueError(f"copies budgets must be in [1, 2], got {copies}")
-    data = load_data(dataset, data_dir=data_dir, max_base=max_base, max_queries=max_queries, seed=seed)
+    data = load_data(dataset, data_dir=data_dir, max_base=max_base, max_queries=max_queries, max_learn=max_learn,
+                     seed=seed)
+    needs_learn = [m.name for m in methods if m.probe in ("adaptive", "gap")]
+    if needs_learn and data.learn is None:
+        raise ValueError(f"{needs_learn} are set up on learn queries, and {data.name} has none (pick a registry set "
+                         "with a learn split)")
     n, d = data.base.shape
     if nlist is None:
         nlist = 64 if dataset is None else 2 ** round(math.log2(math.sqrt(n)))
@@ -553,8 +758,8 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
     parts, rows, tuning = {}, [], []
     for name in dict.fromkeys(m.partition for m in methods):
         say(f"training {name} ...")
-        parts[name] = train_partition(name, data.base, nlist, seed=seed, gmm_iter=gmm_iter, device=device,
-                                      verbose=int(not quiet))
+        parts[name] = cached_partition(cache, data.name, name, data.base, nlist, seed=seed, gmm_iter=gmm_iter,
+                                       device=device, verbose=int(not quiet))
         say(f"  {parts[name].train_s:.1f} s")
     jobs = [(m, c) for m in methods for c in m.budgets(copies)]
     lams = {m: LAMBDA_DEFAULT[m.rule] for m in methods if m.rule in LAMBDA_GRID}
@@ -570,37 +775,42 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
         index = build_index(part.centroids, data.base, lists)
         add_s = part.assign_s + time.perf_counter() - start
         copies_pv = index.ntotal / n
+        curve, probing, extra_bytes = sweep_method(m, part, index, data, probes, int(lists.shape[1]))
         common = {"dataset": data.name, "method": m.name, "partition": m.partition, "rule": m.rule or "",
-                  "params": json.dumps({**part.info, **params, **({"lam_tuned": data.learn is not None}
-                                                                   if m in lams else {})}, sort_keys=True),
+                  "probe": m.probe,
+                  "params": json.dumps({**part.info, **params, **probing, **({"lam_tuned": data.learn is not None}
+                                                                             if m in lams else {})}, sort_keys=True),
                   "copies_target": c, "copies_per_vector": copies_pv,
-                  "index_bytes": int(index.ntotal * (index.code_size + 8) + nlist * d * 4),
+                  "index_bytes": int(index.ntotal * (index.code_size + 8) + nlist * d * 4 + extra_bytes),
                   "train_s": part.train_s, "add_s": add_s, "n_base": n, "n_queries": len(data.test),
                   "nlist": nlist}
-        for point in sweep_nprobe(index, data.test, data.gt, probes, int(lists.shape[1]), gmm=probe_gmm(m, part)):
-            rows.append({**common, **point})
+        rows.extend({**common, **point} for point in curve)
         del index
     summary = summarize(rows)
     title = (f"{data.name}: {n:,} base x {d}, {len(data.test)} test queries, nlist {nlist}"
              + (f" (base subsampled from {data.info['n_base_full']:,})" if "subsample" in data.info else ""))
     doc = {"title": title, "environment": env,
            "config": {"dataset": dataset or "bundled", "nlist": nlist, "methods": [m.name for m in methods],
-                      "copies": copies, "nprobe": probes, "max_queries": max_queries, "max_base": max_base,
+                      "copies": copies, "nprobe": probes, "max_queries": max_queries, "max_learn": max_learn,
+                      "max_base": max_base, "recall_knobs": RECALL_KNOBS,
                       "seed": seed, "gmm_iter": gmm_iter, "targets": TARGETS, "recall_ks": RECALL_KS,
                       "stop_recall_at_10": STOP_RECALL,
                       "cost": "per query: codes scanned (faiss indexIVF_stats.ndis, copies included) + nlist "
-                              "coarse distances (+ nprobe true distances for @posterior); lists probed by L2 "
-                              "distance to their centroid, or by GMM posterior for @posterior methods",
+                              "coarse distances (+ nprobe true distances for @posterior, + nlist log-densities "
+                              "for @gap on a non-spherical GMM); lists probed by L2 distance to their centroid, "
+                              "or by GMM posterior for @posterior methods; nprobe of @adaptive / @gap rows is "
+                              "the mean over queries, knob the recall asked (@adaptive) or delta nats (@gap)",
                       "qps": "1 search call of all test queries at k=100 incl. dedup, wall clock",
-                      "index_bytes": "entries x (code + 8-byte id) + nlist x d float32 centroids (a GMM's "
-                                     "weights and variances, needed only to add vectors or probe by posterior, "
-                                     "are not counted)"},
+                      "index_bytes": "entries x (code + 8-byte id) + nlist x d float32 centroids, + the probe "
+                                     "table (@adaptive) or the GMM's float32 weights and variances (@gap); a GMM's "
+                                     "weights and variances needed only to add vectors or probe by posterior are not "
+                                     "counted"},
            "dataset": {"name": data.name, "n_base": n, "dim": d, "n_test": len(data.test),
                        "n_learn": 0 if data.learn is None else len(data.learn), **data.info},
            "tuning": tuning, "rows": rows, "summary": summary, "seconds": time.perf_counter() - t0}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"sweep_{dataset or 'bundled'}"
+    stem = out / f"{prefix}_{dataset or 'bundled'}"
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -629,12 +839,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="data directory searched first (default $FLASHGMM_DATA or "
                                            "~/.cache/flashgmm-ivf/data, then ../shared/data)")
     parser.add_argument("--nlist", type=int, help="lists (default 64 for the bundled set, else ~sqrt(n))")
-    parser.add_argument("--methods", default=",".join(QUICK_METHODS),
-                        help=f"comma-separated <partition>[+<rule>]; 'all' = {','.join(ALL_METHODS)}")
+    parser.add_argument("--methods", default="quick",
+                        help="comma-separated <partition>[+<rule>][@<probing>], or a preset: "
+                             + "; ".join(f"'{k}' = {','.join(v)}" for k, v in PRESETS.items()))
     parser.add_argument("--copies", type=floats, default=list(COPIES), help="copies budgets, e.g. 1,1.3,1.6,2")
     parser.add_argument("--nprobe", type=ints, help="nprobe list (default 1,2,4,...,nlist/4)")
     parser.add_argument("--out", default="sweep-results", help="output folder")
-    parser.add_argument("--max-queries", type=int, default=1000, help="test (and learn) queries used")
+    parser.add_argument("--prefix", default="sweep", help="output file names: <prefix>_<dataset>.*")
+    parser.add_argument("--max-queries", type=int, default=1000, help="test queries used")
+    parser.add_argument("--max-learn", type=int, help="learn queries used (default: --max-queries)")
+    parser.add_argument("--cache", help="folder caching trained partitions (reused when base, nlist, seed and "
+                                        "EM iterations match)")
     parser.add_argument("--max-base", type=int, help="deterministic random subset of the base (seeded)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--gmm-iter", type=int, default=15, help="EM iterations of the GMM partitions")
@@ -645,10 +860,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_args(args) -> int:
     """Run from parsed ``add_arguments`` options."""
-    methods = ALL_METHODS if args.methods == "all" else args.methods
-    run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=methods, copies=args.copies,
-        nprobes=args.nprobe, out=args.out, max_queries=args.max_queries, max_base=args.max_base, seed=args.seed,
-        gmm_iter=args.gmm_iter, device=args.device, quiet=args.quiet)
+    run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=args.methods, copies=args.copies,
+        nprobes=args.nprobe, out=args.out, prefix=args.prefix, max_queries=args.max_queries,
+        max_learn=args.max_learn, max_base=args.max_base, seed=args.seed, gmm_iter=args.gmm_iter,
+        device=args.device, cache=args.cache, quiet=args.quiet)
     return 0
 
 

@@ -15,8 +15,8 @@ from flashgmm_ivf.cli import bundled_dataset, main as cli_main
 from flashgmm_ivf.datasets import exact_knn, write_ann_hdf5
 from flashgmm_ivf.eval import sweep
 
-COLUMNS = {"dataset", "method", "partition", "rule", "params", "copies_target", "copies_per_vector", "index_bytes",
-           "train_s", "add_s", "nprobe", "recall_at_1", "recall_at_10", "recall_at_100", "ndis_per_query",
+COLUMNS = {"dataset", "method", "partition", "rule", "probe", "params", "copies_target", "copies_per_vector",
+           "index_bytes", "train_s", "add_s", "nprobe", "knob", "recall_at_1", "recall_at_10", "recall_at_100", "ndis_per_query",
            "coarse_per_query", "dist_per_query", "qps", "n_base", "n_queries", "nlist"}
 
 

@@ -7,11 +7,14 @@ Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_too
 - :mod:`.soft_assign`: log-space soft assignment (threshold tau or copies budget).
 - :mod:`.index`: :class:`GMMIndexIVF` and :func:`index_factory` (FAISS verbs).
 - :mod:`.index_io`: :func:`write_index` / :func:`read_index` (npz + JSON header, no pickle).
+- :mod:`.probing`: query-adaptive probing of any FAISS IVF index (a per-query nprobe from a
+  table calibrated on training queries, or a GMM log-likelihood gap), :func:`search_adaptive`.
 """
 from .index import GMMIndexIVF, SearchStats, dedup_results, index_factory, search_dedup
 from .index_io import read_index, write_index
+from .probing import ProbeTable, distance_spread, gap_nprobe, ranked_lists, search_adaptive
 from .soft_assign import SoftAssignment, TopComponents, assign_budget, assign_tau, soft_assign, top_components
 
-__all__ = ["GMMIndexIVF", "SearchStats", "SoftAssignment", "TopComponents", "assign_budget", "assign_tau",
-           "dedup_results", "index_factory", "read_index", "search_dedup", "soft_assign", "top_components",
-           "write_index"]
+__all__ = ["GMMIndexIVF", "ProbeTable", "SearchStats", "SoftAssignment", "TopComponents", "assign_budget",
+           "assign_tau", "dedup_results", "distance_spread", "gap_nprobe", "index_factory", "ranked_lists",
+           "read_index", "search_adaptive", "search_dedup", "soft_assign", "top_components", "write_index"]

@@ -1,0 +1,394 @@
+"""Query-adaptive probing of a FAISS IVF index: a per-query nprobe instead of one for all.
+
+Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``);
+they work on any ``faiss.IndexIVF`` with a flat quantizer (k-means, GMM means, spilled
+lists), e.g. ``GMMIndexIVF.index``. Lists are always visited nearest mean first; what
+adapts is how many of them a query scans.
+
+Two rules, one knob each:
+
+- :class:`ProbeTable` (calibrated): queries are binned by a difficulty feature computed
+  from the coarse step alone, :func:`distance_spread` = log(d_m / d_1), the spread of
+  the squared distances to the m nearest means (a query whose means are all about as
+  far as the nearest one has its neighbours scattered over many lists). On training
+  queries with known neighbours the table records, per bin, the recall@k and the codes
+  scanned at every depth (summed over the bin); asked for a recall it picks every bin's depth by
+  one Lagrange multiplier (the codes one unit of recall is worth), found by bisection
+  so that the training queries reach that recall at the least total cost. The knob is
+  the recall wanted.
+- :func:`gap_nprobe` (GMM): scan lists, nearest mean first, until one whose weighted
+  log-likelihood log pi_j + log N(q | mu_j, Sigma_j) is more than ``delta`` nats below
+  the query's best component. The knob is delta.
+
+Both only choose lists; :func:`search_adaptive` then runs FAISS ``search_preassigned``
+with each query's lists (-1 past its nprobe, which FAISS skips) and the true coarse
+distances, and deduplicates copies of a vector as :func:`.index.search_dedup` does.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .._validation import check_positive_int
+from .index import search_dedup
+
+__all__ = ["ListMembers", "ProbeTable", "component_scores", "distance_spread", "gap_nprobe", "list_members",
+           "neighbor_depths", "ranked_lists", "scan_costs", "search_adaptive"]
+
+SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
+_BISECT_STEPS = 100
+
+
+def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int):
+    """The ``depth`` nearest lists of every query and their true coarse distances.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF with a flat quantizer
+    x : ndarray of shape (nq, d), float32
+    depth : int in [1, nlist]
+
+    Returns
+    -------
+    coarse_dis : ndarray of shape (nq, depth), float32, nearest first (squared L2 or inner product)
+    list_nos : ndarray of shape (nq, depth), int64
+    """
+    depth = _check_depth(depth, index_ivf.nlist)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    # The quantizer evaluates all nlist means (the K coarse distances of the cost) and keeps the best depth.
+    return index_ivf.quantizer.search(x, depth)
+
+
+def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarray:
+    """Difficulty feature log(d_m / d_1) of each query, m = min(rank, columns).
+
+    Parameters
+    ----------
+    coarse_dis : ndarray of shape (nq, depth), squared L2 distances, nearest first (an
+        inner-product index gives similarities, for which this ratio means nothing:
+        normalise the rows and index them by L2 instead, as the sweep does for angular sets)
+    rank : int >= 2
+
+    Returns
+    -------
+    ndarray of shape (nq,), float64, >= 0. Small: many means about as near as the nearest.
+    """
+    coarse_dis = np.asarray(coarse_dis, dtype=np.float64)
+    if coarse_dis.ndim != 2 or coarse_dis.shape[1] < 2:
+        raise ValueError(f"coarse_dis must have shape (nq, depth >= 2), got {coarse_dis.shape}")
+    rank = check_positive_int(rank, "rank", minimum=2)
+    m = min(rank, coarse_dis.shape[1])
+    # log of a ratio of squared distances; the floor keeps a query sitting on a mean finite.
+    tiny = np.finfo(np.float64).tiny
+    return np.log(np.maximum(coarse_dis[:, m - 1], tiny)) - np.log(np.maximum(coarse_dis[:, 0], tiny))
+
+
+@dataclass
+class ListMembers:
+    """Which inverted lists hold each id of an index (an id added several times has several).
+
+    Attributes
+    ----------
+    ids : ndarray of shape (u,), int64, the distinct ids, ascending
+    lists : ndarray of shape (u, max_copies), int64, the lists of ``ids[i]``; -1 where none
+    """
+
+    ids: np.ndarray
+    lists: np.ndarray
+
+    def lists_of(self, ids) -> np.ndarray:
+        """Lists of each of ``ids`` (any shape), shape ``ids.shape + (max_copies,)``; ValueError for unknown ids."""
+        ids = np.asarray(ids)
+        if not self.ids.size:
+            if ids.size:
+                raise ValueError("the index is empty: no id is in it")
+            return np.empty(ids.shape + self.lists.shape[1:], np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
+        missing = ids[self.ids[pos] != ids]
+        if missing.size:
+            raise ValueError(f"{missing.size} id(s) are not in the index, e.g. {int(missing[0])}")
+        return self.lists[pos]
+
+
+def list_members(index_ivf: faiss.IndexIVF) -> ListMembers:
+    """The lists holding each id of the index, read from its inverted lists.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF
+
+    Returns
+    -------
+    ListMembers
+    """
+    invlists = index_ivf.invlists
+    ids, lists = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for no in range(index_ivf.nlist):
+        size = invlists.list_size(no)
+        if size:
+            ids.append(faiss.rev_swig_ptr(invlists.get_ids(no), size).copy())
+            lists.append(np.full(size, no, np.int64))
+    ids, lists = np.concatenate(ids), np.concatenate(lists)
+    order = np.argsort(ids, kind="stable")
+    ids, lists = ids[order], lists[order]
+    distinct, first, copies = np.unique(ids, return_index=True, return_counts=True)
+    col = np.arange(ids.size) - np.repeat(first, copies)  # 0, 1, ... within each id's entries
+    table = np.full((distinct.size, int(copies.max()) if ids.size else 1), -1, np.int64)
+    table[np.repeat(np.arange(distinct.size), copies), col] = lists
+    return ListMembers(distinct, table)
+
+
+def neighbor_depths(list_nos: np.ndarray, members: ListMembers, gt: np.ndarray) -> np.ndarray:
+    """Depth (0-based probe rank) at which each true neighbour is first scanned.
+
+    Parameters
+    ----------
+    list_nos : ndarray of shape (nq, depth), int64, each query's lists in probe order
+    members : ListMembers, from :func:`list_members`
+    gt : ndarray of shape (nq, k), ids of the true neighbours
+
+    Returns
+    -------
+    ndarray of shape (nq, k), int64; ``depth`` where the neighbour is in none of the lists.
+    """
+    list_nos, gt = np.asarray(list_nos), np.asarray(gt)
+    if gt.ndim != 2 or gt.shape[0] != list_nos.shape[0]:
+        raise ValueError(f"gt must have shape (nq={list_nos.shape[0]}, k), got {gt.shape}")
+    lists = members.lists_of(gt)  # (nq, k, m)
+    nq, depth = list_nos.shape
+    nlist = max(int(list_nos.max(initial=0)), int(lists.max(initial=0))) + 1
+    rank = np.full((nq, nlist), depth, np.int64)  # lists beyond the probe order: never scanned
+    rank[np.arange(nq)[:, None], list_nos] = np.arange(depth)[None]
+    depths = np.take_along_axis(rank, np.maximum(lists, 0).reshape(nq, -1), 1).reshape(lists.shape)
+    return np.where(lists >= 0, depths, depth).min(2)
+
+
+def scan_costs(index_ivf: faiss.IndexIVF, list_nos: np.ndarray) -> np.ndarray:
+    """Codes scanned after probing the first 1, 2, ... lists of each query.
+
+    Returns
+    -------
+    ndarray of shape (nq, depth), float64, cumulative list sizes along each row.
+    """
+    sizes = np.array([index_ivf.invlists.list_size(no) for no in range(index_ivf.nlist)], np.float64)
+    return np.cumsum(sizes[np.asarray(list_nos)], axis=1)
+
+
+@dataclass
+class ProbeTable:
+    """Per-query nprobe from a difficulty feature, calibrated on training queries.
+
+    Attributes
+    ----------
+    edges : ndarray of shape (n_bins - 1,), float64
+        Bin edges of the feature (quantiles of the training queries' values).
+    recall : ndarray of shape (n_bins, depth), float64
+        Sum over the bin's training queries of recall@k when probing 1..depth lists.
+    cost : ndarray of shape (n_bins, depth), float64
+        Sum over the bin's training queries of the codes scanned at 1..depth lists.
+    counts : ndarray of shape (n_bins,), int64
+        Training queries per bin.
+    """
+
+    edges: np.ndarray
+    recall: np.ndarray
+    cost: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def fit(cls, feature, depths, costs, n_bins: int = 16) -> ProbeTable:
+        """Calibrate on training queries.
+
+        Parameters
+        ----------
+        feature : ndarray of shape (nq,), e.g. :func:`distance_spread`
+        depths : ndarray of shape (nq, k), from :func:`neighbor_depths`
+        costs : ndarray of shape (nq, depth), from :func:`scan_costs`
+        n_bins : int
+            Quantile bins of the feature (fewer when values repeat).
+
+        Returns
+        -------
+        ProbeTable
+        """
+        feature = np.asarray(feature, dtype=np.float64)
+        depths, costs = np.asarray(depths), np.asarray(costs, dtype=np.float64)
+        n_bins = check_positive_int(n_bins, "n_bins")
+        nq = feature.shape[0]
+        if feature.ndim != 1 or depths.ndim != 2 or costs.ndim != 2 or depths.shape[0] != nq \
+                or costs.shape[0] != nq:
+            raise ValueError(f"feature (nq,), depths (nq, k) and costs (nq, depth) must agree, got "
+                             f"{feature.shape}, {depths.shape}, {costs.shape}")
+        if nq == 0:
+            raise ValueError("no training queries")
+        if not np.isfinite(feature).all():
+            raise ValueError("feature holds NaN or infinity")
+        depth, k = costs.shape[1], depths.shape[1]
+        edges = np.unique(np.quantile(feature, np.linspace(0, 1, n_bins + 1)[1:-1]))
+        bins = np.searchsorted(edges, feature, side="right")
+        nb = edges.size + 1
+        # found[q, j]: neighbours of q scanned within the first j + 1 lists.
+        hist = np.zeros((nq, depth + 1), np.int64)
+        np.add.at(hist, (np.repeat(np.arange(nq), k), np.minimum(depths, depth).ravel()), 1)
+        found = np.cumsum(hist, 1)[:, :depth] / k
+        recall, cost = np.zeros((nb, depth)), np.zeros((nb, depth))
+        np.add.at(recall, bins, found)
+        np.add.at(cost, bins, costs)
+        return cls(edges, recall, cost, np.bincount(bins, minlength=nb))
+
+    @property
+    def depth(self) -> int:
+        """Most lists a query may be given."""
+        return self.recall.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.edges.nbytes + self.recall.nbytes + self.cost.nbytes + self.counts.nbytes
+
+    def bin_nprobe(self, recall: float) -> np.ndarray:
+        """nprobe of every bin for a mean training recall of ``recall`` at the least cost.
+
+        Parameters
+        ----------
+        recall : float in (0, 1]
+            Mean recall@k wanted on the training queries; above what ``depth`` lists reach,
+            every bin gets ``depth``.
+
+        Returns
+        -------
+        ndarray of shape (n_bins,), int64 in [1, depth]
+        """
+        if isinstance(recall, bool) or not isinstance(recall, numbers.Real) or not 0 < recall <= 1:
+            raise ValueError(f"recall must be a number in (0, 1], got {recall!r}")
+        total = self.counts.sum()
+        target = recall * total
+        if self.recall[:, -1].sum() < target:
+            return np.full(self.counts.shape, self.depth, np.int64)
+
+        def pick(log_lam):
+            # Each bin maximises lam * recall - cost over its depths (the Lagrangian of the
+            # cost-minimisation under a recall constraint); ties go to the shallower depth.
+            return np.argmax(np.exp(log_lam) * self.recall - self.cost, axis=1)
+        lo, hi = -30.0, 60.0  # lam in [1e-13, 1e26] codes per unit of recall summed over queries
+        for _ in range(_BISECT_STEPS):
+            mid = 0.5 * (lo + hi)
+            if self.recall[np.arange(self.counts.size), pick(mid)].sum() >= target:
+                hi = mid
+            else:
+                lo = mid
+        return pick(hi) + 1
+
+    def nprobe(self, feature, recall: float) -> np.ndarray:
+        """nprobe of every query.
+
+        Parameters
+        ----------
+        feature : ndarray of shape (nq,), the same feature as at ``fit``
+        recall : float in (0, 1], see :meth:`bin_nprobe`
+
+        Returns
+        -------
+        ndarray of shape (nq,), int64 in [1, depth]
+        """
+        feature = np.asarray(feature, dtype=np.float64)
+        if feature.ndim != 1:
+            raise ValueError(f"feature must be 1-D (nq,), got shape {feature.shape}")
+        return self.bin_nprobe(recall)[np.searchsorted(self.edges, feature, side="right")]
+
+
+def gap_nprobe(log_scores: np.ndarray, log_best: np.ndarray, delta: float) -> np.ndarray:
+    """Lists scanned before the first whose log-score is more than ``delta`` below the best.
+
+    Parameters
+    ----------
+    log_scores : ndarray of shape (nq, depth)
+        Weighted log-likelihoods log pi_j + log N(q | mu_j, Sigma_j) of each query's lists, in probe order.
+    log_best : ndarray of shape (nq,)
+        The best weighted log-likelihood of each query over all components.
+    delta : float >= 0, nats
+
+    Returns
+    -------
+    ndarray of shape (nq,), int64 in [1, depth]; the first list is always scanned.
+    """
+    log_scores = np.asarray(log_scores, dtype=np.float64)
+    log_best = np.asarray(log_best, dtype=np.float64)
+    if log_scores.ndim != 2 or log_best.shape != (log_scores.shape[0],):
+        raise ValueError(f"log_scores must be (nq, depth) and log_best (nq,), got {log_scores.shape} "
+                         f"and {log_best.shape}")
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta >= 0:
+        raise ValueError(f"delta must be a number >= 0 (nats), got {delta!r}")
+    far = (log_best[:, None] - log_scores) > delta
+    far[:, 0] = False
+    return np.where(far.any(1), far.argmax(1), log_scores.shape[1]).astype(np.int64)
+
+
+def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, list_nos: np.ndarray,
+                    coarse_dis: np.ndarray, nprobe: np.ndarray, max_dup: int = 1):
+    """k nearest distinct ids, each query scanning its own first ``nprobe[i]`` lists.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF
+    x : ndarray of shape (nq, d), float32
+    k : int
+    list_nos, coarse_dis : ndarrays of shape (nq, depth), from :func:`ranked_lists`
+    nprobe : ndarray of shape (nq,), integers in [1, depth]
+    max_dup : int, most lists any id was added to (see :func:`.index.search_dedup`)
+
+    Returns
+    -------
+    D, I : ndarrays of shape (nq, k), as :func:`.index.search_dedup`
+    ndis : int, codes scanned
+    """
+    list_nos, coarse_dis = np.asarray(list_nos), np.asarray(coarse_dis)
+    nprobe = np.asarray(nprobe)
+    nq, depth = list_nos.shape
+    if coarse_dis.shape != list_nos.shape or nprobe.shape != (nq,):
+        raise ValueError(f"list_nos and coarse_dis must be (nq, depth) and nprobe (nq,), got {list_nos.shape}, "
+                         f"{coarse_dis.shape}, {nprobe.shape}")
+    if nq and (nprobe.dtype.kind not in "iu" or nprobe.min() < 1 or nprobe.max() > depth):
+        raise ValueError(f"nprobe must hold integers in [1, depth={depth}]")
+    width = int(nprobe.max()) if nq else 1
+    # FAISS's search_preassigned skips list number -1: the lists past a query's nprobe.
+    keep = np.arange(width)[None] < nprobe[:, None]
+    lists = np.where(keep, list_nos[:, :width], -1)
+    dis = np.where(keep, coarse_dis[:, :width], 0).astype(np.float32)
+    D, I, ndis, _ = search_dedup(index_ivf, x, k, width, max_dup, lists, dis)
+    return D, I, ndis
+
+
+def _check_depth(depth, nlist):
+    depth = check_positive_int(depth, "depth")
+    if depth > nlist:
+        raise ValueError(f"depth must be <= nlist={nlist}, got {depth}")
+    return depth
+
+
+def component_scores(gmm, x, list_nos: np.ndarray):
+    """Weighted log-likelihoods of each query's lists and of its best component.
+
+    Parameters
+    ----------
+    gmm : fitted GaussianMixture whose components are the index's lists
+    x : array-like of shape (nq, d)
+    list_nos : ndarray of shape (nq, depth), int64
+
+    Returns
+    -------
+    log_scores : ndarray of shape (nq, depth), float64, log pi_j + log N(q | mu_j, Sigma_j) at ``list_nos``
+    log_best : ndarray of shape (nq,), float64, the maximum over all K components
+    """
+    list_nos = np.asarray(list_nos, dtype=np.int64)
+    scores, best = [], []
+    for offset, block in gmm.iter_weighted_log_prob(x):
+        # Reduce each block (rows x K) before the next: no nq x K matrix is kept.
+        block = block.double().cpu().numpy()
+        scores.append(np.take_along_axis(block, list_nos[offset:offset + block.shape[0]], 1))
+        best.append(block.max(1))
+    if not scores:
+        return np.empty(list_nos.shape), np.empty(0)
+    return np.concatenate(scores), np.concatenate(best)

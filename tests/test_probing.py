@@ -1,0 +1,200 @@
+"""Query-adaptive probing: exactness at full depth, calibration, monotone knobs, copies, bad input, the sweep.
+
+Data: the real SIFT sample bundled with the package (3,000 base rows, 200 learn rows held
+out of the index, 100 test queries), k-means with 16 lists; the module runs in seconds.
+"""
+import itertools
+import warnings
+
+import faiss
+import numpy as np
+import pytest
+
+from flashgmm_ivf import GaussianMixture
+from flashgmm_ivf.cli import bundled_dataset
+from flashgmm_ivf.datasets import exact_knn
+from flashgmm_ivf.eval import sweep
+from flashgmm_ivf.ivf.probing import (ProbeTable, component_scores, distance_spread, gap_nprobe, list_members,
+                                      neighbor_depths, ranked_lists, scan_costs, search_adaptive)
+from flashgmm_ivf.ivf.quantizer import add_assigned
+
+NLIST = 16
+K = 10
+
+
+@pytest.fixture(scope="module")
+def sift():
+    base, test, _ = bundled_dataset()
+    base = base.astype(np.float32)
+    return base[:3000], base[3000:3200], test[:100].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def kmeans_index(sift):
+    base = sift[0]
+    part = sweep.train_partition("kmeans-niter10", base, NLIST)
+    return sweep.build_index(part.centroids, base, part.primary[:, None])
+
+
+@pytest.fixture(scope="module")
+def table(sift, kmeans_index):
+    base, learn, _ = sift
+    return sweep.fit_probe_table(kmeans_index, learn, exact_knn(base, learn, K, "l2"), NLIST)
+
+
+def recall(I, gt):
+    return sweep.recall_at(I, gt, K)
+
+
+def test_full_depth_is_exact_search(sift, kmeans_index):
+    base, _, test = sift
+    dis, lists = ranked_lists(kmeans_index, test, NLIST)
+    D, I, ndis = search_adaptive(kmeans_index, test, K, lists, dis, np.full(len(test), NLIST))
+    D_exact, I_exact = faiss.knn(test, base, K)
+    assert ndis == len(test) * len(base)  # every code scanned once
+    np.testing.assert_array_equal(I, I_exact)
+    np.testing.assert_allclose(D, D_exact, rtol=1e-5)
+
+
+def test_per_query_nprobe_scans_exactly_those_lists(sift, kmeans_index):
+    _, _, test = sift
+    dis, lists = ranked_lists(kmeans_index, test, NLIST)
+    nprobe = np.arange(len(test)) % NLIST + 1
+    _, _, ndis = search_adaptive(kmeans_index, test, K, lists, dis, nprobe)
+    expected = scan_costs(kmeans_index, lists)[np.arange(len(test)), nprobe - 1].sum()
+    assert ndis == expected
+
+
+def test_table_meets_the_asked_recall_on_its_training_queries(sift, kmeans_index, table):
+    base, learn, _ = sift
+    gt = exact_knn(base, learn, K, "l2")
+    dis, lists = ranked_lists(kmeans_index, learn, NLIST)
+    costs = []
+    for asked in (0.5, 0.8, 0.9, 0.95, 0.99):
+        nprobe = table.nprobe(distance_spread(dis), asked)
+        _, I, ndis = search_adaptive(kmeans_index, learn, K, lists, dis, nprobe)
+        assert recall(I, gt) >= asked - 1e-9
+        costs.append(ndis)
+    assert costs == sorted(costs)  # a higher recall never costs less
+
+
+def test_recall_one_loses_nothing_and_nprobe_is_monotone(table):
+    # recall 1 (reachable here: the table goes to nlist) keeps every bin at its full-depth recall,
+    # at the least depth that does so
+    rows = np.arange(table.counts.size)
+    full = table.bin_nprobe(1.0)
+    np.testing.assert_array_equal(table.recall[rows, full - 1], table.recall[:, -1])
+    assert (table.recall[rows, np.maximum(full - 2, 0)] < table.recall[:, -1])[full > 1].all()
+    previous = np.zeros_like(table.counts)
+    for asked in np.linspace(0.05, 1.0, 20):
+        now = table.bin_nprobe(float(asked))
+        assert (now >= 1).all() and (now <= table.depth).all()
+        assert (now >= previous).all()
+        previous = now
+
+
+def test_adaptive_beats_fixed_nprobe_at_equal_training_recall(sift, kmeans_index, table):
+    # On its own training queries the table's choice is the cheapest per-bin one, so a single
+    # nprobe for all queries cannot reach the same recall for less.
+    base, learn, _ = sift
+    gt = exact_knn(base, learn, K, "l2")
+    dis, lists = ranked_lists(kmeans_index, learn, NLIST)
+    _, I_fixed, ndis_fixed = search_adaptive(kmeans_index, learn, K, lists, dis, np.full(len(learn), 2))
+    nprobe = table.nprobe(distance_spread(dis), recall(I_fixed, gt))
+    _, _, ndis = search_adaptive(kmeans_index, learn, K, lists, dis, nprobe)
+    assert ndis <= ndis_fixed
+
+
+def test_members_and_depths_with_copies(sift):
+    base = sift[0][:500]
+    centroids = base[:4].copy()
+    lists = np.full((len(base), 2), -1, np.int64)
+    lists[:, 0] = np.arange(len(base)) % 4
+    lists[::3, 1] = (lists[::3, 0] + 1) % 4  # every third row also in the next list
+    index = sweep.build_index(centroids, base, lists)
+    members = list_members(index)
+    np.testing.assert_array_equal(members.ids, np.arange(len(base)))
+    np.testing.assert_array_equal(np.sort(members.lists, 1), np.sort(lists, 1))
+    order = np.array([[3, 2, 1, 0]])
+    # row 0: lists 0 and 1 -> first scanned at depth 2 (list 1); row 1: list 1 only -> 2; row 2: list 2 -> 1
+    np.testing.assert_array_equal(neighbor_depths(order, members, np.array([[0, 1, 2, 3]])), [[2, 2, 1, 0]])
+    # a list outside the probe order is never scanned: depth = len(order)
+    np.testing.assert_array_equal(neighbor_depths(order[:, :2], members, np.array([[1, 2]])), [[2, 1]])
+    # user ids need not be row numbers
+    big = faiss.IndexIVFFlat(faiss.IndexFlatL2(base.shape[1]), base.shape[1], 4)
+    big.quantizer.add(centroids)
+    big.is_trained = True
+    add_assigned(big, base, lists, np.arange(len(base), dtype=np.int64) * 10 ** 12)
+    np.testing.assert_array_equal(neighbor_depths(order, list_members(big), np.array([[0, 10 ** 12]])), [[2, 2]])
+
+
+def test_gap_rule():
+    scores = np.array([[-1.0, -2.0, -5.0, -3.0], [-4.0, -1.0, -2.0, -9.0]])
+    best = scores.max(1)
+    # gaps to the best: row 0 [0, 1, 4, 2], row 1 [3, 0, 1, 8]; the first list is always scanned
+    np.testing.assert_array_equal(gap_nprobe(scores, best, 0.0), [1, 2])
+    np.testing.assert_array_equal(gap_nprobe(scores, best, 1.5), [2, 3])  # stops at the first list past delta
+    np.testing.assert_array_equal(gap_nprobe(scores, best, 4.0), [4, 3])
+    np.testing.assert_array_equal(gap_nprobe(scores, best, np.inf), [4, 4])
+    counts = [gap_nprobe(scores, best, d) for d in np.linspace(0, 10, 21)]
+    assert all((a <= b).all() for a, b in itertools.pairwise(counts))
+
+
+def test_component_scores_match_the_mixture(sift):
+    base, _, test = sift
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gmm = GaussianMixture(8, covariance_type="spherical", max_iter=3, device="cpu", random_state=0).fit(base)
+    lists = np.tile(np.arange(8)[::-1], (len(test), 1))
+    scores, best = component_scores(gmm, test, lists)
+    full = np.concatenate([b.double().numpy() for _, b in gmm.iter_weighted_log_prob(test)])
+    np.testing.assert_allclose(scores, full[:, ::-1])
+    np.testing.assert_allclose(best, full.max(1))
+
+
+def test_bad_input_raises(sift, kmeans_index, table):
+    _, _, test = sift
+    dis, lists = ranked_lists(kmeans_index, test, 4)
+    with pytest.raises(ValueError, match="recall must be"):
+        table.nprobe(np.zeros(3), 0.0)
+    with pytest.raises(ValueError, match="recall must be"):
+        table.bin_nprobe(1.5)
+    with pytest.raises(ValueError, match="nprobe must hold integers in"):
+        search_adaptive(kmeans_index, test, K, lists, dis, np.full(len(test), 5))
+    with pytest.raises(ValueError, match="nprobe"):
+        search_adaptive(kmeans_index, test, K, lists, dis, np.ones(3, np.int64))
+    with pytest.raises(ValueError, match="depth must be <= nlist"):
+        ranked_lists(kmeans_index, test, NLIST + 1)
+    with pytest.raises(ValueError, match="not in the index"):
+        neighbor_depths(lists, list_members(kmeans_index), np.full((len(test), K), 10 ** 6))
+    with pytest.raises(ValueError, match="delta must be"):
+        gap_nprobe(np.zeros((2, 3)), np.zeros(2), -1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        ProbeTable.fit(np.full(2, np.nan), np.zeros((2, K), np.int64), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="must agree"):
+        ProbeTable.fit(np.zeros(3), np.zeros((2, K), np.int64), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="depth >= 2"):
+        distance_spread(np.ones((3, 1)))
+
+
+def test_sweep_methods_with_adaptive_probing(sift):
+    base, learn, test = sift
+    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
+                      exact_knn(base, learn, K, "l2"))
+    assert sweep.parse_methods("kmeans@adaptive,gmm-spherical@gap")[1].probe == "gap"
+    assert [m.name for m in sweep.parse_methods("adaptive")] == [m.name for m in
+                                                                 sweep.parse_methods(sweep.ADAPTIVE_METHODS)]
+    with pytest.raises(ValueError, match="only GMM partitions"):
+        sweep.parse_methods("kmeans@gap")
+    with pytest.raises(ValueError, match="unknown probing"):
+        sweep.parse_methods("kmeans@nearest")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = sweep.train_partition("gmm-spherical", base, NLIST, gmm_iter=2, device="cpu")
+    index = sweep.build_index(part.centroids, base, part.primary[:, None])
+    for name in ("gmm-spherical@adaptive", "gmm-spherical@gap"):
+        curve, params, extra = sweep.sweep_method(sweep.parse_methods(name)[0], part, index, data, [1, 2, 4], 1)
+        assert params and extra > 0
+        costs = [r["dist_per_query"] for r in curve]
+        assert costs == sorted(costs) and all(r["coarse_per_query"] == NLIST for r in curve)
+        assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
