@@ -523,6 +523,13 @@ def environment(device):
     return env
 
 
+def write_json(path, doc):
+    """Write a benchmark's JSON document, making its folder if needed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def _sizes(text):
     return [int(float(v)) for v in text.split(",") if v]
 
@@ -559,9 +566,7 @@ def main(argv=None):
               "launch_configs": None if configs is None else [c._asdict() for c in configs], "rows": []}
 
     def write():
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
     if not args.memory_only:
         meter = EnergyMeter()

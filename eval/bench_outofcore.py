@@ -20,7 +20,6 @@ so that the data comes from the disk) from the first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flashgmm_ivf.datasets.bigann import read_bin
-from flashgmm_ivf.eval.bench_estep import environment, sift_like, starting_params
+from flashgmm_ivf.eval.bench_estep import environment, write_json, sift_like, starting_params
 from tqdm.auto import tqdm
 
 from flashgmm_ivf import ConvergenceWarning, GaussianMixture
@@ -243,9 +242,7 @@ def main(argv=None):
         "targets": {"peak_gpu_memory_under_4gb": peak_reserved < GPU_MEMORY_BAR,
                     "rate_at_least_70pct_of_in_memory": ratio >= RATE_BAR},
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -14,14 +14,12 @@ GPU. Without CUDA the float32 row is the torch path (no kernel precisions): a sm
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 import warnings
 
 import numpy as np
 import torch
-from flashgmm_ivf.eval.bench_estep import environment, raw_scale_rows, starting_params
+from flashgmm_ivf.eval.bench_estep import environment, write_json, raw_scale_rows, starting_params
 
 from flashgmm_ivf import GaussianMixture, kernels
 
@@ -136,9 +134,7 @@ def main(argv=None):
     checked = [r for r in rows if "met" in r]
     print(f"\n{sum(r['met'] for r in checked)} of {len(checked)} runs within {args.tolerance:.0e} of float64")
     result = {"environment": environment(torch.device(device)), "arguments": vars(args), "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 
