@@ -3,7 +3,10 @@
 For each data set (raw-scale SIFT-like rows, integers 0..255; the same rows standardised per
 feature), each covariance type and each kernel precision, GaussianMixture is fitted for
 ``--iterations`` EM iterations (tol=0) from the same weights, means and precisions, and so is
-a float64 reference (``compute_dtype='float64'``: the torch path in float64 on the same device).
+a float64 reference (``compute_dtype='float64'``: the torch path in float64 on the same device)
+with the float32 runs' variance floor (``variance_floor``), so that both fit the same model and
+only the arithmetic differs (without it, float64 lets components collapse onto single features
+where float32 cannot follow).
 Every fitted model is then scored on held-out rows in float64, so the comparison measures the
 training only; the score in the model's own precision is reported too. The bar: mean held-out
 log-likelihood within ``--tolerance`` (1e-4) relative of the float64 run.
@@ -19,6 +22,7 @@ import warnings
 
 import numpy as np
 import torch
+from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR
 from flashgmm_ivf.eval.bench_estep import environment, write_json, raw_scale_rows, starting_params
 
 from flashgmm_ivf import GaussianMixture, kernels
@@ -69,7 +73,8 @@ def held_out(gmm, x_test):
 def check(kind, covariance_type, args, device, engines):
     x, x_test = make_data(kind, args.n, args.n_test, args.d, device, args.seed)
     init = initial_params(x, args.k, covariance_type, args.seed + 1)
-    ref, ref_seconds = fit(x, args.k, covariance_type, args.iterations, init, device, compute_dtype="float64")
+    ref, ref_seconds = fit(x, args.k, covariance_type, args.iterations, init, device, compute_dtype="float64",
+                           variance_floor=FLOAT32_RELATIVE_FLOOR)
     ref_score = ref.score(x_test)
     ref_bounds = np.array(ref.lower_bounds_)
     rows = [{"data": kind, "covariance_type": covariance_type, "method": "float64 reference",

@@ -15,7 +15,7 @@ FORMAT = "flashgmm_ivf.GaussianMixture"
 FORMAT_VERSION = 1
 _SAVED_PARAMS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
                  "random_state", "warm_start", "verbose", "device", "chunk_size", "compute_dtype", "precision",
-                 "estep", "n_candidates", "n_neighbors")
+                 "variance_floor", "estep", "n_candidates", "n_neighbors")
 
 
 def save_mixture(gmm, path):

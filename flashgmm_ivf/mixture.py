@@ -45,10 +45,8 @@ class GaussianMixture:
     tol : float, default=1e-3
         EM stops when the lower bound (mean log-likelihood per sample) changes by less.
     reg_covar : float, default=1e-6
-        Added to every variance: the floor that keeps collapsed components finite. With
-        ``compute_dtype='float32'`` diagonal and spherical variances are also kept above
-        1e-4 times the data's mean squared deviation per feature, the smallest variance
-        float32 log-densities resolve on raw-scale data (see ``_mstep.FLOAT32_RELATIVE_FLOOR``).
+        Added to every variance: the floor that keeps collapsed components finite (see also
+        ``variance_floor``).
     max_iter : int, default=100
     n_init : int, default=1
         Initialisations tried; the one with the highest lower bound is kept.
@@ -78,6 +76,13 @@ class GaussianMixture:
     precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16'}, default='bf16x3'
         Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
         and 'bf16' are fast and loose (~1e-3 relative in the statistics) and opt-in only.
+    variance_floor : 'auto' or float >= 0, default='auto'
+        Diagonal and spherical variances are kept at least this times the data's mean squared
+        deviation (per feature) from the point the E-step expands around. float32
+        log-densities cannot resolve smaller variances on raw-scale data (a feature a component
+        collapsed on costs tens of nats; see ``_mstep.FLOAT32_RELATIVE_FLOOR``). 'auto' is 1e-4
+        with ``compute_dtype='float32'`` and 0 (scikit-learn's model: ``reg_covar`` alone)
+        with 'float64'.
     estep : {'auto', 'dense', 'truncated'}, default='auto'
         'dense' evaluates every row against all K components. 'truncated' is truncated
         variational EM (``flashgmm_ivf.kernels.truncated``): each row keeps its
@@ -136,7 +141,8 @@ class GaussianMixture:
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
                  random_state=None, warm_start=False, verbose=0, device="auto", chunk_size=262144,
-                 compute_dtype="float32", precision="bf16x3", estep="auto", n_candidates=8, n_neighbors=12):
+                 compute_dtype="float32", precision="bf16x3", variance_floor="auto", estep="auto", n_candidates=8,
+                 n_neighbors=12):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -154,6 +160,7 @@ class GaussianMixture:
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
         self.precision = precision
+        self.variance_floor = variance_floor
         self.estep = estep
         self.n_candidates = n_candidates
         self.n_neighbors = n_neighbors
@@ -190,6 +197,10 @@ class GaussianMixture:
         check_positive_int(self.chunk_size, "chunk_size")
         check_choice(self.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
         check_choice(self.precision, "precision", kernels.PRECISIONS)
+        if isinstance(self.variance_floor, str):
+            check_choice(self.variance_floor, "variance_floor", ("auto",))
+        else:
+            check_nonnegative_float(self.variance_floor, "variance_floor")
         check_choice(self.estep, "estep", ESTEPS)
         check_positive_int(self.n_candidates, "n_candidates")
         check_positive_int(self.n_neighbors, "n_neighbors")
@@ -384,8 +395,9 @@ class GaussianMixture:
         return acc, float(log_lik), worst_rows[order]
 
     def _relative_floor(self) -> float:
-        """Variance floor relative to the data's scale that the E-step's arithmetic needs
-        (``_mstep.FLOAT32_RELATIVE_FLOOR``); none in float64."""
+        """``variance_floor`` resolved: 'auto' is what the E-step's arithmetic needs."""
+        if not isinstance(self.variance_floor, str):
+            return float(self.variance_floor)
         return FLOAT32_RELATIVE_FLOOR if self.compute_dtype == "float32" else 0.0
 
     def _m_step(self, stats, worst_rows, state, n):
