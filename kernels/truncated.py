@@ -13,17 +13,21 @@ old one's, and the M-step on q raises F too: F never decreases (up to round-off)
 
 Per row the cost is |S_n| <= C' (G + 1) dot products of length 2D + 1 instead of K,
 so an E-step costs O(N C' G D), plus the graph: the G nearest means of every mean,
-found with FAISS (exactly up to 4096 components, by an inverted file over the means
-beyond: O(K^1.5 D)). The log-densities of S_n are one sampled matrix product
+found on a CPU with FAISS (exactly up to 4096 components, by an inverted file over the
+means beyond: O(K^1.5 D)), on a GPU exactly by K x K products (``exact_graph``: at
+K = 65,536 about a TFLOP, milliseconds there). The log-densities of S_n are one sampled matrix product
 (``torch.sparse.sampled_addmm``: only the (row, component) pairs of S_n, no gathered
 (n, |S_n|, D) copy of the parameters) and the statistics one sparse times dense
 product, so the CPU path runs at library speed with no Python loop over rows or
-components. The torch code also accepts CUDA tensors (FAISS stays on the host); that
-path has not been run on a GPU yet.
+components. On CUDA (float32) the same E-step runs as two Triton kernels: a selection
+pass (``truncated_select``: gather, log-densities, top C' in registers) and a
+deterministic statistics pass (``truncated_stats``: segment sums over the kept
+(row, component, r) triples sorted by component); the torch code is their oracle.
 
 ``estep`` is the pure function of one block; ``TruncatedEStep`` holds what persists
 across EM iterations: the (N, C') candidate sets, keyed by global row index so a
-streamed data set works, and the nearest-mean index the graph comes from.
+streamed data set works (held on the GPU in a CUDA fit), and the nearest-mean search
+the graph comes from.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ import torch
 from .params import NaturalParams, split_offset
 from .reference import _centred
 from .result import EStepResult
+from .truncated_select import select
+from .truncated_stats import segment_stats
 
 # Up to this many components the nearest means are found exactly (IndexFlatL2);
 # beyond, by an inverted file over the means, so that neither the graph (K x K) nor
@@ -132,8 +138,72 @@ def _add_stats(acc: torch.Tensor, resp: torch.Tensor, members: torch.Tensor, z: 
     acc[held] += torch.sparse.mm(r, z).to(torch.float64)
 
 
+def _select_torch(z, weights, candidates, graph, n_keep):
+    """Best ``n_keep`` components of each row's search space (torch; ``truncated_select`` on a GPU).
+
+    Parameters
+    ----------
+    z : Tensor of shape (n, P), ``_design`` of the rows
+    weights : Tensor of shape (K, P), ``_weights`` of the mixture, dtype of z
+    candidates : int64 Tensor of shape (n, C')
+    graph : int64 Tensor of shape (K, G)
+    n_keep : int, C'
+
+    Returns
+    -------
+    log_norm : Tensor of shape (n,), log sum over the kept components
+    members : int64 Tensor of shape (n, C'), kept components best first
+    resp : Tensor of shape (n, C'), their responsibilities
+    """
+    space, fresh = search_space(candidates, graph)
+    ll = candidate_log_prob(z, weights, space, fresh)
+    # Ranking includes the old candidates, so the kept set's free energy is >= theirs.
+    top, where = torch.topk(ll, n_keep, dim=1)
+    lz = torch.logsumexp(top, 1)
+    return lz, space.gather(1, where), torch.exp(top - lz[:, None])
+
+
+def _estep_torch(x, params, shift, candidates, graph, dtype, chunk_size):
+    n, d = x.shape
+    c = candidates.shape[1]
+    weights = _weights(params, dtype).to(x.device)
+    graph = graph.to(device=x.device, dtype=torch.int64)
+    f64 = dict(dtype=torch.float64, device=x.device)
+    log_norm = torch.empty(n, **f64)
+    new = torch.empty(n, c, dtype=torch.int64, device=x.device)
+    acc = torch.zeros(weights.shape[0], weights.shape[1], **f64)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        z = _design(_centred(x[start:stop], shift, dtype), params.diagonal)
+        cand = candidates[start:stop].to(device=x.device, dtype=torch.int64)
+        log_norm[start:stop], new[start:stop], resp = _select_torch(z, weights, cand, graph, c)
+        _add_stats(acc, resp, new[start:stop], z)
+    s2 = acc[:, d:2 * d] if params.diagonal else acc[:, d]
+    return EStepResult(log_norm, acc[:, -1].clone(), acc[:, :d].clone(), s2.clone()), new
+
+
+def _estep_triton(x, params, shift, candidates, graph):
+    n, d = x.shape
+    k = params.lin.shape[0]
+    if n == 0:
+        f64 = dict(dtype=torch.float64, device=x.device)
+        return (EStepResult(torch.empty(0, **f64), torch.zeros(k, **f64), torch.zeros(k, d, **f64),
+                            torch.zeros((k, d) if params.diagonal else (k,), **f64)),
+                torch.empty(0, candidates.shape[1], dtype=torch.int64, device=x.device))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    shift = (torch.zeros(d, dtype=torch.float32, device=x.device) if shift is None
+             else shift.to(device=x.device, dtype=torch.float32).contiguous())
+    weights = _weights(params, torch.float32).to(x.device).contiguous()
+    candidates = candidates.to(x.device).contiguous()
+    graph = graph.to(x.device).contiguous()
+    lz, members, resp = select(x, shift, weights, candidates, graph, params.diagonal)
+    nk, s1, s2 = segment_stats(x, shift, members, resp, k, params.diagonal)
+    return EStepResult(lz.double(), nk, s1, s2), members.long()
+
+
 def estep(x, params: NaturalParams, shift, candidates, graph, *, dtype=torch.float64,
-          chunk_size=SUB_BLOCK_ROWS) -> tuple[EStepResult, torch.Tensor]:
+          chunk_size=SUB_BLOCK_ROWS, backend=None) -> tuple[EStepResult, torch.Tensor]:
     """Truncated E-step of one block: statistics over each row's best C' of its search space.
 
     Parameters
@@ -142,9 +212,12 @@ def estep(x, params: NaturalParams, shift, candidates, graph, *, dtype=torch.flo
     params : NaturalParams (diag or spherical), relative to ``shift``
     shift : Tensor of shape (D,) or None
     candidates : Tensor of shape (n, C'), integer, valid component indices (repeats allowed)
-    graph : Tensor of shape (K, G), int64, neighbours of every component (G may be 0)
-    dtype : arithmetic precision of the log-densities and products
-    chunk_size : rows per sub-block
+    graph : Tensor of shape (K, G), integer, neighbours of every component (G may be 0)
+    dtype : arithmetic precision of the log-densities and products (the Triton path is float32)
+    chunk_size : rows per sub-block of the torch path
+    backend : {'torch', 'triton'} or None
+        None: the Triton kernels (``truncated_select``, ``truncated_stats``) for float32 on
+        CUDA, torch otherwise. 'triton' on CPU tensors needs ``TRITON_INTERPRET=1``.
 
     Returns
     -------
@@ -153,30 +226,15 @@ def estep(x, params: NaturalParams, shift, candidates, graph, *, dtype=torch.flo
     new_candidates : Tensor of shape (n, C'), int64, best first
     """
     params, offset = split_offset(params)
-    n, d = x.shape
-    c = candidates.shape[1]
-    weights = _weights(params, dtype).to(x.device)
-    k = weights.shape[0]
-    graph = graph.to(device=x.device, dtype=torch.int64)
-    f64 = dict(dtype=torch.float64, device=x.device)
-    log_norm = torch.empty(n, **f64)
-    new = torch.empty(n, c, dtype=torch.int64, device=x.device)
-    acc = torch.zeros(k, weights.shape[1], **f64)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        z = _design(_centred(x[start:stop], shift, dtype), params.diagonal)
-        space, fresh = search_space(candidates[start:stop].to(device=x.device, dtype=torch.int64), graph)
-        ll = candidate_log_prob(z, weights, space, fresh)
-        # Ranking includes the old candidates, so the kept set's free energy is >= theirs.
-        top, where = torch.topk(ll, c, dim=1)
-        lz = torch.logsumexp(top, 1)
-        resp = torch.exp(top - lz[:, None])
-        members = space.gather(1, where)
-        _add_stats(acc, resp, members, z)
-        log_norm[start:stop] = lz
-        new[start:stop] = members
-    s2 = acc[:, d:2 * d] if params.diagonal else acc[:, d]
-    return EStepResult(log_norm + offset, acc[:, -1].clone(), acc[:, :d].clone(), s2.clone()), new
+    if backend is None:
+        backend = "triton" if x.is_cuda and dtype == torch.float32 else "torch"
+    if backend == "triton":
+        result, new = _estep_triton(x, params, shift, candidates, graph)
+    elif backend == "torch":
+        result, new = _estep_torch(x, params, shift, candidates, graph, dtype, chunk_size)
+    else:
+        raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
+    return result._replace(log_norm=result.log_norm + offset), new
 
 
 class MeanIndex:
@@ -239,8 +297,45 @@ class MeanIndex:
         return np.where(found < 0, own, found)
 
 
+def nearest_means(queries: torch.Tensor, means: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k) int64 indices of the k nearest means by L2, exactly, nearest first (any device).
+
+    Distances |q - m|^2 - |q|^2 = |m|^2 - 2 q.m in float32 on rows and means centred on the
+    means' centroid (raw-scale data would lose digits to |m|^2 otherwise), a block of
+    queries at a time so that the (rows, K) distances stay near 256 MB.
+    """
+    means = means.float()
+    centre = means.mean(0)
+    m = means - centre
+    sq = (m * m).sum(1)
+    step = max(1, (1 << 26) // means.shape[0])
+    out = torch.empty(queries.shape[0], k, dtype=torch.int64, device=means.device)
+    for start in range(0, queries.shape[0], step):
+        q = queries[start:start + step].to(device=means.device, dtype=torch.float32) - centre
+        out[start:start + step] = torch.addmm(sq, q, m.T, alpha=-2.0).topk(k, 1, largest=False).indices
+    return out
+
+
+def exact_graph(means: torch.Tensor, n_neighbors: int) -> torch.Tensor:
+    """(K, G) int64: the G nearest other means of every mean, exactly (``nearest_means``)."""
+    k = means.shape[0]
+    if n_neighbors == 0:
+        return torch.empty(k, 0, dtype=torch.int64, device=means.device)
+    found = nearest_means(means, means, n_neighbors + 1)
+    # Each mean finds itself (or a duplicate of itself): move its own index last, keep the
+    # distance order of the others, cut to G.
+    own = found == torch.arange(k, device=means.device)[:, None]
+    return found.gather(1, torch.argsort(own.to(torch.uint8), dim=1, stable=True))[:, :n_neighbors]
+
+
 class TruncatedEStep:
     """What a truncated E-step keeps across EM iterations of one fit.
+
+    Two ways to find nearest means (the graph, and the starting candidates of new rows):
+    FAISS on the host (``MeanIndex``: exact up to ``EXACT_SEARCH_MAX`` components, an
+    inverted file beyond), or exact torch products on the means' device
+    (``nearest_means``, ``exact_graph``); the second is the one for a GPU, where the
+    K x K products take milliseconds and nothing crosses to the host.
 
     Parameters
     ----------
@@ -252,20 +347,26 @@ class TruncatedEStep:
         C', clipped to K.
     n_neighbors : int
         G, clipped to K - 1.
+    search : {'auto', 'faiss', 'torch'}
+        'auto': torch when the means given to ``begin_pass`` are on CUDA, else FAISS.
 
     Attributes
     ----------
-    candidates : ndarray or np.memmap of shape (n_samples, C'), int32
+    candidates : ndarray, np.memmap or Tensor of shape (n_samples, C'), int32
         Each row's components, best first; -1 until the row's first E-step. Above
-        ``IN_MEMORY_BYTES`` it is a memmap of an unlinked temporary file.
-    graph : Tensor of shape (K, G), int64
+        ``IN_MEMORY_BYTES`` it is a memmap of an unlinked temporary file; otherwise,
+        once a block arrives on CUDA, a tensor on that device.
+    graph : Tensor of shape (K, G), int64, on the device of the means
         Neighbours of every component, rebuilt from the means by ``begin_pass``.
     worst_rows : Tensor of shape (m,), int64
         Global indices of the worst-explained rows of the last pass, worst first
         (set by the estimator; a re-seeded component is planted on them).
     """
 
-    def __init__(self, n_samples: int, n_components: int, n_features: int, n_candidates: int, n_neighbors: int):
+    def __init__(self, n_samples: int, n_components: int, n_features: int, n_candidates: int, n_neighbors: int,
+                 search: str = "auto"):
+        if search not in ("auto", "faiss", "torch"):
+            raise ValueError(f"search must be 'auto', 'faiss' or 'torch', got {search!r}")
         self.n_components = n_components
         self.n_candidates = min(n_candidates, n_components)
         self.n_neighbors = min(n_neighbors, n_components - 1)
@@ -276,17 +377,52 @@ class TruncatedEStep:
         else:
             self.candidates = np.empty(shape, dtype=np.int32)
         self.candidates.fill(-1)
+        self.search = search
         self.index = MeanIndex(n_features, n_components)
         self.graph = None
         self.worst_rows = torch.empty(0, dtype=torch.int64)
-        self._cells = None
+        self._means = None  # float32 means on their device (torch search)
+        self._cells = None  # coarse cell of every mean (FAISS inverted file)
 
     def begin_pass(self, means: torch.Tensor) -> None:
         """Index the current means (K, D) (absolute coordinates) and rebuild the graph from them."""
-        means = np.ascontiguousarray(means.detach().cpu().numpy(), dtype=np.float32)
+        means = means.detach()
+        if self.search == "torch" or (self.search == "auto" and means.is_cuda):
+            self._means = means.float()
+            self.graph = exact_graph(self._means, self.n_neighbors)
+            return
+        means = np.ascontiguousarray(means.cpu().numpy(), dtype=np.float32)
         self.index.update(means)
         self.graph = torch.from_numpy(self.index.graph(means, self.n_neighbors))
-        self._cells = self.index.cells(means)
+        cells = self.index.cells(means)
+        self._cells = None if cells is None else torch.from_numpy(cells)
+
+    def _store(self, device) -> torch.Tensor:
+        """The candidate sets as a tensor: on a CUDA ``device`` when they are held in memory
+        (moved there at the first such block), else a view of the host array."""
+        if device.type == "cuda" and not torch.is_tensor(self.candidates) \
+                and not isinstance(self.candidates, np.memmap):
+            self.candidates = torch.from_numpy(self.candidates).to(device)
+        return self.candidates if torch.is_tensor(self.candidates) else torch.from_numpy(self.candidates)
+
+    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C') int64 nearest means of the rows x, on x's device."""
+        if self._means is not None:
+            return nearest_means(x, self._means, self.n_candidates).to(x.device)
+        found = self.index.search(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32), self.n_candidates)
+        return torch.from_numpy(found).to(x.device)
+
+    def _order(self, cand: torch.Tensor) -> torch.Tensor | None:
+        """Row order of a block for large K, None for small K.
+
+        Large K: the (K, 2D+1) parameters outgrow the cache. Rows taken in the order of
+        their best candidate's coarse cell (FAISS), or of the best candidate itself (torch
+        search, on a GPU), read nearby or equal components one after another.
+        """
+        if self.n_components <= EXACT_SEARCH_MAX:
+            return None
+        best = cand[:, 0]
+        return torch.argsort(best if self._cells is None else self._cells.to(best.device)[best], stable=True)
 
     def block(self, offset: int, x: torch.Tensor, params: NaturalParams, shift: torch.Tensor,
               dtype=torch.float32) -> EStepResult:
@@ -298,25 +434,23 @@ class TruncatedEStep:
             raise RuntimeError("begin_pass(means) must come before the first block of a pass")
         if offset is None:
             raise ValueError("the truncated E-step needs each block's global row offset")
-        rows = slice(offset, offset + x.shape[0])
-        cand = np.array(self.candidates[rows], dtype=np.int64)
+        store = self._store(x.device)
+        rows = torch.arange(offset, offset + x.shape[0], device=store.device)
+        cand = store[rows].to(device=x.device, dtype=torch.int64)
         unseen = cand[:, 0] < 0
-        if unseen.any():
-            raw = np.ascontiguousarray(x[torch.from_numpy(unseen).to(x.device)].cpu().numpy(), dtype=np.float32)
-            cand[unseen] = self.index.search(raw, self.n_candidates)
-        if self._cells is None:
-            result, new = estep(x, params, shift, torch.from_numpy(cand), self.graph, dtype=dtype)
-            self.candidates[rows] = new.cpu().numpy()
-            return result
-        # Large K: the (K, 2D+1) parameters outgrow the cache. Rows taken in the order of
-        # their best candidate's coarse cell read nearby components one after another.
-        order = np.argsort(self._cells[cand[:, 0]], kind="stable")
-        result, new = estep(x[torch.from_numpy(order).to(x.device)], params, shift, torch.from_numpy(cand[order]),
-                            self.graph, dtype=dtype)
-        self.candidates[offset + order] = new.cpu().numpy()
-        log_norm = torch.empty_like(result.log_norm)
-        log_norm[torch.from_numpy(order).to(x.device)] = result.log_norm
-        return result._replace(log_norm=log_norm)
+        if bool(unseen.any()):
+            cand[unseen] = self._nearest(x[unseen])
+        order = self._order(cand)
+        if order is None:
+            result, new = estep(x, params, shift, cand, self.graph, dtype=dtype)
+        else:
+            result, new = estep(x[order], params, shift, cand[order], self.graph, dtype=dtype)
+            rows = rows[order.to(store.device)]
+            log_norm = torch.empty_like(result.log_norm)
+            log_norm[order] = result.log_norm
+            result = result._replace(log_norm=log_norm)
+        store[rows] = new.to(device=store.device, dtype=torch.int32)
+        return result
 
     def plant(self, components: torch.Tensor) -> None:
         """Make re-seeded ``components`` candidates of the rows they were seeded on.
@@ -324,5 +458,6 @@ class TruncatedEStep:
         The i-th component goes to ``worst_rows[i]`` (the M-step seeds in that order),
         replacing the row's weakest candidate.
         """
-        rows = self.worst_rows[: components.numel()].cpu().numpy()
-        self.candidates[rows, -1] = components.cpu().numpy()
+        store = self._store(self.worst_rows.device)
+        rows = self.worst_rows[: components.numel()].to(store.device)
+        store[rows, -1] = components.to(device=store.device, dtype=torch.int32)

@@ -1,4 +1,5 @@
 """Truncated E-step: equals the dense one with all candidates, monotone bound, estimator option."""
+import functools
 import warnings
 
 import faiss
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_set
-from flashgmm_ivf import ConvergenceWarning, GaussianMixture, index_factory
+from flashgmm_ivf import ConvergenceWarning, GaussianMixture, index_factory, mixture
 from flashgmm_ivf.kernels import natural_params, reference, truncated
 from flashgmm_ivf.mixture import AUTO_TRUNCATED_MIN
 
@@ -96,6 +97,36 @@ def test_mean_index_inverted_file_graph_and_search(monkeypatch):
     assert found.shape == (50, 7) and found.min() >= 0
 
 
+def test_torch_search_matches_exact_faiss():
+    rng = np.random.default_rng(1)
+    means = (rng.normal(size=(300, 8)) * 50 + 100).astype(np.float32)   # raw-scale offsets
+    queries = (rng.normal(size=(500, 8)) * 50 + 100).astype(np.float32)
+    exact = faiss.IndexFlatL2(8)
+    exact.add(means)
+    found = truncated.nearest_means(torch.from_numpy(queries), torch.from_numpy(means), 5).numpy()
+    assert (found == exact.search(queries, 5)[1]).mean() > 0.99
+    index = truncated.MeanIndex(8, 300)
+    index.update(means)
+    graph = truncated.exact_graph(torch.from_numpy(means), 6)
+    assert graph.shape == (300, 6) and not (graph == torch.arange(300)[:, None]).any()
+    assert (graph.numpy() == index.graph(means, 6)).mean() > 0.99
+    assert truncated.exact_graph(torch.from_numpy(means), 0).shape == (300, 0)
+
+
+@pytest.mark.parametrize("exact_max", [4096, 16], ids=["exact", "large-K order"])
+def test_fit_with_torch_search(sift, monkeypatch, exact_max):
+    # The GPU's search (exact torch products, rows ordered by best candidate), run on the CPU.
+    monkeypatch.setattr(truncated, "EXACT_SEARCH_MAX", exact_max)
+    kw = dict(estep="truncated", n_candidates=4, n_neighbors=6, max_iter=6, **F64)
+    faiss_fit = fit_quietly(GaussianMixture(64, **kw), sift)
+    monkeypatch.setattr(mixture, "TruncatedEStep", functools.partial(truncated.TruncatedEStep, search="torch"))
+    torch_fit = fit_quietly(GaussianMixture(64, chunk_size=700, **kw), sift)
+    bounds = np.array(torch_fit.lower_bounds_)
+    assert np.all(np.diff(bounds) >= -1e-9 * np.abs(bounds[1:])) and torch_fit.n_reseeded_ == 0
+    # Both searches are exact up to 4096 components; beyond, FAISS's inverted file is not.
+    np.testing.assert_allclose(bounds, faiss_fit.lower_bounds_, rtol=1e-9 if exact_max == 4096 else 1e-3)
+
+
 # ---------------------------------------------------------------- the estimator
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
 def test_estimator_with_all_candidates_equals_dense(sift, covariance_type):
@@ -166,6 +197,11 @@ def test_empty_component_is_reseeded_as_the_dense_path_does(sift):
     assert np.isfinite(few.means_).all() and np.isfinite(few.covariances_).all()
     # the re-seeded component keeps (at least) its seed row: it joined that row's candidates
     assert np.abs(few.means_).max() < 300 and few.weights_.min() > 0.9 / len(x)
+
+
+def test_search_option_is_checked():
+    with pytest.raises(ValueError, match="search must be"):
+        truncated.TruncatedEStep(10, 6, 2, 3, 2, search="gpu")
 
 
 def test_plant_puts_components_on_the_worst_rows():
