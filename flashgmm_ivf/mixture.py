@@ -26,6 +26,9 @@ ESTEPS = ("auto", "dense", "truncated")
 # estep='auto' truncates from this many components on: there a dense pass costs
 # >= 4096 log-densities per row, the truncated one ~n_candidates * (n_neighbors + 1).
 AUTO_TRUNCATED_MIN = 4096
+# Largest (rows, K) block iter_weighted_log_prob hands out: chunk_size rows alone would be
+# 17 GB at K = 16,384.
+LOG_PROB_BLOCK_BYTES = 256 << 20
 
 
 class ConvergenceWarning(UserWarning):
@@ -438,14 +441,18 @@ class GaussianMixture:
     def _best_components(self, x, params, shift) -> torch.Tensor:
         if self._uses_kernels(x.device):
             return kernels.log_norm(x, params.to(dtype=torch.float32), shift, precision=self.precision)[1].long()
-        return self._weighted_log_prob(x, params, shift).argmax(1)
+        return self._weighted_log_prob(x, params, shift, reduce=lambda ll: ll.argmax(1))
 
-    def _weighted_log_prob(self, x, params, shift):
+    def _weighted_log_prob(self, x, params, shift, reduce=None):
+        """(rows, K) log pi_k + log N(x_n | k), computed in sub-blocks of ~64 MB; with ``reduce``
+        (a sub-block -> one value per row) only the reduced values are kept, so that predict and
+        score never hold a (chunk_size, K) matrix (17 GB at K = 16,384)."""
         dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
         out = []
         rows = kernels.reference._chunk_rows(len(params[0]), x.shape[1], self.covariance_type == "full")
         for start in range(0, x.shape[0], rows):
-            out.append(kernels.reference.weighted_log_prob(x[start:start + rows], params, shift, dtype=dtype))
+            ll = kernels.reference.weighted_log_prob(x[start:start + rows], params, shift, dtype=dtype)
+            out.append(ll if reduce is None else reduce(ll))
         return torch.cat(out)
 
     def _blocks(self, source, device, what):
@@ -501,19 +508,21 @@ class GaussianMixture:
         """Yield ``(offset, block)`` with block[i, k] = log pi_k + log N(x_{offset+i} | mu_k, Sigma_k).
 
         Blocks are float32/float64 torch tensors (``compute_dtype``) of at most
-        ``chunk_size`` rows on the model's device, so the n x K matrix is never held
-        whole: consumers (soft assignment, posterior probing) reduce each block, e.g.
+        ``chunk_size`` rows and ~256 MB on the model's device, so the n x K matrix is never
+        held whole: consumers (soft assignment, posterior probing) reduce each block, e.g.
         to its top few components, before asking for the next.
         """
+        rows = max(1, LOG_PROB_BLOCK_BYTES // (8 * self.n_components))
         for offset, x, params, shift in self._prepared_blocks(X):
-            yield offset, self._weighted_log_prob(x, params, shift)
+            for start in range(0, x.shape[0], rows):
+                yield offset + start, self._weighted_log_prob(x[start:start + rows], params, shift)
 
     def score_samples(self, X):
         """Log-likelihood log p(x_n) of every row, shape (n_samples,), float64."""
         def block(x, params, shift):
             if self._uses_kernels(x.device):
                 return kernels.log_norm(x, params, shift, precision=self.precision)[0]
-            return torch.logsumexp(self._weighted_log_prob(x, params, shift), 1).double()
+            return self._weighted_log_prob(x, params, shift, reduce=lambda ll: torch.logsumexp(ll, 1).double())
         return self._scan(X, block)
 
     def score(self, X, y=None):

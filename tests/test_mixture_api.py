@@ -262,3 +262,22 @@ def test_float32_variance_floor_keeps_log_densities_exact_on_raw_data():
     for bad in ("none", -1.0, float("nan")):
         with pytest.raises(ValueError, match="variance_floor"):
             GaussianMixture(2, variance_floor=bad).fit(x[:100])
+
+
+def test_log_prob_blocks_stay_small_for_large_k(monkeypatch):
+    """iter_weighted_log_prob splits chunk_size blocks by memory; predict and score reduce as
+    they go: neither holds a (chunk_size, K) matrix."""
+    import flashgmm_ivf.mixture as mixture
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    gmm = GaussianMixture(40, max_iter=2, device="cpu", random_state=0, chunk_size=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(x)
+    full = np.concatenate([b.numpy() for _, b in gmm.iter_weighted_log_prob(x)])
+    monkeypatch.setattr(mixture, "LOG_PROB_BLOCK_BYTES", 8 * 40 * 70)  # 70 rows a block
+    blocks = list(gmm.iter_weighted_log_prob(x))
+    assert [len(b) for _, b in blocks] == [70] * 7 + [22] + [70, 18]
+    assert [o for o, _ in blocks][:2] == [0, 70] and blocks[-2][0] == 512
+    np.testing.assert_array_equal(np.concatenate([b.numpy() for _, b in blocks]), full)
+    np.testing.assert_array_equal(gmm.predict(x), full.argmax(1))
