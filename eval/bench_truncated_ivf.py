@@ -31,14 +31,14 @@ import faiss
 import numpy as np
 import torch
 
-from ..ivf import GMMIndexIVF, top_components
+from ..ivf import GMMIndexIVF
 from .sweep import (
-    GMM_TOP,
     TARGETS,
     Method,
     Partition,
     build_index,
     cost_at,
+    gmm_partition,
     load_data,
     method_lists,
     nprobe_list,
@@ -49,7 +49,7 @@ from .sweep import (
 COPIES = (1.0, 1.5)
 
 
-def gmm_partition(base, nlist, estep, train_rows, *, seed=1234, gmm_iter=15) -> Partition:
+def estep_partition(base, nlist, estep, train_rows, *, seed=1234, gmm_iter=15) -> Partition:
     """``train_partition``'s diagonal GMM with a chosen E-step, fitted on ``train_rows`` rows (or all)."""
     start = time.perf_counter()
     rows = base
@@ -65,14 +65,10 @@ def gmm_partition(base, nlist, estep, train_rows, *, seed=1234, gmm_iter=15) -> 
                              chunk_size=max(1024, (1 << 26) // nlist))
         holder.train(rows)
     gmm = holder.gmm
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    top = top_components(gmm, base, GMM_TOP)
-    return Partition(gmm.means_.astype(np.float32), top.labels[:, 0].copy(), top, gmm, train_s,
-                     time.perf_counter() - start,
-                     {"covariance_type": "diag", "estep": estep, "train_rows": len(rows),
-                      "em_iterations": int(gmm.n_iter_), "reg_covar": float(gmm.reg_covar),
-                      "final_bound": float(gmm.lower_bound_)})
+    return gmm_partition(gmm, base, time.perf_counter() - start,
+                         {"covariance_type": "diag", "estep": estep, "train_rows": len(rows),
+                          "em_iterations": int(gmm.n_iter_), "reg_covar": float(gmm.reg_covar),
+                          "final_bound": float(gmm.lower_bound_)})
 
 
 def run_nlist(data, nlist, args, rows, save):
@@ -81,11 +77,11 @@ def run_nlist(data, nlist, args, rows, save):
     subset = args.train_rows.get(nlist)
     quantizers = {
         "kmeans": ("kmeans-niter10", lambda: train_partition("kmeans-niter10", data.base, nlist, seed=args.seed)),
-        "truncated-subset": (f"gmm-truncated ({subset // 1000}K rows)", lambda: gmm_partition(
+        "truncated-subset": (f"gmm-truncated ({subset // 1000}K rows)", lambda: estep_partition(
             data.base, nlist, "truncated", subset, seed=args.seed, gmm_iter=args.gmm_iter)) if subset else None,
-        "truncated": ("gmm-truncated", lambda: gmm_partition(data.base, nlist, "truncated", None, seed=args.seed,
+        "truncated": ("gmm-truncated", lambda: estep_partition(data.base, nlist, "truncated", None, seed=args.seed,
                                                              gmm_iter=args.gmm_iter)),
-        "dense": (f"gmm-dense ({subset // 1000}K rows)" if subset else "gmm-dense", lambda: gmm_partition(
+        "dense": (f"gmm-dense ({subset // 1000}K rows)" if subset else "gmm-dense", lambda: estep_partition(
             data.base, nlist, "dense", subset, seed=args.seed, gmm_iter=args.gmm_iter)),
     }
     quantizers = dict(quantizers[q] for q in args.quantizers if quantizers.get(q))

@@ -289,13 +289,17 @@ def train_partition(partition, base, nlist, *, seed=1234, gmm_iter=15, device="a
                              device=device, verbose=verbose)
         holder.train(base)  # fits the GMM (reg_covar 'auto': 0.1 x mean feature variance)
     gmm = holder.gmm
-    train_s = time.perf_counter() - start
+    return gmm_partition(gmm, base, time.perf_counter() - start,
+                         {"covariance_type": covariance, "em_iterations": int(gmm.n_iter_),
+                          "reg_covar": float(gmm.reg_covar), "init_params": gmm.init_params})
+
+
+def gmm_partition(gmm, base, train_s, info) -> Partition:
+    """The Partition of a fitted GMM: its means, and every base row's GMM_TOP best components."""
     start = time.perf_counter()
     top = top_components(gmm, base, GMM_TOP)
     return Partition(gmm.means_.astype(np.float32), top.labels[:, 0].copy(), top, gmm, train_s,
-                     time.perf_counter() - start,
-                     {"covariance_type": covariance, "em_iterations": int(gmm.n_iter_),
-                      "reg_covar": float(gmm.reg_covar), "init_params": gmm.init_params})
+                     time.perf_counter() - start, info)
 
 
 def cached_partition(cache, name, partition, base, nlist, *, seed=1234, gmm_iter=15, device="auto",

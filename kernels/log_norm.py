@@ -65,6 +65,8 @@ def log_norm(x, shift, weights, precision, config):
                           DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                           BLOCK_D=config.block_d, ONE_TILE=d <= config.block_d, PRECISION=precision,
                           SPLIT_DTYPE=split_dtype(x.device), ROWS_FIRST=config.rows_first,
+                          # ROWS_FIRST as an axis number, derived here: the interpreter does not
+                          # evaluate a conditional expression on a constexpr inside the kernel.
                           COMP_AXIS=1 if config.rows_first else 0,
                           num_warps=config.num_warps, num_stages=config.num_stages)
     return out, best
