@@ -46,6 +46,7 @@ from flashgmm_ivf.kernels.truncated import MeanIndex
 
 from flashgmm_ivf import ConvergenceWarning, GaussianMixture, kernels
 from flashgmm_ivf._chunks import ChunkSource
+from flashgmm_ivf.eval.bench_estep import environment
 
 DATA = Path.home() / ".cache" / "flashgmm-ivf" / "data" / "sift-photos-128"
 REG_COVAR_FRACTION = 0.1
@@ -384,6 +385,7 @@ def write(args, rows, base, test, began, load_start):
         "data": {**args.data_info, "base_rows": len(base), "test_rows": len(test), "dim": base.shape[1],
                  "dtype": str(base.dtype)},
         "machine": machine(args, load_start),
+        "environment": environment(torch.device(args.device)),
         "settings": {"device": args.device, "covariance_type": "diag", "compute_dtype": "float32",
                      "n_candidates": 8, "n_neighbors": 12, "iterations": args.iters, "short_ks": args.short_ks,
                      "short_iters": args.short_iters, "dense_rows_timed": args.dense_rows,

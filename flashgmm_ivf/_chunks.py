@@ -28,11 +28,15 @@ class ChunkSource:
         ``shape`` and row slicing), a re-iterable of such blocks (list, tuple), or a callable
         returning a fresh iterable of blocks on each call.
     chunk_size : rows per block when ``data`` is sliceable.
+    checked : bool, default=False
+        The blocks are known to be valid (a copy of a validated source): passes skip the
+        per-block checks, whose finiteness test on a CUDA tensor would wait for the GPU.
     """
 
-    def __init__(self, data, chunk_size: int, *, name="X"):
+    def __init__(self, data, chunk_size: int, *, name="X", checked=False):
         self.name = name
         self.chunk_size = chunk_size
+        self.checked = checked
         if inspect.isgenerator(data) or isinstance(data, Iterator):
             raise TypeError(f"{name} is a one-shot iterator, but EM reads the data once per iteration: "
                             "pass a callable that returns a fresh iterable of chunks (e.g. lambda: gen())")
@@ -56,7 +60,8 @@ class ChunkSource:
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
         offset = 0
         for block in self._blocks():
-            block = check_block(block, n_features=self.n_features, offset=offset, name=self.name)
+            if not self.checked:
+                block = check_block(block, n_features=self.n_features, offset=offset, name=self.name)
             if self.n_features is None:
                 self.n_features = int(block.shape[1])
             if block.shape[0]:
@@ -105,6 +110,13 @@ PREFETCH_DEPTH = 3
 READER_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def kept_dtype(block) -> torch.dtype:
+    """The dtype ``to_tensor`` gives ``block`` on the device."""
+    if isinstance(block, torch.Tensor):
+        return block.dtype if block.dtype in _KEPT_DTYPES.values() else torch.float32
+    return _KEPT_DTYPES.get(np.dtype(block.dtype), torch.float32)
+
+
 def to_tensor(block, device: torch.device) -> torch.Tensor:
     """A block on ``device``: uint8/int8 stay compact (the kernels widen them), float64 stays exact,
     anything else becomes float32."""
@@ -112,10 +124,7 @@ def to_tensor(block, device: torch.device) -> torch.Tensor:
         block = np.ascontiguousarray(block)
         # torch wants writable memory; a read-only memmap chunk is copied (one chunk, not the data set).
         block = torch.from_numpy(block if block.flags.writeable else block.copy())
-    t = block
-    if t.dtype not in _KEPT_DTYPES.values():
-        t = t.to(torch.float32)
-    return t.to(device, non_blocking=True)
+    return block.to(device=device, dtype=kept_dtype(block), non_blocking=True)
 
 
 def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFETCH_DEPTH,
@@ -149,6 +158,26 @@ def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFET
     return _pinned_blocks(source, device, depth, readers)
 
 
+def device_copy(source: ChunkSource, device: torch.device, max_bytes: float) -> ChunkSource | None:
+    """The validated ``source`` copied once into one tensor on ``device``, as a checked
+    ``ChunkSource`` over it, or None when that tensor would take more than ``max_bytes``.
+
+    EM reads the data once per iteration: from such a copy a pass costs no host reads and
+    no host-to-device copies (for 390,000 SIFT rows on an H100, streaming them cost more
+    than the E-step itself).
+    """
+    first = next(iter(source), None)
+    if first is None:
+        return None
+    dtype = kept_dtype(first[1])
+    if source.n_samples * source.n_features * dtype.itemsize > max_bytes:
+        return None
+    rows = torch.empty((source.n_samples, source.n_features), dtype=dtype, device=device)
+    for offset, x in device_blocks(source, device):
+        rows[offset:offset + x.shape[0]] = x
+    return ChunkSource(rows, source.chunk_size, name=source.name, checked=True)
+
+
 class _PinnedSlot:
     """A pinned host buffer and the event of the last host-to-device copy out of it."""
 
@@ -162,7 +191,7 @@ class _PinnedSlot:
         """Copy ``block`` into the buffer (growing it as needed) once its last copy is done; return the view."""
         if self.copied is not None:
             self.copied.synchronize()
-        dtype = _KEPT_DTYPES.get(block.dtype, torch.float32)
+        dtype = kept_dtype(block)
         n, d = block.shape
         if self.host is None or self.host.dtype != dtype or self.host.shape[1] != d or self.host.shape[0] < n:
             # torch's caching host allocator recycles these between EM passes.

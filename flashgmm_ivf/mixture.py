@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import kernels
-from ._chunks import ChunkSource, device_blocks
+from ._chunks import ChunkSource, device_blocks, device_copy
 from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
 from ._mstep import COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, kernel_params, m_step, n_parameters, precisions_cholesky
 from ._validation import check_choice, check_nonnegative_float, check_positive_int
@@ -29,6 +29,10 @@ AUTO_TRUNCATED_MIN = 4096
 # Largest (rows, K) block iter_weighted_log_prob hands out: chunk_size rows alone would be
 # 17 GB at K = 16,384.
 LOG_PROB_BLOCK_BYTES = 256 << 20
+CACHE_DATA = ("auto", True, False)
+# cache_data='auto' copies the data to the GPU when it takes at most this share of the free
+# memory: the rest stays for the E-step's blocks and, truncated, the candidate sets.
+CACHE_FREE_FRACTION = 0.5
 
 
 class ConvergenceWarning(UserWarning):
@@ -74,6 +78,11 @@ class GaussianMixture:
         numpy data (memmaps, h5py) is streamed through pinned host buffers, the next blocks'
         reads and host-to-device copies overlapping the compute on this one
         (``_chunks.device_blocks``: a few blocks in flight, whatever N is).
+    cache_data : {'auto', True, False}, default='auto'
+        On CUDA, copy the data set to the GPU once at the start of ``fit`` and read every EM
+        pass from that copy (in the dtype the kernels read: uint8 stays uint8). 'auto' does so
+        when the copy takes at most half of the GPU's free memory; False streams every pass
+        from the host, for data the GPU must not hold. Ignored on the CPU.
     compute_dtype : {'float32', 'float64'}, default='float32'
         Arithmetic of the E-step. Statistics are always summed, and the M-step done, in float64.
     precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16'}, default='bf16x3'
@@ -144,7 +153,7 @@ class GaussianMixture:
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
                  random_state=None, warm_start=False, verbose=0, device="auto", chunk_size=262144,
-                 compute_dtype="float32", precision="bf16x3", variance_floor="auto", estep="auto", n_candidates=8,
+                 cache_data="auto", compute_dtype="float32", precision="bf16x3", variance_floor="auto", estep="auto", n_candidates=8,
                  n_neighbors=12):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -161,6 +170,7 @@ class GaussianMixture:
         self.verbose = verbose
         self.device = device
         self.chunk_size = chunk_size
+        self.cache_data = cache_data
         self.compute_dtype = compute_dtype
         self.precision = precision
         self.variance_floor = variance_floor
@@ -198,6 +208,8 @@ class GaussianMixture:
         check_choice(self.init_params, "init_params", INIT_METHODS)
         check_choice(self.device, "device", DEVICES)
         check_positive_int(self.chunk_size, "chunk_size")
+        if self.cache_data not in CACHE_DATA or not isinstance(self.cache_data, (bool, str)):
+            raise ValueError(f"cache_data must be 'auto', True or False, got {self.cache_data!r}")
         check_choice(self.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
         check_choice(self.precision, "precision", kernels.PRECISIONS)
         if isinstance(self.variance_floor, str):
@@ -291,6 +303,8 @@ class GaussianMixture:
         if fitted and self.means_.shape[1] != source.n_features:
             raise ValueError(f"X has {source.n_features} features, but the model was fitted with "
                              f"{self.means_.shape[1]}")
+        if device.type == "cuda":
+            source = self._cached(source, device)
         do_init = not (self.warm_start and fitted)
         rng = _rng(self.random_state)
         best = None
@@ -326,6 +340,13 @@ class GaussianMixture:
         self.lower_bounds_, self.n_reseeded_ = bounds, reseeded_total
         self.n_features_in_ = source.n_features
         return self
+
+    def _cached(self, source, device):
+        """The data on the GPU, copied once (``cache_data``), or ``source`` itself to stream."""
+        if self.cache_data is False:
+            return source
+        budget = math.inf if self.cache_data is True else CACHE_FREE_FRACTION * torch.cuda.mem_get_info(device)[0]
+        return device_copy(source, device, budget) or source
 
     def _initialize(self, source, rng, device):
         k = self.n_components

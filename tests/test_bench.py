@@ -49,7 +49,10 @@ def run(tmp_path_factory):
 def test_json_has_environment_ceilings_and_every_row(run):
     assert run["environment"]["commit"] and run["environment"]["torch"] == torch.__version__
     assert set(run["matmul_ceilings_tflops"]) == {"bf16", "tf32", "fp32"}
-    assert run["energy_method"] is None  # no GPU: no NVML
+    if torch.cuda.is_available():
+        assert run["energy_method"].startswith("nvml") or run["energy_error"]
+    else:
+        assert run["energy_method"] is None  # no GPU: no NVML
     methods = {(r["covariance_type"], r["k"], r["method"]) for r in run["rows"]}
     for k in (8, 32):
         assert {("diag", k, "torch chunked TF32"), ("diag", k, "IBM Flash-GMM H100 (diag, bf16)"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashgmm_ivf import GaussianMixture
-from flashgmm_ivf._chunks import ChunkSource, device_blocks, to_tensor
+from flashgmm_ivf._chunks import ChunkSource, device_blocks, device_copy, to_tensor
 
 CONVERSIONS = {
     "uint8": lambda x: x,
@@ -59,6 +59,28 @@ def test_cpu_memmap_fit_matches_in_memory_fit(tmp_path):
     assert got.lower_bounds_ == ref.lower_bounds_
 
 
+@pytest.mark.parametrize("convert", list(CONVERSIONS.values()), ids=list(CONVERSIONS))
+def test_device_copy_holds_the_blocks_in_one_tensor(convert):
+    x = convert(rows(1000, 12))
+    source = ChunkSource(x, 97)
+    source.validate()
+    copy = device_copy(source, torch.device("cpu"), max_bytes=float("inf"))
+    assert copy.checked and copy.n_samples == 1000 and copy.chunk_size == 97
+    got = list(copy)
+    want = [(offset, to_tensor(block, "cpu")) for offset, block in source]
+    assert [o for o, _ in got] == [o for o, _ in want]
+    for (_, g), (_, w) in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    itemsize = want[0][1].element_size()
+    assert device_copy(source, torch.device("cpu"), max_bytes=1000 * 12 * itemsize - 1) is None
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_cache_data_must_be_auto_or_bool(bad):
+    with pytest.raises(ValueError, match="cache_data must be 'auto', True or False"):
+        GaussianMixture(2, cache_data=bad, device="cpu").fit(rows(50, 3))
+
+
 # ---------------------------------------------------------------- CUDA: pinned buffers, side stream
 @pytest.mark.gpu
 @pytest.mark.parametrize("convert", list(CONVERSIONS.values()), ids=list(CONVERSIONS))
@@ -99,12 +121,16 @@ def test_pinned_streaming_keeps_device_memory_bounded(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path):
+@pytest.mark.parametrize("estep", ["dense", "truncated"])
+@pytest.mark.parametrize("cache_data", ["auto", False])
+def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path, cache_data, estep):
+    """Streamed from a memmap through pinned buffers (False) or copied to the GPU once
+    ('auto'), the fit equals the one of a tensor already on the GPU, bit for bit."""
     x = rows(50_000, 32)
-    fit = {"max_iter": 5, "tol": 0.0, "random_state": 0, "device": "cuda", "chunk_size": 4096}
+    fit = {"max_iter": 5, "tol": 0.0, "random_state": 0, "device": "cuda", "chunk_size": 4096, "estep": estep}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = GaussianMixture(16, **fit).fit(torch.from_numpy(x).cuda())
-        got = GaussianMixture(16, **fit).fit(memmap_of(x, tmp_path))
+        got = GaussianMixture(16, cache_data=cache_data, **fit).fit(memmap_of(x, tmp_path))
     np.testing.assert_array_equal(got.means_, ref.means_)
     assert got.lower_bounds_ == ref.lower_bounds_
