@@ -136,12 +136,12 @@ class EnergyMeter:
 
     The total-energy counter (mJ, Volta and later) where the driver supports it; otherwise
     the power reading sampled every ``period_s`` by a thread and integrated. ``method`` is
-    None (and :meth:`stop` returns None) without CUDA or nvidia-ml-py.
+    None (and :meth:`stop` returns None) for a CPU ``device`` or without nvidia-ml-py.
     """
 
-    def __init__(self, period_s=0.005):
+    def __init__(self, device: torch.device, period_s=0.005):
         self.method, self.error, self._handle, self._period = None, None, None, period_s
-        if not torch.cuda.is_available():
+        if device.type != "cuda":
             return
         try:
             import pynvml
@@ -170,12 +170,14 @@ class EnergyMeter:
             self._mj0 = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
 
     def stop(self):
-        """Joules since :meth:`start` (None without NVML)."""
+        """Joules since :meth:`start`; None without NVML, or when the energy counter did not
+        move (a window shorter than the driver's update period of the counter)."""
         if self.method is None:
             return None
         torch.cuda.synchronize()
         if not self._sampling():
-            return (self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._mj0) / 1e3
+            millijoules = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._mj0
+            return millijoules / 1e3 if millijoules > 0 else None
         self._stop.set()
         self._thread.join()
         samples = self._samples or [(time.perf_counter(), self._watts())]
@@ -569,7 +571,7 @@ def main(argv=None):
         write_json(args.out, result)
 
     if not args.memory_only:
-        meter = EnergyMeter()
+        meter = EnergyMeter(device)
         result["energy_method"], result["energy_error"] = meter.method, meter.error
         size = args.ceiling_size or (8192 if device.type == "cuda" else 512)
         result["matmul_ceilings_tflops"] = ceilings = matmul_ceilings(size, device)

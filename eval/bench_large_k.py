@@ -90,8 +90,10 @@ class TimedMixture(GaussianMixture):
             rebuild = store.begin_pass
 
             def timed(means):
+                sync(means.device)
                 began = time.perf_counter()
                 rebuild(means)
+                sync(means.device)
                 self.graph_seconds_.append(time.perf_counter() - began)
 
             store.begin_pass = timed
@@ -346,8 +348,9 @@ def main(argv=None):
 def machine(args, load_start):
     if args.device == "cuda":
         return {"device": torch.cuda.get_device_name(), "cores": os.cpu_count(),
-                "note": "graph rebuild and first candidate search: exact torch products on the GPU "
-                        "(kernels.truncated.exact_graph / nearest_means); candidate sets held on the GPU"}
+                "note": "graph rebuild and first candidate search: torch products on the GPU, a float16 "
+                        "shortlist re-ranked in float32 (kernels.truncated.exact_graph / nearest_means); "
+                        "candidate sets and the data held on the GPU (cache_data)"}
     return {"device": "cpu", "cores": os.cpu_count(), "torch_threads": args.threads,
             "processor": platform.processor() or platform.machine(),
             "note": "shared 2-core machine: other jobs ran concurrently, timings are noisy "

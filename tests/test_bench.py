@@ -40,7 +40,7 @@ def run(tmp_path_factory):
     for name in ("flash_gmm.py", "flash_gmm_h100.py", "flash_gmm_diag_h100.py"):
         (folder / name).write_text(FAKE_ANCHOR)
     out = folder / "bench.json"
-    bench_estep.main(["--n", "600", "--k", "8,32", "--d", "6", "--precisions", "", "--window-s", "0.01",
+    bench_estep.main(["--device", "cpu", "--n", "600", "--k", "8,32", "--d", "6", "--precisions", "", "--window-s", "0.01",
                       "--ceiling-size", "64", "--anchor-dir", str(folder), "--oracle-max-flop", "5e5",
                       "--out", str(out)])
     return json.loads(out.read_text())
@@ -49,10 +49,7 @@ def run(tmp_path_factory):
 def test_json_has_environment_ceilings_and_every_row(run):
     assert run["environment"]["commit"] and run["environment"]["torch"] == torch.__version__
     assert set(run["matmul_ceilings_tflops"]) == {"bf16", "tf32", "fp32"}
-    if torch.cuda.is_available():
-        assert run["energy_method"].startswith("nvml") or run["energy_error"]
-    else:
-        assert run["energy_method"] is None  # no GPU: no NVML
+    assert run["energy_method"] is None  # CPU: no NVML
     methods = {(r["covariance_type"], r["k"], r["method"]) for r in run["rows"]}
     for k in (8, 32):
         assert {("diag", k, "torch chunked TF32"), ("diag", k, "IBM Flash-GMM H100 (diag, bf16)"),
@@ -83,8 +80,8 @@ def test_methods_predicted_too_slow_are_skipped(tmp_path):
     assert "--max-method-s" in rows[-1]["reason"]
 
 
-def test_energy_meter_is_inert_without_cuda():
-    meter = bench_estep.EnergyMeter()
+def test_energy_meter_is_inert_on_cpu():
+    meter = bench_estep.EnergyMeter(torch.device("cpu"))
     meter.start()
     assert meter.method is None and meter.stop() is None
 
@@ -94,7 +91,7 @@ def test_energy_meter_is_inert_without_cuda():
 def test_bench_estep_on_gpu(tmp_path):
     out = tmp_path / "b.json"
     bench_estep.main(["--n", "20000", "--k", "64", "--d", "32", "--precisions", "bf16x3,ieee", "--uint8",
-                      "--window-s", "0.05", "--ceiling-size", "2048", "--memory-n", "200000", "--out", str(out)])
+                      "--window-s", "0.3", "--ceiling-size", "2048", "--memory-n", "200000", "--out", str(out)])
     run = json.loads(out.read_text())
     assert all(r["status"] == "ok" for r in run["rows"]), run["rows"]
     ours = [r for r in run["rows"] if r["method"].startswith("ours")]
@@ -102,7 +99,9 @@ def test_bench_estep_on_gpu(tmp_path):
     assert all(r["relative_error"]["nk"] < 1e-3 for r in ours)
     assert run["memory_at_scale"]["n"] == 200000
     if run["energy_method"]:
-        assert all(r["joules_per_iteration"] > 0 for r in ours)
+        # None where the driver's energy counter did not move within a method's window.
+        joules = [r["joules_per_iteration"] for r in ours]
+        assert any(j is not None for j in joules) and all(j is None or j > 0 for j in joules), joules
 
 
 @pytest.mark.gpu

@@ -97,17 +97,18 @@ def test_mean_index_inverted_file_graph_and_search(monkeypatch):
     assert found.shape == (50, 7) and found.min() >= 0
 
 
-def test_torch_search_matches_exact_faiss():
+@pytest.mark.parametrize("shortlist", [False, True], ids=["float32", "float16-shortlist"])
+def test_torch_search_matches_exact_faiss(shortlist):
     rng = np.random.default_rng(1)
     means = (rng.normal(size=(300, 8)) * 50 + 100).astype(np.float32)   # raw-scale offsets
     queries = (rng.normal(size=(500, 8)) * 50 + 100).astype(np.float32)
     exact = faiss.IndexFlatL2(8)
     exact.add(means)
-    found = truncated.nearest_means(torch.from_numpy(queries), torch.from_numpy(means), 5).numpy()
+    found = truncated.nearest_means(torch.from_numpy(queries), torch.from_numpy(means), 5, shortlist).numpy()
     assert (found == exact.search(queries, 5)[1]).mean() > 0.99
     index = truncated.MeanIndex(8, 300)
     index.update(means)
-    graph = truncated.exact_graph(torch.from_numpy(means), 6)
+    graph = truncated.exact_graph(torch.from_numpy(means), 6, shortlist)
     assert graph.shape == (300, 6) and not (graph == torch.arange(300)[:, None]).any()
     assert (graph.numpy() == index.graph(means, 6)).mean() > 0.99
     assert truncated.exact_graph(torch.from_numpy(means), 0).shape == (300, 0)
