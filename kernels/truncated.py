@@ -81,6 +81,46 @@ def _design(xc: torch.Tensor, diagonal: bool) -> torch.Tensor:
     return torch.cat([xc, sq, torch.ones_like(xc[:, :1])], 1)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _sort_rows(a: torch.Tensor) -> torch.Tensor:
+    """Each row of ``a`` ascending. On the host through numpy, whose AVX-512 sort is ~20x
+    faster than torch's on (16,384, 104) int64 rows (2 ms against 46 ms)."""
+    return torch.from_numpy(np.sort(a.numpy(), 1)) if _on_host(a) else a.sort(1).values
+
+
+def _compress(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``a[mask]`` (row-major); numpy on the host, where torch's boolean indexing is ~10x slower."""
+    return torch.from_numpy(a.numpy()[mask.numpy()]) if _on_host(a) else a[mask]
+
+
+def _expand(mask: torch.Tensor, values: torch.Tensor, fill: float) -> torch.Tensor:
+    """A tensor shaped like ``mask``: ``values`` in its True places (row-major), ``fill`` elsewhere."""
+    out = torch.full(mask.shape, fill, dtype=values.dtype, device=values.device)
+    if _on_host(out):
+        out.numpy()[mask.numpy()] = values.numpy()
+        return out
+    return out.masked_scatter_(mask, values)
+
+
+def _top(ll: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and column indices of each row's k largest entries, largest first.
+
+    On the host a numpy partition, then a sort of the k kept (~2x faster than torch.topk
+    on (16,384, 104)); which of several tied entries is kept may differ from torch.topk.
+    """
+    if not _on_host(ll):
+        return torch.topk(ll, k, dim=1)
+    a = ll.numpy()
+    where = np.argpartition(a, a.shape[1] - k, axis=1)[:, -k:]
+    top = np.take_along_axis(a, where, 1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return (torch.from_numpy(np.take_along_axis(top, order, 1)),
+            torch.from_numpy(np.take_along_axis(where, order, 1)))
+
+
 def search_space(candidates: torch.Tensor, graph: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates and their graph neighbours, sorted per row, with a mask of first occurrences.
 
@@ -94,7 +134,7 @@ def search_space(candidates: torch.Tensor, graph: torch.Tensor) -> tuple[torch.T
     space : Tensor of shape (n, C' (G + 1)), int64, each row ascending
     fresh : bool Tensor of the same shape, False on repeats of the entry before
     """
-    space = torch.cat([candidates, graph[candidates].flatten(1)], 1).sort(1).values
+    space = _sort_rows(torch.cat([candidates, graph[candidates].flatten(1)], 1))
     fresh = torch.ones_like(space, dtype=torch.bool)
     fresh[:, 1:] = space[:, 1:] != space[:, :-1]
     return space, fresh
@@ -117,13 +157,13 @@ def candidate_log_prob(z: torch.Tensor, weights: torch.Tensor, space: torch.Tens
     counts = fresh.sum(1)
     crow = torch.zeros(space.shape[0] + 1, dtype=torch.int64, device=space.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    cols = space[fresh]
+    cols = _compress(space, fresh)
     with _sparse_beta():
         pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(cols, dtype=z.dtype),
                                           size=(space.shape[0], weights.shape[0]), check_invariants=False)
         sampled = torch.sparse.sampled_addmm(pattern, z, weights.T, beta=0.0)
-    # masked_scatter_ fills the True places in row-major order, as the CSR values are laid out.
-    return torch.full(space.shape, -math.inf, dtype=z.dtype, device=z.device).masked_scatter_(fresh, sampled.values())
+    # The CSR values are laid out row-major, as _expand fills the True places.
+    return _expand(fresh, sampled.values(), -math.inf)
 
 
 def _add_stats(acc: torch.Tensor, resp: torch.Tensor, members: torch.Tensor, z: torch.Tensor) -> None:
@@ -137,7 +177,7 @@ def _add_stats(acc: torch.Tensor, resp: torch.Tensor, members: torch.Tensor, z: 
     rows = torch.arange(n, device=z.device).repeat_interleave(c)
     r = torch.sparse_coo_tensor(torch.stack([slot.flatten(), rows]), resp.flatten(), (held.numel(), n),
                                 check_invariants=False)
-    acc[held] += torch.sparse.mm(r, z).to(torch.float64)
+    acc.index_add_(0, held, torch.sparse.mm(r, z).to(torch.float64))
 
 
 def _select_torch(z, weights, candidates, graph, n_keep):
@@ -160,7 +200,7 @@ def _select_torch(z, weights, candidates, graph, n_keep):
     space, fresh = search_space(candidates, graph)
     ll = candidate_log_prob(z, weights, space, fresh)
     # Ranking includes the old candidates, so the kept set's free energy is >= theirs.
-    top, where = torch.topk(ll, n_keep, dim=1)
+    top, where = _top(ll, n_keep)
     lz = torch.logsumexp(top, 1)
     return lz, space.gather(1, where), torch.exp(top - lz[:, None])
 
