@@ -97,6 +97,18 @@ def test_mean_index_inverted_file_graph_and_search(monkeypatch):
     assert found.shape == (50, 7) and found.min() >= 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "k", "count"), [(40, 128 * 300, 52), (9, 128 * 37, 5), (5, 4097, 8), (3, 200, 200)])
+def test_smallest_columns_equal_topk(dtype, n, k, count):
+    scores = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    scores[0, :count + 3] = scores[0, 0]      # ties across the cut
+    got = truncated._smallest_columns(scores, count)
+    want = scores.topk(count, 1, largest=False).indices
+    assert got.shape == (n, count) and int(got.min()) >= 0 and int(got.max()) < k
+    assert torch.equal(scores.gather(1, got).sort(1).values, scores.gather(1, want).sort(1).values)
+    assert all(len(set(row)) == count for row in got.tolist())
+
+
 @pytest.mark.parametrize("shortlist", [False, True], ids=["float32", "float16-shortlist"])
 def test_torch_search_matches_exact_faiss(shortlist):
     rng = np.random.default_rng(1)
