@@ -36,9 +36,7 @@ import inspect
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from flashgmm_ivf.eval.environment import environment
 
 from flashgmm_ivf import GaussianMixture, kernels
 from flashgmm_ivf._mstep import m_step
@@ -504,25 +503,6 @@ def print_table(rows, header=True):
               f"{_cell_text(r['joules_per_iteration'], '.3g', 8)} {_cell_text(e.get('nk'), '.1e', 8)} "
               f"{_cell_text(e.get('s1'), '.1e', 8)} {_cell_text(e.get('s2'), '.1e', 8)} "
               f"{_cell_text(e.get('log_z_max_abs'), '.1e', 8)}")
-
-
-def environment(device):
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True,
-                                cwd=root).stdout.strip()
-    except OSError:
-        commit = ""
-    env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "commit": os.environ.get("FLASHGMM_COMMIT") or commit,
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env |= {"device": props.name, "sm_count": props.multi_processor_count,
-                "memory_gib": props.total_memory / 2**30}
-    else:
-        env |= {"device": f"cpu ({platform.processor() or platform.machine()})", "threads": torch.get_num_threads()}
-    return env
 
 
 def write_json(path, doc):

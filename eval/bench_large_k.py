@@ -41,12 +41,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from flashgmm_ivf.eval.environment import environment
 from flashgmm_ivf.kernels import truncated
 from flashgmm_ivf.kernels.truncated import MeanIndex
 
 from flashgmm_ivf import ConvergenceWarning, GaussianMixture, kernels
 from flashgmm_ivf._chunks import ChunkSource
-from flashgmm_ivf.eval.bench_estep import environment
 
 DATA = Path.home() / ".cache" / "flashgmm-ivf" / "data" / "sift-photos-128"
 REG_COVAR_FRACTION = 0.1

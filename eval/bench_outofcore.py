@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from flashgmm_ivf.datasets.bigann import read_bin
-from flashgmm_ivf.eval.bench_estep import environment, write_json, sift_like, starting_params
+from flashgmm_ivf.eval.bench_estep import sift_like, starting_params, write_json
+from flashgmm_ivf.eval.environment import environment
 from tqdm.auto import tqdm
 
 from flashgmm_ivf import ConvergenceWarning, GaussianMixture

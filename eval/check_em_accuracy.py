@@ -22,10 +22,11 @@ import warnings
 
 import numpy as np
 import torch
-from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR
-from flashgmm_ivf.eval.bench_estep import environment, write_json, raw_scale_rows, starting_params
+from flashgmm_ivf.eval.bench_estep import raw_scale_rows, starting_params, write_json
+from flashgmm_ivf.eval.environment import environment
 
 from flashgmm_ivf import GaussianMixture, kernels
+from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR
 
 DATASETS = ("raw", "standardised")
 

@@ -52,9 +52,6 @@ import csv
 import hashlib
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -63,7 +60,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..datasets import ground_truth, load_dataset
@@ -74,6 +70,7 @@ from ..ivf.quantizer import add_assigned, coarse_distances, new_ivf, posterior_l
 from ..ivf.soft_assign import TopComponents
 from ..ivf.spill import RULES, spill
 from ..mixture import GaussianMixture
+from .environment import environment
 
 __all__ = ["Method", "add_arguments", "build_index", "cached_partition", "cost_at", "fit_probe_table", "gap_deltas",
            "load_data", "main", "markdown", "method_lists", "parse_methods", "plot", "probe_gmm", "recall_at", "run",
@@ -705,26 +702,6 @@ def plot(rows, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def environment() -> dict:
-    """Versions, device, CPU count, load and the git commit of the checkout (if any)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    commit = git("rev-parse", "HEAD")
-    return {"python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__,
-            "faiss": faiss.__version__, "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "cpu_count": os.cpu_count(), "faiss_omp_threads": faiss.omp_get_max_threads(),
-            "load_average_at_start": list(os.getloadavg()),
-            "omp_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}, "commit": commit,
-            "uncommitted_changes": bool(git("status", "--porcelain")) if commit else None}
 
 
 # ---------------------------------------------------------------------- driver
