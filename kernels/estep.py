@@ -56,14 +56,21 @@ def default_configs(n_features: int, diagonal: bool = True,
     Up to D = 128 one feature tile holds a whole row, so the rows are loaded and split once
     per row tile; beyond, 64-wide tiles keep the float32 partial sums short. Both passes must
     share BLOCK_D (see ``estep``). The float32-operand precisions get half-size tiles: their
-    operands take twice the shared memory of bf16x3's pieces.
+    operands take twice the shared memory of bf16x3's pieces. Beyond one feature tile, pass 2
+    takes 32 components a program: its (splits, K, D) partials then allow few row splits,
+    and the grid is (K tiles, splits).
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
-    if precision not in ("bf16x3", "bf16"):
-        return LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
-    if diagonal:
-        return LaunchConfig(128, 128, block_d, 8, 1, True), LaunchConfig(64, 128, block_d, 8, 2)
-    return LaunchConfig(128, 64, block_d, 8, 1, True), LaunchConfig(128, 128, block_d, 8, 1)
+    bf16 = precision in ("bf16x3", "bf16")
+    if not bf16:
+        first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
+    elif diagonal:
+        first, second = LaunchConfig(128, 128, block_d, 8, 1, True), LaunchConfig(64, 128, block_d, 8, 2)
+    else:
+        first, second = LaunchConfig(128, 64, block_d, 8, 1, True), LaunchConfig(128, 128, block_d, 8, 1)
+    if n_features > block_d:
+        second = LaunchConfig(64, 32, block_d, 4, 2 if bf16 else 1)
+    return first, second
 
 
 def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config=None):
@@ -87,7 +94,7 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
 
 
 def _default_split(n_comps, n_features, config, device) -> int:
-    programs = triton.cdiv(n_comps, config.block_k) * triton.cdiv(n_features, config.block_d)
+    programs = triton.cdiv(n_comps, config.block_k)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     by_memory = PARTIALS_BUDGET // (8 * n_comps * n_features + 8 * n_comps)
     return int(max(1, min(triton.cdiv(4 * sms, programs), by_memory)))
