@@ -154,8 +154,9 @@ def timed_fit(x, init, args):
     One ``fit`` call per iteration (max_iter=1, then warm starts), each timed to its end: the
     estimator syncs on the lower bound, so the wall clock holds the whole pass.
     """
+    # cache_data=False: the data is to be streamed on every pass, not copied to the GPU.
     gmm = GaussianMixture(args.k, covariance_type=args.covariance_type, max_iter=1, tol=0.0,
-                          chunk_size=args.chunk_size, estep="dense", device="cuda", **init)
+                          chunk_size=args.chunk_size, estep="dense", device="cuda", cache_data=False, **init)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

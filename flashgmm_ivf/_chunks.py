@@ -160,14 +160,15 @@ def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFET
 
 def device_copy(source: ChunkSource, device: torch.device, max_bytes: float) -> ChunkSource | None:
     """The validated ``source`` copied once into one tensor on ``device``, as a checked
-    ``ChunkSource`` over it, or None when that tensor would take more than ``max_bytes``.
+    ``ChunkSource`` over it; None when that tensor would take more than ``max_bytes``, or
+    when the blocks are tensors on ``device`` already (a second copy would only cost memory).
 
     EM reads the data once per iteration: from such a copy a pass costs no host reads and
     no host-to-device copies (for 390,000 SIFT rows on an H100, streaming them cost more
     than the E-step itself).
     """
     first = next(iter(source), None)
-    if first is None:
+    if first is None or _on_device(first[1], device):
         return None
     dtype = kept_dtype(first[1])
     if source.n_samples * source.n_features * dtype.itemsize > max_bytes:
@@ -176,6 +177,11 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float) -> 
     for offset, x in device_blocks(source, device):
         rows[offset:offset + x.shape[0]] = x
     return ChunkSource(rows, source.chunk_size, name=source.name, checked=True)
+
+
+def _on_device(block, device: torch.device) -> bool:
+    return (isinstance(block, torch.Tensor) and block.device.type == device.type
+            and device.index in (None, block.device.index))
 
 
 class _PinnedSlot:

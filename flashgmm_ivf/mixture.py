@@ -153,8 +153,8 @@ class GaussianMixture:
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
                  random_state=None, warm_start=False, verbose=0, device="auto", chunk_size=262144,
-                 cache_data="auto", compute_dtype="float32", precision="bf16x3", variance_floor="auto", estep="auto", n_candidates=8,
-                 n_neighbors=12):
+                 cache_data="auto", compute_dtype="float32", precision="bf16x3", variance_floor="auto", estep="auto",
+                 n_candidates=8, n_neighbors=12):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol

@@ -40,8 +40,8 @@ def run(tmp_path_factory):
     for name in ("flash_gmm.py", "flash_gmm_h100.py", "flash_gmm_diag_h100.py"):
         (folder / name).write_text(FAKE_ANCHOR)
     out = folder / "bench.json"
-    bench_estep.main(["--device", "cpu", "--n", "600", "--k", "8,32", "--d", "6", "--precisions", "", "--window-s", "0.01",
-                      "--ceiling-size", "64", "--anchor-dir", str(folder), "--oracle-max-flop", "5e5",
+    bench_estep.main(["--device", "cpu", "--n", "600", "--k", "8,32", "--d", "6", "--precisions", "",
+                      "--window-s", "0.01", "--ceiling-size", "64", "--anchor-dir", str(folder), "--oracle-max-flop", "5e5",
                       "--out", str(out)])
     return json.loads(out.read_text())
 

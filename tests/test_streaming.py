@@ -65,6 +65,9 @@ def test_device_copy_holds_the_blocks_in_one_tensor(convert):
     source = ChunkSource(x, 97)
     source.validate()
     copy = device_copy(source, torch.device("cpu"), max_bytes=float("inf"))
+    if isinstance(x, torch.Tensor):  # on the device already: no second copy
+        assert copy is None
+        return
     assert copy.checked and copy.n_samples == 1000 and copy.chunk_size == 97
     got = list(copy)
     want = [(offset, to_tensor(block, "cpu")) for offset, block in source]
