@@ -276,3 +276,30 @@ def test_factory_string_selects_the_truncated_estep():
     assert index.gmm.estep == "truncated" and index.gmm.n_candidates == 4
     with pytest.raises(ValueError, match="a bare option is a covariance type"):
         index_factory(8, "IVF16_GMM(diag,sparse),Flat")
+
+
+@pytest.mark.parametrize("search", ["faiss", "torch"])
+def test_graph_refined_between_rebuilds_and_reseeded_rows_searched_afresh(search, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    means = torch.randn(200, 6, generator=gen, dtype=torch.float64) * 10 + 100
+    store = truncated.TruncatedEStep(50, 200, 6, 3, 5, search=search)
+    store.begin_pass(means)
+    exact = lambda m: truncated.exact_graph(m.float(), 5, shortlist=False).sort(1).values
+    assert torch.equal(store.graph.sort(1).values, exact(means))
+    # Component 7 is re-seeded far away, next to 123, and the others drift a little.
+    moved = means + torch.randn(200, 6, generator=gen, dtype=torch.float64) * 0.5
+    moved[7] = moved[123] + 0.01
+    store.worst_rows = torch.tensor([4])
+    store.plant(torch.tensor([7]))
+    assert store.candidates[4, -1] == 7
+    refined = []
+    monkeypatch.setattr(truncated, "refine_graph", lambda *a, _f=truncated.refine_graph: refined.append(1) or _f(*a))
+    store.begin_pass(moved)
+    graph = store.graph.sort(1).values
+    assert refined and torch.equal(graph[7], exact(moved)[7]) and 123 in graph[7]
+    kept = sum(len(set(a) & set(b)) for a, b in zip(graph.tolist(), exact(moved).tolist()))
+    assert kept > 0.9 * graph.numel()
+    for _ in range(truncated.REBUILD_EVERY - 1):
+        store.begin_pass(moved)
+    assert len(refined) == truncated.REBUILD_EVERY - 1  # the last pass rebuilt from scratch
+    assert torch.equal(store.graph.sort(1).values, exact(moved))

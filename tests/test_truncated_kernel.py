@@ -150,3 +150,27 @@ def test_cuda_truncated_fit_tracks_cpu_float64(covariance_type):
         gpu = GaussianMixture(64, device="cuda", **init).fit(x)
     np.testing.assert_allclose(gpu.lower_bounds_, cpu.lower_bounds_, rtol=1e-5)
     assert np.all(np.diff(gpu.lower_bounds_) >= -1e-6 * np.abs(gpu.lower_bounds_[1:]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_refined_graph_keeps_an_exact_graph_and_improves_a_random_one(backend):
+    gen = torch.Generator().manual_seed(3)
+    means = make_rows(300, 9, "raw", gen).float()  # raw scale: the distances are taken about the centroid
+    exact = truncated.exact_graph(means, 6, shortlist=False)
+    device = DEVICE if backend == "triton" else "cpu"
+
+    def refine(graph):
+        out = truncated.refine_graph(means.to(device), graph.to(device), backend=backend).cpu()
+        assert out.shape == (300, 6) and out.dtype == torch.int64
+        assert not (out == torch.arange(300)[:, None]).any() and ((out >= 0) & (out < 300)).all()
+        return out
+
+    assert torch.equal(refine(exact).sort(1).values, exact.sort(1).values)
+    # From a random graph every row's neighbours can only come closer: the old ones are
+    # part of the search space.
+    start = (torch.arange(300)[:, None] + torch.randint(1, 300, (300, 6), generator=gen)) % 300
+    refined = refine(start)
+    dist = lambda g: ((means[g] - means[:, None]) ** 2).sum(2).sort(1).values.double()
+    assert (dist(refined) <= dist(start) * (1 + 1e-6)).all()
+    hits = lambda g: sum(len(set(a) & set(b)) for a, b in zip(g.tolist(), exact.tolist()))
+    assert hits(refine(refined)) > hits(refined) > hits(start)
