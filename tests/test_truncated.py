@@ -1,5 +1,6 @@
 """Truncated E-step: equals the dense one with all candidates, monotone bound, estimator option."""
 import functools
+import math
 import warnings
 
 import faiss
@@ -303,3 +304,16 @@ def test_graph_refined_between_rebuilds_and_reseeded_rows_searched_afresh(search
         store.begin_pass(moved)
     assert len(refined) == truncated.REBUILD_EVERY - 1  # the last pass rebuilt from scratch
     assert torch.equal(store.graph.sort(1).values, exact(moved))
+
+
+def test_host_top_k_matches_torch_topk_with_ties_and_empty_slots():
+    gen = torch.Generator().manual_seed(2)
+    ll = torch.randn(500, 40, generator=gen) * 30 - 500
+    ll[torch.rand(500, 40, generator=gen) < 0.4] = -math.inf
+    ll[:20, 3:] = -math.inf           # fewer finite entries than k
+    ll[20:40] = 1.0                   # every entry tied
+    ll[40:60, :12] = ll[40:60, :1]    # ties at the k-th largest value
+    values, where = truncated._top(ll, 8)
+    assert torch.equal(values, torch.topk(ll, 8, dim=1).values)
+    assert torch.equal(ll.gather(1, where), values)
+    assert all(len(set(row)) == 8 for row in where.tolist())
