@@ -45,6 +45,7 @@ import torch
 
 from ..kernels import natural_params, reference
 from .bench_large_k import DATA, fit, per_iteration, starting_point
+from .environment import environment
 
 
 def heldout_loglik(weights, means, variances, test) -> float:
@@ -180,6 +181,7 @@ def main(argv=None):
                             "vamm_openmp_threads_reported": args.vamm_threads,
                             "ours_compute_dtype": "float32", "vamm_precision": "double (its build default)",
                             "torch": torch.__version__},
+               "environment": environment(torch.device("cpu")),
                "machine": {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                            "loadavg_start": load, "loadavg_end": os.getloadavg(),
                            "note": "shared 2-core machine, other jobs running: both timed in the same process, "
