@@ -287,6 +287,15 @@ def _estep_triton(x, params, shift, candidates, graph):
     return EStepResult(lz.double(), nk, s1, s2), members.long()
 
 
+def _backend(backend, x: torch.Tensor, dtype) -> str:
+    """``backend`` checked, or resolved when None: the Triton kernels for float32 on CUDA."""
+    if backend is None:
+        return "triton" if x.is_cuda and dtype == torch.float32 else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
+    return backend
+
+
 def estep(x, params: NaturalParams, shift, candidates, graph, *, dtype=torch.float64,
           chunk_size=SUB_BLOCK_ROWS, backend=None) -> tuple[EStepResult, torch.Tensor]:
     """Truncated E-step of one block: statistics over each row's best C' of its search space.
@@ -311,14 +320,10 @@ def estep(x, params: NaturalParams, shift, candidates, graph, *, dtype=torch.flo
     new_candidates : Tensor of shape (n, C'), int64, best first
     """
     params, offset = split_offset(params)
-    if backend is None:
-        backend = "triton" if x.is_cuda and dtype == torch.float32 else "torch"
-    if backend == "triton":
+    if _backend(backend, x, dtype) == "triton":
         result, new = _estep_triton(x, params, shift, candidates, graph)
-    elif backend == "torch":
-        result, new = _estep_torch(x, params, shift, candidates, graph, dtype, chunk_size)
     else:
-        raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
+        result, new = _estep_torch(x, params, shift, candidates, graph, dtype, chunk_size)
     return result._replace(log_norm=result.log_norm + offset), new
 
 
@@ -483,7 +488,7 @@ def refine_graph(means: torch.Tensor, graph: torch.Tensor, *, backend=None) -> t
     weights = torch.cat([2 * m, torch.zeros_like(sq), -sq], 1)
     own = torch.arange(k, device=m.device)
     start = torch.cat([own[:, None], graph], 1)
-    if (backend or ("triton" if m.is_cuda else "torch")) == "triton":
+    if _backend(backend, m, m.dtype) == "triton":
         _, found, _ = select(m, torch.zeros(m.shape[1], dtype=torch.float32, device=m.device), weights,
                              start.contiguous(), graph.contiguous(), diagonal=False)
         found = found.long()

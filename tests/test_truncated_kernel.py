@@ -174,3 +174,9 @@ def test_refined_graph_keeps_an_exact_graph_and_improves_a_random_one(backend):
     assert (dist(refined) <= dist(start) * (1 + 1e-6)).all()
     hits = lambda g: sum(len(set(a) & set(b)) for a, b in zip(g.tolist(), exact.tolist()))
     assert hits(refine(refined)) > hits(refined) > hits(start)
+
+
+def test_refine_graph_backend_is_checked():
+    means = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="backend must be"):
+        truncated.refine_graph(means, truncated.exact_graph(means, 2), backend="numpy")
