@@ -4,12 +4,12 @@ Every method builds the same index (FAISS ``IndexIVFFlat``, ``IndexFlatL2`` quan
 vectors added to their lists with :func:`flashgmm_ivf.ivf.quantizer.add_assigned`),
 is searched by the same dedup search (:func:`flashgmm_ivf.ivf.search_dedup`, lists
 probed by distance to their centroid) and is charged the same cost per query: codes
-scanned (``indexIVF_stats.ndis``, copies included) plus K coarse distances (plus
-nprobe true distances when a GMM method probes by posterior, plus K Gaussian
-log-densities when ``@gap`` runs on a non-spherical GMM: a spherical one's follow from
-the K distances).
+scanned (``indexIVF_stats.ndis``, copies included) plus the coarse distances the
+quantizer evaluated (K for a flat one; plus nprobe true distances when a GMM method
+probes by posterior, plus K Gaussian log-densities when ``@gap`` runs on a non-spherical
+GMM: a spherical one's follow from the K distances).
 
-Methods are ``<partition>[+<rule>][@<probing>]``, or a preset name (``PRESETS``):
+Methods are ``<partition>[+<rule>][@<probing>][/hnsw]``, or a preset name (``PRESETS``):
 
 - partitions: ``kmeans-niter10`` (FAISS's IVF training default), ``kmeans-niter25``
   (``faiss.Kmeans`` default; alias ``kmeans``), ``gmm-diag`` (alias ``gmm``),
@@ -28,6 +28,11 @@ Methods are ``<partition>[+<rule>][@<probing>]``, or a preset name (``PRESETS``)
   weighted log-likelihood is more than delta nats below the query's best component
   (:func:`flashgmm_ivf.ivf.probing.gap_nprobe`); the deltas swept are the learn queries'
   median gaps at ranks 1, 2, 4, ... of the nprobe sweep.
+- ``/hnsw``: the same lists, but queries find them through an HNSW graph over the
+  centroids (``faiss.IndexHNSWFlat``, M = ``HNSW_M``, put in by
+  ``faiss.contrib.ivf_tools.replace_ivf_quantizer``; efSearch = the depth asked) instead
+  of evaluating all K; the cost counts the distances its walks evaluate
+  (``faiss.cvar.hnsw_stats.ndis``). Not with ``@posterior`` / ``@gap``, which score all K.
 
 Each method runs at every copies budget it can spend (1.0 for hard k-means; > 1 for
 rules), at nprobe 1, 2, 4, ... or at each knob value of an adaptive rule (stopping once
@@ -64,7 +69,9 @@ from tqdm import tqdm
 
 from ..datasets import ground_truth, load_dataset
 from ..ivf import GMMIndexIVF, assign_budget, search_dedup, top_components
-from ..ivf.probing import (SPREAD_RANK, ProbeTable, component_scores, distance_spread, gap_nprobe, list_members,
+from faiss.contrib.ivf_tools import replace_ivf_quantizer
+
+from ..ivf.probing import (ProbeTable, adaptive_lists, component_scores, distance_spread, gap_nprobe, list_members,
                            neighbor_depths, ranked_lists, scan_costs, search_adaptive)
 from ..ivf.quantizer import add_assigned, coarse_distances, new_ivf, posterior_lists, set_centroids
 from ..ivf.soft_assign import TopComponents
@@ -92,6 +99,8 @@ ADAPTIVE_METHODS = ("kmeans-niter25", "kmeans+top2", "kmeans+spann", "kmeans+soa
                     "gmm-spherical@gap", "gmm-diag@adaptive", "gmm+soar@adaptive", "gmm-spherical+soar@adaptive")
 PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METHODS}
 PROBES = ("centroid", "posterior", "adaptive", "gap")
+QUANTIZERS = ("flat", "hnsw")
+HNSW_M = 16  # graph degree of '/hnsw' quantizers (FAISS's IVF<nlist>_HNSW<M> factory spelling)
 GMM_PROBES = ("posterior", "gap")  # need a GMM's densities
 # Recall@10 asked of a ProbeTable on the learn queries: the knob of '@adaptive' curves.
 RECALL_KNOBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
@@ -104,17 +113,20 @@ GMM_TOP = 4  # components kept per vector by the GMM budget policy (its max copi
 # ---------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class Method:
-    """A partition, an optional spill rule and the query's probing, e.g. ``Method('kmeans-niter25', 'soar')``."""
+    """A partition, an optional spill rule, the query's probing and the coarse quantizer's kind,
+    e.g. ``Method('kmeans-niter25', 'soar')``."""
 
     partition: str
     rule: str | None = None
     probe: str = "centroid"
+    quantizer: str = "flat"
 
     @property
     def name(self) -> str:
         short = {v: k for k, v in ALIASES.items()}
         name = self.partition if self.rule is None else f"{short.get(self.partition, self.partition)}+{self.rule}"
-        return name + ("" if self.probe == "centroid" else f"@{self.probe}")
+        return (name + ("" if self.probe == "centroid" else f"@{self.probe}")
+                + ("" if self.quantizer == "flat" else f"/{self.quantizer}"))
 
     @property
     def is_gmm(self) -> bool:
@@ -134,7 +146,8 @@ def parse_methods(spec) -> list[Method]:
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for name in (n.strip() for n in names if n.strip()):
-        head, _, probe = name.partition("@")
+        head, _, quantizer = name.partition("/")
+        head, _, probe = head.partition("@")
         partition, _, rule = head.partition("+")
         partition = ALIASES.get(partition, partition)
         if partition not in PARTITIONS:
@@ -147,7 +160,13 @@ def parse_methods(spec) -> list[Method]:
                              + ", ".join(f"'@{p}'" for p in PROBES[1:]))
         if probe in GMM_PROBES and not partition.startswith("gmm"):
             raise ValueError(f"method {name!r}: only GMM partitions take " + " or ".join(f"'@{p}'" for p in GMM_PROBES))
-        out.append(Method(partition, rule or None, probe or "centroid"))
+        if quantizer and quantizer not in QUANTIZERS[1:]:
+            raise ValueError(f"method {name!r}: unknown quantizer {quantizer!r}; known: "
+                             + ", ".join(f"'/{q}'" for q in QUANTIZERS[1:]))
+        if quantizer and probe in GMM_PROBES:
+            raise ValueError(f"method {name!r}: '@{probe}' scores all K components, so a '/{quantizer}' quantizer "
+                             "saves nothing there")
+        out.append(Method(partition, rule or None, probe or "centroid", quantizer or "flat"))
     if not out:
         raise ValueError("no methods given")
     return out
@@ -358,13 +377,28 @@ def probe_gmm(method: Method, part: Partition):
     return part.gmm if method.probe == "posterior" else None
 
 
-def build_index(centroids, base, lists) -> faiss.IndexIVFFlat:
-    """An IndexIVFFlat over ``centroids`` holding every base row in each of its lists (ids = row numbers)."""
+def build_index(centroids, base, lists, quantizer="flat") -> faiss.IndexIVFFlat:
+    """An IndexIVFFlat over ``centroids`` holding every base row in each of its lists (ids = row numbers).
+
+    ``quantizer='hnsw'``: queries then find the lists through an ``IndexHNSWFlat`` (M =
+    ``HNSW_M``) over the same centroids; the lists themselves are those given.
+    """
     index = new_ivf(base.shape[1], centroids.shape[0], "Flat", "l2")
     set_centroids(index, centroids)
     index.train(centroids)  # the quantizer is full: only marks the index trained
     add_assigned(index, base, lists, np.arange(base.shape[0], dtype=np.int64))
+    if quantizer == "hnsw":
+        replace_ivf_quantizer(index, faiss.IndexHNSWFlat(base.shape[1], HNSW_M))
+    elif quantizer != "flat":
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     return index
+
+
+def quantizer_extra_bytes(index) -> int:
+    """Bytes of the serialized quantizer beyond its nlist x d float32 centroids (an HNSW graph's links); 0 if flat."""
+    if isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlat):
+        return 0
+    return len(faiss.serialize_index(index.quantizer)) - index.nlist * index.d * 4
 
 
 # ---------------------------------------------------------------------- measuring
@@ -395,8 +429,9 @@ def sweep_nprobe(index, queries, gt, nprobes, max_dup, *, gmm=None, ks=RECALL_KS
     nprobes : list of int
     max_dup : int, most lists of any vector
     gmm : GaussianMixture, optional
-        Probe the lists of highest posterior (cost: + nprobe true distances per query);
-        None: the nearest centroids.
+        Probe the lists of highest posterior (cost: K log-densities, counted as the K
+        coarse distances, + nprobe true distances per query); None: the nearest centroids
+        (cost: the distances the quantizer evaluates, see :func:`ranked_lists`).
     ks : recall cut-offs (10 must be among them)
 
     Returns
@@ -404,16 +439,17 @@ def sweep_nprobe(index, queries, gt, nprobes, max_dup, *, gmm=None, ks=RECALL_KS
     list of dict with nprobe, knob (None), recall_at_<k>, ndis_per_query, coarse_per_query,
     dist_per_query (their sum) and qps (search incl. dedup, wall clock).
     """
-    nlist = index.nlist
+    nq = len(queries)
     curve = []
     for p in nprobes:
         start = time.perf_counter()
-        lists = coarse = None
         if gmm is not None:
             lists = posterior_lists(gmm, queries, p)
-            coarse = coarse_distances(index, queries, lists)
+            coarse, evaluations = coarse_distances(index, queries, lists), (index.nlist + p) * nq
+        else:
+            coarse, lists, evaluations = ranked_lists(index, queries, p)
         _, I, ndis, _ = search_dedup(index, queries, max(ks), p, max_dup, lists, coarse)
-        row = _point(p, None, I, gt, ks, ndis, nlist + (p if gmm is not None else 0), time.perf_counter() - start)
+        row = _point(p, None, I, gt, ks, ndis, evaluations / nq, time.perf_counter() - start)
         curve.append(row)
         if row["recall_at_10"] > stop:
             break
@@ -430,7 +466,7 @@ def _point(nprobe, knob, I, gt, ks, ndis, coarse_per_query, seconds):
 
 def fit_probe_table(index, queries, gt, depth) -> ProbeTable:
     """A :class:`ProbeTable` for recall@10, calibrated on training queries with ground truth ``gt`` (nq, >= 10)."""
-    dis, lists = ranked_lists(index, queries, depth)
+    dis, lists, _ = ranked_lists(index, queries, depth)
     return ProbeTable.fit(distance_spread(dis), neighbor_depths(lists, list_members(index), gt[:, :10]),
                           scan_costs(index, lists))
 
@@ -438,21 +474,18 @@ def fit_probe_table(index, queries, gt, depth) -> ProbeTable:
 def sweep_adaptive(index, queries, gt, table, max_dup, *, knobs=RECALL_KNOBS, ks=RECALL_KS, stop=STOP_RECALL):
     """Recall@k and cost per query at each recall asked of ``table``, stopping once recall@10 > ``stop``.
 
-    Cost per query: codes scanned + nlist coarse distances (the spread feature reads the
-    same distances). Rows as :func:`sweep_nprobe`, with nprobe the mean over queries and
-    knob the recall asked.
+    Cost per query: codes scanned + the coarse distances :func:`adaptive_lists` evaluated
+    (the spread feature reads the same distances). Rows as :func:`sweep_nprobe`, with
+    nprobe the mean over queries and knob the recall asked.
     """
     def choose(recall):
-        # Rank only as deep as the spread feature and this recall's deepest bin need.
-        depth = min(table.depth, max(SPREAD_RANK, int(table.bin_nprobe(recall).max())))
-        dis, lists = ranked_lists(index, queries, depth)
-        return dis, lists, table.nprobe(distance_spread(dis), recall)
-    return _sweep_per_query(index, queries, gt, knobs, choose, index.nlist, max_dup, ks, stop)
+        return adaptive_lists(index, queries, table, recall)
+    return _sweep_per_query(index, queries, gt, knobs, choose, max_dup, ks, stop)
 
 
 def gap_deltas(gmm, index, queries, nprobes):
     """The knob values of ``@gap``: median over ``queries`` of the log-likelihood gap at each rank of ``nprobes``."""
-    _, lists = ranked_lists(index, queries, max(nprobes))
+    _, lists, _ = ranked_lists(index, queries, max(nprobes))
     scores, best = component_scores(gmm, queries, lists)
     gaps = np.median(best[:, None] - scores[:, np.asarray(nprobes) - 1], axis=0)
     return sorted({float(g) for g in np.maximum.accumulate(gaps)})
@@ -464,21 +497,26 @@ def sweep_gap(index, queries, gt, gmm, deltas, depth, max_dup, *, ks=RECALL_KS, 
     Cost per query: codes scanned + nlist coarse distances, + nlist Gaussian log-densities
     unless the GMM is spherical (its log-densities follow from the same distances).
     """
+    densities = 0 if gmm.covariance_type == "spherical" else index.nlist * len(queries)
+
     def choose(delta):
-        dis, lists = ranked_lists(index, queries, depth)
-        return dis, lists, gap_nprobe(*component_scores(gmm, queries, lists), delta)
-    coarse = index.nlist * (1 if gmm.covariance_type == "spherical" else 2)
-    return _sweep_per_query(index, queries, gt, deltas, choose, coarse, max_dup, ks, stop)
+        dis, lists, evaluations = ranked_lists(index, queries, depth)
+        return dis, lists, gap_nprobe(*component_scores(gmm, queries, lists), delta), evaluations + densities
+    return _sweep_per_query(index, queries, gt, deltas, choose, max_dup, ks, stop)
 
 
-def _sweep_per_query(index, queries, gt, knobs, choose, coarse_per_query, max_dup, ks, stop):
-    """Curve of a rule whose knob sets each query's nprobe: ``choose(knob)`` -> (coarse_dis, list_nos, nprobe)."""
+def _sweep_per_query(index, queries, gt, knobs, choose, max_dup, ks, stop):
+    """Curve of a rule whose knob sets each query's nprobe.
+
+    ``choose(knob)`` -> (coarse_dis, list_nos, nprobe, coarse evaluations summed over the queries).
+    """
     curve = []
     for knob in knobs:
         start = time.perf_counter()  # the coarse step and the rule are part of the search time
-        dis, lists, nprobe = choose(knob)
+        dis, lists, nprobe, evaluations = choose(knob)
         _, I, ndis = search_adaptive(index, queries, max(ks), lists, dis, nprobe, max_dup)
-        row = _point(float(nprobe.mean()), knob, I, gt, ks, ndis, coarse_per_query, time.perf_counter() - start)
+        row = _point(float(nprobe.mean()), knob, I, gt, ks, ndis, evaluations / len(queries),
+                     time.perf_counter() - start)
         curve.append(row)
         if row["recall_at_10"] > stop:
             break
@@ -743,24 +781,33 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
                                        device=device, verbose=int(not quiet))
         say(f"  {parts[name].train_s:.1f} s")
     jobs = [(m, c) for m in methods for c in m.budgets(copies)]
-    lams = {m: LAMBDA_DEFAULT[m.rule] for m in methods if m.rule in LAMBDA_GRID}
-    for m in lams:
+    # lambda belongs to the partition and rule: tuned once for all probings and quantizers.
+    lams = {}
+    for m in methods:
+        key = (m.partition, m.rule)
+        if m.rule not in LAMBDA_GRID or key in lams:
+            continue
+        lams[key] = LAMBDA_DEFAULT[m.rule]
         if data.learn is not None and m.budgets(copies):
-            lams[m], record = tune_lambda(m, parts[m.partition], data, max(m.budgets(copies)), probes)
+            lams[key], record = tune_lambda(Method(m.partition, m.rule), parts[m.partition], data,
+                                            max(m.budgets(copies)), probes)
             tuning.append(record)
-            say(f"  {m.name}: lambda {lams[m]} (tuned on the learn queries at {record['copies']} copies)")
+            say(f"  {record['method']}: lambda {lams[key]} (tuned on the learn queries at {record['copies']} copies)")
     for m, c in tqdm(jobs, desc=f"sweep {data.name}", disable=quiet):
         part = parts[m.partition]
         start = time.perf_counter()
-        lists, params = method_lists(m, part, data.base, c, lams.get(m))
-        index = build_index(part.centroids, data.base, lists)
+        lam = lams.get((m.partition, m.rule))
+        lists, params = method_lists(m, part, data.base, c, lam)
+        index = build_index(part.centroids, data.base, lists, m.quantizer)
         add_s = part.assign_s + time.perf_counter() - start
         copies_pv = index.ntotal / n
         curve, probing, extra_bytes = sweep_method(m, part, index, data, probes, int(lists.shape[1]))
+        extra_bytes += quantizer_extra_bytes(index)
         common = {"dataset": data.name, "method": m.name, "partition": m.partition, "rule": m.rule or "",
                   "probe": m.probe,
                   "params": json.dumps({**part.info, **params, **probing, **({"lam_tuned": data.learn is not None}
-                                                                             if m in lams else {})}, sort_keys=True),
+                                                                             if lam is not None else {}),
+                                    **({"hnsw_M": HNSW_M} if m.quantizer == "hnsw" else {})}, sort_keys=True),
                   "copies_target": c, "copies_per_vector": copies_pv,
                   "index_bytes": int(index.ntotal * (index.code_size + 8) + nlist * d * 4 + extra_bytes),
                   "train_s": part.train_s, "add_s": add_s, "n_base": n, "n_queries": len(data.test),
@@ -776,13 +823,15 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
                       "max_base": max_base, "recall_knobs": RECALL_KNOBS,
                       "seed": seed, "gmm_iter": gmm_iter, "targets": TARGETS, "recall_ks": RECALL_KS,
                       "stop_recall_at_10": STOP_RECALL,
-                      "cost": "per query: codes scanned (faiss indexIVF_stats.ndis, copies included) + nlist "
-                              "coarse distances (+ nprobe true distances for @posterior, + nlist log-densities "
+                      "cost": "per query: codes scanned (faiss indexIVF_stats.ndis, copies included) + the "
+                              "coarse distances evaluated (nlist for a flat quantizer, faiss hnsw_stats.ndis for "
+                              "/hnsw) (+ nprobe true distances for @posterior, + nlist log-densities "
                               "for @gap on a non-spherical GMM); lists probed by L2 distance to their centroid, "
                               "or by GMM posterior for @posterior methods; nprobe of @adaptive / @gap rows is "
                               "the mean over queries, knob the recall asked (@adaptive) or delta nats (@gap)",
                       "qps": "1 search call of all test queries at k=100 incl. dedup, wall clock",
-                      "index_bytes": "entries x (code + 8-byte id) + nlist x d float32 centroids, + the probe "
+                      "index_bytes": "entries x (code + 8-byte id) + nlist x d float32 centroids (+ the HNSW "
+                                     "graph of /hnsw, serialized), + the probe "
                                      "table (@adaptive) or the GMM's float32 weights and variances (@gap); a GMM's "
                                      "weights and variances needed only to add vectors or probe by posterior are not "
                                      "counted"},

@@ -83,6 +83,13 @@ def test_methods_parse_and_budgets():
     with pytest.raises(ValueError, match="posterior"):
         sweep.parse_methods("kmeans@posterior")
     assert sweep.parse_methods("gmm+soar@posterior")[0].probe == "posterior"
+    graph = sweep.parse_methods("kmeans+soar@adaptive/hnsw,kmeans/hnsw")
+    assert [(m.quantizer, m.probe, m.name) for m in graph] == [
+        ("hnsw", "adaptive", "kmeans+soar@adaptive/hnsw"), ("hnsw", "centroid", "kmeans-niter25/hnsw")]
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        sweep.parse_methods("kmeans/ivf")
+    with pytest.raises(ValueError, match="scores all K"):
+        sweep.parse_methods("gmm-spherical@gap/hnsw")
 
 
 def test_sweep_writes_csv_json_png(tiny_dir, tmp_path):

@@ -14,8 +14,9 @@ from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.cli import bundled_dataset
 from flashgmm_ivf.datasets import exact_knn
 from flashgmm_ivf.eval import sweep
-from flashgmm_ivf.ivf.probing import (ProbeTable, component_scores, distance_spread, gap_nprobe, list_members,
-                                      neighbor_depths, ranked_lists, scan_costs, search_adaptive)
+from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, adaptive_lists, component_scores, distance_spread,
+                                      gap_nprobe, list_members, neighbor_depths, ranked_lists, scan_costs,
+                                      search_adaptive)
 from flashgmm_ivf.ivf.quantizer import add_assigned
 
 NLIST = 16
@@ -42,13 +43,22 @@ def table(sift, kmeans_index):
     return sweep.fit_probe_table(kmeans_index, learn, exact_knn(base, learn, K, "l2"), NLIST)
 
 
+@pytest.fixture(scope="module")
+def flat_and_graph(sift):
+    """The same 64 k-means lists behind a flat quantizer and behind an HNSW graph over their means."""
+    base = sift[0]
+    part = sweep.train_partition("kmeans-niter10", base, 64)
+    lists = part.primary[:, None]
+    return sweep.build_index(part.centroids, base, lists), sweep.build_index(part.centroids, base, lists, "hnsw")
+
+
 def recall(I, gt):
     return sweep.recall_at(I, gt, K)
 
 
 def test_full_depth_is_exact_search(sift, kmeans_index):
     base, _, test = sift
-    dis, lists = ranked_lists(kmeans_index, test, NLIST)
+    dis, lists, _ = ranked_lists(kmeans_index, test, NLIST)
     D, I, ndis = search_adaptive(kmeans_index, test, K, lists, dis, np.full(len(test), NLIST))
     D_exact, I_exact = faiss.knn(test, base, K)
     assert ndis == len(test) * len(base)  # every code scanned once
@@ -58,7 +68,7 @@ def test_full_depth_is_exact_search(sift, kmeans_index):
 
 def test_per_query_nprobe_scans_exactly_those_lists(sift, kmeans_index):
     _, _, test = sift
-    dis, lists = ranked_lists(kmeans_index, test, NLIST)
+    dis, lists, _ = ranked_lists(kmeans_index, test, NLIST)
     nprobe = np.arange(len(test)) % NLIST + 1
     _, _, ndis = search_adaptive(kmeans_index, test, K, lists, dis, nprobe)
     expected = scan_costs(kmeans_index, lists)[np.arange(len(test)), nprobe - 1].sum()
@@ -68,7 +78,7 @@ def test_per_query_nprobe_scans_exactly_those_lists(sift, kmeans_index):
 def test_table_meets_the_asked_recall_on_its_training_queries(sift, kmeans_index, table):
     base, learn, _ = sift
     gt = exact_knn(base, learn, K, "l2")
-    dis, lists = ranked_lists(kmeans_index, learn, NLIST)
+    dis, lists, _ = ranked_lists(kmeans_index, learn, NLIST)
     costs = []
     for asked in (0.5, 0.8, 0.9, 0.95, 0.99):
         nprobe = table.nprobe(distance_spread(dis), asked)
@@ -98,11 +108,55 @@ def test_adaptive_beats_fixed_nprobe_at_equal_training_recall(sift, kmeans_index
     # nprobe for all queries cannot reach the same recall for less.
     base, learn, _ = sift
     gt = exact_knn(base, learn, K, "l2")
-    dis, lists = ranked_lists(kmeans_index, learn, NLIST)
+    dis, lists, _ = ranked_lists(kmeans_index, learn, NLIST)
     _, I_fixed, ndis_fixed = search_adaptive(kmeans_index, learn, K, lists, dis, np.full(len(learn), 2))
     nprobe = table.nprobe(distance_spread(dis), recall(I_fixed, gt))
     _, _, ndis = search_adaptive(kmeans_index, learn, K, lists, dis, nprobe)
     assert ndis <= ndis_fixed
+
+
+def test_hnsw_quantizer_ranks_as_flat_and_counts_its_walk(sift, flat_and_graph):
+    _, _, test = sift
+    flat, graph = flat_and_graph
+    assert isinstance(faiss.downcast_index(graph.quantizer), faiss.IndexHNSWFlat)
+    for depth in (1, 8, 64):
+        dis_f, lists_f, evaluations_f = ranked_lists(flat, test, depth)
+        dis_g, lists_g, evaluations_g = ranked_lists(graph, test, depth)
+        assert evaluations_f == len(test) * 64
+        same = lists_f == lists_g
+        assert same.mean() > 0.95  # a graph walk over 64 means misses almost nothing
+        np.testing.assert_allclose(dis_g[same], dis_f[same], rtol=1e-5)  # true distances, not estimates
+        # the walk's own counter, read around the very search ranked_lists runs
+        faiss.cvar.hnsw_stats.reset()
+        graph.quantizer.search(test, depth, params=faiss.SearchParametersHNSW(
+            efSearch=max(depth, faiss.downcast_index(graph.quantizer).hnsw.efSearch)))
+        assert evaluations_g == faiss.cvar.hnsw_stats.ndis > 0
+
+
+def test_adaptive_lists_rank_each_query_as_deep_as_its_bin(sift, flat_and_graph):
+    base, learn, test = sift
+    flat, graph = flat_and_graph
+    table = sweep.fit_probe_table(flat, learn, exact_knn(base, learn, K, "l2"), 64)
+    full_dis, full_lists, _ = ranked_lists(flat, test, 64)
+    deeper = 0
+    for asked in (0.5, 0.9, 1.0):
+        dis, lists, nprobe, evaluations = adaptive_lists(flat, test, table, asked)
+        assert evaluations == len(test) * 64  # a flat quantizer ranks once, whatever the depth
+        np.testing.assert_array_equal(nprobe, table.nprobe(distance_spread(full_dis), asked))
+        keep = np.arange(lists.shape[1])[None] < nprobe[:, None]
+        np.testing.assert_array_equal(lists[keep], full_lists[:, :lists.shape[1]][keep])
+        # the graph: SPREAD_RANK deep for all, then one deeper walk per depth asked beyond it, all counted
+        dis, lists, nprobe, evaluations = adaptive_lists(graph, test, table, asked)
+        far = np.unique(nprobe[nprobe > SPREAD_RANK])
+        deeper += far.size
+        assert evaluations == ranked_lists(graph, test, SPREAD_RANK)[2] + sum(
+            ranked_lists(graph, test[nprobe == p], int(p))[2] for p in far)
+        keep = np.arange(lists.shape[1])[None] < nprobe[:, None]
+        assert (lists[keep] == full_lists[:, :lists.shape[1]][keep]).mean() > 0.95
+        assert (lists[nprobe <= SPREAD_RANK, SPREAD_RANK:] == -1).all()  # no walk past the feature for them
+        _, _, ndis = search_adaptive(graph, test, K, lists, dis, nprobe)
+        assert ndis == scan_costs(graph, lists)[np.arange(len(test)), nprobe - 1].sum()
+    assert deeper  # recall 1 sends some bins past SPREAD_RANK: the second walk was exercised
 
 
 def test_members_and_depths_with_copies(sift):
@@ -154,7 +208,7 @@ def test_component_scores_match_the_mixture(sift):
 
 def test_bad_input_raises(sift, kmeans_index, table):
     _, _, test = sift
-    dis, lists = ranked_lists(kmeans_index, test, 4)
+    dis, lists, _ = ranked_lists(kmeans_index, test, 4)
     with pytest.raises(ValueError, match="recall must be"):
         table.nprobe(np.zeros(3), 0.0)
     with pytest.raises(ValueError, match="recall must be"):
@@ -175,6 +229,10 @@ def test_bad_input_raises(sift, kmeans_index, table):
         ProbeTable.fit(np.zeros(3), np.zeros((2, K), np.int64), np.ones((2, 4)))
     with pytest.raises(ValueError, match="depth >= 2"):
         distance_spread(np.ones((3, 1)))
+    two_level = faiss.IndexIVFFlat(faiss.IndexIVFFlat(faiss.IndexFlatL2(test.shape[1]), test.shape[1], 2),
+                                   test.shape[1], NLIST)
+    with pytest.raises(TypeError, match="IndexFlat or faiss.IndexHNSW"):
+        ranked_lists(two_level, test, 4)
 
 
 def test_sweep_methods_with_adaptive_probing(sift):
@@ -198,3 +256,19 @@ def test_sweep_methods_with_adaptive_probing(sift):
         costs = [r["dist_per_query"] for r in curve]
         assert costs == sorted(costs) and all(r["coarse_per_query"] == NLIST for r in curve)
         assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
+
+
+def test_sweep_charges_the_graph_walks(sift, flat_and_graph):
+    base, learn, test = sift
+    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
+                      exact_knn(base, learn, K, "l2"))
+    flat, graph = flat_and_graph
+    for name, index in (("kmeans", flat), ("kmeans/hnsw", graph), ("kmeans@adaptive/hnsw", graph)):
+        curve, _, _ = sweep.sweep_method(sweep.parse_methods(name)[0], None, index, data, [1, 4, 16], 1)
+        coarse = [r["coarse_per_query"] for r in curve]
+        if index is flat:
+            assert coarse == [64] * len(curve)
+        else:
+            assert all(0 < c != 64 for c in coarse)  # measured walks, not the flat count
+        assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
+    assert sweep.quantizer_extra_bytes(graph) > 64 * sweep.HNSW_M * 4 and sweep.quantizer_extra_bytes(flat) == 0

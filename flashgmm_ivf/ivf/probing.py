@@ -1,9 +1,11 @@
 """Query-adaptive probing of a FAISS IVF index: a per-query nprobe instead of one for all.
 
 Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``);
-they work on any ``faiss.IndexIVF`` with a flat quantizer (k-means, GMM means, spilled
-lists), e.g. ``GMMIndexIVF.index``. Lists are always visited nearest mean first; what
-adapts is how many of them a query scans.
+they work on any ``faiss.IndexIVF`` (k-means, GMM means, spilled lists), e.g.
+``GMMIndexIVF.index``, whose quantizer is flat or an HNSW graph over the means (fewer
+coarse distance evaluations per query at large nlist; :func:`ranked_lists` counts
+them either way). Lists are always visited nearest mean first; what adapts is how many
+of them a query scans.
 
 Two rules, one knob each:
 
@@ -20,7 +22,7 @@ Two rules, one knob each:
   log-likelihood log pi_j + log N(q | mu_j, Sigma_j) is more than ``delta`` nats below
   the query's best component. The knob is delta.
 
-Both only choose lists; :func:`search_adaptive` then runs FAISS ``search_preassigned``
+Both only choose lists (:func:`adaptive_lists` for the table); :func:`search_adaptive` then runs FAISS ``search_preassigned``
 with each query's lists (-1 past its nprobe, which FAISS skips) and the true coarse
 distances, and deduplicates copies of a vector as :func:`.index.search_dedup` does.
 """
@@ -35,19 +37,22 @@ import numpy as np
 from .._validation import check_positive_int
 from .index import search_dedup
 
-__all__ = ["ListMembers", "ProbeTable", "component_scores", "distance_spread", "gap_nprobe", "list_members",
-           "neighbor_depths", "ranked_lists", "scan_costs", "search_adaptive"]
+__all__ = ["ListMembers", "ProbeTable", "adaptive_lists", "component_scores", "distance_spread", "gap_nprobe",
+           "list_members", "neighbor_depths", "ranked_lists", "scan_costs", "search_adaptive"]
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
 
 
 def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int):
-    """The ``depth`` nearest lists of every query and their true coarse distances.
+    """The ``depth`` nearest lists of every query, their true coarse distances and what finding them cost.
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF with a flat quantizer
+    index_ivf : faiss.IndexIVF whose quantizer is flat (``IndexFlatL2``: it evaluates all
+        nlist means) or an HNSW graph over the means (``IndexHNSWFlat``, e.g. put in by
+        ``faiss.contrib.ivf_tools.replace_ivf_quantizer``: searched with efSearch at least
+        ``depth``, it evaluates only the means its walk visits)
     x : ndarray of shape (nq, d), float32
     depth : int in [1, nlist]
 
@@ -55,11 +60,21 @@ def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int):
     -------
     coarse_dis : ndarray of shape (nq, depth), float32, nearest first (squared L2 or inner product)
     list_nos : ndarray of shape (nq, depth), int64
+    evaluations : int, query-to-mean distances computed, summed over the queries
     """
     depth = _check_depth(depth, index_ivf.nlist)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    # The quantizer evaluates all nlist means (the K coarse distances of the cost) and keeps the best depth.
-    return index_ivf.quantizer.search(x, depth)
+    quantizer = faiss.downcast_index(index_ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=max(int(quantizer.hnsw.efSearch), depth))
+        faiss.cvar.hnsw_stats.reset()
+        coarse_dis, list_nos = quantizer.search(x, depth, params=params)
+        return coarse_dis, list_nos, int(faiss.cvar.hnsw_stats.ndis)
+    if isinstance(quantizer, faiss.IndexFlat):
+        coarse_dis, list_nos = quantizer.search(x, depth)
+        return coarse_dis, list_nos, x.shape[0] * int(index_ivf.nlist)
+    raise TypeError(f"the quantizer must be a faiss.IndexFlat or faiss.IndexHNSW (their distance evaluations are "
+                    f"known), got {type(quantizer).__name__}")
 
 
 def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarray:
@@ -161,7 +176,9 @@ def neighbor_depths(list_nos: np.ndarray, members: ListMembers, gt: np.ndarray) 
     nq, depth = list_nos.shape
     nlist = max(int(list_nos.max(initial=0)), int(lists.max(initial=0))) + 1
     rank = np.full((nq, nlist), depth, np.int64)  # lists beyond the probe order: never scanned
-    rank[np.arange(nq)[:, None], list_nos] = np.arange(depth)[None]
+    # A graph quantizer may return fewer than depth lists (-1): those slots rank nothing.
+    rows, cols = np.nonzero(list_nos >= 0)
+    rank[rows, list_nos[rows, cols]] = cols
     depths = np.take_along_axis(rank, np.maximum(lists, 0).reshape(nq, -1), 1).reshape(lists.shape)
     return np.where(lists >= 0, depths, depth).min(2)
 
@@ -171,10 +188,11 @@ def scan_costs(index_ivf: faiss.IndexIVF, list_nos: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    ndarray of shape (nq, depth), float64, cumulative list sizes along each row.
+    ndarray of shape (nq, depth), float64, cumulative list sizes along each row (list -1 adds nothing).
     """
     sizes = np.array([index_ivf.invlists.list_size(no) for no in range(index_ivf.nlist)], np.float64)
-    return np.cumsum(sizes[np.asarray(list_nos)], axis=1)
+    list_nos = np.asarray(list_nos)
+    return np.cumsum(np.where(list_nos >= 0, sizes[np.maximum(list_nos, 0)], 0.0), axis=1)
 
 
 @dataclass
@@ -324,6 +342,45 @@ def gap_nprobe(log_scores: np.ndarray, log_best: np.ndarray, delta: float) -> np
     far = (log_best[:, None] - log_scores) > delta
     far[:, 0] = False
     return np.where(far.any(1), far.argmax(1), log_scores.shape[1]).astype(np.int64)
+
+
+def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, recall: float):
+    """Each query's lists under ``table`` asked for ``recall``, ranked only as deep as needed.
+
+    A flat quantizer ranks every query once, as deep as the deepest bin (its cost does not
+    depend on the depth). A graph quantizer is asked first for the ``SPREAD_RANK`` nearest
+    means (the difficulty feature), then again, as deep as its nprobe, only for the
+    queries whose bin asks for more; both walks are counted.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (flat or HNSW quantizer)
+    x : ndarray of shape (nq, d), float32
+    table : ProbeTable
+    recall : float in (0, 1], see :meth:`ProbeTable.bin_nprobe`
+
+    Returns
+    -------
+    coarse_dis, list_nos : ndarrays of shape (nq, width), as :func:`ranked_lists`; entries
+        past a query's nprobe may be -1 (list) and 0 (distance)
+    nprobe : ndarray of shape (nq,), int64
+    evaluations : int, query-to-mean distances computed, summed over the queries
+    """
+    deepest = int(table.bin_nprobe(recall).max())
+    one_pass = isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexFlat)
+    first = min(table.depth, max(SPREAD_RANK, deepest) if one_pass else SPREAD_RANK)
+    dis, lists, evaluations = ranked_lists(index_ivf, x, first)
+    nprobe = table.nprobe(distance_spread(dis), recall)
+    width = max(first, int(nprobe.max(initial=1)))
+    if width > first:
+        dis = np.concatenate([dis, np.zeros((len(dis), width - first), dis.dtype)], 1)
+        lists = np.concatenate([lists, np.full((len(lists), width - first), -1, lists.dtype)], 1)
+        # Queries of one bin share an nprobe: one deeper walk per distinct depth.
+        for p in np.unique(nprobe[nprobe > first]):
+            rows = np.flatnonzero(nprobe == p)
+            dis[rows, :p], lists[rows, :p], more = ranked_lists(index_ivf, x[rows], int(p))
+            evaluations += more
+    return dis, lists, nprobe, evaluations
 
 
 def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, list_nos: np.ndarray,
