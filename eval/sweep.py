@@ -30,9 +30,10 @@ Methods are ``<partition>[+<rule>][@<probing>][/hnsw]``, or a preset name (``PRE
   median gaps at ranks 1, 2, 4, ... of the nprobe sweep.
 - ``/hnsw``: the same lists, but queries find them through an HNSW graph over the
   centroids (``faiss.IndexHNSWFlat``, M = ``HNSW_M``, put in by
-  ``faiss.contrib.ivf_tools.replace_ivf_quantizer``; efSearch = the depth asked) instead
-  of evaluating all K; the cost counts the distances its walks evaluate
-  (``faiss.cvar.hnsw_stats.ndis``). Not with ``@posterior`` / ``@gap``, which score all K.
+  ``faiss.contrib.ivf_tools.replace_ivf_quantizer``; efSearch = the larger of the depth
+  asked and a floor from ``EF_GRID`` tuned on the learn queries) instead of evaluating
+  all K; the cost counts the distances its walks evaluate (``faiss.cvar.hnsw_stats.ndis``).
+  Not with ``@posterior`` / ``@gap``, which score all K.
 
 Each method runs at every copies budget it can spend (1.0 for hard k-means; > 1 for
 rules), at nprobe 1, 2, 4, ... or at each knob value of an adaptive rule (stopping once
@@ -81,7 +82,8 @@ from .environment import environment
 
 __all__ = ["Method", "add_arguments", "build_index", "cached_partition", "cost_at", "fit_probe_table", "gap_deltas",
            "load_data", "main", "markdown", "method_lists", "parse_methods", "plot", "probe_gmm", "recall_at", "run",
-           "summarize", "sweep_adaptive", "sweep_gap", "sweep_method", "sweep_nprobe", "train_partition", "tune_lambda"]
+           "summarize", "sweep_adaptive", "sweep_gap", "sweep_method", "sweep_nprobe", "train_partition",
+           "tune_ef_search", "tune_lambda"]
 
 TARGETS = (0.8, 0.9, 0.95)
 RECALL_KS = (1, 10, 100)
@@ -101,6 +103,7 @@ PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METH
 PROBES = ("centroid", "posterior", "adaptive", "gap")
 QUANTIZERS = ("flat", "hnsw")
 HNSW_M = 16  # graph degree of '/hnsw' quantizers (FAISS's IVF<nlist>_HNSW<M> factory spelling)
+EF_GRID = (16, 32, 64, 128)  # efSearch floors of '/hnsw' quantizers tried on the learn queries
 GMM_PROBES = ("posterior", "gap")  # need a GMM's densities
 # Recall@10 asked of a ProbeTable on the learn queries: the knob of '@adaptive' curves.
 RECALL_KNOBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
@@ -524,7 +527,8 @@ def _sweep_per_query(index, queries, gt, knobs, choose, max_dup, ks, stop):
 
 
 def sweep_method(method, part, index, data, nprobes, max_dup):
-    """The test-query curve of ``method`` on ``index``; adaptive rules are set up on the learn queries.
+    """The test-query curve of ``method`` on ``index``; adaptive rules and an HNSW quantizer's
+    efSearch are set up on the learn queries.
 
     Returns
     -------
@@ -537,13 +541,47 @@ def sweep_method(method, part, index, data, nprobes, max_dup):
         table = fit_probe_table(index, data.learn, data.gt_learn, depth)
         params = {"probe_table": {"bins": int(table.counts.size), "depth": depth, "feature": "log(d_32/d_1)",
                                   "calibrated_on": f"{len(data.learn)} learn queries"}}
-        return sweep_adaptive(index, data.test, data.gt, table, max_dup), params, table.nbytes
-    if method.probe == "gap":
+        extra_bytes = table.nbytes
+
+        def curve(queries, gt, **kw):
+            return sweep_adaptive(index, queries, gt, table, max_dup, **kw)
+    elif method.probe == "gap":
         deltas = gap_deltas(part.gmm, index, data.learn, nprobes)
-        gmm_bytes = 4 * (part.gmm.weights_.size + part.gmm.covariances_.size)
-        return (sweep_gap(index, data.test, data.gt, part.gmm, deltas, depth, max_dup),
-                {"gap_deltas_from": f"{len(data.learn)} learn queries"}, gmm_bytes)
-    return sweep_nprobe(index, data.test, data.gt, nprobes, max_dup, gmm=probe_gmm(method, part)), {}, 0
+        params = {"gap_deltas_from": f"{len(data.learn)} learn queries"}
+        extra_bytes = 4 * (part.gmm.weights_.size + part.gmm.covariances_.size)
+
+        def curve(queries, gt, **kw):
+            return sweep_gap(index, queries, gt, part.gmm, deltas, depth, max_dup, **kw)
+    else:
+        params, extra_bytes = {}, 0
+
+        def curve(queries, gt, **kw):
+            return sweep_nprobe(index, queries, gt, nprobes, max_dup, gmm=probe_gmm(method, part), **kw)
+    if method.quantizer == "hnsw" and data.learn is not None:
+        params["hnsw_ef_search"] = tune_ef_search(index, lambda: curve(data.learn, data.gt_learn, ks=(10,),
+                                                                       stop=0.95))
+    return curve(data.test, data.gt), params, extra_bytes
+
+
+def tune_ef_search(index, learn_curve):
+    """Set the HNSW quantizer's efSearch floor to the ``EF_GRID`` value with the lowest cost to
+    recall@10 = TUNE_TARGET on the learn queries (``learn_curve()``: their curve at the current setting).
+
+    A deeper walk costs coarse distances but ranks the lists more exactly, so fewer codes
+    are scanned for the same recall; which pays depends on the data.
+
+    Returns
+    -------
+    dict: the chosen efSearch and the grid (efSearch, cost at the target) for the JSON.
+    """
+    quantizer = faiss.downcast_index(index.quantizer)
+    grid = []
+    for ef in EF_GRID:
+        quantizer.hnsw.efSearch = ef
+        grid.append({"ef_search": ef, "cost_at_target": cost_at(learn_curve(), TUNE_TARGET)})
+    best = min(grid, key=lambda g: (g["cost_at_target"] is None, g["cost_at_target"] or 0.0))
+    quantizer.hnsw.efSearch = best["ef_search"]
+    return {"chosen": best["ef_search"], "target_recall_at_10": TUNE_TARGET, "queries": "learn", "grid": grid}
 
 
 def cost_at(curve, target, key="recall_at_10", value="dist_per_query"):

@@ -264,11 +264,26 @@ def test_sweep_charges_the_graph_walks(sift, flat_and_graph):
                       exact_knn(base, learn, K, "l2"))
     flat, graph = flat_and_graph
     for name, index in (("kmeans", flat), ("kmeans/hnsw", graph), ("kmeans@adaptive/hnsw", graph)):
-        curve, _, _ = sweep.sweep_method(sweep.parse_methods(name)[0], None, index, data, [1, 4, 16], 1)
+        curve, params, _ = sweep.sweep_method(sweep.parse_methods(name)[0], None, index, data, [1, 4, 16], 1)
         coarse = [r["coarse_per_query"] for r in curve]
         if index is flat:
-            assert coarse == [64] * len(curve)
+            assert coarse == [64] * len(curve) and "hnsw_ef_search" not in params
         else:
             assert all(0 < c != 64 for c in coarse)  # measured walks, not the flat count
+            tuned = params["hnsw_ef_search"]
+            assert [g["ef_search"] for g in tuned["grid"]] == list(sweep.EF_GRID)
+            assert faiss.downcast_index(graph.quantizer).hnsw.efSearch == tuned["chosen"]
         assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
     assert sweep.quantizer_extra_bytes(graph) > 64 * sweep.HNSW_M * 4 and sweep.quantizer_extra_bytes(flat) == 0
+
+
+def test_ef_search_tuning_takes_the_cheapest_floor(flat_and_graph):
+    _, graph = flat_and_graph
+    hnsw = faiss.downcast_index(graph.quantizer).hnsw
+
+    def learn_curve():  # cost lowest at efSearch 64; efSearch 16 never reaches the target
+        return [{"dist_per_query": 100.0 + abs(hnsw.efSearch - 64),
+                 "recall_at_10": 0.5 if hnsw.efSearch == 16 else 1.0}]
+    record = sweep.tune_ef_search(graph, learn_curve)
+    assert record["chosen"] == hnsw.efSearch == 64
+    assert record["grid"][0]["cost_at_target"] is None

@@ -22,8 +22,8 @@ Two rules, one knob each:
   log-likelihood log pi_j + log N(q | mu_j, Sigma_j) is more than ``delta`` nats below
   the query's best component. The knob is delta.
 
-Both only choose lists (:func:`adaptive_lists` for the table); :func:`search_adaptive` then runs FAISS ``search_preassigned``
-with each query's lists (-1 past its nprobe, which FAISS skips) and the true coarse
+Both only choose lists (:func:`adaptive_lists` for the table); :func:`search_adaptive`
+then runs FAISS ``search_preassigned`` with each query's lists (-1 past its nprobe, which FAISS skips) and the true coarse
 distances, and deduplicates copies of a vector as :func:`.index.search_dedup` does.
 """
 from __future__ import annotations
