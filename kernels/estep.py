@@ -66,6 +66,10 @@ def default_configs(n_features: int, diagonal: bool = True,
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
     elif diagonal:
         first, second = LaunchConfig(128, 128, block_d, 8, 1, True), LaunchConfig(64, 128, block_d, 8, 2)
+    elif precision == "bf16":
+        # One product per tile pair leaves registers for 4-warp programs (tuned: 4.43 against
+        # 4.95 ms per iteration with bf16x3's tiles, eval/results/tune_estep_spherical_bf16_h100.json).
+        first, second = LaunchConfig(128, 128, block_d, 4, 2, True), LaunchConfig(32, 128, block_d, 4, 2)
     else:
         first, second = LaunchConfig(128, 64, block_d, 8, 1, True), LaunchConfig(128, 128, block_d, 8, 1)
     if n_features > block_d:

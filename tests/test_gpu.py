@@ -9,8 +9,9 @@ from flashgmm_ivf import GaussianMixture, kernels
 from test_kernels import make_rows, random_mixture, relative_error
 
 pytestmark = pytest.mark.gpu
-# Statistics' relative error per precision (measured: ieee ~1e-6, tf32x3 ~1e-6, bf16x3 ~2e-5, tf32 ~1e-3).
-TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-4, "tf32": 2e-2}
+# Statistics' relative error per precision (measured: ieee ~1e-6, tf32x3 ~1e-6, bf16x3 ~2e-5, tf32 ~1e-3;
+# the opt-in one-product bf16 ~6e-3 on SIFT-like rows, eval/results/bench_estep_spherical_h100.json).
+TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-4, "tf32": 2e-2, "bf16": 5e-2}
 
 
 @pytest.mark.parametrize("precision", sorted(TOLERANCE))
