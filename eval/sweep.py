@@ -99,7 +99,12 @@ QUICK_METHODS = ("kmeans-niter10", "kmeans-niter25", "kmeans+spann", "kmeans+soa
 ADAPTIVE_METHODS = ("kmeans-niter25", "kmeans+top2", "kmeans+spann", "kmeans+soar", "kmeans+rair",
                     "kmeans@adaptive", "kmeans+soar@adaptive", "gmm-spherical", "gmm-spherical@adaptive",
                     "gmm-spherical@gap", "gmm-diag@adaptive", "gmm+soar@adaptive", "gmm-spherical+soar@adaptive")
-PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METHODS}
+# Issue 6 with the coarse step on an HNSW graph over the centroids, every reference given the same graph.
+HNSW_METHODS = ("kmeans-niter25", "kmeans-niter25/hnsw", "kmeans+soar", "kmeans+rair", "kmeans+soar/hnsw",
+                "kmeans+rair/hnsw", "kmeans@adaptive", "kmeans@adaptive/hnsw", "kmeans+soar@adaptive",
+                "kmeans+soar@adaptive/hnsw", "gmm-spherical+soar@adaptive", "gmm-spherical+soar@adaptive/hnsw",
+                "gmm-spherical@adaptive/hnsw")
+PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METHODS, "hnsw": HNSW_METHODS}
 PROBES = ("centroid", "posterior", "adaptive", "gap")
 QUANTIZERS = ("flat", "hnsw")
 HNSW_M = 16  # graph degree of '/hnsw' quantizers (FAISS's IVF<nlist>_HNSW<M> factory spelling)

@@ -86,6 +86,8 @@ def test_methods_parse_and_budgets():
     graph = sweep.parse_methods("kmeans+soar@adaptive/hnsw,kmeans/hnsw")
     assert [(m.quantizer, m.probe, m.name) for m in graph] == [
         ("hnsw", "adaptive", "kmeans+soar@adaptive/hnsw"), ("hnsw", "centroid", "kmeans-niter25/hnsw")]
+    preset = sweep.parse_methods("hnsw")
+    assert {m.quantizer for m in preset} == {"flat", "hnsw"} and preset[0].name == "kmeans-niter25"
     with pytest.raises(ValueError, match="unknown quantizer"):
         sweep.parse_methods("kmeans/ivf")
     with pytest.raises(ValueError, match="scores all K"):
