@@ -23,8 +23,9 @@ Two rules, one knob each:
   the query's best component. The knob is delta.
 
 Both only choose lists (:func:`adaptive_lists` for the table); :func:`search_adaptive`
-then runs FAISS ``search_preassigned`` with each query's lists (-1 past its nprobe, which FAISS skips) and the true coarse
-distances, and deduplicates copies of a vector as :func:`.index.search_dedup` does.
+then runs FAISS ``search_preassigned`` with each query's lists (-1 past its nprobe,
+which FAISS skips) and the true coarse distances, and deduplicates copies of a vector
+as :func:`.index.search_dedup` does.
 """
 from __future__ import annotations
 
