@@ -136,7 +136,8 @@ def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFET
     the compute stream waits on each copy's event only. Reading and copying the next blocks
     thus overlap the compute on this one, and at most ``depth`` blocks handed out may still
     be in use on the GPU (the generator waits for the oldest before reading further), so
-    device memory stays O(depth * chunk_size * D). torch tensors are moved as they are.
+    device memory stays O(depth * chunk_size * D). torch tensors are moved as they are; those
+    already on the device (a cached copy) are handed out without any wait.
     Elsewhere (CPU) this is ``to_tensor`` of each block, in the caller's thread.
 
     Every tensor is a fresh allocation: the consumer may keep it past the next block.
@@ -248,6 +249,10 @@ def _pinned_blocks(source, device, depth, readers):
                 x.record_stream(compute)
             read_ahead()
             yield offset, x
+            if slot is None and x.data_ptr() == item.data_ptr():
+                # Already on the device (a cached copy): nothing was allocated or copied for
+                # it, so there is no memory to bound, and waiting would only stall the host.
+                continue
             done = torch.cuda.Event()
             done.record(compute)
             in_use.append(done)
