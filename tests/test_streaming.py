@@ -65,8 +65,13 @@ def test_device_copy_holds_the_blocks_in_one_tensor(convert):
     source = ChunkSource(x, 97)
     source.validate()
     copy = device_copy(source, torch.device("cpu"), max_bytes=float("inf"))
-    if isinstance(x, torch.Tensor):  # on the device already: no second copy
-        assert copy is None
+    if isinstance(x, torch.Tensor):  # on the device already: no second copy, and no more checks
+        assert copy is not source and copy.checked and not source.checked
+        assert [b.data_ptr() for _, b in copy] == [b.data_ptr() for _, b in source]
+        x[3, 5] = float("nan")  # past validate(), passes no longer look
+        assert len(list(copy)) == len(list(ChunkSource(x, 97, checked=True)))
+        with pytest.raises(ValueError, match="the first is row 3"):
+            list(source)
         return
     assert copy.checked and copy.n_samples == 1000 and copy.chunk_size == 97
     got = list(copy)
