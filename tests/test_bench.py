@@ -126,3 +126,15 @@ def test_bench_outofcore_on_gpu(tmp_path):
     assert first["targets"]["peak_gpu_memory_under_4gb"]
     bench_outofcore.main(args + ["--cold"])
     assert json.loads(out.read_text())["file"]["created_seconds"] is None  # reused
+
+
+def test_bench_fit_times_the_estimator(tmp_path):
+    from flashgmm_ivf.eval import bench_fit
+    out = tmp_path / "fit.json"
+    bench_fit.main(["--n", "600", "--k", "4", "--d", "8", "--iterations", "2", "--repeats", "2", "--device", "cpu",
+                    "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["commit"] and doc["arguments"]["iterations"] == 2
+    assert [(r["covariance_type"], r["precision"]) for r in doc["rows"]] == list(bench_fit.CELLS)
+    for r in doc["rows"]:
+        assert len(r["ms_all"]) == 2 and min(r["ms_all"]) <= r["ms_per_iteration"] <= max(r["ms_all"])

@@ -1,0 +1,82 @@
+"""Seconds per EM iteration of ``GaussianMixture.fit`` itself (kernels, M-step and the host's work).
+
+``bench_estep`` times one iteration of the kernels and the M-step; this times the estimator
+as a user runs it, on rows already on the device: (fit of ``2 + iterations`` - fit of 2) /
+``iterations``, which leaves out the start (validation, the hard-assignment pass, the
+compile) and keeps everything an iteration does. Prints a table, writes JSON.
+
+``python -m flashgmm_ivf.eval.bench_fit --out eval/results/bench_fit_h100.json``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+from ..mixture import GaussianMixture
+from .bench_estep import raw_scale_rows
+from .environment import environment
+
+CELLS = (("spherical", "bf16"), ("spherical", "bf16x3"), ("diag", "bf16x3"))
+
+
+def _fit_seconds(x, k, covariance_type, precision, means_init, max_iter) -> float:
+    gmm = GaussianMixture(k, covariance_type=covariance_type, precision=precision, max_iter=max_iter, tol=0.0,
+                          means_init=means_init, device=x.device.type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tol=0 never converges: that is the point
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        gmm.fit(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(n, k, d, iterations, repeats, device, cells=CELLS):
+    """Rows of (covariance type, precision, ms per iteration: median and all repeats)."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = raw_scale_rows(n, d, 256, gen, device)
+    means_init = x[torch.randperm(n, generator=gen, device=device)[:k]].double().cpu().numpy()
+    rows = []
+    for covariance_type, precision in cells:
+        _fit_seconds(x, k, covariance_type, precision, means_init, 2)  # compile and warm up
+        per_iteration = []
+        for _ in range(repeats):
+            short = _fit_seconds(x, k, covariance_type, precision, means_init, 2)
+            long = _fit_seconds(x, k, covariance_type, precision, means_init, 2 + iterations)
+            per_iteration.append((long - short) / iterations * 1e3)
+        rows.append({"covariance_type": covariance_type, "precision": precision, "n": n, "k": k, "d": d,
+                     "ms_per_iteration": statistics.median(per_iteration), "ms_all": per_iteration})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="eval/results/bench_fit.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device)
+    print(f"{'cov':9} {'precision':9} {'ms/iter (median)':>16}  all")
+    for r in rows:
+        print(f"{r['covariance_type']:9} {r['precision']:9} {r['ms_per_iteration']:16.2f}  "
+              + " ".join(f"{t:.2f}" for t in r["ms_all"]))
+    doc = {"environment": environment(device), "arguments": vars(args), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
