@@ -148,7 +148,8 @@ def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFET
     already on the device (a cached copy) are handed out without any wait.
     Elsewhere (CPU) this is ``to_tensor`` of each block, in the caller's thread.
 
-    Every tensor is a fresh allocation: the consumer may keep it past the next block.
+    Every tensor is a fresh allocation or the caller's own tensor: the consumer may keep it
+    past the next block.
 
     Parameters
     ----------
@@ -260,7 +261,7 @@ def _pinned_blocks(source, device, depth, readers):
                 x.record_stream(compute)
             read_ahead()
             yield offset, x
-            if slot is None and x.data_ptr() == item.data_ptr():
+            if x is item:
                 # Already on the device (a cached copy): nothing was allocated or copied for
                 # it, so there is no memory to bound, and waiting would only stall the host.
                 continue
