@@ -65,6 +65,9 @@ class TimedMixture(GaussianMixture):
     """GaussianMixture that records the seconds of every EM iteration (E-step + M-step) and,
     with the truncated E-step, of every graph rebuild (part of the iteration)."""
 
+    def _graphable(self, source, device):
+        return False  # the timing hooks wait for the GPU, which a captured iteration cannot
+
     def _e_step(self, source, state, device):
         sync(self._device())
         self._started = time.perf_counter()

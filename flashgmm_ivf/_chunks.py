@@ -38,6 +38,7 @@ class ChunkSource:
         self.name = name
         self.chunk_size = chunk_size
         self.checked = checked
+        self._rows = None  # the data when it is one sliceable array or tensor
         if inspect.isgenerator(data) or isinstance(data, Iterator):
             raise TypeError(f"{name} is a one-shot iterator, but EM reads the data once per iteration: "
                             "pass a callable that returns a fresh iterable of chunks (e.g. lambda: gen())")
@@ -49,6 +50,7 @@ class ChunkSource:
             if len(data.shape) != 2:
                 raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(data.shape)}")
             self._blocks = lambda: (data[i:i + chunk_size] for i in range(0, data.shape[0], chunk_size))
+            self._rows = data
             self.n_samples, self.n_features = int(data.shape[0]), int(data.shape[1])
         elif isinstance(data, (list, tuple)):
             self._blocks = lambda: iter(data)
@@ -70,12 +72,18 @@ class ChunkSource:
             offset += block.shape[0]
         self.n_samples = offset
 
-    def as_checked(self) -> ChunkSource:
+    def as_checked(self, chunk_size: int | None = None) -> ChunkSource:
         """This source with its blocks marked valid (once :meth:`validate` has passed): later
-        passes skip the per-block checks."""
+        passes skip the per-block checks. ``chunk_size`` re-blocks one sliceable array."""
+        if chunk_size is not None and self._rows is not None:
+            return ChunkSource(self._rows, chunk_size, name=self.name, checked=True)
         twin = copy.copy(self)
         twin.checked = True
         return twin
+
+    def resident_on(self, device: torch.device) -> bool:
+        """Whether the data is one tensor on ``device`` (each pass then only slices it)."""
+        return self._rows is not None and _on_device(self._rows, device)
 
     def validate(self) -> int:
         """One full pass checking every block; returns n_samples.
@@ -168,11 +176,13 @@ def device_blocks(source: Iterable, device: torch.device, *, depth: int = PREFET
     return _pinned_blocks(source, device, depth, readers)
 
 
-def device_copy(source: ChunkSource, device: torch.device, max_bytes: float) -> ChunkSource | None:
+def device_copy(source: ChunkSource, device: torch.device, max_bytes: float,
+                chunk_size: int | None = None) -> ChunkSource | None:
     """The validated ``source`` copied once into one tensor on ``device``, as a checked
-    ``ChunkSource`` over it; None when that tensor would take more than ``max_bytes``. When
-    the blocks are tensors on ``device`` already, the source itself, marked checked (a second
-    copy would only cost memory, and re-checking each block every pass waits for the GPU).
+    ``ChunkSource`` over it (in blocks of ``chunk_size`` rows, default the source's); None
+    when that tensor would take more than ``max_bytes``. When the blocks are tensors on
+    ``device`` already, the source itself, marked checked (a second copy would only cost
+    memory, and re-checking each block every pass waits for the GPU).
 
     EM reads the data once per iteration: from such a copy a pass costs no host reads and
     no host-to-device copies (for 390,000 SIFT rows on an H100, streaming them cost more
@@ -182,14 +192,14 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float) -> 
     if first is None:
         return None
     if _on_device(first[1], device):
-        return source.as_checked()
+        return source.as_checked(chunk_size)
     dtype = kept_dtype(first[1])
     if source.n_samples * source.n_features * dtype.itemsize > max_bytes:
         return None
     rows = torch.empty((source.n_samples, source.n_features), dtype=dtype, device=device)
     for offset, x in device_blocks(source, device):
         rows[offset:offset + x.shape[0]] = x
-    return ChunkSource(rows, source.chunk_size, name=source.name, checked=True)
+    return ChunkSource(rows, chunk_size or source.chunk_size, name=source.name, checked=True)
 
 
 def _on_device(block, device: torch.device) -> bool:

@@ -48,7 +48,8 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
     else:
         cov = (stats.s2 / nk - (means * means).sum(1)) / means.shape[1] + reg_covar
     if covariance_type != "full":
-        floor = torch.tensor(reg_covar, dtype=cov.dtype, device=cov.device)
+        # torch.full, not torch.tensor: no host-to-device copy inside a captured iteration.
+        floor = torch.full((), reg_covar, dtype=cov.dtype, device=cov.device)
         if relative_floor:
             # Mean squared distance of the rows to the shift: per feature (diag) or per coordinate (spherical).
             m2 = stats.s2.sum(0) / stats.nk.sum()

@@ -415,16 +415,21 @@ class DistributedGaussianMixture(GaussianMixture):
         # nk is global now, so every rank takes this branch together (a collective inside).
         if bool((stats.nk < EMPTY_MASS).any()):
             worst = self._global_worst_rows(worst, state, device)
-        self._progress.lower_bounds.append(log_lik / source.n_total)
+        self._progress.lower_bounds.append(float(log_lik) / source.n_total)
         return stats, log_lik, worst
 
     def _m_step(self, stats, worst_rows, state, n):
         state, reseeded = super()._m_step(stats, worst_rows, state, n)
         p = self._progress
-        p.n_iter, p.n_reseeded, p.last_reseeded = p.n_iter + 1, p.n_reseeded + reseeded, bool(reseeded)
+        count = int(reseeded)
+        p.n_iter, p.n_reseeded, p.last_reseeded = p.n_iter + 1, p.n_reseeded + count, bool(count)
         if self.checkpoint is not None and self._comm.rank == 0:
             save_checkpoint(self.checkpoint, self._to_checkpoint(state, n))
         return state, reseeded
+
+    def _graphable(self, source, device) -> bool:
+        # Every iteration all-reduces through the host.
+        return False
 
     def _state(self, device):
         # A resumed run enters GaussianMixture._fit through its warm-start path; it must
@@ -435,16 +440,17 @@ class DistributedGaussianMixture(GaussianMixture):
 
     # ------------------------------------------------------------------ helpers
     def _all_reduce_stats(self, stats, log_lik):
-        """(stats, log_lik) summed over ranks in one all-reduce of a packed float64 buffer."""
+        """(stats, log_lik) summed over ranks in one all-reduce of a packed float64 buffer
+        (``log_lik`` a number or a 0-d tensor; returned as a 0-d tensor)."""
         parts = (stats.nk, stats.s1, stats.s2)
-        flat = torch.cat([t.reshape(-1) for t in parts] + [torch.tensor([log_lik], dtype=torch.float64,
-                                                                         device=stats.nk.device)])
+        flat = torch.cat([t.reshape(-1) for t in parts]
+                         + [torch.as_tensor(log_lik, dtype=torch.float64, device=stats.nk.device).reshape(1)])
         flat = self._comm.all_reduce(flat)
         out, start = [], 0
         for t in parts:
             out.append(flat[start:start + t.numel()].view_as(t))
             start += t.numel()
-        return type(stats)(stats.log_norm, *out), float(flat[-1])
+        return type(stats)(stats.log_norm, *out), flat[-1]
 
     def _global_worst_rows(self, worst, state, device):
         """The RESEED_CANDIDATES worst-explained rows over all ranks, worst first, identical everywhere.

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from flashgmm_ivf import GaussianMixture, kernels
+from flashgmm_ivf._chunks import ChunkSource
+from flashgmm_ivf._graph import GraphedStep
+from flashgmm_ivf.mixture import _State
 from test_kernels import make_rows, random_mixture, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -59,3 +62,54 @@ def test_cuda_fit_tracks_cpu_float64(covariance_type):
     assert abs(gpu.lower_bound_ - cpu.lower_bound_) <= 1e-6 * abs(cpu.lower_bound_)
     np.testing.assert_allclose(gpu.means_, cpu.means_, atol=1e-2)
     np.testing.assert_array_equal(gpu.predict(x[:2000]), cpu.predict(x[:2000]))
+
+
+def _raw_rows_cuda(n, d, seed):
+    rng = np.random.default_rng(seed)
+    return torch.as_tensor((rng.normal(size=(n, d)) * 20 + 100).clip(0, 255).round().astype(np.float32)).cuda()
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_graphed_fit_equals_eager_fit(covariance_type, monkeypatch):
+    x = _raw_rows_cuda(30000, 40, 1)
+    params = dict(covariance_type=covariance_type, max_iter=6, tol=0.0, random_state=0, n_init=2)
+    captures = []
+    capture = GraphedStep._capture
+    monkeypatch.setattr(GraphedStep, "_capture", lambda self, inputs: captures.append(1) or capture(self, inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphed = GaussianMixture(24, **params).fit(x)
+        assert captures == [1]  # one capture serves both initialisations
+        monkeypatch.setattr(GaussianMixture, "_graphable", lambda *args: False)
+        eager = GaussianMixture(24, **params).fit(x)
+    assert captures == [1]
+    np.testing.assert_allclose(graphed.lower_bounds_, eager.lower_bounds_, rtol=1e-12)
+    np.testing.assert_allclose(graphed.means_, eager.means_, rtol=1e-10)
+    np.testing.assert_allclose(graphed.covariances_, eager.covariances_, rtol=1e-10)
+
+
+def test_graphed_iteration_reseeds_like_eager(monkeypatch):
+    """A replayed iteration re-seeds an emptied component as the eager one does (masks, no host read)."""
+    x = _raw_rows_cuda(20000, 16, 2)
+    gmm = GaussianMixture(8, covariance_type="diag", random_state=0)
+    gmm._check_parameters()
+    source = ChunkSource(x, gmm.chunk_size)
+    n, device = source.validate(), torch.device("cuda")
+    source = source.as_checked()
+    state = gmm._initialize(source, np.random.default_rng(0), device)
+    means = state.means.clone()
+    means[3] += 1e4  # nothing near it: N_3 = 0 after the E-step
+    far = _State(state.weights, means, state.cov, state.prec_chol, state.shift)
+    assert gmm._graphable(source, device)
+    graphed = gmm._em_iteration(source, device, n)
+    graphed(state)  # eager run and capture
+    got_state, got_ll, got_reseeded = graphed(far)  # replay
+    monkeypatch.setattr(GaussianMixture, "_graphable", lambda *args: False)
+    want_state, want_ll, want_reseeded = gmm._em_iteration(source, device, n)(far)
+    assert int(got_reseeded) == int(want_reseeded) == 1
+    assert float(got_ll) == pytest.approx(float(want_ll), rel=1e-12)
+    for got, want in zip(got_state, want_state):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    # The re-seeded mean is a data row (the worst-explained one), not the far-away start.
+    seeded = got_state.means[3] + got_state.shift
+    assert torch.isclose(x.double(), seeded).all(1).any()
