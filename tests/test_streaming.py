@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashgmm_ivf import GaussianMixture
+from flashgmm_ivf import GaussianMixture, mixture
 from flashgmm_ivf._chunks import ChunkSource, device_blocks, device_copy, to_tensor
 
 CONVERSIONS = {
@@ -131,9 +131,12 @@ def test_pinned_streaming_keeps_device_memory_bounded(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("estep", ["dense", "truncated"])
 @pytest.mark.parametrize("cache_data", ["auto", False])
-def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path, cache_data, estep):
+def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path, cache_data, estep, monkeypatch):
     """Streamed from a memmap through pinned buffers (False) or copied to the GPU once
     ('auto'), the fit equals the one of a tensor already on the GPU, bit for bit."""
+    # Data on the GPU is read in blocks of >= CACHED_KERNEL_BLOCK rows; the streamed fit's
+    # float32 partial sums agree bit for bit only over the same blocks (chunk_size).
+    monkeypatch.setattr(mixture, "CACHED_KERNEL_BLOCK", 1)
     x = rows(50_000, 32)
     fit = {"max_iter": 5, "tol": 0.0, "random_state": 0, "device": "cuda", "chunk_size": 4096, "estep": estep}
     with warnings.catch_warnings():
@@ -142,3 +145,14 @@ def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path, cache_data, estep):
         got = GaussianMixture(16, cache_data=cache_data, **fit).fit(memmap_of(x, tmp_path))
     np.testing.assert_array_equal(got.means_, ref.means_)
     assert got.lower_bounds_ == ref.lower_bounds_
+
+
+def test_as_checked_reblocks_one_array_only():
+    x = rows(1000, 4)
+    source = ChunkSource(x, 300)
+    assert [len(b) for _, b in source.as_checked(600)] == [600, 400]
+    assert [len(b) for _, b in source.as_checked()] == [300, 300, 300, 100]
+    listed = ChunkSource([x[:300], x[300:]], 300)
+    assert [len(b) for _, b in listed.as_checked(600)] == [300, 700]  # a list keeps its own blocks
+    assert ChunkSource(torch.from_numpy(x), 300).resident_on(torch.device("cpu"))
+    assert not source.resident_on(torch.device("cpu")) and not listed.resident_on(torch.device("cpu"))
