@@ -8,6 +8,7 @@ graph launch and the copy of its inputs.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,15 +25,19 @@ class GraphedStep:
 
     ``fn`` must be capturable: no host synchronisation (no ``.item()``, ``nonzero``, host
     tensors copied in), the same shapes on every call, and only tensors that live as long as
-    this object read besides its arguments.
+    this object read besides its arguments. If the capture fails all the same (an operation
+    this torch build cannot capture), a RuntimeWarning says why and ``fn`` runs eagerly.
     """
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]):
         self._fn = fn
         self._graph = None
+        self._eager = False
         self._inputs = self._outputs = ()
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._eager:
+            return self._fn(*inputs)
         if self._graph is None:
             return self._capture(inputs)
         for static, given in zip(self._inputs, inputs):
@@ -52,7 +57,14 @@ class GraphedStep:
             t.record_stream(main)
         self._inputs = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._outputs = tuple(self._fn(*self._inputs))
+        try:
+            with torch.cuda.graph(graph):
+                self._outputs = tuple(self._fn(*self._inputs))
+        except RuntimeError as err:
+            warnings.warn(f"the EM iteration could not be captured as a CUDA graph, so it runs eagerly: {err}",
+                          RuntimeWarning, stacklevel=3)
+            self._eager = True
+            self._inputs = self._outputs = ()
+            return result
         self._graph = graph
         return result

@@ -113,3 +113,19 @@ def test_graphed_iteration_reseeds_like_eager(monkeypatch):
     # The re-seeded mean is a data row (the worst-explained one), not the far-away start.
     seeded = got_state.means[3] + got_state.shift
     assert torch.isclose(x.double(), seeded).all(1).any()
+
+
+def test_uncapturable_step_warns_and_runs_eagerly():
+    def step(t):
+        return (t + float(t.sum()),)  # float() reads the GPU back: not capturable
+
+    run = GraphedStep(step)
+    x = torch.ones(4, device="cuda")
+    with pytest.warns(RuntimeWarning, match="CUDA graph"):
+        first = run(x)
+    second = run(2 * x)
+    assert first[0].tolist() == [5.0] * 4 and second[0].tolist() == [10.0] * 4
+    # The device is usable after the failed capture: a capturable step still captures and replays.
+    again = GraphedStep(lambda t: (t * 3,))
+    again(x)
+    assert again(2 * x)[0].tolist() == [6.0] * 4
