@@ -375,8 +375,9 @@ class GaussianMixture:
 
     def _graphable(self, source, device) -> bool:
         """Whether an EM iteration can be replayed from a CUDA graph (``_graph``): dense
-        kernels over one tensor already on the GPU, so that nothing in it reads the host."""
-        return self._dense_kernels(device) and source.resident_on(device)
+        kernels over one checked tensor already on the GPU, so that nothing in it reads the
+        host (an unchecked source tests every block for NaN, a host read)."""
+        return self._dense_kernels(device) and source.checked and source.resident_on(device)
 
     def _em_iteration(self, source, device, n):
         """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two 0-d tensors.

@@ -129,3 +129,14 @@ def test_uncapturable_step_warns_and_runs_eagerly():
     again = GraphedStep(lambda t: (t * 3,))
     again(x)
     assert again(2 * x)[0].tolist() == [6.0] * 4
+
+
+@pytest.mark.parametrize("cache_data", ["auto", False])
+def test_fit_of_a_cuda_tensor_captures_without_warnings(cache_data):
+    """cache_data=False leaves a CUDA tensor unchecked (every pass tests it for NaN, a host
+    read): that fit runs eagerly rather than attempting a capture that would fail."""
+    x = _raw_rows_cuda(5000, 8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = GaussianMixture(4, max_iter=4, tol=0.0, random_state=0, cache_data=cache_data).fit(x)
+    assert got.n_iter_ == 4 and np.isfinite(got.lower_bounds_).all()
