@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from .. import kernels
-from ..kernels.estep import default_configs
+from ..kernels.estep import _default_split, default_configs
 from ..kernels.log_norm import log_norm as launch_log_norm
 from ..kernels.params import kernel_weights, split_offset
 from ..kernels.stats import stats as launch_stats
@@ -39,7 +39,7 @@ def pass_times(x, k, covariance_type, precision, gen, rep_ms):
     layout = kernel_weights(params, precision, x.device)
     shift = shift.float()
     first, second = default_configs(x.shape[1], covariance_type == "diag", precision)
-    n_split = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // (k // second.block_k)
+    n_split = _default_split(k, x.shape[1], second, x.device)  # the row splits estep would choose
     log_norm, _ = launch_log_norm(x, shift, layout, precision, first)
     return (do_bench(lambda: launch_log_norm(x, shift, layout, precision, first), rep=rep_ms),
             do_bench(lambda: launch_stats(x, shift, layout, log_norm, n_split, precision, second), rep=rep_ms))
