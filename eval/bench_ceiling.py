@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from .. import kernels
-from ..kernels.estep import _default_split, default_configs
+from ..kernels.estep import default_configs, default_split
 from ..kernels.log_norm import log_norm as launch_log_norm
 from ..kernels.params import kernel_weights, split_offset
 from ..kernels.stats import stats as launch_stats
@@ -32,17 +32,23 @@ CELLS = (("spherical", "bf16"), ("spherical", "bf16x3"), ("diag", "bf16x3"))
 ATTENTION_BACKENDS = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "FlashAttention-2": SDPBackend.FLASH_ATTENTION}
 
 
-def pass_times(x, k, covariance_type, precision, gen, rep_ms):
-    """(pass 1 ms, pass 2 ms) of the fused E-step with its default launch settings."""
+def pass_times(x, k, covariance_type, precision, gen, rep_ms, splits=()):
+    """Pass 1 ms, pass 2 ms and its row splits as ``estep`` chooses them (``default_split``), and
+    pass 2 ms at each of ``splits`` (how the choice compares)."""
     weights, means, var, shift = starting_params(x, k, covariance_type, gen)
     params, _ = split_offset(kernels.natural_params(weights, means, var).to(dtype=torch.float32))
     layout = kernel_weights(params, precision, x.device)
     shift = shift.float()
     first, second = default_configs(x.shape[1], covariance_type == "diag", precision)
-    n_split = _default_split(k, x.shape[1], second, x.device)  # the row splits estep would choose
     log_norm, _ = launch_log_norm(x, shift, layout, precision, first)
-    return (do_bench(lambda: launch_log_norm(x, shift, layout, precision, first), rep=rep_ms),
-            do_bench(lambda: launch_stats(x, shift, layout, log_norm, n_split, precision, second), rep=rep_ms))
+
+    def pass2(n_split):
+        return do_bench(lambda: launch_stats(x, shift, layout, log_norm, n_split, precision, second), rep=rep_ms)
+
+    n_split = default_split(k, x.shape[1], covariance_type == "diag", second, x.device)
+    return {"pass1_ms": do_bench(lambda: launch_log_norm(x, shift, layout, precision, first), rep=rep_ms),
+            "pass2_ms": pass2(n_split), "pass2_splits": n_split,
+            "pass2_ms_by_splits": {s: pass2(s) for s in splits}}
 
 
 def attention_times(n, k, d, device, rep_ms):
@@ -68,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--rep-ms", type=int, default=300, help="timing window per measurement (do_bench)")
+    parser.add_argument("--splits", default="", help="also time pass 2 at these row splits, e.g. 31,33,66")
     parser.add_argument("--out", default="eval/results/bench_ceiling.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -77,14 +84,16 @@ def main(argv=None):
     x = raw_scale_rows(args.n, args.d, 256, gen, device)
     rows = []
     for covariance_type, precision in CELLS:
-        first, second = pass_times(x, args.k, covariance_type, precision, gen, args.rep_ms)
-        rows.append({"method": f"ours, {covariance_type} {precision}", "pass1_ms": first, "pass2_ms": second})
+        splits = [int(s) for s in args.splits.split(",") if s]
+        rows.append({"method": f"ours, {covariance_type} {precision}",
+                     **pass_times(x, args.k, covariance_type, precision, gen, args.rep_ms, splits)})
     attention = attention_times(args.n, args.k, args.d, device, args.rep_ms)
     ceilings = matmul_ceilings(8192, device)
     print(f"N={args.n:,} K={args.k} D={args.d}; bf16 matmul ceiling {ceilings['bf16']:.0f} TFLOP/s")
-    print(f"{'E-step pass':34} {'pass 1 ms':>9} {'pass 2 ms':>9}")
+    print(f"{'E-step pass':34} {'pass 1 ms':>9} {'pass 2 ms':>9} {'splits':>6}  pass 2 ms at other splits")
     for r in rows:
-        print(f"{r['method']:34} {r['pass1_ms']:9.3f} {r['pass2_ms']:9.3f}")
+        print(f"{r['method']:34} {r['pass1_ms']:9.3f} {r['pass2_ms']:9.3f} {r['pass2_splits']:6}  "
+              + ", ".join(f"{s}: {ms:.3f}" for s, ms in r["pass2_ms_by_splits"].items()))
     print("attention forward on the same shape (logits, exp, P @ V), bf16:")
     for name, ms in attention.items():
         print(f"  {name:32} " + (f"{ms:9.3f} ms" if isinstance(ms, float) else ms))

@@ -15,7 +15,7 @@ import triton
 from flashgmm_ivf import kernels
 from flashgmm_ivf.eval.bench_estep import raw_scale_rows, starting_params, time_ms
 from flashgmm_ivf.kernels import LaunchConfig
-from flashgmm_ivf.kernels.estep import _default_split
+from flashgmm_ivf.kernels.estep import default_split
 from flashgmm_ivf.kernels.log_norm import log_norm
 from flashgmm_ivf.kernels.stats import stats
 
@@ -63,7 +63,8 @@ def main(argv=None):
     block_d = defaults[0].block_d
     first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c), block_d) \
         if "pass 1" in passes else (float("nan"), defaults[0])
-    second = sweep("pass 2", lambda c: stats(x, shift, params, lz, _default_split(args.k, args.d, c, x.device),
+    diagonal = args.covariance_type == "diag"
+    second = sweep("pass 2", lambda c: stats(x, shift, params, lz, default_split(args.k, args.d, diagonal, c, x.device),
                                              args.precision, c), block_d) \
         if "pass 2" in passes else (float("nan"), defaults[1])
     result = {"n": args.n, "k": args.k, "d": args.d, "covariance_type": args.covariance_type,

@@ -10,6 +10,7 @@ import torch
 
 from conftest import shared_set
 from flashgmm_ivf import kernels
+from flashgmm_ivf.kernels.estep import PARTIALS_BUDGET, default_split, whole_wave_split
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (n rows, D features, K components, blocks (BLOCK_N, BLOCK_K, BLOCK_D))
@@ -220,3 +221,23 @@ def test_passes_must_tile_features_alike():
     params, shift = random_mixture(x, 3, True, gen)
     with pytest.raises(ValueError, match="same block_d, got 16 and 32"):
         kernels.estep(x, params, shift, configs=(kernels.LaunchConfig(16, 16, 16), kernels.LaunchConfig(16, 16, 32)))
+
+
+@pytest.mark.parametrize("programs,sms,cap,expected", [
+    (8, 132, 66, 66),   # H100, K=1024 in 128-wide tiles: 4 whole waves
+    (8, 132, 35, 33),   # the memory cap forbids 66: 33 splits fill 2 waves, 35 would leave one part-filled
+    (32, 132, 17, 17),  # no whole-wave count under the cap: the cap
+    (3, 4, 5, 4),
+    (5, 7, 0, 1),       # a cap below one split still runs one
+])
+def test_row_splits_fill_whole_waves(programs, sms, cap, expected):
+    assert whole_wave_split(programs, sms, cap) == expected
+
+
+def test_default_split_keeps_partials_within_budget():
+    config = kernels.LaunchConfig(64, 128, 128)
+    for k, d, diagonal in [(1024, 128, True), (16384, 960, True), (16384, 960, False), (7, 3, False)]:
+        splits = default_split(k, d, diagonal, config, torch.device("cpu"))
+        partial_floats = k + k * d + (k * d if diagonal else k)
+        assert splits >= 1
+        assert splits == 1 or 4 * partial_floats * splits <= PARTIALS_BUDGET, (k, d, splits)
