@@ -101,27 +101,27 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
 
 
 def default_split(n_comps, n_features, diagonal, config, device) -> int:
-    """Row splits of pass 2: whole waves of programs, partials within ``PARTIALS_BUDGET``."""
+    """Row splits of pass 2: waves of programs filled, partials within ``PARTIALS_BUDGET``."""
     programs = triton.cdiv(n_comps, config.block_k)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     # float32 partials of one split: N_k, s1 (K, D) and s2 ((K, D) diag, (K,) spherical)
     split_bytes = 4 * (n_comps + n_comps * n_features + (n_comps * n_features if diagonal else n_comps))
-    return whole_wave_split(programs, sms, min(triton.cdiv(4 * sms, programs), PARTIALS_BUDGET // split_bytes))
+    return fullest_waves_split(programs, sms, min(triton.cdiv(4 * sms, programs), PARTIALS_BUDGET // split_bytes))
 
 
-def whole_wave_split(programs: int, sms: int, cap: int) -> int:
-    """The largest split count <= ``cap`` that gives a whole number of waves (programs * splits a
-    multiple of the SM count), else ``cap``.
+def fullest_waves_split(programs: int, sms: int, cap: int) -> int:
+    """The split count <= ``cap`` whose ``programs * splits`` programs fill their waves best, the
+    larger on a tie, for one or two resident programs per SM (pass 2's configurations hold one
+    or two), taking the worse of the two.
 
-    A part-filled last wave idles its SMs for a whole program's time: on an H100 (132 SMs) with 8
-    component tiles, 31 splits took 2.13 ms against 1.99 for 33 (spherical bf16, N=1M, K=1024,
-    D=128; ``eval/bench_ceiling.py --splits``).
+    A part-filled last wave idles its SMs for a whole program's time. On an H100 (132 SMs),
+    spherical bf16, N=1M, D=128: K=1024 (8 component tiles) took 2.12 ms at 31 splits against
+    1.99 at 33 or 66; K=4096 (32 tiles) 10.8 ms at 17 against 8.1 at 16 (``eval/bench_ceiling.py
+    --splits``; ``bench_ceiling_h100.json``, ``bench_ceiling_k4096_h100.json``).
     """
-    cap = max(1, cap)
-    for splits in range(cap, 0, -1):
-        if programs * splits % sms == 0:
-            return splits
-    return cap
+    def fill(splits):
+        return min(programs * splits / (triton.cdiv(programs * splits, slots) * slots) for slots in (sms, 2 * sms))
+    return max(range(1, max(1, cap) + 1), key=lambda splits: (fill(splits), splits))
 
 
 def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=None,

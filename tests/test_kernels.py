@@ -10,7 +10,7 @@ import torch
 
 from conftest import shared_set
 from flashgmm_ivf import kernels
-from flashgmm_ivf.kernels.estep import PARTIALS_BUDGET, default_split, whole_wave_split
+from flashgmm_ivf.kernels.estep import PARTIALS_BUDGET, default_split, fullest_waves_split
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (n rows, D features, K components, blocks (BLOCK_N, BLOCK_K, BLOCK_D))
@@ -224,14 +224,14 @@ def test_passes_must_tile_features_alike():
 
 
 @pytest.mark.parametrize("programs,sms,cap,expected", [
-    (8, 132, 66, 66),   # H100, K=1024 in 128-wide tiles: 4 whole waves
-    (8, 132, 35, 33),   # the memory cap forbids 66: 33 splits fill 2 waves, 35 would leave one part-filled
-    (32, 132, 17, 17),  # no whole-wave count under the cap: the cap
-    (3, 4, 5, 4),
-    (5, 7, 0, 1),       # a cap below one split still runs one
+    (8, 132, 66, 66),    # H100, K=1024 in 128-wide tiles: 528 programs, 4 (or 2) whole waves
+    (8, 132, 35, 33),    # the memory cap forbids 66; 35 would leave a wave part-filled
+    (32, 132, 17, 16),   # K=4096: 512 programs fill 97% of their waves, 544 only 69%
+    (128, 132, 4, 4),
+    (5, 7, 0, 1),        # a cap below one split still runs one
 ])
-def test_row_splits_fill_whole_waves(programs, sms, cap, expected):
-    assert whole_wave_split(programs, sms, cap) == expected
+def test_row_splits_fill_their_waves(programs, sms, cap, expected):
+    assert fullest_waves_split(programs, sms, cap) == expected
 
 
 def test_default_split_keeps_partials_within_budget():
