@@ -4,8 +4,8 @@ Pass 1 (log Z) computes N x K logits and exponentiates each one; pass 2 (statist
 and adds a second product, r @ x. That is the work of an attention forward pass with N queries,
 K keys and head dimension D (logits, exp, P @ V), which cuDNN and FlashAttention implement with
 hand-scheduled, warp-specialised Hopper kernels. Timing ``torch.nn.functional.scaled_dot_product_attention``
-on (N, K, D) in bf16 therefore bounds what any kernel technology does with one E-step pass, and
-shows how far our Triton passes are from it. Also timed: the logits alone as a cuBLAS bf16 GEMM
+on (N, K, D) in bf16 therefore shows what the best kernels available do with the work of one E-step
+pass, and how far our Triton passes are from them. Also timed: the logits alone as a cuBLAS bf16 GEMM
 (it writes N x K, which we never do) and the measured bf16 matmul ceiling.
 
 ``python -m flashgmm_ivf.eval.bench_ceiling --out eval/results/bench_ceiling_h100.json``
