@@ -28,6 +28,11 @@ Methods are ``<partition>[+<rule>][@<probing>][/hnsw]``, or a preset name (``PRE
   weighted log-likelihood is more than delta nats below the query's best component
   (:func:`flashgmm_ivf.ivf.probing.gap_nprobe`); the deltas swept are the learn queries'
   median gaps at ranks 1, 2, 4, ... of the nprobe sweep.
+- ``@radius`` (any partition; needs learn queries): lists nearest mean first, each
+  skipped once its half-space bound exceeds ``scale`` x the query's running 10th-neighbour
+  distance, at most ``nprobe`` lists (:func:`flashgmm_ivf.ivf.pruning.search_pruned`);
+  the (scale, nprobe) settings swept are those on the learn queries' cost-recall front
+  (scales ``RADIUS_SCALES``, nprobe the sweep's values and their midpoints).
 - ``/hnsw``: the same lists, but queries find them through an HNSW graph over the
   centroids (``faiss.IndexHNSWFlat``, M = ``HNSW_M``, put in by
   ``faiss.contrib.ivf_tools.replace_ivf_quantizer``; efSearch = the larger of the depth
@@ -74,6 +79,7 @@ from faiss.contrib.ivf_tools import replace_ivf_quantizer
 
 from ..ivf.probing import (ProbeTable, adaptive_lists, component_scores, distance_spread, gap_nprobe, list_members,
                            neighbor_depths, ranked_lists, scan_costs, search_adaptive)
+from ..ivf.pruning import search_pruned
 from ..ivf.quantizer import add_assigned, coarse_distances, new_ivf, posterior_lists, set_centroids
 from ..ivf.soft_assign import TopComponents
 from ..ivf.spill import RULES, spill
@@ -104,14 +110,23 @@ HNSW_METHODS = ("kmeans-niter25", "kmeans-niter25/hnsw", "kmeans+soar", "kmeans+
                 "kmeans+rair/hnsw", "kmeans@adaptive", "kmeans@adaptive/hnsw", "kmeans+soar@adaptive",
                 "kmeans+soar@adaptive/hnsw", "gmm-spherical+soar@adaptive", "gmm-spherical+soar@adaptive/hnsw",
                 "gmm-spherical@adaptive/hnsw")
-PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METHODS, "hnsw": HNSW_METHODS}
-PROBES = ("centroid", "posterior", "adaptive", "gap")
+# Issue 6 with radius pruning: every partition and rule probed '@radius' through the HNSW graph, against
+# the spilling rules and the best '@adaptive' methods of the 'hnsw' preset.
+RADIUS_METHODS = ("kmeans-niter25", "kmeans+soar", "kmeans+rair", "kmeans+soar/hnsw", "kmeans+rair/hnsw",
+                  "kmeans+soar@adaptive/hnsw", "gmm-spherical+soar@adaptive/hnsw", "kmeans@radius/hnsw",
+                  "kmeans+soar@radius/hnsw", "gmm-spherical@radius/hnsw", "gmm-spherical+soar@radius/hnsw")
+PRESETS = {"quick": QUICK_METHODS, "all": ALL_METHODS, "adaptive": ADAPTIVE_METHODS, "hnsw": HNSW_METHODS,
+           "radius": RADIUS_METHODS}
+PROBES = ("centroid", "posterior", "adaptive", "gap", "radius")
+PER_QUERY_PROBES = ("adaptive", "radius")  # each query its own depth, tuned on learn queries
 QUANTIZERS = ("flat", "hnsw")
 HNSW_M = 16  # graph degree of '/hnsw' quantizers (FAISS's IVF<nlist>_HNSW<M> factory spelling)
 EF_GRID = (16, 32, 64, 128)  # efSearch floors of '/hnsw' quantizers tried on the learn queries
 GMM_PROBES = ("posterior", "gap")  # need a GMM's densities
 # Recall@10 asked of a ProbeTable on the learn queries: the knob of '@adaptive' curves.
 RECALL_KNOBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
+# Bound multipliers of '@radius' tried on the learn queries (1: exact for a hard partition).
+RADIUS_SCALES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
 COPIES = (1.0, 1.3, 1.6, 2.0)
 LAMBDA_DEFAULT = {"soar": 1.0, "rair": 0.5}
 LAMBDA_GRID = {"soar": (0.5, 1.0, 1.5), "rair": (0.5, 0.75, 1.0)}
@@ -491,6 +506,52 @@ def sweep_adaptive(index, queries, gt, table, max_dup, *, knobs=RECALL_KNOBS, ks
     return _sweep_per_query(index, queries, gt, knobs, choose, max_dup, ks, stop)
 
 
+def radius_caps(nprobes, nlist):
+    """Depth caps of ``@radius``: the sweep's nprobe values and the midpoints p + p // 2 between doublings."""
+    return sorted({c for p in nprobes for c in (p, p + p // 2) if 1 <= c <= nlist})
+
+
+def sweep_radius(index, queries, gt, knobs, *, ks=RECALL_KS, stop=STOP_RECALL):
+    """Recall@k and cost per query at each (scale, nprobe) of ``knobs``, stopping once recall@10 > ``stop``.
+
+    Cost per query: codes scanned + the coarse distances and mean-to-mean distances
+    :func:`search_pruned` evaluated. Rows as :func:`sweep_nprobe`, with nprobe the mean
+    lists scanned and knob [scale, nprobe cap].
+    """
+    curve = []
+    for scale, cap in knobs:
+        start = time.perf_counter()
+        _, I, ndis, evaluations, scanned = search_pruned(index, queries, max(ks), cap, scale)
+        row = _point(float(scanned.mean()), [scale, cap], I, gt, ks, ndis, evaluations / len(queries),
+                     time.perf_counter() - start)
+        curve.append(row)
+        if row["recall_at_10"] > stop:
+            break
+    return curve
+
+
+def radius_knobs(index, queries, gt, caps, scales=RADIUS_SCALES):
+    """The (scale, nprobe) settings of ``@radius`` on the training queries' cost-recall front.
+
+    Every scale runs every cap (until recall@10 > ``STOP_RECALL``); a setting is kept when
+    no cheaper one reaches its recall@10.
+
+    Returns
+    -------
+    knobs : list of (scale, cap), cost increasing
+    front : list of dict (scale, nprobe, recall_at_10 and dist_per_query on the training queries), for the JSON
+    """
+    points = [(row["dist_per_query"], row["recall_at_10"], scale, cap)
+              for scale in scales
+              for row, cap in zip(sweep_radius(index, queries, gt, [(scale, c) for c in caps], ks=(10,)), caps)]
+    front, best = [], -1.0
+    for cost, recall, scale, cap in sorted(points):
+        if recall > best:
+            front.append({"scale": scale, "nprobe": cap, "recall_at_10": recall, "dist_per_query": cost})
+            best = recall
+    return [(f["scale"], f["nprobe"]) for f in front], front
+
+
 def gap_deltas(gmm, index, queries, nprobes):
     """The knob values of ``@gap``: median over ``queries`` of the log-likelihood gap at each rank of ``nprobes``."""
     _, lists, _ = ranked_lists(index, queries, max(nprobes))
@@ -550,6 +611,13 @@ def sweep_method(method, part, index, data, nprobes, max_dup):
 
         def curve(queries, gt, **kw):
             return sweep_adaptive(index, queries, gt, table, max_dup, **kw)
+    elif method.probe == "radius":
+        knobs, front = radius_knobs(index, data.learn, data.gt_learn, radius_caps(nprobes, index.nlist))
+        params = {"radius_front": front}
+        extra_bytes = 0
+
+        def curve(queries, gt, **kw):
+            return sweep_radius(index, queries, gt, knobs, **kw)
     elif method.probe == "gap":
         deltas = gap_deltas(part.gmm, index, data.learn, nprobes)
         params = {"gap_deltas_from": f"{len(data.learn)} learn queries"}
@@ -651,8 +719,9 @@ def summarize(rows, targets=TARGETS):
       nprobe at 1 copy, whatever the method's budget (issue 6's yardstick);
     - ``ratio_to_spill`` / ``spill_reference``: the cheapest k-means spilling rule
       (top2 / SPANN / SOAR / RAIR) with a fixed nprobe at the same budget;
-    - ``ratio_to_adaptive_kmeans``: the cheapest k-means-partition method with
-      ``@adaptive`` probing at the same budget (the control for adaptive GMM methods).
+    - ``ratio_to_adaptive_kmeans``: the cheapest k-means-partition method with the same
+      per-query probing (``@radius`` for ``@radius`` rows, else ``@adaptive``) at the same
+      budget (the control for adaptive GMM methods).
 
     Parameters
     ----------
@@ -696,7 +765,8 @@ def summarize(rows, targets=TARGETS):
             ref = cheapest(t, lambda r, c=same: kmeans(r) and r["copies_target"] == c)
             spill = cheapest(t, lambda r, c=same: kmeans(r) and r["rule"] and r["copies_target"] == c)
             ivf = cheapest(t, lambda r: kmeans(r) and r["method"] == "kmeans-niter25" and r["copies_target"] == 1.0)
-            adaptive = cheapest(t, lambda r, c=same: kmeans(r, "adaptive") and r["copies_target"] == c)
+            probe = s["probe"] if s["probe"] in PER_QUERY_PROBES else "adaptive"
+            adaptive = cheapest(t, lambda r, c=same, p=probe: kmeans(r, p) and r["copies_target"] == c)
             s["ratio_to_kmeans"][t], s["reference"][t] = ratio(mine, ref), ref[1] if ref else None
             s["ratio_to_spill"][t], s["spill_reference"][t] = ratio(mine, spill), spill[1] if spill else None
             s["ratio_to_ivf"][t] = ratio(mine, ivf)
@@ -706,7 +776,7 @@ def summarize(rows, targets=TARGETS):
 
 RATIO_COLUMNS = (("ratio_to_kmeans", "vs k-means, same copies"), ("ratio_to_ivf", "vs IVF k-means, 1 copy"),
                  ("ratio_to_spill", "vs best spill, same copies"),
-                 ("ratio_to_adaptive_kmeans", "vs k-means@adaptive, same copies"))
+                 ("ratio_to_adaptive_kmeans", "vs k-means, same per-query probing and copies"))
 
 
 def markdown(summary, title, targets=TARGETS):
@@ -763,7 +833,7 @@ def plot(rows, path, title):
             if curve:
                 # Marker: how lists are probed (square: a per-query nprobe); line: GMM solid, k-means dash-dot.
                 ax.plot([r["dist_per_query"] for r in curve], [r["recall_at_10"] for r in curve],
-                        marker="s" if m.endswith(("@adaptive", "@gap")) else "o", ms=3, lw=1.6, color=colors[m],
+                        marker="s" if ("@adaptive" in m or "@gap" in m or "@radius" in m) else "o", ms=3, lw=1.6, color=colors[m],
                         ls=":" if m.endswith("@posterior") else "-" if m.startswith("gmm") else "-.", label=m)
         for t in TARGETS:
             ax.axhline(t, color="0.85", lw=0.8, zorder=0)
@@ -807,7 +877,7 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
         raise ValueError(f"copies budgets must be in [1, 2], got {copies}")
     data = load_data(dataset, data_dir=data_dir, max_base=max_base, max_queries=max_queries, max_learn=max_learn,
                      seed=seed)
-    needs_learn = [m.name for m in methods if m.probe in ("adaptive", "gap")]
+    needs_learn = [m.name for m in methods if m.probe in ("adaptive", "gap", "radius")]
     if needs_learn and data.learn is None:
         raise ValueError(f"{needs_learn} are set up on learn queries, and {data.name} has none (pick a registry set "
                          "with a learn split)")
@@ -870,8 +940,10 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=QUICK_METHODS, copie
                               "coarse distances evaluated (nlist for a flat quantizer, faiss hnsw_stats.ndis for "
                               "/hnsw) (+ nprobe true distances for @posterior, + nlist log-densities "
                               "for @gap on a non-spherical GMM); lists probed by L2 distance to their centroid, "
-                              "or by GMM posterior for @posterior methods; nprobe of @adaptive / @gap rows is "
-                              "the mean over queries, knob the recall asked (@adaptive) or delta nats (@gap)",
+                              "or by GMM posterior for @posterior methods; nprobe of @adaptive / @gap / @radius rows is "
+                              "the mean over queries (lists scanned), knob the recall asked (@adaptive), delta "
+                              "nats (@gap) or [scale, nprobe cap] (@radius, whose cost adds the mean-to-mean "
+                              "distances of its bounds)",
                       "qps": "1 search call of all test queries at k=100 incl. dedup, wall clock",
                       "index_bytes": "entries x (code + 8-byte id) + nlist x d float32 centroids (+ the HNSW "
                                      "graph of /hnsw, serialized), + the probe "
