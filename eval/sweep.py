@@ -30,7 +30,7 @@ Methods are ``<partition>[+<rule>][@<probing>][/hnsw]``, or a preset name (``PRE
   median gaps at ranks 1, 2, 4, ... of the nprobe sweep.
 - ``@radius`` (any partition; needs learn queries): lists nearest mean first, each
   skipped once its half-space bound exceeds ``scale`` x the query's running 10th-neighbour
-  distance, at most ``nprobe`` lists (:func:`flashgmm_ivf.ivf.pruning.search_pruned`);
+  distance (also when 100 results are returned), at most ``nprobe`` lists (:func:`flashgmm_ivf.ivf.pruning.search_pruned`);
   the (scale, nprobe) settings swept are those on the learn queries' cost-recall front
   (scales ``RADIUS_SCALES``, nprobe the sweep's values and their midpoints).
 - ``/hnsw``: the same lists, but queries find them through an HNSW graph over the
@@ -71,16 +71,31 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from faiss.contrib.ivf_tools import replace_ivf_quantizer
 from tqdm import tqdm
 
 from ..datasets import ground_truth, load_dataset
 from ..ivf import GMMIndexIVF, assign_budget, search_dedup, top_components
-from faiss.contrib.ivf_tools import replace_ivf_quantizer
-
-from ..ivf.probing import (ProbeTable, adaptive_lists, component_scores, distance_spread, gap_nprobe, list_members,
-                           neighbor_depths, ranked_lists, scan_costs, search_adaptive)
+from ..ivf.probing import (
+    ProbeTable,
+    adaptive_lists,
+    component_scores,
+    distance_spread,
+    gap_nprobe,
+    list_members,
+    neighbor_depths,
+    ranked_lists,
+    scan_costs,
+    search_adaptive,
+)
 from ..ivf.pruning import search_pruned
-from ..ivf.quantizer import add_assigned, coarse_distances, new_ivf, posterior_lists, set_centroids
+from ..ivf.quantizer import (
+    add_assigned,
+    coarse_distances,
+    new_ivf,
+    posterior_lists,
+    set_centroids,
+)
 from ..ivf.soft_assign import TopComponents
 from ..ivf.spill import RULES, spill
 from ..mixture import GaussianMixture
@@ -521,7 +536,8 @@ def sweep_radius(index, queries, gt, knobs, *, ks=RECALL_KS, stop=STOP_RECALL):
     curve = []
     for scale, cap in knobs:
         start = time.perf_counter()
-        _, I, ndis, evaluations, scanned = search_pruned(index, queries, max(ks), cap, scale)
+        # Pruned for recall@10 (the curve's metric) while returning max(ks) results, as the other rows do.
+        _, I, ndis, evaluations, scanned = search_pruned(index, queries, max(ks), cap, scale, rank=10)
         row = _point(float(scanned.mean()), [scale, cap], I, gt, ks, ndis, evaluations / len(queries),
                      time.perf_counter() - start)
         curve.append(row)

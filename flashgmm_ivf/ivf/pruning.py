@@ -8,7 +8,8 @@ query's nearest mean), and its distance to the query q is at least
     b_j = (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|)
 
 (the distance from q to that half-space's boundary). List j is scanned only while
-``b_j <= scale * r``, r the distance of the query's k-th neighbour so far. At
+``b_j <= scale * r``, r the distance of the query's ``rank``-th neighbour so far (default
+the k-th; a smaller rank prunes for recall@rank while still returning k results). At
 ``scale = 1`` no vector's primary copy that could enter the top k is skipped, so a
 hard partition returns exactly what scanning all ``nprobe`` lists returns; a smaller
 scale trades recall for codes, like a smaller nprobe, but per query: a query whose
@@ -68,7 +69,7 @@ def halfspace_bounds(centroids: np.ndarray, coarse_dis: np.ndarray, list_nos: np
     return bounds
 
 
-def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe: int, scale: float):
+def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scale: float, rank: int | None = None):
     """k nearest distinct ids, each query skipping the lists its radius bound rules out.
 
     Parameters
@@ -76,8 +77,12 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe: int,
     index_ivf : faiss.IndexIVF, L2 metric, flat or HNSW quantizer; vectors may sit in several lists
     x : ndarray of shape (nq, d), float32
     k : int
-    nprobe : int, most lists a query scans (its nearest ``nprobe`` means)
+    nprobe : int, or ndarray of shape (nq,) of ints (e.g. from a :class:`.probing.ProbeTable`): most lists
+        a query scans (its nearest ``nprobe`` means)
     scale : float > 0, bound multiplier (1: exact over the ``nprobe`` lists for a hard partition)
+    rank : int in [1, k], optional
+        Prune against the distance of the query's rank-th neighbour so far (default k): at
+        scale 1 the first ``rank`` results are exact over the ``nprobe`` lists.
 
     Returns
     -------
@@ -91,25 +96,35 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe: int,
         raise ValueError("radius pruning needs an L2 index (normalise angular data and index it by L2)")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
+    rank = k if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= k:
+        raise ValueError(f"rank must be an integer in [1, k={k}], got {rank!r}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, nprobe)
+    nq = x.shape[0]
+    caps = np.asarray(nprobe)
+    if caps.dtype.kind not in "iu" or caps.shape not in ((), (nq,)) \
+            or (nq and (caps.min() < 1 or caps.max() > index_ivf.nlist)):
+        raise ValueError(f"nprobe must be an integer, or {nq} integers (one per query), in "
+                         f"[1, nlist={index_ivf.nlist}]")
+    caps = np.broadcast_to(caps, (nq,))
+    coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, int(caps.max(initial=1)))
+    list_nos = np.where(np.arange(list_nos.shape[1]) < caps[:, None], list_nos, -1)
     centroids = index_ivf.quantizer.reconstruct_n(0, index_ivf.nlist)
     bounds = halfspace_bounds(centroids, coarse_dis, list_nos)
     evaluations += int((list_nos[:, 1:] >= 0).sum())
-    nq = x.shape[0]
     D = np.full((nq, k), np.inf, np.float32)
     I = np.full((nq, k), -1, np.int64)
     scanned = np.zeros(nq, np.int64)
     params = faiss.SearchParametersIVF(nprobe=1)
     faiss.cvar.indexIVF_stats.reset()
-    for rank in range(list_nos.shape[1]):
-        radius = np.sqrt(D[:, -1].astype(np.float64))  # inf until k ids are found
-        rows = np.flatnonzero(bounds[:, rank] <= scale * radius)
+    for col in range(list_nos.shape[1]):
+        radius = np.sqrt(D[:, rank - 1].astype(np.float64))  # inf until rank ids are found
+        rows = np.flatnonzero(bounds[:, col] <= scale * radius)
         if rows.size == 0:
             continue
         # A list holds an id once, so k results per list are enough to merge.
-        d_new, i_new = _search_preassigned(index_ivf, x[rows], k, list_nos[rows, rank:rank + 1],
-                                           coarse_dis[rows, rank:rank + 1], params)
+        d_new, i_new = _search_preassigned(index_ivf, x[rows], k, list_nos[rows, col:col + 1],
+                                           coarse_dis[rows, col:col + 1], params)
         d_all = np.hstack([D[rows], d_new])
         i_all = np.hstack([I[rows], i_new])
         order = np.argsort(d_all, axis=1, kind="stable")

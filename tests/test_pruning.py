@@ -1,0 +1,180 @@
+"""Radius pruning: the half-space bound holds, scale 1 is exact on a hard partition, copies dedupe, bad input.
+
+Data: the real SIFT sample bundled with the package (4,000 base rows, 100 test queries),
+k-means with 32 lists, flat and HNSW quantizers; the module runs in seconds.
+"""
+import itertools
+
+import faiss
+import numpy as np
+import pytest
+from flashgmm_ivf.eval import sweep
+
+from flashgmm_ivf.cli import bundled_dataset
+from flashgmm_ivf.ivf.index import search_dedup
+from flashgmm_ivf.ivf.probing import ranked_lists
+from flashgmm_ivf.ivf.pruning import halfspace_bounds, search_pruned
+
+NLIST = 32
+K = 10
+
+
+@pytest.fixture(scope="module")
+def sift():
+    base, test, _ = bundled_dataset()
+    return base[:4000].astype(np.float32), test[:100].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def partition(sift):
+    return sweep.train_partition("kmeans-niter10", sift[0], NLIST)
+
+
+@pytest.fixture(scope="module")
+def hard_index(sift, partition):
+    return sweep.build_index(partition.centroids, sift[0], partition.primary[:, None])
+
+
+def test_bound_never_exceeds_a_true_distance(sift, partition):
+    """Every vector whose nearest mean is list j is at least b_j from the query (float64 brute force)."""
+    base, test = sift
+    index = sweep.build_index(partition.centroids, base, partition.primary[:, None])
+    coarse, lists, _ = ranked_lists(index, test, NLIST)
+    bounds = halfspace_bounds(partition.centroids, coarse, lists)
+    nearest = faiss.knn(base, partition.centroids, 1)[1][:, 0]
+    dist = np.sqrt(((test[:, None, :].astype(np.float64) - base[None].astype(np.float64)) ** 2).sum(-1))
+    for q in range(len(test)):
+        closest = np.full(NLIST, np.inf)
+        np.minimum.at(closest, nearest, dist[q])
+        b = bounds[q]
+        assert (b <= closest[lists[q]] * (1 + 1e-5) + 1e-3).all(), q
+    assert (bounds[:, 0] == 0).all() and (bounds[:, 1:] > 0).mean() > 0.9
+
+
+def test_bound_matches_float64_formula(partition):
+    rng = np.random.default_rng(0)
+    c = partition.centroids.astype(np.float64)
+    q = c[3] + rng.normal(scale=5, size=c.shape[1])
+    d2 = ((q - c) ** 2).sum(1)
+    order = np.argsort(d2)[None, :6]
+    b = halfspace_bounds(partition.centroids, d2[order].astype(np.float32), order)
+    want = (d2[order[0]] - d2[order[0, 0]]) / (2 * np.linalg.norm(c[order[0]] - c[order[0, 0]], axis=1).clip(1e-300))
+    want[0] = 0
+    np.testing.assert_allclose(b[0], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nprobe", [1, 3, 8, NLIST])
+def test_scale_one_is_exact_on_a_hard_partition(sift, hard_index, nprobe):
+    """The bound is a real bound: pruned search returns what scanning all nprobe lists returns, for fewer codes."""
+    _, test = sift
+    D0, I0, ndis0, _ = search_dedup(hard_index, test, K, nprobe)
+    D, I, ndis, evaluations, scanned = search_pruned(hard_index, test, K, nprobe, 1.0)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_allclose(D, D0, rtol=1e-6)
+    assert ndis <= ndis0 and scanned.max() <= nprobe and scanned.min() >= 1
+    if nprobe >= 8:
+        assert ndis < ndis0  # the bound rules lists out on real data
+    assert evaluations == len(test) * (NLIST + nprobe - 1)
+
+
+def test_rank_prunes_for_the_first_results(sift, hard_index):
+    """Pruned against the 10th neighbour, 30 results come back; the first 10 are exact, for fewer codes."""
+    _, test = sift
+    _, I0, ndis0, _ = search_dedup(hard_index, test, 30, 16)
+    _, I, ndis, _, _ = search_pruned(hard_index, test, 30, 16, 1.0, rank=10)
+    np.testing.assert_array_equal(I[:, :10], I0[:, :10])
+    assert ndis < search_pruned(hard_index, test, 30, 16, 1.0)[2] <= ndis0
+    assert (I >= 0).all()
+
+
+def test_per_query_nprobe_caps_each_query(sift, hard_index):
+    """A cap per query (e.g. from a ProbeTable): each query scans at most its own, exactly at scale 1."""
+    _, test = sift
+    caps = np.arange(len(test)) % 5 + 1
+    D, I, _, evaluations, scanned = search_pruned(hard_index, test, K, caps, 1.0)
+    assert (scanned <= caps).all() and (scanned >= 1).all()
+    for cap in (1, 3, 5):
+        rows = caps == cap
+        np.testing.assert_array_equal(I[rows], search_dedup(hard_index, test[rows], K, cap)[1])
+    assert evaluations == len(test) * NLIST + (caps - 1).sum()
+
+
+def test_smaller_scale_scans_fewer_lists(sift, hard_index):
+    _, test = sift
+    scanned = [search_pruned(hard_index, test, K, NLIST, s)[4].sum() for s in (1.0, 0.5, 0.2, 0.05)]
+    assert all(a >= b for a, b in itertools.pairwise(scanned)) and scanned[-1] < scanned[0]
+
+
+def test_copies_come_back_once(sift, partition):
+    """A spilled index holds ids in two lists; pruned search returns each id once, nearest first."""
+    base, test = sift
+    second = faiss.knn(base, partition.centroids, 2)[1][:, 1]
+    index = sweep.build_index(partition.centroids, base, np.stack([partition.primary, second], 1))
+    D, I, _, _, _ = search_pruned(index, test, K, 8, 0.5)
+    assert (I >= 0).all()
+    assert all(len(set(row)) == K for row in I)
+    assert (np.diff(D, axis=1) >= 0).all()
+    # Distances are the vectors' true distances.
+    np.testing.assert_allclose(D, ((test[:, None] - base[I]) ** 2).sum(-1), rtol=1e-4)
+
+
+def test_fewer_vectors_than_k_pads(sift, partition):
+    base, test = sift
+    index = sweep.build_index(partition.centroids, base[:5], partition.primary[:5, None])
+    D, I, _, _, _ = search_pruned(index, test[:3], K, NLIST, 1.0)
+    assert (I[:, :5] >= 0).all() and (I[:, 5:] == -1).all() and np.isinf(D[:, 5:]).all()
+
+
+def test_hnsw_quantizer_counts_its_walk(sift, partition):
+    base, test = sift
+    graph = sweep.build_index(partition.centroids, base, partition.primary[:, None], "hnsw")
+    _, I, _, evaluations, _ = search_pruned(graph, test, K, 8, 1.0)
+    _, _, walk = ranked_lists(graph, test, 8)
+    assert evaluations == walk + len(test) * 7
+    flat = sweep.build_index(partition.centroids, base, partition.primary[:, None])
+    assert sweep.recall_at(I, search_pruned(flat, test, K, 8, 1.0)[1], K) > 0.9
+
+
+def test_bad_input(sift, partition, hard_index):
+    base, test = sift
+    for scale in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="scale"):
+            search_pruned(hard_index, test, K, 4, scale)
+    for rank in (0, K + 1, 2.0):
+        with pytest.raises(ValueError, match="rank"):
+            search_pruned(hard_index, test, K, 4, 1.0, rank=rank)
+    for nprobe in (0, NLIST + 1, np.full(len(test) - 1, 2), 2.0):
+        with pytest.raises(ValueError, match="nprobe"):
+            search_pruned(hard_index, test, K, nprobe, 1.0)
+    ip = faiss.IndexIVFFlat(faiss.IndexFlatIP(base.shape[1]), base.shape[1], NLIST, faiss.METRIC_INNER_PRODUCT)
+    with pytest.raises(ValueError, match="L2"):
+        search_pruned(ip, test, K, 4, 1.0)
+    coarse, lists, _ = ranked_lists(hard_index, test, 4)
+    with pytest.raises(ValueError, match="shape|both"):
+        halfspace_bounds(partition.centroids, coarse[:, :3], lists)
+    lists = lists.copy()
+    lists[7, 0] = -1
+    with pytest.raises(ValueError, match="first row without: 7"):
+        halfspace_bounds(partition.centroids, coarse, lists)
+
+
+def test_sweep_radius_knobs_come_from_the_learn_front(sift, partition, hard_index):
+    """'@radius' in the sweep: settings on the learn queries' cost-recall front, test curve at those settings."""
+    from flashgmm_ivf.datasets import exact_knn
+    base, test = sift
+    learn = base[3800:]  # stand-ins for learn queries: rows of the base (their neighbour 1 is themselves)
+    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
+                      exact_knn(base, learn, K, "l2"))
+    method = sweep.parse_methods("kmeans@radius")[0]
+    assert method.probe == "radius" and "kmeans@radius/hnsw" in sweep.PRESETS["radius"]
+    curve, params, extra = sweep.sweep_method(method, partition, hard_index, data, [1, 2, 4, 8], 1)
+    front = params["radius_front"]
+    assert extra == 0 and len(front) >= 3
+    assert [f["dist_per_query"] for f in front] == sorted(f["dist_per_query"] for f in front)
+    assert all(a["recall_at_10"] < b["recall_at_10"] for a, b in itertools.pairwise(front))
+    assert {f["scale"] for f in front} <= set(sweep.RADIUS_SCALES)
+    assert {f["nprobe"] for f in front} <= set(sweep.radius_caps([1, 2, 4, 8], NLIST)) == {1, 2, 3, 4, 6, 8, 12}
+    assert [r["knob"] for r in curve] == [[f["scale"], f["nprobe"]] for f in front][:len(curve)]
+    # Cost charges the coarse step and the bounds' mean-to-mean distances.
+    assert all(r["coarse_per_query"] == NLIST + r["knob"][1] - 1 for r in curve)
+    assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
