@@ -629,7 +629,9 @@ def sweep_method(method, part, index, data, nprobes, max_dup):
             return sweep_adaptive(index, queries, gt, table, max_dup, **kw)
     elif method.probe == "radius":
         knobs, front = radius_knobs(index, data.learn, data.gt_learn, radius_caps(nprobes, index.nlist))
-        params = {"radius_front": front}
+        # The rows' knobs are the front's settings; its learn-query costs stay out of every row.
+        params = {"radius_knobs": f"{len(front)} (scale, nprobe) settings on the cost-recall front of "
+                                  f"{len(data.learn)} learn queries", "radius_scales": list(RADIUS_SCALES)}
         extra_bytes = 0
 
         def curve(queries, gt, **kw):

@@ -151,3 +151,31 @@ def test_cli_sweep(tiny_dir, tmp_path):
     # posterior probing is charged nprobe true distances on top of the K coarse evaluations
     for r in saved["rows"]:
         assert r["coarse_per_query"] == 8 + (r["nprobe"] if r["method"].endswith("@posterior") else 0)
+
+
+def test_summarize_sweeps_picks_the_cheapest_gmm_within_the_copies(tmp_path):
+    from flashgmm_ivf.eval import summarize_sweeps
+
+    def entry(method, partition, probe, copies, cost, spill=None):
+        return {"method": method, "partition": partition, "probe": probe, "copies_target": copies,
+                "copies_per_vector": copies, "cost_at": {"0.9": cost, "0.95": None}, "qps_at": {"0.9": 10.0,
+                "0.95": None}, "index_bytes": 2e6, "ratio_to_spill": {"0.9": spill, "0.95": None}}
+    doc = {"dataset": {"name": "toy"}, "config": {"nlist": 64}, "summary": [
+        entry("kmeans-niter25", "kmeans-niter25", "centroid", 1.0, 1200.0),
+        entry("kmeans+soar@radius", "kmeans-niter25", "radius", 1.5, 900.0),
+        entry("gmm-spherical@adaptive", "gmm-spherical", "adaptive", 1.5, 1000.0, 0.8),
+        entry("gmm-spherical@radius", "gmm-spherical", "radius", 1.5, 800.0, 0.5),
+        entry("gmm-spherical+soar@radius", "gmm-spherical", "radius", 2.0, 400.0)]}  # over the copies cap
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    r09, r095 = summarize_sweeps.summary_rows(doc)
+    assert (r09["gmm"], r09["gmm_factor"], r09["vs_spill"]) == ("gmm-spherical@radius", 1.5, 2.0)
+    assert (r09["gmm_adaptive"], r09["kmeans"], r09["kmeans_factor"]) == (1.2, "kmeans+soar@radius", 1200 / 900)
+    assert r095["gmm"] is None and r095["ivf"] is None
+    out = tmp_path / "t.md"
+    assert summarize_sweeps.main([str(path), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| toy (64) | 0.9 | 1,200 | gmm-spherical@radius | 800 | **1.50** | 2.00 | 1.20 | 1.50 |" in table
+    doc["summary"] = doc["summary"][1:]
+    with pytest.raises(ValueError, match="yardstick"):
+        summarize_sweeps.summary_rows(doc)

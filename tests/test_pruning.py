@@ -168,7 +168,8 @@ def test_sweep_radius_knobs_come_from_the_learn_front(sift, partition, hard_inde
     method = sweep.parse_methods("kmeans@radius")[0]
     assert method.probe == "radius" and "kmeans@radius/hnsw" in sweep.PRESETS["radius"]
     curve, params, extra = sweep.sweep_method(method, partition, hard_index, data, [1, 2, 4, 8], 1)
-    front = params["radius_front"]
+    _, front = sweep.radius_knobs(hard_index, learn, data.gt_learn, sweep.radius_caps([1, 2, 4, 8], NLIST))
+    assert params["radius_knobs"].startswith(f"{len(front)} (scale, nprobe) settings")
     assert extra == 0 and len(front) >= 3
     assert [f["dist_per_query"] for f in front] == sorted(f["dist_per_query"] for f in front)
     assert all(a["recall_at_10"] < b["recall_at_10"] for a, b in itertools.pairwise(front))
