@@ -6,7 +6,7 @@ flat quantizer, fixed nprobe, 1 copy), the cheapest GMM method, its factor ("x f
 against the best spilling rule at the same copies, the best GMM method of each per-query probing
 (``@adaptive``, ``@radius``), and the cheapest k-means method. Prints markdown; ``--out`` writes it.
 
-    python -m flashgmm_ivf.eval.summarize_sweeps eval/results/issue6-radius*_*.json --out summary.md
+    python -m flashgmm_ivf.eval.summarize_sweeps eval/results/issue6-radius*_*.json --out summary.md --title '# ...'
 """
 from __future__ import annotations
 
@@ -73,11 +73,14 @@ def main(argv=None) -> int:
     parser.add_argument("files", nargs="+", help="sweep JSON files")
     parser.add_argument("--max-copies", type=float, default=1.5)
     parser.add_argument("--out", help="also write the table here")
+    parser.add_argument("--title", help="a line written above the table")
     args = parser.parse_args(argv)
     rows = []
     for path in args.files:
         rows.extend(summary_rows(json.loads(Path(path).read_text()), args.max_copies))
     table = markdown(rows, args.max_copies)
+    if args.title:
+        table = f"{args.title}\n\n{table}"
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
