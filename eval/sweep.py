@@ -833,11 +833,15 @@ def plot(rows, path, title):
 
     budgets = sorted({r["copies_target"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    # One colour per method, the same in every plot (tab10 without its grey, kept for the yardstick).
-    palette = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7] + list(plt.cm.Dark2.colors)
-    known = list(dict.fromkeys(ALL_METHODS + tuple(m.name for m in parse_methods(ADAPTIVE_METHODS))))
-    order = known + [m for m in methods if m not in known]
-    colors = {m: palette[order.index(m) % len(palette)] for m in methods}
+    # One colour per method, distinct within a plot and the same in every plot of one method list
+    # (greys left out: grey is the yardstick's).
+    palette = [c for cmap, grey in ((plt.cm.tab10, 7), (plt.cm.Dark2, 7), (plt.cm.Set1, 8))
+               for i, c in enumerate(cmap.colors) if i != grey]
+    known = list(dict.fromkeys(ALL_METHODS + tuple(m.name for preset in (ADAPTIVE_METHODS, HNSW_METHODS,
+                                                                         RADIUS_METHODS)
+                                                   for m in parse_methods(preset))))
+    order = sorted(methods, key=lambda m: (known.index(m) if m in known else len(known), methods.index(m)))
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(order)}
     ncols = min(2, len(budgets))
     nrows = math.ceil(len(budgets) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.4 * nrows), sharey=True, squeeze=False)
