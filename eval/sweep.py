@@ -30,9 +30,10 @@ Methods are ``<partition>[+<rule>][@<probing>][/hnsw]``, or a preset name (``PRE
   median gaps at ranks 1, 2, 4, ... of the nprobe sweep.
 - ``@radius`` (any partition; needs learn queries): lists nearest mean first, each
   skipped once its half-space bound exceeds ``scale`` x the query's running 10th-neighbour
-  distance (also when 100 results are returned), at most ``nprobe`` lists (:func:`flashgmm_ivf.ivf.pruning.search_pruned`);
-  the (scale, nprobe) settings swept are those on the learn queries' cost-recall front
-  (scales ``RADIUS_SCALES``, nprobe the sweep's values and their midpoints).
+  distance (also when 100 results are returned), at most ``nprobe`` lists
+  (:func:`flashgmm_ivf.ivf.pruning.search_pruned`); the (scale, nprobe) settings swept are
+  those on the learn queries' cost-recall front (scales ``RADIUS_SCALES``, nprobe the
+  sweep's values and their midpoints).
 - ``/hnsw``: the same lists, but queries find them through an HNSW graph over the
   centroids (``faiss.IndexHNSWFlat``, M = ``HNSW_M``, put in by
   ``faiss.contrib.ivf_tools.replace_ivf_quantizer``; efSearch = the larger of the depth
@@ -555,7 +556,7 @@ def radius_knobs(index, queries, gt, caps, scales=RADIUS_SCALES):
     Returns
     -------
     knobs : list of (scale, cap), cost increasing
-    front : list of dict (scale, nprobe, recall_at_10 and dist_per_query on the training queries), for the JSON
+    front : list of dict, each setting with its recall_at_10 and dist_per_query on the training queries
     """
     points = [(row["dist_per_query"], row["recall_at_10"], scale, cap)
               for scale in scales

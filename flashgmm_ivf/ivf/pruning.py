@@ -10,8 +10,8 @@ query's nearest mean), and its distance to the query q is at least
 (the distance from q to that half-space's boundary). List j is scanned only while
 ``b_j <= scale * r``, r the distance of the query's ``rank``-th neighbour so far (default
 the k-th; a smaller rank prunes for recall@rank while still returning k results). At
-``scale = 1`` no vector's primary copy that could enter the top k is skipped, so a
-hard partition returns exactly what scanning all ``nprobe`` lists returns; a smaller
+``scale = 1`` no vector's primary copy that could enter the first ``rank`` results is
+skipped, so on a hard partition they are exactly what scanning all ``nprobe`` lists gives; a smaller
 scale trades recall for codes, like a smaller nprobe, but per query: a query whose
 neighbours are close stops early, one whose k-th neighbour is far goes on. ``nprobe``
 caps the depth. Copies added by spilling rules (SOAR, ...) sit outside their list's
@@ -87,7 +87,7 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
     Returns
     -------
     D : ndarray of shape (nq, k), float32, squared L2, best first
-    I : ndarray of shape (nq, k), int64, distinct ids, -1 padded
+    I : ndarray of shape (nq, k), int64, distinct ids, -1 padded (distance: float32 max, as FAISS)
     ndis : int, codes scanned
     evaluations : int, coarse distances (query to mean, mean to mean) computed, summed over the queries
     scanned : ndarray of shape (nq,), int64, lists each query scanned
@@ -131,7 +131,5 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
         d_all, i_all = np.take_along_axis(d_all, order, 1), np.take_along_axis(i_all, order, 1)
         D[rows], I[rows], _ = dedup_results(d_all, i_all, k, index_ivf.metric_type)
         scanned[rows] += 1
-    # dedup_results pads missing slots with its own large value; report inf as FAISS does for L2.
-    D[I < 0] = np.inf
     return D, I, int(faiss.cvar.indexIVF_stats.ndis), evaluations, scanned
 
