@@ -8,9 +8,9 @@ import itertools
 import faiss
 import numpy as np
 import pytest
-from flashgmm_ivf.eval import sweep
 
 from flashgmm_ivf.cli import bundled_dataset
+from flashgmm_ivf.eval import sweep
 from flashgmm_ivf.ivf.index import search_dedup
 from flashgmm_ivf.ivf.probing import ranked_lists
 from flashgmm_ivf.ivf.pruning import halfspace_bounds, search_pruned
