@@ -77,26 +77,10 @@ from tqdm import tqdm
 
 from ..datasets import ground_truth, load_dataset
 from ..ivf import GMMIndexIVF, assign_budget, search_dedup, top_components
-from ..ivf.probing import (
-    ProbeTable,
-    adaptive_lists,
-    component_scores,
-    distance_spread,
-    gap_nprobe,
-    list_members,
-    neighbor_depths,
-    ranked_lists,
-    scan_costs,
-    search_adaptive,
-)
+from ..ivf.probing import (ProbeTable, adaptive_lists, component_scores, distance_spread, gap_nprobe, list_members,
+                           neighbor_depths, ranked_lists, scan_costs, search_adaptive)
 from ..ivf.pruning import search_pruned
-from ..ivf.quantizer import (
-    add_assigned,
-    coarse_distances,
-    new_ivf,
-    posterior_lists,
-    set_centroids,
-)
+from ..ivf.quantizer import add_assigned, coarse_distances, new_ivf, posterior_lists, set_centroids
 from ..ivf.soft_assign import TopComponents
 from ..ivf.spill import RULES, spill
 from ..mixture import GaussianMixture
@@ -856,7 +840,8 @@ def plot(rows, path, title):
             if curve:
                 # Marker: how lists are probed (square: a per-query nprobe); line: GMM solid, k-means dash-dot.
                 ax.plot([r["dist_per_query"] for r in curve], [r["recall_at_10"] for r in curve],
-                        marker="s" if ("@adaptive" in m or "@gap" in m or "@radius" in m) else "o", ms=3, lw=1.6, color=colors[m],
+                        marker="s" if any(f"@{p}" in m for p in (*PER_QUERY_PROBES, "gap")) else "o", ms=3,
+                        lw=1.6, color=colors[m],
                         ls=":" if m.endswith("@posterior") else "-" if m.startswith("gmm") else "-.", label=m)
         for t in TARGETS:
             ax.axhline(t, color="0.85", lw=0.8, zorder=0)

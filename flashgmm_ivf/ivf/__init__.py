@@ -14,22 +14,9 @@ Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_too
 """
 from .index import GMMIndexIVF, SearchStats, dedup_results, index_factory, search_dedup
 from .index_io import read_index, write_index
-from .probing import (
-           ProbeTable,
-           distance_spread,
-           gap_nprobe,
-           ranked_lists,
-           search_adaptive,
-)
+from .probing import ProbeTable, distance_spread, gap_nprobe, ranked_lists, search_adaptive
 from .pruning import halfspace_bounds, search_pruned
-from .soft_assign import (
-           SoftAssignment,
-           TopComponents,
-           assign_budget,
-           assign_tau,
-           soft_assign,
-           top_components,
-)
+from .soft_assign import SoftAssignment, TopComponents, assign_budget, assign_tau, soft_assign, top_components
 
 __all__ = ["GMMIndexIVF", "ProbeTable", "SearchStats", "SoftAssignment", "TopComponents", "assign_budget",
            "assign_tau", "dedup_results", "distance_spread", "gap_nprobe", "halfspace_bounds", "index_factory",

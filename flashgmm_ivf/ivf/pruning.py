@@ -58,8 +58,11 @@ def halfspace_bounds(centroids: np.ndarray, coarse_dis: np.ndarray, list_nos: np
                          f"{int(np.flatnonzero(list_nos[:, 0] < 0)[0])}")
     centroids = np.asarray(centroids, dtype=np.float64)
     valid = list_nos >= 0
-    c = centroids[np.where(valid, list_nos, 0)]
-    spacing = np.linalg.norm(c - c[:, :1], axis=2)
+    nearest = centroids[list_nos[:, 0]]
+    # Column by column: an (nq, depth, d) block of means would take gigabytes at large nprobe.
+    spacing = np.empty(list_nos.shape)
+    for j in range(list_nos.shape[1]):
+        spacing[:, j] = np.linalg.norm(centroids[np.where(valid[:, j], list_nos[:, j], 0)] - nearest, axis=1)
     gap = np.maximum(coarse_dis - coarse_dis[:, :1], 0.0)
     # Two means at one point (spacing 0) split nothing: no bound.
     with np.errstate(divide="ignore", invalid="ignore"):
