@@ -3,6 +3,7 @@
 Multi-process jobs run through ``torch.multiprocessing`` on localhost; rank 0 saves what
 it fitted and the tests compare it, in this process, with single-process results.
 """
+import json
 import math
 import os
 import signal
@@ -348,3 +349,17 @@ def test_cli_train_one_process(tmp_path, capsys):
     assert "3 iterations" in capsys.readouterr().out
     assert GaussianMixture.load(tmp_path / "gmm.npz").n_iter_ == 3
     assert load_checkpoint(tmp_path / "c.npz").n_iter == 3
+
+
+def test_bench_distributed_on_cpu_two_ranks(tmp_path):
+    from flashgmm_ivf.eval import bench_distributed
+    out = tmp_path / "d.json"
+    bench_distributed.main(["--device", "cpu", "--n", "6000", "--d", "8", "--k", "4", "--iterations", "2",
+                            "--block-rows", "1000", "--chunk-size", "1000", "--worlds", "2", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["commit"] and doc["params"]["worlds"] == "2"
+    single, two = doc["rows"]
+    assert (single["backend"], two["backend"], two["world"]) == ("none", "gloo", 2)
+    assert two["equal_to_single"] and max(two["max_relative_difference"].values()) < 1e-9
+    assert not two["timing_is_scaling"]  # gloo on CPU cores: no scaling figure
+    assert single["n_iter"] == two["n_iter"] == 2 and two["seconds_per_iteration"] > 0
