@@ -20,7 +20,7 @@ from flashgmm_ivf.distributed import load_checkpoint
 
 pytestmark = pytest.mark.gpu
 K, MAX_ITER = 32, 6
-TORCHRUN_TIMEOUT_S = 300
+TORCHRUN_TIMEOUT_S = 120
 
 
 @pytest.fixture(autouse=True)
