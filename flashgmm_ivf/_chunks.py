@@ -49,7 +49,7 @@ class ChunkSource:
         elif hasattr(data, "shape") and hasattr(data, "__getitem__"):
             if len(data.shape) != 2:
                 raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(data.shape)}")
-            self._blocks = lambda: (data[i:i + chunk_size] for i in range(0, data.shape[0], chunk_size))
+            self._blocks = _slices(data, chunk_size)
             self._rows = data
             self.n_samples, self.n_features = int(data.shape[0]), int(data.shape[1])
         elif isinstance(data, (list, tuple)):
@@ -76,9 +76,21 @@ class ChunkSource:
         """This source with its blocks marked valid (once :meth:`validate` has passed): later
         passes skip the per-block checks. ``chunk_size`` re-blocks one sliceable array."""
         if chunk_size is not None and self._rows is not None:
-            return ChunkSource(self._rows, chunk_size, name=self.name, checked=True)
+            return self.reading(self._rows, chunk_size)
         twin = copy.copy(self)
         twin.checked = True
+        return twin
+
+    def reading(self, rows, chunk_size: int | None = None) -> ChunkSource:
+        """A copy of this validated source that reads ``rows`` (the same rows, held elsewhere: a
+        device copy) in blocks of ``chunk_size`` (default this source's), marked checked.
+
+        A copy, not a new ``ChunkSource``: a subclass keeps its type and what it knows beyond
+        the rows (a data-parallel shard its global row count and offset).
+        """
+        twin = copy.copy(self)
+        twin.chunk_size = chunk_size or self.chunk_size
+        twin._rows, twin._blocks, twin.checked = rows, _slices(rows, twin.chunk_size), True
         return twin
 
     def resident_on(self, device: torch.device) -> bool:
@@ -105,6 +117,11 @@ class ChunkSource:
             raise NonFiniteRows(count, first, self.name)
         self.n_samples = offset
         return offset
+
+
+def _slices(data, chunk_size: int) -> Callable[[], Iterator]:
+    """A callable returning fresh blocks of ``chunk_size`` rows of the sliceable ``data``."""
+    return lambda: (data[i:i + chunk_size] for i in range(0, data.shape[0], chunk_size))
 
 
 def _count_nonfinite(block) -> int:
@@ -199,7 +216,7 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float,
     rows = torch.empty((source.n_samples, source.n_features), dtype=dtype, device=device)
     for offset, x in device_blocks(source, device):
         rows[offset:offset + x.shape[0]] = x
-    return ChunkSource(rows, chunk_size or source.chunk_size, name=source.name, checked=True)
+    return source.reading(rows, chunk_size)
 
 
 def _on_device(block, device: torch.device) -> bool:

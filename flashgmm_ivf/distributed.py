@@ -33,13 +33,11 @@ Without a process group, :class:`DistributedGaussianMixture` runs as one rank of
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import json
 import math
 import os
-import time
 import warnings
 import zipfile
 import zlib
@@ -56,8 +54,8 @@ from ._init import initial_means, sample_size
 from ._mstep import m_step, precisions_cholesky
 from .mixture import EMPTY_MASS, RESEED_CANDIDATES, ConvergenceWarning, GaussianMixture, _State
 
-__all__ = ["Checkpoint", "DistributedGaussianMixture", "ShardSource", "add_train_command", "init_distributed",
-           "load_checkpoint", "save_checkpoint", "shard_range"]
+__all__ = ["Checkpoint", "DistributedGaussianMixture", "ShardSource", "init_distributed", "load_checkpoint",
+           "save_checkpoint", "shard_range"]
 
 CHECKPOINT_FORMAT = "flashgmm_ivf.EMCheckpoint"
 CHECKPOINT_VERSION = 1
@@ -621,65 +619,3 @@ def _local_sample(source, size, rng, offset):
             keys, rows = keys[keep], rows[keep]
     order = np.argsort(keys, kind="stable")
     return keys[order], np.ascontiguousarray(rows[order])
-
-
-# ---------------------------------------------------------------------- CLI
-TRAIN_EPILOG = """\
-one process:  flashgmm-ivf train --data base.npy -k 1024 --save gmm.npz
-data-parallel (one process per GPU, NCCL; or per CPU socket, gloo):
-  torchrun --nproc-per-node=8 -m flashgmm_ivf.cli train --distributed --data base.u8bin \\
-      -k 4096 --max-iter 20 --checkpoint em.ckpt.npz --resume --save gmm.npz
-several hosts: add --nnodes=N --node-rank=i --rdzv-backend=c10d --rdzv-endpoint=HOST:29400;
-restart on a lost rank: add --max-restarts=3 (with --resume, at most one iteration is redone).
-Every rank reads only its row range of --data (a memory map, or HDF5 read block by block).
-"""
-
-
-def add_train_command(subparsers):
-    """Register ``flashgmm-ivf train`` on the CLI's subparsers."""
-    train = subparsers.add_parser("train", help="fit a GMM on a vector file, optionally data-parallel under torchrun",
-                                  epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--data", required=True, help="vector file: .npy, .fvecs/.bvecs, .fbin/.u8bin/.i8bin, .hdf5")
-    train.add_argument("--key", help="HDF5 dataset name (default 'train')")
-    from .cli import add_gmm_arguments  # here: cli imports this module's command
-    add_gmm_arguments(train, n_components=1024, max_iter=20)
-    train.add_argument("--init", default="kmeans", choices=["kmeans", "k-means++", "random_from_data"])
-    train.add_argument("--chunk-size", type=int, default=262144)
-    train.add_argument("--distributed", action="store_true",
-                       help="join the torchrun process group (NCCL with GPUs, else gloo); each rank fits its rows")
-    train.add_argument("--backend", choices=["nccl", "gloo"], help="override the process-group backend")
-    train.add_argument("--checkpoint", help="rank 0 writes the EM state here after every iteration (.npz)")
-    train.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
-    train.add_argument("--save", help="rank 0 writes the fitted model here (.npz, GaussianMixture.load reads it)")
-    train.add_argument("-v", "--verbose", type=int, default=1)
-    train.set_defaults(func=cmd_train)
-
-
-def cmd_train(args) -> int:
-    """``flashgmm-ivf train``: fit, print a summary and save on rank 0."""
-    from .datasets import read_vectors
-    if args.distributed:
-        init_distributed(args.backend)
-    try:
-        x = read_vectors(args.data, key=args.key)
-        gmm = DistributedGaussianMixture(args.n_components, covariance_type=args.covariance_type,
-                                         max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
-                                         init_params=args.init, device=args.device, chunk_size=args.chunk_size,
-                                         compute_dtype=args.compute_dtype, verbose=args.verbose,
-                                         checkpoint=args.checkpoint, resume=args.resume)
-        start = time.perf_counter()
-        gmm.fit(x)
-        seconds = time.perf_counter() - start
-        comm = _Comm()
-        if comm.rank == 0:
-            print(f"{args.data}: {x.shape[0]} x {x.shape[1]} on {comm.world} rank(s); K={args.n_components} "
-                  f"({args.covariance_type}); {gmm.n_iter_} iterations (converged: {gmm.converged_}); "
-                  f"lower bound {gmm.lower_bound_:.6g}; {seconds:.2f} s ({seconds / gmm.n_iter_:.3f} s/iteration "
-                  f"incl. initialisation)")
-            if args.save:
-                gmm.save(args.save)
-                print(f"saved to {args.save}")
-    finally:
-        if args.distributed:
-            dist.destroy_process_group()
-    return 0

@@ -3,6 +3,8 @@
 Multi-process jobs run through ``torch.multiprocessing`` on localhost; rank 0 saves what
 it fitted and the tests compare it, in this process, with single-process results.
 """
+import json
+import math
 import os
 import signal
 import socket
@@ -19,9 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flashgmm_ivf import GaussianMixture, GMMIndexIVF
+from flashgmm_ivf._chunks import device_copy
 from flashgmm_ivf.cli import main as cli_main
-from flashgmm_ivf.distributed import (Checkpoint, DistributedGaussianMixture, load_checkpoint, save_checkpoint,
-                                      shard_range)
+from flashgmm_ivf.distributed import (Checkpoint, DistributedGaussianMixture, ShardSource, _Comm, load_checkpoint,
+                                      save_checkpoint, shard_range)
 from flashgmm_ivf.ivf import read_index, write_index
 from flashgmm_ivf.ivf.shards import (ShardedGMMIndex, build_shard, empty_copy, merge_shards, read_shard, to_gpu,
                                      write_shard)
@@ -62,6 +65,15 @@ class _KilledAfter(DistributedGaussianMixture):
         return out
 
 
+class _DeviceCopied(DistributedGaussianMixture):
+    """Fits from one copy of each rank's validated shard, re-blocked, as a CUDA fit does
+    (``GaussianMixture._cached``), here in host memory so that CPU runs take that path."""
+
+    def _fit(self, source):
+        source.validate()
+        return super()._fit(device_copy(source, torch.device("cpu"), math.inf, chunk_size=300))
+
+
 def _job_fit(rank, world, tmp):
     x = np.load(tmp / "x.npy", mmap_mode="r")
     explicit = DistributedGaussianMixture(K, **EXPLICIT, **_explicit_start(x)).fit(x)
@@ -71,7 +83,9 @@ def _job_fit(rank, world, tmp):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tol=0: never converges, by design
         kmeans = DistributedGaussianMixture(K, **KMEANS).fit(x)
+        copied = _DeviceCopied(K, **KMEANS).fit(x)
     if rank == 0:
+        copied.save(tmp / "copied.npz")
         explicit.save(tmp / "explicit.npz")
         streamed.save(tmp / "streamed.npz")
         kmeans.save(tmp / "kmeans.npz")
@@ -170,6 +184,13 @@ def test_kmeans_init_on_rank0_equals_single_process(job):
     _assert_same_fit(GaussianMixture.load(job / "kmeans.npz"), single, rtol=1e-6)
 
 
+def test_fit_from_device_copy_equals_fit(job):
+    # A device copy of each shard (what every CUDA fit reads) keeps the global row count and
+    # the rank's offset: initialisation and EM are those of the streamed fit (blocks of 300
+    # rows instead of 700: only the order of the float64 sums differs).
+    _assert_same_fit(GaussianMixture.load(job / "copied.npz"), GaussianMixture.load(job / "kmeans.npz"), rtol=1e-9)
+
+
 def test_resume_after_killed_rank_gives_uninterrupted_result(job, tmp_path):
     np.save(tmp_path / "x.npy", np.load(job / "x.npy"))
     with pytest.raises(mp.ProcessExitedException):
@@ -257,6 +278,26 @@ def test_without_process_group_equals_gaussian_mixture():
     assert b.get_params()["checkpoint"] is None and "resume" in b.get_params()
 
 
+def test_device_copy_of_shard_keeps_global_rows():
+    x = _data()
+    source = ShardSource(x, 700, _Comm(), rows=(1000, 3000))
+    assert source.validate() == 2000
+    copied = device_copy(source, torch.device("cpu"), math.inf, chunk_size=512)
+    assert type(copied) is ShardSource and copied.checked and copied.comm is source.comm
+    assert (copied.n_total, copied.offset, copied.n_samples, copied.n_features) == (2000, 0, 2000, D)
+    assert [len(block) for _, block in copied] == [512, 512, 512, 464]
+    np.testing.assert_array_equal(np.concatenate([block.numpy() for _, block in copied]), x[1000:3000])
+
+
+def test_one_process_fit_from_device_copy_equals_gaussian_mixture():
+    x = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tol=0: never converges, by design
+        single = GaussianMixture(K, **KMEANS).fit(x)
+        copied = _DeviceCopied(K, **KMEANS).fit(x)
+    _assert_same_fit(copied, single, rtol=1e-9)
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
     ckpt = Checkpoint(np.full(2, 0.5), np.zeros((2, 3)), np.ones((2, 3)), np.arange(3.0), "diag", 10, 4,
                       [-3.0, -2.5, -2.4, -2.4], 1, False)
@@ -308,3 +349,17 @@ def test_cli_train_one_process(tmp_path, capsys):
     assert "3 iterations" in capsys.readouterr().out
     assert GaussianMixture.load(tmp_path / "gmm.npz").n_iter_ == 3
     assert load_checkpoint(tmp_path / "c.npz").n_iter == 3
+
+
+def test_bench_distributed_on_cpu_two_ranks(tmp_path):
+    from flashgmm_ivf.eval import bench_distributed
+    out = tmp_path / "d.json"
+    bench_distributed.main(["--device", "cpu", "--n", "6000", "--d", "8", "--k", "4", "--iterations", "2",
+                            "--block-rows", "1000", "--chunk-size", "1000", "--worlds", "2", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["commit"] and doc["params"]["worlds"] == "2"
+    single, two = doc["rows"]
+    assert (single["backend"], two["backend"], two["world"]) == ("none", "gloo", 2)
+    assert two["equal_to_single"] and max(two["max_relative_difference"].values()) < 1e-9
+    assert not two["timing_is_scaling"]  # gloo on CPU cores: no scaling figure
+    assert single["n_iter"] == two["n_iter"] == 3 and math.isfinite(two["seconds_per_iteration"] + two["fixed_seconds"])
