@@ -15,7 +15,8 @@ import pytest
 
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
-from flashgmm_ivf.ivf.soft_assign import TopComponents, assign_budget, top_components
+from flashgmm_ivf.ivf.partition import assign_lists, spill_scores, spill_threshold
+from flashgmm_ivf.ivf.soft_assign import TopComponents
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 K = 10
@@ -104,7 +105,7 @@ def assert_no_duplicates(I):
 def test_full_probe_equals_exact_search(which, request):
     base, query, metric, _ = request.getfixturevalue(which)
     index = request.getfixturevalue(f"{which}_index")
-    assert index.copies_per_vector > 1.4
+    assert index.copies_per_vector > 1.35
     D, I = index.search(query, K, nprobe=index.nlist)
     D_ref, I_ref, true_distances = exact(base, query, metric, K)
     assert_no_duplicates(I)
@@ -135,7 +136,7 @@ def test_stats_are_faiss_counters(fashion, fashion_index):
 
 def test_copies_are_deduplicated(glove_index, glove):
     _, query, _, _ = glove
-    assert abs(glove_index.copies_per_vector - 1.5) < 0.01
+    assert abs(glove_index.copies_per_vector - 1.5) < 0.05  # threshold set on the training rows
     for nprobe in (1, 4, 16):
         D, I = glove_index.search(query, 50, nprobe=nprobe)
         assert_no_duplicates(I)
@@ -257,7 +258,7 @@ def small(glove):
 def test_every_partition_and_spill_builds_and_searches(small, partition, spill):
     base, query, metric, _ = small
     index = build(f"IVF16_GMM(iter=2,partition={partition},spill={spill},copies=1.3),Flat", small)
-    assert abs(index.copies_per_vector - (1.0 if spill == "none" else 1.3)) < 0.01
+    assert abs(index.copies_per_vector - (1.0 if spill == "none" else 1.3)) < 0.05
     _, I = index.search(query, K, recall=0.9)
     assert recall_of(I, exact(base, query, metric, K)[1]) > 0.8
 
@@ -380,30 +381,33 @@ def test_ivfsq_beats_random_partition(which, request):
     assert recall > recall_of(I_rand, I_ref) + 0.2
 
 
-# ---------------------------------------------------------------------- GMM spill budget
-def test_gmm_budget_hits_target_copies(fashion):
+# ---------------------------------------------------------------------- spill budget
+@pytest.mark.parametrize("rule", ["soar", "gmm"])
+def test_spill_threshold_meets_the_budget_row_by_row(fashion, rule):
     base, _, _, _ = fashion
     gmm = GaussianMixture(32, covariance_type="spherical", max_iter=5, random_state=0, device="cpu").fit(base)
-    top = top_components(gmm, base, 4)
-    for target in (1.3, 1.5, 2.0):
-        a = assign_budget(top, target)
-        assert abs(a.copies_per_vector - target) <= 0.02 * target
-        assert (a.lists[:, 0] == gmm.predict(base)).mean() > 0.99  # primary = most probable
-        keep = a.lists >= 0
-        assert (keep[:, :-1] >= keep[:, 1:]).all()  # copies are a prefix of the ranking
+    primary, second, score = spill_scores(gmm, base, partition="gmm", spill_rule=rule)
+    assert (primary == gmm.predict(base)).mean() > 0.99 and (second != primary).all()
+    for target in (1.0, 1.3, 1.5, 2.0):
+        threshold = spill_threshold(score, target)
+        lists = assign_lists(gmm, base, partition="gmm", spill_rule=rule, threshold=threshold)
+        assert abs((lists >= 0).sum() / len(base) - target) < 0.01
+        # row by row: assigning in blocks gives the same lists
+        blocks = np.vstack([assign_lists(gmm, base[i:i + 700], partition="gmm", spill_rule=rule,
+                                         threshold=threshold) for i in range(0, len(base), 700)])
+        np.testing.assert_array_equal(blocks, lists)
 
 
-def test_budget_survives_underflow():
+def test_gmm_gaps_survive_underflow():
     """Gaps of hundreds of nats (responsibilities that underflow float32) still meet a budget."""
     rng = np.random.default_rng(0)
-    n, m = 10000, 4
-    gaps = np.cumsum(rng.uniform(200, 900, (n, m - 1)), axis=1)
-    log_resp = np.hstack([np.zeros((n, 1)), -gaps])
-    assert (np.exp(log_resp[:, 1:].astype(np.float32)) == 0).all()
-    top = TopComponents(np.tile(np.arange(m), (n, 1)), log_resp, 1.0, 256)
-    for target in (1.3, 1.5, 2.0, 3.0):
-        a = assign_budget(top, target)
-        assert abs(a.copies_per_vector - target) < 1e-3 and a.delta > 200
+    n, m = 10000, 2
+    gaps = rng.uniform(200, 900, (n, m - 1))
+    top = TopComponents(np.tile(np.arange(m), (n, 1)), np.hstack([np.zeros((n, 1)), -gaps]), 1.0, 256)
+    assert (np.exp(-top.gaps.astype(np.float32)) == 0).all()
+    for target in (1.3, 1.5, 2.0):
+        threshold = spill_threshold(top.gaps[:, 0], target)
+        assert threshold > 200 and abs((top.gaps[:, 0] <= threshold).mean() - (target - 1)) < 1e-3
 
 
 # ---------------------------------------------------------------------- files

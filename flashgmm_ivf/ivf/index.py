@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
 from .calibration import Calibration, fit_table
-from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition
+from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
 from .probing import adaptive_lists, search_adaptive
 from .pruning import search_pruned
 from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
@@ -55,7 +55,8 @@ _REFIT_CHANGE = 0.1
 _CALIBRATION_ROWS = 2000
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
-_ADD_BLOCK = 65536  # rows per add step (SOAR's budget is met on each block)
+_ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
+_THRESHOLD_ROWS = 65536  # training rows the spill threshold is set on (a quantile: more add nothing)
 
 
 class GMMIndexIVF:
@@ -88,8 +89,8 @@ class GMMIndexIVF:
         Rule choosing a second list for some vectors: SOAR (Sun et al. 2024, lambda 1),
         RAIR (lambda 0.5), 'gmm' (second most probable component), or none.
     copies : float in [1, 2], default 1.5
-        Mean lists per vector (the rule's best ``(copies - 1) * n`` second lists are kept,
-        on each added block of rows).
+        Mean lists per vector: ``train`` sets the rule's score threshold that gives this many
+        on the training rows; added vectors are assigned row by row against it.
     probe : {'adaptive', 'radius', 'fixed'}, default 'adaptive'
         How ``search(..., recall=r)`` sets each query's depth: 'adaptive' from a table of
         16 difficulty bins (the spread of the query's nearest mean distances) calibrated
@@ -196,6 +197,7 @@ class GMMIndexIVF:
         self.recall = recall
         self.calibration = None
         self.probe_table = None
+        self.spill_threshold = None
         self._table_ntotal = 0
         self._ntotal = 0
         self._next_id = 0
@@ -218,7 +220,7 @@ class GMMIndexIVF:
 
     @property
     def is_trained(self) -> bool:
-        return bool(self.index.is_trained) and self.gmm is not None and hasattr(self.gmm, "means_")
+        return bool(self.index.is_trained) and self.spill_threshold is not None
 
     @property
     def metric_type(self) -> int:
@@ -296,7 +298,7 @@ class GMMIndexIVF:
         order = rng.permutation(n)
         cal_rows, fit_rows = np.sort(order[:n_cal]), order[n_cal:]
         fit_rows = np.sort(fit_rows[:POINTS_PER_LIST * self._nlist])
-        stages = ["partition", "coarse step", "encoder"]
+        stages = ["partition", "coarse step", "encoder and spill threshold"]
         with tqdm(total=len(stages), desc="train GMMIndexIVF", unit="step") as bar:
             bar.set_postfix_str(stages[0])
             if self.gmm is None or not hasattr(self.gmm, "means_"):
@@ -320,6 +322,9 @@ class GMMIndexIVF:
                 graph = faiss.IndexHNSWFlat(self._d, int(match.group(2)), self.index.metric_type)
                 faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, graph)
             self.index.nprobe = self._nprobe
+            rows = x[fit_rows[:: max(1, len(fit_rows) // _THRESHOLD_ROWS)]]
+            score = spill_scores(self.gmm, rows, partition=self.partition, spill_rule=self.spill)[2]
+            self.spill_threshold = spill_threshold(score, self.copies)
             bar.update()
         self.calibration = Calibration.empty(x[cal_rows], self.index.metric_type, "training rows")
         self.probe_table, self._table_ntotal = None, 0
@@ -382,7 +387,8 @@ class GMMIndexIVF:
         self._check_trained("assign")
         if not normalised:
             x = self._vectors(x, "x")
-        return assign_lists(self.gmm, x, partition=self.partition, spill_rule=self.spill, copies=self.copies)
+        return assign_lists(self.gmm, x, partition=self.partition, spill_rule=self.spill,
+                            threshold=self.spill_threshold)
 
     def calibrate(self, queries, neighbors=None):
         """Refit the depth table on real queries instead of the held-out training rows.

@@ -3,8 +3,8 @@
 Members (read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
 
 - ``header``: JSON: format name and version, the index's settings (d, nlist, encoding,
-  metric, recipe options, nprobe, recall), counters (ntotal, next id, copies), where the
-  calibration came from.
+  metric, recipe options, nprobe, recall), the spill threshold, counters (ntotal, next id,
+  copies), where the calibration came from.
 - ``faiss_index``: uint8, ``faiss.serialize_index`` of the inner IndexIVF with its
   quantizer (the HNSW graph included): what ``faiss.write_index`` would write.
 - ``gmm``: uint8, the GaussianMixture's own file (``GaussianMixture.save``).
@@ -67,7 +67,7 @@ def write_index(index: GMMIndexIVF, path) -> None:
         "d": index.d, "nlist": index.nlist, "encoding": index.encoding, "metric": index.metric,
         "settings": index.settings(), "gmm_params": _jsonable(index.gmm_params),
         "ntotal": index.ntotal, "next_id": index._next_id, "max_dup": index._max_dup,
-        "table_ntotal": index._table_ntotal, "has_table": table is not None, "calibration_source": cal.source,
+        "spill_threshold": index.spill_threshold, "table_ntotal": index._table_ntotal, "has_table": table is not None, "calibration_source": cal.source,
         "n_entries": int(index.index.ntotal), "faiss_class": type(index.index).__name__,
         "faiss_version": faiss.__version__,
     }
@@ -129,6 +129,7 @@ def read_index(path) -> GMMIndexIVF:
     index.index = inner
     index.index.nprobe = index.nprobe
     index._ntotal, index._next_id, index._max_dup = header["ntotal"], header["next_id"], header["max_dup"]
+    index.spill_threshold = float(header["spill_threshold"])
     index.calibration = _calibration(path, arrays, index, header)
     if header["has_table"]:
         index.probe_table = _table(path, arrays)
@@ -159,6 +160,7 @@ def _header(path, raw: bytes) -> dict:
         raise ValueError(f"{path}: format_version {header.get('format_version')!r} is not supported "
                          f"(this library reads version {FORMAT_VERSION})")
     needed = ("d", "nlist", "encoding", "metric", "settings", "gmm_params", "ntotal", "next_id", "max_dup",
+              "spill_threshold",
               "table_ntotal", "has_table", "calibration_source", "n_entries", "faiss_class")
     missing = [key for key in needed if key not in header]
     if missing:
@@ -166,6 +168,9 @@ def _header(path, raw: bytes) -> dict:
     for key in ("ntotal", "next_id", "max_dup", "n_entries", "table_ntotal"):
         if isinstance(header[key], bool) or not isinstance(header[key], int) or header[key] < 0:
             raise ValueError(f"{path}: header field {key} must be an integer >= 0, got {header[key]!r}")
+    if isinstance(header["spill_threshold"], bool) or not isinstance(header["spill_threshold"], (int, float)) \
+            or header["spill_threshold"] != header["spill_threshold"]:
+        raise ValueError(f"{path}: header field spill_threshold must be a number, got {header['spill_threshold']!r}")
     if not isinstance(header["settings"], dict) or not isinstance(header["gmm_params"], dict):
         raise ValueError(f"{path}: header fields settings and gmm_params must be objects")
     return header

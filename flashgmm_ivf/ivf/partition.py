@@ -13,23 +13,28 @@ means are the IVF centroids):
 Both are fitted on a sample of at most ``POINTS_PER_LIST`` rows per list, as
 ``faiss.Kmeans`` samples (``max_points_per_centroid``): more rows add time, not quality.
 
-Spill rules (one extra list per spilled vector, ``copies`` = mean lists per vector, in [1, 2]):
-``none``; ``soar`` and ``rair`` (geometric, :mod:`.spill`); ``gmm`` (the second most probable
-component, by smallest log-responsibility gap, :mod:`.soft_assign`).
+Spill rules (one extra list per spilled vector): ``none``; ``soar`` and ``rair`` (geometric,
+:func:`.spill.extra_list`); ``gmm`` (the second most probable component, scored by the
+log-responsibility gap, :mod:`.soft_assign`). The budget ``copies`` (mean lists per vector)
+is turned into a score threshold on training rows (:func:`spill_threshold`); vectors are
+then assigned row by row against it, so an index built in blocks or in shards holds the
+same entries as one built at once, and data like the training rows gets ``copies`` lists
+per vector on average.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import faiss
 import numpy as np
 
 from ..mixture import ConvergenceWarning, GaussianMixture
-from .soft_assign import assign_budget, top_components
-from .spill import spill
+from .soft_assign import top_components
+from .spill import extra_list
 
-__all__ = ["PARTITIONS", "SPILLS", "POINTS_PER_LIST", "REG_COVAR_AUTO", "fit_partition", "kmeans_mixture",
-           "assign_lists"]
+__all__ = ["PARTITIONS", "POINTS_PER_LIST", "REG_COVAR_AUTO", "SPILLS", "assign_lists", "fit_partition",
+           "kmeans_mixture", "spill_scores", "spill_threshold"]
 
 PARTITIONS = ("gmm", "kmeans")
 SPILLS = ("none", "soar", "rair", "gmm")
@@ -136,36 +141,64 @@ def fit_partition(x: np.ndarray, nlist: int, *, partition: str = "gmm", covarian
     return gmm
 
 
-def assign_lists(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_rule: str, copies: float,
-                 lam: float | None = None) -> np.ndarray:
-    """Primary list and spilled copy of every row of x.
+def spill_scores(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_rule: str):
+    """Every row's primary list, the rule's second list and the score that ranks spilling it (lower first).
 
     Parameters
     ----------
-    gmm : fitted GaussianMixture (the index's partition)
+    gmm : fitted GaussianMixture (the index's partition), K >= 2 for a spill rule
     x : ndarray of shape (n, d), float32
     partition : 'gmm' (primary = most probable component) or 'kmeans' (nearest centroid); with
-        spill 'gmm' both lists are the two most probable components
+        spill 'gmm' the two lists are the two most probable components whatever the partition
     spill_rule : one of ``SPILLS``
-    copies : float in [1, 2], mean lists per vector over the rows of x
-    lam : float, the rule's lambda (soar / rair; None: the rule's default)
 
     Returns
     -------
-    ndarray of shape (n, 1) or (n, 2), int64: column 0 the primary list, column 1 the copy or -1
+    primary : ndarray of shape (n,), int64
+    second : ndarray of shape (n,), int64 (-1 for spill 'none')
+    score : ndarray of shape (n,), float64: the rule's excess cost (soar, rair: squared-distance
+        units) or the log-responsibility gap log r_1 - log r_2 (gmm: nats); +inf for 'none'
     """
     if spill_rule not in SPILLS:
         raise ValueError(f"spill must be one of {SPILLS}, got {spill_rule!r}")
-    means = gmm.means_.astype(np.float32)
-    if partition == "gmm" or spill_rule == "gmm":
+    n = x.shape[0]
+    if spill_rule == "gmm" or partition == "gmm":
         top = top_components(gmm, x, min(2, gmm.n_components))
-    if spill_rule == "gmm":  # both lists by responsibility, whatever the partition
-        return assign_budget(top, copies).lists
-    primary = top.labels[:, 0].copy() if partition == "gmm" else _nearest(means, x)
-    if spill_rule == "none" or copies == 1.0 or gmm.n_components < 2:
-        return primary[:, None]
-    params = {} if lam is None else {"lam": lam}
-    return spill(spill_rule, x, means, primary, copies, **params)[0]
+        primary = top.labels[:, 0].copy()
+    else:
+        primary = _nearest(gmm.means_.astype(np.float32), x)
+    if spill_rule == "none" or gmm.n_components < 2:
+        return primary, np.full(n, -1, np.int64), np.full(n, np.inf)
+    if spill_rule == "gmm":
+        return primary, top.labels[:, 1].copy(), top.gaps[:, 0].copy()
+    second, excess = extra_list(x, gmm.means_.astype(np.float32), primary, rule=spill_rule)
+    return primary, second, excess
+
+
+def spill_threshold(score: np.ndarray, copies: float) -> float:
+    """The score below which ``(copies - 1) * n`` of the n rows get their second list (-inf: none)."""
+    extra = int(round((copies - 1.0) * score.size))
+    if extra <= 0:
+        return -math.inf
+    return float(np.partition(score, extra - 1)[extra - 1])
+
+
+def assign_lists(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_rule: str,
+                 threshold: float) -> np.ndarray:
+    """Primary list and spilled copy of every row of x, row by row (the same whatever the blocks or shards).
+
+    Parameters
+    ----------
+    gmm, x, partition, spill_rule : see :func:`spill_scores`
+    threshold : float, a row whose score is <= this gets its second list (set on training rows
+        by :func:`spill_threshold` for a copies budget)
+
+    Returns
+    -------
+    ndarray of shape (n, 2), int64: column 0 the primary list, column 1 the copy or -1
+    """
+    primary, second, score = spill_scores(gmm, x, partition=partition, spill_rule=spill_rule)
+    return np.stack([primary, np.where(score <= threshold, second, -1)], 1)
 
 
 def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from .._validation import check_positive_int
 from .search import ranked_lists, search_preassigned
 
 __all__ = ["ListMembers", "ProbeTable", "adaptive_lists", "distance_spread", "list_members", "neighbor_depths",
-           "scan_costs", "search_adaptive"]
+           "scan_costs", "search_adaptive", "truncate_lists"]
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
@@ -338,9 +338,31 @@ def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: Pro
         coarse walk :func:`adaptive_lists` made
     """
     dis, lists, nprobe, evaluations = adaptive_lists(index_ivf, x, table, recall)
-    width = int(nprobe.max()) if len(nprobe) else 1
-    # FAISS's search_preassigned skips list number -1: the lists past a query's nprobe.
+    return search_preassigned(index_ivf, x, k, *truncate_lists(lists, dis, nprobe), max_dup=max_dup,
+                              ncoarse=evaluations)
+
+
+def truncate_lists(list_nos: np.ndarray, coarse_dis: np.ndarray, nprobe: np.ndarray):
+    """Each query's first ``nprobe[i]`` lists, -1 past them (FAISS's ``search_preassigned`` skips list -1).
+
+    Parameters
+    ----------
+    list_nos, coarse_dis : ndarrays of shape (nq, depth), e.g. from :func:`.search.ranked_lists`
+    nprobe : ndarray of shape (nq,), integers in [1, depth]
+
+    Returns
+    -------
+    list_nos : ndarray of shape (nq, max(nprobe)), int64
+    coarse_dis : ndarray of shape (nq, max(nprobe)), float32 (0 past a query's nprobe)
+    """
+    list_nos, coarse_dis, nprobe = np.asarray(list_nos), np.asarray(coarse_dis), np.asarray(nprobe)
+    nq, depth = list_nos.shape
+    if coarse_dis.shape != list_nos.shape or nprobe.shape != (nq,):
+        raise ValueError(f"list_nos and coarse_dis must be (nq, depth) and nprobe (nq,), got {list_nos.shape}, "
+                         f"{coarse_dis.shape}, {nprobe.shape}")
+    if nq and (nprobe.dtype.kind not in "iu" or nprobe.min() < 1 or nprobe.max() > depth):
+        raise ValueError(f"nprobe must hold integers in [1, depth={depth}]")
+    width = int(nprobe.max()) if nq else 1
     keep = np.arange(width)[None] < nprobe[:, None]
-    lists = np.where(keep, lists[:, :width], -1)
-    dis = np.where(keep, dis[:, :width], 0).astype(np.float32)
-    return search_preassigned(index_ivf, x, k, lists, dis, max_dup=max_dup, ncoarse=evaluations)
+    return (np.where(keep, list_nos[:, :width], -1).astype(np.int64),
+            np.where(keep, coarse_dis[:, :width], 0).astype(np.float32))

@@ -32,12 +32,12 @@ from .._validation import check_positive_int
 from ..distributed import shard_range
 from .calibration import Calibration
 from .index import GMMIndexIVF
-from .search import ranked_lists, search_preassigned
+from .search import SearchStats, ranked_lists, search_preassigned
 
 __all__ = ["ShardedGMMIndex", "build_shard", "empty_copy", "merge_shards", "read_shard", "to_gpu", "write_shard"]
 
 SHARD_FORMAT = "flashgmm_ivf.IVFShard"
-SHARD_VERSION = 1
+SHARD_VERSION = 2
 
 
 def empty_copy(index: GMMIndexIVF) -> GMMIndexIVF:
@@ -78,12 +78,17 @@ def write_shard(shard: GMMIndexIVF, path) -> None:
     """Write the shard's inverted lists as a plain FAISS file at ``path`` and its counters to ``path.json``.
 
     The FAISS file is what ``faiss.read_index`` reads (memory-mapped with ``IO_FLAG_MMAP``
-    by :func:`read_shard`); the GMM is not repeated: it is the trained index's.
+    by :func:`read_shard`); the GMM is not repeated: it is the trained index's. The JSON
+    holds the counters and the calibration queries' neighbours among the shard's rows.
     """
     faiss.write_index(shard.index, str(path))
+    cal = shard.calibration
     header = {"format": SHARD_FORMAT, "format_version": SHARD_VERSION, "d": shard.d, "nlist": shard.nlist,
               "faiss_class": type(shard.index).__name__, "n_entries": int(shard.index.ntotal),
-              "n_vectors": shard.ntotal, "next_id": shard._next_id, "max_dup": shard._max_dup}
+              "n_vectors": shard.ntotal, "next_id": shard._next_id, "max_dup": shard._max_dup,
+              # the calibration queries' neighbours among this shard's rows (merged by merge_shards)
+              "calibration_ids": cal.ids.tolist(), "calibration_distances": cal.distances.tolist(),
+              "calibration_self_pending": cal.self_pending.tolist()}
     Path(f"{path}.json").write_text(json.dumps(header))
 
 
@@ -109,13 +114,21 @@ def read_shard(path, trained: GMMIndexIVF, *, mmap: bool = False) -> GMMIndexIVF
             raise ValueError(f"format {header.get('format')!r} version {header.get('format_version')!r}, "
                              f"expected {SHARD_FORMAT!r} version {SHARD_VERSION}")
         counters = {key: int(header[key]) for key in ("n_vectors", "next_id", "max_dup", "n_entries")}
+        neighbours = (np.array(header["calibration_ids"], np.int64),
+                      np.array(header["calibration_distances"], np.float32),
+                      np.array(header["calibration_self_pending"], bool))
+        if any(a.shape[:1] != trained.calibration.ids.shape[:1] for a in neighbours) \
+                or neighbours[0].shape != neighbours[1].shape:
+            raise ValueError("calibration arrays do not match the trained index's calibration queries")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}.json: not a readable shard header: {err}") from err
     inner = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
     if int(inner.ntotal) != counters.pop("n_entries"):
         raise ValueError(f"{path}: holds {inner.ntotal} entries, its header says {header['n_entries']}")
     _check_same_training(trained.index, inner, path)
-    return _wrap(trained, inner, **counters)
+    shard = _wrap(trained, inner, **counters)
+    shard.calibration.ids, shard.calibration.distances, shard.calibration.self_pending = neighbours
+    return shard
 
 
 def merge_shards(trained: GMMIndexIVF, shards, *, ondisk=None) -> GMMIndexIVF:
@@ -210,12 +223,9 @@ class ShardedGMMIndex:
         parts = [search_preassigned(s.index, x, k, list_nos, coarse_dis, max_dup=s._max_dup) for s in self.shards]
         D, I = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
                                        keep_max=first.index.metric_type == faiss.METRIC_INNER_PRODUCT)
-        stats = parts[0][2]
-        for part in parts[1:]:
-            stats.ndis += part[2].ndis
-            stats.nlists += part[2].nlists
-            stats.n_refetch += part[2].n_refetch
-        stats.ncoarse = evaluations
+        # One coarse step and one set of lists per query; every shard scanned its part of them.
+        stats = SearchStats(len(x), sum(p[2].ndis for p in parts), evaluations, parts[0][2].nlists,
+                            sum(p[2].n_refetch for p in parts))
         self.last_stats = stats
         if first.metric == "cosine":
             D = np.where(I >= 0, 1.0 - D / 2.0, -np.finfo(np.float32).max).astype(np.float32)
@@ -253,6 +263,7 @@ def _wrap(like: GMMIndexIVF, inner, *, n_vectors, next_id, max_dup) -> GMMIndexI
     """A GMMIndexIVF with ``like``'s settings and GMM around the FAISS index ``inner``."""
     out = GMMIndexIVF(like.d, like.nlist, like.encoding, like.metric, **like.settings(), gmm=like.gmm)
     out.gmm_params = dict(like.gmm_params)
+    out.spill_threshold = like.spill_threshold
     out.index = inner
     out.index.nprobe = out.nprobe
     if like.calibration is not None:
