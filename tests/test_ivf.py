@@ -65,12 +65,12 @@ def build(description, data, **kwargs):
 
 @pytest.fixture(scope="module")
 def fashion_index(fashion):
-    return build("IVF32_GMM(iter=3),Flat", fashion)  # the default recipe, short EM
+    return build("IVF32_GMM,Flat", fashion)  # the default recipe
 
 
 @pytest.fixture(scope="module")
 def glove_index(glove):
-    return build("IVF64_GMM(diag,iter=3,copies=1.5),Flat", glove)
+    return build("IVF64_GMM(diag,partition=gmm,iter=3,copies=1.5),Flat", glove)
 
 
 def exact(base, query, metric, k):
@@ -329,7 +329,7 @@ def test_search_params_and_ef_search(fashion, fashion_index):
 def test_ivfpq_equals_faiss_ivfpq(sift):
     """Same quantizer, same trained PQ, same partition: our search = FAISS's own IVFPQ search."""
     base, query, _, _ = sift
-    index = build("IVF32_GMM(iter=3,spill=none,coarse=flat),PQ16x4", sift)
+    index = build("IVF32_GMM(partition=gmm,iter=3,spill=none,coarse=flat),PQ16x4", sift)
     reference = faiss.clone_index(index.index)
     reference.reset()
     lists = index.gmm.predict(base).astype(np.int64)  # the GMM partition (primary lists)
@@ -508,7 +508,7 @@ def test_factory_and_api(fashion):
     assert index.assign(base[:50]).shape == (50, 2)
     default = index_factory(784, "IVF16_GMM,Flat")
     assert (default.partition, default.covariance_type, default.coarse, default.spill, default.copies,
-            default.probe) == ("gmm", "spherical", "hnsw32", "soar", 1.5, "adaptive")
+            default.probe) == ("kmeans", "spherical", "hnsw32", "soar", 1.5, "adaptive")
     keywords = index_factory(784, "IVF16_GMM,Flat", coarse="flat", spill="none", probe="fixed")
     assert (keywords.coarse, keywords.spill, keywords.probe) == ("flat", "none", "fixed")
     ip = index_factory(50, "IVF8_GMM(spherical),Flat", faiss.METRIC_INNER_PRODUCT)

@@ -265,7 +265,7 @@ def test_block_needs_the_row_offset():
 
 
 def test_index_factory_keyword_form_trains_a_truncated_gmm(sift):
-    index = index_factory(128, "IVF16_GMM(diag,iter=3),Flat", estep="truncated", n_candidates=3)
+    index = index_factory(128, "IVF16_GMM(diag,partition=gmm,iter=3),Flat", estep="truncated", n_candidates=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         index.train(sift[:1000].astype(np.float32))

@@ -9,10 +9,12 @@ line::
     index.train(xt); index.add(xb)
     D, I = index.search(xq, 10, recall=0.9)                     # or nprobe=..., as FAISS
 
-The default recipe: lists from a spherical GMM (a short k-means start and a few EM
-iterations), an HNSW graph over the means as the coarse step (``IVF<nlist>_HNSW32``'s),
-a SOAR-spilled second copy for a third of the vectors (1.5 copies per vector), and a
-per-query depth read from a table calibrated at training time. Each part is an option.
+The default recipe: k-means lists (``faiss.Kmeans``, as ``IndexIVF.train``), an HNSW graph
+over the means as the coarse step (``IVF<nlist>_HNSW32``'s), a SOAR-spilled second copy
+for half of the vectors (1.5 copies per vector), and a per-query depth read from a table
+calibrated at training time. Each part is an option; ``partition='gmm'`` gives lists
+from a spherical GMM under the same machinery (measured on SIFT and GloVe sets at nlist
+1024, they need 4-6% more distance computations than k-means lists at recall@10 0.9-0.95).
 
 Nothing hides the FAISS index: ``.index`` is the real ``faiss.IndexIVFFlat`` /
 ``IndexIVFPQ`` / ``IndexIVFScalarQuantizer``, ``.quantizer_index`` its quantizer
@@ -75,7 +77,7 @@ class GMMIndexIVF:
         rows |q - x|^2 = 2 - 2 cos), so every L2 rule (SOAR, the depth table, radius
         pruning) applies; search returns cosine similarities, largest first. 'ip' (raw
         inner product) supports ``probe='fixed'`` only.
-    partition : {'gmm', 'kmeans'}, default 'gmm'
+    partition : {'kmeans', 'gmm'}, default 'kmeans'
         'gmm': a k-means start (``kmeans_iter`` iterations of ``faiss.Kmeans``) then
         ``max_iter`` EM iterations; primary list = most probable component. 'kmeans':
         ``faiss.Kmeans`` with 25 iterations (as ``IndexIVF.train``), per-list covariances
@@ -148,7 +150,7 @@ class GMMIndexIVF:
     concurrent searches from several Python threads mix their counts.
     """
 
-    def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="gmm", covariance_type="spherical",
+    def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
                  coarse="hnsw32", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
                  max_iter=5, calibration_rows=None, random_state=1234, gmm=None, **gmm_params):
         self._d = check_positive_int(d, "d")
