@@ -40,3 +40,29 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     return empty
+
+
+def kmeans_partition(x: np.ndarray, nlist: int, niter: int = 10):
+    """FAISS k-means centroids (nlist, d) float32 and every row's nearest one (n,) int64."""
+    import faiss
+    km = faiss.Kmeans(x.shape[1], nlist, niter=niter, seed=1234)
+    km.train(x)
+    return km.centroids.copy(), km.index.search(x, 1)[1][:, 0].astype(np.int64)
+
+
+def ivf_with_lists(centroids: np.ndarray, base: np.ndarray, lists: np.ndarray, coarse: str = "flat"):
+    """An IndexIVFFlat over ``centroids`` holding each base row in each of its lists (ids = row numbers).
+
+    ``coarse='hnsw'``: the same lists behind an ``IndexHNSWFlat`` (M 16) over the centroids.
+    """
+    import faiss
+    import faiss.contrib.ivf_tools
+
+    from flashgmm_ivf.ivf.quantizer import add_assigned, new_ivf, set_centroids
+    index = new_ivf(base.shape[1], centroids.shape[0], "Flat", "l2")
+    set_centroids(index, centroids)
+    index.train(centroids)  # the quantizer is full: only marks the index trained
+    add_assigned(index, base, lists, np.arange(base.shape[0], dtype=np.int64))
+    if coarse == "hnsw":
+        faiss.contrib.ivf_tools.replace_ivf_quantizer(index, faiss.IndexHNSWFlat(base.shape[1], 16))
+    return index

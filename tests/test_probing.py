@@ -1,23 +1,19 @@
-"""Query-adaptive probing: exactness at full depth, calibration, monotone knobs, copies, bad input, the sweep.
+"""Query-adaptive probing: exactness at full depth, calibration, monotone knobs, copies, bad input.
 
 Data: the real SIFT sample bundled with the package (3,000 base rows, 200 learn rows held
 out of the index, 100 test queries), k-means with 16 lists; the module runs in seconds.
 """
-import itertools
-import warnings
-
 import faiss
 import numpy as np
 import pytest
+from conftest import ivf_with_lists, kmeans_partition
 
-from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.cli import bundled_dataset
 from flashgmm_ivf.datasets import exact_knn
-from flashgmm_ivf.eval import sweep
-from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, adaptive_lists, component_scores, distance_spread,
-                                      gap_nprobe, list_members, neighbor_depths, ranked_lists, scan_costs,
-                                      search_adaptive)
+from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, adaptive_lists, distance_spread, list_members,
+                                      neighbor_depths, scan_costs, search_adaptive, truncate_lists)
 from flashgmm_ivf.ivf.quantizer import add_assigned
+from flashgmm_ivf.ivf.search import ranked_lists, search_preassigned
 
 NLIST = 16
 K = 10
@@ -33,33 +29,45 @@ def sift():
 @pytest.fixture(scope="module")
 def kmeans_index(sift):
     base = sift[0]
-    part = sweep.train_partition("kmeans-niter10", base, NLIST)
-    return sweep.build_index(part.centroids, base, part.primary[:, None])
+    centroids, primary = kmeans_partition(base, NLIST)
+    return ivf_with_lists(centroids, base, primary[:, None])
+
+
+def fit_table(index, queries, gt, depth):
+    dis, lists, _ = ranked_lists(index, queries, depth)
+    return ProbeTable.fit(distance_spread(dis), neighbor_depths(lists, list_members(index), gt[:, :K]),
+                          scan_costs(index, lists))
 
 
 @pytest.fixture(scope="module")
 def table(sift, kmeans_index):
     base, learn, _ = sift
-    return sweep.fit_probe_table(kmeans_index, learn, exact_knn(base, learn, K, "l2"), NLIST)
+    return fit_table(kmeans_index, learn, exact_knn(base, learn, K, "l2"), NLIST)
 
 
 @pytest.fixture(scope="module")
 def flat_and_graph(sift):
     """The same 64 k-means lists behind a flat quantizer and behind an HNSW graph over their means."""
     base = sift[0]
-    part = sweep.train_partition("kmeans-niter10", base, 64)
-    lists = part.primary[:, None]
-    return sweep.build_index(part.centroids, base, lists), sweep.build_index(part.centroids, base, lists, "hnsw")
+    centroids, primary = kmeans_partition(base, 64)
+    lists = primary[:, None]
+    return ivf_with_lists(centroids, base, lists), ivf_with_lists(centroids, base, lists, "hnsw")
 
 
 def recall(I, gt):
-    return sweep.recall_at(I, gt, K)
+    return float(np.mean([len(set(a) & set(b[:K])) / K for a, b in zip(I, gt)]))
+
+
+def scan(index, x, lists, dis, nprobe):
+    """Each query scanning its first nprobe[i] lists: codes scanned, results."""
+    D, I, stats = search_preassigned(index, x, K, *truncate_lists(lists, dis, nprobe))
+    return D, I, stats.ndis
 
 
 def test_full_depth_is_exact_search(sift, kmeans_index):
     base, _, test = sift
     dis, lists, _ = ranked_lists(kmeans_index, test, NLIST)
-    D, I, ndis = search_adaptive(kmeans_index, test, K, lists, dis, np.full(len(test), NLIST))
+    D, I, ndis = scan(kmeans_index, test, lists, dis, np.full(len(test), NLIST))
     D_exact, I_exact = faiss.knn(test, base, K)
     assert ndis == len(test) * len(base)  # every code scanned once
     np.testing.assert_array_equal(I, I_exact)
@@ -70,7 +78,7 @@ def test_per_query_nprobe_scans_exactly_those_lists(sift, kmeans_index):
     _, _, test = sift
     dis, lists, _ = ranked_lists(kmeans_index, test, NLIST)
     nprobe = np.arange(len(test)) % NLIST + 1
-    _, _, ndis = search_adaptive(kmeans_index, test, K, lists, dis, nprobe)
+    _, _, ndis = scan(kmeans_index, test, lists, dis, nprobe)
     expected = scan_costs(kmeans_index, lists)[np.arange(len(test)), nprobe - 1].sum()
     assert ndis == expected
 
@@ -82,7 +90,7 @@ def test_table_meets_the_asked_recall_on_its_training_queries(sift, kmeans_index
     costs = []
     for asked in (0.5, 0.8, 0.9, 0.95, 0.99):
         nprobe = table.nprobe(distance_spread(dis), asked)
-        _, I, ndis = search_adaptive(kmeans_index, learn, K, lists, dis, nprobe)
+        _, I, ndis = scan(kmeans_index, learn, lists, dis, nprobe)
         assert recall(I, gt) >= asked - 1e-9
         costs.append(ndis)
     assert costs == sorted(costs)  # a higher recall never costs less
@@ -109,10 +117,20 @@ def test_adaptive_beats_fixed_nprobe_at_equal_training_recall(sift, kmeans_index
     base, learn, _ = sift
     gt = exact_knn(base, learn, K, "l2")
     dis, lists, _ = ranked_lists(kmeans_index, learn, NLIST)
-    _, I_fixed, ndis_fixed = search_adaptive(kmeans_index, learn, K, lists, dis, np.full(len(learn), 2))
+    _, I_fixed, ndis_fixed = scan(kmeans_index, learn, lists, dis, np.full(len(learn), 2))
     nprobe = table.nprobe(distance_spread(dis), recall(I_fixed, gt))
-    _, _, ndis = search_adaptive(kmeans_index, learn, K, lists, dis, nprobe)
+    _, _, ndis = scan(kmeans_index, learn, lists, dis, nprobe)
     assert ndis <= ndis_fixed
+
+
+def test_search_adaptive_scans_the_tables_depths(sift, kmeans_index, table):
+    _, _, test = sift
+    for asked in (0.6, 0.95):
+        D, I, stats = search_adaptive(kmeans_index, test, K, table, asked)
+        dis, lists, nprobe, evaluations = adaptive_lists(kmeans_index, test, table, asked)
+        D0, I0, ndis = scan(kmeans_index, test, lists, dis, nprobe)
+        np.testing.assert_array_equal(I, I0)
+        assert (stats.ndis, stats.ncoarse, stats.nlists) == (ndis, evaluations, nprobe.sum())
 
 
 def test_hnsw_quantizer_ranks_as_flat_and_counts_its_walk(sift, flat_and_graph):
@@ -136,7 +154,7 @@ def test_hnsw_quantizer_ranks_as_flat_and_counts_its_walk(sift, flat_and_graph):
 def test_adaptive_lists_rank_each_query_as_deep_as_its_bin(sift, flat_and_graph):
     base, learn, test = sift
     flat, graph = flat_and_graph
-    table = sweep.fit_probe_table(flat, learn, exact_knn(base, learn, K, "l2"), 64)
+    table = fit_table(flat, learn, exact_knn(base, learn, K, "l2"), 64)
     full_dis, full_lists, _ = ranked_lists(flat, test, 64)
     deeper = 0
     for asked in (0.5, 0.9, 1.0):
@@ -154,7 +172,7 @@ def test_adaptive_lists_rank_each_query_as_deep_as_its_bin(sift, flat_and_graph)
         keep = np.arange(lists.shape[1])[None] < nprobe[:, None]
         assert (lists[keep] == full_lists[:, :lists.shape[1]][keep]).mean() > 0.95
         assert (lists[nprobe <= SPREAD_RANK, SPREAD_RANK:] == -1).all()  # no walk past the feature for them
-        _, _, ndis = search_adaptive(graph, test, K, lists, dis, nprobe)
+        _, _, ndis = scan(graph, test, lists, dis, nprobe)
         assert ndis == scan_costs(graph, lists)[np.arange(len(test)), nprobe - 1].sum()
     assert deeper  # recall 1 sends some bins past SPREAD_RANK: the second walk was exercised
 
@@ -165,7 +183,7 @@ def test_members_and_depths_with_copies(sift):
     lists = np.full((len(base), 2), -1, np.int64)
     lists[:, 0] = np.arange(len(base)) % 4
     lists[::3, 1] = (lists[::3, 0] + 1) % 4  # every third row also in the next list
-    index = sweep.build_index(centroids, base, lists)
+    index = ivf_with_lists(centroids, base, lists)
     members = list_members(index)
     np.testing.assert_array_equal(members.ids, np.arange(len(base)))
     np.testing.assert_array_equal(np.sort(members.lists, 1), np.sort(lists, 1))
@@ -182,30 +200,6 @@ def test_members_and_depths_with_copies(sift):
     np.testing.assert_array_equal(neighbor_depths(order, list_members(big), np.array([[0, 10 ** 12]])), [[2, 2]])
 
 
-def test_gap_rule():
-    scores = np.array([[-1.0, -2.0, -5.0, -3.0], [-4.0, -1.0, -2.0, -9.0]])
-    best = scores.max(1)
-    # gaps to the best: row 0 [0, 1, 4, 2], row 1 [3, 0, 1, 8]; the first list is always scanned
-    np.testing.assert_array_equal(gap_nprobe(scores, best, 0.0), [1, 2])
-    np.testing.assert_array_equal(gap_nprobe(scores, best, 1.5), [2, 3])  # stops at the first list past delta
-    np.testing.assert_array_equal(gap_nprobe(scores, best, 4.0), [4, 3])
-    np.testing.assert_array_equal(gap_nprobe(scores, best, np.inf), [4, 4])
-    counts = [gap_nprobe(scores, best, d) for d in np.linspace(0, 10, 21)]
-    assert all((a <= b).all() for a, b in itertools.pairwise(counts))
-
-
-def test_component_scores_match_the_mixture(sift):
-    base, _, test = sift
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gmm = GaussianMixture(8, covariance_type="spherical", max_iter=3, device="cpu", random_state=0).fit(base)
-    lists = np.tile(np.arange(8)[::-1], (len(test), 1))
-    scores, best = component_scores(gmm, test, lists)
-    full = np.concatenate([b.double().numpy() for _, b in gmm.iter_weighted_log_prob(test)])
-    np.testing.assert_allclose(scores, full[:, ::-1])
-    np.testing.assert_allclose(best, full.max(1))
-
-
 def test_bad_input_raises(sift, kmeans_index, table):
     _, _, test = sift
     dis, lists, _ = ranked_lists(kmeans_index, test, 4)
@@ -214,15 +208,13 @@ def test_bad_input_raises(sift, kmeans_index, table):
     with pytest.raises(ValueError, match="recall must be"):
         table.bin_nprobe(1.5)
     with pytest.raises(ValueError, match="nprobe must hold integers in"):
-        search_adaptive(kmeans_index, test, K, lists, dis, np.full(len(test), 5))
+        scan(kmeans_index, test, lists, dis, np.full(len(test), 5))
     with pytest.raises(ValueError, match="nprobe"):
-        search_adaptive(kmeans_index, test, K, lists, dis, np.ones(3, np.int64))
+        scan(kmeans_index, test, lists, dis, np.ones(3, np.int64))
     with pytest.raises(ValueError, match="depth must be <= nlist"):
         ranked_lists(kmeans_index, test, NLIST + 1)
     with pytest.raises(ValueError, match="not in the index"):
         neighbor_depths(lists, list_members(kmeans_index), np.full((len(test), K), 10 ** 6))
-    with pytest.raises(ValueError, match="delta must be"):
-        gap_nprobe(np.zeros((2, 3)), np.zeros(2), -1.0)
     with pytest.raises(ValueError, match="NaN"):
         ProbeTable.fit(np.full(2, np.nan), np.zeros((2, K), np.int64), np.ones((2, 4)))
     with pytest.raises(ValueError, match="must agree"):
@@ -233,57 +225,3 @@ def test_bad_input_raises(sift, kmeans_index, table):
                                    test.shape[1], NLIST)
     with pytest.raises(TypeError, match="IndexFlat or faiss.IndexHNSW"):
         ranked_lists(two_level, test, 4)
-
-
-def test_sweep_methods_with_adaptive_probing(sift):
-    base, learn, test = sift
-    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
-                      exact_knn(base, learn, K, "l2"))
-    assert sweep.parse_methods("kmeans@adaptive,gmm-spherical@gap")[1].probe == "gap"
-    assert [m.name for m in sweep.parse_methods("adaptive")] == [m.name for m in
-                                                                 sweep.parse_methods(sweep.ADAPTIVE_METHODS)]
-    with pytest.raises(ValueError, match="only GMM partitions"):
-        sweep.parse_methods("kmeans@gap")
-    with pytest.raises(ValueError, match="unknown probing"):
-        sweep.parse_methods("kmeans@nearest")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        part = sweep.train_partition("gmm-spherical", base, NLIST, gmm_iter=2, device="cpu")
-    index = sweep.build_index(part.centroids, base, part.primary[:, None])
-    for name in ("gmm-spherical@adaptive", "gmm-spherical@gap"):
-        curve, params, extra = sweep.sweep_method(sweep.parse_methods(name)[0], part, index, data, [1, 2, 4], 1)
-        assert params and extra > 0
-        costs = [r["dist_per_query"] for r in curve]
-        assert costs == sorted(costs) and all(r["coarse_per_query"] == NLIST for r in curve)
-        assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
-
-
-def test_sweep_charges_the_graph_walks(sift, flat_and_graph):
-    base, learn, test = sift
-    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
-                      exact_knn(base, learn, K, "l2"))
-    flat, graph = flat_and_graph
-    for name, index in (("kmeans", flat), ("kmeans/hnsw", graph), ("kmeans@adaptive/hnsw", graph)):
-        curve, params, _ = sweep.sweep_method(sweep.parse_methods(name)[0], None, index, data, [1, 4, 16], 1)
-        coarse = [r["coarse_per_query"] for r in curve]
-        if index is flat:
-            assert coarse == [64] * len(curve) and "hnsw_ef_search" not in params
-        else:
-            assert all(0 < c != 64 for c in coarse)  # measured walks, not the flat count
-            tuned = params["hnsw_ef_search"]
-            assert [g["ef_search"] for g in tuned["grid"]] == list(sweep.EF_GRID)
-            assert faiss.downcast_index(graph.quantizer).hnsw.efSearch == tuned["chosen"]
-        assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
-    assert sweep.quantizer_extra_bytes(graph) > 64 * sweep.HNSW_M * 4 and sweep.quantizer_extra_bytes(flat) == 0
-
-
-def test_ef_search_tuning_takes_the_cheapest_floor(flat_and_graph):
-    _, graph = flat_and_graph
-    hnsw = faiss.downcast_index(graph.quantizer).hnsw
-
-    def learn_curve():  # cost lowest at efSearch 64; efSearch 16 never reaches the target
-        return [{"dist_per_query": 100.0 + abs(hnsw.efSearch - 64),
-                 "recall_at_10": 0.5 if hnsw.efSearch == 16 else 1.0}]
-    record = sweep.tune_ef_search(graph, learn_curve)
-    assert record["chosen"] == hnsw.efSearch == 64
-    assert record["grid"][0]["cost_at_target"] is None

@@ -9,11 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
+from conftest import ivf_with_lists, kmeans_partition
+
 from flashgmm_ivf.cli import bundled_dataset
-from flashgmm_ivf.eval import sweep
-from flashgmm_ivf.ivf.index import search_dedup
-from flashgmm_ivf.ivf.probing import ranked_lists
 from flashgmm_ivf.ivf.pruning import halfspace_bounds, search_pruned
+from flashgmm_ivf.ivf.search import ranked_lists, search_nprobe
 
 NLIST = 32
 K = 10
@@ -25,20 +25,29 @@ def sift():
     return base[:4000].astype(np.float32), test[:100].astype(np.float32)
 
 
+class Partition:
+    def __init__(self, base):
+        self.centroids, self.primary = kmeans_partition(base, NLIST)
+
+
 @pytest.fixture(scope="module")
 def partition(sift):
-    return sweep.train_partition("kmeans-niter10", sift[0], NLIST)
+    return Partition(sift[0])
 
 
 @pytest.fixture(scope="module")
 def hard_index(sift, partition):
-    return sweep.build_index(partition.centroids, sift[0], partition.primary[:, None])
+    return ivf_with_lists(partition.centroids, sift[0], partition.primary[:, None])
+
+
+def recall(I, I_ref):
+    return float(np.mean([len(set(a) & set(b)) / I_ref.shape[1] for a, b in zip(I, I_ref)]))
 
 
 def test_bound_never_exceeds_a_true_distance(sift, partition):
     """Every vector whose nearest mean is list j is at least b_j from the query (float64 brute force)."""
     base, test = sift
-    index = sweep.build_index(partition.centroids, base, partition.primary[:, None])
+    index = ivf_with_lists(partition.centroids, base, partition.primary[:, None])
     coarse, lists, _ = ranked_lists(index, test, NLIST)
     bounds = halfspace_bounds(partition.centroids, coarse, lists)
     nearest = faiss.knn(base, partition.centroids, 1)[1][:, 0]
@@ -67,23 +76,23 @@ def test_bound_matches_float64_formula(partition):
 def test_scale_one_is_exact_on_a_hard_partition(sift, hard_index, nprobe):
     """The bound is a real bound: pruned search returns what scanning all nprobe lists returns, for fewer codes."""
     _, test = sift
-    D0, I0, ndis0, _ = search_dedup(hard_index, test, K, nprobe)
-    D, I, ndis, evaluations, scanned = search_pruned(hard_index, test, K, nprobe, 1.0)
+    D0, I0, full = search_nprobe(hard_index, test, K, nprobe)
+    D, I, stats = search_pruned(hard_index, test, K, nprobe, 1.0)
     np.testing.assert_array_equal(I, I0)
     np.testing.assert_allclose(D, D0, rtol=1e-6)
-    assert ndis <= ndis0 and scanned.max() <= nprobe and scanned.min() >= 1
+    assert stats.ndis <= full.ndis and len(test) <= stats.nlists <= full.nlists == len(test) * nprobe
     if nprobe >= 8:
-        assert ndis < ndis0  # the bound rules lists out on real data
-    assert evaluations == len(test) * (NLIST + nprobe - 1)
+        assert stats.ndis < full.ndis  # the bound rules lists out on real data
+    assert stats.ncoarse == len(test) * (NLIST + nprobe - 1)
 
 
 def test_rank_prunes_for_the_first_results(sift, hard_index):
     """Pruned against the 10th neighbour, 30 results come back; the first 10 are exact, for fewer codes."""
     _, test = sift
-    _, I0, ndis0, _ = search_dedup(hard_index, test, 30, 16)
-    _, I, ndis, _, _ = search_pruned(hard_index, test, 30, 16, 1.0, rank=10)
+    _, I0, full = search_nprobe(hard_index, test, 30, 16)
+    _, I, stats = search_pruned(hard_index, test, 30, 16, 1.0, rank=10)
     np.testing.assert_array_equal(I[:, :10], I0[:, :10])
-    assert ndis < search_pruned(hard_index, test, 30, 16, 1.0)[2] <= ndis0
+    assert stats.ndis < search_pruned(hard_index, test, 30, 16, 1.0)[2].ndis <= full.ndis
     assert (I >= 0).all()
 
 
@@ -91,17 +100,17 @@ def test_per_query_nprobe_caps_each_query(sift, hard_index):
     """A cap per query (e.g. from a ProbeTable): each query scans at most its own, exactly at scale 1."""
     _, test = sift
     caps = np.arange(len(test)) % 5 + 1
-    _, I, _, evaluations, scanned = search_pruned(hard_index, test, K, caps, 1.0)
-    assert (scanned <= caps).all() and (scanned >= 1).all()
+    _, I, stats = search_pruned(hard_index, test, K, caps, 1.0)
+    assert len(test) <= stats.nlists <= caps.sum()
     for cap in (1, 3, 5):
         rows = caps == cap
-        np.testing.assert_array_equal(I[rows], search_dedup(hard_index, test[rows], K, cap)[1])
-    assert evaluations == len(test) * NLIST + (caps - 1).sum()
+        np.testing.assert_array_equal(I[rows], search_nprobe(hard_index, test[rows], K, cap)[1])
+    assert stats.ncoarse == len(test) * NLIST + (caps - 1).sum()
 
 
 def test_smaller_scale_scans_fewer_lists(sift, hard_index):
     _, test = sift
-    scanned = [search_pruned(hard_index, test, K, NLIST, s)[4].sum() for s in (1.0, 0.5, 0.2, 0.05)]
+    scanned = [search_pruned(hard_index, test, K, NLIST, s)[2].nlists for s in (1.0, 0.5, 0.2, 0.05)]
     assert all(a >= b for a, b in itertools.pairwise(scanned)) and scanned[-1] < scanned[0]
 
 
@@ -109,8 +118,8 @@ def test_copies_come_back_once(sift, partition):
     """A spilled index holds ids in two lists; pruned search returns each id once, nearest first."""
     base, test = sift
     second = faiss.knn(base, partition.centroids, 2)[1][:, 1]
-    index = sweep.build_index(partition.centroids, base, np.stack([partition.primary, second], 1))
-    D, I, _, _, _ = search_pruned(index, test, K, 8, 0.5)
+    index = ivf_with_lists(partition.centroids, base, np.stack([partition.primary, second], 1))
+    D, I, _ = search_pruned(index, test, K, 8, 0.5)
     assert (I >= 0).all()
     assert all(len(set(row)) == K for row in I)
     assert (np.diff(D, axis=1) >= 0).all()
@@ -120,19 +129,19 @@ def test_copies_come_back_once(sift, partition):
 
 def test_fewer_vectors_than_k_pads(sift, partition):
     base, test = sift
-    index = sweep.build_index(partition.centroids, base[:5], partition.primary[:5, None])
-    D, I, _, _, _ = search_pruned(index, test[:3], K, NLIST, 1.0)
+    index = ivf_with_lists(partition.centroids, base[:5], partition.primary[:5, None])
+    D, I, _ = search_pruned(index, test[:3], K, NLIST, 1.0)
     assert (I[:, :5] >= 0).all() and (I[:, 5:] == -1).all() and (D[:, 5:] == np.finfo(np.float32).max).all()
 
 
 def test_hnsw_quantizer_counts_its_walk(sift, partition):
     base, test = sift
-    graph = sweep.build_index(partition.centroids, base, partition.primary[:, None], "hnsw")
-    _, I, _, evaluations, _ = search_pruned(graph, test, K, 8, 1.0)
+    graph = ivf_with_lists(partition.centroids, base, partition.primary[:, None], "hnsw")
+    _, I, stats = search_pruned(graph, test, K, 8, 1.0)
     _, _, walk = ranked_lists(graph, test, 8)
-    assert evaluations == walk + len(test) * 7
-    flat = sweep.build_index(partition.centroids, base, partition.primary[:, None])
-    assert sweep.recall_at(I, search_pruned(flat, test, K, 8, 1.0)[1], K) > 0.9
+    assert stats.ncoarse == walk + len(test) * 7
+    flat = ivf_with_lists(partition.centroids, base, partition.primary[:, None])
+    assert recall(I, search_pruned(flat, test, K, 8, 1.0)[1]) > 0.9
 
 
 def test_bad_input(sift, partition, hard_index):
@@ -156,26 +165,3 @@ def test_bad_input(sift, partition, hard_index):
     lists[7, 0] = -1
     with pytest.raises(ValueError, match="first row without: 7"):
         halfspace_bounds(partition.centroids, coarse, lists)
-
-
-def test_sweep_radius_knobs_come_from_the_learn_front(sift, partition, hard_index):
-    """'@radius' in the sweep: settings on the learn queries' cost-recall front, test curve at those settings."""
-    from flashgmm_ivf.datasets import exact_knn
-    base, test = sift
-    learn = base[3800:]  # stand-ins for learn queries: rows of the base (their neighbour 1 is themselves)
-    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
-                      exact_knn(base, learn, K, "l2"))
-    method = sweep.parse_methods("kmeans@radius")[0]
-    assert method.probe == "radius" and "kmeans@radius/hnsw" in sweep.PRESETS["radius"]
-    curve, params, extra = sweep.sweep_method(method, partition, hard_index, data, [1, 2, 4, 8], 1)
-    _, front = sweep.radius_knobs(hard_index, learn, data.gt_learn, sweep.radius_caps([1, 2, 4, 8], NLIST))
-    assert params["radius_knobs"].startswith(f"{len(front)} (scale, nprobe) settings")
-    assert extra == 0 and len(front) >= 3
-    assert [f["dist_per_query"] for f in front] == sorted(f["dist_per_query"] for f in front)
-    assert all(a["recall_at_10"] < b["recall_at_10"] for a, b in itertools.pairwise(front))
-    assert {f["scale"] for f in front} <= set(sweep.RADIUS_SCALES)
-    assert {f["nprobe"] for f in front} <= set(sweep.radius_caps([1, 2, 4, 8], NLIST)) == {1, 2, 3, 4, 6, 8, 12}
-    assert [r["knob"] for r in curve] == [[f["scale"], f["nprobe"]] for f in front][:len(curve)]
-    # Cost charges the coarse step and the bounds' mean-to-mean distances.
-    assert all(r["coarse_per_query"] == NLIST + r["knob"][1] - 1 for r in curve)
-    assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]

@@ -265,7 +265,7 @@ def test_block_needs_the_row_offset():
 
 
 def test_index_factory_keyword_form_trains_a_truncated_gmm(sift):
-    index = index_factory(128, "IVF16_GMM(diag,iter=3),Flat", estep="truncated", n_candidates=3)
+    index = index_factory(128, "IVF16_GMM(diag,partition=gmm,iter=3),Flat", estep="truncated", n_candidates=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         index.train(sift[:1000].astype(np.float32))
@@ -274,7 +274,7 @@ def test_index_factory_keyword_form_trains_a_truncated_gmm(sift):
 
 def test_factory_string_selects_the_truncated_estep():
     index = index_factory(8, "IVF16_GMM(diag,truncated,n_candidates=4),Flat")
-    assert index.gmm.estep == "truncated" and index.gmm.n_candidates == 4
+    assert index.gmm_params == {"estep": "truncated", "n_candidates": 4}  # the GaussianMixture's, made at train
     with pytest.raises(ValueError, match="a bare option is a covariance type"):
         index_factory(8, "IVF16_GMM(diag,sparse),Flat")
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from .._validation import check_nonnegative_float, check_positive_int
 
-__all__ = ["RULES", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
+__all__ = ["RULES", "extra_list", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
            "keep_best"]
 
 # float32 elements of one (rows, candidates, d) gather in the residual-direction rules (64 MiB).
@@ -204,6 +204,54 @@ def spill_spann(x, centroids, primary, copies, *, max_copies=8):
     return lists, float(np.sqrt(threshold) - 1.0)
 
 
+def extra_list(x, centroids, primary, *, rule="soar", lam=None, n_candidates=None):
+    """The second list a single-extra rule would give every row, and the rule's excess cost for it.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, d)
+    centroids : ndarray of shape (K, d), K >= 2
+    primary : ndarray of shape (n,), int
+    rule : 'top2', 'soar' or 'rair'
+    lam : float >= 0, the rule's lambda (default: soar 1.0, rair 0.5; top2 has none)
+    n_candidates : int, nearest other centroids searched (default: soar 16, rair 10, top2 1)
+
+    Returns
+    -------
+    cand : ndarray of shape (n,), int64, the rule's choice of second list
+    excess : ndarray of shape (n,), float64, ``cost(cand) - cost(primary)``: keeping the rows whose
+        excess is below a threshold spills the vectors the rule finds closest to a border
+    """
+    defaults = {"top2": (0.0, 1), "soar": (1.0, 16), "rair": (0.5, 10)}
+    if rule not in defaults:
+        raise ValueError(f"rule must be one of {sorted(defaults)}, got {rule!r}")
+    lam = check_nonnegative_float(defaults[rule][0] if lam is None else lam, "lam")
+    n_candidates = defaults[rule][1] if n_candidates is None else n_candidates
+    x, centroids, primary = _check(x, centroids, primary)
+    m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
+    cand, cost, primary_d2 = nearest_other(x, centroids, primary, m)
+    cost = cost.astype(np.float64)
+    primary_d2 = primary_d2.astype(np.float64)
+    if rule != "top2":
+        block = max(1, _GATHER_ELEMENTS // (m * x.shape[1]))
+        for start in range(0, len(x), block):
+            rows = slice(start, start + block)
+            r = x[rows] - centroids[primary[rows]]
+            # <x - c_j, r> = |r|^2 + <c_1 - c_j, r> (one gather of the candidates per block)
+            dot = primary_d2[rows, None] + np.einsum("nmd,nd->nm", centroids[primary[rows]][:, None]
+                                                     - centroids[cand[rows]], r)
+            if rule == "soar":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    # <x - c_j, r_hat>^2 = <x - c_j, r>^2 / |r|^2 (0 when r = 0: no direction)
+                    cost[rows] += lam * np.where(primary_d2[rows, None] > 0, dot**2 / primary_d2[rows, None], 0)
+            else:
+                cost[rows] += lam * dot
+    best = cost.argmin(1)
+    rows = np.arange(len(x))
+    # The same rule's cost at the primary list is (1 + lam) |r|^2 for soar and rair.
+    return cand[rows, best], cost[rows, best] - (1.0 + lam) * primary_d2
+
+
 RULES = {"top2": spill_top2, "soar": spill_soar, "rair": spill_rair, "spann": spill_spann}
 
 
@@ -223,33 +271,13 @@ def spill(rule, x, centroids, primary, copies, **params):
 # ---------------------------------------------------------------------- helpers
 def _single_extra(x, centroids, primary, copies, *, lam, kind, n_candidates):
     """One extra list per spilled vector: argmin of the rule's cost, kept by smallest excess."""
-    lam = check_nonnegative_float(lam, "lam")
     x, centroids, primary = _check(x, centroids, primary)
     lists, extra = _start(primary, copies, 2)
     if not extra:
         return lists, float("nan")
-    m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
-    cand, cost, primary_d2 = nearest_other(x, centroids, primary, m)
-    if kind != "top2":
-        block = max(1, _GATHER_ELEMENTS // (m * x.shape[1]))
-        for start in range(0, len(x), block):
-            rows = slice(start, start + block)
-            r = x[rows] - centroids[primary[rows]]
-            # <x - c_j, r> = |r|^2 + <c_1 - c_j, r> (one gather of the candidates per block)
-            dot = primary_d2[rows, None] + np.einsum("nmd,nd->nm", centroids[primary[rows]][:, None]
-                                                     - centroids[cand[rows]], r)
-            if kind == "soar":
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    # <x - c_j, r_hat>^2 = <x - c_j, r>^2 / |r|^2 (0 when r = 0: no direction)
-                    cost[rows] += lam * np.where(primary_d2[rows, None] > 0, dot**2 / primary_d2[rows, None], 0)
-            else:
-                cost[rows] += lam * dot
-    best = cost.argmin(1)
-    rows = np.arange(len(x))
-    # The same rule's cost at the primary list is (1 + lam) |r|^2 for soar and rair.
-    excess = cost[rows, best] - (1.0 + lam) * primary_d2
+    cand, excess = extra_list(x, centroids, primary, rule=kind, lam=lam, n_candidates=n_candidates)
     keep, threshold = keep_best(excess[:, None], extra)
-    lists[:, 1] = np.where(keep[:, 0], cand[rows, best], -1)
+    lists[:, 1] = np.where(keep[:, 0], cand, -1)
     return lists, threshold
 
 
