@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .params import CholeskyParams, NaturalParams, split_offset
@@ -33,6 +34,12 @@ BLOCK_BYTES = 4 << 20
 # Full covariances hold (rows, K, D) and (rows, D, D) temporaries instead.
 FULL_BLOCK_BYTES = 64 << 20
 MIN_BLOCK_ROWS = 64
+# Terms below this fraction of their row's largest are left out where that leaves a block
+# sparse enough (see _block_stats); the dense product's cost equals the sparse one's near 4%
+# of the pairs (measured on one EPYC core, K = 1024, D = 128).
+SPARSE_CUTOFF = 1e-12
+LOG_SPARSE_CUTOFF = math.log(SPARSE_CUTOFF)
+SPARSE_MAX_DENSITY = 0.02
 
 
 def _centred(x: torch.Tensor, shift: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -119,6 +126,45 @@ def block_rows(n_components: int, n_features: int, full: bool, dtype) -> int:
     return max(MIN_BLOCK_ROWS, BLOCK_BYTES // (size * n_components))
 
 
+def _kept_pairs(ll: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Flat indices, ascending, of the entries of ``ll`` (rows, K) above ``floor`` (rows, 1)."""
+    if ll.device.type == "cpu":
+        # numpy's comparison and flatnonzero: ~0.6 ns per entry against ~2 ns for torch's.
+        return torch.from_numpy(np.flatnonzero(ll.numpy() > floor.numpy()))
+    return torch.flatten(ll > floor).nonzero().squeeze(1)
+
+
+def _block_stats(ll: torch.Tensor, z: torch.Tensor, part: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp of one block and its (K, P) statistics R^T @ z, R the responsibilities.
+
+    ``ll`` (rows, K) holds the log-densities and is overwritten; ``z`` (rows, P) may be too;
+    log Z of every row goes to ``log_norm`` (rows,).
+
+    Where at most ``SPARSE_MAX_DENSITY`` of the block lies within ``SPARSE_CUTOFF`` of its
+    row's largest term, only those (row, component) pairs are exponentiated and summed (a
+    sparse product): the rest carry less than K * SPARSE_CUTOFF of their row's mass
+    (Z and the statistics change by less than that, relatively). Elsewhere the block is
+    exponentiated in place and multiplied densely.
+    """
+    rows, k = ll.shape
+    top = ll.amax(1, keepdim=True)
+    kept = _kept_pairs(ll, top + LOG_SPARSE_CUTOFF)
+    if kept.numel() <= SPARSE_MAX_DENSITY * ll.numel():
+        row, comp = kept // k, kept % k
+        resp = ll.view(-1)[kept].sub_(top.view(-1)[row]).exp_()
+        total = torch.zeros(rows, dtype=ll.dtype, device=ll.device).index_add_(0, row, resp)
+        log_norm.copy_(top.view(-1) + total.log())
+        resp /= total[row]
+        resp_t = torch.sparse_coo_tensor(torch.stack([comp, row]), resp, (k, rows))
+        return torch.sparse.mm(resp_t, z)
+    ll.sub_(top).exp_()
+    total = ll.sum(1, keepdim=True)
+    log_norm.copy_((top + total.log()).view(-1))
+    # R = exp(ll - top) / total: the division goes to the narrower of the two operands.
+    (z if z.shape[1] <= k else ll).div_(total)
+    return torch.mm(ll.T, z, out=part)
+
+
 def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> EStepResult:
     """Log-normalisers and sufficient statistics of ``x`` under a mixture.
 
@@ -151,6 +197,7 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
     z = torch.empty(rows, width, **buf)
     ll = torch.empty(rows, k, **buf)
     part = torch.empty(k, width, **buf)
+    lz = torch.empty(rows, **buf)
     acc = torch.zeros(k, width, dtype=torch.float64, device=x.device)
     log_norm = torch.empty(n, dtype=torch.float64, device=x.device)
     for start in range(0, n, rows):
@@ -169,13 +216,8 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         else:
             zb = design(block, shift, params.diagonal, dtype, out=z)
             lb = torch.mm(zb, weights.T, out=ll[:m])
-        top = lb.amax(1, keepdim=True)
-        lb.sub_(top).exp_()
-        total = lb.sum(1, keepdim=True)
-        log_norm[start:start + m] = (top + total.log()).squeeze(1)
-        # R = exp(ll - top) / total: the division goes to the narrower of the two operands.
-        (zb if width <= k else lb).div_(total)
-        acc += torch.mm(lb.T, zb, out=part)
+        acc += _block_stats(lb, zb, part, lz[:m])
+        log_norm[start:start + m] = lz[:m]
     if full:
         nk, s1, s2 = acc[:, d], acc[:, :d], acc[:, d + 1:].view(k, d, d)
     else:
