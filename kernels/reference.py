@@ -155,7 +155,7 @@ def _block_stats(ll: torch.Tensor, z: torch.Tensor, part: torch.Tensor, log_norm
         total = torch.zeros(rows, dtype=ll.dtype, device=ll.device).index_add_(0, row, resp)
         log_norm.copy_(top.view(-1) + total.log())
         resp /= total[row]
-        resp_t = torch.sparse_coo_tensor(torch.stack([comp, row]), resp, (k, rows))
+        resp_t = torch.sparse_coo_tensor(torch.stack([comp, row]), resp, (k, rows), check_invariants=False)
         return torch.sparse.mm(resp_t, z)
     ll.sub_(top).exp_()
     total = ll.sum(1, keepdim=True)
