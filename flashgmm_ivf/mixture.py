@@ -524,7 +524,7 @@ class GaussianMixture:
         return self._weighted_log_prob(x, params, shift, reduce=lambda ll: ll.argmax(1))
 
     def _weighted_log_prob(self, x, params, shift, reduce=None):
-        """(rows, K) log pi_k + log N(x_n | k), computed in the E-step's sub-blocks of a few MB; with
+        """(rows, K) log pi_k + log N(x_n | k), computed in the E-step's blocks of rows; with
         ``reduce`` (a sub-block -> one value per row) only the reduced values are kept, so that
         predict and score never hold a (chunk_size, K) matrix (17 GB at K = 16,384)."""
         dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
