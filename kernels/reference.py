@@ -47,6 +47,12 @@ def _centred(x: torch.Tensor, shift: torch.Tensor | None, dtype: torch.dtype) ->
     return x - shift.to(dtype) if shift is not None else x
 
 
+def _centre_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``out`` = x - shift, rounded as ``_centred`` rounds (x to out's dtype first)."""
+    out.copy_(x)
+    return out if shift is None else out.sub_(shift.to(device=out.device, dtype=out.dtype))
+
+
 def design_weights(params: NaturalParams, dtype=None) -> torch.Tensor:
     """(K, P) rows [lin, quad, const], so that log pi_k N(x | k) = design(x) . row_k.
 
@@ -64,11 +70,7 @@ def design(x: torch.Tensor, shift: torch.Tensor | None, diagonal: bool, dtype, o
     n, d = x.shape
     p = 2 * d + 1 if diagonal else d + 2
     z = torch.empty(n, p, dtype=dtype, device=x.device) if out is None else out[:n]
-    xc = z[:, :d]
-    if shift is None:
-        xc.copy_(x)
-    else:
-        torch.sub(x, shift.to(device=x.device, dtype=dtype), out=xc)
+    xc = _centre_into(z[:, :d], x, shift)
     if diagonal:
         torch.mul(xc, xc, out=z[:, d:2 * d])
     else:
@@ -211,11 +213,7 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         block = x[start:start + m]
         if full:
             zb = z[:m]
-            xc = zb[:, :d]
-            if shift is None:
-                xc.copy_(block)
-            else:
-                torch.sub(block, shift.to(**buf), out=xc)
+            xc = _centre_into(zb[:, :d], block, shift)
             zb[:, d] = 1
             torch.mul(xc[:, :, None], xc[:, None, :], out=zb[:, d + 1:].view(m, d, d))
             lb = _full_log_prob(xc, layout, out=ll[:m])
