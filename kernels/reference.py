@@ -2,15 +2,17 @@
 
 It computes exactly what ``kernels.estep`` computes, a block of rows at a time, so
 that only a (rows, K) block of log-densities ever exists, never (N, K). Each block
-costs two matrix products and a few in-place passes over that block:
+costs one or two matrix products and a few in-place passes over that block:
 
 * the rows are laid out once as a design matrix Z: [x, x**2, 1] (diag), [x, |x|**2, 1]
   (spherical) or [x, 1, vec(x x^T)] (full, whose log-densities come from x alone);
 * log pi_k + log N(x_n | k) = (Z @ W^T)[n, k] with W = [lin, quad, const] laid out once
   per call (diag, spherical), or the squared norms of x @ P_k - mu_k @ P_k (full);
-* the log-sum-exp runs in place on that block; the responsibilities' normaliser 1/Z_n
-  scales Z's rows rather than the wider (rows, K) block;
-* one product R^T @ Z gives N_k, S1 and S2 together (the column of ones sums R).
+* R^T @ Z gives N_k, S1 and S2 together (the column of ones sums R). Where the block's
+  posteriors are peaked (few terms within ``SPARSE_CUTOFF`` of their row's largest), only
+  those terms are exponentiated and summed, as a sparse product; otherwise the log-sum-exp
+  runs in place on the block and the product is dense, the normaliser 1/Z_n scaling
+  whichever of Z and the block is narrower.
 
 Products and the block run in ``dtype``; the (K, P) partial sums are widened to float64
 once per block of rows, so the statistics keep float64 sums across blocks.
