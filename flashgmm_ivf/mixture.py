@@ -524,12 +524,12 @@ class GaussianMixture:
         return self._weighted_log_prob(x, params, shift, reduce=lambda ll: ll.argmax(1))
 
     def _weighted_log_prob(self, x, params, shift, reduce=None):
-        """(rows, K) log pi_k + log N(x_n | k), computed in sub-blocks of ~64 MB; with ``reduce``
-        (a sub-block -> one value per row) only the reduced values are kept, so that predict and
-        score never hold a (chunk_size, K) matrix (17 GB at K = 16,384)."""
+        """(rows, K) log pi_k + log N(x_n | k), computed in the E-step's blocks of rows; with
+        ``reduce`` (a sub-block -> one value per row) only the reduced values are kept, so that
+        predict and score never hold a (chunk_size, K) matrix (17 GB at K = 16,384)."""
         dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
         out = []
-        rows = kernels.reference._chunk_rows(len(params[0]), x.shape[1], self.covariance_type == "full")
+        rows = kernels.reference.block_rows(len(params[0]), x.shape[1], self.covariance_type == "full", dtype)
         for start in range(0, x.shape[0], rows):
             ll = kernels.reference.weighted_log_prob(x[start:start + rows], params, shift, dtype=dtype)
             out.append(ll if reduce is None else reduce(ll))

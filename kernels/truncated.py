@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .params import NaturalParams, split_offset
-from .reference import _centred
+from .reference import design, design_weights
 from .result import EStepResult
 from .truncated_select import select
 from .truncated_stats import segment_stats
@@ -77,18 +77,6 @@ def _sparse_beta():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         yield
-
-
-def _weights(params: NaturalParams, dtype) -> torch.Tensor:
-    """(K, P) rows [lin, quad, const] so that log pi_k N(x | k) = design(x) . row_k."""
-    quad = params.quad if params.diagonal else params.quad[:, None]
-    return torch.cat([params.lin, quad, params.const[:, None]], 1).to(dtype)
-
-
-def _design(xc: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """(n, P) rows [x, x**2, 1] (diag) or [x, |x|**2, 1] (spherical) of centred rows."""
-    sq = xc * xc if diagonal else (xc * xc).sum(1, keepdim=True)
-    return torch.cat([xc, sq, torch.ones_like(xc[:, :1])], 1)
 
 
 def _on_host(t: torch.Tensor) -> bool:
@@ -248,7 +236,7 @@ def _select_torch(z, weights, candidates, graph, n_keep):
 def _estep_torch(x, params, shift, candidates, graph, dtype, chunk_size):
     n, d = x.shape
     c = candidates.shape[1]
-    weights = _weights(params, dtype).to(x.device)
+    weights = design_weights(params, dtype).to(x.device)
     graph = graph.to(device=x.device, dtype=torch.int64)
     f64 = dict(dtype=torch.float64, device=x.device)
     log_norm = torch.empty(n, **f64)
@@ -258,7 +246,7 @@ def _estep_torch(x, params, shift, candidates, graph, dtype, chunk_size):
     acc = torch.zeros(weights.shape[0], weights.shape[1], dtype=dtype, device=x.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        z = _design(_centred(x[start:stop], shift, dtype), params.diagonal)
+        z = design(x[start:stop], shift, params.diagonal, dtype)
         cand = candidates[start:stop].to(device=x.device, dtype=torch.int64)
         log_norm[start:stop], new[start:stop], resp = _select_torch(z, weights, cand, graph, c)
         _add_stats(acc, resp, new[start:stop], z)
@@ -279,7 +267,7 @@ def _estep_triton(x, params, shift, candidates, graph):
         x = x.contiguous()
     shift = (torch.zeros(d, dtype=torch.float32, device=x.device) if shift is None
              else shift.to(device=x.device, dtype=torch.float32).contiguous())
-    weights = _weights(params, torch.float32).to(x.device).contiguous()
+    weights = design_weights(params, torch.float32).to(x.device).contiguous()
     candidates = candidates.to(x.device).contiguous()
     graph = graph.to(x.device).contiguous()
     lz, members, resp = select(x, shift, weights, candidates, graph, params.diagonal)
@@ -493,7 +481,7 @@ def refine_graph(means: torch.Tensor, graph: torch.Tensor, *, backend=None) -> t
                              start.contiguous(), graph.contiguous(), diagonal=False)
         found = found.long()
     else:
-        found = torch.cat([_select_torch(_design(m[i:i + SUB_BLOCK_ROWS], False), weights,
+        found = torch.cat([_select_torch(design(m[i:i + SUB_BLOCK_ROWS], None, False, m.dtype), weights,
                                          start[i:i + SUB_BLOCK_ROWS], graph, g + 1)[1]
                            for i in range(0, k, SUB_BLOCK_ROWS)])
     return _others(found, own)
