@@ -1,0 +1,270 @@
+"""The algorithms a recall sweep compares, one small object each (in the spirit of ann-benchmarks' wrappers).
+
+Every algorithm is built from training rows and base rows, then searched at a list of depth
+settings; after each search ``last_stats`` holds its cost per query, counted from FAISS's own
+counters:
+
+- ``ndis``: codes scanned in the inverted lists (``faiss.cvar.indexIVF_stats.ndis``; copies
+  of one vector count once each);
+- ``ncoarse``: distances of the coarse step (``nlist`` for a flat quantizer, the distances an
+  HNSW quantizer's walks evaluated, ``faiss.cvar.hnsw_stats.ndis``), plus whatever a probing
+  rule computes beyond them (what our index reports in ``last_stats.ncoarse``).
+
+Three kinds:
+
+- :class:`FaissIVF`: FAISS k-means IVF as a FAISS user builds it,
+  ``faiss.index_factory(d, "IVF<nlist>,Flat")`` with k-means at 25 iterations, nprobe swept;
+- :class:`FaissIVFHNSW`: FAISS's IVF with an HNSW graph over the centroids,
+  ``"IVF<nlist>_HNSW32,Flat"``, nprobe and efSearch swept;
+- :class:`GMMIndex`: our index, built only through ``flashgmm_ivf.index_factory(d, spec)``
+  for any spec string, searched at recall targets (its calibrated depth) or at nprobe values.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import faiss
+import numpy as np
+
+import flashgmm_ivf
+
+__all__ = ["EF_SEARCH", "RECALL_TARGETS", "Algorithm", "FaissIVF", "FaissIVFHNSW", "GMMIndex", "nprobe_grid"]
+
+# Recall@10 targets asked of an index that calibrates its depth: the knob of its curve.
+RECALL_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
+# efSearch values of an HNSW coarse step; each is one curve over nprobe <= efSearch (a larger
+# nprobe makes FAISS walk with efSearch = nprobe, which the next curve measures).
+EF_SEARCH = (16, 32, 64, 128, 256, 512)
+
+
+def nprobe_grid(nlist):
+    """nprobe values 1, 2, 4, ... up to nlist."""
+    return [1 << i for i in range(int(np.log2(nlist)) + 1)] + ([nlist] if nlist & (nlist - 1) else [])
+
+
+class Algorithm:
+    """One method of a sweep.
+
+    Attributes
+    ----------
+    name : str
+        Label in tables and plots.
+    yardstick : str or None
+        'ivf' or 'ivf-hnsw' for the FAISS references the ratios are taken against, else None.
+    last_stats : dict or None
+        After ``search``: 'ndis' and 'ncoarse' per query.
+    build_s : float
+        Seconds ``build`` took (training, adding, calibration).
+    """
+
+    yardstick = None
+
+    def __init__(self, name):
+        self.name = name
+        self.last_stats = None
+        self.build_s = None
+
+    def build(self, train, base, learn=None):
+        """Train on ``train`` (n_train, d), add ``base`` (n, d) with ids 0..n-1; ``learn`` (nl, d): queries
+        an algorithm may calibrate on (None: none given)."""
+        raise NotImplementedError
+
+    def curves(self):
+        """Depth settings, as a list of curves, each a list of keyword dicts for ``search``, cost increasing."""
+        raise NotImplementedError
+
+    def search(self, xq, k, **depth):
+        """(D, I) of the k nearest neighbours, FAISS shapes; sets ``last_stats``."""
+        raise NotImplementedError
+
+    def copies_per_vector(self) -> float:
+        """Entries in the inverted lists per base vector."""
+        raise NotImplementedError
+
+    def index_bytes(self) -> int:
+        """Size of the index as written to disk."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """Settings worth recording beside the results."""
+        return {}
+
+    def close(self):
+        """Free the index (files it wrote stay until ``remove_files``)."""
+
+    def remove_files(self):
+        """Delete files the algorithm wrote."""
+
+
+class FaissIVF(Algorithm):
+    """FAISS IVF: ``faiss.index_factory(d, f"IVF{nlist}{coarse},Flat")``, k-means with ``niter`` iterations.
+
+    Parameters
+    ----------
+    nlist : int
+    niter : int, default 25
+        k-means iterations (``faiss.Kmeans``' default; ``IndexIVF`` training defaults to 10).
+    seed : int
+    """
+
+    yardstick = "ivf"
+    coarse = ""
+
+    def __init__(self, nlist, *, niter=25, seed=1234, name=None):
+        super().__init__(name or f"FAISS IVF{nlist}{self.coarse},Flat")
+        self.nlist, self.niter, self.seed = nlist, niter, seed
+        self.index = None
+
+    def build(self, train, base, learn=None):
+        start = time.perf_counter()
+        self.index = faiss.index_factory(base.shape[1], f"IVF{self.nlist}{self.coarse},Flat")
+        ivf = faiss.extract_index_ivf(self.index)
+        ivf.cp.niter, ivf.cp.seed = self.niter, self.seed
+        self.index.train(train)
+        self.index.add(base)
+        self.build_s = time.perf_counter() - start
+
+    def curves(self):
+        return [[{"nprobe": p} for p in nprobe_grid(self.nlist)]]
+
+    def search(self, xq, k, nprobe):
+        faiss.extract_index_ivf(self.index).nprobe = nprobe
+        faiss.cvar.indexIVF_stats.reset()
+        D, I = self.index.search(xq, k)
+        nq = len(xq)
+        self.last_stats = {"ndis": faiss.cvar.indexIVF_stats.ndis / nq, "ncoarse": float(self.nlist)}
+        return D, I
+
+    def copies_per_vector(self):
+        return 1.0
+
+    def index_bytes(self):
+        return int(faiss.serialize_index(self.index).size)
+
+    def params(self):
+        return {"factory": f"IVF{self.nlist}{self.coarse},Flat", "kmeans_niter": self.niter, "seed": self.seed}
+
+    def close(self):
+        self.index = None
+
+
+class FaissIVFHNSW(FaissIVF):
+    """FAISS IVF with an HNSW coarse step: ``faiss.index_factory(d, f"IVF{nlist}_HNSW{M},Flat")``.
+
+    The centroids are FAISS's k-means (``niter`` iterations) as for :class:`FaissIVF`; queries
+    find their nprobe lists by walking an HNSW graph over them. Swept over nprobe at each
+    efSearch of ``ef_search``; the coarse cost is what the walks evaluated
+    (``faiss.cvar.hnsw_stats.ndis``).
+    """
+
+    yardstick = "ivf-hnsw"
+
+    def __init__(self, nlist, *, M=32, niter=25, seed=1234, ef_search=EF_SEARCH, name=None):
+        self.coarse = f"_HNSW{M}"
+        super().__init__(nlist, niter=niter, seed=seed, name=name)
+        self.ef_search = tuple(ef_search)
+
+    def curves(self):
+        grid = nprobe_grid(self.nlist)
+        last = self.ef_search[-1]
+        return [[{"nprobe": p, "ef_search": ef} for p in grid if p <= ef or ef == last] for ef in self.ef_search]
+
+    def search(self, xq, k, nprobe, ef_search):
+        ivf = faiss.extract_index_ivf(self.index)
+        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = ef_search
+        ivf.nprobe = nprobe
+        faiss.cvar.indexIVF_stats.reset()
+        faiss.cvar.hnsw_stats.reset()
+        D, I = self.index.search(xq, k)
+        nq = len(xq)
+        self.last_stats = {"ndis": faiss.cvar.indexIVF_stats.ndis / nq, "ncoarse": faiss.cvar.hnsw_stats.ndis / nq}
+        return D, I
+
+
+class GMMIndex(Algorithm):
+    """Our index, built through ``flashgmm_ivf.index_factory(d, spec)`` only.
+
+    Parameters
+    ----------
+    spec : str
+        Any description ``index_factory`` takes; ``{nlist}`` is replaced by ``nlist``,
+        e.g. ``"IVF{nlist}_GMM,Flat"`` (the default recipe) or
+        ``"IVF{nlist}_GMM(partition=kmeans),Flat"``.
+    nlist : int
+    calibrate : {'train', 'learn'}, default 'train'
+        'train': the depth calibration ``train`` makes from training rows alone; 'learn':
+        refined afterwards with ``index.calibrate(learn)``.
+    knob : {'auto', 'recall', 'nprobe'}, default 'auto'
+        What is swept: recall targets (``search(..., recall=r)``, ``RECALL_TARGETS``) or
+        nprobe (``search(..., nprobe=p)``). 'auto': recall targets if the index
+        calibrates its depth, else nprobe.
+    start_from : GMMIndex, optional
+        Built already: read its written file (``flashgmm_ivf.read_index``) instead of
+        training again (e.g. the same index before and after ``calibrate``).
+    name : str, optional
+    **options
+        Keyword options of ``index_factory``.
+    """
+
+    def __init__(self, spec, nlist, *, calibrate="train", knob="auto", start_from=None, name=None, **options):
+        if calibrate not in ("train", "learn"):
+            raise ValueError(f"calibrate must be 'train' or 'learn', got {calibrate!r}")
+        if knob not in ("auto", "recall", "nprobe"):
+            raise ValueError(f"knob must be 'auto', 'recall' or 'nprobe', got {knob!r}")
+        self.spec = spec.replace("{nlist}", str(nlist))
+        super().__init__(name or self.spec + (" + calibrate(learn)" if calibrate == "learn" else ""))
+        self.nlist, self.calibrate, self.knob, self.start_from, self.options = nlist, calibrate, knob, start_from, options
+        self.index = self.path = None
+
+    def build(self, train, base, learn=None):
+        if self.calibrate == "learn" and learn is None:
+            raise ValueError(f"{self.name}: calibrate='learn' needs learn queries, and none were given")
+        start = time.perf_counter()
+        if self.start_from is not None:
+            self.index = flashgmm_ivf.read_index(self.start_from.path)
+        else:
+            self.index = flashgmm_ivf.index_factory(base.shape[1], self.spec, **self.options)
+            self.index.train(train)
+            self.index.add(base)
+        if self.calibrate == "learn":
+            self.index.calibrate(learn)
+        self.build_s = time.perf_counter() - start
+        if self.knob == "auto":
+            self.knob = "recall" if hasattr(self.index, "calibrate") else "nprobe"
+        handle, self.path = tempfile.mkstemp(suffix=".npz", prefix="flashgmm-eval-")
+        os.close(handle)
+        flashgmm_ivf.write_index(self.index, self.path)
+
+    def curves(self):
+        if self.knob == "recall":
+            return [[{"recall": r} for r in RECALL_TARGETS]]
+        return [[{"nprobe": p} for p in nprobe_grid(self.nlist)]]
+
+    def search(self, xq, k, **depth):
+        D, I = self.index.search(xq, k, **depth)
+        stats = self.index.last_stats
+        self.last_stats = {"ndis": stats.ndis / stats.nq, "ncoarse": stats.ncoarse / stats.nq}
+        return D, I
+
+    def copies_per_vector(self):
+        return self.index.index.ntotal / self.index.ntotal
+
+    def index_bytes(self):
+        return os.path.getsize(self.path)
+
+    def params(self):
+        out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options}
+        ef = getattr(self.index, "hnsw_ef_search", None)
+        if ef is not None:
+            out["hnsw_ef_search"] = ef
+        return out
+
+    def close(self):
+        self.index = None
+
+    def remove_files(self):
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
+        self.path = None
