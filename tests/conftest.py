@@ -2,9 +2,13 @@
 import os
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
+from faiss.contrib.ivf_tools import replace_ivf_quantizer
+
+from flashgmm_ivf.ivf.quantizer import add_assigned, new_ivf, set_centroids
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -40,3 +44,24 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     return empty
+
+
+def kmeans_lists(base, nlist, *, niter=10, seed=1234):
+    """FAISS k-means centroids (nlist, d) of ``base`` and each row's nearest one (n,), for building test indexes."""
+    km = faiss.Kmeans(base.shape[1], nlist, niter=niter, seed=seed)
+    km.train(base)
+    return km.centroids.copy(), km.index.search(base, 1)[1][:, 0].astype(np.int64)
+
+
+def ivf_from_lists(centroids, base, lists, quantizer="flat"):
+    """An IndexIVFFlat over ``centroids`` holding base row i (id i) in each list of ``lists[i]`` (-1: none).
+
+    ``quantizer='hnsw'``: the lists are found through an ``IndexHNSWFlat`` (M = 16) over the same centroids.
+    """
+    index = new_ivf(base.shape[1], centroids.shape[0], "Flat", "l2")
+    set_centroids(index, centroids)
+    index.train(centroids)  # the quantizer is full: only marks the index trained
+    add_assigned(index, base, lists, np.arange(base.shape[0], dtype=np.int64))
+    if quantizer == "hnsw":
+        replace_ivf_quantizer(index, faiss.IndexHNSWFlat(base.shape[1], 16))
+    return index

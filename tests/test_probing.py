@@ -1,4 +1,4 @@
-"""Query-adaptive probing: exactness at full depth, calibration, monotone knobs, copies, bad input, the sweep.
+"""Query-adaptive probing: exactness at full depth, calibration, monotone knobs, copies, bad input.
 
 Data: the real SIFT sample bundled with the package (3,000 base rows, 200 learn rows held
 out of the index, 100 test queries), k-means with 16 lists; the module runs in seconds.
@@ -10,10 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
+from conftest import ivf_from_lists, kmeans_lists
 from flashgmm_ivf import GaussianMixture
-from flashgmm_ivf.cli import bundled_dataset
-from flashgmm_ivf.datasets import exact_knn
-from flashgmm_ivf.eval import sweep
+from flashgmm_ivf.datasets import bundled_dataset, exact_knn
 from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, adaptive_lists, component_scores, distance_spread,
                                       gap_nprobe, list_members, neighbor_depths, ranked_lists, scan_costs,
                                       search_adaptive)
@@ -33,27 +32,34 @@ def sift():
 @pytest.fixture(scope="module")
 def kmeans_index(sift):
     base = sift[0]
-    part = sweep.train_partition("kmeans-niter10", base, NLIST)
-    return sweep.build_index(part.centroids, base, part.primary[:, None])
+    centroids, primary = kmeans_lists(base, NLIST)
+    return ivf_from_lists(centroids, base, primary[:, None])
 
 
 @pytest.fixture(scope="module")
 def table(sift, kmeans_index):
     base, learn, _ = sift
-    return sweep.fit_probe_table(kmeans_index, learn, exact_knn(base, learn, K, "l2"), NLIST)
+    return fit_probe_table(kmeans_index, learn, exact_knn(base, learn, K, "l2"), NLIST)
 
 
 @pytest.fixture(scope="module")
 def flat_and_graph(sift):
     """The same 64 k-means lists behind a flat quantizer and behind an HNSW graph over their means."""
     base = sift[0]
-    part = sweep.train_partition("kmeans-niter10", base, 64)
-    lists = part.primary[:, None]
-    return sweep.build_index(part.centroids, base, lists), sweep.build_index(part.centroids, base, lists, "hnsw")
+    centroids, primary = kmeans_lists(base, 64)
+    lists = primary[:, None]
+    return ivf_from_lists(centroids, base, lists), ivf_from_lists(centroids, base, lists, "hnsw")
+
+
+def fit_probe_table(index, queries, gt, depth):
+    """A ProbeTable for recall@10, calibrated on training queries with ground truth ``gt`` (nq, >= 10)."""
+    dis, lists, _ = ranked_lists(index, queries, depth)
+    return ProbeTable.fit(distance_spread(dis), neighbor_depths(lists, list_members(index), gt[:, :10]),
+                          scan_costs(index, lists))
 
 
 def recall(I, gt):
-    return sweep.recall_at(I, gt, K)
+    return float((I[:, :K, None] == gt[:, None, :K]).any(2).sum(1).mean() / K)
 
 
 def test_full_depth_is_exact_search(sift, kmeans_index):
@@ -136,7 +142,7 @@ def test_hnsw_quantizer_ranks_as_flat_and_counts_its_walk(sift, flat_and_graph):
 def test_adaptive_lists_rank_each_query_as_deep_as_its_bin(sift, flat_and_graph):
     base, learn, test = sift
     flat, graph = flat_and_graph
-    table = sweep.fit_probe_table(flat, learn, exact_knn(base, learn, K, "l2"), 64)
+    table = fit_probe_table(flat, learn, exact_knn(base, learn, K, "l2"), 64)
     full_dis, full_lists, _ = ranked_lists(flat, test, 64)
     deeper = 0
     for asked in (0.5, 0.9, 1.0):
@@ -165,7 +171,7 @@ def test_members_and_depths_with_copies(sift):
     lists = np.full((len(base), 2), -1, np.int64)
     lists[:, 0] = np.arange(len(base)) % 4
     lists[::3, 1] = (lists[::3, 0] + 1) % 4  # every third row also in the next list
-    index = sweep.build_index(centroids, base, lists)
+    index = ivf_from_lists(centroids, base, lists)
     members = list_members(index)
     np.testing.assert_array_equal(members.ids, np.arange(len(base)))
     np.testing.assert_array_equal(np.sort(members.lists, 1), np.sort(lists, 1))
@@ -233,57 +239,3 @@ def test_bad_input_raises(sift, kmeans_index, table):
                                    test.shape[1], NLIST)
     with pytest.raises(TypeError, match="IndexFlat or faiss.IndexHNSW"):
         ranked_lists(two_level, test, 4)
-
-
-def test_sweep_methods_with_adaptive_probing(sift):
-    base, learn, test = sift
-    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
-                      exact_knn(base, learn, K, "l2"))
-    assert sweep.parse_methods("kmeans@adaptive,gmm-spherical@gap")[1].probe == "gap"
-    assert [m.name for m in sweep.parse_methods("adaptive")] == [m.name for m in
-                                                                 sweep.parse_methods(sweep.ADAPTIVE_METHODS)]
-    with pytest.raises(ValueError, match="only GMM partitions"):
-        sweep.parse_methods("kmeans@gap")
-    with pytest.raises(ValueError, match="unknown probing"):
-        sweep.parse_methods("kmeans@nearest")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        part = sweep.train_partition("gmm-spherical", base, NLIST, gmm_iter=2, device="cpu")
-    index = sweep.build_index(part.centroids, base, part.primary[:, None])
-    for name in ("gmm-spherical@adaptive", "gmm-spherical@gap"):
-        curve, params, extra = sweep.sweep_method(sweep.parse_methods(name)[0], part, index, data, [1, 2, 4], 1)
-        assert params and extra > 0
-        costs = [r["dist_per_query"] for r in curve]
-        assert costs == sorted(costs) and all(r["coarse_per_query"] == NLIST for r in curve)
-        assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
-
-
-def test_sweep_charges_the_graph_walks(sift, flat_and_graph):
-    base, learn, test = sift
-    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
-                      exact_knn(base, learn, K, "l2"))
-    flat, graph = flat_and_graph
-    for name, index in (("kmeans", flat), ("kmeans/hnsw", graph), ("kmeans@adaptive/hnsw", graph)):
-        curve, params, _ = sweep.sweep_method(sweep.parse_methods(name)[0], None, index, data, [1, 4, 16], 1)
-        coarse = [r["coarse_per_query"] for r in curve]
-        if index is flat:
-            assert coarse == [64] * len(curve) and "hnsw_ef_search" not in params
-        else:
-            assert all(0 < c != 64 for c in coarse)  # measured walks, not the flat count
-            tuned = params["hnsw_ef_search"]
-            assert [g["ef_search"] for g in tuned["grid"]] == list(sweep.EF_GRID)
-            assert faiss.downcast_index(graph.quantizer).hnsw.efSearch == tuned["chosen"]
-        assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
-    assert sweep.quantizer_extra_bytes(graph) > 64 * sweep.HNSW_M * 4 and sweep.quantizer_extra_bytes(flat) == 0
-
-
-def test_ef_search_tuning_takes_the_cheapest_floor(flat_and_graph):
-    _, graph = flat_and_graph
-    hnsw = faiss.downcast_index(graph.quantizer).hnsw
-
-    def learn_curve():  # cost lowest at efSearch 64; efSearch 16 never reaches the target
-        return [{"dist_per_query": 100.0 + abs(hnsw.efSearch - 64),
-                 "recall_at_10": 0.5 if hnsw.efSearch == 16 else 1.0}]
-    record = sweep.tune_ef_search(graph, learn_curve)
-    assert record["chosen"] == hnsw.efSearch == 64
-    assert record["grid"][0]["cost_at_target"] is None

@@ -4,13 +4,14 @@ Data: the real SIFT sample bundled with the package (4,000 base rows, 100 test q
 k-means with 32 lists, flat and HNSW quantizers; the module runs in seconds.
 """
 import itertools
+from types import SimpleNamespace
 
 import faiss
 import numpy as np
 import pytest
 
-from flashgmm_ivf.cli import bundled_dataset
-from flashgmm_ivf.eval import sweep
+from conftest import ivf_from_lists, kmeans_lists
+from flashgmm_ivf.datasets import bundled_dataset
 from flashgmm_ivf.ivf.index import search_dedup
 from flashgmm_ivf.ivf.probing import ranked_lists
 from flashgmm_ivf.ivf.pruning import halfspace_bounds, search_pruned
@@ -27,18 +28,23 @@ def sift():
 
 @pytest.fixture(scope="module")
 def partition(sift):
-    return sweep.train_partition("kmeans-niter10", sift[0], NLIST)
+    centroids, primary = kmeans_lists(sift[0], NLIST)
+    return SimpleNamespace(centroids=centroids, primary=primary)
 
 
 @pytest.fixture(scope="module")
 def hard_index(sift, partition):
-    return sweep.build_index(partition.centroids, sift[0], partition.primary[:, None])
+    return ivf_from_lists(partition.centroids, sift[0], partition.primary[:, None])
+
+
+def recall_at(I, gt, r):
+    return float((I[:, :r, None] == gt[:, None, :r]).any(2).sum(1).mean() / r)
 
 
 def test_bound_never_exceeds_a_true_distance(sift, partition):
     """Every vector whose nearest mean is list j is at least b_j from the query (float64 brute force)."""
     base, test = sift
-    index = sweep.build_index(partition.centroids, base, partition.primary[:, None])
+    index = ivf_from_lists(partition.centroids, base, partition.primary[:, None])
     coarse, lists, _ = ranked_lists(index, test, NLIST)
     bounds = halfspace_bounds(partition.centroids, coarse, lists)
     nearest = faiss.knn(base, partition.centroids, 1)[1][:, 0]
@@ -109,7 +115,7 @@ def test_copies_come_back_once(sift, partition):
     """A spilled index holds ids in two lists; pruned search returns each id once, nearest first."""
     base, test = sift
     second = faiss.knn(base, partition.centroids, 2)[1][:, 1]
-    index = sweep.build_index(partition.centroids, base, np.stack([partition.primary, second], 1))
+    index = ivf_from_lists(partition.centroids, base, np.stack([partition.primary, second], 1))
     D, I, _, _, _ = search_pruned(index, test, K, 8, 0.5)
     assert (I >= 0).all()
     assert all(len(set(row)) == K for row in I)
@@ -120,19 +126,19 @@ def test_copies_come_back_once(sift, partition):
 
 def test_fewer_vectors_than_k_pads(sift, partition):
     base, test = sift
-    index = sweep.build_index(partition.centroids, base[:5], partition.primary[:5, None])
+    index = ivf_from_lists(partition.centroids, base[:5], partition.primary[:5, None])
     D, I, _, _, _ = search_pruned(index, test[:3], K, NLIST, 1.0)
     assert (I[:, :5] >= 0).all() and (I[:, 5:] == -1).all() and (D[:, 5:] == np.finfo(np.float32).max).all()
 
 
 def test_hnsw_quantizer_counts_its_walk(sift, partition):
     base, test = sift
-    graph = sweep.build_index(partition.centroids, base, partition.primary[:, None], "hnsw")
+    graph = ivf_from_lists(partition.centroids, base, partition.primary[:, None], "hnsw")
     _, I, _, evaluations, _ = search_pruned(graph, test, K, 8, 1.0)
     _, _, walk = ranked_lists(graph, test, 8)
     assert evaluations == walk + len(test) * 7
-    flat = sweep.build_index(partition.centroids, base, partition.primary[:, None])
-    assert sweep.recall_at(I, search_pruned(flat, test, K, 8, 1.0)[1], K) > 0.9
+    flat = ivf_from_lists(partition.centroids, base, partition.primary[:, None])
+    assert recall_at(I, search_pruned(flat, test, K, 8, 1.0)[1], K) > 0.9
 
 
 def test_bad_input(sift, partition, hard_index):
@@ -156,26 +162,3 @@ def test_bad_input(sift, partition, hard_index):
     lists[7, 0] = -1
     with pytest.raises(ValueError, match="first row without: 7"):
         halfspace_bounds(partition.centroids, coarse, lists)
-
-
-def test_sweep_radius_knobs_come_from_the_learn_front(sift, partition, hard_index):
-    """'@radius' in the sweep: settings on the learn queries' cost-recall front, test curve at those settings."""
-    from flashgmm_ivf.datasets import exact_knn
-    base, test = sift
-    learn = base[3800:]  # stand-ins for learn queries: rows of the base (their neighbour 1 is themselves)
-    data = sweep.Data("sift-sample", base, test, exact_knn(base, test, 100, "l2"), learn,
-                      exact_knn(base, learn, K, "l2"))
-    method = sweep.parse_methods("kmeans@radius")[0]
-    assert method.probe == "radius" and "kmeans@radius/hnsw" in sweep.PRESETS["radius"]
-    curve, params, extra = sweep.sweep_method(method, partition, hard_index, data, [1, 2, 4, 8], 1)
-    _, front = sweep.radius_knobs(hard_index, learn, data.gt_learn, sweep.radius_caps([1, 2, 4, 8], NLIST))
-    assert params["radius_knobs"].startswith(f"{len(front)} (scale, nprobe) settings")
-    assert extra == 0 and len(front) >= 3
-    assert [f["dist_per_query"] for f in front] == sorted(f["dist_per_query"] for f in front)
-    assert all(a["recall_at_10"] < b["recall_at_10"] for a, b in itertools.pairwise(front))
-    assert {f["scale"] for f in front} <= set(sweep.RADIUS_SCALES)
-    assert {f["nprobe"] for f in front} <= set(sweep.radius_caps([1, 2, 4, 8], NLIST)) == {1, 2, 3, 4, 6, 8, 12}
-    assert [r["knob"] for r in curve] == [[f["scale"], f["nprobe"]] for f in front][:len(curve)]
-    # Cost charges the coarse step and the bounds' mean-to-mean distances.
-    assert all(r["coarse_per_query"] == NLIST + r["knob"][1] - 1 for r in curve)
-    assert curve[-1]["recall_at_10"] > curve[0]["recall_at_10"]
