@@ -648,6 +648,43 @@ class GaussianMixture:
                 xs.append(mean + z * np.sqrt(self.covariances_[k]))
         return np.vstack(xs), np.repeat(np.arange(self.n_components), counts)
 
+    @classmethod
+    def from_parameters(cls, weights, means, covariances, **params):
+        """A fitted mixture with the given parameters and no EM, e.g. the per-list statistics of a k-means partition.
+
+        Parameters
+        ----------
+        weights : array-like of shape (K,), >= 0, summing to 1
+        means : array-like of shape (K, D)
+        covariances : array-like of shape (K,), (K, D) or (K, D, D) for covariance_type
+            'spherical', 'diag' or 'full'; positive (definite)
+        **params
+            Constructor arguments (covariance_type, device, ...).
+
+        Returns
+        -------
+        GaussianMixture, fitted (``n_iter_`` 0, ``converged_`` False, ``lower_bound_`` -inf).
+        """
+        means = np.asarray(means, dtype=np.float64)
+        if means.ndim != 2:
+            raise ValueError(f"means must be 2-D (K, D), got shape {means.shape}")
+        k, d = means.shape
+        gmm = cls(k, **params)
+        gmm._check_parameters()
+        means = _as_float64(means, "means", (k, d))
+        weights = _as_float64(weights, "weights", (k,))
+        shape = {"spherical": (k,), "diag": (k, d), "full": (k, d, d)}[gmm.covariance_type]
+        covariances = _as_float64(covariances, "covariances", shape)
+        if (weights < 0).any() or abs(weights.sum() - 1) > 1e-6:
+            raise ValueError(f"weights must be >= 0 and sum to 1, got sum {weights.sum()}")
+        if gmm.covariance_type != "full" and not (covariances > 0).all():
+            raise ValueError("covariances must be > 0")
+        gmm.weights_, gmm.means_, gmm.covariances_ = weights, means, covariances
+        gmm._set_precisions()  # raises for a 'full' covariance that is not positive definite
+        gmm.converged_, gmm.n_iter_, gmm.lower_bound_, gmm.lower_bounds_ = False, 0, -math.inf, []
+        gmm.n_reseeded_, gmm.n_features_in_ = 0, d
+        return gmm
+
     # ------------------------------------------------------------------ persistence
     def save(self, path):
         """Write the fitted model to ``path`` (.npz of plain arrays + a versioned JSON header; no pickle)."""

@@ -1,24 +1,28 @@
-"""GMM coarse quantizer inside FAISS IndexIVF: soft assignment, dedup search, drop-in API.
+"""A GMM (or k-means) partition inside a real FAISS IndexIVF, searched to a recall target.
 
 Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``):
 
-- :mod:`.quantizer`: the GMM means as the flat quantizer of an IndexIVFFlat / IVFPQ /
-  IVFScalarQuantizer, true coarse distances, posterior ranking of lists, adding copies.
-- :mod:`.soft_assign`: log-space soft assignment (threshold tau or copies budget).
-- :mod:`.index`: :class:`GMMIndexIVF` and :func:`index_factory` (FAISS verbs).
-- :mod:`.index_io`: :func:`write_index` / :func:`read_index` (npz + JSON header, no pickle).
-- :mod:`.probing`: query-adaptive probing of any FAISS IVF index (a per-query nprobe from a
-  table calibrated on training queries, or a GMM log-likelihood gap), :func:`search_adaptive`.
-- :mod:`.pruning`: :func:`search_pruned`, lists nearest mean first, each skipped when a
-  half-space bound says it cannot beat the query's running k-th neighbour.
-"""
-from .index import GMMIndexIVF, SearchStats, dedup_results, index_factory, search_dedup
-from .index_io import read_index, write_index
-from .probing import ProbeTable, distance_spread, gap_nprobe, ranked_lists, search_adaptive
-from .pruning import halfspace_bounds, search_pruned
-from .soft_assign import SoftAssignment, TopComponents, assign_budget, assign_tau, soft_assign, top_components
+- :mod:`.index`: :class:`GMMIndexIVF` and :func:`index_factory` (FAISS verbs, the recipe's options).
+- :mod:`.index_io`: :func:`write_index` / :func:`read_index` (npz + JSON header, one checksum, no pickle).
+- :mod:`.partition`: fitting the partition (GMM or k-means) and assigning vectors to lists.
+- :mod:`.spill`, :mod:`.soft_assign`: rules for a vector's second list (SOAR, RAIR, ...; GMM responsibilities).
+- :mod:`.quantizer`: the means as the quantizer of an IndexIVFFlat / IVFPQ / IVFScalarQuantizer.
+- :mod:`.search`: the coarse step, deduplicated ``search_preassigned``, :class:`SearchStats`.
+- :mod:`.probing`: a per-query depth from a calibrated :class:`ProbeTable`.
+- :mod:`.pruning`: radius pruning, lists skipped by a half-space bound.
+- :mod:`.calibration`: calibration queries, their exact neighbours, fitting the table.
+- :mod:`.shards`: building, merging and searching shards of one trained index.
 
-__all__ = ["GMMIndexIVF", "ProbeTable", "SearchStats", "SoftAssignment", "TopComponents", "assign_budget",
-           "assign_tau", "dedup_results", "distance_spread", "gap_nprobe", "halfspace_bounds", "index_factory",
-           "ranked_lists", "read_index", "search_adaptive", "search_dedup", "search_pruned", "soft_assign",
-           "top_components", "write_index"]
+Every search function returns ``(D, I, stats)`` (FAISS's D and I, deduplicated by id, and a
+:class:`SearchStats`); ``GMMIndexIVF.search`` returns ``(D, I)`` and sets ``last_stats``.
+"""
+from .calibration import Calibration
+from .index import PROBES, GMMIndexIVF, index_factory
+from .index_io import read_index, write_index
+from .probing import ProbeTable, adaptive_lists, distance_spread, search_adaptive
+from .pruning import halfspace_bounds, search_pruned
+from .search import SearchStats, dedup_results, ranked_lists, search_nprobe, search_preassigned
+
+__all__ = ["PROBES", "Calibration", "GMMIndexIVF", "ProbeTable", "SearchStats", "adaptive_lists", "dedup_results",
+           "distance_spread", "halfspace_bounds", "index_factory", "ranked_lists", "read_index", "search_adaptive",
+           "search_nprobe", "search_preassigned", "search_pruned", "write_index"]

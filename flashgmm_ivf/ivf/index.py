@@ -1,88 +1,61 @@
-"""GMMIndexIVF: a FAISS IndexIVF whose coarse quantizer is a Gaussian mixture.
+"""GMMIndexIVF: a FAISS IndexIVF whose lists come from a Gaussian mixture, searched to a recall target.
 
 A drop-in for FAISS IVF code: the same verbs (``train``, ``add``, ``add_with_ids``,
 ``search``, ``nprobe``, ``ntotal``, ``d``), built from a factory string by changing one
 line::
 
-    index = faiss.index_factory(d, "IVF1024,Flat")                  # before
-    index = flashgmm_ivf.index_factory(d, "IVF1024_GMM(diag),Flat")  # after
+    index = faiss.index_factory(d, "IVF1024,Flat")             # before
+    index = flashgmm_ivf.index_factory(d, "IVF1024_GMM,Flat")  # after
+    index.train(xt); index.add(xb)
+    D, I = index.search(xq, 10, recall=0.9)                     # or nprobe=..., as FAISS
+
+The default recipe: lists from a spherical GMM (a short k-means start and a few EM
+iterations), an HNSW graph over the means as the coarse step (``IVF<nlist>_HNSW32``'s),
+a SOAR-spilled second copy for a third of the vectors (1.5 copies per vector), and a
+per-query depth read from a table calibrated at training time. Each part is an option.
 
 Nothing hides the FAISS index: ``.index`` is the real ``faiss.IndexIVFFlat`` /
-``IndexIVFPQ`` / ``IndexIVFScalarQuantizer`` (its quantizer an ``IndexFlatL2`` /
-``IndexFlatIP`` holding the GMM means) and ``.gmm`` the fitted ``GaussianMixture``.
+``IndexIVFPQ`` / ``IndexIVFScalarQuantizer``, ``.quantizer_index`` its quantizer
+(``IndexFlat`` or ``IndexHNSWFlat`` over the means) and ``.gmm`` the fitted
+``GaussianMixture``.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import re
-from dataclasses import dataclass
 
 import faiss
+import faiss.contrib.ivf_tools
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
-from .quantizer import METRICS, add_assigned, coarse_distances, new_ivf, parse_metric, posterior_lists, set_centroids
-from .soft_assign import SoftAssignment, assign_budget, assign_tau, top_components
+from .calibration import Calibration, fit_table
+from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition
+from .probing import adaptive_lists, search_adaptive
+from .pruning import search_pruned
+from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
+from .search import SearchStats, preassigned_raw, search_nprobe
 
-__all__ = ["GMMIndexIVF", "SearchStats", "index_factory", "dedup_results", "search_dedup", "PROBES"]
+__all__ = ["GMMIndexIVF", "index_factory", "PROBES", "COVARIANCE_TYPES"]
 
-PROBES = ("centroid", "posterior")
-# Accepted spellings of the two probing modes ('l2' / 'ip' name the quantizer's metric).
-_PROBE_ALIASES = {"centroid": "centroid", "l2": "centroid", "ip": "centroid", "distance": "centroid",
-                  "posterior": "posterior", "gmm": "posterior"}
-# GaussianMixture arguments the index sets unless told otherwise. reg_covar is scaled to
-# the data at train time (see GMMIndexIVF.train). An absolute 1e-6 lets a component whose
-# pixels are all 0 get variance 1e-6; one non-zero pixel then costs ~1e10 nats, beyond
-# float32's resolution of the log-likelihoods that rank lists. Measured (diag, K=256,
-# 20 EM iterations, hard assignment, recall@10 at nprobe 8 by posterior / by L2):
-# fashion-mnist-784-small 1e-6: 0.89 / 0.60 with lists so unbalanced that scans cost 5-10x;
-# 1e-3 x mean variance: 0.79 / 0.96; 1e-2: 0.86 / 0.97; 1e-1: 0.96 / 0.98 (k-means 0.98).
-# glove-6B-50d-small (nprobe 16): 1e-6 .. 1e-2 x: 0.82 / 0.85; 1e-1 x: 0.86 / 0.88.
-_GMM_DEFAULTS = {"random_state": 1234, "reg_covar": "auto"}
-REG_COVAR_AUTO = 1e-1  # 'auto': reg_covar = this * mean per-feature variance of the training rows
-_PAD = np.finfo(np.float32).max  # FAISS's distance for a missing result (+ for L2, - for IP)
-
-
-@dataclass
-class SearchStats:
-    """Cost of one ``search`` call.
-
-    Attributes
-    ----------
-    nq : int
-        Queries.
-    nprobe : int
-    probe : {'centroid', 'posterior'}
-    ndis : int
-        Codes scanned in the inverted lists (``faiss.cvar.indexIVF_stats.ndis``),
-        duplicates (copies of one vector) included, re-fetches included.
-    ncoarse : int
-        Coarse-step evaluations: K centroid distances (probe 'centroid') or K Gaussian
-        log-densities plus nprobe true distances to the chosen means (probe 'posterior')
-        per query.
-    n_refetch : int
-        Queries searched again with a larger over-fetch because duplicates crowded out
-        unique ids (only when one id was added more than ``max_copies`` times).
-    """
-
-    nq: int
-    nprobe: int
-    probe: str
-    ndis: int
-    ncoarse: int
-    n_refetch: int = 0
-
-    @property
-    def total(self) -> int:
-        """Distance computations: ``ndis + ncoarse``."""
-        return self.ndis + self.ncoarse
-
-    @property
-    def per_query(self) -> float:
-        """Distance computations per query."""
-        return self.total / self.nq if self.nq else 0.0
+PROBES = ("adaptive", "radius", "fixed")  # how a search chooses each query's depth
+COVARIANCE_TYPES = ("spherical", "diag", "full")
+_COARSE = re.compile(r"^(flat|hnsw(\d+))$")
+# Bins of the depth table: 16 difficulty bins for 'adaptive' / 'radius', one for 'fixed'
+# (a calibrated nprobe, the same for every query).
+_BINS = {"adaptive": 16, "radius": 16, "fixed": 1}
+# Refit the depth table at the next recall search once ntotal moved this much (relative)
+# since it was fitted: list sizes and neighbour distances change with the data.
+_REFIT_CHANGE = 0.1
+# Calibration rows held out of the training rows: at least nlist (so most lists hold
+# some query's neighbours) and 2,000, at most a quarter of the rows.
+_CALIBRATION_ROWS = 2000
+# The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
+_MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
+_ADD_BLOCK = 65536  # rows per add step (SOAR's budget is met on each block)
 
 
 class GMMIndexIVF:
@@ -95,94 +68,139 @@ class GMMIndexIVF:
     nlist : int
         Lists = mixture components K.
     encoding : str, default 'Flat'
-        FAISS encoding of the list entries: 'Flat', 'PQ<M>[x<nbits>]', 'SQ8', 'SQ4', 'SQfp16', ...
+        FAISS encoding of the list entries: 'Flat', 'PQ<M>[x<nbits>]', 'SQ8', 'SQ4', 'SQfp16'.
     metric : {'l2', 'ip', 'cosine'} or faiss.METRIC_L2 / METRIC_INNER_PRODUCT, default 'l2'
-        'cosine' is inner product on L2-normalised rows: vectors and queries are
-        normalised (copies) before the GMM and FAISS see them, and the GMM is fitted on
-        normalised rows. The quantizer is an IndexFlatIP of the raw (not re-normalised)
-        means, so residuals are ``x - mu_k`` as FAISS computes them.
-    probe : {'centroid', 'posterior'}, default 'centroid'
-        How queries pick their nprobe lists. 'centroid' (aliases 'l2', 'ip') is plain
-        FAISS search: the quantizer ranks means by the index metric (squared L2, or
-        inner product <q, mu_k> for 'ip' / 'cosine'; for unit queries the latter differs
-        from L2 ranking by the |mu_k|^2 / 2 term, since GMM means of unit data are
-        shorter than 1 by different amounts). 'posterior' (alias 'gmm') ranks lists by
-        log pi_k + log N(q | mu_k, Sigma_k) and calls ``search_preassigned`` with the
-        true distances to those means.
+        'cosine' normalises vectors and queries and indexes them by squared L2 (for unit
+        rows |q - x|^2 = 2 - 2 cos), so every L2 rule (SOAR, the depth table, radius
+        pruning) applies; search returns cosine similarities, largest first. 'ip' (raw
+        inner product) supports ``probe='fixed'`` only.
+    partition : {'gmm', 'kmeans'}, default 'gmm'
+        'gmm': a k-means start (``kmeans_iter`` iterations of ``faiss.Kmeans``) then
+        ``max_iter`` EM iterations; primary list = most probable component. 'kmeans':
+        ``faiss.Kmeans`` with 25 iterations (as ``IndexIVF.train``), per-list covariances
+        computed from the members afterwards; primary list = nearest centroid.
+    covariance_type : {'spherical', 'diag', 'full'}, default 'spherical'
+    coarse : {'hnsw32', 'hnsw<M>', 'flat'}, default 'hnsw32'
+        How queries find their lists: an ``IndexHNSWFlat`` over the means (M links per
+        node; efSearch = ``hnsw_ef_search``, raised to the depth asked) or all nlist
+        distances (``IndexFlat``).
+    spill : {'soar', 'rair', 'gmm', 'none'}, default 'soar'
+        Rule choosing a second list for some vectors: SOAR (Sun et al. 2024, lambda 1),
+        RAIR (lambda 0.5), 'gmm' (second most probable component), or none.
+    copies : float in [1, 2], default 1.5
+        Mean lists per vector (the rule's best ``(copies - 1) * n`` second lists are kept,
+        on each added block of rows).
+    probe : {'adaptive', 'radius', 'fixed'}, default 'adaptive'
+        How ``search(..., recall=r)`` sets each query's depth: 'adaptive' from a table of
+        16 difficulty bins (the spread of the query's nearest mean distances) calibrated
+        for recall r; 'radius' the same depths as caps, then lists skipped whose half-space
+        bound cannot beat the query's current 10th neighbour; 'fixed' one calibrated
+        nprobe for all. ``search(..., nprobe=n)`` probes n lists ('radius' prunes within them).
     nprobe : int, default 1
-    tau : float or None
-        Soft assignment, threshold policy: a vector also goes to every list j with
-        responsibility r_j >= tau (at ``temperature``). Default (tau and copies None): 1/K.
-    copies : float or None
-        Soft assignment, budget policy: the mean lists per vector of each ``add`` call
-        (e.g. 1.5), by a threshold on log-responsibility gaps. Excludes ``tau``.
-    max_copies : int, default 4
-        Most lists per vector (1 = hard assignment).
-    temperature : float, default 1.0
-        Posterior temperature T of the threshold policy (r_j ∝ exp(ll_j / T)).
+        Lists probed by ``search`` without ``nprobe`` / ``recall`` while ``recall`` is None (FAISS meaning).
+    recall : float in (0, 1] or None
+        When set, ``search`` without ``nprobe`` / ``recall`` searches at this calibrated recall@10.
+    kmeans_iter : int, default 10 ('gmm') / 25 ('kmeans')
+    max_iter : int, default 5
+        EM iterations after the k-means start ('gmm'; exactly this many).
+    calibration_rows : int, optional
+        Training rows held out as stand-in queries (default: max(nlist, 2000), at most a quarter of the rows).
+    random_state : int, default 1234
     gmm : GaussianMixture, optional
-        Use this mixture (fitted: ``train`` keeps it and only trains the encoder;
-        unfitted: ``train`` fits it). Its n_components must equal nlist.
+        A fitted mixture to use as the partition (``train`` then only builds the rest).
     **gmm_params
-        GaussianMixture arguments (covariance_type, max_iter, tol, reg_covar,
-        random_state, device, chunk_size, compute_dtype, ...). Defaults differ from
-        GaussianMixture's in two places: random_state=1234, and reg_covar='auto' (0.1 x
-        the mean per-feature variance of the training rows, so the variance floor
-        follows the data's scale; a number is used as is).
+        GaussianMixture arguments (reg_covar, device, compute_dtype, estep, chunk_size, ...);
+        reg_covar defaults to 'auto' (0.1 x the mean per-feature variance of the training rows).
 
     Attributes
     ----------
-    index : faiss.IndexIVFFlat, IndexIVFPQ or IndexIVFScalarQuantizer
-        The real FAISS index. ``faiss.write_index(gmm_index.index, path)`` gives a file
-        that plain FAISS reads and searches with L2/IP probing; vectors stored in
-        several lists then appear once per copy, i.e. as repeated ids in a result row
-        (plain FAISS never deduplicates). Its ``ntotal`` counts copies.
+    index : faiss.IndexIVF
+        The real FAISS index. Its ``ntotal`` counts copies; ``faiss.write_index(gmm_index.index)``
+        writes a file plain FAISS reads, where a spilled vector appears once per copy.
+    quantizer_index : faiss.IndexFlat or faiss.IndexHNSWFlat
     gmm : GaussianMixture
+    calibration : Calibration or None
+        The calibration queries and their exact neighbours in the index.
+    probe_table : ProbeTable or None
+        The depth table, fitted lazily (see Notes).
     last_stats : SearchStats or None
-        Cost of the last search.
-    last_assignment : SoftAssignment or None
-        Lists of the rows of the last ``add`` call.
+        Cost of the last search: codes scanned (copies included, ``faiss.cvar.indexIVF_stats``)
+        and coarse distances (``nlist`` per query for a flat quantizer,
+        ``faiss.cvar.hnsw_stats.ndis`` for the graph, plus radius pruning's mean-to-mean
+        distances).
 
     Notes
     -----
-    Search deduplicates by id: it over-fetches ``k * max_copies`` results (enough when
-    no id was added more than ``max_copies`` times; otherwise short rows are fetched
-    again with a doubled count), keeps each id's first (best) occurrence and returns
-    exactly k unique ids, padded with -1 (distance +/-3.4e38, as FAISS) only when the
-    probed lists hold fewer. With Flat encoding all copies of a vector have the same
-    exact distance; with PQ/SQ each copy is encoded against its own mean and the best
-    of the copies' estimates is returned.
+    Calibration. ``train`` holds ``calibration_rows`` training rows out of the fit as
+    stand-in queries. Every ``add`` updates their exact 10 nearest ids among the added
+    vectors (brute force over each added block; exact copies of a query, distance 0, are
+    not counted, since a stand-in may itself be added). The depth table (recall@10 and
+    codes scanned per depth and difficulty bin) is fitted on them against the index's
+    real lists at the first ``recall`` search after the index changed by more than 10%
+    of its size since the last fit: a table fitted on the training rows' own lists at
+    train time would misjudge both the list sizes and the neighbour distances of the
+    added data, while the refit costs one coarse walk of the stand-ins and one pass over
+    the lists' ids. ``calibrate(queries)`` replaces the stand-ins by real queries.
 
-    Counters (``last_stats``) use FAISS's global ``indexIVF_stats``: concurrent searches
-    from several Python threads mix their counts.
+    Search deduplicates by id: copies of a vector have the same distance with Flat
+    encoding (the best copy's estimate with PQ/SQ). Counters use FAISS's global statistics:
+    concurrent searches from several Python threads mix their counts.
     """
 
-    def __init__(self, d, nlist, encoding="Flat", metric="l2", *, probe="centroid", nprobe=1, tau=None,
-                 copies=None, max_copies=4, temperature=1.0, gmm=None, **gmm_params):
+    def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="gmm", covariance_type="spherical",
+                 coarse="hnsw32", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
+                 max_iter=5, calibration_rows=None, random_state=1234, gmm=None, **gmm_params):
         self._d = check_positive_int(d, "d")
         self._nlist = check_positive_int(nlist, "nlist")
         self.encoding = str(encoding)
         self.metric = parse_metric(metric)
-        self.index = new_ivf(self._d, self._nlist, self.encoding, self.metric)
-        self.probe = probe
-        self.nprobe = nprobe
-        self.set_assignment(tau=tau, copies=copies, max_copies=max_copies, temperature=temperature)
-        if gmm is None:
-            gmm = GaussianMixture(self._nlist, **{**_GMM_DEFAULTS, **gmm_params})
-        elif gmm_params:
-            raise ValueError(f"give GaussianMixture arguments either through gmm= or as keywords, not both "
-                             f"(got gmm and {sorted(gmm_params)})")
-        if not isinstance(gmm, GaussianMixture):
-            raise TypeError(f"gmm must be a flashgmm_ivf.GaussianMixture, got {type(gmm).__name__}")
-        if gmm.n_components != self._nlist:
-            raise ValueError(f"gmm has n_components={gmm.n_components}, but nlist={self._nlist}")
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+        if covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
+        match = _COARSE.match(str(coarse))
+        if not match or (match.group(2) is not None and int(match.group(2)) < 2):
+            raise ValueError(f"coarse must be 'flat' or 'hnsw<M>' with M >= 2 (e.g. 'hnsw32'), got {coarse!r}")
+        if spill not in SPILLS:
+            raise ValueError(f"spill must be one of {SPILLS}, got {spill!r}")
+        if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= 2:
+            raise ValueError(f"copies must be a number in [1, 2] (mean lists per vector), got {copies!r}")
+        if probe is None:  # the table's difficulty feature and radius bounds need L2 geometry
+            probe = "fixed" if self.metric == "ip" else "adaptive"
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+        if self.metric == "ip" and probe != "fixed":
+            raise ValueError(f"probe={probe!r} needs L2 geometry; metric 'ip' supports probe='fixed' "
+                             "(for normalised data use metric='cosine')")
+        self.partition, self.covariance_type, self.coarse = partition, covariance_type, str(coarse)
+        self.spill, self.copies, self.probe = spill, float(copies), probe
+        self.kmeans_iter = check_positive_int(kmeans_iter if kmeans_iter is not None else
+                                              (25 if partition == "kmeans" else 10), "kmeans_iter")
+        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.calibration_rows = None if calibration_rows is None else check_positive_int(calibration_rows,
+                                                                                        "calibration_rows")
+        self.random_state = int(random_state)
+        if gmm is not None:
+            if gmm_params:
+                raise ValueError(f"give GaussianMixture arguments either through gmm= or as keywords, not both "
+                                 f"(got gmm and {sorted(gmm_params)})")
+            if not isinstance(gmm, GaussianMixture):
+                raise TypeError(f"gmm must be a flashgmm_ivf.GaussianMixture, got {type(gmm).__name__}")
+            if gmm.n_components != self._nlist:
+                raise ValueError(f"gmm has n_components={gmm.n_components}, but nlist={self._nlist}")
         self.gmm = gmm
+        self.gmm_params = dict(gmm_params)
+        # 'cosine' is L2 on unit rows inside FAISS (see the class docstring).
+        self.index = new_ivf(self._d, self._nlist, self.encoding, "ip" if self.metric == "ip" else "l2")
+        self.nprobe = nprobe
+        self.recall = recall
+        self.calibration = None
+        self.probe_table = None
+        self._table_ntotal = 0
         self._ntotal = 0
         self._next_id = 0
-        self.last_stats = None
-        self.last_assignment = None
-        # Most copies any id may have in the FAISS index: sizes the search over-fetch.
         self._max_dup = 1
+        self.last_stats = None
 
     # ------------------------------------------------------------------ FAISS-like properties
     @property
@@ -200,12 +218,12 @@ class GMMIndexIVF:
 
     @property
     def is_trained(self) -> bool:
-        return bool(self.index.is_trained) and hasattr(self.gmm, "means_")
+        return bool(self.index.is_trained) and self.gmm is not None and hasattr(self.gmm, "means_")
 
     @property
     def metric_type(self) -> int:
-        """faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT."""
-        return self.index.metric_type
+        """faiss.METRIC_L2 ('l2'), faiss.METRIC_INNER_PRODUCT ('ip', 'cosine': results are similarities)."""
+        return faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
     @property
     def nprobe(self) -> int:
@@ -217,65 +235,98 @@ class GMMIndexIVF:
         self.index.nprobe = self._nprobe  # the inner index, used alone, probes the same
 
     @property
-    def probe(self) -> str:
-        return self._probe
+    def recall(self):
+        return self._recall
 
-    @probe.setter
-    def probe(self, value):
-        self._probe = _check_probe(value)
+    @recall.setter
+    def recall(self, value):
+        self._recall = None if value is None else _check_recall(value)
+
+    @property
+    def quantizer_index(self):
+        """The coarse step: ``faiss.IndexFlat`` or ``faiss.IndexHNSWFlat`` over the means."""
+        return faiss.downcast_index(self.index.quantizer)
+
+    @property
+    def hnsw_ef_search(self):
+        """efSearch of the HNSW coarse step (None for a flat one); a walk for depth p uses max(efSearch, p)."""
+        quantizer = self.quantizer_index
+        return int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else None
+
+    @hnsw_ef_search.setter
+    def hnsw_ef_search(self, value):
+        quantizer = self.quantizer_index
+        if not isinstance(quantizer, faiss.IndexHNSW):
+            raise ValueError(f"the coarse step is {self.coarse!r}: no efSearch to set")
+        quantizer.hnsw.efSearch = check_positive_int(value, "hnsw_ef_search")
 
     @property
     def copies_per_vector(self) -> float:
         """Entries in the FAISS index per vector added."""
         return self.index.ntotal / self._ntotal if self._ntotal else 0.0
 
-    def set_assignment(self, *, tau=None, copies=None, max_copies=4, temperature=1.0):
-        """Change the soft-assignment policy of later ``add`` calls (see the class parameters)."""
-        if tau is not None and copies is not None:
-            raise ValueError("give either tau (threshold policy) or copies (budget policy), not both")
-        max_copies = check_positive_int(max_copies, "max_copies")
-        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau <= 1):
-            raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
-        if copies is not None and (isinstance(copies, bool) or not isinstance(copies, numbers.Real)
-                                   or not 1 <= copies <= min(max_copies, self._nlist)):
-            raise ValueError(f"copies must be a number in [1, min(max_copies, nlist) = "
-                             f"{min(max_copies, self._nlist)}], got {copies!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.tau = None if tau is None else float(tau)
-        self.copies = None if copies is None else float(copies)
-        self.max_copies = max_copies
-        self.temperature = float(temperature)
+    def settings(self) -> dict:
+        """The constructor keywords that rebuild this index's recipe (what the factory string's options set)."""
+        return {"partition": self.partition, "covariance_type": self.covariance_type, "coarse": self.coarse,
+                "spill": self.spill, "copies": self.copies, "probe": self.probe, "nprobe": self.nprobe,
+                "recall": self.recall, "kmeans_iter": self.kmeans_iter, "max_iter": self.max_iter,
+                "calibration_rows": self.calibration_rows, "random_state": self.random_state}
 
     # ------------------------------------------------------------------ verbs
     def train(self, x):
-        """Fit the GMM on x (unless it is fitted already), install its means, train the encoder.
+        """Fit the partition, build the coarse step, hold out calibration rows, train the encoder.
 
         Parameters
         ----------
-        x : array-like of shape (n, d), n >= nlist
+        x : array-like of shape (n, d), n >= nlist + calibration rows
+
+        Notes
+        -----
+        The partition is fitted on at most 256 x nlist rows (as ``faiss.Kmeans`` samples),
+        drawn at random (``random_state``) from the rows not held out for calibration.
         """
         x = self._vectors(x, "x")
-        if not hasattr(self.gmm, "means_"):
-            if self.gmm.reg_covar == "auto":
-                # Variance floor relative to the data's scale (see _GMM_DEFAULTS).
-                # (on a strided sample of <= 65536 rows: a float64 copy of x may not fit)
-                sample = x[:: max(1, x.shape[0] // 65536)].astype(np.float64)
-                scale = float(sample.var(0).mean()) if sample.shape[0] > 1 else 0.0
-                self.gmm.reg_covar = REG_COVAR_AUTO * scale if scale > 0 else 1e-6
-            self.gmm.fit(x)
-        if self.gmm.means_.shape != (self._nlist, self._d):
-            raise ValueError(f"gmm means have shape {self.gmm.means_.shape}, expected ({self._nlist}, {self._d})")
-        self.index.reset()
-        set_centroids(self.index, self.gmm.means_)
-        # The quantizer is full, so IndexIVF.train skips k-means and trains only the
-        # encoder (PQ / SQ on residuals; nothing for Flat).
-        self.index.train(x)
+        n = x.shape[0]
+        n_cal = self.calibration_rows if self.calibration_rows is not None else \
+            min(max(self._nlist, _CALIBRATION_ROWS), n // 4)
+        if n - n_cal < self._nlist:
+            raise ValueError(f"training needs at least nlist={self._nlist} rows besides the {n_cal} calibration "
+                             f"rows held out, got {n} rows")
+        rng = np.random.default_rng(self.random_state)
+        order = rng.permutation(n)
+        cal_rows, fit_rows = np.sort(order[:n_cal]), order[n_cal:]
+        fit_rows = np.sort(fit_rows[:POINTS_PER_LIST * self._nlist])
+        stages = ["partition", "coarse step", "encoder"]
+        with tqdm(total=len(stages), desc="train GMMIndexIVF", unit="step") as bar:
+            bar.set_postfix_str(stages[0])
+            if self.gmm is None or not hasattr(self.gmm, "means_"):
+                self.gmm = fit_partition(x[fit_rows], self._nlist, partition=self.partition,
+                                         covariance_type=self.covariance_type, kmeans_iter=self.kmeans_iter,
+                                         em_iter=self.max_iter, seed=self.random_state, **self.gmm_params)
+            if self.gmm.means_.shape != (self._nlist, self._d):
+                raise ValueError(f"gmm means have shape {self.gmm.means_.shape}, expected ({self._nlist}, "
+                                 f"{self._d})")
+            bar.update()
+            bar.set_postfix_str(stages[1])
+            self.index = new_ivf(self._d, self._nlist, self.encoding, "ip" if self.metric == "ip" else "l2")
+            set_centroids(self.index, self.gmm.means_)
+            bar.update()
+            bar.set_postfix_str(stages[2])
+            # The quantizer is full, so IndexIVF.train skips k-means and trains only the
+            # encoder (PQ / SQ on residuals; nothing for Flat).
+            self.index.train(x[fit_rows])
+            match = _COARSE.match(self.coarse)
+            if match.group(2) is not None:
+                graph = faiss.IndexHNSWFlat(self._d, int(match.group(2)), self.index.metric_type)
+                faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, graph)
+            self.index.nprobe = self._nprobe
+            bar.update()
+        self.calibration = Calibration.empty(x[cal_rows], self.index.metric_type, "training rows")
+        self.probe_table, self._table_ntotal = None, 0
         self._ntotal, self._next_id, self._max_dup = 0, 0, 1
 
     def add(self, x):
-        """Add vectors with ids ntotal, ntotal + 1, ... (as FAISS), each to its soft-assigned lists.
+        """Add vectors with ids ntotal, ntotal + 1, ... (as FAISS), each to its primary list and maybe a copy.
 
         Parameters
         ----------
@@ -285,7 +336,7 @@ class GMMIndexIVF:
         self._add(x, np.arange(self._next_id, self._next_id + x.shape[0], dtype=np.int64))
 
     def add_with_ids(self, x, ids):
-        """Add vectors with user ids (int64 >= 0), each to its soft-assigned lists.
+        """Add vectors with user ids (int64 >= 0).
 
         Parameters
         ----------
@@ -299,42 +350,80 @@ class GMMIndexIVF:
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
         if ids.shape != (x.shape[0],):
             raise ValueError(f"ids must have shape ({x.shape[0]},) to match x, got {ids.shape}")
+        if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max - 1:
+            raise ValueError(f"ids must be < 2**63 - 1, got {int(ids.max())}")
         ids = ids.astype(np.int64)
-        if (ids < 0).any():
-            bad = np.flatnonzero(ids < 0)
-            raise ValueError(f"ids must be >= 0 (-1 marks missing results): {bad.size} negative, first at "
-                             f"position {int(bad[0])}")
+        if (ids < 0).any() or (ids == np.iinfo(np.int64).max).any():
+            bad = np.flatnonzero((ids < 0) | (ids == np.iinfo(np.int64).max))
+            raise ValueError(f"ids must be in [0, 2**63 - 1) (-1 marks missing results): {bad.size} out of range, "
+                             f"first at position {int(bad[0])}")
         self._add(x, ids)
 
     def _add(self, x, ids):
         self._check_trained("add")
-        if x.shape[0] == 0:
-            return
-        assignment = self.assign(x, normalised=True)
-        add_assigned(self.index, x, assignment.lists, ids)
-        self.last_assignment = assignment
-        self._max_dup = max(self._max_dup, assignment.lists.shape[1])
-        self._ntotal += x.shape[0]
-        self._next_id = max(self._next_id, int(ids.max()) + 1)
+        blocks = range(0, x.shape[0], _ADD_BLOCK)
+        for start in tqdm(blocks, desc="add", unit="block", disable=len(blocks) < 4):
+            xb, ib = x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK]
+            lists = self.assign(xb, normalised=True)
+            add_assigned(self.index, xb, lists, ib)
+            self.calibration.update(xb, ib)
+            self._max_dup = max(self._max_dup, int((lists >= 0).sum(1).max()))
+        if x.shape[0]:
+            self._ntotal += x.shape[0]
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
 
-    def assign(self, x, *, normalised=False) -> SoftAssignment:
+    def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
-
-        Parameters
-        ----------
-        x : array-like of shape (n, d)
 
         Returns
         -------
-        SoftAssignment; ``.lists`` of shape (n, min(max_copies, nlist)), -1 = no copy.
+        ndarray of shape (n, 1) or (n, 2), int64: primary list, then the spilled copy or -1.
         """
         self._check_trained("assign")
         if not normalised:
             x = self._vectors(x, "x")
-        top = top_components(self.gmm, x, self.max_copies, temperature=self.temperature)
-        return assign_budget(top, self.copies) if self.copies is not None else assign_tau(top, self.tau)
+        return assign_lists(self.gmm, x, partition=self.partition, spill_rule=self.spill, copies=self.copies)
 
-    def search(self, x, k, *, nprobe=None, probe=None):
+    def calibrate(self, queries, neighbors=None):
+        """Refit the depth table on real queries instead of the held-out training rows.
+
+        Parameters
+        ----------
+        queries : array-like of shape (nq, d), nq >= nlist
+        neighbors : array-like of shape (nq, >= 10), int, optional
+            Ids of each query's exact nearest neighbours in the index, nearest first. Default:
+            computed by the index, scanning all its lists (Flat encoding only: PQ/SQ codes
+            are not exact), and kept exact by later ``add`` calls; exact copies of a query
+            (distance 0) are not counted as neighbours. Given neighbours are kept as they
+            are: call ``calibrate`` again after adding more vectors.
+        """
+        self._check_trained("calibrate")
+        queries = self._vectors(queries, "queries")
+        if queries.shape[0] < self._nlist:
+            raise ValueError(f"calibration needs at least nlist={self._nlist} queries, got {queries.shape[0]}: "
+                             "with fewer, most lists hold no query's neighbour and the depths are guesses")
+        calibration = Calibration.empty(queries, self.index.metric_type, "queries")
+        if neighbors is None:
+            if self.encoding != "Flat":
+                raise ValueError(f"encoding {self.encoding!r} stores approximate codes: give the queries' exact "
+                                 "neighbours as neighbors=")
+            if self._ntotal == 0:
+                raise ValueError("the index is empty: add vectors before calibrate")
+            self._exact_neighbors(calibration)
+        else:
+            neighbors = np.asarray(neighbors)
+            if neighbors.ndim != 2 or neighbors.shape[0] != queries.shape[0] or neighbors.shape[1] < 10 \
+                    or neighbors.dtype.kind not in "iu":
+                raise ValueError(f"neighbors must be integers of shape ({queries.shape[0]}, >= 10), got "
+                                 f"{neighbors.dtype}{neighbors.shape}")
+            calibration.ids = np.ascontiguousarray(neighbors[:, :10], dtype=np.int64)
+            # Distances unknown: the best possible, so later adds never displace given neighbours.
+            best = -np.inf if self.index.metric_type == faiss.METRIC_L2 else np.inf
+            calibration.distances = np.full(calibration.ids.shape, best, np.float32)
+        self.calibration = calibration
+        self._fit_table()
+
+    def search(self, x, k, *, nprobe=None, recall=None, params=None):
         """k nearest neighbours with distinct ids.
 
         Parameters
@@ -342,44 +431,101 @@ class GMMIndexIVF:
         x : array-like of shape (nq, d)
         k : int >= 1
         nprobe : int in [1, nlist], optional
-            Overrides ``self.nprobe`` for this call.
-        probe : {'centroid', 'posterior'}, optional
-            Overrides ``self.probe`` for this call.
+            Lists probed per query (FAISS meaning; with probe 'radius' the cap within which
+            lists are pruned).
+        recall : float in (0, 1], optional
+            Target recall@10: each query's depth from the calibrated table (see the class).
+        params : faiss.SearchParametersIVF, optional
+            FAISS's per-call parameters: its ``nprobe``, and the efSearch of a
+            ``faiss.SearchParametersHNSW`` in its ``quantizer_params``.
+
+        Without nprobe, recall and params: ``self.recall`` if set, else ``self.nprobe``.
 
         Returns
         -------
         D : ndarray of shape (nq, k), float32
-            Squared L2 distances (ascending) or inner products (descending).
+            Squared L2 distances (ascending), or inner products / cosine similarities (descending).
         I : ndarray of shape (nq, k), int64
-            Distinct ids per row; -1 (with distance +/-3.4e38) only when the probed
-            lists hold fewer than k distinct ids.
+            Distinct ids per row; -1 (with distance +/-3.4e38) only when the probed lists
+            hold fewer than k distinct ids.
         """
         self._check_trained("search")
         if self._ntotal == 0:
             raise ValueError("the index is empty: add vectors before search")
+        if params is not None:
+            if not isinstance(params, faiss.SearchParametersIVF):
+                raise TypeError(f"params must be a faiss.SearchParametersIVF, got {type(params).__name__}")
+            if nprobe is not None:
+                raise ValueError("give nprobe either as nprobe= or in params, not both")
+            nprobe = int(params.nprobe)
+        if nprobe is not None and recall is not None:
+            raise ValueError(f"give either nprobe (lists per query) or recall (a target), not both "
+                             f"(got nprobe={nprobe!r}, recall={recall!r})")
         x = self._vectors(x, "x")
         k = check_positive_int(k, "k")
-        nprobe = self._nprobe if nprobe is None else _check_nprobe(nprobe, self._nlist)
-        probe = self._probe if probe is None else _check_probe(probe)
-        nq = x.shape[0]
-        if nq == 0:
-            self.last_stats = SearchStats(0, nprobe, probe, 0, 0)
-            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-        lists = coarse = None
-        ncoarse = nq * self._nlist
-        if probe == "posterior":
-            lists = posterior_lists(self.gmm, x, nprobe)
-            coarse = coarse_distances(self.index, x, lists)
-            ncoarse += nq * nprobe
-        D, I, ndis, n_refetch = search_dedup(self.index, x, k, nprobe, self._max_dup, lists, coarse)
-        self.last_stats = SearchStats(nq, nprobe, probe, ndis, ncoarse, n_refetch)
+        if nprobe is not None:
+            nprobe = _check_nprobe(nprobe, self._nlist)
+        elif recall is not None:
+            recall = _check_recall(recall)
+        elif self._recall is not None:
+            recall = self._recall
+        else:
+            nprobe = self._nprobe
+        ef = _quantizer_ef(params)
+        saved_ef = self.hnsw_ef_search
+        if ef is not None and saved_ef is not None:
+            self.hnsw_ef_search = ef
+        try:
+            D, I, stats = self._search(x, k, nprobe, recall)
+        finally:
+            if ef is not None and saved_ef is not None:
+                self.hnsw_ef_search = saved_ef
+        self.last_stats = stats
+        if self.metric == "cosine":  # squared L2 of unit rows -> cosine similarity, as FAISS pads IP results
+            D = np.where(I >= 0, 1.0 - D / 2.0, -np.finfo(np.float32).max).astype(np.float32)
         return D, I
 
+    def _search(self, x, k, nprobe, recall):
+        if x.shape[0] == 0:
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64), SearchStats(0, 0, 0)
+        if recall is None:
+            if self.probe == "radius":
+                return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10))
+            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup)
+        table = self._current_table()
+        if self.probe == "radius":
+            dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
+            return search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations))
+        return search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup)
+
+    def _current_table(self):
+        """The depth table, refitted when the index changed by more than 10% since the last fit."""
+        if self.probe_table is None or abs(self._ntotal - self._table_ntotal) > _REFIT_CHANGE * self._table_ntotal:
+            self._fit_table()
+        return self.probe_table
+
+    def _fit_table(self):
+        if self.calibration is None:
+            raise ValueError("the index has no calibration queries: train it, or call calibrate(queries)")
+        self.probe_table = fit_table(self.index, self.calibration, _BINS[self.probe])
+        self._table_ntotal = self._ntotal
+
+    def _exact_neighbors(self, calibration):
+        """Exact neighbours of the calibration queries by scanning every list (Flat codes are the vectors)."""
+        nq = calibration.queries.shape[0]
+        lists = np.broadcast_to(np.arange(self._nlist, dtype=np.int64), (nq, self._nlist))
+        kk = min(int(self.index.ntotal), (10 + 8) * self._max_dup)
+        D, I = preassigned_raw(self.index, calibration.queries, kk, lists, np.zeros(lists.shape, np.float32))
+        calibration.merge_results(D, I)
+
     def reset(self):
-        """Remove all vectors; training (GMM, centroids, encoder) is kept."""
+        """Remove all vectors; training (partition, coarse step, encoder, calibration queries) is kept."""
         self.index.reset()
         self._ntotal, self._next_id, self._max_dup = 0, 0, 1
-        self.last_assignment = None
+        if self.calibration is not None:
+            self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
+                                                 self.calibration.source)
+        self.probe_table, self._table_ntotal = None, 0
 
     def memory_usage(self) -> dict:
         """Bytes held, by part.
@@ -387,27 +533,29 @@ class GMMIndexIVF:
         Returns
         -------
         dict with n_vectors, n_entries (copies included), copies_per_vector, code_bytes
-        (entries x code_size), id_bytes (entries x 8), centroid_bytes (the quantizer),
-        gmm_bytes (weights and covariances, float64; used by posterior probing and
-        assignment), total_bytes.
+        (entries x code_size), id_bytes (entries x 8), quantizer_bytes (the coarse step,
+        serialized: means and graph), calibration_bytes (queries, neighbours, table),
+        total_bytes.
         """
         entries = int(self.index.ntotal)
         code = entries * int(self.index.code_size)
         ids = entries * 8
-        centroids = self._nlist * self._d * 4
-        gmm = 0
-        if hasattr(self.gmm, "means_"):
-            gmm = self.gmm.weights_.nbytes + self.gmm.covariances_.nbytes
+        quantizer = int(faiss.serialize_index(self.quantizer_index).nbytes)
+        calibration = 0
+        if self.calibration is not None:
+            calibration = sum(a.nbytes for a in (self.calibration.queries, self.calibration.ids,
+                                                 self.calibration.distances))
+        if self.probe_table is not None:
+            calibration += self.probe_table.nbytes
         return {"n_vectors": self._ntotal, "n_entries": entries, "copies_per_vector": self.copies_per_vector,
-                "code_bytes": code, "id_bytes": ids, "centroid_bytes": centroids, "gmm_bytes": gmm,
-                "total_bytes": code + ids + centroids + gmm}
+                "code_bytes": code, "id_bytes": ids, "quantizer_bytes": quantizer,
+                "calibration_bytes": calibration, "total_bytes": code + ids + quantizer + calibration}
 
     def __repr__(self):
-        policy = f"copies={self.copies}" if self.copies is not None else \
-            f"tau={'1/K' if self.tau is None else self.tau}"
         return (f"GMMIndexIVF(d={self._d}, nlist={self._nlist}, encoding={self.encoding!r}, metric={self.metric!r}, "
-                f"covariance_type={self.gmm.covariance_type!r}, {policy}, max_copies={self.max_copies}, "
-                f"probe={self._probe!r}, nprobe={self._nprobe}, ntotal={self._ntotal})")
+                f"partition={self.partition!r}, covariance_type={self.covariance_type!r}, coarse={self.coarse!r}, "
+                f"spill={self.spill!r}, copies={self.copies}, probe={self.probe!r}, nprobe={self._nprobe}, "
+                f"recall={self._recall}, ntotal={self._ntotal})")
 
     # ------------------------------------------------------------------ helpers
     def _check_trained(self, what):
@@ -415,7 +563,7 @@ class GMMIndexIVF:
             raise ValueError(f"the index is not trained: call train before {what}")
 
     def _vectors(self, x, name):
-        """x as C-contiguous float32 (n, d), finite, normalised for 'cosine'."""
+        """x as C-contiguous float32 (n, d), finite, not overflowing float32 distances, normalised for 'cosine'."""
         if hasattr(x, "detach"):  # torch tensors
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
@@ -430,142 +578,36 @@ class GMMIndexIVF:
         if not finite.all():
             bad = np.flatnonzero(~finite)
             raise ValueError(f"{name} contains {bad.size} row(s) with NaN or infinity; the first is row {int(bad[0])}")
+        norms = np.sqrt(np.einsum("nd,nd->n", x.astype(np.float64), x.astype(np.float64)))
         if METRICS[self.metric][1]:
-            norms = np.linalg.norm(x, axis=1)
             if (norms == 0).any():
                 bad = np.flatnonzero(norms == 0)
                 raise ValueError(f"{name} has {bad.size} zero row(s) (no direction for metric 'cosine'); "
                                  f"the first is row {int(bad[0])}")
             x = x.copy()
             faiss.normalize_L2(x)
+        elif (norms > _MAX_NORM).any():
+            bad = np.flatnonzero(norms > _MAX_NORM)
+            raise ValueError(f"{name} has {bad.size} row(s) with norm above {_MAX_NORM:.3g} (first: row "
+                             f"{int(bad[0])}, norm {norms[bad[0]]:.3g}): their squared distances overflow "
+                             "float32; rescale the data")
         return x
-
-
-def dedup_results(D, I, k, metric_type=faiss.METRIC_L2):
-    """Keep the first (best) occurrence of every id, then the first k per row.
-
-    Parameters
-    ----------
-    D : ndarray of shape (n, kk), float32, each row best first (FAISS order)
-    I : ndarray of shape (n, kk), int64, -1 = no result
-    k : int
-    metric_type : faiss metric, chooses the padding distance (+max for L2, -max for IP)
-
-    Returns
-    -------
-    D : ndarray of shape (n, k)
-    I : ndarray of shape (n, k), distinct ids per row, -1 padded
-    count : ndarray of shape (n,), distinct ids found per row (<= k)
-    """
-    n, kk = I.shape
-    order = np.argsort(I, axis=1, kind="stable")  # equal ids together, best (earliest) first
-    sorted_ids = np.take_along_axis(I, order, 1)
-    first = np.ones((n, kk), dtype=bool)
-    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    keep = np.empty_like(first)
-    np.put_along_axis(keep, order, first, 1)
-    keep &= I >= 0
-    if kk < k:  # fewer slots than asked for: pad the slots themselves
-        pad_cols = k - kk
-        D = np.hstack([D, np.zeros((n, pad_cols), D.dtype)])
-        I = np.hstack([I, np.full((n, pad_cols), -1, I.dtype)])
-        keep = np.hstack([keep, np.zeros((n, pad_cols), bool)])
-    pos = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept slots first, in distance order
-    count = np.minimum(keep.sum(1), k)
-    Dk = np.take_along_axis(D, pos, 1)
-    Ik = np.take_along_axis(I, pos, 1)
-    missing = np.arange(k)[None, :] >= count[:, None]
-    Ik[missing] = -1
-    Dk[missing] = _PAD if metric_type == faiss.METRIC_L2 else -_PAD
-    return Dk, Ik, count
-
-
-def search_dedup(index_ivf, x, k, nprobe, max_dup=1, list_nos=None, coarse_dis=None):
-    """k nearest distinct ids from a FAISS IVF index whose vectors may sit in several lists.
-
-    Over-fetches ``k * max_dup`` results, keeps each id's first (best) occurrence, and
-    fetches rows again with twice the slots while duplicates crowded out unique ids.
-
-    Parameters
-    ----------
-    index_ivf : faiss.IndexIVF
-    x : ndarray of shape (nq, d), float32, C-contiguous
-    k : int
-    nprobe : int
-    max_dup : int
-        Most lists any id was added to (sizes the over-fetch; a larger true count only
-        costs re-fetches).
-    list_nos : ndarray of shape (nq, nprobe), int64, optional
-        Lists to probe (``search_preassigned``); None: the index's quantizer picks them.
-    coarse_dis : ndarray of shape (nq, nprobe), float32, optional
-        True distances to the means of ``list_nos`` (required with it).
-
-    Returns
-    -------
-    D : ndarray of shape (nq, k), float32
-    I : ndarray of shape (nq, k), int64, distinct ids per row, -1 padded
-    ndis : int
-        Codes scanned (``faiss.cvar.indexIVF_stats.ndis``), duplicates and re-fetches included;
-        the coarse step is not counted.
-    n_refetch : int
-        Query rows fetched again.
-    """
-    params = faiss.SearchParametersIVF(nprobe=nprobe)
-    if list_nos is None:
-        def fetch(rows, kk):
-            return index_ivf.search(x[rows], kk, params=params)
-    else:
-        def fetch(rows, kk):
-            return _search_preassigned(index_ivf, x[rows], kk, list_nos[rows], coarse_dis[rows], params)
-    faiss.cvar.indexIVF_stats.reset()
-    entries = int(index_ivf.ntotal)
-    kk = min(k * max_dup, max(k, entries))
-    rows = np.arange(x.shape[0])
-    raw_d, raw_i = fetch(rows, kk)
-    D, I, count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
-    # Short rows whose kk slots were all filled (no -1): duplicates crowded out unique
-    # ids and the lists hold more, so fetch those rows again with twice the slots.
-    short = rows[(count < k) & (raw_i[:, -1] >= 0)]
-    n_refetch = 0
-    while short.size and kk < entries:
-        kk = min(2 * kk, entries)
-        raw_d, raw_i = fetch(short, kk)
-        d_s, i_s, c_s = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
-        D[short], I[short], count[short] = d_s, i_s, c_s
-        n_refetch += short.size
-        short = short[(c_s < k) & (raw_i[:, -1] >= 0)]
-    return D, I, int(faiss.cvar.indexIVF_stats.ndis), n_refetch
-
-
-def _search_preassigned(index_ivf, x, k, list_nos, coarse_dis, params):
-    """``IndexIVF.search_preassigned`` with per-call nprobe (the contrib wrapper asserts index.nprobe)."""
-    n = x.shape[0]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
-    coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
-    D = np.empty((n, k), dtype=np.float32)
-    I = np.empty((n, k), dtype=np.int64)
-    index_ivf.search_preassigned_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(list_nos), faiss.swig_ptr(coarse_dis),
-                                   faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
-    return D, I
 
 
 # ---------------------------------------------------------------------- factory
 _FACTORY = re.compile(r"^\s*IVF(\d+)_GMM(?:\(([^()]*)\))?\s*,\s*(\S.*?)\s*$")
-_COVARIANCE = ("diag", "spherical", "full")
+_ESTEPS = ("dense", "truncated")
 # Option names in the string -> keyword of GMMIndexIVF / GaussianMixture, and a parser.
 _OPTIONS = {
-    "tau": ("tau", float), "copies": ("copies", float), "budget": ("copies", float),
-    "max_copies": ("max_copies", int), "T": ("temperature", float), "temperature": ("temperature", float),
-    "probe": ("probe", str), "nprobe": ("nprobe", int),
-    "iter": ("max_iter", int), "niter": ("max_iter", int), "max_iter": ("max_iter", int),
-    "tol": ("tol", float), "reg_covar": ("reg_covar", lambda v: v if v == "auto" else float(v)),
+    "partition": ("partition", str), "coarse": ("coarse", str), "spill": ("spill", str),
+    "copies": ("copies", float), "probe": ("probe", str), "nprobe": ("nprobe", int), "recall": ("recall", float),
+    "kmeans_iter": ("kmeans_iter", int), "iter": ("max_iter", int), "max_iter": ("max_iter", int),
+    "calibration_rows": ("calibration_rows", int),
+    "reg_covar": ("reg_covar", lambda v: v if v == "auto" else float(v)),
     "seed": ("random_state", int), "random_state": ("random_state", int),
-    "init": ("init_params", str), "device": ("device", str), "compute_dtype": ("compute_dtype", str),
-    "n_init": ("n_init", int), "chunk_size": ("chunk_size", int),
+    "device": ("device", str), "compute_dtype": ("compute_dtype", str), "chunk_size": ("chunk_size", int),
     "estep": ("estep", str), "n_candidates": ("n_candidates", int), "n_neighbors": ("n_neighbors", int),
 }
-_ESTEPS = ("dense", "truncated")
 
 
 def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexIVF:
@@ -575,17 +617,17 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     ----------
     d : int
     description : str
-        ``"IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM(diag),Flat"``,
-        ``"IVF256_GMM(spherical,copies=1.5,probe=posterior,iter=20),PQ16"``. Options:
-        a covariance type (diag | spherical | full), an E-step (dense | truncated), and key=value pairs: tau, copies
-        (alias budget), max_copies, T (temperature), probe, nprobe, iter (max_iter), tol,
-        reg_covar, seed (random_state), init, device, compute_dtype, n_init, chunk_size, estep,
-        n_candidates, n_neighbors.
-        The encoding is any FAISS IVF encoding among Flat, PQ<M>[x<nbits>], SQ<bits>, SQfp16.
+        ``"IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
+        recipe) or ``"IVF1024_GMM(diag,coarse=flat,spill=none,probe=fixed),PQ16"``. Options:
+        a covariance type (spherical | diag | full) or an E-step (dense | truncated) as a
+        bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw<M> | flat),
+        spill (soar | rair | gmm | none), copies, probe (adaptive | radius | fixed), nprobe,
+        recall, kmeans_iter, iter (EM iterations), calibration_rows, reg_covar, seed,
+        device, compute_dtype, chunk_size, estep, n_candidates, n_neighbors.
+        The encoding is a FAISS IVF encoding: Flat, PQ<M>[x<nbits>], SQ<bits>, SQfp16.
     metric : faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT, or 'l2' / 'ip' / 'cosine'
     **kwargs
-        GMMIndexIVF / GaussianMixture keywords; one given both here and in the string
-        must agree.
+        GMMIndexIVF / GaussianMixture keywords; one given both here and in the string must agree.
 
     Returns
     -------
@@ -596,15 +638,15 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     match = _FACTORY.match(description)
     if not match:
         raise ValueError(f"cannot parse {description!r}: expected 'IVF<nlist>_GMM[(options)],<encoding>', e.g. "
-                         "'IVF1024_GMM(diag),Flat' (for k-means IVF use faiss.index_factory)")
+                         "'IVF1024_GMM,Flat' (for k-means IVF use faiss.index_factory)")
     nlist, options, encoding = int(match.group(1)), match.group(2), match.group(3)
     parsed = {}
     for item in filter(None, (s.strip() for s in (options or "").split(","))):
         if "=" not in item:
-            if item not in _COVARIANCE + _ESTEPS:
+            if item not in COVARIANCE_TYPES + _ESTEPS:
                 raise ValueError(f"{description!r}: unknown option {item!r}; a bare option is a covariance type "
-                                 f"{_COVARIANCE} or an E-step {_ESTEPS}, others are key=value")
-            key, value = ("covariance_type", item) if item in _COVARIANCE else ("estep", item)
+                                 f"{COVARIANCE_TYPES} or an E-step {_ESTEPS}, others are key=value")
+            key, value = ("covariance_type", item) if item in COVARIANCE_TYPES else ("estep", item)
         else:
             name, raw = (s.strip() for s in item.split("=", 1))
             if name not in _OPTIONS:
@@ -632,7 +674,15 @@ def _check_nprobe(value, nlist):
     return value
 
 
-def _check_probe(value):
-    if not isinstance(value, str) or value.lower() not in _PROBE_ALIASES:
-        raise ValueError(f"probe must be one of {sorted(_PROBE_ALIASES)}, got {value!r}")
-    return _PROBE_ALIASES[value.lower()]
+def _check_recall(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"recall must be a number in (0, 1] (target recall@10), got {value!r}")
+    return float(value)
+
+
+def _quantizer_ef(params):
+    """efSearch of a SearchParametersHNSW inside SearchParametersIVF.quantizer_params, or None."""
+    if params is None or params.quantizer_params is None:
+        return None
+    inner = params.quantizer_params
+    return int(inner.efSearch) if isinstance(inner, faiss.SearchParametersHNSW) else None

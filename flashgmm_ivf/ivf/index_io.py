@@ -1,19 +1,23 @@
-"""GMMIndexIVF files: FAISS index bytes + GMM file bytes + a versioned JSON header, in one .npz.
+"""GMMIndexIVF files: a versioned JSON header and plain arrays in one .npz, one SHA-256 over all of it.
 
-Members (all plain arrays, read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
+Members (read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
 
-- ``header``: JSON string: format name and version, index settings (d, nlist,
-  encoding, metric, probe, nprobe, assignment policy), counters, and the SHA-256 of
-  the two payloads.
-- ``faiss_index``: uint8, ``faiss.serialize_index`` of the inner IndexIVF (what
-  ``faiss.write_index`` would write: plain FAISS can read it on its own).
-- ``gmm``: uint8, the GaussianMixture's own file (``GaussianMixture.save``: weights,
-  means, covariances, parameters; its own format version).
+- ``header``: JSON: format name and version, the index's settings (d, nlist, encoding,
+  metric, recipe options, nprobe, recall), counters (ntotal, next id, copies), where the
+  calibration came from.
+- ``faiss_index``: uint8, ``faiss.serialize_index`` of the inner IndexIVF with its
+  quantizer (the HNSW graph included): what ``faiss.write_index`` would write.
+- ``gmm``: uint8, the GaussianMixture's own file (``GaussianMixture.save``).
+- ``calibration_queries``, ``calibration_ids``, ``calibration_distances``: the calibration
+  queries and their exact neighbours.
+- ``table_edges``, ``table_recall``, ``table_cost``, ``table_counts``: the fitted depth
+  table (empty arrays when none is fitted).
+- ``sha256``: SHA-256 over the header's bytes and every other member's name, dtype,
+  shape and bytes, so editing any of them (``next_id`` in the header, say) fails the load.
 
-Loading checks the zip CRCs, the header, both checksums, and that the FAISS index
-and the GMM agree with the header and with each other (quantizer centroids equal
-the means in float32). Any failure is a ValueError naming the file, never a crash
-or a silently different index; search results after loading are bit-identical.
+Loading checks the zip, the checksum, the header, and that the FAISS index, the GMM and
+the calibration agree with the header and with each other. Any failure is a ValueError
+naming the file; search results after loading are bit-identical.
 """
 from __future__ import annotations
 
@@ -27,14 +31,18 @@ import faiss
 import numpy as np
 
 from ..mixture import GaussianMixture
+from .calibration import K_CAL, Calibration
 from .index import GMMIndexIVF
+from .probing import ProbeTable
 from .quantizer import SUPPORTED_IVF
 
 __all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "flashgmm_ivf.GMMIndexIVF"
-FORMAT_VERSION = 1
-_MEMBERS = ("header", "faiss_index", "gmm")
+FORMAT_VERSION = 2
+_TABLE = ("table_edges", "table_recall", "table_cost", "table_counts")
+_CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances")
+_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
 
 
 def write_index(index: GMMIndexIVF, path) -> None:
@@ -44,21 +52,28 @@ def write_index(index: GMMIndexIVF, path) -> None:
                         "(for a plain FAISS index use faiss.write_index)")
     if not index.is_trained:
         raise ValueError("the index is not trained: nothing to write")
-    faiss_bytes = faiss.serialize_index(index.index)
-    gmm_bytes = _gmm_bytes(index.gmm)
+    cal, table = index.calibration, index.probe_table
+    arrays = {
+        "faiss_index": faiss.serialize_index(index.index),
+        "gmm": _gmm_bytes(index.gmm),
+        "calibration_queries": cal.queries, "calibration_ids": cal.ids, "calibration_distances": cal.distances,
+        "table_edges": table.edges if table else np.empty(0), "table_recall": table.recall if table else np.empty((0, 0)),
+        "table_cost": table.cost if table else np.empty((0, 0)),
+        "table_counts": table.counts if table else np.empty(0, np.int64),
+    }
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "d": index.d, "nlist": index.nlist, "encoding": index.encoding, "metric": index.metric,
-        "probe": index.probe, "nprobe": index.nprobe,
-        "tau": index.tau, "copies": index.copies, "max_copies": index.max_copies, "temperature": index.temperature,
+        "settings": index.settings(), "gmm_params": _jsonable(index.gmm_params),
         "ntotal": index.ntotal, "next_id": index._next_id, "max_dup": index._max_dup,
+        "table_ntotal": index._table_ntotal, "has_table": table is not None, "calibration_source": cal.source,
         "n_entries": int(index.index.ntotal), "faiss_class": type(index.index).__name__,
-        "faiss_sha256": hashlib.sha256(faiss_bytes.tobytes()).hexdigest(),
-        "gmm_sha256": hashlib.sha256(gmm_bytes.tobytes()).hexdigest(),
         "faiss_version": faiss.__version__,
     }
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    digest = _digest(header_bytes, arrays)
     with open(path, "wb") as f:
-        np.savez(f, header=np.array(json.dumps(header)), faiss_index=faiss_bytes, gmm=gmm_bytes)
+        np.savez(f, header=np.frombuffer(header_bytes, np.uint8), sha256=np.array(digest), **arrays)
 
 
 def read_index(path) -> GMMIndexIVF:
@@ -66,28 +81,37 @@ def read_index(path) -> GMMIndexIVF:
 
     Raises
     ------
-    FileNotFoundError if ``path`` does not exist; ValueError naming the file if it is
-    truncated, corrupt, of another format or version, or inconsistent.
+    FileNotFoundError if ``path`` does not exist; ValueError naming the file if it is a
+    plain FAISS index, truncated, corrupt, of another format or version, or inconsistent.
     """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK":
+        if len(magic) == 4 and magic[:1] == b"I" and magic.isalnum():  # FAISS's fourcc, e.g. b'IwFl'
+            raise ValueError(f"{path}: this is a plain FAISS index; use faiss.read_index")
+        raise ValueError(f"{path}: not a {FORMAT} file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [m for m in _MEMBERS if m not in npz.files]
+            missing = [m for m in ("header", "sha256") + _ARRAYS if m not in npz.files]
             if missing:
                 raise ValueError(f"members {missing} are missing")
-            arrays = {m: npz[m] for m in _MEMBERS}
+            arrays = {m: npz[m] for m in _ARRAYS}
+            header_bytes, digest = npz["header"], npz["sha256"]
     except FileNotFoundError:
         raise
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error) as err:
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
-    header = _header(path, arrays["header"])
+    if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
+        raise ValueError(f"{path}: malformed header or checksum member")
+    if _digest(header_bytes.tobytes(), arrays) != str(digest):
+        raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
+    header = _header(path, header_bytes.tobytes())
     for member in ("faiss_index", "gmm"):
-        a = arrays[member]
-        if a.dtype != np.uint8 or a.ndim != 1:
-            raise ValueError(f"{path}: member {member!r} is {a.dtype}{a.shape}, expected a uint8 byte array")
-        if hashlib.sha256(a.tobytes()).hexdigest() != header[f"{member.split('_')[0]}_sha256"]:
-            raise ValueError(f"{path}: member {member!r} does not match its checksum (corrupt file)")
+        if arrays[member].dtype != np.uint8 or arrays[member].ndim != 1:
+            raise ValueError(f"{path}: member {member!r} is {arrays[member].dtype}{arrays[member].shape}, "
+                             "expected a uint8 byte array")
     try:
-        inner = faiss.deserialize_index(arrays["faiss_index"])  # downcast and owning already
+        inner = faiss.deserialize_index(arrays["faiss_index"])
     except RuntimeError as err:
         raise ValueError(f"{path}: FAISS cannot read the stored index: {str(err).strip()}") from err
     try:
@@ -96,22 +120,36 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: the stored GaussianMixture is unreadable: {err}") from err
     try:
         index = GMMIndexIVF(header["d"], header["nlist"], header["encoding"], header["metric"],
-                            probe=header["probe"], nprobe=header["nprobe"], tau=header["tau"],
-                            copies=header["copies"], max_copies=header["max_copies"],
-                            temperature=header["temperature"], gmm=gmm)
+                            **header["settings"], gmm=gmm)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: settings in the header are invalid: {err}") from err
+    index.gmm_params = header["gmm_params"]
     _check_inner(path, inner, index, header, gmm)
     index.index = inner
     index.index.nprobe = index.nprobe
     index._ntotal, index._next_id, index._max_dup = header["ntotal"], header["next_id"], header["max_dup"]
+    index.calibration = _calibration(path, arrays, index, header)
+    if header["has_table"]:
+        index.probe_table = _table(path, arrays)
+        index._table_ntotal = header["table_ntotal"]
     return index
 
 
-def _header(path, array):
+def _digest(header_bytes: bytes, arrays: dict) -> str:
+    h = hashlib.sha256()
+    h.update(len(header_bytes).to_bytes(8, "little"))
+    h.update(header_bytes)
+    for name in _ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _header(path, raw: bytes) -> dict:
     try:
-        header = json.loads(str(array))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        header = json.loads(raw.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: malformed header: {err}") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         got = header.get("format") if isinstance(header, dict) else type(header).__name__
@@ -119,14 +157,16 @@ def _header(path, array):
     if header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {header.get('format_version')!r} is not supported "
                          f"(this library reads version {FORMAT_VERSION})")
-    needed = ("d", "nlist", "encoding", "metric", "probe", "nprobe", "tau", "copies", "max_copies", "temperature",
-              "ntotal", "next_id", "max_dup", "n_entries", "faiss_class", "faiss_sha256", "gmm_sha256")
+    needed = ("d", "nlist", "encoding", "metric", "settings", "gmm_params", "ntotal", "next_id", "max_dup",
+              "table_ntotal", "has_table", "calibration_source", "n_entries", "faiss_class")
     missing = [key for key in needed if key not in header]
     if missing:
         raise ValueError(f"{path}: header lacks {missing}")
-    for key in ("ntotal", "next_id", "max_dup", "n_entries"):
+    for key in ("ntotal", "next_id", "max_dup", "n_entries", "table_ntotal"):
         if isinstance(header[key], bool) or not isinstance(header[key], int) or header[key] < 0:
             raise ValueError(f"{path}: header field {key} must be an integer >= 0, got {header[key]!r}")
+    if not isinstance(header["settings"], dict) or not isinstance(header["gmm_params"], dict):
+        raise ValueError(f"{path}: header fields settings and gmm_params must be objects")
     return header
 
 
@@ -136,18 +176,50 @@ def _check_inner(path, inner, index, header, gmm):
     if type(inner) is not type(index.index):
         raise ValueError(f"{path}: stored FAISS index is {type(inner).__name__}, but encoding "
                          f"{header['encoding']!r} gives {type(index.index).__name__}")
-    if (inner.d, inner.nlist, inner.metric_type) != (index.d, index.nlist, index.metric_type):
+    if (inner.d, inner.nlist, inner.metric_type) != (index.d, index.nlist, index.index.metric_type):
         raise ValueError(f"{path}: stored FAISS index has d={inner.d}, nlist={inner.nlist}, metric "
                          f"{inner.metric_type}; header says d={index.d}, nlist={index.nlist}, metric {index.metric!r}")
     if inner.ntotal != header["n_entries"] or not inner.is_trained:
         raise ValueError(f"{path}: stored FAISS index holds {inner.ntotal} entries (trained={inner.is_trained}), "
                          f"header says {header['n_entries']}")
     quantizer = faiss.downcast_index(inner.quantizer)
-    if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal != index.nlist:
-        raise ValueError(f"{path}: the stored quantizer is not a flat index of {index.nlist} means")
+    want = faiss.IndexFlat if index.coarse == "flat" else faiss.IndexHNSW
+    if not isinstance(quantizer, want) or quantizer.ntotal != index.nlist:
+        raise ValueError(f"{path}: the stored quantizer is {type(quantizer).__name__} with {quantizer.ntotal} "
+                         f"means; coarse={index.coarse!r} and nlist={index.nlist} need a {want.__name__}")
     if gmm.means_.shape != (index.nlist, index.d) or not np.array_equal(
             quantizer.reconstruct_n(0, index.nlist), gmm.means_.astype(np.float32)):
         raise ValueError(f"{path}: the quantizer's centroids differ from the stored GMM means")
+
+
+def _calibration(path, arrays, index, header) -> Calibration:
+    queries, ids, distances = (arrays[m] for m in _CALIBRATION)
+    nc = queries.shape[0] if queries.ndim == 2 else -1
+    if queries.dtype != np.float32 or queries.shape != (nc, index.d) or ids.dtype != np.int64 \
+            or ids.shape != (nc, K_CAL) or distances.dtype != np.float32 or distances.shape != (nc, K_CAL):
+        raise ValueError(f"{path}: calibration arrays have inconsistent shapes or dtypes")
+    if not np.isfinite(queries).all() or (ids < -1).any() or (ids >= max(header["next_id"], 1)).any():
+        raise ValueError(f"{path}: calibration arrays hold non-finite queries or ids outside the index")
+    return Calibration(queries, ids, distances, int(index.index.metric_type), str(header["calibration_source"]))
+
+
+def _table(path, arrays) -> ProbeTable:
+    edges, recall, cost, counts = (arrays[m] for m in _TABLE)
+    nb = counts.shape[0] if counts.ndim == 1 else -1
+    if edges.shape != (nb - 1,) or recall.ndim != 2 or recall.shape[0] != nb or cost.shape != recall.shape \
+            or counts.dtype.kind not in "iu" or (counts < 0).any():
+        raise ValueError(f"{path}: depth table arrays have inconsistent shapes")
+    if not all(np.isfinite(a).all() for a in (edges, recall, cost)):
+        raise ValueError(f"{path}: depth table holds NaN or infinity")
+    return ProbeTable(edges, recall, cost, counts)
+
+
+def _jsonable(params: dict) -> dict:
+    bad = [k for k, v in params.items() if not isinstance(v, (str, int, float, bool, type(None)))]
+    if bad:
+        raise ValueError(f"GaussianMixture arguments {bad} cannot be written to the index header "
+                         "(pass a fitted gmm= instead)")
+    return dict(params)
 
 
 def _gmm_bytes(gmm) -> np.ndarray:

@@ -3,29 +3,23 @@
 Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``);
 they work on any ``faiss.IndexIVF`` (k-means, GMM means, spilled lists), e.g.
 ``GMMIndexIVF.index``, whose quantizer is flat or an HNSW graph over the means (fewer
-coarse distance evaluations per query at large nlist; :func:`ranked_lists` counts
+coarse distance evaluations per query at large nlist; :func:`.search.ranked_lists` counts
 them either way). Lists are always visited nearest mean first; what adapts is how many
 of them a query scans.
 
-Two rules, one knob each:
+The rule: queries are binned by a difficulty feature computed from the coarse step alone,
+:func:`distance_spread` = log(d_m / d_1), the spread of the squared distances to the m
+nearest means (a query whose means are all about as far as the nearest one has its
+neighbours scattered over many lists). On calibration queries with known neighbours a
+:class:`ProbeTable` records, per bin, the recall@k and the codes scanned at every depth
+(summed over the bin); asked for a recall it picks every bin's depth by one Lagrange
+multiplier (the codes one unit of recall is worth), found by bisection so that the
+calibration queries reach that recall at the least total cost. The knob is the recall
+wanted. With one bin the table is a calibrated fixed nprobe.
 
-- :class:`ProbeTable` (calibrated): queries are binned by a difficulty feature computed
-  from the coarse step alone, :func:`distance_spread` = log(d_m / d_1), the spread of
-  the squared distances to the m nearest means (a query whose means are all about as
-  far as the nearest one has its neighbours scattered over many lists). On training
-  queries with known neighbours the table records, per bin, the recall@k and the codes
-  scanned at every depth (summed over the bin); asked for a recall it picks every bin's depth by
-  one Lagrange multiplier (the codes one unit of recall is worth), found by bisection
-  so that the training queries reach that recall at the least total cost. The knob is
-  the recall wanted.
-- :func:`gap_nprobe` (GMM): scan lists, nearest mean first, until one whose weighted
-  log-likelihood log pi_j + log N(q | mu_j, Sigma_j) is more than ``delta`` nats below
-  the query's best component. The knob is delta.
-
-Both only choose lists (:func:`adaptive_lists` for the table); :func:`search_adaptive`
-then runs FAISS ``search_preassigned`` with each query's lists (-1 past its nprobe,
-which FAISS skips) and the true coarse distances, and deduplicates copies of a vector
-as :func:`.index.search_dedup` does.
+:func:`adaptive_lists` chooses each query's lists; :func:`search_adaptive` then runs FAISS
+``search_preassigned`` with them (-1 past a query's nprobe, which FAISS skips) and the true
+coarse distances, and deduplicates copies of a vector (:func:`.search.search_preassigned`).
 """
 from __future__ import annotations
 
@@ -36,46 +30,13 @@ import faiss
 import numpy as np
 
 from .._validation import check_positive_int
-from .index import search_dedup
+from .search import ranked_lists, search_preassigned
 
-__all__ = ["ListMembers", "ProbeTable", "adaptive_lists", "component_scores", "distance_spread", "gap_nprobe",
-           "list_members", "neighbor_depths", "ranked_lists", "scan_costs", "search_adaptive"]
+__all__ = ["ListMembers", "ProbeTable", "adaptive_lists", "distance_spread", "list_members", "neighbor_depths",
+           "scan_costs", "search_adaptive"]
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
-
-
-def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int):
-    """The ``depth`` nearest lists of every query, their true coarse distances and what finding them cost.
-
-    Parameters
-    ----------
-    index_ivf : faiss.IndexIVF whose quantizer is flat (``IndexFlatL2``: it evaluates all
-        nlist means) or an HNSW graph over the means (``IndexHNSWFlat``, e.g. put in by
-        ``faiss.contrib.ivf_tools.replace_ivf_quantizer``: searched with efSearch at least
-        ``depth``, it evaluates only the means its walk visits)
-    x : ndarray of shape (nq, d), float32
-    depth : int in [1, nlist]
-
-    Returns
-    -------
-    coarse_dis : ndarray of shape (nq, depth), float32, nearest first (squared L2 or inner product)
-    list_nos : ndarray of shape (nq, depth), int64
-    evaluations : int, query-to-mean distances computed, summed over the queries
-    """
-    depth = _check_depth(depth, index_ivf.nlist)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    quantizer = faiss.downcast_index(index_ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(efSearch=max(int(quantizer.hnsw.efSearch), depth))
-        faiss.cvar.hnsw_stats.reset()
-        coarse_dis, list_nos = quantizer.search(x, depth, params=params)
-        return coarse_dis, list_nos, int(faiss.cvar.hnsw_stats.ndis)
-    if isinstance(quantizer, faiss.IndexFlat):
-        coarse_dis, list_nos = quantizer.search(x, depth)
-        return coarse_dis, list_nos, x.shape[0] * int(index_ivf.nlist)
-    raise TypeError(f"the quantizer must be a faiss.IndexFlat or faiss.IndexHNSW (their distance evaluations are "
-                    f"known), got {type(quantizer).__name__}")
 
 
 def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarray:
@@ -318,33 +279,6 @@ class ProbeTable:
         return self.bin_nprobe(recall)[np.searchsorted(self.edges, feature, side="right")]
 
 
-def gap_nprobe(log_scores: np.ndarray, log_best: np.ndarray, delta: float) -> np.ndarray:
-    """Lists scanned before the first whose log-score is more than ``delta`` below the best.
-
-    Parameters
-    ----------
-    log_scores : ndarray of shape (nq, depth)
-        Weighted log-likelihoods log pi_j + log N(q | mu_j, Sigma_j) of each query's lists, in probe order.
-    log_best : ndarray of shape (nq,)
-        The best weighted log-likelihood of each query over all components.
-    delta : float >= 0, nats
-
-    Returns
-    -------
-    ndarray of shape (nq,), int64 in [1, depth]; the first list is always scanned.
-    """
-    log_scores = np.asarray(log_scores, dtype=np.float64)
-    log_best = np.asarray(log_best, dtype=np.float64)
-    if log_scores.ndim != 2 or log_best.shape != (log_scores.shape[0],):
-        raise ValueError(f"log_scores must be (nq, depth) and log_best (nq,), got {log_scores.shape} "
-                         f"and {log_best.shape}")
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta >= 0:
-        raise ValueError(f"delta must be a number >= 0 (nats), got {delta!r}")
-    far = (log_best[:, None] - log_scores) > delta
-    far[:, 0] = False
-    return np.where(far.any(1), far.argmax(1), log_scores.shape[1]).astype(np.int64)
-
-
 def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, recall: float):
     """Each query's lists under ``table`` asked for ``recall``, ranked only as deep as needed.
 
@@ -369,7 +303,8 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, 
     """
     deepest = int(table.bin_nprobe(recall).max())
     one_pass = isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexFlat)
-    first = min(table.depth, max(SPREAD_RANK, deepest) if one_pass else SPREAD_RANK)
+    # One bin (a calibrated fixed nprobe) needs no feature: one walk as deep as that nprobe.
+    first = min(table.depth, max(SPREAD_RANK, deepest) if one_pass or not table.edges.size else SPREAD_RANK)
     dis, lists, evaluations = ranked_lists(index_ivf, x, first)
     nprobe = table.nprobe(distance_spread(dis), recall)
     width = max(first, int(nprobe.max(initial=1)))
@@ -384,69 +319,28 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, 
     return dis, lists, nprobe, evaluations
 
 
-def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, list_nos: np.ndarray,
-                    coarse_dis: np.ndarray, nprobe: np.ndarray, max_dup: int = 1):
-    """k nearest distinct ids, each query scanning its own first ``nprobe[i]`` lists.
+def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: ProbeTable, recall: float, *,
+                    max_dup: int = 1):
+    """k nearest distinct ids, each query scanning as many lists as ``table`` gives it for ``recall``.
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF
+    index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (flat or HNSW quantizer)
     x : ndarray of shape (nq, d), float32
     k : int
-    list_nos, coarse_dis : ndarrays of shape (nq, depth), from :func:`ranked_lists`
-    nprobe : ndarray of shape (nq,), integers in [1, depth]
-    max_dup : int, most lists any id was added to (see :func:`.index.search_dedup`)
+    table : ProbeTable
+    recall : float in (0, 1]
+    max_dup : int, most lists any id was added to (see :func:`.search.search_preassigned`)
 
     Returns
     -------
-    D, I : ndarrays of shape (nq, k), as :func:`.index.search_dedup`
-    ndis : int, codes scanned
+    D, I, stats : as :func:`.search.search_preassigned`; ``stats.ncoarse`` counts every
+        coarse walk :func:`adaptive_lists` made
     """
-    list_nos, coarse_dis = np.asarray(list_nos), np.asarray(coarse_dis)
-    nprobe = np.asarray(nprobe)
-    nq, depth = list_nos.shape
-    if coarse_dis.shape != list_nos.shape or nprobe.shape != (nq,):
-        raise ValueError(f"list_nos and coarse_dis must be (nq, depth) and nprobe (nq,), got {list_nos.shape}, "
-                         f"{coarse_dis.shape}, {nprobe.shape}")
-    if nq and (nprobe.dtype.kind not in "iu" or nprobe.min() < 1 or nprobe.max() > depth):
-        raise ValueError(f"nprobe must hold integers in [1, depth={depth}]")
-    width = int(nprobe.max()) if nq else 1
+    dis, lists, nprobe, evaluations = adaptive_lists(index_ivf, x, table, recall)
+    width = int(nprobe.max()) if len(nprobe) else 1
     # FAISS's search_preassigned skips list number -1: the lists past a query's nprobe.
     keep = np.arange(width)[None] < nprobe[:, None]
-    lists = np.where(keep, list_nos[:, :width], -1)
-    dis = np.where(keep, coarse_dis[:, :width], 0).astype(np.float32)
-    D, I, ndis, _ = search_dedup(index_ivf, x, k, width, max_dup, lists, dis)
-    return D, I, ndis
-
-
-def _check_depth(depth, nlist):
-    depth = check_positive_int(depth, "depth")
-    if depth > nlist:
-        raise ValueError(f"depth must be <= nlist={nlist}, got {depth}")
-    return depth
-
-
-def component_scores(gmm, x, list_nos: np.ndarray):
-    """Weighted log-likelihoods of each query's lists and of its best component.
-
-    Parameters
-    ----------
-    gmm : fitted GaussianMixture whose components are the index's lists
-    x : array-like of shape (nq, d)
-    list_nos : ndarray of shape (nq, depth), int64
-
-    Returns
-    -------
-    log_scores : ndarray of shape (nq, depth), float64, log pi_j + log N(q | mu_j, Sigma_j) at ``list_nos``
-    log_best : ndarray of shape (nq,), float64, the maximum over all K components
-    """
-    list_nos = np.asarray(list_nos, dtype=np.int64)
-    scores, best = [], []
-    for offset, block in gmm.iter_weighted_log_prob(x):
-        # Reduce each block (rows x K) before the next: no nq x K matrix is kept.
-        block = block.double().cpu().numpy()
-        scores.append(np.take_along_axis(block, list_nos[offset:offset + block.shape[0]], 1))
-        best.append(block.max(1))
-    if not scores:
-        return np.empty(list_nos.shape), np.empty(0)
-    return np.concatenate(scores), np.concatenate(best)
+    lists = np.where(keep, lists[:, :width], -1)
+    dis = np.where(keep, dis[:, :width], 0).astype(np.float32)
+    return search_preassigned(index_ivf, x, k, lists, dis, max_dup=max_dup, ncoarse=evaluations)

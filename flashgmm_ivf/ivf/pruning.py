@@ -29,8 +29,7 @@ import numbers
 import faiss
 import numpy as np
 
-from .index import _search_preassigned, dedup_results
-from .probing import ranked_lists
+from .search import SearchStats, dedup_results, preassigned_raw, ranked_lists
 
 __all__ = ["halfspace_bounds", "search_pruned"]
 
@@ -72,7 +71,8 @@ def halfspace_bounds(centroids: np.ndarray, coarse_dis: np.ndarray, list_nos: np
     return bounds
 
 
-def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scale: float, rank: int | None = None):
+def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scale: float, rank: int | None = None,
+                  ranked=None):
     """k nearest distinct ids, each query skipping the lists its radius bound rules out.
 
     Parameters
@@ -91,9 +91,8 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
     -------
     D : ndarray of shape (nq, k), float32, squared L2, best first
     I : ndarray of shape (nq, k), int64, distinct ids, -1 padded (distance: float32 max, as FAISS)
-    ndis : int, codes scanned
-    evaluations : int, coarse distances (query to mean, mean to mean) computed, summed over the queries
-    scanned : ndarray of shape (nq,), int64, lists each query scanned
+    stats : :class:`.search.SearchStats`; ``ncoarse`` counts the coarse walk and the
+        mean-to-mean distances of the bounds, ``nlists`` the lists actually scanned
     """
     if index_ivf.metric_type != faiss.METRIC_L2:
         raise ValueError("radius pruning needs an L2 index (normalise angular data and index it by L2)")
@@ -110,7 +109,11 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
         raise ValueError(f"nprobe must be an integer, or {nq} integers (one per query), in "
                          f"[1, nlist={index_ivf.nlist}]")
     caps = np.broadcast_to(caps, (nq,))
-    coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, int(caps.max(initial=1)))
+    width = int(caps.max(initial=1))
+    coarse_dis, list_nos, evaluations = ranked if ranked is not None else ranked_lists(index_ivf, x, width)
+    coarse_dis, list_nos = np.asarray(coarse_dis)[:, :width], np.asarray(list_nos)[:, :width]
+    if list_nos.shape != (nq, width):
+        raise ValueError(f"ranked lists must be at least (nq={nq}, {width}), got {list_nos.shape}")
     list_nos = np.where(np.arange(list_nos.shape[1]) < caps[:, None], list_nos, -1)
     centroids = index_ivf.quantizer.reconstruct_n(0, index_ivf.nlist)
     bounds = halfspace_bounds(centroids, coarse_dis, list_nos)
@@ -118,7 +121,6 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
     D = np.full((nq, k), np.inf, np.float32)
     I = np.full((nq, k), -1, np.int64)
     scanned = np.zeros(nq, np.int64)
-    params = faiss.SearchParametersIVF(nprobe=1)
     faiss.cvar.indexIVF_stats.reset()
     for col in range(list_nos.shape[1]):
         radius = np.sqrt(D[:, rank - 1].astype(np.float64))  # inf until rank ids are found
@@ -126,13 +128,15 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
         if rows.size == 0:
             continue
         # A list holds an id once, so k results per list are enough to merge.
-        d_new, i_new = _search_preassigned(index_ivf, x[rows], k, list_nos[rows, col:col + 1],
-                                           coarse_dis[rows, col:col + 1], params)
+        d_new, i_new = preassigned_raw(index_ivf, x[rows], k, list_nos[rows, col:col + 1],
+                                       coarse_dis[rows, col:col + 1])
         d_all = np.hstack([D[rows], d_new])
         i_all = np.hstack([I[rows], i_new])
         order = np.argsort(d_all, axis=1, kind="stable")
         d_all, i_all = np.take_along_axis(d_all, order, 1), np.take_along_axis(i_all, order, 1)
         D[rows], I[rows], _ = dedup_results(d_all, i_all, k, index_ivf.metric_type)
         scanned[rows] += 1
-    return D, I, int(faiss.cvar.indexIVF_stats.ndis), evaluations, scanned
+    # Rows that never filled k slots keep +inf from the start: FAISS pads with float32 max.
+    D[I < 0] = np.finfo(np.float32).max
+    return D, I, SearchStats(nq, int(faiss.cvar.indexIVF_stats.ndis), evaluations, int(scanned.sum()))
 

@@ -15,12 +15,10 @@ computed by the quantizer itself (``compute_distance_subset``), never a GMM scor
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
 import faiss
+import numpy as np
 
-__all__ = ["METRICS", "parse_metric", "new_ivf", "set_centroids", "coarse_distances", "posterior_lists",
-           "add_assigned", "SUPPORTED_IVF"]
+__all__ = ["METRICS", "parse_metric", "new_ivf", "set_centroids", "add_assigned", "SUPPORTED_IVF"]
 
 # metric name -> (FAISS metric, normalise rows). 'cosine' is inner product on unit rows.
 METRICS = {"l2": (faiss.METRIC_L2, False), "ip": (faiss.METRIC_INNER_PRODUCT, False),
@@ -81,48 +79,6 @@ def set_centroids(index_ivf: faiss.IndexIVF, means: np.ndarray) -> None:
         raise TypeError(f"the quantizer must be a faiss.IndexFlat, got {type(quantizer).__name__}")
     quantizer.reset()
     quantizer.add(means)
-
-
-def coarse_distances(index_ivf: faiss.IndexIVF, x: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
-    """True distances from each query to the means of its lists, as the quantizer computes them.
-
-    Parameters
-    ----------
-    index_ivf : faiss.IndexIVF with a flat quantizer
-    x : ndarray of shape (n, d), float32
-    list_nos : ndarray of shape (n, p), int64, entries in [0, nlist) (or -1: distance left at the neutral value)
-
-    Returns
-    -------
-    ndarray of shape (n, p), float32: squared L2 for METRIC_L2, inner product for METRIC_INNER_PRODUCT.
-    """
-    quantizer = faiss.downcast_index(index_ivf.quantizer)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
-    n, p = list_nos.shape
-    dis = np.empty((n, p), dtype=np.float32)
-    quantizer.compute_distance_subset(n, faiss.swig_ptr(x), p, faiss.swig_ptr(dis), faiss.swig_ptr(list_nos))
-    return dis
-
-
-def posterior_lists(gmm, x, nprobe: int) -> np.ndarray:
-    """The ``nprobe`` lists of highest posterior log pi_k + log N(q | mu_k, Sigma_k) per query.
-
-    Parameters
-    ----------
-    gmm : fitted GaussianMixture
-    x : array-like of shape (n, d)
-    nprobe : int <= K
-
-    Returns
-    -------
-    ndarray of shape (n, nprobe), int64, most probable first.
-    """
-    out = []
-    for _, block in gmm.iter_weighted_log_prob(x):
-        # Reduce each block to its top nprobe before the next: no n x K matrix.
-        out.append(torch.topk(block, nprobe, dim=1).indices.cpu().numpy().astype(np.int64))
-    return np.concatenate(out) if out else np.empty((0, nprobe), np.int64)
 
 
 def add_assigned(index_ivf: faiss.IndexIVF, x: np.ndarray, lists: np.ndarray, ids: np.ndarray) -> None:

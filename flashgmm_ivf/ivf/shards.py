@@ -4,7 +4,7 @@ Flow on P ranks (or P jobs), over one trained index (the fitted GMM's means in t
 quantizer, the encoder trained; written once with :func:`~flashgmm_ivf.ivf.write_index`)::
 
     trained = read_index("trained.npz")                     # every rank
-    shard = build_shard(trained, x, rank, world_size)        # soft-assigns and adds its rows
+    shard = build_shard(trained, x, rank, world_size)        # assigns and adds its rows
     write_shard(shard, f"shard{rank}.faissindex")            # plain FAISS file + JSON counters
 
     shards = [read_shard(p, trained) for p in paths]
@@ -13,12 +13,12 @@ quantizer, the encoder trained; written once with :func:`~flashgmm_ivf.ivf.write
                          ondisk="lists.ivfdata")             # OnDiskInvertedLists: data > RAM
     index = ShardedGMMIndex(shards)                          # no merge: faiss.IndexShardsIVF
 
-Ids are global row numbers, so one vector's copies (soft assignment) all live in one
-shard and shards hold disjoint ids. That is what makes sharded search exact: the k
-nearest distinct ids over all shards are the best k among every shard's k nearest
-distinct ids. With the ``copies`` budget policy each shard meets the budget on its own
-rows (the gap threshold is per ``add`` call); the ``tau`` policy assigns row by row, so
-shards hold exactly the single index's entries.
+Ids are global row numbers, so one vector's copies (spilling) all live in one shard and
+shards hold disjoint ids. That is what makes sharded search exact: the k nearest distinct
+ids over all shards are the best k among every shard's k nearest distinct ids. The spill
+budget (``copies``) is met on each added block of rows, so shards whose blocks start at
+the same rows hold the single index's entries. Each shard keeps its calibration
+queries' neighbours among its own rows; merging merges them.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ import numpy as np
 
 from .._validation import check_positive_int
 from ..distributed import shard_range
-from .index import GMMIndexIVF, SearchStats, _check_nprobe, _check_probe, search_dedup
-from .quantizer import coarse_distances, posterior_lists
+from .calibration import Calibration
+from .index import GMMIndexIVF
+from .search import ranked_lists, search_preassigned
 
 __all__ = ["ShardedGMMIndex", "build_shard", "empty_copy", "merge_shards", "read_shard", "to_gpu", "write_shard"]
 
@@ -52,7 +53,7 @@ def empty_copy(index: GMMIndexIVF) -> GMMIndexIVF:
 
 
 def build_shard(trained: GMMIndexIVF, x, rank: int, world_size: int, *, chunk_size: int = 65536) -> GMMIndexIVF:
-    """This rank's shard: rows ``shard_range(n, rank, world_size)`` of x, soft-assigned and added.
+    """This rank's shard: rows ``shard_range(n, rank, world_size)`` of x, assigned and added.
 
     Parameters
     ----------
@@ -149,6 +150,8 @@ def merge_shards(trained: GMMIndexIVF, shards, *, ondisk=None) -> GMMIndexIVF:
         merged.index.ntotal = invlists.merge_from_multiple(pointers.data(), pointers.size(), False)
         merged.index.replace_invlists(invlists, True)
         invlists.this.disown()  # the index owns it now
+    for shard in shards:
+        merged.calibration.merge(shard.calibration)
     merged._ntotal = sum(s.ntotal for s in shards)
     merged._next_id = max([s._next_id for s in shards], default=0)
     merged._max_dup = max([s._max_dup for s in shards], default=1)
@@ -156,43 +159,32 @@ def merge_shards(trained: GMMIndexIVF, shards, *, ondisk=None) -> GMMIndexIVF:
 
 
 class ShardedGMMIndex:
-    """Search over shards without merging them: ``faiss.IndexShardsIVF`` over their IVF indexes.
+    """Search over shards without merging them: one coarse step, every shard scanned, results merged.
 
-    The shards share the GMM and the quantizer, so a centroid-probed search quantizes
-    each query once (``IndexShardsIVF``) and scans the same lists in every shard. A
-    posterior-probed search ranks lists by the GMM once and calls every shard's
-    ``search_preassigned`` with those lists and the true coarse distances. Either way the
-    results are deduplicated by id and counted as :meth:`GMMIndexIVF.search` does, and
-    equal the merged index's.
+    The shards share the partition and the quantizer, so each query's lists are ranked
+    once (the first shard's quantizer) and every shard's ``search_preassigned`` scans those
+    lists. The results are deduplicated by id, counted as :meth:`GMMIndexIVF.search`
+    counts, and equal the merged index's at the same nprobe. A recall target needs the
+    depth table of the whole index: merge the shards (:func:`merge_shards`) for that.
 
     Parameters
     ----------
     shards : list of GMMIndexIVF (same trained index, disjoint ids); they stay owned by the caller
-    nprobe, probe : optional, default: the first shard's
+    nprobe : int, optional, default: the first shard's
 
     Attributes
     ----------
-    index : faiss.IndexShardsIVF
-    gmm : GaussianMixture
     last_stats : SearchStats or None
     """
 
-    def __init__(self, shards, *, nprobe=None, probe=None):
+    def __init__(self, shards, *, nprobe=None):
         self.shards = list(shards)
         if not self.shards:
             raise ValueError("no shards given")
         first = self.shards[0]
         for shard in self.shards[1:]:
             _check_same_training(first.index, shard.index, "shard")
-        self.gmm = first.gmm
-        quantizer = faiss.downcast_index(first.index.quantizer)
-        # threaded=False: the shards' scans update FAISS's global indexIVF_stats in turn,
-        # so ndis adds up exactly (each shard's search still runs its own OpenMP threads).
-        self.index = faiss.IndexShardsIVF(quantizer, first.nlist, False, False)
-        for shard in self.shards:
-            self.index.add_shard(shard.index)
-        self.nprobe = first.nprobe if nprobe is None else _check_nprobe(nprobe, first.nlist)
-        self.probe = first.probe if probe is None else _check_probe(probe)
+        self.nprobe = first.nprobe if nprobe is None else check_positive_int(nprobe, "nprobe")
         self.last_stats = None
 
     @property
@@ -200,8 +192,8 @@ class ShardedGMMIndex:
         """Vectors over all shards (each counted once, whatever its copies)."""
         return sum(s.ntotal for s in self.shards)
 
-    def search(self, x, k, *, nprobe=None, probe=None):
-        """k nearest neighbours with distinct ids over all shards; as :meth:`GMMIndexIVF.search`.
+    def search(self, x, k, *, nprobe=None):
+        """k nearest neighbours with distinct ids over all shards, probing ``nprobe`` lists per query.
 
         Returns
         -------
@@ -211,23 +203,22 @@ class ShardedGMMIndex:
         first = self.shards[0]
         x = first._vectors(x, "x")
         k = check_positive_int(k, "k")
-        nprobe = self.nprobe if nprobe is None else _check_nprobe(nprobe, first.nlist)
-        probe = self.probe if probe is None else _check_probe(probe)
-        max_dup = max(s._max_dup for s in self.shards)
-        nq, nlist = x.shape[0], first.nlist
-        if probe == "centroid":
-            for shard in self.shards:  # IndexShardsIVF requires every shard's nprobe to match the search's
-                shard.nprobe = nprobe
-            D, I, ndis, n_refetch = search_dedup(self.index, x, k, nprobe, max_dup)
-            self.last_stats = SearchStats(nq, nprobe, probe, ndis, nq * nlist, n_refetch)
-            return D, I
-        lists = posterior_lists(self.gmm, x, nprobe)
-        coarse = coarse_distances(first.index, x, lists)
-        parts = [search_dedup(s.index, x, k, nprobe, max_dup, lists, coarse) for s in self.shards]
+        nprobe = check_positive_int(self.nprobe if nprobe is None else nprobe, "nprobe")
+        if nprobe > first.nlist:
+            raise ValueError(f"nprobe must be <= nlist={first.nlist}, got {nprobe}")
+        coarse_dis, list_nos, evaluations = ranked_lists(first.index, x, nprobe)
+        parts = [search_preassigned(s.index, x, k, list_nos, coarse_dis, max_dup=s._max_dup) for s in self.shards]
         D, I = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
-                                       keep_max=first.metric_type == faiss.METRIC_INNER_PRODUCT)
-        self.last_stats = SearchStats(nq, nprobe, probe, sum(p[2] for p in parts), nq * (nlist + nprobe),
-                                      sum(p[3] for p in parts))
+                                       keep_max=first.index.metric_type == faiss.METRIC_INNER_PRODUCT)
+        stats = parts[0][2]
+        for part in parts[1:]:
+            stats.ndis += part[2].ndis
+            stats.nlists += part[2].nlists
+            stats.n_refetch += part[2].n_refetch
+        stats.ncoarse = evaluations
+        self.last_stats = stats
+        if first.metric == "cosine":
+            D = np.where(I >= 0, 1.0 - D / 2.0, -np.finfo(np.float32).max).astype(np.float32)
         return D, I
 
 
@@ -260,11 +251,13 @@ def to_gpu(index: GMMIndexIVF, device: int = 0, resources=None) -> GMMIndexIVF:
 # ---------------------------------------------------------------------- helpers
 def _wrap(like: GMMIndexIVF, inner, *, n_vectors, next_id, max_dup) -> GMMIndexIVF:
     """A GMMIndexIVF with ``like``'s settings and GMM around the FAISS index ``inner``."""
-    out = GMMIndexIVF(like.d, like.nlist, like.encoding, like.metric, probe=like.probe, nprobe=like.nprobe,
-                      tau=like.tau, copies=like.copies, max_copies=like.max_copies, temperature=like.temperature,
-                      gmm=like.gmm)
+    out = GMMIndexIVF(like.d, like.nlist, like.encoding, like.metric, **like.settings(), gmm=like.gmm)
+    out.gmm_params = dict(like.gmm_params)
     out.index = inner
     out.index.nprobe = out.nprobe
+    if like.calibration is not None:
+        out.calibration = Calibration.empty(like.calibration.queries, like.calibration.metric_type,
+                                            like.calibration.source)
     out._ntotal, out._next_id, out._max_dup = n_vectors, next_id, max_dup
     return out
 

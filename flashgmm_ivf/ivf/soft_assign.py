@@ -1,25 +1,17 @@
-"""Soft assignment of database vectors to the lists of a GMM-IVF index.
-
-A vector goes into its primary list (the component of highest posterior) and into
-every other list whose responsibility is above a threshold, at most ``max_copies``
-lists in all.
+"""A vector's lists by GMM responsibility: its most probable component, and the next for the closest calls.
 
 Everything is in log space. In high dimension posteriors are extremely peaked: on
 fashion-mnist-784 (spherical GMM, K=256) the gap ``log r_1 - log r_2`` is tens to
 hundreds of nats for most rows, far below float32's ``exp`` range, so responsibilities
 themselves would underflow to 0 and a budget chosen on them would silently collapse
-to one copy per vector. Gaps between log-likelihoods stay finite floats on any data,
-so both policies are thresholds on them:
-
-- ``tau``: keep list j if ``log r_j >= log tau`` (default tau = 1/K, the published
-  rule), with ``r`` the posterior at temperature T: ``r_j ∝ exp(ll_j / T)``.
-- budget: keep the ``(copies - 1) * n`` smallest gaps ``(ll_1 - ll_j) / T`` over all
-  rows (j = 2..max_copies), i.e. a gap threshold ``delta`` in nats picked so that the
-  average number of copies per vector is ``copies``. T only rescales delta there.
+to one copy per vector. Gaps between log-likelihoods stay finite floats on any data, so
+the budget is a threshold on them: keep the ``(copies - 1) * n`` smallest gaps
+``(ll_1 - ll_j) / T`` over all rows, i.e. a gap threshold ``delta`` in nats picked so
+that the average number of lists per vector is ``copies``.
 
 The GMM is read in blocks (``GaussianMixture.iter_weighted_log_prob``); each block is
-reduced to its top ``max_copies`` components and its log-normaliser before the next
-one is computed, so the n x K matrix never exists.
+reduced to its top components and its log-normaliser before the next one is computed,
+so the n x K matrix never exists.
 """
 from __future__ import annotations
 
@@ -31,7 +23,7 @@ import numpy as np
 import torch
 from .._validation import check_positive_int
 
-__all__ = ["TopComponents", "SoftAssignment", "top_components", "assign_tau", "assign_budget", "soft_assign"]
+__all__ = ["TopComponents", "SoftAssignment", "top_components", "assign_budget"]
 
 
 @dataclass
@@ -70,17 +62,12 @@ class SoftAssignment:
     ----------
     lists : ndarray of shape (n, m), int64
         Column 0 is the primary list; further columns are extra copies, -1 where none.
-    policy : {'tau', 'budget'}
-    log_tau : float or None
-        The threshold on ``log r_j`` (policy 'tau').
     delta : float or None
-        The gap threshold in nats, on ``(ll_1 - ll_j) / T`` (policy 'budget'): the
+        The gap threshold in nats, on ``(ll_1 - ll_j) / T``: the
         largest gap that was kept (``0.0`` when no extra copy was kept).
     """
 
     lists: np.ndarray
-    policy: str
-    log_tau: float | None = None
     delta: float | None = None
 
     @property
@@ -105,8 +92,7 @@ def top_components(gmm, X, m: int, *, temperature: float = 1.0) -> TopComponents
     m : int
         Components kept per row (clipped to K).
     temperature : float > 0
-        Posterior temperature T: ``r_j ∝ exp(ll_j / T)``. T > 1 flattens peaked
-        posteriors (more rows pass a fixed tau).
+        Posterior temperature T: ``r_j ∝ exp(ll_j / T)`` (rescales the gaps).
 
     Returns
     -------
@@ -136,32 +122,6 @@ def top_components(gmm, X, m: int, *, temperature: float = 1.0) -> TopComponents
     return TopComponents(labels, log_resp, temperature, k)
 
 
-def assign_tau(top: TopComponents, tau: float | None = None, max_copies: int | None = None) -> SoftAssignment:
-    """Lists with ``r_j >= tau`` (primary always kept), at most ``max_copies``.
-
-    Parameters
-    ----------
-    top : TopComponents of shape (n, m)
-    tau : float in [0, 1] or None
-        Responsibility threshold; None means 1/K.
-    max_copies : int or None
-        Defaults to m.
-
-    Returns
-    -------
-    SoftAssignment with policy 'tau' and ``log_tau`` set.
-    """
-    if tau is None:
-        tau = 1.0 / top.n_components
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau <= 1:
-        raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
-    log_tau = math.log(tau) if tau > 0 else -math.inf
-    m = _columns(top, max_copies)
-    keep = top.log_resp[:, :m] >= log_tau
-    keep[:, 0] = True
-    return SoftAssignment(np.where(keep, top.labels[:, :m], -1), "tau", log_tau=log_tau)
-
-
 def assign_budget(top: TopComponents, copies: float, max_copies: int | None = None) -> SoftAssignment:
     """Lists chosen by smallest log-responsibility gap so that the mean copies per vector is ``copies``.
 
@@ -178,7 +138,7 @@ def assign_budget(top: TopComponents, copies: float, max_copies: int | None = No
 
     Returns
     -------
-    SoftAssignment with policy 'budget' and ``delta`` (nats) set.
+    SoftAssignment with ``delta`` (nats) set.
     """
     m = _columns(top, max_copies)
     if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= m:
@@ -196,37 +156,7 @@ def assign_budget(top: TopComponents, copies: float, max_copies: int | None = No
         rows, cols = np.unravel_index(flat, gaps.shape)
         lists[rows, cols + 1] = top.labels[rows, cols + 1]
         delta = float(gaps[rows[-1], cols[-1]])
-    return SoftAssignment(lists, "budget", delta=delta)
-
-
-def soft_assign(gmm, X, *, tau: float | None = None, copies: float | None = None, max_copies: int = 4,
-                temperature: float = 1.0) -> SoftAssignment:
-    """Lists of every row of X under a fitted GMM.
-
-    Parameters
-    ----------
-    gmm : fitted GaussianMixture
-    X : array-like of shape (n, D)
-    tau : float or None
-        Responsibility threshold (policy 'tau'); None with ``copies`` None means 1/K.
-    copies : float or None
-        Target mean copies per vector (policy 'budget'), e.g. 1.5; excludes ``tau``.
-    max_copies : int
-        Most lists per vector.
-    temperature : float > 0
-        Posterior temperature for policy 'tau' (no effect on a budget's choice).
-
-    Returns
-    -------
-    SoftAssignment of shape (n, min(max_copies, K)).
-    """
-    if tau is not None and copies is not None:
-        raise ValueError("give either tau (threshold policy) or copies (budget policy), not both")
-    max_copies = check_positive_int(max_copies, "max_copies")
-    top = top_components(gmm, X, max_copies, temperature=temperature)
-    if copies is not None:
-        return assign_budget(top, copies)
-    return assign_tau(top, tau)
+    return SoftAssignment(lists, delta=delta)
 
 
 def _columns(top: TopComponents, max_copies):

@@ -1,0 +1,174 @@
+"""The lists of a GMM-IVF index: fitting the partition, each vector's primary list, and its spilled copy.
+
+Two partitions, one machinery after them (both end as a fitted ``GaussianMixture`` whose
+means are the IVF centroids):
+
+- ``gmm``: a short k-means start (``faiss.Kmeans``) then a few EM iterations of a
+  ``GaussianMixture``; a vector's primary list is its most probable component.
+- ``kmeans``: ``faiss.Kmeans`` (niter 25, as ``IndexIVF.train``); per-list weights and
+  covariances are computed afterwards from the members of each list, so spill and
+  ranking rules that read covariances run on k-means lists too; a vector's primary list is
+  its nearest centroid.
+
+Both are fitted on a sample of at most ``POINTS_PER_LIST`` rows per list, as
+``faiss.Kmeans`` samples (``max_points_per_centroid``): more rows add time, not quality.
+
+Spill rules (one extra list per spilled vector, ``copies`` = mean lists per vector, in [1, 2]):
+``none``; ``soar`` and ``rair`` (geometric, :mod:`.spill`); ``gmm`` (the second most probable
+component, by smallest log-responsibility gap, :mod:`.soft_assign`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import faiss
+import numpy as np
+
+from ..mixture import ConvergenceWarning, GaussianMixture
+from .soft_assign import assign_budget, top_components
+from .spill import spill
+
+__all__ = ["PARTITIONS", "SPILLS", "POINTS_PER_LIST", "REG_COVAR_AUTO", "fit_partition", "kmeans_mixture",
+           "assign_lists"]
+
+PARTITIONS = ("gmm", "kmeans")
+SPILLS = ("none", "soar", "rair", "gmm")
+POINTS_PER_LIST = 256  # faiss.Kmeans's max_points_per_centroid
+# 'auto' reg_covar: this x the mean per-feature variance of the training rows. An absolute
+# floor lets a component whose pixels are all 0 get a variance so small that one non-zero
+# pixel costs ~1e10 nats, beyond float32's resolution of the log-likelihoods; 0.1 x the
+# data's scale keeps lists balanced on raw-scale (0..255) and unit-norm data alike.
+REG_COVAR_AUTO = 1e-1
+
+
+def reg_covar_auto(x: np.ndarray) -> float:
+    """``REG_COVAR_AUTO`` x the mean per-feature variance of x (float64; 1e-6 for constant data)."""
+    scale = float(x.astype(np.float64).var(0).mean()) if x.shape[0] > 1 else 0.0
+    return REG_COVAR_AUTO * scale if scale > 0 else 1e-6
+
+
+def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
+    """``faiss.Kmeans`` centroids (nlist, d), float32, fitted on all rows of x."""
+    km = faiss.Kmeans(x.shape[1], nlist, niter=niter, seed=seed, max_points_per_centroid=max(1, x.shape[0]),
+                      verbose=False)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return km.centroids.copy()
+
+
+def kmeans_mixture(x: np.ndarray, centroids: np.ndarray, covariance_type: str, reg_covar: float,
+                   **gmm_params) -> GaussianMixture:
+    """The mixture of a k-means partition: member fractions, centroids, member covariances (+ reg_covar).
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, d), float32, the rows the centroids were fitted on
+    centroids : ndarray of shape (nlist, d)
+    covariance_type : 'spherical', 'diag' or 'full'
+    reg_covar : float, added to every variance (an empty list gets the mean variance of x)
+    **gmm_params : GaussianMixture constructor arguments
+
+    Returns
+    -------
+    GaussianMixture, fitted (no EM), means = centroids
+    """
+    nlist, d = centroids.shape
+    labels = _nearest(centroids, x)
+    counts = np.bincount(labels, minlength=nlist).astype(np.float64)
+    weights = np.maximum(counts, 1e-3) / np.maximum(counts, 1e-3).sum()
+    r = (x - centroids[labels]).astype(np.float64)
+    occupied = counts > 0
+    denom = np.maximum(counts, 1.0)
+    overall = float(r.var(0).mean()) if x.shape[0] > 1 else 1.0
+    if covariance_type == "spherical":
+        cov = np.bincount(labels, weights=(r * r).sum(1), minlength=nlist) / denom / d
+        cov = np.where(occupied, cov, overall) + reg_covar
+    elif covariance_type == "diag":
+        cov = np.zeros((nlist, d))
+        np.add.at(cov, labels, r * r)
+        cov = np.where(occupied[:, None], cov / denom[:, None], overall) + reg_covar
+    else:
+        cov = np.empty((nlist, d, d))
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(nlist + 1))
+        for j in range(nlist):
+            rj = r[order[bounds[j]:bounds[j + 1]]]
+            cov[j] = rj.T @ rj / len(rj) if len(rj) else overall * np.eye(d)
+        cov += reg_covar * np.eye(d)
+    return GaussianMixture.from_parameters(weights, centroids, cov, covariance_type=covariance_type,
+                                           reg_covar=reg_covar, **gmm_params)
+
+
+def fit_partition(x: np.ndarray, nlist: int, *, partition: str = "gmm", covariance_type: str = "spherical",
+                  kmeans_iter: int = 10, em_iter: int = 5, reg_covar="auto", seed: int = 1234,
+                  **gmm_params) -> GaussianMixture:
+    """Fit the partition on x (already sampled to at most ``POINTS_PER_LIST * nlist`` rows).
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, d), float32, n >= nlist
+    nlist : int
+    partition : 'gmm' or 'kmeans'
+    covariance_type : 'spherical', 'diag' or 'full'
+    kmeans_iter : int, k-means iterations (the GMM's start, or the whole k-means partition)
+    em_iter : int, EM iterations after the k-means start ('gmm' only; exactly this many)
+    reg_covar : float or 'auto' (see ``REG_COVAR_AUTO``)
+    seed : int
+    **gmm_params : GaussianMixture constructor arguments (device, compute_dtype, estep, ...)
+
+    Returns
+    -------
+    GaussianMixture, fitted; its means are the lists' centroids.
+    """
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if x.shape[0] < nlist:
+        raise ValueError(f"training needs at least nlist={nlist} rows, got {x.shape[0]}")
+    reg = reg_covar_auto(x) if reg_covar == "auto" else float(reg_covar)
+    centroids = fit_kmeans(x, nlist, kmeans_iter, seed)
+    if partition == "kmeans":
+        return kmeans_mixture(x, centroids, covariance_type, reg, random_state=seed, **gmm_params)
+    gmm = GaussianMixture(nlist, covariance_type=covariance_type, max_iter=em_iter, tol=0.0, reg_covar=reg,
+                          means_init=centroids, random_state=seed, **gmm_params)
+    with warnings.catch_warnings():
+        # A fixed number of EM iterations is the recipe: not converging to tol 0 is expected.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(x)
+    return gmm
+
+
+def assign_lists(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_rule: str, copies: float,
+                 lam: float | None = None) -> np.ndarray:
+    """Primary list and spilled copy of every row of x.
+
+    Parameters
+    ----------
+    gmm : fitted GaussianMixture (the index's partition)
+    x : ndarray of shape (n, d), float32
+    partition : 'gmm' (primary = most probable component) or 'kmeans' (nearest centroid); with
+        spill 'gmm' both lists are the two most probable components
+    spill_rule : one of ``SPILLS``
+    copies : float in [1, 2], mean lists per vector over the rows of x
+    lam : float, the rule's lambda (soar / rair; None: the rule's default)
+
+    Returns
+    -------
+    ndarray of shape (n, 1) or (n, 2), int64: column 0 the primary list, column 1 the copy or -1
+    """
+    if spill_rule not in SPILLS:
+        raise ValueError(f"spill must be one of {SPILLS}, got {spill_rule!r}")
+    means = gmm.means_.astype(np.float32)
+    if partition == "gmm" or spill_rule == "gmm":
+        top = top_components(gmm, x, min(2, gmm.n_components))
+    if spill_rule == "gmm":  # both lists by responsibility, whatever the partition
+        return assign_budget(top, copies).lists
+    primary = top.labels[:, 0].copy() if partition == "gmm" else _nearest(means, x)
+    if spill_rule == "none" or copies == 1.0 or gmm.n_components < 2:
+        return primary[:, None]
+    params = {} if lam is None else {"lam": lam}
+    return spill(spill_rule, x, means, primary, copies, **params)[0]
+
+
+def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    flat = faiss.IndexFlatL2(centroids.shape[1])
+    flat.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0].astype(np.int64)

@@ -1,0 +1,226 @@
+"""Searching a FAISS IndexIVF whose vectors may sit in several lists: the coarse step, the scan, the counts.
+
+Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``).
+Every search function here and in :mod:`.probing` / :mod:`.pruning` returns
+``(D, I, stats)``: ``D`` (nq, k) float32 and ``I`` (nq, k) int64 as FAISS returns them,
+each row's ids distinct (copies of one vector deduplicated, the best kept), -1 (distance
++/-3.4e38, as FAISS) only where the probed lists hold fewer than k distinct ids; and
+``stats`` a :class:`SearchStats` counted from FAISS's own counters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .._validation import check_positive_int
+
+__all__ = ["PAD", "SearchStats", "dedup_results", "preassigned_raw", "ranked_lists", "search_nprobe", "search_preassigned"]
+
+PAD = float(np.finfo(np.float32).max)  # FAISS's distance for a missing result (+ for L2, - for IP)
+
+
+@dataclass
+class SearchStats:
+    """Cost of one search, in distance computations (one per D-dimensional product).
+
+    Attributes
+    ----------
+    nq : int
+        Queries.
+    ndis : int
+        Codes scanned in the inverted lists (``faiss.cvar.indexIVF_stats.ndis``), copies of
+        one vector and re-fetches included.
+    ncoarse : int
+        Coarse-step distances: nlist per query for a flat quantizer, the distances the HNSW
+        walks evaluated (``faiss.cvar.hnsw_stats.ndis``) for a graph, plus any distance the
+        probing rule computes besides (e.g. mean-to-mean distances of radius pruning).
+    nlists : int
+        Lists scanned, summed over the queries.
+    n_refetch : int
+        Query rows searched again with a larger over-fetch because copies crowded out
+        distinct ids (only when an id was added more often than the over-fetch assumed).
+    """
+
+    nq: int
+    ndis: int
+    ncoarse: int
+    nlists: int = 0
+    n_refetch: int = 0
+
+    @property
+    def total(self) -> int:
+        """Distance computations: ``ndis + ncoarse``."""
+        return self.ndis + self.ncoarse
+
+    @property
+    def per_query(self) -> float:
+        """Distance computations per query."""
+        return self.total / self.nq if self.nq else 0.0
+
+    def __add__(self, other: SearchStats) -> SearchStats:
+        return SearchStats(self.nq + other.nq, self.ndis + other.ndis, self.ncoarse + other.ncoarse,
+                           self.nlists + other.nlists, self.n_refetch + other.n_refetch)
+
+
+def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int):
+    """The ``depth`` nearest lists of every query, their true coarse distances and what finding them cost.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF whose quantizer is flat (``IndexFlat``: it evaluates all
+        nlist means) or an HNSW graph over the means (``IndexHNSW``, searched with efSearch
+        at least ``depth``: it evaluates the means its walk visits)
+    x : ndarray of shape (nq, d), float32
+    depth : int in [1, nlist]
+
+    Returns
+    -------
+    coarse_dis : ndarray of shape (nq, depth), float32, nearest first (squared L2 or inner product)
+    list_nos : ndarray of shape (nq, depth), int64 (-1 where a graph walk found fewer lists)
+    evaluations : int, query-to-mean distances computed, summed over the queries
+    """
+    depth = check_positive_int(depth, "depth")
+    if depth > index_ivf.nlist:
+        raise ValueError(f"depth must be <= nlist={index_ivf.nlist}, got {depth}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    quantizer = faiss.downcast_index(index_ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=max(int(quantizer.hnsw.efSearch), depth))
+        faiss.cvar.hnsw_stats.reset()
+        coarse_dis, list_nos = quantizer.search(x, depth, params=params)
+        return coarse_dis, list_nos, int(faiss.cvar.hnsw_stats.ndis)
+    if isinstance(quantizer, faiss.IndexFlat):
+        coarse_dis, list_nos = quantizer.search(x, depth)
+        return coarse_dis, list_nos, x.shape[0] * int(index_ivf.nlist)
+    raise TypeError(f"the quantizer must be a faiss.IndexFlat or faiss.IndexHNSW (their distance evaluations are "
+                    f"known), got {type(quantizer).__name__}")
+
+
+def dedup_results(D, I, k, metric_type=faiss.METRIC_L2):
+    """Keep the first (best) occurrence of every id, then the first k per row.
+
+    Parameters
+    ----------
+    D : ndarray of shape (n, kk), float32, each row best first (FAISS order)
+    I : ndarray of shape (n, kk), int64, -1 = no result
+    k : int
+    metric_type : faiss metric, chooses the padding distance (+max for L2, -max for IP)
+
+    Returns
+    -------
+    D : ndarray of shape (n, k)
+    I : ndarray of shape (n, k), distinct ids per row, -1 padded
+    count : ndarray of shape (n,), distinct ids found per row (<= k)
+    """
+    n, kk = I.shape
+    order = np.argsort(I, axis=1, kind="stable")  # equal ids together, best (earliest) first
+    sorted_ids = np.take_along_axis(I, order, 1)
+    first = np.ones((n, kk), dtype=bool)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    keep = np.empty_like(first)
+    np.put_along_axis(keep, order, first, 1)
+    keep &= I >= 0
+    if kk < k:  # fewer slots than asked for: pad the slots themselves
+        pad_cols = k - kk
+        D = np.hstack([D, np.zeros((n, pad_cols), D.dtype)])
+        I = np.hstack([I, np.full((n, pad_cols), -1, I.dtype)])
+        keep = np.hstack([keep, np.zeros((n, pad_cols), bool)])
+    pos = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept slots first, in distance order
+    count = np.minimum(keep.sum(1), k)
+    Dk = np.take_along_axis(D, pos, 1)
+    Ik = np.take_along_axis(I, pos, 1)
+    missing = np.arange(k)[None, :] >= count[:, None]
+    Ik[missing] = -1
+    Dk[missing] = PAD if metric_type == faiss.METRIC_L2 else -PAD
+    return Dk, Ik, count
+
+
+def preassigned_raw(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis):
+    """``IndexIVF.search_preassigned`` with the probe width taken from ``list_nos`` (list -1 is skipped).
+
+    The contrib wrapper asserts ``index.nprobe``; this passes the width as search
+    parameters instead, so the index's own nprobe is left alone. No deduplication.
+    """
+    n = x.shape[0]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
+    coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=np.int64)
+    params = faiss.SearchParametersIVF(nprobe=max(1, list_nos.shape[1]))
+    index_ivf.search_preassigned_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(list_nos), faiss.swig_ptr(coarse_dis),
+                                   faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+    return D, I
+
+
+def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *, max_dup=1, ncoarse=0):
+    """k nearest distinct ids, each query scanning the lists given for it (FAISS's ``search_preassigned``).
+
+    Over-fetches ``k * max_dup`` results, keeps each id's first (best) occurrence, and
+    fetches rows again with twice the slots while copies crowded out distinct ids.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF
+    x : ndarray of shape (nq, d), float32
+    k : int >= 1
+    list_nos : ndarray of shape (nq, p), int64; -1 entries are skipped (a per-query depth)
+    coarse_dis : ndarray of shape (nq, p), float32, true distances to the means of ``list_nos``
+        (IVFPQ / IVFSQ use them as a term of their decomposed distances)
+    max_dup : int, most lists any id was added to (sizes the over-fetch; a larger true count
+        only costs re-fetches)
+    ncoarse : int, the coarse-step distances that chose ``list_nos`` (copied into the stats)
+
+    Returns
+    -------
+    D : ndarray of shape (nq, k), float32
+    I : ndarray of shape (nq, k), int64
+    stats : SearchStats
+    """
+    k = check_positive_int(k, "k")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    list_nos = np.asarray(list_nos, dtype=np.int64)
+    if list_nos.ndim != 2 or list_nos.shape[0] != x.shape[0] or np.shape(coarse_dis) != list_nos.shape:
+        raise ValueError(f"list_nos and coarse_dis must both be (nq={x.shape[0]}, p), got {list_nos.shape} and "
+                         f"{np.shape(coarse_dis)}")
+    faiss.cvar.indexIVF_stats.reset()
+    entries = int(index_ivf.ntotal)
+    kk = min(k * max_dup, max(k, entries))
+    rows = np.arange(x.shape[0])
+    raw_d, raw_i = preassigned_raw(index_ivf, x, kk, list_nos, coarse_dis)
+    D, I, count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
+    # Short rows whose kk slots were all filled (no -1): copies crowded out distinct ids
+    # and the lists hold more, so fetch those rows again with twice the slots.
+    short = rows[(count < k) & (raw_i[:, -1] >= 0)]
+    n_refetch = 0
+    while short.size and kk < entries:
+        kk = min(2 * kk, entries)
+        raw_d, raw_i = preassigned_raw(index_ivf, x[short], kk, list_nos[short], np.asarray(coarse_dis)[short])
+        d_s, i_s, c_s = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
+        D[short], I[short], count[short] = d_s, i_s, c_s
+        n_refetch += short.size
+        short = short[(c_s < k) & (raw_i[:, -1] >= 0)]
+    stats = SearchStats(x.shape[0], int(faiss.cvar.indexIVF_stats.ndis), int(ncoarse),
+                        int((list_nos >= 0).sum()), n_refetch)
+    return D, I, stats
+
+
+def search_nprobe(index_ivf: faiss.IndexIVF, x, k, nprobe, *, max_dup=1):
+    """k nearest distinct ids scanning the ``nprobe`` nearest lists of every query (FAISS's IVF search).
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF with a flat or HNSW quantizer (an HNSW walk is given
+        efSearch >= nprobe)
+    x : ndarray of shape (nq, d), float32
+    k, nprobe : int
+    max_dup : int, see :func:`search_preassigned`
+
+    Returns
+    -------
+    D, I, stats : as :func:`search_preassigned`
+    """
+    coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, nprobe)
+    return search_preassigned(index_ivf, x, k, list_nos, coarse_dis, max_dup=max_dup, ncoarse=evaluations)
