@@ -42,11 +42,13 @@ STOP_RECALL = 0.99
 DEFAULT_SPEC = "IVF{nlist}_GMM,Flat"
 # Method names of --method; anything else is taken as an index_factory spec ('{nlist}' filled in),
 # and a '+learn' suffix calibrates it on learn queries.
+# A method may start from one built before it (``built``: name -> algorithm): the HNSW yardstick
+# takes FAISS IVF's k-means centroids, as its own training would compute them.
 METHODS = {
-    "ivf": lambda nlist: FaissIVF(nlist),
-    "ivf-hnsw": lambda nlist: FaissIVFHNSW(nlist),
-    "gmm": lambda nlist: GMMIndex(DEFAULT_SPEC, nlist),
-    "kmeans": lambda nlist: GMMIndex("IVF{nlist}_GMM(partition=kmeans),Flat", nlist),
+    "ivf": lambda nlist, built: FaissIVF(nlist),
+    "ivf-hnsw": lambda nlist, built: FaissIVFHNSW(nlist, start_from=built.get("ivf")),
+    "gmm": lambda nlist, built: GMMIndex(DEFAULT_SPEC, nlist),
+    "kmeans": lambda nlist, built: GMMIndex("IVF{nlist}_GMM(partition=kmeans),Flat", nlist),
 }
 DEFAULT_METHODS = ("ivf", "ivf-hnsw", "gmm", "gmm+learn", "kmeans")
 
@@ -131,7 +133,8 @@ def make_methods(names, nlist):
         learn = name.endswith("+learn")
         base_name = name[:-len("+learn")] if learn else name
         if base_name not in built:
-            built[base_name] = METHODS[base_name](nlist) if base_name in METHODS else GMMIndex(base_name, nlist)
+            built[base_name] = (METHODS[base_name](nlist, built) if base_name in METHODS
+                                else GMMIndex(base_name, nlist))
             out.append(built[base_name])
         if learn:
             prior = built[base_name]

@@ -173,3 +173,16 @@ def test_eval_does_not_import_the_cli():
     code = "import sys, flashgmm_ivf.eval.runner; print('flashgmm_ivf.cli' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_hnsw_yardstick_from_ivf_centroids_is_what_faiss_trains(sift):
+    base, test, _ = sift
+    ivf = methods.FaissIVF(NLIST)
+    ivf.build(base, base)
+    shared, alone = methods.FaissIVFHNSW(NLIST, start_from=ivf), methods.FaissIVFHNSW(NLIST)
+    shared.build(base, base)
+    alone.build(base, base)
+    np.testing.assert_array_equal(shared.centroids, alone.centroids)
+    assert shared.params()["kmeans_from"] == ivf.name and shared.build_s >= ivf.kmeans_s
+    depth = {"nprobe": 4, "ef_search": 16}
+    np.testing.assert_array_equal(shared.search(test, 10, **depth)[1], alone.search(test, 10, **depth)[1])
