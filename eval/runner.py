@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -255,7 +256,7 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
                                   "depth calibration with the set's learn queries"},
            "dataset": {"name": data.name, "n_base": n, "dim": d, "n_test": len(data.test),
                        "n_learn": 0 if data.learn is None else len(data.learn), **data.info},
-           "rows": rows, "seconds": time.perf_counter() - t0}
+           "rows": rows, "seconds": time.perf_counter() - t0, "load_average_at_end": list(os.getloadavg())}
     doc["summary"] = report.summarize(rows)
     doc["files"] = report.write(doc, out, f"{prefix}_{dataset or 'bundled'}")
     if not quiet:
