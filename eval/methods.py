@@ -211,10 +211,9 @@ class GMMIndex(Algorithm):
     calibrate : {'train', 'learn'}, default 'train'
         'train': the depth calibration ``train`` makes from training rows alone; 'learn':
         refined afterwards with ``index.calibrate(learn)``.
-    knob : {'auto', 'recall', 'nprobe'}, default 'auto'
-        What is swept: recall targets (``search(..., recall=r)``, ``RECALL_TARGETS``) or
-        nprobe (``search(..., nprobe=p)``). 'auto': recall targets if the index
-        calibrates its depth, else nprobe.
+    knob : {'recall', 'nprobe'}, default 'recall'
+        What is swept: recall targets (``search(..., recall=r)``, ``RECALL_TARGETS``: the
+        calibrated depth users get) or nprobe (``search(..., nprobe=p)``).
     start_from : GMMIndex, optional
         Built already: read its written file (``flashgmm_ivf.read_index``) instead of
         training again (e.g. the same index before and after ``calibrate``).
@@ -223,11 +222,11 @@ class GMMIndex(Algorithm):
         Keyword options of ``index_factory``.
     """
 
-    def __init__(self, spec, nlist, *, calibrate="train", knob="auto", start_from=None, name=None, **options):
+    def __init__(self, spec, nlist, *, calibrate="train", knob="recall", start_from=None, name=None, **options):
         if calibrate not in ("train", "learn"):
             raise ValueError(f"calibrate must be 'train' or 'learn', got {calibrate!r}")
-        if knob not in ("auto", "recall", "nprobe"):
-            raise ValueError(f"knob must be 'auto', 'recall' or 'nprobe', got {knob!r}")
+        if knob not in ("recall", "nprobe"):
+            raise ValueError(f"knob must be 'recall' or 'nprobe', got {knob!r}")
         self.spec = spec.replace("{nlist}", str(nlist))
         super().__init__(name or self.spec + (" + calibrate(learn)" if calibrate == "learn" else ""))
         self.nlist, self.calibrate, self.knob, self.start_from, self.options = nlist, calibrate, knob, start_from, options
@@ -245,8 +244,6 @@ class GMMIndex(Algorithm):
             self.index.add(base)
         if self.calibrate == "learn":
             self.index.calibrate(learn)
-        if self.knob == "auto":
-            self.knob = "recall" if hasattr(self.index, "calibrate") else "nprobe"
         if self.knob == "recall":  # the index fits its depth table at the first such search: part of the build
             self.index.search(base[:1], 1, recall=RECALL_TARGETS[0])
         self.build_s = time.perf_counter() - start
@@ -273,9 +270,9 @@ class GMMIndex(Algorithm):
 
     def params(self):
         out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options}
-        ef = getattr(self.index, "hnsw_ef_search", None)
-        if ef is not None:
-            out["hnsw_ef_search"] = ef
+        out["settings"] = self.index.settings()  # the recipe the spec resolved to
+        if getattr(self.index, "hnsw_ef_search", None) is not None:
+            out["hnsw_ef_search"] = self.index.hnsw_ef_search
         return out
 
     def close(self):

@@ -112,6 +112,8 @@ def test_gmm_index_through_the_public_api(sift):
     base, test, gt = sift
     method = methods.GMMIndex(SPEC, NLIST, knob="nprobe")
     assert method.name == "IVF16_GMM(diag,iter=3),Flat"
+    with pytest.raises(ValueError, match="knob"):
+        methods.GMMIndex(SPEC, NLIST, knob="auto")
     try:
         method.build(base, base)
         assert method.curves() == [[{"nprobe": p} for p in (1, 2, 4, 8, 16)]]
@@ -126,6 +128,24 @@ def test_gmm_index_through_the_public_api(sift):
     assert method.path is None
     with pytest.raises(ValueError, match="learn queries"):
         methods.GMMIndex(SPEC, NLIST, calibrate="learn").build(base, base)
+
+
+def test_learn_calibration_starts_from_the_built_index(sift):
+    base, test, gt = sift
+    first = methods.GMMIndex(SPEC, NLIST)
+    learned = methods.GMMIndex(SPEC, NLIST, calibrate="learn", start_from=first)
+    try:
+        first.build(base, base)
+        learned.build(base, base, learn=base[::20])  # 100 rows stand in for learn queries
+        assert learned.copies_per_vector() == first.copies_per_vector()
+        assert learned.params()["calibrate"] == "learn" and learned.name.endswith("+ calibrate(learn)")
+        rows = runner.sweep(learned, test, gt)
+        assert [r["recall_target"] for r in rows] == list(methods.RECALL_TARGETS[:len(rows)])
+        assert rows[-1]["recall_at_10"] > rows[0]["recall_at_10"]
+        assert all(r["dist_per_query"] == r["ndis_per_query"] + r["coarse_per_query"] for r in rows)
+    finally:
+        first.remove_files()
+        learned.remove_files()
 
 
 def test_make_methods_names_specs_and_learn():
