@@ -229,7 +229,8 @@ class GMMIndex(Algorithm):
             raise ValueError(f"knob must be 'recall' or 'nprobe', got {knob!r}")
         self.spec = spec.replace("{nlist}", str(nlist))
         super().__init__(name or self.spec + (" + calibrate(learn)" if calibrate == "learn" else ""))
-        self.nlist, self.calibrate, self.knob, self.start_from, self.options = nlist, calibrate, knob, start_from, options
+        self.nlist, self.calibrate, self.knob, self.options = nlist, calibrate, knob, options
+        self.start_from = start_from
         self.index = self.path = None
 
     def build(self, train, base, learn=None):
