@@ -149,7 +149,7 @@ def plot(rows, path, title):
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("distance computations per query (codes scanned + coarse step, log)")
     ax.set_ylabel("recall@10")
-    ax.set_ylim(max(0.0, min(r["recall_at_10"] for r in rows) - 0.02), 1.0)
+    ax.set_ylim(max(0.5, min(r["recall_at_10"] for r in rows) - 0.02), 1.0)  # the range users pick from
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=9)
