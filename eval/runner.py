@@ -17,12 +17,14 @@ them), k-means lists under the same machinery, and the two FAISS yardsticks.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -196,13 +198,15 @@ def sweep(method, queries, gt, *, k=K, stop=STOP_RECALL):
 
 # ---------------------------------------------------------------------- driver
 def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out="sweep-results", prefix="sweep",
-        max_queries=1000, max_learn=None, max_base=None, seed=1234, quiet=False) -> dict:
+        max_queries=1000, max_learn=None, max_base=None, seed=1234, merge=None, quiet=False) -> dict:
     """Run a sweep, print the table and write ``<prefix>_<dataset>.{csv,json,png,md}`` into ``out``.
 
     Parameters are the CLI options (see ``add_arguments``); ``nlist`` None: the power of
     two nearest 4 sqrt(n); ``methods``: names of ``METHODS`` or index_factory specs (see
     ``make_methods``). Methods calibrated on learn queries are skipped (and said so) on a
-    set without them.
+    set without them. ``merge``: an earlier sweep JSON of the same set, queries and nlist
+    whose methods not run now are kept (a long sweep run in parts; its run is listed under
+    'earlier_runs').
 
     Returns
     -------
@@ -216,6 +220,7 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
     nlist = recommended_nlist(n) if nlist is None else nlist
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     algorithms = make_methods(methods, nlist)
+    kept, earlier = _earlier_rows(merge, data, nlist, {m.name for m in algorithms})
     if data.learn is None:
         skipped = [m.name for m in algorithms if getattr(m, "calibrate", None) == "learn"]
         if skipped:
@@ -243,8 +248,10 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
             method.remove_files()
     title = (f"{data.name}: {n:,} base x {d}, {len(data.test)} test queries, nlist {nlist}"
              + (f" (base subsampled from {data.info['n_base_full']:,})" if "subsample" in data.info else ""))
-    doc = {"title": title, "environment": env,
-           "config": {"dataset": dataset or "bundled", "nlist": nlist, "methods": [m.name for m in algorithms],
+    rows = kept + rows
+    doc = {"title": title, "environment": env, "earlier_runs": earlier,
+           "config": {"dataset": dataset or "bundled", "nlist": nlist,
+                      "methods": list(dict.fromkeys(r["method"] for r in rows)),
                       "max_queries": max_queries, "max_learn": max_learn, "max_base": max_base, "seed": seed,
                       "recall_ks": RECALL_KS, "stop_recall_at_10": STOP_RECALL, "k": K,
                       "cost": "per query: codes scanned (faiss indexIVF_stats.ndis, copies included) + coarse-step "
@@ -265,6 +272,21 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
     return doc
 
 
+def _earlier_rows(path, data, nlist, rerun):
+    """Rows of an earlier sweep of the same set (``merge``) for methods not in ``rerun``, and its run records."""
+    if path is None:
+        return [], []
+    doc = json.loads(Path(path).read_text())
+    have = (doc["dataset"]["name"], doc["dataset"]["n_base"], doc["dataset"]["n_test"], doc["config"]["nlist"])
+    want = (data.name, data.base.shape[0], len(data.test), nlist)
+    if have != want:
+        raise ValueError(f"{path}: sweep of (set, base rows, test queries, nlist) = {have}, this one is {want}")
+    rows = [r for r in doc["rows"] if r["method"] not in rerun]
+    run = {"environment": doc["environment"], "methods": list(dict.fromkeys(r["method"] for r in rows)),
+           "seconds": doc.get("seconds"), "load_average_at_end": doc.get("load_average_at_end")}
+    return rows, doc.get("earlier_runs", []) + [run]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sweep's options (shared by ``flashgmm-ivf sweep`` and ``python -m flashgmm_ivf.eval.runner``)."""
     parser.add_argument("--dataset", help="registry name (e.g. sift-photos-128, glove-6B-50d-small); default: the "
@@ -282,6 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-learn", type=int, help="learn queries used (default: all)")
     parser.add_argument("--max-base", type=int, help="deterministic random subset of the base (seeded)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--merge", help="an earlier sweep JSON of the same set: its methods not run now are kept")
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -290,7 +313,7 @@ def run_args(args) -> int:
     """Run from parsed ``add_arguments`` options."""
     run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=args.methods or DEFAULT_METHODS,
         out=args.out, prefix=args.prefix, max_queries=args.max_queries, max_learn=args.max_learn,
-        max_base=args.max_base, seed=args.seed, quiet=args.quiet)
+        max_base=args.max_base, seed=args.seed, merge=args.merge, quiet=args.quiet)
     return 0
 
 

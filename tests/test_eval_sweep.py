@@ -159,8 +159,13 @@ def test_make_methods_names_specs_and_learn():
 
 
 def test_run_writes_csv_json_png_md(tiny_dir, tmp_path):
-    doc = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=["ivf", SPEC, SPEC + "+learn"],
-                     out=tmp_path, quiet=True)
+    # in two parts: the yardstick, then our index merged with it
+    first = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=["ivf"], out=tmp_path / "a", quiet=True)
+    with pytest.raises(ValueError, match="nlist"):
+        runner.run("tiny-sift", data_dir=tiny_dir, nlist=8, methods=[SPEC], merge=first["files"][1], quiet=True)
+    doc = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=[SPEC, SPEC + "+learn"],
+                     merge=first["files"][1], out=tmp_path, quiet=True)
+    assert [r["methods"] for r in doc["earlier_runs"]] == [["FAISS IVF16,Flat"]]
     stem = tmp_path / "sweep_tiny-sift"
     for ext in ("csv", "json", "png", "md"):
         assert stem.with_suffix(f".{ext}").stat().st_size > 0
