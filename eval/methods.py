@@ -21,9 +21,11 @@ Three kinds:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -110,14 +112,19 @@ class FaissIVF(Algorithm):
     start_from : FaissIVF, optional
         Built already: take its k-means centroids (the same ``niter`` and ``seed`` give the
         same centroids) instead of running k-means again; ``build_s`` still counts that k-means.
+    cache : str or Path, optional
+        Folder keeping the trained (empty) index, keyed by nlist, niter, seed and a digest of
+        the training rows, so a later sweep of the same set skips the k-means; ``build_s``
+        then counts the k-means seconds recorded when it ran.
     """
 
     yardstick = "ivf"
     coarse = ""
 
-    def __init__(self, nlist, *, niter=25, seed=1234, start_from=None, name=None):
+    def __init__(self, nlist, *, niter=25, seed=1234, start_from=None, cache=None, name=None):
         super().__init__(name or f"FAISS IVF{nlist}{self.coarse},Flat")
         self.nlist, self.niter, self.seed, self.start_from = nlist, niter, seed, start_from
+        self.cache = None if cache is None else Path(cache)
         self.index = self.centroids = None
 
     def build(self, train, base, learn=None):
@@ -125,9 +132,10 @@ class FaissIVF(Algorithm):
         self.index = faiss.index_factory(base.shape[1], f"IVF{self.nlist}{self.coarse},Flat")
         ivf = faiss.extract_index_ivf(self.index)
         ivf.cp.niter, ivf.cp.seed = self.niter, self.seed
+        cached = False
         if self.start_from is None:
-            self.index.train(train)
-            self.kmeans_s = time.perf_counter() - start
+            cached = self._train(train, start)
+            ivf = faiss.extract_index_ivf(self.index)
         else:
             # What IndexIVF.train does for a quantizer that is not flat (quantizer_trains_alone = 2):
             # k-means on a flat index, centroids added to the quantizer; here the k-means already run.
@@ -136,7 +144,26 @@ class FaissIVF(Algorithm):
             self.kmeans_s = self.start_from.kmeans_s
         self.centroids = ivf.quantizer.reconstruct_n(0, self.nlist)
         self.index.add(base)
-        self.build_s = time.perf_counter() - start + (0.0 if self.start_from is None else self.kmeans_s)
+        self.build_s = time.perf_counter() - start + (self.kmeans_s if self.start_from is not None or cached else 0.0)
+
+    def _train(self, train, start):
+        """k-means (``self.index.train``), or the trained index and its k-means seconds from the cache (-> True)."""
+        path = None
+        if self.cache is not None:
+            sample = np.ascontiguousarray(train[:: max(1, len(train) // 4096)])
+            digest = hashlib.sha256(sample.tobytes() + repr(train.shape).encode()).hexdigest()[:16]
+            path = self.cache / f"faiss-IVF{self.nlist}{self.coarse}-niter{self.niter}-seed{self.seed}-{digest}.index"
+            if path.exists():
+                self.index = faiss.read_index(str(path))
+                self.kmeans_s = float(path.with_suffix(".seconds").read_text())
+                return True
+        self.index.train(train)
+        self.kmeans_s = time.perf_counter() - start
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(self.index, str(path))
+            path.with_suffix(".seconds").write_text(f"{self.kmeans_s}\n")
+        return False
 
     def curves(self):
         return [[{"nprobe": p} for p in nprobe_grid(self.nlist)]]

@@ -48,10 +48,10 @@ DEFAULT_SPEC = "IVF{nlist}_GMM,Flat"
 # A method may start from one built before it (``built``: name -> algorithm): the HNSW yardstick
 # takes FAISS IVF's k-means centroids, as its own training would compute them.
 METHODS = {
-    "ivf": lambda nlist, built: FaissIVF(nlist),
-    "ivf-hnsw": lambda nlist, built: FaissIVFHNSW(nlist, start_from=built.get("ivf")),
-    "gmm": lambda nlist, built: GMMIndex(DEFAULT_SPEC, nlist),
-    "kmeans": lambda nlist, built: GMMIndex("IVF{nlist}_GMM(partition=kmeans),Flat", nlist),
+    "ivf": lambda nlist, built, cache: FaissIVF(nlist, cache=cache),
+    "ivf-hnsw": lambda nlist, built, cache: FaissIVFHNSW(nlist, start_from=built.get("ivf"), cache=cache),
+    "gmm": lambda nlist, built, cache: GMMIndex(DEFAULT_SPEC, nlist),
+    "kmeans": lambda nlist, built, cache: GMMIndex("IVF{nlist}_GMM(partition=kmeans),Flat", nlist),
 }
 DEFAULT_METHODS = ("ivf", "ivf-hnsw", "gmm", "gmm+learn", "kmeans")
 
@@ -123,12 +123,12 @@ def recommended_nlist(n) -> int:
     return 2 ** round(math.log2(4 * math.sqrt(n)))
 
 
-def make_methods(names, nlist):
+def make_methods(names, nlist, cache=None):
     """Algorithms from ``--method`` values: names of ``METHODS`` or index_factory specs, either with '+learn'.
 
     A '+learn' method reads the index its base method built and refines it with
     ``calibrate(learn queries)``; the base method is swept too (added before it when not
-    listed).
+    listed). ``cache``: folder where the FAISS yardsticks keep their trained k-means.
     """
     built, out = {}, []
     for raw in names:
@@ -136,7 +136,7 @@ def make_methods(names, nlist):
         learn = name.endswith("+learn")
         base_name = name[:-len("+learn")] if learn else name
         if base_name not in built:
-            built[base_name] = (METHODS[base_name](nlist, built) if base_name in METHODS
+            built[base_name] = (METHODS[base_name](nlist, built, cache) if base_name in METHODS
                                 else GMMIndex(base_name, nlist))
             out.append(built[base_name])
         if learn:
@@ -198,12 +198,12 @@ def sweep(method, queries, gt, *, k=K, stop=STOP_RECALL):
 
 # ---------------------------------------------------------------------- driver
 def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out="sweep-results", prefix="sweep",
-        max_queries=1000, max_learn=None, max_base=None, seed=1234, merge=None, quiet=False) -> dict:
+        max_queries=1000, max_learn=None, max_base=None, seed=1234, merge=None, cache=None, quiet=False) -> dict:
     """Run a sweep, print the table and write ``<prefix>_<dataset>.{csv,json,png,md}`` into ``out``.
 
     Parameters are the CLI options (see ``add_arguments``); ``nlist`` None: the power of
     two nearest 4 sqrt(n); ``methods``: names of ``METHODS`` or index_factory specs (see
-    ``make_methods``). Methods calibrated on learn queries are skipped (and said so) on a
+    ``make_methods``; ``cache`` see there). Methods calibrated on learn queries are skipped (and said so) on a
     set without them. ``merge``: an earlier sweep JSON of the same set, queries and nlist
     whose methods not run now are kept (a long sweep run in parts; its run is listed under
     'earlier_runs').
@@ -219,7 +219,7 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
     n, d = data.base.shape
     nlist = recommended_nlist(n) if nlist is None else nlist
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    algorithms = make_methods(methods, nlist)
+    algorithms = make_methods(methods, nlist, cache)
     kept, earlier = _earlier_rows(merge, data, nlist, {m.name for m in algorithms})
     if data.learn is None:
         skipped = [m.name for m in algorithms if getattr(m, "calibrate", None) == "learn"]
@@ -305,6 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-base", type=int, help="deterministic random subset of the base (seeded)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--merge", help="an earlier sweep JSON of the same set: its methods not run now are kept")
+    parser.add_argument("--cache", help="folder where the FAISS yardsticks keep their trained k-means for later "
+                                        "sweeps of the same set")
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -313,7 +315,7 @@ def run_args(args) -> int:
     """Run from parsed ``add_arguments`` options."""
     run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=args.methods or DEFAULT_METHODS,
         out=args.out, prefix=args.prefix, max_queries=args.max_queries, max_learn=args.max_learn,
-        max_base=args.max_base, seed=args.seed, merge=args.merge, quiet=args.quiet)
+        max_base=args.max_base, seed=args.seed, merge=args.merge, cache=args.cache, quiet=args.quiet)
     return 0
 
 

@@ -211,3 +211,16 @@ def test_hnsw_yardstick_from_ivf_centroids_is_what_faiss_trains(sift):
     assert shared.params()["kmeans_from"] == ivf.name and shared.build_s >= ivf.kmeans_s
     depth = {"nprobe": 4, "ef_search": 16}
     np.testing.assert_array_equal(shared.search(test, 10, **depth)[1], alone.search(test, 10, **depth)[1])
+
+
+def test_ivf_cache_reuses_the_kmeans(sift, tmp_path):
+    base, test, _ = sift
+    first, again = methods.FaissIVF(NLIST, cache=tmp_path), methods.FaissIVF(NLIST, cache=tmp_path)
+    first.build(base, base)
+    assert len(list(tmp_path.glob("faiss-IVF16-niter25-seed1234-*.index"))) == 1
+    again.build(base, base)
+    np.testing.assert_array_equal(again.centroids, first.centroids)
+    assert again.kmeans_s == pytest.approx(first.kmeans_s) and again.build_s >= first.kmeans_s
+    other = methods.FaissIVF(NLIST, cache=tmp_path)
+    other.build(base[:1500], base)  # other training rows: another entry
+    assert len(list(tmp_path.glob("*.index"))) == 2
