@@ -9,7 +9,8 @@ sets are normalised to unit rows and searched by L2, which ranks neighbours as c
 
 The default methods are the recommended recipe (``IVF<nlist>_GMM,Flat``, depth calibrated
 from training rows, and the same index after ``calibrate(learn queries)`` when the set has
-them), k-means lists under the same machinery, and the two FAISS yardsticks.
+them), k-means lists under the same machinery, and the two FAISS yardsticks; on the bundled
+sample the recipe and the two yardsticks.
 
     flashgmm-ivf sweep                                   # bundled SIFT sample, about a minute
     python -m flashgmm_ivf.eval.runner --dataset glove-6B-50d --out eval/results --prefix recipe
@@ -36,7 +37,7 @@ from . import report
 from .environment import environment
 from .methods import FaissIVF, FaissIVFHNSW, GMMIndex
 
-__all__ = ["METHODS", "Data", "add_arguments", "load_data", "main", "make_methods", "recommended_nlist", "run",
+__all__ = ["DEFAULT_METHODS", "METHODS", "QUICK_METHODS", "Data", "add_arguments", "load_data", "main", "make_methods", "recommended_nlist", "run",
            "run_args", "sweep"]
 
 RECALL_KS = (1, 10, 100)
@@ -54,6 +55,7 @@ METHODS = {
     "kmeans": lambda nlist, built, cache: GMMIndex("IVF{nlist}_GMM(partition=kmeans),Flat", nlist),
 }
 DEFAULT_METHODS = ("ivf", "ivf-hnsw", "gmm", "gmm+learn", "kmeans")
+QUICK_METHODS = ("ivf", "ivf-hnsw", "gmm")  # the bundled sample (no learn queries): about a minute on 2 cores
 
 
 # ---------------------------------------------------------------------- data
@@ -297,7 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--method", action="append", dest="methods",
                         help="repeatable: " + ", ".join(METHODS) + ", an index_factory spec such as "
                              "'IVF{nlist}_GMM(coarse=flat),Flat', either with a '+learn' suffix (refined by "
-                             "calibrate(learn queries)); default: " + " ".join(DEFAULT_METHODS))
+                             "calibrate(learn queries)); default: " + " ".join(DEFAULT_METHODS)
+                             + " (bundled sample: " + " ".join(QUICK_METHODS) + ")")
     parser.add_argument("--out", default="sweep-results", help="output folder")
     parser.add_argument("--prefix", default="sweep", help="output file names: <prefix>_<dataset>.*")
     parser.add_argument("--max-queries", type=int, default=1000, help="test queries used")
@@ -313,7 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_args(args) -> int:
     """Run from parsed ``add_arguments`` options."""
-    run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=args.methods or DEFAULT_METHODS,
+    methods = args.methods or (DEFAULT_METHODS if args.dataset else QUICK_METHODS)
+    run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=methods,
         out=args.out, prefix=args.prefix, max_queries=args.max_queries, max_learn=args.max_learn,
         max_base=args.max_base, seed=args.seed, merge=args.merge, cache=args.cache, quiet=args.quiet)
     return 0
