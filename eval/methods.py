@@ -203,9 +203,10 @@ class FaissIVFHNSW(FaissIVF):
 
     yardstick = "ivf-hnsw"
 
-    def __init__(self, nlist, *, M=32, niter=25, seed=1234, ef_search=EF_SEARCH, start_from=None, name=None):
+    def __init__(self, nlist, *, M=32, niter=25, seed=1234, ef_search=EF_SEARCH, start_from=None, cache=None,
+                 name=None):
         self.coarse = f"_HNSW{M}"
-        super().__init__(nlist, niter=niter, seed=seed, start_from=start_from, name=name)
+        super().__init__(nlist, niter=niter, seed=seed, start_from=start_from, cache=cache, name=name)
         self.ef_search = tuple(ef_search)
 
     def curves(self):

@@ -149,10 +149,11 @@ def test_learn_calibration_starts_from_the_built_index(sift):
 
 
 def test_make_methods_names_specs_and_learn():
-    made = runner.make_methods(["ivf", "gmm+learn", "IVF{nlist}_GMM(spherical),Flat"], 32)
-    assert [m.name for m in made] == ["FAISS IVF32,Flat", "IVF32_GMM,Flat", "IVF32_GMM,Flat + calibrate(learn)",
-                                      "IVF32_GMM(spherical),Flat"]
-    assert made[2].start_from is made[1]
+    made = runner.make_methods(["ivf", "ivf-hnsw", "gmm+learn", "IVF{nlist}_GMM(spherical),Flat"], 32, "cache")
+    assert [m.name for m in made] == ["FAISS IVF32,Flat", "FAISS IVF32_HNSW32,Flat", "IVF32_GMM,Flat",
+                                      "IVF32_GMM,Flat + calibrate(learn)", "IVF32_GMM(spherical),Flat"]
+    assert made[1].start_from is made[0] and made[3].start_from is made[2]
+    assert str(made[0].cache) == "cache"
     with pytest.raises(ValueError, match="only our index"):
         runner.make_methods(["ivf+learn"], 32)
     assert runner.recommended_nlist(10_000) == 512 and runner.recommended_nlist(500_000) == 2048
