@@ -7,10 +7,11 @@ vectors of the index. The neighbours are kept up to date as vectors are added
 added block, merged into the running best), so they are exact for any encoding (PQ and
 SQ included) without keeping the raw vectors.
 
-Exact copies of a query (squared L2 distance 0) are not counted as its neighbours: a
-held-out training row may itself have been added to the index (training on the base
-set is common), and it would then be found at depth 1 by construction, making every
-depth look cheaper than it is for a real query.
+The first exact copy of a query met among the added vectors (squared L2 distance 0) is
+taken to be the query itself and not counted as its neighbour: a held-out training row
+may itself be added to the index (training on the base set is common), and it would then
+be found at depth 1 by construction, making every depth look cheaper than it is for a
+real query. Further exact copies (duplicates in the data) are counted.
 """
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ from .search import dedup_results, ranked_lists
 __all__ = ["K_CAL", "Calibration", "fit_table", "table_depth"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
-# Neighbours fetched per added block beyond K_CAL, so that exact copies of a query (dropped)
-# do not leave it with fewer than K_CAL.
-_SLACK = 8
 
 
 @dataclass
@@ -41,6 +39,8 @@ class Calibration:
     distances : ndarray of shape (nc, K_CAL), float32, the matching distances (+inf / -inf where -1)
     metric_type : faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT
     source : str, 'training rows' or 'queries'
+    self_pending : ndarray of shape (nc,), bool
+        True while the query's own copy (its first exact copy, L2 only) has not been met and skipped.
     """
 
     queries: np.ndarray
@@ -48,6 +48,7 @@ class Calibration:
     distances: np.ndarray
     metric_type: int
     source: str
+    self_pending: np.ndarray
 
     @classmethod
     def empty(cls, queries: np.ndarray, metric_type: int, source: str) -> Calibration:
@@ -55,7 +56,8 @@ class Calibration:
         nc = queries.shape[0]
         worst = np.inf if metric_type == faiss.METRIC_L2 else -np.inf
         return cls(np.ascontiguousarray(queries, dtype=np.float32), np.full((nc, K_CAL), -1, np.int64),
-                   np.full((nc, K_CAL), worst, np.float32), int(metric_type), source)
+                   np.full((nc, K_CAL), worst, np.float32), int(metric_type), source,
+                   np.full(nc, metric_type == faiss.METRIC_L2))
 
     @property
     def n_found(self) -> int:
@@ -66,7 +68,7 @@ class Calibration:
         """Merge the vectors ``x`` (with ``ids``), just added to the index, into the running neighbours."""
         if x.shape[0] == 0 or self.queries.shape[0] == 0:
             return
-        k = min(K_CAL + _SLACK, x.shape[0])
+        k = min(K_CAL + 1, x.shape[0])  # one more: the query's own copy may be among them
         dis, pos = faiss.knn(self.queries, np.ascontiguousarray(x, dtype=np.float32), k, metric=self.metric_type)
         new_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)
         self.merge_results(dis, new_ids)
@@ -75,15 +77,23 @@ class Calibration:
         """Merge the neighbours of ``other`` (same queries, disjoint vectors: another shard)."""
         if other.queries.shape != self.queries.shape or not np.array_equal(other.queries, self.queries):
             raise ValueError("the calibrations hold different queries (indexes from different trainings?)")
-        self.merge_results(other.distances, other.ids)
+        self.self_pending &= other.self_pending  # a shard met the query's own copy: it is skipped
+        self.merge_results(other.distances, other.ids, skip_self=False)
 
-    def merge_results(self, dis, ids):
-        """Merge search results (nc, m) for the queries, each row best first or not, into the running neighbours."""
+    def merge_results(self, dis, ids, *, skip_self=True):
+        """Merge search results (nc, m) for the queries, best first, into the running neighbours.
+
+        With ``skip_self``, the first exact copy (distance 0) of a query whose own copy is
+        still pending is skipped (see the module docstring).
+        """
         l2 = self.metric_type == faiss.METRIC_L2
         dis = np.asarray(dis, dtype=np.float32)
-        ids = np.asarray(ids, dtype=np.int64)
-        if l2:
-            ids = np.where(dis == 0, -1, ids)  # exact copies of the query are not its neighbours
+        ids = np.array(ids, dtype=np.int64)
+        if l2 and skip_self:
+            zero = (dis == 0) & (ids >= 0)
+            rows = np.flatnonzero(zero.any(1) & self.self_pending)
+            ids[rows, zero[rows].argmax(1)] = -1
+            self.self_pending[rows] = False
         all_d = np.hstack([self.distances, dis])
         all_i = np.hstack([self.ids, ids])
         worst = np.inf if l2 else -np.inf

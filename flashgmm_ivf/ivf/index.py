@@ -133,8 +133,8 @@ class GMMIndexIVF:
     -----
     Calibration. ``train`` holds ``calibration_rows`` training rows out of the fit as
     stand-in queries. Every ``add`` updates their exact 10 nearest ids among the added
-    vectors (brute force over each added block; exact copies of a query, distance 0, are
-    not counted, since a stand-in may itself be added). The depth table (recall@10 and
+    vectors (brute force over each added block; a stand-in's first exact copy, distance 0,
+    is taken to be itself, since training rows are often added too, and not counted). The depth table (recall@10 and
     codes scanned per depth and difficulty bin) is fitted on them against the index's
     real lists at the first ``recall`` search after the index changed by more than 10%
     of its size since the last fit: a table fitted on the training rows' own lists at
@@ -393,8 +393,8 @@ class GMMIndexIVF:
         neighbors : array-like of shape (nq, >= 10), int, optional
             Ids of each query's exact nearest neighbours in the index, nearest first. Default:
             computed by the index, scanning all its lists (Flat encoding only: PQ/SQ codes
-            are not exact), and kept exact by later ``add`` calls; exact copies of a query
-            (distance 0) are not counted as neighbours. Given neighbours are kept as they
+            are not exact), and kept exact by later ``add`` calls; a query's first exact copy
+            (distance 0) is taken to be the query itself and not counted. Given neighbours are kept as they
             are: call ``calibrate`` again after adding more vectors.
         """
         self._check_trained("calibrate")
@@ -417,6 +417,7 @@ class GMMIndexIVF:
                 raise ValueError(f"neighbors must be integers of shape ({queries.shape[0]}, >= 10), got "
                                  f"{neighbors.dtype}{neighbors.shape}")
             calibration.ids = np.ascontiguousarray(neighbors[:, :10], dtype=np.int64)
+            calibration.self_pending[:] = False
             # Distances unknown: the best possible, so later adds never displace given neighbours.
             best = -np.inf if self.index.metric_type == faiss.METRIC_L2 else np.inf
             calibration.distances = np.full(calibration.ids.shape, best, np.float32)
@@ -514,7 +515,7 @@ class GMMIndexIVF:
         """Exact neighbours of the calibration queries by scanning every list (Flat codes are the vectors)."""
         nq = calibration.queries.shape[0]
         lists = np.broadcast_to(np.arange(self._nlist, dtype=np.int64), (nq, self._nlist))
-        kk = min(int(self.index.ntotal), (10 + 8) * self._max_dup)
+        kk = min(int(self.index.ntotal), (10 + 1) * self._max_dup)
         D, I = preassigned_raw(self.index, calibration.queries, kk, lists, np.zeros(lists.shape, np.float32))
         calibration.merge_results(D, I)
 

@@ -8,8 +8,8 @@ Members (read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
 - ``faiss_index``: uint8, ``faiss.serialize_index`` of the inner IndexIVF with its
   quantizer (the HNSW graph included): what ``faiss.write_index`` would write.
 - ``gmm``: uint8, the GaussianMixture's own file (``GaussianMixture.save``).
-- ``calibration_queries``, ``calibration_ids``, ``calibration_distances``: the calibration
-  queries and their exact neighbours.
+- ``calibration_queries``, ``calibration_ids``, ``calibration_distances``,
+  ``calibration_self_pending``: the calibration queries and their exact neighbours.
 - ``table_edges``, ``table_recall``, ``table_cost``, ``table_counts``: the fitted depth
   table (empty arrays when none is fitted).
 - ``sha256``: SHA-256 over the header's bytes and every other member's name, dtype,
@@ -41,7 +41,7 @@ __all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION"]
 FORMAT = "flashgmm_ivf.GMMIndexIVF"
 FORMAT_VERSION = 2
 _TABLE = ("table_edges", "table_recall", "table_cost", "table_counts")
-_CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances")
+_CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances", "calibration_self_pending")
 _ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
 
 
@@ -57,6 +57,7 @@ def write_index(index: GMMIndexIVF, path) -> None:
         "faiss_index": faiss.serialize_index(index.index),
         "gmm": _gmm_bytes(index.gmm),
         "calibration_queries": cal.queries, "calibration_ids": cal.ids, "calibration_distances": cal.distances,
+        "calibration_self_pending": cal.self_pending,
         "table_edges": table.edges if table else np.empty(0), "table_recall": table.recall if table else np.empty((0, 0)),
         "table_cost": table.cost if table else np.empty((0, 0)),
         "table_counts": table.counts if table else np.empty(0, np.int64),
@@ -193,14 +194,16 @@ def _check_inner(path, inner, index, header, gmm):
 
 
 def _calibration(path, arrays, index, header) -> Calibration:
-    queries, ids, distances = (arrays[m] for m in _CALIBRATION)
+    queries, ids, distances, pending = (arrays[m] for m in _CALIBRATION)
     nc = queries.shape[0] if queries.ndim == 2 else -1
     if queries.dtype != np.float32 or queries.shape != (nc, index.d) or ids.dtype != np.int64 \
-            or ids.shape != (nc, K_CAL) or distances.dtype != np.float32 or distances.shape != (nc, K_CAL):
+            or ids.shape != (nc, K_CAL) or distances.dtype != np.float32 or distances.shape != (nc, K_CAL) \
+            or pending.dtype != np.bool_ or pending.shape != (nc,):
         raise ValueError(f"{path}: calibration arrays have inconsistent shapes or dtypes")
     if not np.isfinite(queries).all() or (ids < -1).any() or (ids >= max(header["next_id"], 1)).any():
         raise ValueError(f"{path}: calibration arrays hold non-finite queries or ids outside the index")
-    return Calibration(queries, ids, distances, int(index.index.metric_type), str(header["calibration_source"]))
+    return Calibration(queries, ids, distances, int(index.index.metric_type), str(header["calibration_source"]),
+                       pending)
 
 
 def _table(path, arrays) -> ProbeTable:

@@ -258,6 +258,7 @@ def _wrap(like: GMMIndexIVF, inner, *, n_vectors, next_id, max_dup) -> GMMIndexI
     if like.calibration is not None:
         out.calibration = Calibration.empty(like.calibration.queries, like.calibration.metric_type,
                                             like.calibration.source)
+        out.calibration.self_pending[:] = like.calibration.self_pending
     out._ntotal, out._next_id, out._max_dup = n_vectors, next_id, max_dup
     return out
 
