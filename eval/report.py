@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["GOALS", "LEGEND", "MAX_COPIES", "TARGETS", "YARDSTICKS", "cost_at", "front", "main", "markdown", "plot",
-           "summarize", "summary_table", "write"]
+           "runs_table", "summarize", "summary_table", "write"]
 
 TARGETS = (0.9, 0.95)
 YARDSTICKS = {"ivf": "FAISS IVF (flat)", "ivf-hnsw": "FAISS IVF_HNSW32"}
@@ -224,6 +224,28 @@ def summary_table(docs, targets=TARGETS) -> str:
     return "\n".join(lines)
 
 
+def runs_table(docs) -> str:
+    """Where each sweep ran: set, base rows, nlist, test / learn queries, commit, seconds and machine load per part."""
+    lines = ["| set | base rows | nlist | test / learn queries | part: methods | commit | seconds | load avg start / end |",
+             "|---|---|---|---|---|---|---|---|"]
+    for doc in docs:
+        data = doc["dataset"]
+        parts = doc.get("earlier_runs", []) + [{
+            "environment": doc["environment"], "seconds": doc.get("seconds"),
+            "load_average_at_end": doc.get("load_average_at_end"),
+            "methods": [m for m in doc["config"]["methods"]
+                        if not any(m in e["methods"] for e in doc.get("earlier_runs", []))]}]
+        for part in parts:
+            env = part["environment"]
+            load = f"{env['load_average_at_start'][0]:.1f} / " + _num((part.get("load_average_at_end") or [None])[0],
+                                                                       "{:.1f}", "–")
+            lines.append(f"| {data['name']} | {data['n_base']:,} | {doc['config']['nlist']} | {data['n_test']:,} / "
+                         f"{data.get('n_learn', 0):,} | {', '.join(part['methods'])} | {(env.get('commit') or '?')[:10]}"
+                         f"{' (+changes)' if env.get('uncommitted_changes') else ''} | "
+                         f"{_num(part.get('seconds'), '{:.0f}', '–')} | {load} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="One table over several sweep JSONs, goals marked hit / miss.")
     parser.add_argument("files", nargs="+", help="sweep JSON documents (runner output)")
@@ -231,7 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--title", default="# Recall sweep summary")
     args = parser.parse_args(argv)
     docs = [json.loads(Path(f).read_text()) for f in args.files]
-    text = "\n\n".join([args.title, summary_table(docs), LEGEND,
+    text = "\n\n".join([args.title, summary_table(docs), LEGEND, "Runs (CPU: " + docs[0]["environment"]["device"]
+                        + f", {docs[0]['environment']['cpu_count']} cores, shared with other jobs):", runs_table(docs),
                         "Goals: >= " + ", ".join(f"{GOALS[k]}x fewer than {YARDSTICKS[k]}" for k in YARDSTICKS)
                         + f" at each target, <= {MAX_COPIES} copies per vector, QPS at recall@10 = {QPS_TARGET} "
                           "not below FAISS IVF's; ✓ hit, ✗ miss."]) + "\n"
