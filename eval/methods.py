@@ -42,8 +42,14 @@ EF_SEARCH = (16, 32, 64, 128, 256, 512)
 
 
 def nprobe_grid(nlist):
-    """nprobe values 1, 2, 4, ... up to nlist."""
-    return [1 << i for i in range(int(np.log2(nlist)) + 1)] + ([nlist] if nlist & (nlist - 1) else [])
+    """nprobe values 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and the midpoints between) up to nlist.
+
+    Costs at a recall target are interpolated between measured points; the midpoints keep
+    that interpolation close to the curve, so a fixed-nprobe method is not charged for the
+    gaps of its grid.
+    """
+    grid = sorted({v for i in range(int(np.log2(nlist)) + 1) for v in (1 << i, 3 << i >> 1) if 1 <= v <= nlist})
+    return grid + ([nlist] if grid[-1] != nlist else [])
 
 
 class Algorithm:

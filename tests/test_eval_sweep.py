@@ -116,7 +116,7 @@ def test_gmm_index_through_the_public_api(sift):
         methods.GMMIndex(SPEC, NLIST, knob="auto")
     try:
         method.build(base, base)
-        assert method.curves() == [[{"nprobe": p} for p in (1, 2, 4, 8, 16)]]
+        assert method.curves() == [[{"nprobe": p} for p in (1, 2, 3, 4, 6, 8, 12, 16)]]
         _, I = method.search(test, 100, nprobe=NLIST)
         assert runner.recall_at(I, gt, 100) == 1.0
         assert method.copies_per_vector() >= 1.0 and method.last_stats["ndis"] >= len(base)
@@ -146,6 +146,12 @@ def test_learn_calibration_starts_from_the_built_index(sift):
     finally:
         first.remove_files()
         learned.remove_files()
+
+
+def test_nprobe_grid_has_the_midpoints():
+    assert methods.nprobe_grid(16) == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert methods.nprobe_grid(20) == [1, 2, 3, 4, 6, 8, 12, 16, 20]
+    assert methods.nprobe_grid(1) == [1]
 
 
 def test_make_methods_names_specs_and_learn():
