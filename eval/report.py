@@ -69,12 +69,12 @@ def summarize(rows, targets=TARGETS):
 
     Returns
     -------
-    list of dict, one per method in order of appearance: method, yardstick, copies_per_vector,
+    list of dict, one per method, yardsticks first, else in order of appearance: method, yardstick, copies_per_vector,
     index_bytes, build_s, cost_at / qps_at / recall_when_asked {target: float|None} and
     x_fewer {yardstick: {target: float|None}}.
     """
     curves = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: not r.get("yardstick")):  # stable: order of appearance otherwise
         curves.setdefault(r["method"], []).append(r)
     out = []
     for method, curve in curves.items():
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--title", default="# Recall sweep summary")
     args = parser.parse_args(argv)
     docs = [json.loads(Path(f).read_text()) for f in args.files]
+    for doc in docs:  # from the rows, by this module's rules
+        doc["summary"] = summarize(doc["rows"])
     text = "\n\n".join([args.title, summary_table(docs), LEGEND, "Runs (CPU: " + docs[0]["environment"]["device"]
                         + f", {docs[0]['environment']['cpu_count']} cores, shared with other jobs):", runs_table(docs),
                         "Goals: >= " + ", ".join(f"{GOALS[k]}x fewer than {YARDSTICKS[k]}" for k in YARDSTICKS)

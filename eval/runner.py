@@ -283,10 +283,13 @@ def _earlier_rows(path, data, nlist, rerun):
     want = (data.name, data.base.shape[0], len(data.test), nlist)
     if have != want:
         raise ValueError(f"{path}: sweep of (set, base rows, test queries, nlist) = {have}, this one is {want}")
-    rows = [r for r in doc["rows"] if r["method"] not in rerun]
-    run = {"environment": doc["environment"], "methods": list(dict.fromkeys(r["method"] for r in rows)),
-           "seconds": doc.get("seconds"), "load_average_at_end": doc.get("load_average_at_end")}
-    return rows, doc.get("earlier_runs", []) + [run]
+    runs = doc.get("earlier_runs", [])
+    own = [m for m in doc["config"]["methods"] if not any(m in r["methods"] for r in runs)]
+    runs = runs + [{"environment": doc["environment"], "methods": own, "seconds": doc.get("seconds"),
+                    "load_average_at_end": doc.get("load_average_at_end")}]
+    # Each earlier run keeps the methods it measured that are not measured again now.
+    runs = [{**r, "methods": [m for m in r["methods"] if m not in rerun]} for r in runs]
+    return [r for r in doc["rows"] if r["method"] not in rerun], [r for r in runs if r["methods"]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -173,6 +173,10 @@ def test_run_writes_csv_json_png_md(tiny_dir, tmp_path):
     doc = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=[SPEC, SPEC + "+learn"],
                      merge=first["files"][1], out=tmp_path, quiet=True)
     assert [r["methods"] for r in doc["earlier_runs"]] == [["FAISS IVF16,Flat"]]
+    again = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=["ivf"], merge=doc["files"][1],
+                       out=tmp_path / "b", quiet=True)  # the yardstick measured again: the first run drops out
+    assert [r["methods"] for r in again["earlier_runs"]] == [["IVF16_GMM(diag,iter=3),Flat"]]
+    assert [s["method"] for s in again["summary"]] == ["FAISS IVF16,Flat", "IVF16_GMM(diag,iter=3),Flat"]
     stem = tmp_path / "sweep_tiny-sift"
     for ext in ("csv", "json", "png", "md"):
         assert stem.with_suffix(f".{ext}").stat().st_size > 0
