@@ -211,7 +211,7 @@ def summary_table(docs, targets=TARGETS) -> str:
                     ok = None if not ours else (v is not None and v >= GOALS[key])
                     cells.append(("n/r" if s["cost_at"][t] is None else "–") if v is None
                                  else f"{v:.2f}{_mark(ok)}")
-                copies = f"{s['copies_per_vector']:.2f}" + _mark(s["copies_per_vector"] <= MAX_COPIES + 1e-9
+                copies = f"{s['copies_per_vector']:.3f}" + _mark(s["copies_per_vector"] <= MAX_COPIES + 1e-9
                                                                  if ours else None)
                 qps = "–"
                 if t == str(QPS_TARGET):

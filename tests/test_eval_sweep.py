@@ -83,7 +83,7 @@ def test_summary_table_marks_hits_and_misses():
     doc = {"dataset": {"name": "toy"}, "config": {"nlist": 64}, "summary": report.summarize(data)}
     table = report.summary_table([doc])
     line = next(x for x in table.splitlines() if "| 0.95 | ours |" in x)
-    assert "3.00 ✓" in line and "2.00 ✓" in line and "1.70 ✗ miss" in line
+    assert "3.00 ✓" in line and "2.00 ✓" in line and "1.700 ✗ miss" in line
     line = next(x for x in table.splitlines() if "| 0.9 | ours |" in x)
     assert "2.45 ✓" in line and "1.55 ✓" in line and "400 (500) ✗ miss" in line
     with pytest.raises(ValueError, match="yardstick"):
