@@ -256,7 +256,10 @@ def main(argv=None) -> int:
     for doc in docs:  # from the rows, by this module's rules
         doc["summary"] = summarize(doc["rows"])
     text = "\n\n".join([args.title, summary_table(docs), LEGEND, "Runs (CPU: " + docs[0]["environment"]["device"]
-                        + f", {docs[0]['environment']['cpu_count']} cores, shared with other jobs):", runs_table(docs),
+                        + f", {docs[0]['environment']['cpu_count']} cores). Distance counts are exact and repeat "
+                          "from run to run; QPS is wall clock on this machine at the load shown, and QPS of methods "
+                          "measured in different parts of a sweep were not measured side by side:",
+                        runs_table(docs),
                         "Goals: >= " + ", ".join(f"{GOALS[k]}x fewer than {YARDSTICKS[k]}" for k in YARDSTICKS)
                         + f" at each target, <= {MAX_COPIES} copies per vector, QPS at recall@10 = {QPS_TARGET} "
                           "not below FAISS IVF's; ✓ hit, ✗ miss."]) + "\n"
