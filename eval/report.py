@@ -225,8 +225,8 @@ def summary_table(docs, targets=TARGETS) -> str:
 
 
 def runs_table(docs) -> str:
-    """Where each sweep ran: set, base rows, nlist, test / learn queries, commit, seconds and machine load per part."""
-    lines = ["| set | base rows | nlist | test / learn queries | part: methods | commit | seconds | load avg start / end |",
+    """Where each sweep ran: set, base rows, nlist, test queries, commit, seconds and machine load per part."""
+    lines = ["| set | base rows | nlist | test queries | part: methods | commit | seconds | load avg start / end |",
              "|---|---|---|---|---|---|---|---|"]
     for doc in docs:
         data = doc["dataset"]
@@ -239,8 +239,8 @@ def runs_table(docs) -> str:
             env = part["environment"]
             load = f"{env['load_average_at_start'][0]:.1f} / " + _num((part.get("load_average_at_end") or [None])[0],
                                                                        "{:.1f}", "–")
-            lines.append(f"| {data['name']} | {data['n_base']:,} | {doc['config']['nlist']} | {data['n_test']:,} / "
-                         f"{data.get('n_learn', 0):,} | {', '.join(part['methods'])} | {(env.get('commit') or '?')[:10]}"
+            lines.append(f"| {data['name']} | {data['n_base']:,} | {doc['config']['nlist']} | {data['n_test']:,} | "
+                         f"{', '.join(part['methods'])} | {(env.get('commit') or '?')[:10]}"
                          f"{' (+changes)' if env.get('uncommitted_changes') else ''} | "
                          f"{_num(part.get('seconds'), '{:.0f}', '–')} | {load} |")
     return "\n".join(lines)
@@ -251,6 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("files", nargs="+", help="sweep JSON documents (runner output)")
     parser.add_argument("--out", help="write the markdown here (default: print only)")
     parser.add_argument("--title", default="# Recall sweep summary")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph added at the end (repeatable)")
     args = parser.parse_args(argv)
     docs = [json.loads(Path(f).read_text()) for f in args.files]
     for doc in docs:  # from the rows, by this module's rules
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
                         runs_table(docs),
                         "Goals: >= " + ", ".join(f"{GOALS[k]}x fewer than {YARDSTICKS[k]}" for k in YARDSTICKS)
                         + f" at each target, <= {MAX_COPIES} copies per vector, QPS at recall@10 = {QPS_TARGET} "
-                          "not below FAISS IVF's; ✓ hit, ✗ miss."]) + "\n"
+                          "not below FAISS IVF's; ✓ hit, ✗ miss.", *args.note]) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
