@@ -138,7 +138,8 @@ def test_learn_calibration_starts_from_the_built_index(sift):
         first.build(base, base)
         learned.build(base, base, learn=base[::20])  # 100 rows stand in for learn queries
         assert learned.copies_per_vector() == first.copies_per_vector()
-        assert learned.params()["calibrate"] == "learn" and learned.name.endswith("+ calibrate(learn)")
+        assert learned.params()["calibrate"] == "learn" and learned.params()["learn_queries"] == 100
+        assert learned.name.endswith("+ calibrate(learn)")
         rows = runner.sweep(learned, test, gt)
         assert [r["recall_target"] for r in rows] == list(methods.RECALL_TARGETS[:len(rows)])
         assert rows[-1]["recall_at_10"] > rows[0]["recall_at_10"]
