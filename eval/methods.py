@@ -266,7 +266,7 @@ class GMMIndex(Algorithm):
         self.nlist, self.calibrate, self.knob, self.options = nlist, calibrate, knob, options
         self.start_from = start_from
         self.index = self.path = None
-        self.options_used = {}
+        self.calibration_info = {}
 
     def build(self, train, base, learn=None):
         if self.calibrate == "learn" and learn is None:
@@ -280,7 +280,7 @@ class GMMIndex(Algorithm):
             self.index.add(base)
         if self.calibrate == "learn":
             self.index.calibrate(learn)
-            self.options_used = {"learn_queries": int(len(learn))}
+            self.calibration_info = {"learn_queries": int(len(learn))}
         if self.knob == "recall":  # the index fits its depth table at the first such search: part of the build
             self.index.search(base[:1], 1, recall=RECALL_TARGETS[0])
         self.build_s = time.perf_counter() - start
@@ -306,7 +306,7 @@ class GMMIndex(Algorithm):
         return os.path.getsize(self.path)
 
     def params(self):
-        out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options, **self.options_used}
+        out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options, **self.calibration_info}
         out["settings"] = self.index.settings()  # the recipe the spec resolved to
         if getattr(self.index, "hnsw_ef_search", None) is not None:
             out["hnsw_ef_search"] = self.index.hnsw_ef_search
