@@ -306,7 +306,8 @@ class GMMIndex(Algorithm):
         return os.path.getsize(self.path)
 
     def params(self):
-        out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options, **self.calibration_info}
+        out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options,
+               **self.calibration_info}
         out["settings"] = self.index.settings()  # the recipe the spec resolved to
         if getattr(self.index, "hnsw_ef_search", None) is not None:
             out["hnsw_ef_search"] = self.index.hnsw_ef_search
