@@ -38,8 +38,7 @@ from .environment import environment
 from .methods import FaissIVF, FaissIVFHNSW, GMMIndex
 
 __all__ = ["DEFAULT_METHODS", "METHODS", "QUICK_METHODS", "Data", "add_arguments", "load_data", "main", "make_methods",
-           "recommended_nlist", "run",
-           "run_args", "sweep"]
+           "recommended_nlist", "run", "run_args", "sweep"]
 
 RECALL_KS = (1, 10, 100)
 K = max(RECALL_KS)  # results per query: one search gives every recall@k
