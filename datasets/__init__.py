@@ -5,6 +5,7 @@ Readers memory-map (texmex ``.fvecs/.ivecs/.bvecs``, big-ann ``.fbin/.ibin/.u8bi
 ``iter_chunks``.  Nothing is ever unpickled.
 """
 from .arrays import iter_chunks
+from .bundled import bundled_dataset
 from .dataset import Dataset
 from .formats import SUPPORTED_SUFFIXES, read_vectors, write_vectors
 from .groundtruth import exact_knn, ground_truth
@@ -12,6 +13,6 @@ from .hdf5 import AnnBenchmarksFile, read_ann_hdf5, write_ann_hdf5
 from .metric import METRICS, normalize_rows
 from .registry import list_datasets, load_dataset, search_roots
 
-__all__ = ["METRICS", "SUPPORTED_SUFFIXES", "AnnBenchmarksFile", "Dataset", "exact_knn",
+__all__ = ["METRICS", "SUPPORTED_SUFFIXES", "AnnBenchmarksFile", "Dataset", "bundled_dataset", "exact_knn",
            "ground_truth", "iter_chunks", "list_datasets", "load_dataset", "normalize_rows",
            "read_ann_hdf5", "read_vectors", "search_roots", "write_ann_hdf5", "write_vectors"]

@@ -1,20 +1,19 @@
 """IVF effect of the truncated E-step: recall@10 against distance computations per query.
 
 On sift-photos-128 (500,000 base rows, 1,000 test queries) and for each nlist, three coarse
-quantizers build the same FAISS ``IndexIVFFlat`` (``eval.sweep.build_index``) and are swept
-over nprobe with the same dedup search and cost accounting (``eval.sweep.sweep_nprobe``):
+quantizers are swept over nprobe by the recall sweep's runner (:func:`.runner.sweep`: same
+search, same cost accounting):
 
-* ``kmeans-niter10``: FAISS k-means (``eval.sweep.train_partition``), hard assignment;
-* ``gmm-truncated``: diagonal GMM fitted with ``estep="truncated"`` (C' = 8, G = 12);
-* ``gmm-dense``: diagonal GMM fitted with ``estep="dense"``.
+* ``kmeans-niter10``: FAISS k-means IVF (``IVF<nlist>,Flat``, 10 k-means iterations);
+* ``gmm-truncated``: ``index_factory(d, "IVF<nlist>_GMM(diag,estep=truncated,...),Flat")``
+  (C' = 8, G = 12);
+* ``gmm-dense``: the same with ``estep=dense``.
 
-Both GMMs use ``GMMIndexIVF``'s training defaults (k-means start, reg_covar 0.1 x the mean
-feature variance, ``gmm_iter`` EM iterations, tol 0) and assign every base row by its exact
-(all-K) posterior: 1.0 copies = each row in its most probable list, 1.5 copies = extra lists by
-smallest log-responsibility gap (``eval.sweep.method_lists``). A dense E-step at nlist 16,384
-costs ~6 minutes per iteration on 500K rows here, so GMMs may be trained on a random subset of
-``--train-rows`` rows (then the truncated GMM is trained both on that subset and on all rows);
-the index always holds all base rows.
+Both GMMs use the index's training defaults with ``gmm_iter`` EM iterations and tol 0, at 1.0
+copies (each row in its most probable list) and 1.5 copies (``copies=1.5``). A dense E-step at
+nlist 16,384 costs ~6 minutes per iteration on 500K rows here, so GMMs may be trained on a
+random subset of ``--train-rows`` rows (then the truncated GMM is trained both on that subset
+and on all rows); the index always holds all base rows.
 
 Run: ``python -m flashgmm_ivf.eval.bench_truncated_ivf --out eval/results``.
 """
@@ -31,75 +30,53 @@ import faiss
 import numpy as np
 import torch
 
-from ..ivf import GMMIndexIVF
-from .sweep import (
-    TARGETS,
-    Method,
-    Partition,
-    build_index,
-    cost_at,
-    gmm_partition,
-    load_data,
-    method_lists,
-    nprobe_list,
-    sweep_nprobe,
-    train_partition,
-)
+from .methods import FaissIVF, GMMIndex
+from .report import TARGETS, cost_at, front
+from .runner import load_data, sweep
 
 COPIES = (1.0, 1.5)
 
 
-def estep_partition(base, nlist, estep, train_rows, *, seed=1234, gmm_iter=15) -> Partition:
-    """``train_partition``'s diagonal GMM with a chosen E-step, fitted on ``train_rows`` rows (or all)."""
-    start = time.perf_counter()
-    rows = base
-    if train_rows and train_rows < len(base):
-        pick = np.sort(np.random.default_rng(seed).choice(len(base), train_rows, replace=False))
-        rows = base[pick]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning: a fixed number of EM iterations is the protocol
-        # Blocks of ~256 MB of (rows, K) log-densities when the base is assigned (the default
-        # 262,144 rows would hold 17 GB at K = 16,384).
-        holder = GMMIndexIVF(base.shape[1], nlist, covariance_type="diag", max_iter=gmm_iter, tol=0.0,
-                             random_state=seed, device="cpu", estep=estep,
-                             chunk_size=max(1024, (1 << 26) // nlist))
-        holder.train(rows)
-    gmm = holder.gmm
-    return gmm_partition(gmm, base, time.perf_counter() - start,
-                         {"covariance_type": "diag", "estep": estep, "train_rows": len(rows),
-                          "em_iterations": int(gmm.n_iter_), "reg_covar": float(gmm.reg_covar),
-                          "final_bound": float(gmm.lower_bound_)})
+def quantizers(nlist, subset, gmm_iter, seed):
+    """(label, rows trained on or None for all, copies, algorithm) of every quantizer at one nlist."""
+    def gmm(estep, copies):
+        # Blocks of ~256 MB of (rows, K) log-densities when the base is assigned.
+        options = (f"diag,estep={estep},iter={gmm_iter},tol=0,seed={seed},device=cpu,"
+                   f"chunk_size={max(1024, (1 << 26) // nlist)}" + ("" if copies == 1.0 else f",copies={copies}"))
+        return GMMIndex(f"IVF{nlist}_GMM({options}),Flat", nlist, knob="nprobe")
+    out = {"kmeans": [("kmeans-niter10", None, 1.0, FaissIVF(nlist, niter=10, seed=seed))]}
+    if subset:
+        out["truncated-subset"] = [(f"gmm-truncated ({subset // 1000}K rows)", subset, c, gmm("truncated", c))
+                                   for c in COPIES]
+    out["truncated"] = [("gmm-truncated", None, c, gmm("truncated", c)) for c in COPIES]
+    label = f"gmm-dense ({subset // 1000}K rows)" if subset else "gmm-dense"
+    out["dense"] = [(label, subset, c, gmm("dense", c)) for c in COPIES]
+    return out
 
 
 def run_nlist(data, nlist, args, rows, save):
     """Append the curves of every quantizer at one nlist to ``rows``; ``save()`` after each."""
-    n = len(data.base)
     subset = args.train_rows.get(nlist)
-    quantizers = {
-        "kmeans": ("kmeans-niter10", lambda: train_partition("kmeans-niter10", data.base, nlist, seed=args.seed)),
-        "truncated-subset": (f"gmm-truncated ({subset // 1000}K rows)", lambda: estep_partition(
-            data.base, nlist, "truncated", subset, seed=args.seed, gmm_iter=args.gmm_iter)) if subset else None,
-        "truncated": ("gmm-truncated", lambda: estep_partition(data.base, nlist, "truncated", None, seed=args.seed,
-                                                             gmm_iter=args.gmm_iter)),
-        "dense": (f"gmm-dense ({subset // 1000}K rows)" if subset else "gmm-dense", lambda: estep_partition(
-            data.base, nlist, "dense", subset, seed=args.seed, gmm_iter=args.gmm_iter)),
-    }
-    quantizers = dict(quantizers[q] for q in args.quantizers if quantizers.get(q))
-    for name, train in quantizers.items():
-        part = train()
-        method = Method("kmeans-niter10") if name.startswith("kmeans") else Method("gmm-diag")
-        for copies in method.budgets(COPIES):
-            lists, _ = method_lists(method, part, data.base, copies)
-            index = build_index(part.centroids, data.base, lists)
-            curve = sweep_nprobe(index, data.test, data.gt, nprobe_list(nlist), int(lists.shape[1]))
+    every = quantizers(nlist, subset, args.gmm_iter, args.seed)
+    for key in args.quantizers:
+        for name, train_rows, copies, method in every.get(key, []):
+            train = data.base
+            if train_rows and train_rows < len(data.base):
+                pick = np.sort(np.random.default_rng(args.seed).choice(len(data.base), train_rows, replace=False))
+                train = data.base[pick]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ConvergenceWarning: a fixed number of EM iterations is the protocol
+                method.build(train, data.base)
+            curve = sweep(method, data.test, data.gt)
             row = {"nlist": nlist, "quantizer": name, "copies_target": copies,
-                   "copies_per_vector": index.ntotal / n, "train_s": round(part.train_s, 1),
-                   "assign_s": round(part.assign_s, 1), "info": part.info, "curve": curve,
-                   "cost_at": {str(t): cost_at(curve, t) for t in TARGETS}}
+                   "copies_per_vector": method.copies_per_vector(), "build_s": round(method.build_s, 1),
+                   "train_rows": len(train), "params": method.params(), "curve": curve,
+                   "cost_at": {str(t): cost_at(front(curve), t) for t in TARGETS}}
             rows.append(row)
-            print(f"nlist {nlist} {name} copies {copies}: train {part.train_s:.0f} s, cost at "
+            print(f"nlist {nlist} {name} copies {copies}: build {method.build_s:.0f} s, cost at "
                   f"{row['cost_at']}", flush=True)
-            del index
+            method.close()
+            method.remove_files()
         save()
 
 
@@ -108,12 +85,12 @@ def markdown(rows, title):
         return f"{v:,.0f}" if v is not None else "n/r"
 
     lines = [title, "", "| nlist | quantizer | copies | " + " | ".join(f"dist. @ recall {t}" for t in TARGETS)
-             + " | recall@10 at nprobe 16 | train s |", "| --- | --- | --- |" + " --- |" * (len(TARGETS) + 2)]
+             + " | recall@10 at nprobe 16 | build s |", "| --- | --- | --- |" + " --- |" * (len(TARGETS) + 2)]
     for r in rows:
         at16 = next((p["recall_at_10"] for p in r["curve"] if p["nprobe"] == 16), None)
         lines.append(f"| {r['nlist']:,} | {r['quantizer']} | {r['copies_per_vector']:.2f} | "
                      + " | ".join(cost(r["cost_at"][str(t)]) for t in TARGETS)
-                     + f" | {'' if at16 is None else f'{at16:.3f}'} | {r['train_s']:.0f} |")
+                     + f" | {'' if at16 is None else f'{at16:.3f}'} | {r['build_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -152,7 +129,7 @@ def main(argv=None):
                          ("GMM rows: every base row assigned by its exact (all-K) posterior; a '(NK rows)' "
                           "quantizer was trained on a random subset of that many base rows (dense EM on all "
                           "500K rows is too slow on the shared 2-core machine), the index holds all rows"),
-                         "train_s on a shared 2-core machine (other jobs running): indicative only"],
+                         "build_s on a shared 2-core machine (other jobs running): indicative only"],
                "loadavg_start": load, "loadavg_end": os.getloadavg(),
                "wall_seconds": round(time.perf_counter() - began, 1), "rows": rows}
         args.out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,9 @@ def environment(device: torch.device | None = None) -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__,
            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "faiss": faiss.__version__, "commit": commit or _git("rev-parse", "HEAD"),
-           "uncommitted_changes": None if commit else bool(_git("status", "--porcelain")),
+           # Results a run writes into eval/results do not make the code it ran differ from the commit.
+           "uncommitted_changes": None if commit else bool(_git("status", "--porcelain", "--", ".",
+                                                                ":(exclude)eval/results")),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
            "load_average_at_start": list(os.getloadavg()), "faiss_omp_threads": faiss.omp_get_max_threads(),
            "omp_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}}

@@ -1,4 +1,4 @@
-"""The recall sweep: cost interpolation, summary ratios, tuning, files written, the CLI subcommand.
+"""The recall sweep (eval.methods / runner / report): cost accounting, fronts and ratios, files, the CLI command.
 
 Data: 2,000 rows of the real SIFT sample bundled with the package, written by the test as
 an ann-benchmarks HDF5 file, so the registry path (load_dataset) is exercised too.
@@ -6,18 +6,19 @@ an ann-benchmarks HDF5 file, so the registry path (load_dataset) is exercised to
 import csv
 import json
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
-from flashgmm_ivf.cli import bundled_dataset, main as cli_main
-from flashgmm_ivf.datasets import exact_knn, write_ann_hdf5
-from flashgmm_ivf.eval import sweep
+from flashgmm_ivf.cli import main as cli_main
+from flashgmm_ivf.datasets import bundled_dataset, exact_knn, write_ann_hdf5
+from flashgmm_ivf.eval import methods, report, runner
 
-COLUMNS = {"dataset", "method", "partition", "rule", "probe", "params", "copies_target", "copies_per_vector",
-           "index_bytes", "train_s", "add_s", "nprobe", "knob", "recall_at_1", "recall_at_10", "recall_at_100", "ndis_per_query",
-           "coarse_per_query", "dist_per_query", "qps", "n_base", "n_queries", "nlist"}
+NLIST = 16
+SPEC = "IVF{nlist}_GMM(diag,iter=3),Flat"
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +29,15 @@ def _quiet():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def sift():
     base, test, _ = bundled_dataset()
     base, test = base[:2000].astype(np.float32), test[:50].astype(np.float32)
-    gt = exact_knn(base, test, 100, "l2")
+    return base, test, exact_knn(base, test, 100, "l2")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(sift, tmp_path_factory):
+    base, test, gt = sift
     folder = tmp_path_factory.mktemp("data")
     write_ann_hdf5(folder / "tiny-sift.hdf5", train=base, test=test, neighbors=gt,
                    distances=np.zeros(gt.shape, np.float32), distance="euclidean")
@@ -42,140 +48,191 @@ def curve(*points):
     return [{"dist_per_query": c, "recall_at_10": r} for c, r in points]
 
 
-def test_cost_at_interpolates_in_log_cost():
-    c = curve((100, 0.7), (200, 0.9), (400, 0.97))
-    assert sweep.cost_at(c, 0.8) == pytest.approx(math.sqrt(100 * 200))  # halfway in log space
-    assert sweep.cost_at(c, 0.9) == pytest.approx(200)
-    assert sweep.cost_at(c, 0.95) == pytest.approx(200 * 2 ** (0.05 / 0.07))
-    assert sweep.cost_at(c, 0.5) == 100       # met at the first point: nothing cheaper measured
-    assert sweep.cost_at(c, 0.99) is None     # never reached
+def test_cost_at_interpolates_in_log_cost_on_the_front():
+    c = report.front(curve((400, 0.97), (100, 0.7), (250, 0.6), (200, 0.9)))
+    assert [p["dist_per_query"] for p in c] == [100, 200, 400]  # (250, 0.6) is dominated
+    assert report.cost_at(c, 0.8) == pytest.approx(math.sqrt(100 * 200))  # halfway in log space
+    assert report.cost_at(c, 0.9) == pytest.approx(200)
+    assert report.cost_at(c, 0.95) == pytest.approx(200 * 2 ** (0.05 / 0.07))
+    assert report.cost_at(c, 0.5) == 100       # met at the first point: nothing cheaper measured
+    assert report.cost_at(c, 0.99) is None     # never reached
 
 
-def test_summary_ratio_is_to_the_cheapest_kmeans_at_the_same_budget():
-    def rows(method, partition, copies, points):
-        return [{"method": method, "partition": partition, "copies_target": copies, "copies_per_vector": copies,
-                 **p} for p in curve(*points)]
-    data = (rows("kmeans-niter25", "kmeans-niter25", 1.0, [(100, 0.85), (200, 0.95)])
-            + rows("gmm-diag", "gmm-diag", 1.0, [(150, 0.85), (300, 0.95)])
-            + rows("kmeans+soar", "kmeans-niter25", 2.0, [(120, 0.85), (180, 0.95)])
-            + rows("kmeans+top2", "kmeans-niter25", 2.0, [(110, 0.85), (300, 0.95)])
-            + rows("gmm-diag", "gmm-diag", 2.0, [(100, 0.85), (200, 0.95)]))
-    summary = {(s["method"], s["copies_target"]): s for s in sweep.summarize(data, targets=(0.8, 0.85, 0.95))}
-    assert summary[("gmm-diag", 1.0)]["ratio_to_kmeans"]["0.95"] == pytest.approx(1.5)
-    assert summary[("kmeans-niter25", 1.0)]["ratio_to_kmeans"]["0.85"] == 1.0
-    # at 2 copies the reference is top2 at 0.85 (110) and soar at 0.95 (180)
-    assert summary[("gmm-diag", 2.0)]["ratio_to_kmeans"]["0.85"] == pytest.approx(100 / 110)
-    assert summary[("gmm-diag", 2.0)]["reference"]["0.95"] == "kmeans+soar"
-    assert summary[("gmm-diag", 2.0)]["ratio_to_kmeans"]["0.95"] == pytest.approx(200 / 180)
-    table = sweep.markdown(sweep.summarize(data), "t")
-    assert "| gmm-diag | 2.00 |" in table
+def rows(method, yardstick, points, copies=1.0, qps=1000.0, targets=None):
+    return [{"method": method, "yardstick": yardstick, "copies_per_vector": copies, "index_bytes": 10**6,
+             "build_s": 1.0, "qps": qps, "recall_target": None if targets is None else targets[i], **p}
+            for i, p in enumerate(curve(*points))]
 
 
-def test_methods_parse_and_budgets():
-    methods = sweep.parse_methods("kmeans,kmeans-niter10,gmm+soar,gmm-spherical")
-    assert [m.name for m in methods] == ["kmeans-niter25", "kmeans-niter10", "gmm+soar", "gmm-spherical"]
-    copies = (1.0, 1.3, 2.0)
-    assert [m.budgets(copies) for m in methods] == [(1.0,), (1.0,), (1.3, 2.0), copies]
-    with pytest.raises(ValueError, match="unknown spill rule"):
-        sweep.parse_methods("kmeans+nope")
-    with pytest.raises(ValueError, match="unknown partition"):
-        sweep.parse_methods("pq+soar")
-    with pytest.raises(ValueError, match="posterior"):
-        sweep.parse_methods("kmeans@posterior")
-    assert sweep.parse_methods("gmm+soar@posterior")[0].probe == "posterior"
-    graph = sweep.parse_methods("kmeans+soar@adaptive/hnsw,kmeans/hnsw")
-    assert [(m.quantizer, m.probe, m.name) for m in graph] == [
-        ("hnsw", "adaptive", "kmeans+soar@adaptive/hnsw"), ("hnsw", "centroid", "kmeans-niter25/hnsw")]
-    preset = sweep.parse_methods("hnsw")
-    assert {m.quantizer for m in preset} == {"flat", "hnsw"} and preset[0].name == "kmeans-niter25"
-    with pytest.raises(ValueError, match="unknown quantizer"):
-        sweep.parse_methods("kmeans/ivf")
-    with pytest.raises(ValueError, match="scores all K"):
-        sweep.parse_methods("gmm-spherical@gap/hnsw")
+def test_summary_ratio_is_yardstick_over_ours():
+    data = (rows("ivf", "ivf", [(100, 0.85), (300, 0.95)]) + rows("hnsw", "ivf-hnsw", [(80, 0.85), (200, 0.95)])
+            + rows("ours", "", [(50, 0.85), (100, 0.95)], copies=1.3, targets=[0.9, 0.95]))
+    summary = {s["method"]: s for s in report.summarize(data, targets=(0.85, 0.95))}
+    assert summary["ours"]["x_fewer"]["ivf"]["0.95"] == pytest.approx(3.0)
+    assert summary["ours"]["x_fewer"]["ivf-hnsw"]["0.85"] == pytest.approx(1.6)
+    assert summary["ivf"]["x_fewer"]["ivf"]["0.85"] == 1.0
+    assert summary["ours"]["recall_when_asked"] == {"0.85": None, "0.95": 0.95}
+    table = report.markdown(list(summary.values()), "t", targets=(0.85, 0.95))
+    assert "| ours | 50 | 100 | 2.00 | 3.00 | 1.60 | 2.00 | 1.30 | 1.0 |" in table
 
 
-def test_sweep_writes_csv_json_png(tiny_dir, tmp_path):
-    doc = sweep.run("tiny-sift", data_dir=tiny_dir, nlist=16, methods="kmeans-niter10,kmeans+spann,gmm-diag",
-                    copies=[1.0, 1.5], out=tmp_path, gmm_iter=3, quiet=True)
+def test_summary_table_marks_hits_and_misses():
+    data = (rows("ivf", "ivf", [(100, 0.85), (300, 0.95)], qps=500.0)
+            + rows("hnsw", "ivf-hnsw", [(60, 0.85), (200, 0.95)])
+            + rows("ours", "", [(50, 0.85), (100, 0.95)], copies=1.7, qps=400.0))
+    doc = {"dataset": {"name": "toy"}, "config": {"nlist": 64}, "summary": report.summarize(data)}
+    table = report.summary_table([doc])
+    line = next(x for x in table.splitlines() if "| 0.95 | ours |" in x)
+    assert "3.00 ✓" in line and "2.00 ✓" in line and "1.700 ✗ miss" in line
+    line = next(x for x in table.splitlines() if "| 0.9 | ours |" in x)
+    assert "2.45 ✓" in line and "1.55 ✓" in line and "400 (500) ✗ miss" in line
+    with pytest.raises(ValueError, match="yardstick"):
+        report.summary_table([{**doc, "summary": doc["summary"][1:]}])
+
+
+@pytest.mark.parametrize("method", [methods.FaissIVF(NLIST), methods.FaissIVFHNSW(NLIST, ef_search=(16,))],
+                         ids=["ivf", "ivf-hnsw"])
+def test_faiss_yardsticks_exact_at_full_depth_and_counted(sift, method):
+    base, test, gt = sift
+    method.build(base, base)
+    assert method.copies_per_vector() == 1.0 and method.index_bytes() > base.nbytes
+    assert method.params()["kmeans_niter"] == 25
+    depth = method.curves()[-1][-1]
+    assert depth["nprobe"] == NLIST
+    _, I = method.search(test, 100, **depth)
+    assert runner.recall_at(I, gt, 100) == 1.0
+    assert method.last_stats["ndis"] == len(base)  # every code scanned once
+    if method.yardstick == "ivf":
+        assert method.last_stats["ncoarse"] == NLIST
+    else:  # the graph walk's own count: at nprobe = nlist it visits (about) every centroid
+        assert NLIST // 2 <= method.last_stats["ncoarse"] <= NLIST
+
+
+def test_gmm_index_through_the_public_api(sift):
+    base, test, gt = sift
+    method = methods.GMMIndex(SPEC, NLIST, knob="nprobe")
+    assert method.name == "IVF16_GMM(diag,iter=3),Flat"
+    with pytest.raises(ValueError, match="knob"):
+        methods.GMMIndex(SPEC, NLIST, knob="auto")
+    try:
+        method.build(base, base)
+        assert method.curves() == [[{"nprobe": p} for p in (1, 2, 3, 4, 6, 8, 12, 16)]]
+        _, I = method.search(test, 100, nprobe=NLIST)
+        assert runner.recall_at(I, gt, 100) == 1.0
+        assert method.copies_per_vector() >= 1.0 and method.last_stats["ndis"] >= len(base)
+        again = methods.GMMIndex(SPEC, NLIST, knob="nprobe", start_from=method)
+        again.build(base, base)
+        assert np.array_equal(again.search(test, 10, nprobe=2)[1], method.search(test, 10, nprobe=2)[1])
+    finally:
+        method.remove_files()
+    assert method.path is None
+    with pytest.raises(ValueError, match="learn queries"):
+        methods.GMMIndex(SPEC, NLIST, calibrate="learn").build(base, base)
+
+
+def test_learn_calibration_starts_from_the_built_index(sift):
+    base, test, gt = sift
+    first = methods.GMMIndex(SPEC, NLIST)
+    learned = methods.GMMIndex(SPEC, NLIST, calibrate="learn", start_from=first)
+    try:
+        first.build(base, base)
+        learned.build(base, base, learn=base[::20])  # 100 rows stand in for learn queries
+        assert learned.copies_per_vector() == first.copies_per_vector()
+        assert learned.params()["calibrate"] == "learn" and learned.params()["learn_queries"] == 100
+        assert learned.name.endswith("+ calibrate(learn)")
+        rows = runner.sweep(learned, test, gt)
+        assert [r["recall_target"] for r in rows] == list(methods.RECALL_TARGETS[:len(rows)])
+        assert rows[-1]["recall_at_10"] > rows[0]["recall_at_10"]
+        assert all(r["dist_per_query"] == r["ndis_per_query"] + r["coarse_per_query"] for r in rows)
+    finally:
+        first.remove_files()
+        learned.remove_files()
+
+
+def test_nprobe_grid_has_the_midpoints():
+    assert methods.nprobe_grid(16) == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert methods.nprobe_grid(20) == [1, 2, 3, 4, 6, 8, 12, 16, 20]
+    assert methods.nprobe_grid(1) == [1]
+
+
+def test_make_methods_names_specs_and_learn():
+    made = runner.make_methods(["ivf", "ivf-hnsw", "gmm+learn", "IVF{nlist}_GMM(spherical),Flat"], 32, "cache")
+    assert [m.name for m in made] == ["FAISS IVF32,Flat", "FAISS IVF32_HNSW32,Flat", "IVF32_GMM,Flat",
+                                      "IVF32_GMM,Flat + calibrate(learn)", "IVF32_GMM(spherical),Flat"]
+    assert made[1].start_from is made[0] and made[3].start_from is made[2]
+    assert str(made[0].cache) == "cache"
+    with pytest.raises(ValueError, match="only our index"):
+        runner.make_methods(["ivf+learn"], 32)
+    assert runner.recommended_nlist(10_000) == 512 and runner.recommended_nlist(500_000) == 2048
+
+
+def test_run_writes_csv_json_png_md(tiny_dir, tmp_path):
+    # in two parts: the yardstick, then our index merged with it
+    first = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=["ivf"], out=tmp_path / "a", quiet=True)
+    with pytest.raises(ValueError, match="nlist"):
+        runner.run("tiny-sift", data_dir=tiny_dir, nlist=8, methods=[SPEC], merge=first["files"][1], quiet=True)
+    doc = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=[SPEC, SPEC + "+learn"],
+                     merge=first["files"][1], out=tmp_path, quiet=True)
+    assert [r["methods"] for r in doc["earlier_runs"]] == [["FAISS IVF16,Flat"]]
+    again = runner.run("tiny-sift", data_dir=tiny_dir, nlist=NLIST, methods=["ivf"], merge=doc["files"][1],
+                       out=tmp_path / "b", quiet=True)  # the yardstick measured again: the first run drops out
+    assert [r["methods"] for r in again["earlier_runs"]] == [["IVF16_GMM(diag,iter=3),Flat"]]
+    assert [s["method"] for s in again["summary"]] == ["FAISS IVF16,Flat", "IVF16_GMM(diag,iter=3),Flat"]
     stem = tmp_path / "sweep_tiny-sift"
     for ext in ("csv", "json", "png", "md"):
-        assert (stem.with_suffix(f".{ext}")).stat().st_size > 0
+        assert stem.with_suffix(f".{ext}").stat().st_size > 0
     with open(stem.with_suffix(".csv")) as f:
-        rows = list(csv.DictReader(f))
-    assert set(rows[0]) == COLUMNS
-    assert {(r["method"], float(r["copies_target"])) for r in rows} == {
-        ("kmeans-niter10", 1.0), ("kmeans+spann", 1.5), ("gmm-diag", 1.0), ("gmm-diag", 1.5)}
-    for r in rows:
-        assert float(r["copies_per_vector"]) == pytest.approx(float(r["copies_target"]))
-        assert float(r["dist_per_query"]) == pytest.approx(float(r["ndis_per_query"]) + 16)
-        assert 0 <= float(r["recall_at_100"]) <= 1
+        table = list(csv.DictReader(f))
+    # no learn split in an HDF5 set: the '+learn' method is left out
+    assert {r["method"] for r in table} == {"FAISS IVF16,Flat", "IVF16_GMM(diag,iter=3),Flat"}
+    for r in table:
+        assert float(r["dist_per_query"]) == pytest.approx(float(r["ndis_per_query"]) + float(r["coarse_per_query"]))
+        assert 0 <= float(r["recall_at_100"]) <= 1 and float(r["qps"]) > 0
+        assert json.loads(r["params"])
     saved = json.loads(stem.with_suffix(".json").read_text())
-    assert {"environment", "config", "dataset", "tuning", "rows", "summary"} <= set(saved)
-    assert {"numpy", "faiss", "torch", "device", "commit"} <= set(saved["environment"])
-    assert saved["config"]["nprobe"] == [1, 2, 4]
-    assert len(doc["summary"]) == 4
-    # copies 1.5 at nprobe = nlist/4 scans more codes than hard k-means
-    last = {(r["method"], r["copies_target"]): r for r in doc["rows"] if r["nprobe"] == 4}
-    if ("kmeans-niter10", 1.0) in last and ("kmeans+spann", 1.5) in last:
-        assert last[("kmeans+spann", 1.5)]["ndis_per_query"] > last[("kmeans-niter10", 1.0)]["ndis_per_query"]
-
-
-def test_exact_at_full_probe_with_duplicates(tiny_dir):
-    data = sweep.load_data("tiny-sift", data_dir=tiny_dir, max_queries=20)
-    part = sweep.train_partition("kmeans-niter10", data.base, 8)
-    lists, params = sweep.method_lists(sweep.Method("kmeans-niter10", "spann"), part, data.base, 2.0)
-    index = sweep.build_index(part.centroids, data.base, lists)
-    assert index.ntotal == 2 * len(data.base) and params["eps"] > 0
-    (point,) = sweep.sweep_nprobe(index, data.test, data.gt, [8], lists.shape[1])
-    assert point["recall_at_100"] == 1.0 and point["recall_at_1"] == 1.0
-
-
-def test_tune_lambda_on_learn_queries(tiny_dir):
-    data = sweep.load_data("tiny-sift", data_dir=tiny_dir, max_queries=30)
-    # queries stand in for learn ones here (the HDF5 format has no learn split)
-    data.learn, data.gt_learn = data.test, data.gt[:, :10]
-    part = sweep.train_partition("kmeans-niter10", data.base, 8)
-    lam, record = sweep.tune_lambda(sweep.Method("kmeans-niter10", "rair"), part, data, 2.0, [1, 2, 4, 8])
-    assert lam in sweep.LAMBDA_GRID["rair"]
-    assert [g["lam"] for g in record["grid"]] == list(sweep.LAMBDA_GRID["rair"])
-    assert record["chosen_lam"] == lam
+    assert {"environment", "config", "dataset", "rows", "summary"} <= set(saved)
+    assert {"numpy", "faiss", "torch", "commit"} <= set(saved["environment"])
+    assert saved["config"]["nlist"] == NLIST and saved["dataset"]["n_test"] == 50
+    assert [s["method"] for s in doc["summary"]] == ["FAISS IVF16,Flat", "IVF16_GMM(diag,iter=3),Flat"]
+    assert "x fewer than FAISS IVF (flat)" in stem.with_suffix(".md").read_text()
 
 
 def test_cli_sweep(tiny_dir, tmp_path):
     assert cli_main(["sweep", "--dataset", "tiny-sift", "--data-dir", str(tiny_dir), "--nlist", "8",
-                     "--methods", "kmeans,gmm-spherical+top2@posterior", "--copies", "1,1.3", "--nprobe", "1,2",
-                     "--gmm-iter", "2", "--max-queries", "20", "--out", str(tmp_path), "-q"]) == 0
+                     "--method", "ivf-hnsw", "--method", "IVF{nlist}_GMM(spherical,iter=2),Flat",
+                     "--max-queries", "20", "--out", str(tmp_path), "-q"]) == 0
     saved = json.loads((tmp_path / "sweep_tiny-sift.json").read_text())
-    assert saved["config"]["nprobe"] == [1, 2] and saved["dataset"]["n_test"] == 20
-    assert {r["method"] for r in saved["rows"]} == {"kmeans-niter25", "gmm-spherical+top2@posterior"}
-    # posterior probing is charged nprobe true distances on top of the K coarse evaluations
-    for r in saved["rows"]:
-        assert r["coarse_per_query"] == 8 + (r["nprobe"] if r["method"].endswith("@posterior") else 0)
+    assert saved["dataset"]["n_test"] == 20
+    assert [s["method"] for s in saved["summary"]] == ["FAISS IVF8_HNSW32,Flat", "IVF8_GMM(spherical,iter=2),Flat"]
 
 
-def test_summarize_sweeps_picks_the_cheapest_gmm_within_the_copies(tmp_path):
-    from flashgmm_ivf.eval import summarize_sweeps
+def test_eval_does_not_import_the_cli():
+    code = "import sys, flashgmm_ivf.eval.runner; print('flashgmm_ivf.cli' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
-    def entry(method, partition, probe, copies, cost, spill=None):
-        return {"method": method, "partition": partition, "probe": probe, "copies_target": copies,
-                "copies_per_vector": copies, "cost_at": {"0.9": cost, "0.95": None}, "qps_at": {"0.9": 10.0,
-                "0.95": None}, "index_bytes": 2e6, "ratio_to_spill": {"0.9": spill, "0.95": None}}
-    doc = {"dataset": {"name": "toy"}, "config": {"nlist": 64}, "summary": [
-        entry("kmeans-niter25", "kmeans-niter25", "centroid", 1.0, 1200.0),
-        entry("kmeans+soar@radius", "kmeans-niter25", "radius", 1.5, 900.0),
-        entry("gmm-spherical@adaptive", "gmm-spherical", "adaptive", 1.5, 1000.0, 0.8),
-        entry("gmm-spherical@radius", "gmm-spherical", "radius", 1.5, 800.0, 0.5),
-        entry("gmm-spherical+soar@radius", "gmm-spherical", "radius", 2.0, 400.0)]}  # over the copies cap
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
-    r09, r095 = summarize_sweeps.summary_rows(doc)
-    assert (r09["gmm"], r09["gmm_factor"], r09["vs_spill"]) == ("gmm-spherical@radius", 1.5, 2.0)
-    assert (r09["gmm_adaptive"], r09["kmeans"], r09["kmeans_factor"]) == (1.2, "kmeans+soar@radius", 1200 / 900)
-    assert r095["gmm"] is None and r095["ivf"] is None
-    out = tmp_path / "t.md"
-    assert summarize_sweeps.main([str(path), "--out", str(out)]) == 0
-    table = out.read_text()
-    assert "| toy (64) | 0.9 | 1,200 | gmm-spherical@radius | 800 | **1.50** | 2.00 | 1.20 | 1.50 |" in table
-    doc["summary"] = doc["summary"][1:]
-    with pytest.raises(ValueError, match="yardstick"):
-        summarize_sweeps.summary_rows(doc)
+
+def test_hnsw_yardstick_from_ivf_centroids_is_what_faiss_trains(sift):
+    base, test, _ = sift
+    ivf = methods.FaissIVF(NLIST)
+    ivf.build(base, base)
+    shared, alone = methods.FaissIVFHNSW(NLIST, start_from=ivf), methods.FaissIVFHNSW(NLIST)
+    shared.build(base, base)
+    alone.build(base, base)
+    np.testing.assert_array_equal(shared.centroids, alone.centroids)
+    assert shared.params()["kmeans_from"] == ivf.name and shared.build_s >= ivf.kmeans_s
+    depth = {"nprobe": 4, "ef_search": 16}
+    np.testing.assert_array_equal(shared.search(test, 10, **depth)[1], alone.search(test, 10, **depth)[1])
+
+
+def test_ivf_cache_reuses_the_kmeans(sift, tmp_path):
+    base, test, _ = sift
+    first, again = methods.FaissIVF(NLIST, cache=tmp_path), methods.FaissIVF(NLIST, cache=tmp_path)
+    first.build(base, base)
+    assert len(list(tmp_path.glob("faiss-IVF16-niter25-seed1234-*.index"))) == 1
+    again.build(base, base)
+    np.testing.assert_array_equal(again.centroids, first.centroids)
+    assert again.kmeans_s == pytest.approx(first.kmeans_s) and again.build_s >= first.kmeans_s
+    other = methods.FaissIVF(NLIST, cache=tmp_path)
+    other.build(base[:1500], base)  # other training rows: another entry
+    assert len(list(tmp_path.glob("*.index"))) == 2
