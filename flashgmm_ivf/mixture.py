@@ -14,7 +14,7 @@ from ._graph import GraphedStep
 from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
 from ._mstep import COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, kernel_params, m_step, n_parameters, precisions_cholesky
 from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFittedError
-from ._validation import Instances, Integer, Options, Real, as_rows, check_positive_int, validate_params
+from ._validation import Instances, Integer, Options, Real, as_rows, validate_params
 from .kernels import EStepResult
 from .kernels.truncated import TruncatedEStep
 
@@ -38,6 +38,9 @@ CACHED_KERNEL_BLOCK = 1 << 20
 CACHE_FREE_FRACTION = 0.5
 # Initialisations tried at most: each is a whole EM run, so more is a hang, not a search.
 MAX_N_INIT = 1000
+ILL_DEFINED = ("Fitting the mixture model failed because some components have ill-defined empirical covariance (for "
+               "instance caused by singleton or collapsed samples). Try to decrease the number of components, "
+               "increase reg_covar, or scale the input data.")
 # Squared Mahalanobis distances up to which float32 log-densities (and their sums over
 # features) stay far from overflow; inference computes blocks reaching further in float64,
 # up to FLOAT64_REACH.
@@ -240,11 +243,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self.weights_init is not None:
             w = _init_array(self.weights_init, "weights_init", "weights", (k,))
             if (w < 0).any() or (w > 1).any():
-                raise ValueError(f"weights_init: the parameter 'weights' should be in the range [0, 1], but got "
-                                 f"min value {w.min():.5f}, max value {w.max():.5f}")
+                raise ValueError(f"The parameter 'weights' should be in the range [0, 1], but got min value "
+                                 f"{w.min():.5f}, max value {w.max():.5f} (weights_init)")
             if abs(w.sum() - 1) > 1e-6:
-                raise ValueError(f"weights_init: the parameter 'weights' should be normalized, but got "
-                                 f"sum(weights) = {w.sum():.5f}")
+                raise ValueError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
+                                 f"{w.sum():.5f} (weights_init)")
         if self.means_init is not None:
             _init_array(self.means_init, "means_init", "means", (k, d))
         if self.precisions_init is not None:
@@ -369,8 +372,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self._truncation = None
         _check_fitted_state(state, lower_bound, self.covariance_type)
         if not converged:
-            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last change of the "
-                          f"lower bound above tol={self.tol}); increase max_iter or tol", ConvergenceWarning)
+            warnings.warn("Best performing initialization did not converge. Try different init parameters, or increase "
+                          f"max_iter, tol, or check for degenerate data. (EM ran max_iter={self.max_iter} iterations; "
+                          f"the lower bound still changed by more than tol={self.tol})", ConvergenceWarning)
         self._set_state(state)
         self.converged_, self.n_iter_, self.lower_bound_ = converged, n_iter, float(lower_bound)
         self.lower_bounds_, self.n_reseeded_ = bounds, reseeded_total
@@ -586,7 +590,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _check_fitted(self):
         if not hasattr(self, "means_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit first")
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+                                 "arguments before using this estimator.")
 
     # ------------------------------------------------------------------ inference
     def _prepared_blocks(self, X):
@@ -680,7 +685,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def sample(self, n_samples=1):
         """Draw samples; returns X of shape (n_samples, n_features) and their components y."""
         self._check_fitted()
-        check_positive_int(n_samples, "n_samples")
+        validate_params({"n_samples": [Integer(1)]}, {"n_samples": n_samples}, "Invalid value for 'n_samples'")
         rng = _rng(self.random_state)
         counts = rng.multinomial(n_samples, self.weights_ / self.weights_.sum())
         d = self.means_.shape[1]
@@ -726,9 +731,8 @@ def _check_fitted_state(state, lower_bound, covariance_type):
     bad |= ~torch.isfinite(state.means).all(1) | ~torch.isfinite(state.weights)
     if bool(bad.any()):
         first = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"fitting failed: {int(bad.sum())} component(s) have an ill-defined covariance (zero, "
-                         f"negative or not finite), the first is component {first}; the data may have (nearly) "
-                         "constant features or duplicated rows: increase reg_covar")
+        raise ValueError(f"{ILL_DEFINED} ({int(bad.sum())} component(s) have a zero, negative or non-finite "
+                         f"variance; the first is component {first})")
     if math.isnan(lower_bound):
         raise ValueError("fitting failed: the log-likelihood is NaN; increase reg_covar or rescale X")
 
@@ -765,7 +769,7 @@ def _init_array(value, name, label, shape):
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be an array of numbers: {err}") from err
     if a.shape != shape:
-        raise ValueError(f"{name}: the parameter '{label}' should have the shape of {shape}, but got {a.shape}")
+        raise ValueError(f"The parameter '{label}' should have the shape of {shape}, but got {a.shape} ({name})")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} holds NaN or infinity (first at flat index {int(np.argmin(np.isfinite(a)))})")
     return a

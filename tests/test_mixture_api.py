@@ -82,7 +82,7 @@ def test_bad_parameters(data, name, value, message):
 
 def test_bad_initial_parameters(data):
     x = data[0][:50]
-    with pytest.raises(ValueError, match=r"means_init: the parameter 'means' should have the shape of \(2, 128\)"):
+    with pytest.raises(ValueError, match=r"The parameter 'means' should have the shape of \(2, 128\), but got \(3, 128\) \(means_init\)"):
         GaussianMixture(2, means_init=np.zeros((3, 128))).fit(x)
     with pytest.raises(ValueError, match="should be normalized"):
         GaussianMixture(2, weights_init=[0.2, 0.2]).fit(x)

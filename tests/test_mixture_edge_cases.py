@@ -60,7 +60,7 @@ def test_kmeans_init_survives_values_near_the_limit():
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical", "full"])
 def test_zero_reg_covar_on_constant_data_is_an_error_not_nan(covariance_type):
-    with pytest.raises(ValueError, match="ill-defined covariance"):
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
         fit(GaussianMixture(2, reg_covar=0.0, covariance_type=covariance_type, **FAST), np.ones((50, 8)))
 
 
