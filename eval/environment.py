@@ -14,12 +14,17 @@ import triton
 
 
 def _git(*args) -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
-                              check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """``git args`` in the checkout this module lies in, or, for an installed copy (site-packages
+    is no checkout), in the working directory the benchmark runs from."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                 check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip() or None
+    return None
 
 
 def environment(device: torch.device | None = None) -> dict:

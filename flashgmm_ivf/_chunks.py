@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ._validation import NonFiniteRows, check_block
+from ._validation import NonFiniteRows, check_block, not_2d_message
 
 
 class ChunkSource:
@@ -48,7 +48,7 @@ class ChunkSource:
             self.n_features = None
         elif hasattr(data, "shape") and hasattr(data, "__getitem__"):
             if len(data.shape) != 2:
-                raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(data.shape)}")
+                raise ValueError(not_2d_message(name, data.shape))
             self._blocks = _slices(data, chunk_size)
             self._rows = data
             self.n_samples, self.n_features = int(data.shape[0]), int(data.shape[1])
@@ -61,16 +61,27 @@ class ChunkSource:
                             f"got {type(data).__name__}")
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
+        # Once counted (validate, or a first pass), every pass must bring the same rows: EM
+        # and the truncated E-step's per-row state index them by position.
+        expected = self.n_samples
         offset = 0
         for block in self._blocks():
             if not self.checked:
                 block = check_block(block, n_features=self.n_features, offset=offset, name=self.name)
             if self.n_features is None:
                 self.n_features = int(block.shape[1])
+            if expected is not None and offset + block.shape[0] > expected:
+                raise self._changed(expected, f"more than {expected}")
             if block.shape[0]:
                 yield offset, block
             offset += block.shape[0]
+        if expected is not None and offset != expected:
+            raise self._changed(expected, offset)
         self.n_samples = offset
+
+    def _changed(self, expected, got) -> ValueError:
+        return ValueError(f"{self.name} changed between passes over the data: the first pass had {expected} rows, "
+                          f"this one {got}; a callable source must return the same chunks on every call")
 
     def as_checked(self, chunk_size: int | None = None) -> ChunkSource:
         """This source with its blocks marked valid (once :meth:`validate` has passed): later
@@ -103,25 +114,36 @@ class ChunkSource:
         Non-finite rows are counted over the whole data set before raising, so the
         message gives the total and the first index.
         """
-        count, first, offset = 0, None, 0
+        count, first, offset, max_abs = 0, None, 0, 0.0
         for block in self._blocks():
             try:
-                check_block(block, n_features=self.n_features, offset=offset, name=self.name)
+                block = check_block(block, n_features=self.n_features, offset=offset, name=self.name)
             except NonFiniteRows as bad:
                 count += _count_nonfinite(block)
                 first = bad.first if first is None else first
+            else:
+                max_abs = max(max_abs, _max_abs(block))
             if self.n_features is None:
                 self.n_features = int(np.shape(block)[1])
             offset += block.shape[0]
         if count:
             raise NonFiniteRows(count, first, self.name)
         self.n_samples = offset
+        self.max_abs = max_abs
         return offset
 
 
 def _slices(data, chunk_size: int) -> Callable[[], Iterator]:
     """A callable returning fresh blocks of ``chunk_size`` rows of the sliceable ``data``."""
     return lambda: (data[i:i + chunk_size] for i in range(0, data.shape[0], chunk_size))
+
+
+def _max_abs(block) -> float:
+    """Largest |value| of a finite block (0 when empty)."""
+    if not block.shape[0] or not block.shape[1]:
+        return 0.0
+    # From min and max: no |x| temporary, and no overflow at an integer type's minimum.
+    return max(-float(block.min()), float(block.max()))
 
 
 def _count_nonfinite(block) -> int:
@@ -155,6 +177,10 @@ def to_tensor(block, device: torch.device) -> torch.Tensor:
     anything else becomes float32."""
     if not isinstance(block, torch.Tensor):
         block = np.ascontiguousarray(block)
+        # numpy calls a one-row array contiguous whatever its row stride, and torch refuses a
+        # negative stride: copy such a view.
+        if any(stride < 0 for stride in block.strides):
+            block = block.copy()
         # torch wants writable memory; a read-only memmap chunk is copied (one chunk, not the data set).
         block = torch.from_numpy(block if block.flags.writeable else block.copy())
     return block.to(device=device, dtype=kept_dtype(block), non_blocking=True)

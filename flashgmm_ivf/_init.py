@@ -34,7 +34,7 @@ def uniform_sample(source: ChunkSource, size: int, rng: np.random.Generator) -> 
 
 
 def sample_size(n_components: int, n_features: int) -> int:
-    return int(min(POINTS_PER_COMPONENT * n_components, max(n_components, SAMPLE_BYTES // (4 * n_features))))
+    return int(min(POINTS_PER_COMPONENT * n_components, max(n_components, SAMPLE_BYTES // (4 * max(1, n_features)))))
 
 
 def initial_means(sample: np.ndarray, n_components: int, method: str, rng: np.random.Generator) -> np.ndarray:
@@ -45,8 +45,15 @@ def initial_means(sample: np.ndarray, n_components: int, method: str, rng: np.ra
         return _kmeans_plusplus(sample, n_components, rng)
     km = faiss.Kmeans(sample.shape[1], n_components, niter=20, seed=int(rng.integers(2**31 - 1)),
                       max_points_per_centroid=POINTS_PER_COMPONENT, verbose=False)
-    km.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return km.centroids.astype(np.float64)
+    # FAISS clusters in float32: centred and scaled to |x| <= 1 (a power of two, exact), the
+    # squared distances neither overflow (large values abort FAISS) nor lose the digits the
+    # data's offset would take.
+    x = sample.astype(np.float64)
+    centre = x.mean(0)
+    spread = float(np.abs(x - centre).max())
+    scale = 2.0 ** np.ceil(np.log2(spread)) if spread > 0 else 1.0
+    km.train(np.ascontiguousarray((x - centre) / scale, dtype=np.float32))
+    return km.centroids.astype(np.float64) * scale + centre
 
 
 def _kmeans_plusplus(sample: np.ndarray, n_components: int, rng: np.random.Generator) -> np.ndarray:

@@ -68,8 +68,10 @@ def precisions_cholesky(covariances: torch.Tensor, covariance_type: str) -> torc
     chol, info = torch.linalg.cholesky_ex(covariances)
     if bool((info > 0).any()):
         bad = int(torch.nonzero(info > 0)[0, 0])
-        raise ValueError(f"component {bad} has an ill-defined covariance (not positive definite): "
-                         "decrease n_components or increase reg_covar")
+        raise ValueError("Fitting the mixture model failed because some components have ill-defined empirical "
+                         "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
+                         f"number of components, increase reg_covar, or scale the input data. (component {bad} "
+                         "is not positive definite)")
     eye = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
     inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
     return inv.transpose(1, 2)

@@ -1,7 +1,6 @@
 """GaussianMixture: scikit-learn's estimator, with a fused E-step and streaming EM."""
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 
@@ -14,7 +13,8 @@ from ._chunks import ChunkSource, device_blocks, device_copy
 from ._graph import GraphedStep
 from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
 from ._mstep import COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, kernel_params, m_step, n_parameters, precisions_cholesky
-from ._validation import check_choice, check_nonnegative_float, check_positive_int
+from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFittedError
+from ._validation import Instances, Integer, Options, Real, as_rows, validate_params
 from .kernels import EStepResult
 from .kernels.truncated import TruncatedEStep
 
@@ -36,13 +36,24 @@ CACHED_KERNEL_BLOCK = 1 << 20
 # cache_data='auto' copies the data to the GPU when it takes at most this share of the free
 # memory: the rest stays for the E-step's blocks and, truncated, the candidate sets.
 CACHE_FREE_FRACTION = 0.5
+# Initialisations tried at most: each is a whole EM run, so more is a hang, not a search.
+MAX_N_INIT = 1000
+ILL_DEFINED = ("Fitting the mixture model failed because some components have ill-defined empirical covariance (for "
+               "instance caused by singleton or collapsed samples). Try to decrease the number of components, "
+               "increase reg_covar, or scale the input data.")
+# Squared Mahalanobis distances up to which float32 log-densities (and their sums over
+# features) stay far from overflow; inference computes blocks reaching further in float64,
+# up to FLOAT64_REACH.
+FLOAT32_REACH = 1e30
+FLOAT64_REACH = 1e290
+# Largest |x| fit accepts. Squared distances of larger values overflow float32 (FAISS
+# k-means, the float32 E-step: 1e30 per coordinate leaves a factor 1e8 of headroom for the
+# sums over features), and where they do not, the expanded form of the log-density loses all
+# its digits to them.
+MAX_ABS_VALUE = 1e15
 
 
-class ConvergenceWarning(UserWarning):
-    """EM stopped at max_iter before the lower bound changed by less than tol."""
-
-
-class GaussianMixture:
+class GaussianMixture(DensityMixin, BaseEstimator):
     """Gaussian mixture fitted by EM with a fused E-step that never stores N x K responsibilities.
 
     Parameters and attributes follow :class:`sklearn.mixture.GaussianMixture`.
@@ -190,47 +201,35 @@ class GaussianMixture:
         self.n_candidates = n_candidates
         self.n_neighbors = n_neighbors
 
-    # ------------------------------------------------------------------ sklearn plumbing
-    def get_params(self, deep=True):
-        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
-                if name != "self"}
-
-    def set_params(self, **params):
-        valid = self.get_params()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(f"invalid parameter {name!r} for GaussianMixture; valid: {sorted(valid)}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self):
-        defaults = inspect.signature(type(self).__init__).parameters
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
-                   if not isinstance(v, np.ndarray) and v != defaults[k].default]
-        return f"GaussianMixture({', '.join(changed)})"
-
     # ------------------------------------------------------------------ validation
+    # Accepted forms of every parameter (scikit-learn's declarative style), checked at fit.
+    _parameter_constraints = {
+        "n_components": [Integer(1)],
+        "covariance_type": [Options(*COVARIANCE_TYPES)],
+        "tol": [Real(0)],
+        "reg_covar": [Real(0)],
+        "max_iter": [Integer(0)],
+        "n_init": [Integer(1, MAX_N_INIT)],
+        "init_params": [Options(*INIT_METHODS)],
+        "weights_init": [Instances(None, object, label="None or array-like")],
+        "means_init": [Instances(None, object, label="None or array-like")],
+        "precisions_init": [Instances(None, object, label="None or array-like")],
+        "random_state": [Instances(None, np.random.Generator, np.random.RandomState), Integer(0, 2**32 - 1)],
+        "warm_start": [Options(False, True)],
+        "verbose": [Integer(0), Options(False, True)],
+        "device": [Options(*DEVICES)],
+        "chunk_size": [Integer(1)],
+        "cache_data": [Options(*CACHE_DATA)],
+        "compute_dtype": [Options(*COMPUTE_DTYPES)],
+        "precision": [Options(*kernels.PRECISIONS)],
+        "variance_floor": [Options("auto"), Real(0)],
+        "estep": [Options(*ESTEPS)],
+        "n_candidates": [Integer(1)],
+        "n_neighbors": [Integer(1)],
+    }
+
     def _check_parameters(self):
-        check_positive_int(self.n_components, "n_components")
-        check_choice(self.covariance_type, "covariance_type", COVARIANCE_TYPES)
-        check_nonnegative_float(self.tol, "tol")
-        check_nonnegative_float(self.reg_covar, "reg_covar")
-        check_positive_int(self.max_iter, "max_iter")
-        check_positive_int(self.n_init, "n_init")
-        check_choice(self.init_params, "init_params", INIT_METHODS)
-        check_choice(self.device, "device", DEVICES)
-        check_positive_int(self.chunk_size, "chunk_size")
-        if self.cache_data not in CACHE_DATA or not isinstance(self.cache_data, (bool, str)):
-            raise ValueError(f"cache_data must be 'auto', True or False, got {self.cache_data!r}")
-        check_choice(self.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
-        check_choice(self.precision, "precision", kernels.PRECISIONS)
-        if isinstance(self.variance_floor, str):
-            check_choice(self.variance_floor, "variance_floor", ("auto",))
-        else:
-            check_nonnegative_float(self.variance_floor, "variance_floor")
-        check_choice(self.estep, "estep", ESTEPS)
-        check_positive_int(self.n_candidates, "n_candidates")
-        check_positive_int(self.n_neighbors, "n_neighbors")
+        validate_params(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
         if self.estep == "truncated" and self.covariance_type == "full":
             raise ValueError("estep='truncated' supports covariance_type 'diag' and 'spherical', not 'full'; "
                              "use estep='dense'")
@@ -238,19 +237,33 @@ class GaussianMixture:
             raise ValueError("device='cuda' but torch sees no CUDA device; use device='auto' or 'cpu'")
 
     def _check_initial_parameters(self, n_features):
+        """weights_init, means_init and precisions_init against the model's shapes and meaning
+        (the messages quote scikit-learn's, which callers may match)."""
         k, d, cov = self.n_components, n_features, self.covariance_type
         if self.weights_init is not None:
-            w = _as_float64(self.weights_init, "weights_init", (k,))
-            if (w < 0).any() or (w > 1).any() or abs(w.sum() - 1) > 1e-6:
-                raise ValueError(f"weights_init must lie in [0, 1] and sum to 1, got sum {w.sum():.8f}")
+            w = _init_array(self.weights_init, "weights_init", "weights", (k,))
+            if (w < 0).any() or (w > 1).any():
+                raise ValueError(f"The parameter 'weights' should be in the range [0, 1], but got min value "
+                                 f"{w.min():.5f}, max value {w.max():.5f} (weights_init)")
+            if abs(w.sum() - 1) > 1e-6:
+                raise ValueError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
+                                 f"{w.sum():.5f} (weights_init)")
         if self.means_init is not None:
-            _as_float64(self.means_init, "means_init", (k, d))
+            _init_array(self.means_init, "means_init", "means", (k, d))
         if self.precisions_init is not None:
             shape = {"spherical": (k,), "diag": (k, d), "full": (k, d, d)}[cov]
-            p = _as_float64(self.precisions_init, "precisions_init", shape)
-            if cov != "full" and (p <= 0).any():
-                raise ValueError(f"precisions_init must be positive; first bad component "
-                                 f"{int(np.argwhere(p <= 0)[0][0])}")
+            p = _init_array(self.precisions_init, "precisions_init", f"{cov} precision", shape)
+            if cov != "full":
+                if (p <= 0).any():
+                    raise ValueError(f"precisions_init: '{cov} precision' should be positive; first bad component "
+                                     f"{int(np.argwhere(p <= 0)[0][0])}")
+                return
+            asymmetric = ~np.isclose(p, p.transpose(0, 2, 1), rtol=1e-10, atol=0).all(axis=(1, 2))
+            not_pd = np.array([np.linalg.eigvalsh(m).min() <= 0 for m in p])
+            bad = np.flatnonzero(asymmetric | not_pd)
+            if bad.size:
+                raise ValueError(f"precisions_init: '{cov} precision' should be symmetric, positive-definite; "
+                                 f"{bad.size} component(s) are not, the first is {int(bad[0])}")
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -283,7 +296,11 @@ class GaussianMixture:
         self
         """
         self._check_parameters()
-        return self._fit(ChunkSource(X, self.chunk_size))
+        return self._fit(ChunkSource(as_rows(X), self.chunk_size))
+
+    def fit_predict(self, X, y=None):
+        """Fit, then return the most probable component of every row of X, shape (n_samples,), int64."""
+        return self.fit(X).predict(X)
 
     def fit_stream(self, chunks):
         """Estimate the parameters by EM over data that arrives in chunks.
@@ -305,6 +322,12 @@ class GaussianMixture:
         n = source.validate()
         if n == 0:
             raise ValueError("X has 0 samples; at least one is required")
+        if source.n_features == 0:
+            raise ValueError(f"X has 0 feature(s) (shape=({n}, 0)) while a minimum of 1 is required.")
+        if source.max_abs > MAX_ABS_VALUE:
+            raise ValueError(f"X holds values up to |x| = {source.max_abs:.3g}; GaussianMixture fits data with "
+                             f"|x| <= {MAX_ABS_VALUE:g} (squared distances of larger values overflow or lose every "
+                             "digit): rescale X")
         if n < self.n_components:
             raise ValueError(f"n_components={self.n_components} must be <= n_samples={n}")
         if self.covariance_type == "full" and source.n_features > 256:
@@ -347,9 +370,11 @@ class GaussianMixture:
                 best = (lower_bound, state, converged, n_iter, bounds, reseeded_total)
         lower_bound, state, converged, n_iter, bounds, reseeded_total = best
         self._truncation = None
+        _check_fitted_state(state, lower_bound, self.covariance_type)
         if not converged:
-            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last change of the "
-                          f"lower bound above tol={self.tol}); increase max_iter or tol", ConvergenceWarning)
+            warnings.warn("Best performing initialization did not converge. Try different init parameters, or increase "
+                          f"max_iter, tol, or check for degenerate data. (EM ran max_iter={self.max_iter} iterations; "
+                          f"the lower bound still changed by more than tol={self.tol})", ConvergenceWarning)
         self._set_state(state)
         self.converged_, self.n_iter_, self.lower_bound_ = converged, n_iter, float(lower_bound)
         self.lower_bounds_, self.n_reseeded_ = bounds, reseeded_total
@@ -504,9 +529,11 @@ class GaussianMixture:
         return _State(state.weights, state.means - (shift - state.shift), state.cov,
                       precisions_cholesky(state.cov, self.covariance_type), shift)
 
-    def _kernel_params(self, state, device):
+    def _kernel_params(self, state, device, dtype=None):
+        """The E-step's parameters in ``dtype`` (default: ``compute_dtype``)."""
         params = kernel_params(state.weights, state.means, state.cov, state.prec_chol, self.covariance_type)
-        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        if dtype is None:
+            dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
         return params.to(device=device, dtype=dtype)
 
     def _estep_block(self, x, params, shift, offset=None) -> EStepResult:
@@ -527,7 +554,7 @@ class GaussianMixture:
         """(rows, K) log pi_k + log N(x_n | k), computed in the E-step's blocks of rows; with
         ``reduce`` (a sub-block -> one value per row) only the reduced values are kept, so that
         predict and score never hold a (chunk_size, K) matrix (17 GB at K = 16,384)."""
-        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        dtype = params[0].dtype
         out = []
         rows = kernels.reference.block_rows(len(params[0]), x.shape[1], self.covariance_type == "full", dtype)
         for start in range(0, x.shape[0], rows):
@@ -563,7 +590,8 @@ class GaussianMixture:
 
     def _check_fitted(self):
         if not hasattr(self, "means_"):
-            raise ValueError("this GaussianMixture is not fitted yet: call fit first")
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+                                 "arguments before using this estimator.")
 
     # ------------------------------------------------------------------ inference
     def _prepared_blocks(self, X):
@@ -573,12 +601,29 @@ class GaussianMixture:
         device = self._device()
         state = self._state(device)
         params = self._kernel_params(state, device)
+        wide = params if params[0].dtype == torch.float64 else None
+        prec_max = _largest_precisions(state.cov, self.covariance_type, self.means_.shape[1])
+        X = as_rows(X)
+        if len(X.shape) == 2 and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input")
         source = ChunkSource(X, self.chunk_size)
-        source.n_features = self.means_.shape[1]
+        source.n_features = self.n_features_in_
         if source.validate() == 0:
             raise ValueError("X has 0 samples; at least one is required")
         for offset, x in device_blocks(source, device):
-            yield offset, x, params, state.shift
+            # The largest Mahalanobis term a row of this block can reach (about the shift):
+            # rows far out overflow float32 log-densities, so such a block is computed in
+            # float64, and one too far out for float64 is refused.
+            xc = x.to(torch.float64) - state.shift
+            reach = float(((xc * xc) @ prec_max).max())
+            if reach > FLOAT64_REACH:
+                row = int(((xc * xc) @ prec_max).argmax())
+                raise ValueError(f"X row {offset + row} lies too far from every component for float64 log-densities "
+                                 f"(squared Mahalanobis distance ~{reach:.3g}): rescale X as the training data")
+            if reach > FLOAT32_REACH and wide is None:
+                wide = self._kernel_params(state, device, torch.float64)
+            yield offset, x, (params if reach <= FLOAT32_REACH else wide), state.shift
 
     def _scan(self, X, per_block):
         """Apply ``per_block(x, params, shift)`` over the blocks of X; concatenate on the host."""
@@ -600,7 +645,7 @@ class GaussianMixture:
     def score_samples(self, X):
         """Log-likelihood log p(x_n) of every row, shape (n_samples,), float64."""
         def block(x, params, shift):
-            if self._uses_kernels(x.device):
+            if self._uses_kernels(x.device) and params[0].dtype == torch.float32:
                 return kernels.log_norm(x, params, shift, precision=self.precision)[0]
             return self._weighted_log_prob(x, params, shift, reduce=lambda ll: torch.logsumexp(ll, 1).double())
         return self._scan(X, block)
@@ -611,7 +656,12 @@ class GaussianMixture:
 
     def predict(self, X):
         """Most probable component of every row, shape (n_samples,), int64."""
-        return self._scan(X, self._best_components)
+        def block(x, params, shift):
+            if params[0].dtype == torch.float32:
+                return self._best_components(x, params, shift)
+            # float64 (compute_dtype, or a block of far-out rows, see _prepared_blocks)
+            return self._weighted_log_prob(x, params, shift, reduce=lambda ll: ll.argmax(1))
+        return self._scan(X, block)
 
     def predict_proba(self, X):
         """Responsibilities, shape (n_samples, n_components), float64 (materialises n x K: the caller asked)."""
@@ -635,7 +685,7 @@ class GaussianMixture:
     def sample(self, n_samples=1):
         """Draw samples; returns X of shape (n_samples, n_features) and their components y."""
         self._check_fitted()
-        check_positive_int(n_samples, "n_samples")
+        validate_params({"n_samples": [Integer(1)]}, {"n_samples": n_samples}, "Invalid value for 'n_samples'")
         rng = _rng(self.random_state)
         counts = rng.multinomial(n_samples, self.weights_ / self.weights_.sum())
         d = self.means_.shape[1]
@@ -710,6 +760,31 @@ class _State:
         return iter((self.weights, self.means, self.cov, self.prec_chol, self.shift))
 
 
+def _check_fitted_state(state, lower_bound, covariance_type):
+    """Refuse a fit whose parameters are not a model (a variance of 0 with reg_covar=0, a NaN
+    from an overflow) instead of storing it."""
+    cov = state.cov if covariance_type != "full" else torch.linalg.eigvalsh(state.cov)
+    bad = ~(torch.isfinite(cov) & (cov > 0)).reshape(cov.shape[0], -1).all(1)
+    bad |= ~torch.isfinite(state.means).all(1) | ~torch.isfinite(state.weights)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"{ILL_DEFINED} ({int(bad.sum())} component(s) have a zero, negative or non-finite "
+                         f"variance; the first is component {first})")
+    if math.isnan(lower_bound):
+        raise ValueError("fitting failed: the log-likelihood is NaN; increase reg_covar or rescale X")
+
+
+def _largest_precisions(cov, covariance_type, n_features) -> torch.Tensor:
+    """(D,) float64: per feature, the largest precision any component has along it (full: the
+    largest eigenvalue of any precision matrix, for every feature)."""
+    if covariance_type == "diag":
+        return (1.0 / cov).max(0).values
+    if covariance_type == "spherical":
+        return torch.full((n_features,), float((1.0 / cov).max()), dtype=cov.dtype, device=cov.device)
+    return torch.full((n_features,), float(1.0 / torch.linalg.eigvalsh(cov).min()), dtype=cov.dtype,
+                      device=cov.device)
+
+
 def _zero_stats(k, d, covariance_type, device) -> EStepResult:
     f64 = dict(dtype=torch.float64, device=device)
     s2_shape = {"spherical": (k,), "diag": (k, d), "full": (k, d, d)}[covariance_type]
@@ -724,10 +799,14 @@ def _rng(random_state) -> np.random.Generator:
     return np.random.default_rng(random_state)
 
 
-def _as_float64(value, name, shape):
-    a = np.asarray(value, dtype=np.float64)
+def _init_array(value, name, label, shape):
+    """An initial parameter as float64 of ``shape``, finite (``label``: scikit-learn's name for it)."""
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be an array of numbers: {err}") from err
     if a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+        raise ValueError(f"The parameter '{label}' should have the shape of {shape}, but got {a.shape} ({name})")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} holds NaN or infinity (first at flat index {int(np.argmin(np.isfinite(a)))})")
     return a

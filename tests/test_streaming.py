@@ -85,7 +85,7 @@ def test_device_copy_holds_the_blocks_in_one_tensor(convert):
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_cache_data_must_be_auto_or_bool(bad):
-    with pytest.raises(ValueError, match="cache_data must be 'auto', True or False"):
+    with pytest.raises(ValueError, match="cache_data must be one of 'auto', True, False"):
         GaussianMixture(2, cache_data=bad, device="cpu").fit(rows(50, 3))
 
 

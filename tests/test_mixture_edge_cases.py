@@ -1,0 +1,189 @@
+"""GaussianMixture on extreme, degenerate and unusual input: a model, or a clear error; never NaN."""
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+
+from flashgmm_ivf import GaussianMixture
+from flashgmm_ivf._init import sample_size
+from flashgmm_ivf.cli import main
+
+FAST = dict(max_iter=10, random_state=0, device="cpu")
+
+
+def fit(gmm, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return gmm.fit(x)
+
+
+def blobs(n=60, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) + 6 * rng.integers(2, size=(n, 1))
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e20, 1e30])
+def test_values_beyond_the_limit_are_refused_at_fit(scale):
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32) * scale
+    with pytest.raises(ValueError, match=r"\|x\| <= 1e\+15.*rescale X"):
+        GaussianMixture(4, **FAST).fit(x)
+
+
+def test_cli_fit_refuses_huge_values(tmp_path):
+    path = tmp_path / "huge.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32) * 1e19)
+    with pytest.raises(ValueError, match="rescale X"):
+        main(["fit", "--data", str(path), "-k", "4", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("compute_dtype,scale", [("float32", 1e-6), ("float32", 1e12), ("float64", 1e-30),
+                                                  ("float64", 1e12)])
+def test_extreme_but_accepted_scales_give_the_scaled_model(scale, compute_dtype):
+    """EM is equivariant under scaling (reg_covar, a variance, scaled along): a model fitted on
+    x * s predicts as the one on x."""
+    x = blobs()
+    a = fit(GaussianMixture(2, compute_dtype=compute_dtype, **FAST), x)
+    b = fit(GaussianMixture(2, compute_dtype=compute_dtype, reg_covar=1e-6 * scale**2, **FAST), x * scale)
+    order_a, order_b = np.argsort(a.means_[:, 0]), np.argsort(b.means_[:, 0])  # the same components, any order
+    np.testing.assert_array_equal(np.argsort(order_a)[a.predict(x)], np.argsort(order_b)[b.predict(x * scale)])
+    np.testing.assert_allclose(b.means_[order_b] / scale, a.means_[order_a], rtol=1e-4, atol=1e-4)
+    ll = b.score_samples(x * scale)
+    np.testing.assert_allclose(ll + x.shape[1] * np.log(scale), a.score_samples(x), rtol=1e-4, atol=1e-3)
+
+
+def test_kmeans_init_survives_values_near_the_limit():
+    x = np.random.default_rng(1).normal(size=(40, 8)) * 2e14
+    g = fit(GaussianMixture(4, compute_dtype="float64", **FAST), x)
+    assert np.isfinite(g.means_).all() and np.isfinite(g.score_samples(x)).all()
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical", "full"])
+def test_zero_reg_covar_on_constant_data_is_an_error_not_nan(covariance_type):
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        fit(GaussianMixture(2, reg_covar=0.0, covariance_type=covariance_type, **FAST), np.ones((50, 8)))
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical", "full"])
+def test_far_queries_get_finite_float64_answers(covariance_type, compute_dtype):
+    """Finite queries far outside the data overflow float32 log-densities: they are computed in
+    float64 and agree with a float64 numpy reference."""
+    x = blobs()
+    g = fit(GaussianMixture(2, covariance_type=covariance_type, compute_dtype=compute_dtype, **FAST), x)
+    q = np.vstack([np.full((1, 8), 1e20), np.full((1, 8), -3e18), x[:2]])
+    ll = g.score_samples(q)
+    proba = g.predict_proba(q)
+    assert np.isfinite(ll).all() and np.isfinite(proba).all()
+    ref = reference_log_prob(g, q)
+    ref_ll = np.logaddexp.reduce(ref, axis=1)
+    np.testing.assert_allclose(ll, ref_ll, rtol=1e-6)
+    np.testing.assert_array_equal(g.predict(q), ref.argmax(1))
+    np.testing.assert_allclose(proba.sum(1), 1)
+
+
+def test_queries_too_far_even_for_float64_are_refused():
+    g = fit(GaussianMixture(2, **FAST), blobs())
+    q = np.vstack([np.zeros((2, 8)), np.full((1, 8), 1e200)])
+    with pytest.raises(ValueError, match="X row 2 lies too far"):
+        g.score_samples(q)
+
+
+def reference_log_prob(g, q):
+    """log pi_k + log N(q | k) in float64 numpy, computed directly from the fitted attributes."""
+    d = q.shape[1]
+    out = []
+    for k in range(g.n_components):
+        diff = q - g.means_[k]
+        if g.covariance_type == "full":
+            cov = g.covariances_[k]
+            sol = np.linalg.solve(np.linalg.cholesky(cov), diff.T)
+            quad, logdet = (sol * sol).sum(0), np.linalg.slogdet(cov)[1]
+        else:
+            var = np.broadcast_to(g.covariances_[k], (d,))
+            quad, logdet = (diff * diff / var).sum(1), np.log(var).sum()
+        out.append(np.log(g.weights_[k]) - 0.5 * (d * np.log(2 * np.pi) + logdet + quad))
+    return np.stack(out, 1)
+
+
+def test_zero_features_is_a_clear_error():
+    assert sample_size(4, 0) >= 4
+    with pytest.raises(ValueError, match=r"0 feature\(s\)"):
+        GaussianMixture(1, **FAST).fit(np.zeros((10, 0)))
+
+
+def test_n_init_is_bounded():
+    with pytest.raises(ValueError, match=r"n_init must be an integer in \[1, 1000\]"):
+        GaussianMixture(1, n_init=10**30, **FAST).fit(np.zeros((10, 2)))
+
+
+def test_stream_whose_chunks_change_between_passes_is_refused():
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def chunks():
+        calls.append(1)
+        return [rng.normal(size=(50 if len(calls) < 3 else 60, 8))]
+
+    with pytest.raises(ValueError, match="changed between passes.*50 rows"):
+        GaussianMixture(2, **FAST).fit_stream(chunks)
+    calls.clear()
+
+    def shrinking():
+        calls.append(1)
+        return [rng.normal(size=(50 if len(calls) < 3 else 40, 8))]
+
+    with pytest.raises(ValueError, match="changed between passes.*this one 40"):
+        GaussianMixture(2, **FAST).fit_stream(shrinking)
+    with pytest.raises(TypeError, match="fit_stream"):
+        GaussianMixture(2, **FAST).fit(shrinking)
+
+
+def test_nested_lists_and_negative_strides_are_accepted():
+    x = blobs()
+    g = fit(GaussianMixture(2, **FAST), x)
+    np.testing.assert_array_equal(fit(GaussianMixture(2, **FAST), x.tolist()).means_, g.means_)
+    np.testing.assert_array_equal(g.predict(x[:1].tolist()), g.predict(x[:1]))
+    one_row = x[:1][::-1]  # a single row with a negative row stride
+    assert one_row.strides[0] < 0
+    np.testing.assert_array_equal(g.predict(one_row), g.predict(x[:1]))
+    np.testing.assert_array_equal(g.predict(x[::-1]), g.predict(x)[::-1])
+    with pytest.raises(ValueError, match="not a rectangular array"):
+        g.predict([[1.0] * 8, [1.0] * 7])
+    with pytest.raises(TypeError, match="sparse"):
+        import scipy.sparse
+        g.predict(scipy.sparse.csr_matrix(x))
+
+
+def test_unfitted_use_raises_sklearns_not_fitted_error():
+    for method in ("predict", "predict_proba", "score_samples", "score"):
+        with pytest.raises(NotFittedError):
+            getattr(GaussianMixture(2), method)(blobs())
+
+
+def test_max_iter_zero_keeps_the_initialisation_and_warns():
+    x = blobs()
+    means = x[:2].copy()
+    with pytest.warns(ConvergenceWarning):
+        g = GaussianMixture(2, max_iter=0, means_init=means, **{k: v for k, v in FAST.items() if k != "max_iter"})
+        g.fit(x)
+    assert g.n_iter_ == 0 and not g.converged_
+    np.testing.assert_allclose(g.means_, means, rtol=1e-14)
+    np.testing.assert_array_equal(g.fit_predict(x), g.predict(x))
+
+
+def test_full_precisions_init_must_be_symmetric_positive_definite():
+    x = blobs(d=3)
+    eye = np.stack([np.eye(3)] * 2)
+    asym = eye.copy()
+    asym[1, 0, 1] = 0.5
+    singular = eye.copy()
+    singular[0, 2, 2] = 0.0
+    for bad, first in ((asym, 1), (singular, 0)):
+        with pytest.raises(ValueError, match=f"should be symmetric, positive-definite; 1 component.*first is {first}"):
+            GaussianMixture(2, covariance_type="full", precisions_init=bad, **FAST).fit(x)
+
+
+def test_fitted_attributes_are_float64_whatever_the_input_dtype():
+    g = fit(GaussianMixture(2, **FAST), blobs().astype(np.float32))
+    assert g.means_.dtype == g.covariances_.dtype == g.weights_.dtype == np.float64
