@@ -39,9 +39,9 @@ from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_pa
 from .probing import adaptive_lists, search_adaptive
 from .pruning import search_pruned
 from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
-from .search import SearchStats, preassigned_raw, search_nprobe
+from .search import SearchStats, cosine_from_l2, preassigned_raw, search_nprobe
 
-__all__ = ["GMMIndexIVF", "index_factory", "PROBES", "COVARIANCE_TYPES"]
+__all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVARIANCE_TYPES"]
 
 PROBES = ("adaptive", "radius", "fixed")  # how a search chooses each query's depth
 COVARIANCE_TYPES = ("spherical", "diag", "full")
@@ -58,6 +58,7 @@ _CALIBRATION_ROWS = 2000
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
 _ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
+_SEARCH_BLOCK = 4096  # queries per search step (bounds the over-fetch and deduplication temporaries)
 _THRESHOLD_ROWS = 65536  # training rows the spill threshold is set on (a quantile: more add nothing)
 
 
@@ -484,28 +485,34 @@ class GMMIndexIVF:
         saved_ef = self.hnsw_ef_search
         if ef is not None and saved_ef is not None:
             self.hnsw_ef_search = ef
+        stats = SearchStats()
+        D = np.empty((x.shape[0], k), np.float32)
+        I = np.empty((x.shape[0], k), np.int64)
         try:
-            D, I, stats = self._search(x, k, nprobe, recall)
+            # Blocks of queries bound the over-fetch (k x copies per row) and deduplication
+            # temporaries to a fixed size, whatever nq.
+            for start in range(0, x.shape[0], _SEARCH_BLOCK):
+                end = start + _SEARCH_BLOCK
+                D[start:end], I[start:end] = self._search(x[start:end], k, nprobe, recall, stats)
         finally:
             if ef is not None and saved_ef is not None:
                 self.hnsw_ef_search = saved_ef
         self.last_stats = stats
         if self.metric == "cosine":  # squared L2 of unit rows -> cosine similarity, as FAISS pads IP results
-            D = np.where(I >= 0, 1.0 - D / 2.0, -np.finfo(np.float32).max).astype(np.float32)
+            cosine_from_l2(D, I)
         return D, I
 
-    def _search(self, x, k, nprobe, recall):
-        if x.shape[0] == 0:
-            return np.empty((0, k), np.float32), np.empty((0, k), np.int64), SearchStats(0, 0, 0)
+    def _search(self, x, k, nprobe, recall, stats):
         if recall is None:
             if self.probe == "radius":
-                return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10))
-            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup)
+                return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
+            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, stats=stats)
         table = self._current_table()
         if self.probe == "radius":
             dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
-            return search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations))
-        return search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup)
+            return search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations),
+                                 stats=stats)
+        return search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup, stats=stats)
 
     def _current_table(self):
         """The depth table, refitted when the index changed by more than 10% since the last fit."""
@@ -673,6 +680,24 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
             raise ValueError(f"{key}={value!r} disagrees with {parsed[key]!r} in {description!r}")
         parsed[key] = value
     return GMMIndexIVF(d, nlist, encoding, metric, **parsed)
+
+
+def extract_index_ivf(index) -> faiss.IndexIVF:
+    """The real ``faiss.IndexIVF`` inside ``index`` (``faiss.extract_index_ivf`` that also takes a GMMIndexIVF).
+
+    Parameters
+    ----------
+    index : GMMIndexIVF, or any FAISS index ``faiss.extract_index_ivf`` accepts
+
+    Returns
+    -------
+    faiss.IndexIVF (downcast). Searching it directly returns a spilled vector once per copy.
+    """
+    if isinstance(index, GMMIndexIVF):
+        return index.index
+    if not isinstance(index, faiss.Index):
+        raise TypeError(f"index must be a GMMIndexIVF or a faiss.Index, got {type(index).__name__}")
+    return faiss.extract_index_ivf(index)
 
 
 # ---------------------------------------------------------------------- checks
