@@ -61,3 +61,38 @@ def test_free_functions_return_faiss_shape_and_fill_stats(index, data):
         search(*args, stats=stats)  # a second call adds to the same counters, as FAISS's IndexIVFStats
         assert stats.nq == 2 * len(queries)
     np.testing.assert_array_equal(search_nprobe(ivf, queries, K, 4)[1], index.search(queries, K, nprobe=4)[1])
+
+
+@pytest.mark.parametrize("encoding, match", [("PQ4x0", "nbits"), ("PQ4x17", "nbits"), ("PQ3", "dividing d"),
+                                             ("PQ0", "M >= 1"), ("SQ3", "SQ3")])
+def test_bad_encodings_fail_at_construction(encoding, match):
+    with pytest.raises(ValueError, match=match):
+        flashgmm_ivf.index_factory(8, f"IVF8_GMM,{encoding}")
+
+
+def test_encoder_training_errors_are_value_errors(data):
+    train = data[0][:300, :8]
+    index = flashgmm_ivf.index_factory(8, "IVF8_GMM(calibration_rows=100,coarse=flat),PQ4x8")
+    with pytest.raises(ValueError, match=r"cannot train the 'PQ4x8' encoder on 200 rows.*256"):
+        index.train(train)
+
+
+def test_ids_near_the_int64_limit(data):
+    train, base, _ = data
+    index = flashgmm_ivf.index_factory(D_DIM, "IVF16_GMM(coarse=flat),Flat")
+    index.train(train)
+    top = np.iinfo(np.int64).max - 1  # the largest id (2**63 - 1 is refused: FAISS's -1 in unsigned form)
+    index.add_with_ids(base[:3], np.arange(top - 2, top + 1))
+    with pytest.raises(ValueError, match="past the largest id"):
+        index.add(base[3:5])
+    assert index.ntotal == 3
+    for ids in (np.array([top + 1]), np.array([2**63], np.uint64), np.array([-1])):
+        with pytest.raises(ValueError, match="ids must be"):
+            index.add_with_ids(base[:1], ids)
+    D, I = index.search(base[:3], 3, nprobe=NLIST)
+    np.testing.assert_array_equal(I[:, 0], np.arange(top - 2, top + 1))
+
+
+def test_huge_queries_are_refused(index):
+    with pytest.raises(ValueError, match="overflow float32"):
+        index.search(np.full((1, D_DIM), 1e19, np.float32), 5, nprobe=8)

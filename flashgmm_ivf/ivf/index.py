@@ -57,6 +57,7 @@ _REFIT_CHANGE = 0.1
 _CALIBRATION_ROWS = 2000
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
+_MAX_ID = np.iinfo(np.int64).max  # ids are int64 in [0, _MAX_ID)
 _ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
 _SEARCH_BLOCK = 4096  # queries per search step (bounds the over-fetch and deduplication temporaries)
 _THRESHOLD_ROWS = 65536  # training rows the spill threshold is set on (a quantile: more add nothing)
@@ -319,7 +320,11 @@ class GMMIndexIVF:
             bar.set_postfix_str(stages[2])
             # The quantizer is full, so IndexIVF.train skips k-means and trains only the
             # encoder (PQ / SQ on residuals; nothing for Flat).
-            self.index.train(x[fit_rows])
+            try:
+                self.index.train(x[fit_rows])
+            except RuntimeError as err:  # e.g. PQ / SQ training on too few rows
+                raise ValueError(f"FAISS cannot train the {self.encoding!r} encoder on {len(fit_rows)} rows: "
+                                 f"{_faiss_message(err)}") from err
             match = _COARSE.match(self.coarse)
             if match.group(2) is not None:
                 graph = faiss.IndexHNSWFlat(self._d, int(match.group(2)), self.index.metric_type)
@@ -341,6 +346,10 @@ class GMMIndexIVF:
         x : array-like of shape (n, d)
         """
         x = self._vectors(x, "x")
+        if self._next_id > _MAX_ID - x.shape[0]:
+            raise ValueError(f"add would give ids up to {self._next_id + x.shape[0] - 1}, past the largest id "
+                             f"{_MAX_ID - 1} (ids are int64, -1 marks missing results): the largest id added "
+                             f"with add_with_ids is {self._next_id - 1}; keep adding with add_with_ids")
         self._add(x, np.arange(self._next_id, self._next_id + x.shape[0], dtype=np.int64))
 
     def add_with_ids(self, x, ids):
@@ -712,6 +721,12 @@ def _check_recall(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
         raise ValueError(f"recall must be a number in (0, 1] (target recall@10), got {value!r}")
     return float(value)
+
+
+def _faiss_message(err):
+    """The reason line of a FAISS RuntimeError (without the C++ location)."""
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    return text.split("Error: ", 1)[-1]
 
 
 def _quantizer_ef(params):
