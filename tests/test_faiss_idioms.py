@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 import flashgmm_ivf
-from flashgmm_ivf.ivf import SearchStats, search_adaptive, search_nprobe, search_preassigned, search_pruned
+from flashgmm_ivf.ivf import (
+    SearchStats,
+    search_adaptive,
+    search_nprobe,
+    search_preassigned,
+    search_pruned,
+)
 from flashgmm_ivf.ivf.search import ranked_lists
 
 D_DIM, NLIST, K = 16, 16, 10
@@ -55,7 +61,7 @@ def test_free_functions_return_faiss_shape_and_fill_stats(index, data):
         assert len(out) == 2 and out[0].shape == out[1].shape == (len(queries), K), search.__name__
         assert out[0].dtype == np.float32 and out[1].dtype == np.int64
         stats = SearchStats()
-        D, I = search(*args, stats=stats)
+        _, I = search(*args, stats=stats)
         np.testing.assert_array_equal(I, out[1])
         assert stats.nq == len(queries) and stats.ndis > 0 and stats.nlists >= len(queries), search.__name__
         search(*args, stats=stats)  # a second call adds to the same counters, as FAISS's IndexIVFStats
@@ -96,3 +102,82 @@ def test_ids_near_the_int64_limit(data):
 def test_huge_queries_are_refused(index):
     with pytest.raises(ValueError, match="overflow float32"):
         index.search(np.full((1, D_DIM), 1e19, np.float32), 5, nprobe=8)
+
+
+def test_search_parameters_ivf(index, data):
+    queries = data[2]
+    _, I = index.search(queries, K, params=faiss.SearchParametersIVF(nprobe=8))
+    _, I8 = index.search(queries, K, nprobe=8)
+    np.testing.assert_array_equal(I, I8)
+    assert index.last_stats.nlists == 8 * len(queries)
+    with pytest.raises(ValueError, match="not both"):
+        index.search(queries, K, nprobe=4, params=faiss.SearchParametersIVF(nprobe=8))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_range_search_is_deduplicated_and_exact_at_full_probe(data, metric):
+    _, base, queries = data
+    index = build(data, "IVF16_GMM(coarse=flat,copies=2),Flat", metric=metric)
+    assert index.copies_per_vector > 1.5
+    if metric == "l2":
+        d = ((queries[:, None, :].astype(np.float64) - base[None].astype(np.float64)) ** 2).sum(-1)
+        radius = float(np.quantile(d, 0.01))
+        want = d < radius
+    else:
+        qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        bn = base / np.linalg.norm(base, axis=1, keepdims=True)
+        d = qn.astype(np.float64) @ bn.T.astype(np.float64)
+        radius = float(np.quantile(d, 0.99))
+        want = d > radius
+    lims, D, I = index.range_search(queries, radius, nprobe=NLIST)
+    assert lims.shape == (len(queries) + 1,) and lims[0] == 0 and D.dtype == np.float32 and I.dtype == np.int64
+    for q in range(len(queries)):
+        ids, dis = I[lims[q]:lims[q + 1]], D[lims[q]:lims[q + 1]]
+        assert len(set(ids)) == len(ids)
+        near_edge = np.abs(d[q] - radius) < 1e-4 * max(1.0, abs(radius))
+        assert set(ids) - set(np.flatnonzero(near_edge)) == set(np.flatnonzero(want[q] & ~near_edge))
+        np.testing.assert_allclose(dis, d[q, ids], rtol=1e-4, atol=1e-4)
+        assert (np.diff(dis) >= 0).all() if metric == "l2" else (np.diff(dis) <= 0).all()
+    assert index.last_stats.nq == len(queries) and index.last_stats.ndis > len(base)  # copies scanned
+    small = index.range_search(queries, radius, params=faiss.SearchParametersIVF(nprobe=1))[0]
+    assert small[-1] <= lims[-1]
+
+
+@pytest.mark.parametrize("how", ["array", "selector", "inner"])
+def test_remove_ids_removes_every_copy(data, how):
+    _, base, queries = data
+    index = build(data, "IVF16_GMM(coarse=flat,copies=2),Flat")
+    gone = np.arange(0, len(base), 3)
+    entries = index.index.ntotal
+    if how == "array":
+        assert index.remove_ids(gone) == len(gone)
+    elif how == "selector":
+        assert index.remove_ids(faiss.IDSelectorRange(0, len(base) // 2)) == len(base) // 2
+        gone = np.arange(len(base) // 2)
+    else:  # the real FAISS index, used directly: the wrapper notices
+        index.index.remove_ids(faiss.IDSelectorBatch(gone))
+    assert index.ntotal == len(base) - len(gone)
+    assert index.index.ntotal < entries - len(gone)  # copies went too
+    kept = np.setdiff1d(np.arange(len(base)), gone)
+    _, I = index.search(queries, K, nprobe=NLIST)
+    np.testing.assert_array_equal(I, kept[exact_knn(base[kept], queries, K)])
+    _, I = index.search(queries, K, recall=0.95)  # the depth table refits against the remaining vectors
+    assert not np.isin(I, gone).any()
+    assert index.calibration.ids.size and not np.isin(index.calibration.ids, gone).any()
+    index.add(base[:5])
+    assert index.ntotal == len(kept) + 5 and index.search(base[:1], 1, nprobe=NLIST)[1][0, 0] >= len(base)
+
+
+def test_idmap_prefix_and_extract_index_ivf(data):
+    train, base, queries = data
+    index = flashgmm_ivf.index_factory(D_DIM, "IDMap,IVF16_GMM(coarse=flat),Flat")
+    index.train(train)
+    ids = np.arange(len(base)) * 10 + 7
+    index.add_with_ids(base, ids)
+    I = index.search(queries, K, nprobe=NLIST)[1]
+    np.testing.assert_array_equal(I, ids[exact_knn(base, queries, K)])
+    assert flashgmm_ivf.extract_index_ivf(index) is index.index
+    plain = faiss.index_factory(D_DIM, "IDMap,IVF4,Flat")
+    assert isinstance(flashgmm_ivf.extract_index_ivf(plain), faiss.IndexIVF)
+    with pytest.raises(TypeError, match="GMMIndexIVF or a faiss.Index"):
+        flashgmm_ivf.extract_index_ivf("IVF4,Flat")

@@ -39,7 +39,7 @@ from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_pa
 from .probing import adaptive_lists, search_adaptive
 from .pruning import search_pruned
 from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
-from .search import SearchStats, cosine_from_l2, preassigned_raw, search_nprobe
+from .search import SearchStats, cosine_from_l2, preassigned_raw, range_search_nprobe, search_nprobe
 
 __all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVARIANCE_TYPES"]
 
@@ -206,6 +206,7 @@ class GMMIndexIVF:
         self._ntotal = 0
         self._next_id = 0
         self._max_dup = 1
+        self._synced_entries = 0  # inner-index entries when _ntotal was last known right
         self.last_stats = None
 
     # ------------------------------------------------------------------ FAISS-like properties
@@ -219,7 +220,13 @@ class GMMIndexIVF:
 
     @property
     def ntotal(self) -> int:
-        """Vectors added (each counted once, whatever its copies)."""
+        """Vectors held (each counted once, whatever its copies).
+
+        Recounted from the inner index's ids when ``index.index`` was changed directly
+        (e.g. ``index.index.remove_ids``), so it never goes stale.
+        """
+        if self.index.ntotal != self._synced_entries:
+            self._resync()
         return self._ntotal
 
     @property
@@ -269,7 +276,8 @@ class GMMIndexIVF:
     @property
     def copies_per_vector(self) -> float:
         """Entries in the FAISS index per vector added."""
-        return self.index.ntotal / self._ntotal if self._ntotal else 0.0
+        n = self.ntotal
+        return self.index.ntotal / n if n else 0.0
 
     def settings(self) -> dict:
         """The constructor keywords that rebuild this index's recipe (what the factory string's options set)."""
@@ -336,7 +344,7 @@ class GMMIndexIVF:
             bar.update()
         self.calibration = Calibration.empty(x[cal_rows], self.index.metric_type, "training rows")
         self.probe_table, self._table_ntotal = None, 0
-        self._ntotal, self._next_id, self._max_dup = 0, 0, 1
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
 
     def add(self, x):
         """Add vectors with ids ntotal, ntotal + 1, ... (as FAISS), each to its primary list and maybe a copy.
@@ -378,6 +386,7 @@ class GMMIndexIVF:
 
     def _add(self, x, ids):
         self._check_trained("add")
+        n_before = self.ntotal  # notices direct changes of the inner index before adding to it
         blocks = range(0, x.shape[0], _ADD_BLOCK)
         for start in tqdm(blocks, desc="add", unit="block", disable=len(blocks) < 4):
             xb, ib = x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK]
@@ -386,8 +395,9 @@ class GMMIndexIVF:
             self.calibration.update(xb, ib)
             self._max_dup = max(self._max_dup, int((lists >= 0).sum(1).max()))
         if x.shape[0]:
-            self._ntotal += x.shape[0]
+            self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
+        self._synced_entries = self.index.ntotal
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
@@ -425,7 +435,7 @@ class GMMIndexIVF:
             if self.encoding != "Flat":
                 raise ValueError(f"encoding {self.encoding!r} stores approximate codes: give the queries' exact "
                                  "neighbours as neighbors=")
-            if self._ntotal == 0:
+            if self.ntotal == 0:
                 raise ValueError("the index is empty: add vectors before calibrate")
             self._exact_neighbors(calibration)
         else:
@@ -469,7 +479,7 @@ class GMMIndexIVF:
             hold fewer than k distinct ids.
         """
         self._check_trained("search")
-        if self._ntotal == 0:
+        if self.ntotal == 0:
             raise ValueError("the index is empty: add vectors before search")
         if params is not None:
             if not isinstance(params, faiss.SearchParametersIVF):
@@ -525,7 +535,7 @@ class GMMIndexIVF:
 
     def _current_table(self):
         """The depth table, refitted when the index changed by more than 10% since the last fit."""
-        if self.probe_table is None or abs(self._ntotal - self._table_ntotal) > _REFIT_CHANGE * self._table_ntotal:
+        if self.probe_table is None or abs(self.ntotal - self._table_ntotal) > _REFIT_CHANGE * self._table_ntotal:
             self._fit_table()
         return self.probe_table
 
@@ -543,10 +553,92 @@ class GMMIndexIVF:
         D, I = preassigned_raw(self.index, calibration.queries, kk, lists, np.zeros(lists.shape, np.float32))
         calibration.merge_results(D, I)
 
+    def remove_ids(self, ids) -> int:
+        """Remove vectors by id, every copy of each (FAISS's ``remove_ids``).
+
+        Parameters
+        ----------
+        ids : array-like of shape (n,) of integer ids, or a ``faiss.IDSelector``
+
+        Returns
+        -------
+        int, vectors removed (each counted once, whatever its copies).
+
+        Notes
+        -----
+        ``ntotal`` and, for Flat encoding, the calibration queries' exact neighbours are
+        recomputed; with PQ/SQ, neighbours given to ``calibrate`` are kept (call it again
+        with the new neighbours). The depth table is refitted at the next recall search.
+        """
+        self._check_trained("remove_ids")
+        if isinstance(ids, faiss.IDSelector):
+            selector = ids
+        else:
+            ids = np.asarray(ids)
+            if ids.dtype.kind not in "iu" or ids.ndim != 1:
+                raise TypeError(f"ids must be a 1-D array of integers or a faiss.IDSelector, got "
+                                f"{ids.dtype}{ids.shape}")
+            ids = np.ascontiguousarray(ids[(ids >= 0) & (ids < _MAX_ID)], dtype=np.int64)
+            selector = faiss.IDSelectorBatch(ids)  # ids stays referenced until remove_ids returns
+        before = self.ntotal
+        self.index.remove_ids(selector)
+        self._resync()
+        return before - self._ntotal
+
+    def _resync(self):
+        """Recount the distinct ids of the inner index; refresh the calibration when vectors went away."""
+        stored = _stored_ids(self.index)
+        removed = self._ntotal - stored.size
+        self._ntotal, self._synced_entries = int(stored.size), self.index.ntotal
+        if removed and self.calibration is not None:
+            if self.encoding == "Flat":
+                self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
+                                                     self.calibration.source)
+                if self._ntotal:
+                    self._exact_neighbors(self.calibration)
+            self.probe_table, self._table_ntotal = None, 0
+
+    def range_search(self, x, radius, *, nprobe=None, params=None):
+        """All vectors within ``radius`` of each query, each id once (FAISS's ``range_search``).
+
+        Parameters
+        ----------
+        x : array-like of shape (nq, d)
+        radius : float
+            Squared L2 distance (results strictly below it), or for 'ip' / 'cosine' a
+            similarity (results strictly above it), as FAISS.
+        nprobe : int in [1, nlist], optional (default ``self.nprobe``; ``params.nprobe`` if given)
+        params : faiss.SearchParametersIVF, optional
+
+        Returns
+        -------
+        lims : ndarray of shape (nq + 1,), int64; query i's results are ``lims[i]:lims[i+1]``
+        D : ndarray of shape (lims[-1],), float32, each query's results best first
+        I : ndarray of shape (lims[-1],), int64, distinct within a query
+        """
+        self._check_trained("range_search")
+        if params is not None:
+            if not isinstance(params, faiss.SearchParametersIVF):
+                raise TypeError(f"params must be a faiss.SearchParametersIVF, got {type(params).__name__}")
+            if nprobe is not None:
+                raise ValueError("give nprobe either as nprobe= or in params, not both")
+            nprobe = int(params.nprobe)
+        nprobe = _check_nprobe(self._nprobe if nprobe is None else nprobe, self._nlist)
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not math.isfinite(radius):
+            raise ValueError(f"radius must be a finite number, got {radius!r}")
+        x = self._vectors(x, "x")
+        inner_radius = 2.0 - 2.0 * float(radius) if self.metric == "cosine" else float(radius)
+        stats = SearchStats()
+        lims, D, I = range_search_nprobe(self.index, x, inner_radius, nprobe, stats=stats)
+        self.last_stats = stats
+        if self.metric == "cosine":
+            cosine_from_l2(D, I)
+        return lims, D, I
+
     def reset(self):
         """Remove all vectors; training (partition, coarse step, encoder, calibration queries) is kept."""
         self.index.reset()
-        self._ntotal, self._next_id, self._max_dup = 0, 0, 1
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
         if self.calibration is not None:
             self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
                                                  self.calibration.source)
@@ -572,7 +664,7 @@ class GMMIndexIVF:
                                                  self.calibration.distances))
         if self.probe_table is not None:
             calibration += self.probe_table.nbytes
-        return {"n_vectors": self._ntotal, "n_entries": entries, "copies_per_vector": self.copies_per_vector,
+        return {"n_vectors": self.ntotal, "n_entries": entries, "copies_per_vector": self.copies_per_vector,
                 "code_bytes": code, "id_bytes": ids, "quantizer_bytes": quantizer,
                 "calibration_bytes": calibration, "total_bytes": code + ids + quantizer + calibration}
 
@@ -621,6 +713,7 @@ class GMMIndexIVF:
 
 # ---------------------------------------------------------------------- factory
 _FACTORY = re.compile(r"^\s*IVF(\d+)_GMM(?:\(([^()]*)\))?\s*,\s*(\S.*?)\s*$")
+_IDMAP = re.compile(r"^\s*IDMap2?\s*,")
 _ESTEPS = ("dense", "truncated")
 # Option names in the string -> keyword of GMMIndexIVF / GaussianMixture, and a parser.
 _OPTIONS = {
@@ -642,7 +735,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     ----------
     d : int
     description : str
-        ``"IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
+        ``"[IDMap,]IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
         recipe) or ``"IVF1024_GMM(diag,coarse=flat,spill=none,probe=fixed),PQ16"``. Options:
         a covariance type (spherical | diag | full) or an E-step (dense | truncated) as a
         bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw<M> | flat),
@@ -650,6 +743,8 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
         recall, kmeans_iter, iter (EM iterations), calibration_rows, reg_covar, seed,
         device, compute_dtype, chunk_size, estep, n_candidates, n_neighbors.
         The encoding is a FAISS IVF encoding: Flat, PQ<M>[x<nbits>], SQ<bits>, SQfp16.
+        A leading ``IDMap,`` (or ``IDMap2,``) is accepted and changes nothing: the index keeps
+        the ids given to ``add_with_ids`` itself.
     metric : faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT, or 'l2' / 'ip' / 'cosine'
     **kwargs
         GMMIndexIVF / GaussianMixture keywords; one given both here and in the string must agree.
@@ -660,7 +755,8 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     """
     if not isinstance(description, str):
         raise TypeError(f"description must be a string, got {type(description).__name__}")
-    match = _FACTORY.match(description)
+    # FAISS's "IDMap," prefix: GMMIndexIVF keeps user ids itself (add_with_ids), so it adds nothing.
+    match = _FACTORY.match(_IDMAP.sub("", description, count=1))
     if not match:
         raise ValueError(f"cannot parse {description!r}: expected 'IVF<nlist>_GMM[(options)],<encoding>', e.g. "
                          "'IVF1024_GMM,Flat' (for k-means IVF use faiss.index_factory)")
@@ -689,6 +785,14 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
             raise ValueError(f"{key}={value!r} disagrees with {parsed[key]!r} in {description!r}")
         parsed[key] = value
     return GMMIndexIVF(d, nlist, encoding, metric, **parsed)
+
+
+def _stored_ids(index_ivf) -> np.ndarray:
+    """The distinct ids held in an IndexIVF's inverted lists."""
+    invlists = index_ivf.invlists
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+             for i in range(index_ivf.nlist) if invlists.list_size(i)]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
 
 def extract_index_ivf(index) -> faiss.IndexIVF:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._validation import check_positive_int
 
-__all__ = ["PAD", "SearchStats", "cosine_from_l2", "dedup_results", "preassigned_raw", "ranked_lists", "search_nprobe", "search_preassigned"]
+__all__ = ["PAD", "SearchStats", "cosine_from_l2", "dedup_results", "preassigned_raw", "range_search_nprobe", "ranked_lists", "search_nprobe", "search_preassigned"]
 
 PAD = float(np.finfo(np.float32).max)  # FAISS's distance for a missing result (+ for L2, - for IP)
 
@@ -244,3 +244,45 @@ def search_nprobe(index_ivf: faiss.IndexIVF, x, k, nprobe, *, max_dup=1, stats=N
     coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, nprobe)
     return search_preassigned(index_ivf, x, k, list_nos, coarse_dis, max_dup=max_dup, ncoarse=evaluations,
                               stats=stats)
+
+
+def range_search_nprobe(index_ivf: faiss.IndexIVF, x, radius, nprobe, *, stats=None):
+    """All ids within ``radius`` in the ``nprobe`` nearest lists of every query, each id once.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF with a flat or HNSW quantizer
+    x : ndarray of shape (nq, d), float32
+    radius : float, FAISS's meaning (L2: distances below it; inner product: above it)
+    nprobe : int
+    stats : SearchStats, optional, output: this search's counts are added to it
+
+    Returns
+    -------
+    lims, D, I : FAISS's range-search result (query i's results are ``lims[i]:lims[i+1]``),
+        copies of a vector kept once (the best), each query's results best first
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, nprobe)
+    list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
+    coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
+    faiss.cvar.indexIVF_stats.reset()
+    res = faiss.RangeSearchResult(n)
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    index_ivf.range_search_preassigned_c(n, faiss.swig_ptr(x), float(radius), faiss.swig_ptr(list_nos),
+                                         faiss.swig_ptr(coarse_dis), res, False, params)
+    lims = faiss.rev_swig_ptr(res.lims, n + 1).copy().astype(np.int64)
+    D = faiss.rev_swig_ptr(res.distances, int(lims[-1])).copy()
+    I = faiss.rev_swig_ptr(res.labels, int(lims[-1])).copy()
+    query = np.repeat(np.arange(n), np.diff(lims))
+    key = D if index_ivf.metric_type == faiss.METRIC_L2 else -D  # smaller = better
+    order = np.lexsort((key, I, query))  # per query, equal ids together, best first
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = (query[order][1:] != query[order][:-1]) | (I[order][1:] != I[order][:-1])
+    kept = order[first]
+    kept = kept[np.lexsort((key[kept], query[kept]))]
+    lims = np.concatenate([[0], np.cumsum(np.bincount(query[kept], minlength=n))]).astype(np.int64)
+    if stats is not None:
+        stats.add(SearchStats(n, int(faiss.cvar.indexIVF_stats.ndis), evaluations, int((list_nos >= 0).sum())))
+    return lims, D[kept], I[kept]
