@@ -95,7 +95,7 @@ def test_ids_near_the_int64_limit(data):
     for ids in (np.array([top + 1]), np.array([2**63], np.uint64), np.array([-1])):
         with pytest.raises(ValueError, match="ids must be"):
             index.add_with_ids(base[:1], ids)
-    D, I = index.search(base[:3], 3, nprobe=NLIST)
+    _, I = index.search(base[:3], 3, nprobe=NLIST)
     np.testing.assert_array_equal(I[:, 0], np.arange(top - 2, top + 1))
 
 
@@ -181,3 +181,13 @@ def test_idmap_prefix_and_extract_index_ivf(data):
     assert isinstance(flashgmm_ivf.extract_index_ivf(plain), faiss.IndexIVF)
     with pytest.raises(TypeError, match="GMMIndexIVF or a faiss.Index"):
         flashgmm_ivf.extract_index_ivf("IVF4,Flat")
+
+
+def test_write_read_after_remove(data, tmp_path):
+    _, _, queries = data
+    index = build(data, "IVF16_GMM(coarse=flat,copies=2),Flat")
+    index.remove_ids(np.arange(0, 100))
+    flashgmm_ivf.write_index(index, tmp_path / "i.npz")
+    loaded = flashgmm_ivf.read_index(tmp_path / "i.npz")
+    assert loaded.ntotal == index.ntotal
+    np.testing.assert_array_equal(loaded.search(queries, K, nprobe=4)[1], index.search(queries, K, nprobe=4)[1])

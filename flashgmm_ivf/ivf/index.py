@@ -120,8 +120,9 @@ class GMMIndexIVF:
     Attributes
     ----------
     index : faiss.IndexIVF
-        The real FAISS index. Its ``ntotal`` counts copies; ``faiss.write_index(gmm_index.index)``
-        writes a file plain FAISS reads, where a spilled vector appears once per copy.
+        The real FAISS index (also ``flashgmm_ivf.extract_index_ivf(gmm_index)``). Its
+        ``ntotal`` counts copies, and searched on its own it returns a spilled vector once
+        per copy: use ``GMMIndexIVF.search`` / ``flashgmm_ivf.write_index`` (see Notes).
     quantizer_index : faiss.IndexFlat or faiss.IndexHNSWFlat
     gmm : GaussianMixture
     calibration : Calibration or None
@@ -149,7 +150,24 @@ class GMMIndexIVF:
 
     Search deduplicates by id: copies of a vector have the same distance with Flat
     encoding (the best copy's estimate with PQ/SQ). Counters use FAISS's global statistics:
-    concurrent searches from several Python threads mix their counts.
+    concurrent searches from several Python threads mix their counts. Queries are searched
+    in blocks of 4,096, so the memory a search needs beyond its output is bounded.
+
+    FAISS idioms. These work as in FAISS: ``train``, ``add``, ``add_with_ids``, ``search``
+    (with ``params=faiss.SearchParametersIVF(nprobe=..., quantizer_params=
+    faiss.SearchParametersHNSW(efSearch=...))``), ``range_search`` (FAISS's ``(lims, D, I)``,
+    each id once), ``remove_ids`` (an id array or a ``faiss.IDSelector``; every copy goes),
+    ``reset``, ``nprobe``, ``ntotal``, ``d``, ``is_trained``, ``metric_type``, and the factory
+    prefix ``"IDMap,IVF1024_GMM,Flat"`` (accepted; ids given to ``add_with_ids`` are kept
+    without it). Use the package's functions where FAISS's own cannot take a Python object:
+    ``flashgmm_ivf.extract_index_ivf(index)`` (not ``faiss.extract_index_ivf``),
+    ``flashgmm_ivf.write_index`` / ``read_index`` (not ``faiss.write_index``), and
+    ``add_with_ids`` (not ``faiss.IndexIDMap(index)``). The inner ``index.index`` is a plain
+    FAISS IVF index: ``faiss.write_index(index.index)`` writes a file plain FAISS reads, but
+    its searches return a spilled vector once per copy (repeated ids), and the GMM, the
+    spill threshold and the calibration are not in it. Removing ids through
+    ``index.index.remove_ids`` directly is noticed (``ntotal`` is recounted from the inner
+    index at next use).
     """
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
