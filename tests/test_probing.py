@@ -13,7 +13,7 @@ from flashgmm_ivf.datasets import exact_knn
 from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, adaptive_lists, distance_spread, list_members,
                                       neighbor_depths, scan_costs, search_adaptive, truncate_lists)
 from flashgmm_ivf.ivf.quantizer import add_assigned
-from flashgmm_ivf.ivf.search import ranked_lists, search_preassigned
+from flashgmm_ivf.ivf.search import SearchStats, ranked_lists, search_preassigned
 
 NLIST = 16
 K = 10
@@ -31,6 +31,13 @@ def kmeans_index(sift):
     base = sift[0]
     centroids, primary = kmeans_partition(base, NLIST)
     return ivf_with_lists(centroids, base, primary[:, None])
+
+
+def counted(search, *args, **kwargs):
+    """A free search function's (D, I) and the SearchStats it filled through stats=."""
+    stats = SearchStats()
+    D, I = search(*args, stats=stats, **kwargs)
+    return D, I, stats
 
 
 def fit_table(index, queries, gt, depth):
@@ -60,7 +67,7 @@ def recall(I, gt):
 
 def scan(index, x, lists, dis, nprobe):
     """Each query scanning its first nprobe[i] lists: codes scanned, results."""
-    D, I, stats = search_preassigned(index, x, K, *truncate_lists(lists, dis, nprobe))
+    D, I, stats = counted(search_preassigned, index, x, K, *truncate_lists(lists, dis, nprobe))
     return D, I, stats.ndis
 
 
@@ -126,7 +133,7 @@ def test_adaptive_beats_fixed_nprobe_at_equal_training_recall(sift, kmeans_index
 def test_search_adaptive_scans_the_tables_depths(sift, kmeans_index, table):
     _, _, test = sift
     for asked in (0.6, 0.95):
-        D, I, stats = search_adaptive(kmeans_index, test, K, table, asked)
+        D, I, stats = counted(search_adaptive, kmeans_index, test, K, table, asked)
         dis, lists, nprobe, evaluations = adaptive_lists(kmeans_index, test, table, asked)
         D0, I0, ndis = scan(kmeans_index, test, lists, dis, nprobe)
         np.testing.assert_array_equal(I, I0)

@@ -13,7 +13,7 @@ from conftest import ivf_with_lists, kmeans_partition
 
 from flashgmm_ivf.cli import bundled_dataset
 from flashgmm_ivf.ivf.pruning import halfspace_bounds, search_pruned
-from flashgmm_ivf.ivf.search import ranked_lists, search_nprobe
+from flashgmm_ivf.ivf.search import SearchStats, ranked_lists, search_nprobe
 
 NLIST = 32
 K = 10
@@ -38,6 +38,13 @@ def partition(sift):
 @pytest.fixture(scope="module")
 def hard_index(sift, partition):
     return ivf_with_lists(partition.centroids, sift[0], partition.primary[:, None])
+
+
+def counted(search, *args, **kwargs):
+    """A free search function's (D, I) and the SearchStats it filled through stats=."""
+    stats = SearchStats()
+    D, I = search(*args, stats=stats, **kwargs)
+    return D, I, stats
 
 
 def recall(I, I_ref):
@@ -76,8 +83,8 @@ def test_bound_matches_float64_formula(partition):
 def test_scale_one_is_exact_on_a_hard_partition(sift, hard_index, nprobe):
     """The bound is a real bound: pruned search returns what scanning all nprobe lists returns, for fewer codes."""
     _, test = sift
-    D0, I0, full = search_nprobe(hard_index, test, K, nprobe)
-    D, I, stats = search_pruned(hard_index, test, K, nprobe, 1.0)
+    D0, I0, full = counted(search_nprobe, hard_index, test, K, nprobe)
+    D, I, stats = counted(search_pruned, hard_index, test, K, nprobe, 1.0)
     np.testing.assert_array_equal(I, I0)
     np.testing.assert_allclose(D, D0, rtol=1e-6)
     assert stats.ndis <= full.ndis and len(test) <= stats.nlists <= full.nlists == len(test) * nprobe
@@ -89,10 +96,10 @@ def test_scale_one_is_exact_on_a_hard_partition(sift, hard_index, nprobe):
 def test_rank_prunes_for_the_first_results(sift, hard_index):
     """Pruned against the 10th neighbour, 30 results come back; the first 10 are exact, for fewer codes."""
     _, test = sift
-    _, I0, full = search_nprobe(hard_index, test, 30, 16)
-    _, I, stats = search_pruned(hard_index, test, 30, 16, 1.0, rank=10)
+    _, I0, full = counted(search_nprobe, hard_index, test, 30, 16)
+    _, I, stats = counted(search_pruned, hard_index, test, 30, 16, 1.0, rank=10)
     np.testing.assert_array_equal(I[:, :10], I0[:, :10])
-    assert stats.ndis < search_pruned(hard_index, test, 30, 16, 1.0)[2].ndis <= full.ndis
+    assert stats.ndis < counted(search_pruned, hard_index, test, 30, 16, 1.0)[2].ndis <= full.ndis
     assert (I >= 0).all()
 
 
@@ -100,7 +107,7 @@ def test_per_query_nprobe_caps_each_query(sift, hard_index):
     """A cap per query (e.g. from a ProbeTable): each query scans at most its own, exactly at scale 1."""
     _, test = sift
     caps = np.arange(len(test)) % 5 + 1
-    _, I, stats = search_pruned(hard_index, test, K, caps, 1.0)
+    _, I, stats = counted(search_pruned, hard_index, test, K, caps, 1.0)
     assert len(test) <= stats.nlists <= caps.sum()
     for cap in (1, 3, 5):
         rows = caps == cap
@@ -110,7 +117,7 @@ def test_per_query_nprobe_caps_each_query(sift, hard_index):
 
 def test_smaller_scale_scans_fewer_lists(sift, hard_index):
     _, test = sift
-    scanned = [search_pruned(hard_index, test, K, NLIST, s)[2].nlists for s in (1.0, 0.5, 0.2, 0.05)]
+    scanned = [counted(search_pruned, hard_index, test, K, NLIST, s)[2].nlists for s in (1.0, 0.5, 0.2, 0.05)]
     assert all(a >= b for a, b in itertools.pairwise(scanned)) and scanned[-1] < scanned[0]
 
 
@@ -119,7 +126,7 @@ def test_copies_come_back_once(sift, partition):
     base, test = sift
     second = faiss.knn(base, partition.centroids, 2)[1][:, 1]
     index = ivf_with_lists(partition.centroids, base, np.stack([partition.primary, second], 1))
-    D, I, _ = search_pruned(index, test, K, 8, 0.5)
+    D, I, _ = counted(search_pruned, index, test, K, 8, 0.5)
     assert (I >= 0).all()
     assert all(len(set(row)) == K for row in I)
     assert (np.diff(D, axis=1) >= 0).all()
@@ -130,18 +137,18 @@ def test_copies_come_back_once(sift, partition):
 def test_fewer_vectors_than_k_pads(sift, partition):
     base, test = sift
     index = ivf_with_lists(partition.centroids, base[:5], partition.primary[:5, None])
-    D, I, _ = search_pruned(index, test[:3], K, NLIST, 1.0)
+    D, I, _ = counted(search_pruned, index, test[:3], K, NLIST, 1.0)
     assert (I[:, :5] >= 0).all() and (I[:, 5:] == -1).all() and (D[:, 5:] == np.finfo(np.float32).max).all()
 
 
 def test_hnsw_quantizer_counts_its_walk(sift, partition):
     base, test = sift
     graph = ivf_with_lists(partition.centroids, base, partition.primary[:, None], "hnsw")
-    _, I, stats = search_pruned(graph, test, K, 8, 1.0)
+    _, I, stats = counted(search_pruned, graph, test, K, 8, 1.0)
     _, _, walk = ranked_lists(graph, test, 8)
     assert stats.ncoarse == walk + len(test) * 7
     flat = ivf_with_lists(partition.centroids, base, partition.primary[:, None])
-    assert recall(I, search_pruned(flat, test, K, 8, 1.0)[1]) > 0.9
+    assert recall(I, counted(search_pruned, flat, test, K, 8, 1.0)[1]) > 0.9
 
 
 def test_bad_input(sift, partition, hard_index):

@@ -13,16 +13,17 @@ Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_too
 - :mod:`.calibration`: calibration queries, their exact neighbours, fitting the table.
 - :mod:`.shards`: building, merging and searching shards of one trained index.
 
-Every search function returns ``(D, I, stats)`` (FAISS's D and I, deduplicated by id, and a
-:class:`SearchStats`); ``GMMIndexIVF.search`` returns ``(D, I)`` and sets ``last_stats``.
+Every search function returns FAISS's ``(D, I)``, deduplicated by id, and adds its costs to
+an optional ``stats=SearchStats()`` argument (as FAISS's ``search_preassigned`` fills an
+``IndexIVFStats``); ``GMMIndexIVF.search`` sets ``last_stats``.
 """
 from .calibration import Calibration
-from .index import PROBES, GMMIndexIVF, index_factory
+from .index import PROBES, GMMIndexIVF, extract_index_ivf, index_factory
 from .index_io import read_index, write_index
 from .probing import ProbeTable, adaptive_lists, distance_spread, search_adaptive
 from .pruning import halfspace_bounds, search_pruned
 from .search import SearchStats, dedup_results, ranked_lists, search_nprobe, search_preassigned
 
 __all__ = ["PROBES", "Calibration", "GMMIndexIVF", "ProbeTable", "SearchStats", "adaptive_lists", "dedup_results",
-           "distance_spread", "halfspace_bounds", "index_factory", "ranked_lists", "read_index", "search_adaptive",
+           "distance_spread", "extract_index_ivf", "halfspace_bounds", "index_factory", "ranked_lists", "read_index", "search_adaptive",
            "search_nprobe", "search_preassigned", "search_pruned", "write_index"]

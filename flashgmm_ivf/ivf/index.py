@@ -39,9 +39,9 @@ from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_pa
 from .probing import adaptive_lists, search_adaptive
 from .pruning import search_pruned
 from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
-from .search import SearchStats, preassigned_raw, search_nprobe
+from .search import SearchStats, cosine_from_l2, preassigned_raw, range_search_nprobe, search_nprobe
 
-__all__ = ["GMMIndexIVF", "index_factory", "PROBES", "COVARIANCE_TYPES"]
+__all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVARIANCE_TYPES"]
 
 PROBES = ("adaptive", "radius", "fixed")  # how a search chooses each query's depth
 COVARIANCE_TYPES = ("spherical", "diag", "full")
@@ -57,7 +57,9 @@ _REFIT_CHANGE = 0.1
 _CALIBRATION_ROWS = 2000
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
+_MAX_ID = np.iinfo(np.int64).max  # ids are int64 in [0, _MAX_ID)
 _ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
+_SEARCH_BLOCK = 4096  # queries per search step (bounds the over-fetch and deduplication temporaries)
 _THRESHOLD_ROWS = 65536  # training rows the spill threshold is set on (a quantile: more add nothing)
 
 
@@ -118,8 +120,9 @@ class GMMIndexIVF:
     Attributes
     ----------
     index : faiss.IndexIVF
-        The real FAISS index. Its ``ntotal`` counts copies; ``faiss.write_index(gmm_index.index)``
-        writes a file plain FAISS reads, where a spilled vector appears once per copy.
+        The real FAISS index (also ``flashgmm_ivf.extract_index_ivf(gmm_index)``). Its
+        ``ntotal`` counts copies, and searched on its own it returns a spilled vector once
+        per copy: use ``GMMIndexIVF.search`` / ``flashgmm_ivf.write_index`` (see Notes).
     quantizer_index : faiss.IndexFlat or faiss.IndexHNSWFlat
     gmm : GaussianMixture
     calibration : Calibration or None
@@ -147,7 +150,24 @@ class GMMIndexIVF:
 
     Search deduplicates by id: copies of a vector have the same distance with Flat
     encoding (the best copy's estimate with PQ/SQ). Counters use FAISS's global statistics:
-    concurrent searches from several Python threads mix their counts.
+    concurrent searches from several Python threads mix their counts. Queries are searched
+    in blocks of 4,096, so the memory a search needs beyond its output is bounded.
+
+    FAISS idioms. These work as in FAISS: ``train``, ``add``, ``add_with_ids``, ``search``
+    (with ``params=faiss.SearchParametersIVF(nprobe=..., quantizer_params=
+    faiss.SearchParametersHNSW(efSearch=...))``), ``range_search`` (FAISS's ``(lims, D, I)``,
+    each id once), ``remove_ids`` (an id array or a ``faiss.IDSelector``; every copy goes),
+    ``reset``, ``nprobe``, ``ntotal``, ``d``, ``is_trained``, ``metric_type``, and the factory
+    prefix ``"IDMap,IVF1024_GMM,Flat"`` (accepted; ids given to ``add_with_ids`` are kept
+    without it). Use the package's functions where FAISS's own cannot take a Python object:
+    ``flashgmm_ivf.extract_index_ivf(index)`` (not ``faiss.extract_index_ivf``),
+    ``flashgmm_ivf.write_index`` / ``read_index`` (not ``faiss.write_index``), and
+    ``add_with_ids`` (not ``faiss.IndexIDMap(index)``). The inner ``index.index`` is a plain
+    FAISS IVF index: ``faiss.write_index(index.index)`` writes a file plain FAISS reads, but
+    its searches return a spilled vector once per copy (repeated ids), and the GMM, the
+    spill threshold and the calibration are not in it. Removing ids through
+    ``index.index.remove_ids`` directly is noticed (``ntotal`` is recounted from the inner
+    index at next use).
     """
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
@@ -204,6 +224,7 @@ class GMMIndexIVF:
         self._ntotal = 0
         self._next_id = 0
         self._max_dup = 1
+        self._synced_entries = 0  # inner-index entries when _ntotal was last known right
         self.last_stats = None
 
     # ------------------------------------------------------------------ FAISS-like properties
@@ -217,7 +238,13 @@ class GMMIndexIVF:
 
     @property
     def ntotal(self) -> int:
-        """Vectors added (each counted once, whatever its copies)."""
+        """Vectors held (each counted once, whatever its copies).
+
+        Recounted from the inner index's ids when ``index.index`` was changed directly
+        (e.g. ``index.index.remove_ids``), so it never goes stale.
+        """
+        if self.index.ntotal != self._synced_entries:
+            self._resync()
         return self._ntotal
 
     @property
@@ -267,7 +294,8 @@ class GMMIndexIVF:
     @property
     def copies_per_vector(self) -> float:
         """Entries in the FAISS index per vector added."""
-        return self.index.ntotal / self._ntotal if self._ntotal else 0.0
+        n = self.ntotal
+        return self.index.ntotal / n if n else 0.0
 
     def settings(self) -> dict:
         """The constructor keywords that rebuild this index's recipe (what the factory string's options set)."""
@@ -318,7 +346,11 @@ class GMMIndexIVF:
             bar.set_postfix_str(stages[2])
             # The quantizer is full, so IndexIVF.train skips k-means and trains only the
             # encoder (PQ / SQ on residuals; nothing for Flat).
-            self.index.train(x[fit_rows])
+            try:
+                self.index.train(x[fit_rows])
+            except RuntimeError as err:  # e.g. PQ / SQ training on too few rows
+                raise ValueError(f"FAISS cannot train the {self.encoding!r} encoder on {len(fit_rows)} rows: "
+                                 f"{_faiss_message(err)}") from err
             match = _COARSE.match(self.coarse)
             if match.group(2) is not None:
                 graph = faiss.IndexHNSWFlat(self._d, int(match.group(2)), self.index.metric_type)
@@ -330,7 +362,7 @@ class GMMIndexIVF:
             bar.update()
         self.calibration = Calibration.empty(x[cal_rows], self.index.metric_type, "training rows")
         self.probe_table, self._table_ntotal = None, 0
-        self._ntotal, self._next_id, self._max_dup = 0, 0, 1
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
 
     def add(self, x):
         """Add vectors with ids ntotal, ntotal + 1, ... (as FAISS), each to its primary list and maybe a copy.
@@ -340,6 +372,10 @@ class GMMIndexIVF:
         x : array-like of shape (n, d)
         """
         x = self._vectors(x, "x")
+        if self._next_id > _MAX_ID - x.shape[0]:
+            raise ValueError(f"add would give ids up to {self._next_id + x.shape[0] - 1}, past the largest id "
+                             f"{_MAX_ID - 1} (ids are int64, -1 marks missing results): the largest id added "
+                             f"with add_with_ids is {self._next_id - 1}; keep adding with add_with_ids")
         self._add(x, np.arange(self._next_id, self._next_id + x.shape[0], dtype=np.int64))
 
     def add_with_ids(self, x, ids):
@@ -368,6 +404,7 @@ class GMMIndexIVF:
 
     def _add(self, x, ids):
         self._check_trained("add")
+        n_before = self.ntotal  # notices direct changes of the inner index before adding to it
         blocks = range(0, x.shape[0], _ADD_BLOCK)
         for start in tqdm(blocks, desc="add", unit="block", disable=len(blocks) < 4):
             xb, ib = x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK]
@@ -376,8 +413,9 @@ class GMMIndexIVF:
             self.calibration.update(xb, ib)
             self._max_dup = max(self._max_dup, int((lists >= 0).sum(1).max()))
         if x.shape[0]:
-            self._ntotal += x.shape[0]
+            self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
+        self._synced_entries = self.index.ntotal
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
@@ -415,7 +453,7 @@ class GMMIndexIVF:
             if self.encoding != "Flat":
                 raise ValueError(f"encoding {self.encoding!r} stores approximate codes: give the queries' exact "
                                  "neighbours as neighbors=")
-            if self._ntotal == 0:
+            if self.ntotal == 0:
                 raise ValueError("the index is empty: add vectors before calibrate")
             self._exact_neighbors(calibration)
         else:
@@ -459,7 +497,7 @@ class GMMIndexIVF:
             hold fewer than k distinct ids.
         """
         self._check_trained("search")
-        if self._ntotal == 0:
+        if self.ntotal == 0:
             raise ValueError("the index is empty: add vectors before search")
         if params is not None:
             if not isinstance(params, faiss.SearchParametersIVF):
@@ -484,32 +522,38 @@ class GMMIndexIVF:
         saved_ef = self.hnsw_ef_search
         if ef is not None and saved_ef is not None:
             self.hnsw_ef_search = ef
+        stats = SearchStats()
+        D = np.empty((x.shape[0], k), np.float32)
+        I = np.empty((x.shape[0], k), np.int64)
         try:
-            D, I, stats = self._search(x, k, nprobe, recall)
+            # Blocks of queries bound the over-fetch (k x copies per row) and deduplication
+            # temporaries to a fixed size, whatever nq.
+            for start in range(0, x.shape[0], _SEARCH_BLOCK):
+                end = start + _SEARCH_BLOCK
+                D[start:end], I[start:end] = self._search(x[start:end], k, nprobe, recall, stats)
         finally:
             if ef is not None and saved_ef is not None:
                 self.hnsw_ef_search = saved_ef
         self.last_stats = stats
         if self.metric == "cosine":  # squared L2 of unit rows -> cosine similarity, as FAISS pads IP results
-            D = np.where(I >= 0, 1.0 - D / 2.0, -np.finfo(np.float32).max).astype(np.float32)
+            cosine_from_l2(D, I)
         return D, I
 
-    def _search(self, x, k, nprobe, recall):
-        if x.shape[0] == 0:
-            return np.empty((0, k), np.float32), np.empty((0, k), np.int64), SearchStats(0, 0, 0)
+    def _search(self, x, k, nprobe, recall, stats):
         if recall is None:
             if self.probe == "radius":
-                return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10))
-            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup)
+                return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
+            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, stats=stats)
         table = self._current_table()
         if self.probe == "radius":
             dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
-            return search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations))
-        return search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup)
+            return search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations),
+                                 stats=stats)
+        return search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup, stats=stats)
 
     def _current_table(self):
         """The depth table, refitted when the index changed by more than 10% since the last fit."""
-        if self.probe_table is None or abs(self._ntotal - self._table_ntotal) > _REFIT_CHANGE * self._table_ntotal:
+        if self.probe_table is None or abs(self.ntotal - self._table_ntotal) > _REFIT_CHANGE * self._table_ntotal:
             self._fit_table()
         return self.probe_table
 
@@ -527,10 +571,92 @@ class GMMIndexIVF:
         D, I = preassigned_raw(self.index, calibration.queries, kk, lists, np.zeros(lists.shape, np.float32))
         calibration.merge_results(D, I)
 
+    def remove_ids(self, ids) -> int:
+        """Remove vectors by id, every copy of each (FAISS's ``remove_ids``).
+
+        Parameters
+        ----------
+        ids : array-like of shape (n,) of integer ids, or a ``faiss.IDSelector``
+
+        Returns
+        -------
+        int, vectors removed (each counted once, whatever its copies).
+
+        Notes
+        -----
+        ``ntotal`` and, for Flat encoding, the calibration queries' exact neighbours are
+        recomputed; with PQ/SQ, neighbours given to ``calibrate`` are kept (call it again
+        with the new neighbours). The depth table is refitted at the next recall search.
+        """
+        self._check_trained("remove_ids")
+        if isinstance(ids, faiss.IDSelector):
+            selector = ids
+        else:
+            ids = np.asarray(ids)
+            if ids.dtype.kind not in "iu" or ids.ndim != 1:
+                raise TypeError(f"ids must be a 1-D array of integers or a faiss.IDSelector, got "
+                                f"{ids.dtype}{ids.shape}")
+            ids = np.ascontiguousarray(ids[(ids >= 0) & (ids < _MAX_ID)], dtype=np.int64)
+            selector = faiss.IDSelectorBatch(ids)  # ids stays referenced until remove_ids returns
+        before = self.ntotal
+        self.index.remove_ids(selector)
+        self._resync()
+        return before - self._ntotal
+
+    def _resync(self):
+        """Recount the distinct ids of the inner index; refresh the calibration when vectors went away."""
+        stored = _stored_ids(self.index)
+        removed = self._ntotal - stored.size
+        self._ntotal, self._synced_entries = int(stored.size), self.index.ntotal
+        if removed and self.calibration is not None:
+            if self.encoding == "Flat":
+                self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
+                                                     self.calibration.source)
+                if self._ntotal:
+                    self._exact_neighbors(self.calibration)
+            self.probe_table, self._table_ntotal = None, 0
+
+    def range_search(self, x, radius, *, nprobe=None, params=None):
+        """All vectors within ``radius`` of each query, each id once (FAISS's ``range_search``).
+
+        Parameters
+        ----------
+        x : array-like of shape (nq, d)
+        radius : float
+            Squared L2 distance (results strictly below it), or for 'ip' / 'cosine' a
+            similarity (results strictly above it), as FAISS.
+        nprobe : int in [1, nlist], optional (default ``self.nprobe``; ``params.nprobe`` if given)
+        params : faiss.SearchParametersIVF, optional
+
+        Returns
+        -------
+        lims : ndarray of shape (nq + 1,), int64; query i's results are ``lims[i]:lims[i+1]``
+        D : ndarray of shape (lims[-1],), float32, each query's results best first
+        I : ndarray of shape (lims[-1],), int64, distinct within a query
+        """
+        self._check_trained("range_search")
+        if params is not None:
+            if not isinstance(params, faiss.SearchParametersIVF):
+                raise TypeError(f"params must be a faiss.SearchParametersIVF, got {type(params).__name__}")
+            if nprobe is not None:
+                raise ValueError("give nprobe either as nprobe= or in params, not both")
+            nprobe = int(params.nprobe)
+        nprobe = _check_nprobe(self._nprobe if nprobe is None else nprobe, self._nlist)
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not math.isfinite(radius):
+            raise ValueError(f"radius must be a finite number, got {radius!r}")
+        x = self._vectors(x, "x")
+        inner_radius = 2.0 - 2.0 * float(radius) if self.metric == "cosine" else float(radius)
+        stats = SearchStats()
+        lims, D, I = range_search_nprobe(self.index, x, inner_radius, nprobe, stats=stats)
+        self.last_stats = stats
+        if self.metric == "cosine":
+            cosine_from_l2(D, I)
+        return lims, D, I
+
     def reset(self):
         """Remove all vectors; training (partition, coarse step, encoder, calibration queries) is kept."""
         self.index.reset()
-        self._ntotal, self._next_id, self._max_dup = 0, 0, 1
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
         if self.calibration is not None:
             self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
                                                  self.calibration.source)
@@ -556,7 +682,7 @@ class GMMIndexIVF:
                                                  self.calibration.distances))
         if self.probe_table is not None:
             calibration += self.probe_table.nbytes
-        return {"n_vectors": self._ntotal, "n_entries": entries, "copies_per_vector": self.copies_per_vector,
+        return {"n_vectors": self.ntotal, "n_entries": entries, "copies_per_vector": self.copies_per_vector,
                 "code_bytes": code, "id_bytes": ids, "quantizer_bytes": quantizer,
                 "calibration_bytes": calibration, "total_bytes": code + ids + quantizer + calibration}
 
@@ -605,6 +731,7 @@ class GMMIndexIVF:
 
 # ---------------------------------------------------------------------- factory
 _FACTORY = re.compile(r"^\s*IVF(\d+)_GMM(?:\(([^()]*)\))?\s*,\s*(\S.*?)\s*$")
+_IDMAP = re.compile(r"^\s*IDMap2?\s*,")
 _ESTEPS = ("dense", "truncated")
 # Option names in the string -> keyword of GMMIndexIVF / GaussianMixture, and a parser.
 _OPTIONS = {
@@ -626,7 +753,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     ----------
     d : int
     description : str
-        ``"IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
+        ``"[IDMap,]IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
         recipe) or ``"IVF1024_GMM(diag,coarse=flat,spill=none,probe=fixed),PQ16"``. Options:
         a covariance type (spherical | diag | full) or an E-step (dense | truncated) as a
         bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw<M> | flat),
@@ -634,6 +761,8 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
         recall, kmeans_iter, iter (EM iterations), calibration_rows, reg_covar, seed,
         device, compute_dtype, chunk_size, estep, n_candidates, n_neighbors.
         The encoding is a FAISS IVF encoding: Flat, PQ<M>[x<nbits>], SQ<bits>, SQfp16.
+        A leading ``IDMap,`` (or ``IDMap2,``) is accepted and changes nothing: the index keeps
+        the ids given to ``add_with_ids`` itself.
     metric : faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT, or 'l2' / 'ip' / 'cosine'
     **kwargs
         GMMIndexIVF / GaussianMixture keywords; one given both here and in the string must agree.
@@ -644,7 +773,8 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     """
     if not isinstance(description, str):
         raise TypeError(f"description must be a string, got {type(description).__name__}")
-    match = _FACTORY.match(description)
+    # FAISS's "IDMap," prefix: GMMIndexIVF keeps user ids itself (add_with_ids), so it adds nothing.
+    match = _FACTORY.match(_IDMAP.sub("", description, count=1))
     if not match:
         raise ValueError(f"cannot parse {description!r}: expected 'IVF<nlist>_GMM[(options)],<encoding>', e.g. "
                          "'IVF1024_GMM,Flat' (for k-means IVF use faiss.index_factory)")
@@ -675,6 +805,32 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     return GMMIndexIVF(d, nlist, encoding, metric, **parsed)
 
 
+def _stored_ids(index_ivf) -> np.ndarray:
+    """The distinct ids held in an IndexIVF's inverted lists."""
+    invlists = index_ivf.invlists
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+             for i in range(index_ivf.nlist) if invlists.list_size(i)]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+
+
+def extract_index_ivf(index) -> faiss.IndexIVF:
+    """The real ``faiss.IndexIVF`` inside ``index`` (``faiss.extract_index_ivf`` that also takes a GMMIndexIVF).
+
+    Parameters
+    ----------
+    index : GMMIndexIVF, or any FAISS index ``faiss.extract_index_ivf`` accepts
+
+    Returns
+    -------
+    faiss.IndexIVF (downcast). Searching it directly returns a spilled vector once per copy.
+    """
+    if isinstance(index, GMMIndexIVF):
+        return index.index
+    if not isinstance(index, faiss.Index):
+        raise TypeError(f"index must be a GMMIndexIVF or a faiss.Index, got {type(index).__name__}")
+    return faiss.extract_index_ivf(index)
+
+
 # ---------------------------------------------------------------------- checks
 def _check_nprobe(value, nlist):
     value = check_positive_int(value, "nprobe")
@@ -687,6 +843,12 @@ def _check_recall(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
         raise ValueError(f"recall must be a number in (0, 1] (target recall@10), got {value!r}")
     return float(value)
+
+
+def _faiss_message(err):
+    """The reason line of a FAISS RuntimeError (without the C++ location)."""
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    return text.split("Error: ", 1)[-1]
 
 
 def _quantizer_ef(params):

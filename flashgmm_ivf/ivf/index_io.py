@@ -129,6 +129,7 @@ def read_index(path) -> GMMIndexIVF:
     index.index = inner
     index.index.nprobe = index.nprobe
     index._ntotal, index._next_id, index._max_dup = header["ntotal"], header["next_id"], header["max_dup"]
+    index._synced_entries = int(inner.ntotal)  # the checksummed header holds ntotal: no recount
     index.spill_threshold = float(header["spill_threshold"])
     index.calibration = _calibration(path, arrays, index, header)
     if header["has_table"]:

@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from .._validation import check_positive_int
-from .search import ranked_lists, search_preassigned
+from .search import SearchStats, ranked_lists, search_preassigned
 
 __all__ = ["ListMembers", "ProbeTable", "adaptive_lists", "distance_spread", "list_members", "neighbor_depths",
            "scan_costs", "search_adaptive", "truncate_lists"]
@@ -320,7 +320,7 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, 
 
 
 def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: ProbeTable, recall: float, *,
-                    max_dup: int = 1):
+                    max_dup: int = 1, stats: SearchStats | None = None):
     """k nearest distinct ids, each query scanning as many lists as ``table`` gives it for ``recall``.
 
     Parameters
@@ -331,15 +331,17 @@ def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: Pro
     table : ProbeTable
     recall : float in (0, 1]
     max_dup : int, most lists any id was added to (see :func:`.search.search_preassigned`)
+    stats : SearchStats, optional
+        Output: this search's counts are added to it; ``ncoarse`` counts every coarse walk
+        :func:`adaptive_lists` made.
 
     Returns
     -------
-    D, I, stats : as :func:`.search.search_preassigned`; ``stats.ncoarse`` counts every
-        coarse walk :func:`adaptive_lists` made
+    D, I : as :func:`.search.search_preassigned`
     """
     dis, lists, nprobe, evaluations = adaptive_lists(index_ivf, x, table, recall)
     return search_preassigned(index_ivf, x, k, *truncate_lists(lists, dis, nprobe), max_dup=max_dup,
-                              ncoarse=evaluations)
+                              ncoarse=evaluations, stats=stats)
 
 
 def truncate_lists(list_nos: np.ndarray, coarse_dis: np.ndarray, nprobe: np.ndarray):

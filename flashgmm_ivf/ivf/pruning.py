@@ -72,7 +72,7 @@ def halfspace_bounds(centroids: np.ndarray, coarse_dis: np.ndarray, list_nos: np
 
 
 def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scale: float, rank: int | None = None,
-                  ranked=None):
+                  ranked=None, stats: SearchStats | None = None):
     """k nearest distinct ids, each query skipping the lists its radius bound rules out.
 
     Parameters
@@ -86,13 +86,16 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
     rank : int in [1, k], optional
         Prune against the distance of the query's rank-th neighbour so far (default k): at
         scale 1 the first ``rank`` results are exact over the ``nprobe`` lists.
+    ranked : tuple (coarse_dis, list_nos, evaluations), optional
+        The queries' ranked lists, already found (as :func:`.search.ranked_lists` returns them).
+    stats : :class:`.search.SearchStats`, optional
+        Output: this search's counts are added to it; ``ncoarse`` counts the coarse walk and
+        the mean-to-mean distances of the bounds, ``nlists`` the lists actually scanned.
 
     Returns
     -------
     D : ndarray of shape (nq, k), float32, squared L2, best first
     I : ndarray of shape (nq, k), int64, distinct ids, -1 padded (distance: float32 max, as FAISS)
-    stats : :class:`.search.SearchStats`; ``ncoarse`` counts the coarse walk and the
-        mean-to-mean distances of the bounds, ``nlists`` the lists actually scanned
     """
     if index_ivf.metric_type != faiss.METRIC_L2:
         raise ValueError("radius pruning needs an L2 index (normalise angular data and index it by L2)")
@@ -138,5 +141,7 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
         scanned[rows] += 1
     # Rows that never filled k slots keep +inf from the start: FAISS pads with float32 max.
     D[I < 0] = np.finfo(np.float32).max
-    return D, I, SearchStats(nq, int(faiss.cvar.indexIVF_stats.ndis), evaluations, int(scanned.sum()))
+    if stats is not None:
+        stats.add(SearchStats(nq, int(faiss.cvar.indexIVF_stats.ndis), evaluations, int(scanned.sum())))
+    return D, I
 

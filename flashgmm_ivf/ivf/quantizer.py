@@ -15,6 +15,8 @@ computed by the quantizer itself (``compute_distance_subset``), never a GMM scor
 """
 from __future__ import annotations
 
+import re
+
 import faiss
 import numpy as np
 
@@ -24,6 +26,7 @@ __all__ = ["METRICS", "parse_metric", "new_ivf", "set_centroids", "add_assigned"
 METRICS = {"l2": (faiss.METRIC_L2, False), "ip": (faiss.METRIC_INNER_PRODUCT, False),
            "cosine": (faiss.METRIC_INNER_PRODUCT, True)}
 # add_core with our own list numbers is implemented (and residual-correct) for these.
+_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?$")  # PQ<M>[x<nbits>]
 SUPPORTED_IVF = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 
 
@@ -55,6 +58,7 @@ def new_ivf(d: int, nlist: int, encoding: str = "Flat", metric: str = "l2") -> f
     faiss.IndexIVFFlat, IndexIVFPQ or IndexIVFScalarQuantizer (downcast).
     """
     faiss_metric = METRICS[parse_metric(metric)][0]
+    _check_encoding(int(d), str(encoding))
     try:
         # index_factory returns the downcast, owning object (downcast_index would give a
         # non-owning view of an object freed with the temporary).
@@ -67,6 +71,18 @@ def new_ivf(d: int, nlist: int, encoding: str = "Flat", metric: str = "l2") -> f
         raise ValueError(f"encoding {encoding!r} gives {type(index).__name__}; supported: Flat, PQ<M>[x<nbits>], "
                          "SQ<bits>/SQfp16 (IndexIVFFlat, IndexIVFPQ, IndexIVFScalarQuantizer)")
     return index
+
+
+def _check_encoding(d: int, encoding: str) -> None:
+    """Refuse PQ shapes FAISS accepts at construction but crashes on or misuses later (nbits 0 divides by zero)."""
+    match = _PQ.match(encoding)
+    if match is None:
+        return
+    m, nbits = int(match.group(1)), int(match.group(2) or 8)
+    if m < 1 or d % m:
+        raise ValueError(f"encoding {encoding!r}: PQ needs M >= 1 sub-quantizers dividing d={d}, got M={m}")
+    if not 1 <= nbits <= 16:
+        raise ValueError(f"encoding {encoding!r}: PQ needs 1 <= nbits <= 16 bits per sub-quantizer, got {nbits}")
 
 
 def set_centroids(index_ivf: faiss.IndexIVF, means: np.ndarray) -> None:

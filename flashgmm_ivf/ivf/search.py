@@ -1,11 +1,12 @@
 """Searching a FAISS IndexIVF whose vectors may sit in several lists: the coarse step, the scan, the counts.
 
 Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``).
-Every search function here and in :mod:`.probing` / :mod:`.pruning` returns
-``(D, I, stats)``: ``D`` (nq, k) float32 and ``I`` (nq, k) int64 as FAISS returns them,
-each row's ids distinct (copies of one vector deduplicated, the best kept), -1 (distance
-+/-3.4e38, as FAISS) only where the probed lists hold fewer than k distinct ids; and
-``stats`` a :class:`SearchStats` counted from FAISS's own counters.
+Every search function here and in :mod:`.probing` / :mod:`.pruning` returns ``(D, I)``
+as FAISS does: ``D`` (nq, k) float32 and ``I`` (nq, k) int64, each row's ids distinct
+(copies of one vector deduplicated, the best kept), -1 (distance +/-3.4e38, as FAISS)
+only where the probed lists hold fewer than k distinct ids. Costs come back as FAISS's
+``search_preassigned`` returns them through its ``IndexIVFStats*`` argument: pass
+``stats=SearchStats()`` and the function adds its counts (from FAISS's own counters) to it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from .._validation import check_positive_int
 
-__all__ = ["PAD", "SearchStats", "dedup_results", "preassigned_raw", "ranked_lists", "search_nprobe", "search_preassigned"]
+__all__ = ["PAD", "SearchStats", "cosine_from_l2", "dedup_results", "preassigned_raw", "range_search_nprobe", "ranked_lists", "search_nprobe", "search_preassigned"]
 
 PAD = float(np.finfo(np.float32).max)  # FAISS's distance for a missing result (+ for L2, - for IP)
 
@@ -43,9 +44,9 @@ class SearchStats:
         distinct ids (only when an id was added more often than the over-fetch assumed).
     """
 
-    nq: int
-    ndis: int
-    ncoarse: int
+    nq: int = 0
+    ndis: int = 0
+    ncoarse: int = 0
     nlists: int = 0
     n_refetch: int = 0
 
@@ -62,6 +63,22 @@ class SearchStats:
     def __add__(self, other: SearchStats) -> SearchStats:
         return SearchStats(self.nq + other.nq, self.ndis + other.ndis, self.ncoarse + other.ncoarse,
                            self.nlists + other.nlists, self.n_refetch + other.n_refetch)
+
+    def add(self, other: SearchStats) -> None:
+        """Add ``other``'s counts to these, in place (as FAISS's ``IndexIVFStats::add``)."""
+        self.nq, self.ndis, self.ncoarse = self.nq + other.nq, self.ndis + other.ndis, self.ncoarse + other.ncoarse
+        self.nlists, self.n_refetch = self.nlists + other.nlists, self.n_refetch + other.n_refetch
+
+
+def cosine_from_l2(D, I):
+    """Squared L2 distances of unit rows as cosine similarities (|q - x|^2 = 2 - 2 cos), in place.
+
+    Missing results (``I == -1``) get -3.4e38, as FAISS pads inner-product results.
+    """
+    D *= -0.5
+    D += 1.0
+    D[I < 0] = -PAD
+    return D
 
 
 def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int):
@@ -155,7 +172,7 @@ def preassigned_raw(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis):
     return D, I
 
 
-def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *, max_dup=1, ncoarse=0):
+def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *, max_dup=1, ncoarse=0, stats=None):
     """k nearest distinct ids, each query scanning the lists given for it (FAISS's ``search_preassigned``).
 
     Over-fetches ``k * max_dup`` results, keeps each id's first (best) occurrence, and
@@ -171,13 +188,14 @@ def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *,
         (IVFPQ / IVFSQ use them as a term of their decomposed distances)
     max_dup : int, most lists any id was added to (sizes the over-fetch; a larger true count
         only costs re-fetches)
-    ncoarse : int, the coarse-step distances that chose ``list_nos`` (copied into the stats)
+    ncoarse : int, the coarse-step distances that chose ``list_nos`` (added to ``stats.ncoarse``)
+    stats : SearchStats, optional
+        Output: this search's counts are added to it.
 
     Returns
     -------
     D : ndarray of shape (nq, k), float32
     I : ndarray of shape (nq, k), int64
-    stats : SearchStats
     """
     k = check_positive_int(k, "k")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -202,12 +220,13 @@ def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *,
         D[short], I[short], count[short] = d_s, i_s, c_s
         n_refetch += short.size
         short = short[(c_s < k) & (raw_i[:, -1] >= 0)]
-    stats = SearchStats(x.shape[0], int(faiss.cvar.indexIVF_stats.ndis), int(ncoarse),
-                        int((list_nos >= 0).sum()), n_refetch)
-    return D, I, stats
+    if stats is not None:
+        stats.add(SearchStats(x.shape[0], int(faiss.cvar.indexIVF_stats.ndis), int(ncoarse),
+                              int((list_nos >= 0).sum()), n_refetch))
+    return D, I
 
 
-def search_nprobe(index_ivf: faiss.IndexIVF, x, k, nprobe, *, max_dup=1):
+def search_nprobe(index_ivf: faiss.IndexIVF, x, k, nprobe, *, max_dup=1, stats=None):
     """k nearest distinct ids scanning the ``nprobe`` nearest lists of every query (FAISS's IVF search).
 
     Parameters
@@ -216,11 +235,54 @@ def search_nprobe(index_ivf: faiss.IndexIVF, x, k, nprobe, *, max_dup=1):
         efSearch >= nprobe)
     x : ndarray of shape (nq, d), float32
     k, nprobe : int
-    max_dup : int, see :func:`search_preassigned`
+    max_dup, stats : see :func:`search_preassigned`
 
     Returns
     -------
-    D, I, stats : as :func:`search_preassigned`
+    D, I : as :func:`search_preassigned`
     """
     coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, nprobe)
-    return search_preassigned(index_ivf, x, k, list_nos, coarse_dis, max_dup=max_dup, ncoarse=evaluations)
+    return search_preassigned(index_ivf, x, k, list_nos, coarse_dis, max_dup=max_dup, ncoarse=evaluations,
+                              stats=stats)
+
+
+def range_search_nprobe(index_ivf: faiss.IndexIVF, x, radius, nprobe, *, stats=None):
+    """All ids within ``radius`` in the ``nprobe`` nearest lists of every query, each id once.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF with a flat or HNSW quantizer
+    x : ndarray of shape (nq, d), float32
+    radius : float, FAISS's meaning (L2: distances below it; inner product: above it)
+    nprobe : int
+    stats : SearchStats, optional, output: this search's counts are added to it
+
+    Returns
+    -------
+    lims, D, I : FAISS's range-search result (query i's results are ``lims[i]:lims[i+1]``),
+        copies of a vector kept once (the best), each query's results best first
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    coarse_dis, list_nos, evaluations = ranked_lists(index_ivf, x, nprobe)
+    list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
+    coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
+    faiss.cvar.indexIVF_stats.reset()
+    res = faiss.RangeSearchResult(n)
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    index_ivf.range_search_preassigned_c(n, faiss.swig_ptr(x), float(radius), faiss.swig_ptr(list_nos),
+                                         faiss.swig_ptr(coarse_dis), res, False, params)
+    lims = faiss.rev_swig_ptr(res.lims, n + 1).copy().astype(np.int64)
+    D = faiss.rev_swig_ptr(res.distances, int(lims[-1])).copy()
+    I = faiss.rev_swig_ptr(res.labels, int(lims[-1])).copy()
+    query = np.repeat(np.arange(n), np.diff(lims))
+    key = D if index_ivf.metric_type == faiss.METRIC_L2 else -D  # smaller = better
+    order = np.lexsort((key, I, query))  # per query, equal ids together, best first
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = (query[order][1:] != query[order][:-1]) | (I[order][1:] != I[order][:-1])
+    kept = order[first]
+    kept = kept[np.lexsort((key[kept], query[kept]))]
+    lims = np.concatenate([[0], np.cumsum(np.bincount(query[kept], minlength=n))]).astype(np.int64)
+    if stats is not None:
+        stats.add(SearchStats(n, int(faiss.cvar.indexIVF_stats.ndis), evaluations, int((list_nos >= 0).sum())))
+    return lims, D[kept], I[kept]

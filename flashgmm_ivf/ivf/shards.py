@@ -32,7 +32,7 @@ from .._validation import check_positive_int
 from ..distributed import shard_range
 from .calibration import Calibration
 from .index import GMMIndexIVF
-from .search import SearchStats, ranked_lists, search_preassigned
+from .search import SearchStats, cosine_from_l2, ranked_lists, search_preassigned
 
 __all__ = ["ShardedGMMIndex", "build_shard", "empty_copy", "merge_shards", "read_shard", "to_gpu", "write_shard"]
 
@@ -220,15 +220,16 @@ class ShardedGMMIndex:
         if nprobe > first.nlist:
             raise ValueError(f"nprobe must be <= nlist={first.nlist}, got {nprobe}")
         coarse_dis, list_nos, evaluations = ranked_lists(first.index, x, nprobe)
-        parts = [search_preassigned(s.index, x, k, list_nos, coarse_dis, max_dup=s._max_dup) for s in self.shards]
+        counts = [SearchStats() for _ in self.shards]
+        parts = [search_preassigned(s.index, x, k, list_nos, coarse_dis, max_dup=s._max_dup, stats=c)
+                 for s, c in zip(self.shards, counts)]
         D, I = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
                                        keep_max=first.index.metric_type == faiss.METRIC_INNER_PRODUCT)
         # One coarse step and one set of lists per query; every shard scanned its part of them.
-        stats = SearchStats(len(x), sum(p[2].ndis for p in parts), evaluations, parts[0][2].nlists,
-                            sum(p[2].n_refetch for p in parts))
-        self.last_stats = stats
+        self.last_stats = SearchStats(len(x), sum(c.ndis for c in counts), evaluations, counts[0].nlists,
+                                      sum(c.n_refetch for c in counts))
         if first.metric == "cosine":
-            D = np.where(I >= 0, 1.0 - D / 2.0, -np.finfo(np.float32).max).astype(np.float32)
+            cosine_from_l2(D, I)
         return D, I
 
 
