@@ -77,17 +77,18 @@ def test_cli_sweep_on_cuda(tmp_path, monkeypatch):
     fit = GaussianMixture._fit
     monkeypatch.setattr(GaussianMixture, "_fit", lambda self, source: devices.append(self._device().type)
                         or fit(self, source))
-    assert cli_main(["sweep", "--device", "cuda", "--methods", "kmeans-niter10,gmm-diag", "--copies", "1,1.5",
-                     "--nlist", "16", "--max-queries", "100", "--gmm-iter", "3", "--out", str(tmp_path), "-q"]) == 0
+    spec = "IVF16_GMM(partition=gmm,diag,iter=3,device=cuda),Flat"
+    assert cli_main(["sweep", "--method", spec, "--nlist", "16", "--max-queries", "100", "--out", str(tmp_path),
+                     "-q"]) == 0
     assert devices and set(devices) == {"cuda"}
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
-    gmm = [r for r in saved["rows"] if r["method"] == "gmm-diag"]
-    assert {r["copies_target"] for r in gmm} == {1.0, 1.5}
-    for r in gmm:
-        assert r["copies_per_vector"] == pytest.approx(r["copies_target"], rel=0.02)
+    rows = [r for r in saved["rows"] if r["method"] == spec]
+    assert rows
+    for r in rows:
+        assert r["copies_per_vector"] == pytest.approx(1.5, rel=0.1)
         assert 0 < r["recall_at_10"] <= 1
-    # 4 of 16 lists probed: a partition of random lists would find about a quarter of the neighbours.
-    assert max(r["recall_at_10"] for r in gmm) > 0.5
+    # A partition of random lists would find a small share of the neighbours at the shallow depths.
+    assert max(r["recall_at_10"] for r in rows) > 0.5
 
 
 def test_cli_train_on_cuda_equals_api_fit(data, api_fit, tmp_path, capsys):
