@@ -31,7 +31,7 @@ import numpy as np
 
 from ..mixture import ConvergenceWarning, GaussianMixture
 from .soft_assign import top_components
-from .spill import extra_list
+from .spill import extra_list, nearest_and_extra
 
 __all__ = ["PARTITIONS", "POINTS_PER_LIST", "REG_COVAR_AUTO", "SPILLS", "assign_lists", "fit_partition",
            "kmeans_mixture", "spill_scores", "spill_threshold"]
@@ -165,6 +165,9 @@ def spill_scores(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_r
     if spill_rule == "gmm" or partition == "gmm":
         top = top_components(gmm, x, min(2, gmm.n_components))
         primary = top.labels[:, 0].copy()
+    elif spill_rule in ("soar", "rair") and gmm.n_components >= 2:
+        # One centroid search gives the nearest centroid and the rule's candidates.
+        return nearest_and_extra(x, gmm.means_.astype(np.float32), rule=spill_rule)
     else:
         primary = _nearest(gmm.means_.astype(np.float32), x)
     if spill_rule == "none" or gmm.n_components < 2:

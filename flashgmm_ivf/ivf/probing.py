@@ -24,7 +24,7 @@ coarse distances, and deduplicates copies of a vector (:func:`.search.search_pre
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -177,6 +177,8 @@ class ProbeTable:
     recall: np.ndarray
     cost: np.ndarray
     counts: np.ndarray
+    # bin_nprobe per recall asked: its bisection costs milliseconds, a search of one query less.
+    _bin_nprobe: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, feature, depths, costs, n_bins: int = 16) -> ProbeTable:
@@ -243,6 +245,11 @@ class ProbeTable:
         """
         if isinstance(recall, bool) or not isinstance(recall, numbers.Real) or not 0 < recall <= 1:
             raise ValueError(f"recall must be a number in (0, 1], got {recall!r}")
+        if float(recall) not in self._bin_nprobe:
+            self._bin_nprobe[float(recall)] = self._solve_bin_nprobe(float(recall))
+        return self._bin_nprobe[float(recall)].copy()
+
+    def _solve_bin_nprobe(self, recall: float) -> np.ndarray:
         total = self.counts.sum()
         target = recall * total
         if self.recall[:, -1].sum() < target:

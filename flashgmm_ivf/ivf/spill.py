@@ -37,7 +37,7 @@ import numpy as np
 
 from .._validation import check_nonnegative_float, check_positive_int
 
-__all__ = ["RULES", "extra_list", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
+__all__ = ["RULES", "extra_list", "nearest_and_extra", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
            "keep_best"]
 
 # float32 elements of one (rows, candidates, d) gather in the residual-direction rules (64 MiB).
@@ -64,11 +64,9 @@ def nearest_other(x, centroids, primary, m):
     k = centroids.shape[0]
     if not 1 <= m < k:
         raise ValueError(f"m must be in [1, K - 1 = {k - 1}], got {m}")
-    flat = faiss.IndexFlatL2(centroids.shape[1])
-    flat.add(centroids)
     # One more than asked for: the primary is among them unless it is not L2-nearest
     # (GMM primaries), in which case the farthest one is dropped instead.
-    d2, idx = flat.search(x, m + 1)
+    d2, idx = _search(x, centroids, m + 1)
     is_primary = idx == primary[:, None]
     drop = np.where(is_primary.any(1), is_primary.argmax(1), m)
     keep = np.ones_like(is_primary)
@@ -222,14 +220,47 @@ def extra_list(x, centroids, primary, *, rule="soar", lam=None, n_candidates=Non
     excess : ndarray of shape (n,), float64, ``cost(cand) - cost(primary)``: keeping the rows whose
         excess is below a threshold spills the vectors the rule finds closest to a border
     """
+    lam, n_candidates = _rule_params(rule, lam, n_candidates)
+    x, centroids, primary = _check(x, centroids, primary)
+    m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
+    cand, cost, primary_d2 = nearest_other(x, centroids, primary, m)
+    return _rule_choice(x, centroids, primary, cand, cost, primary_d2, rule, lam)
+
+
+def nearest_and_extra(x, centroids, *, rule="soar", lam=None, n_candidates=None):
+    """Every row's nearest centroid and :func:`extra_list`'s choice for it, from one centroid search.
+
+    Returns
+    -------
+    primary : ndarray of shape (n,), int64, the nearest centroid
+    cand, excess : as :func:`extra_list` with this ``primary``
+    """
+    lam, n_candidates = _rule_params(rule, lam, n_candidates)
+    x, centroids, _ = _check(x, centroids, np.zeros(len(x), np.int64))
+    m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
+    # The m + 1 nearest: the first is the primary, the others its candidates.
+    d2, idx = _search(x, centroids, m + 1)
+    primary = idx[:, 0].copy()
+    return (primary, *_rule_choice(x, centroids, primary, idx[:, 1:], d2[:, 1:], d2[:, 0], rule, lam))
+
+
+def _rule_params(rule, lam, n_candidates):
     defaults = {"top2": (0.0, 1), "soar": (1.0, 16), "rair": (0.5, 10)}
     if rule not in defaults:
         raise ValueError(f"rule must be one of {sorted(defaults)}, got {rule!r}")
     lam = check_nonnegative_float(defaults[rule][0] if lam is None else lam, "lam")
-    n_candidates = defaults[rule][1] if n_candidates is None else n_candidates
-    x, centroids, primary = _check(x, centroids, primary)
-    m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
-    cand, cost, primary_d2 = nearest_other(x, centroids, primary, m)
+    return lam, defaults[rule][1] if n_candidates is None else n_candidates
+
+
+def _search(x, centroids, k):
+    flat = faiss.IndexFlatL2(centroids.shape[1])
+    flat.add(centroids)
+    return flat.search(x, k)
+
+
+def _rule_choice(x, centroids, primary, cand, cost, primary_d2, rule, lam):
+    """The rule's best candidate of every row and its excess cost over the primary list."""
+    m = cand.shape[1]
     cost = cost.astype(np.float64)
     primary_d2 = primary_d2.astype(np.float64)
     if rule != "top2":
