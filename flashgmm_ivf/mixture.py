@@ -721,10 +721,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         k, d = means.shape
         gmm = cls(k, **params)
         gmm._check_parameters()
-        means = _as_float64(means, "means", (k, d))
-        weights = _as_float64(weights, "weights", (k,))
+        means = _init_array(means, "means", "means", (k, d))
+        weights = _init_array(weights, "weights", "weights", (k,))
         shape = {"spherical": (k,), "diag": (k, d), "full": (k, d, d)}[gmm.covariance_type]
-        covariances = _as_float64(covariances, "covariances", shape)
+        covariances = _init_array(covariances, "covariances", "covariances", shape)
         if (weights < 0).any() or abs(weights.sum() - 1) > 1e-6:
             raise ValueError(f"weights must be >= 0 and sum to 1, got sum {weights.sum()}")
         if gmm.covariance_type != "full" and not (covariances > 0).all():
