@@ -43,11 +43,14 @@ def data_sets(draw):
 
 @given(x=data_sets(), k=st.integers(1, 4), covariance_type=st.sampled_from(COVARIANCE_TYPES))
 def test_gmm_fit_is_finite_or_refused(x, k, covariance_type, tmp_path_factory):
+    # Known bug, pinned by test_full_covariance_far_from_origin: not fuzzed further here.
+    assume(not (covariance_type == "full" and np.abs(x).max() >= 1e9))
     g = GaussianMixture(k, covariance_type=covariance_type, max_iter=3, random_state=0, device="cpu")
     try:
         quietly(g.fit, x)
     except (ValueError, TypeError):
         return
+    assert np.isfinite(g.lower_bound_) and np.isfinite(g.lower_bounds_).all()
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         assert np.isfinite(getattr(g, name)).all(), name
     labels, scores = g.predict(x), g.score_samples(x)
@@ -144,3 +147,12 @@ def test_recall_search_on_a_tiny_index():
     index.add(x)
     D, I = quietly(index.search, x[:2], 1, recall=0.9)
     assert (I >= 0).all()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: covariance_type='full' fitted on rows far from the origin (here one row "
+                                       "at 1e12) loses the mean's precision: lower_bound_ is -inf and the row's own "
+                                       "score is about -8e12")
+def test_full_covariance_far_from_origin():
+    g = quietly(GaussianMixture(1, covariance_type="full", max_iter=3, random_state=0, device="cpu").fit,
+                np.array([[1e12]]))
+    assert np.isfinite(g.lower_bound_) and g.score_samples(np.array([[1e12]]))[0] > 0
