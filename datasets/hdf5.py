@@ -53,6 +53,24 @@ def _dataset(f: h5py.File, key: str, path: Path) -> h5py.Dataset:
     return f[key]
 
 
+def _check_consistent(path, train, test, neighbors, distances) -> None:
+    """The four datasets describe one ground truth: same d, (nq, k) answers, ids of train rows."""
+    (n, d), nq = train.shape, test.shape[0]
+    if test.shape[1] != d:
+        raise ValueError(f"{path}: test has dimension {test.shape[1]}, train has {d}")
+    if neighbors.shape[0] != nq or distances.shape != neighbors.shape:
+        raise ValueError(f"{path}: neighbors {neighbors.shape} and distances {distances.shape} must both be "
+                         f"(n_test, k) with n_test = {nq}")
+    if not np.issubdtype(neighbors.dtype, np.integer):
+        raise ValueError(f"{path}: neighbors must hold integer ids, got dtype {neighbors.dtype}")
+    for start, block in iter_chunks(neighbors, 1 << 16):
+        bad = np.flatnonzero(((block < 0) | (block >= n)).any(axis=1))
+        if bad.size:
+            row = start + int(bad[0])
+            raise ValueError(f"{path}: neighbors row {row} holds id(s) outside [0, {n}) (n_train = {n}): "
+                             f"{[int(i) for i in np.asarray(neighbors[row]) if not 0 <= i < n][:5]}")
+
+
 def read_ann_hdf5(path, *, lazy: bool = True) -> AnnBenchmarksFile:
     """Read an ann-benchmarks HDF5 file.
 
@@ -70,7 +88,10 @@ def read_ann_hdf5(path, *, lazy: bool = True) -> AnnBenchmarksFile:
     Raises
     ------
     ValueError
-        A dataset of ``ANN_KEYS`` or the ``distance`` attribute is missing.
+        A dataset of ``ANN_KEYS`` or the ``distance`` attribute is missing; ``test`` and
+        ``train`` differ in dimension; ``neighbors`` and ``distances`` are not of shape
+        (nq, k); ``neighbors`` is not integer or holds an id outside [0, n) (the first bad
+        row is named).
     """
     path = Path(path)
     with ExitStack() as stack:
@@ -84,6 +105,7 @@ def read_ann_hdf5(path, *, lazy: bool = True) -> AnnBenchmarksFile:
         distance = f.attrs["distance"]
         distance = distance.decode() if isinstance(distance, bytes) else str(distance)
         arrays = {k: _dataset(f, k, path) for k in ANN_KEYS}
+        _check_consistent(path, **arrays)
         if lazy:
             stack.pop_all()  # the returned datasets keep reading from the open file
         else:

@@ -1,21 +1,34 @@
-"""GaussianMixture files: plain arrays in an .npz plus a JSON header with a format version.
+"""GaussianMixture files: plain arrays in an .npz, a JSON header with a format version, and a checksum.
 
-Nothing is pickled (``np.load(..., allow_pickle=False)``), and every way a file can
-be wrong (truncated, not an npz, another format or version, arrays that disagree
-with the header) ends in a ValueError that names the file.
+Members: ``header`` (UTF-8 JSON as uint8 bytes), ``weights``, ``means``, ``covariances``
+(float64) and ``checksum`` (SHA-256 hex digest over the header bytes and every array's
+dtype, shape and bytes, in that fixed order). Nothing is pickled
+(``np.load(..., allow_pickle=False)``). On load the checksum is verified first, then every
+value is checked for meaning (a distribution of weights, finite means, positive variances
+or positive-definite covariances, header fields of the right type), so every way a file can
+be wrong ends in a ValueError that names the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import zipfile
+import zlib
 
 import numpy as np
 
 FORMAT = "flashgmm_ivf.GaussianMixture"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The largest |mean| a file may hold; fit refuses data beyond the same bound.
+MAX_ABS_MEAN = 1e15
+_ARRAYS = ("weights", "means", "covariances")
 _SAVED_PARAMS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
                  "random_state", "warm_start", "verbose", "device", "chunk_size", "compute_dtype", "precision",
                  "variance_floor", "estep", "n_candidates", "n_neighbors")
+# Errors numpy's zip reader raises for damaged archives besides ValueError/OSError.
+_READ_ERRORS = (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error, NotImplementedError,
+                RuntimeError, TypeError, AttributeError)
 
 
 def save_mixture(gmm, path):
@@ -29,42 +42,95 @@ def save_mixture(gmm, path):
                    "lower_bound_": float(gmm.lower_bound_), "lower_bounds_": [float(b) for b in gmm.lower_bounds_],
                    "n_reseeded_": int(gmm.n_reseeded_), "n_features_in_": int(gmm.n_features_in_)},
     }
-    arrays = dict(header=np.array(json.dumps(header)), weights=gmm.weights_, means=gmm.means_,
-                  covariances=gmm.covariances_)
+    header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    arrays = {name: np.ascontiguousarray(getattr(gmm, name + "_"), dtype=np.float64) for name in _ARRAYS}
+    members = dict(header=header_bytes, **arrays, checksum=np.array(_digest(header_bytes.tobytes(), arrays)))
     if hasattr(path, "write"):  # a file object (e.g. io.BytesIO inside an index file)
-        np.savez(path, **arrays)
+        np.savez(path, **members)
         return
     with open(path, "wb") as f:  # not np.savez(path): it would append '.npz' to other names
-        np.savez(f, **arrays)
+        np.savez(f, **members)
 
 
 def load_mixture(cls, path):
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in ("header", "weights", "means", "covariances")}
+            missing = [m for m in ("header", "checksum") + _ARRAYS if m not in npz.files]
+            if missing:
+                raise ValueError(f"members {missing} are missing")
+            members = {m: npz[m] for m in ("header", "checksum") + _ARRAYS}
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as err:
+    except _READ_ERRORS as err:  # TypeError/AttributeError: np.load gave a plain array, not an archive
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
+    header_bytes, digest = members["header"], members["checksum"]
+    if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
+        raise ValueError(f"{path}: malformed header or checksum member (a {FORMAT} file of another version?)")
+    arrays = {name: members[name] for name in _ARRAYS}
+    if _digest(header_bytes.tobytes(), arrays) != str(digest):
+        raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
     try:
-        header = json.loads(str(arrays["header"]))
-        if header.get("format") != FORMAT:
-            raise ValueError(f"format is {header.get('format')!r}, expected {FORMAT!r}")
+        header = json.loads(header_bytes.tobytes().decode())
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            got = header.get("format") if isinstance(header, dict) else type(header).__name__
+            raise ValueError(f"format is {got!r}, expected {FORMAT!r}")
         if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {header.get('format_version')} is not supported "
+            raise ValueError(f"format_version {header.get('format_version')!r} is not supported "
                              f"(this library reads version {FORMAT_VERSION})")
         gmm = cls(**header["params"])
-        fitted = header["fitted"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        gmm._check_parameters()
+        fitted = _check_fitted_fields(header["fitted"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: malformed {FORMAT} header: {err}") from err
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
     _check_arrays(path, gmm, fitted["n_features_in_"], arrays)
     gmm.weights_, gmm.means_, gmm.covariances_ = arrays["weights"], arrays["means"], arrays["covariances"]
-    gmm._set_precisions()
+    try:
+        gmm._set_precisions()
+    except (ValueError, RuntimeError) as err:  # torch's Cholesky failure is a RuntimeError subclass
+        raise ValueError(f"{path}: covariances are not usable: {err}") from err
     for name, value in fitted.items():
         setattr(gmm, name, value)
     return gmm
+
+
+def _digest(header_bytes: bytes, arrays: dict) -> str:
+    h = hashlib.sha256()
+    h.update(len(header_bytes).to_bytes(8, "little"))
+    h.update(header_bytes)
+    for name in _ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _is_int(value, low):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_fitted_fields(fitted) -> dict:
+    """The header's fitted attributes, each of the type and range fit produces."""
+    if not isinstance(fitted, dict) or set(fitted) != {"converged_", "n_iter_", "lower_bound_", "lower_bounds_",
+                                                       "n_reseeded_", "n_features_in_"}:
+        raise ValueError("header field 'fitted' does not hold exactly the fitted attributes")
+    bounds = fitted["lower_bounds_"]
+    problems = [
+        name for name, ok in (
+            ("converged_", isinstance(fitted["converged_"], bool)),
+            ("n_iter_", _is_int(fitted["n_iter_"], 0)),
+            ("n_reseeded_", _is_int(fitted["n_reseeded_"], 0)),
+            ("n_features_in_", _is_int(fitted["n_features_in_"], 1)),
+            # -inf is the bound of a model built from parameters (never run through EM)
+            ("lower_bound_", isinstance(fitted["lower_bound_"], (int, float))
+             and not math.isnan(fitted["lower_bound_"]) and fitted["lower_bound_"] != math.inf),
+            ("lower_bounds_", isinstance(bounds, list) and all(
+                isinstance(b, (int, float)) and math.isfinite(b) for b in bounds)),
+        ) if not ok]
+    if problems:
+        raise ValueError(f"header fitted attribute(s) {problems} have the wrong type or range")
+    return fitted
 
 
 def _check_arrays(path, gmm, n_features, arrays):
@@ -77,5 +143,21 @@ def _check_arrays(path, gmm, n_features, arrays):
             raise ValueError(f"{path}: array {name!r} is {a.dtype}{a.shape}, expected float64{shape}")
         if not np.isfinite(a).all():
             raise ValueError(f"{path}: array {name!r} holds NaN or infinity")
-    if (arrays["weights"] < 0).any() or abs(arrays["weights"].sum() - 1) > 1e-6:
-        raise ValueError(f"{path}: weights do not form a distribution (sum {arrays['weights'].sum()})")
+    weights, means, cov = arrays["weights"], arrays["means"], arrays["covariances"]
+    if (weights < 0).any() or abs(weights.sum() - 1) > 1e-6:
+        raise ValueError(f"{path}: weights do not form a distribution (sum {weights.sum()})")
+    if (np.abs(means) > MAX_ABS_MEAN).any():
+        row = int(np.flatnonzero((np.abs(means) > MAX_ABS_MEAN).any(axis=1))[0])
+        raise ValueError(f"{path}: means of component {row} exceed {MAX_ABS_MEAN:g} in magnitude")
+    if gmm.covariance_type != "full":
+        bad = np.flatnonzero(~(cov > 0).reshape(k, -1).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{path}: {bad.size} component(s) have variances <= 0 (first: component {bad[0]})")
+        return
+    for j in range(k):
+        if not np.allclose(cov[j], cov[j].T, rtol=1e-10, atol=0):
+            raise ValueError(f"{path}: covariance of component {j} is not symmetric")
+        try:
+            np.linalg.cholesky(cov[j])
+        except np.linalg.LinAlgError as err:
+            raise ValueError(f"{path}: covariance of component {j} is not positive definite") from err

@@ -737,13 +737,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):
-        """Write the fitted model to ``path`` (.npz of plain arrays + a versioned JSON header; no pickle)."""
+        """Write the fitted model to ``path``: .npz of plain arrays, a versioned JSON header, a SHA-256."""
         from ._io import save_mixture
         save_mixture(self, path)
 
     @classmethod
     def load(cls, path):
-        """Read a model written by :meth:`save`; corrupt or truncated files raise ValueError."""
+        """Read a model written by :meth:`save`; corrupt, truncated or edited files raise ValueError."""
         from ._io import load_mixture
         return load_mixture(cls, path)
 

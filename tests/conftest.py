@@ -5,6 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based fuzzing (tests/test_fuzz.py): "ci" is the quick default; a long search runs with
+# pytest tests/test_fuzz.py --hypothesis-profile=long
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -66,3 +74,31 @@ def ivf_with_lists(centroids: np.ndarray, base: np.ndarray, lists: np.ndarray, c
     if coarse == "hnsw":
         faiss.contrib.ivf_tools.replace_ivf_quantizer(index, faiss.IndexHNSWFlat(base.shape[1], 16))
     return index
+
+
+def rewrite_gmm_file(src, dst, *, header=None, resign=True, **arrays):
+    """Copy a GaussianMixture file from ``src`` to ``dst`` with header fields and arrays replaced.
+
+    ``resign=True`` recomputes the SHA-256 as the format documents it (header bytes, then each
+    array's name, dtype, shape and bytes), so the load-time checks past the checksum are reached;
+    ``resign=False`` keeps the old checksum, as an editor of the file would.
+    """
+    import hashlib
+    import json
+
+    with np.load(src, allow_pickle=False) as npz:
+        members = dict(npz)
+    fields = json.loads(members["header"].tobytes().decode())
+    for key, value in (header or {}).items():
+        fields[key] = value
+    members.update(arrays, header=np.frombuffer(json.dumps(fields).encode(), dtype=np.uint8))
+    if resign:
+        raw = members["header"].tobytes()
+        h = hashlib.sha256(len(raw).to_bytes(8, "little") + raw)
+        for name in ("weights", "means", "covariances"):
+            a = np.ascontiguousarray(members[name])
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode() + a.tobytes())
+        members["checksum"] = np.array(h.hexdigest())
+    with open(dst, "wb") as f:
+        np.savez(f, **members)
+    return dst

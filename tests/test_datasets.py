@@ -182,7 +182,8 @@ def test_npy_must_be_2d(tmp_path):
 def test_ann_hdf5_round_trip_and_missing_keys(tmp_path):
     path = tmp_path / "a.hdf5"
     parts = dict(train=random_rows(np.float32), test=random_rows(np.float32, n=4),
-                 neighbors=random_rows(np.int32, n=4), distances=random_rows(np.float32, n=4))
+                 neighbors=np.random.default_rng(0).integers(0, 37, (4, 5), dtype=np.int32),
+                 distances=random_rows(np.float32, n=4))
     D.write_ann_hdf5(path, **parts, distance="angular")
     for lazy in (True, False):
         f = D.read_ann_hdf5(path, lazy=lazy)
@@ -197,6 +198,23 @@ def test_ann_hdf5_round_trip_and_missing_keys(tmp_path):
         D.read_ann_hdf5(path)
     with pytest.raises(ValueError, match=r"no dataset 'neighbors'"):
         D.read_vectors(path, key="neighbors")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"test": random_rows(np.float32, n=4, d=6)}, r"b.hdf5: test has dimension 6, train has 5"),
+    ({"neighbors": np.array([[0, 1], [2, 3], [4, 37], [-1, 0]])}, r"b.hdf5: neighbors row 2 holds id\(s\) "
+                                                                   r"outside \[0, 37\) \(n_train = 37\): \[37\]"),
+    ({"neighbors": np.array([[0, 1], [2, 3], [-1, 5], [0, 0]])}, r"neighbors row 2 holds .*\[-1\]"),
+    ({"neighbors": np.zeros((3, 2), np.int64)}, r"neighbors \(3, 2\) and distances \(4, 2\) must both be"),
+    ({"neighbors": np.zeros((4, 2))}, "neighbors must hold integer ids"),
+])
+def test_ann_hdf5_inconsistent_ground_truth(tmp_path, change, match):
+    parts = dict(train=random_rows(np.float32), test=random_rows(np.float32, n=4),
+                 neighbors=np.zeros((4, 2), np.int32), distances=np.zeros((4, 2), np.float32)) | change
+    D.write_ann_hdf5(tmp_path / "b.hdf5", **parts, distance="euclidean")
+    for lazy in (True, False):
+        with pytest.raises(ValueError, match=match):
+            D.read_ann_hdf5(tmp_path / "b.hdf5", lazy=lazy)
 
 
 def test_iter_chunks(tmp_path):

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import rewrite_gmm_file
 
 from sklearn.exceptions import NotFittedError
 
@@ -209,23 +210,45 @@ def test_load_rejects_bad_files(data, tmp_path):
         GaussianMixture.load(tmp_path / "text.npz")
 
     def rewrite(name, **changes):
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = dict(npz)
-        header = json.loads(str(arrays["header"]))
-        for key, value in changes.pop("header", {}).items():
-            header[key] = value
-        arrays.update(changes, header=np.array(json.dumps(header)))
-        np.savez(tmp_path / name, **arrays)
-        return tmp_path / name
+        return rewrite_gmm_file(path, tmp_path / name, **changes)
 
+    with pytest.raises(ValueError, match="v99.npz: contents do not match the SHA-256 checksum"):
+        GaussianMixture.load(rewrite("v99.npz", header={"format_version": 99}, resign=False))
+    edited = dict(g.get_params(), n_components=2)
+    with pytest.raises(ValueError, match="do not match the SHA-256 checksum"):
+        GaussianMixture.load(rewrite("params.npz", header={"params": edited}, resign=False))
+    with pytest.raises(ValueError, match="do not match the SHA-256 checksum"):
+        GaussianMixture.load(rewrite("w.npz", weights=g.weights_[::-1].copy(), resign=False))
     with pytest.raises(ValueError, match="format_version 99 is not supported"):
-        GaussianMixture.load(rewrite("v99.npz", header={"format_version": 99}))
+        GaussianMixture.load(rewrite("v99s.npz", header={"format_version": 99}))
     with pytest.raises(ValueError, match="format is 'other'"):
         GaussianMixture.load(rewrite("other.npz", header={"format": "other"}))
     with pytest.raises(ValueError, match=r"array 'means' is float64\(3, 5\)"):
         GaussianMixture.load(rewrite("shape.npz", means=np.zeros((3, 5))))
     with pytest.raises(ValueError, match="'covariances' holds NaN"):
         GaussianMixture.load(rewrite("nan.npz", covariances=np.full_like(g.covariances_, np.nan)))
+    with pytest.raises(ValueError, match=r"variances <= 0 \(first: component 0\)"):
+        GaussianMixture.load(rewrite("var.npz", covariances=np.where(np.arange(3)[:, None] == 0, -1.0,
+                                                                       g.covariances_)))
+    with pytest.raises(ValueError, match="weights do not form a distribution"):
+        GaussianMixture.load(rewrite("sum.npz", weights=np.full(3, 0.5)))
+    with pytest.raises(ValueError, match="means of component 1 exceed 1e"):
+        GaussianMixture.load(rewrite("big.npz", means=g.means_ * np.array([[1.0], [1e300], [1.0]])))
+    for field, value in (("n_iter_", -1), ("n_iter_", 2.5), ("converged_", 1), ("lower_bound_", None)):
+        with pytest.raises(ValueError, match=rf"\['{field}'\] have the wrong type"):
+            fitted = json.loads(np.load(path)["header"].tobytes().decode())["fitted"] | {field: value}
+            GaussianMixture.load(rewrite("fitted.npz", header={"fitted": fitted}))
+    with pytest.raises(ValueError, match="n_components"):
+        GaussianMixture.load(rewrite("param.npz", header={"params": dict(g.get_params(), n_components=0)}))
+    gf = fit_quietly(GaussianMixture(2, covariance_type="full", **FAST), data[0][:300, :4])
+    gf.save(tmp_path / "full.npz")
+    cov = gf.covariances_.copy()
+    cov[1] = -np.eye(4)
+    with pytest.raises(ValueError, match="covariance of component 1 is not positive definite"):
+        GaussianMixture.load(rewrite_gmm_file(tmp_path / "full.npz", tmp_path / "pd.npz", covariances=cov))
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="plain.npy: not a readable"):
+        GaussianMixture.load(tmp_path / "plain.npy")
     with zipfile.ZipFile(path) as z:
         assert all(not name.endswith(".pkl") for name in z.namelist())
 

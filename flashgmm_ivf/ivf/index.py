@@ -547,9 +547,30 @@ class GMMIndexIVF:
         table = self._current_table()
         if self.probe == "radius":
             dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
-            return search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations),
+            D, I = search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations),
                                  stats=stats)
-        return search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup, stats=stats)
+        else:
+            D, I = search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup, stats=stats)
+        return self._fill_short_rows(x, k, D, I, stats)
+
+    def _fill_short_rows(self, x, k, D, I, stats):
+        """Rows whose chosen lists held fewer than k ids, searched again over every list.
+
+        A recall target promises k results whenever the index holds k vectors; a table fitted
+        on a small or uneven index can pick lists that together hold fewer.
+        """
+        short = np.flatnonzero((I < 0).any(axis=1)) if self._ntotal >= k else np.empty(0, np.int64)
+        if short.size == 0:
+            return D, I
+        more = SearchStats()
+        D2, I2 = search_nprobe(self.index, x[short], k, self.nlist, max_dup=self._max_dup, stats=more)
+        D, I = D.copy(), I.copy()
+        D[short], I[short] = D2, I2
+        # The same queries searched again: their work counts, they do not count as new queries.
+        stats.ndis, stats.ncoarse, stats.nlists = stats.ndis + more.ndis, stats.ncoarse + more.ncoarse, \
+            stats.nlists + more.nlists
+        stats.n_refetch += short.size
+        return D, I
 
     def _current_table(self):
         """The depth table, refitted when the index changed by more than 10% since the last fit."""

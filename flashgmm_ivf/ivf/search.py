@@ -40,8 +40,9 @@ class SearchStats:
     nlists : int
         Lists scanned, summed over the queries.
     n_refetch : int
-        Query rows searched again with a larger over-fetch because copies crowded out
-        distinct ids (only when an id was added more often than the over-fetch assumed).
+        Query rows searched again: with a larger over-fetch because copies crowded out
+        distinct ids (only when an id was added more often than the over-fetch assumed), or
+        over every list because the lists a recall target chose held fewer than k ids.
     """
 
     nq: int = 0
