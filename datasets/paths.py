@@ -7,9 +7,11 @@ from pathlib import Path
 #: Environment variable naming the data directory.
 DATA_ENV = "FLASHGMM_DATA"
 
-# The repository keeps its shared small sets in ../shared/data beside the checkout
-# (datasets/ is a top-level folder of the repository, installed editable).
-_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The repository keeps its shared small sets in ../shared/data beside the checkout: found
+# from this file in an editable install (datasets/ is a top-level folder of the repository),
+# and from the working directory (a checkout's root) when the package is installed as a wheel.
+_SHARED_DATA = (Path(__file__).resolve().parents[1].parent / "shared" / "data",
+                Path.cwd().parent / "shared" / "data")
 
 
 def cache_root() -> Path:
@@ -28,7 +30,7 @@ def data_dir(explicit=None) -> Path:
 
 def shared_data_dir() -> Path:
     """The repository's shared data folder, ``<repo>/../shared/data`` (may not exist)."""
-    return _SHARED_DATA
+    return next((path for path in _SHARED_DATA if path.is_dir()), _SHARED_DATA[0])
 
 
 def gt_cache_dir() -> Path:

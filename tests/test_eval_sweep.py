@@ -206,9 +206,10 @@ def test_cli_sweep(tiny_dir, tmp_path):
     assert [s["method"] for s in saved["summary"]] == ["FAISS IVF8_HNSW32,Flat", "IVF8_GMM(spherical,iter=2),Flat"]
 
 
-def test_eval_does_not_import_the_cli():
+def test_eval_does_not_import_the_cli(tmp_path):
     code = "import sys, flashgmm_ivf.eval.runner; print('flashgmm_ivf.cli' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    # Out of the repository root: there `python -c` would import the source folder, not the installed package.
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           check=True).stdout.strip() == "False"
 
 

@@ -239,8 +239,8 @@ def test_collapsed_components_match_dense():
 
 @pytest.mark.parametrize("params,error,message", [
     (dict(estep="sparse"), ValueError, "estep must be one of"),
-    (dict(n_candidates=0), ValueError, "n_candidates must be >= 1"),
-    (dict(n_neighbors=0), ValueError, "n_neighbors must be >= 1"),
+    (dict(n_candidates=0), ValueError, r"n_candidates must be an integer in \[1, inf\]"),
+    (dict(n_neighbors=0), ValueError, r"n_neighbors must be an integer in \[1, inf\]"),
     (dict(n_candidates=2.5), TypeError, "n_candidates must be an integer"),
     (dict(estep="truncated", covariance_type="full"), ValueError, "not 'full'"),
 ])
