@@ -58,7 +58,7 @@ CHUNK = inspect.signature(GaussianMixture).parameters["chunk_size"].default
 FLOP_PER_NKD = {"diag": 12, "spherical": 6}
 # Matmul ceilings: which one a method's products run at.
 CEILINGS = ("bf16", "tf32", "fp32")
-# The N=10M memory bar of issue 2: peak above the input within 64 MB.
+# The N=10M memory bar: peak above the input within 64 MB.
 MEMORY_BAR_MIB = 64 * 10**6 / 2**20
 # Torch methods need no compilation: past this predicted time their warm-up is skipped.
 TORCH_WARMUP_MAX_S = 0.5

@@ -1,4 +1,4 @@
-"""Accuracy of EM per kernel precision: 20 iterations from one start against a float64 run (issue 5).
+"""Accuracy of EM per kernel precision: 20 iterations from one start against a float64 run.
 
 For each data set (raw-scale SIFT-like rows, integers 0..255; the same rows standardised per
 feature), each covariance type and each kernel precision, GaussianMixture is fitted for
