@@ -137,9 +137,6 @@ def test_index_search_returns_full_rows(n, d, k, seed, recall, scale):
     assert (I < n).all() and ((I == -1) | (np.take_along_axis(exact, np.maximum(I, 0), 1) >= 0)).all()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: search(recall=...) on an index of <= 10 vectors raises 'calibration needs every query "
-                          "to have 10 neighbours' instead of searching")
 def test_recall_search_on_a_tiny_index():
     x = np.random.default_rng(0).random((10, 3)).astype(np.float32)
     index = flashgmm_ivf.index_factory(3, "IVF8_GMM,Flat", device="cpu")

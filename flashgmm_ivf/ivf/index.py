@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
-from .calibration import Calibration, fit_table
+from .calibration import K_CAL, Calibration, fit_table
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
 from .probing import adaptive_lists, search_adaptive
 from .pruning import search_pruned
@@ -544,6 +544,10 @@ class GMMIndexIVF:
             if self.probe == "radius":
                 return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
             return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, stats=stats)
+        if self._ntotal <= K_CAL:
+            # Too few vectors for a stand-in to have K_CAL neighbours besides itself, so no depth
+            # table: scan every list (exact, and cheap at this size).
+            return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, stats=stats)
         table = self._current_table()
         if self.probe == "radius":
             dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
