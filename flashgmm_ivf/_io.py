@@ -44,7 +44,8 @@ def save_mixture(gmm, path):
     }
     header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     arrays = {name: np.ascontiguousarray(getattr(gmm, name + "_"), dtype=np.float64) for name in _ARRAYS}
-    members = dict(header=header_bytes, **arrays, checksum=np.array(_digest(header_bytes.tobytes(), arrays)))
+    digest = checksum(header_bytes.tobytes(), arrays, _ARRAYS)
+    members = dict(header=header_bytes, **arrays, checksum=np.array(digest))
     if hasattr(path, "write"):  # a file object (e.g. io.BytesIO inside an index file)
         np.savez(path, **members)
         return
@@ -67,7 +68,7 @@ def load_mixture(cls, path):
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
         raise ValueError(f"{path}: malformed header or checksum member (a {FORMAT} file of another version?)")
     arrays = {name: members[name] for name in _ARRAYS}
-    if _digest(header_bytes.tobytes(), arrays) != str(digest):
+    if checksum(header_bytes.tobytes(), arrays, _ARRAYS) != str(digest):
         raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
     try:
         header = json.loads(header_bytes.tobytes().decode())
@@ -95,11 +96,15 @@ def load_mixture(cls, path):
     return gmm
 
 
-def _digest(header_bytes: bytes, arrays: dict) -> str:
+def checksum(header_bytes: bytes, arrays: dict, names) -> str:
+    """SHA-256 over a file's header bytes and its arrays ``names`` (name, dtype, shape, bytes; in that order).
+
+    Shared by the GaussianMixture and index files, so one edit of either part fails the check.
+    """
     h = hashlib.sha256()
     h.update(len(header_bytes).to_bytes(8, "little"))
     h.update(header_bytes)
-    for name in _ARRAYS:
+    for name in names:
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.tobytes())

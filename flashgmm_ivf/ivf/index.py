@@ -499,12 +499,7 @@ class GMMIndexIVF:
         self._check_trained("search")
         if self.ntotal == 0:
             raise ValueError("the index is empty: add vectors before search")
-        if params is not None:
-            if not isinstance(params, faiss.SearchParametersIVF):
-                raise TypeError(f"params must be a faiss.SearchParametersIVF, got {type(params).__name__}")
-            if nprobe is not None:
-                raise ValueError("give nprobe either as nprobe= or in params, not both")
-            nprobe = int(params.nprobe)
+        nprobe = _nprobe_from_params(params, nprobe)
         if nprobe is not None and recall is not None:
             raise ValueError(f"give either nprobe (lists per query) or recall (a target), not both "
                              f"(got nprobe={nprobe!r}, recall={recall!r})")
@@ -660,12 +655,7 @@ class GMMIndexIVF:
         I : ndarray of shape (lims[-1],), int64, distinct within a query
         """
         self._check_trained("range_search")
-        if params is not None:
-            if not isinstance(params, faiss.SearchParametersIVF):
-                raise TypeError(f"params must be a faiss.SearchParametersIVF, got {type(params).__name__}")
-            if nprobe is not None:
-                raise ValueError("give nprobe either as nprobe= or in params, not both")
-            nprobe = int(params.nprobe)
+        nprobe = _nprobe_from_params(params, nprobe)
         nprobe = _check_nprobe(self._nprobe if nprobe is None else nprobe, self._nlist)
         if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not math.isfinite(radius):
             raise ValueError(f"radius must be a finite number, got {radius!r}")
@@ -857,6 +847,17 @@ def extract_index_ivf(index) -> faiss.IndexIVF:
 
 
 # ---------------------------------------------------------------------- checks
+def _nprobe_from_params(params, nprobe):
+    """nprobe as given, or taken from a ``faiss.SearchParametersIVF`` (not both)."""
+    if params is None:
+        return nprobe
+    if not isinstance(params, faiss.SearchParametersIVF):
+        raise TypeError(f"params must be a faiss.SearchParametersIVF, got {type(params).__name__}")
+    if nprobe is not None:
+        raise ValueError("give nprobe either as nprobe= or in params, not both")
+    return int(params.nprobe)
+
+
 def _check_nprobe(value, nlist):
     value = check_positive_int(value, "nprobe")
     if value > nlist:

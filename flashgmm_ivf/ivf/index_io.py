@@ -21,7 +21,6 @@ naming the file; search results after loading are bit-identical.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -30,6 +29,7 @@ import zlib
 import faiss
 import numpy as np
 
+from .._io import checksum
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration
 from .index import GMMIndexIVF
@@ -72,7 +72,7 @@ def write_index(index: GMMIndexIVF, path) -> None:
         "faiss_version": faiss.__version__,
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
-    digest = _digest(header_bytes, arrays)
+    digest = checksum(header_bytes, arrays, _ARRAYS)
     with open(path, "wb") as f:
         np.savez(f, header=np.frombuffer(header_bytes, np.uint8), sha256=np.array(digest), **arrays)
 
@@ -104,7 +104,7 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
         raise ValueError(f"{path}: malformed header or checksum member")
-    if _digest(header_bytes.tobytes(), arrays) != str(digest):
+    if checksum(header_bytes.tobytes(), arrays, _ARRAYS) != str(digest):
         raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
     header = _header(path, header_bytes.tobytes())
     for member in ("faiss_index", "gmm"):
@@ -136,17 +136,6 @@ def read_index(path) -> GMMIndexIVF:
         index.probe_table = _table(path, arrays)
         index._table_ntotal = header["table_ntotal"]
     return index
-
-
-def _digest(header_bytes: bytes, arrays: dict) -> str:
-    h = hashlib.sha256()
-    h.update(len(header_bytes).to_bytes(8, "little"))
-    h.update(header_bytes)
-    for name in _ARRAYS:
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _header(path, raw: bytes) -> dict:
