@@ -22,6 +22,18 @@ COVARIANCE_TYPES = ("full", "diag", "spherical")
 FLOAT32_RELATIVE_FLOOR = 1e-4
 
 
+class EMState:
+    """Parameters during EM: float64 tensors on the device, means relative to ``shift``."""
+
+    __slots__ = ("weights", "means", "cov", "prec_chol", "shift")
+
+    def __init__(self, weights, means, cov, prec_chol, shift):
+        self.weights, self.means, self.cov, self.prec_chol, self.shift = weights, means, cov, prec_chol, shift
+
+    def __iter__(self):
+        return iter((self.weights, self.means, self.cov, self.prec_chol, self.shift))
+
+
 def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_floor: float = 0.0):
     """Weights, means and covariances (all relative to the shift the statistics are of).
 

@@ -51,8 +51,8 @@ import torch.distributed as dist
 
 from ._chunks import ChunkSource
 from ._init import initial_means, sample_size
-from ._mstep import m_step, precisions_cholesky
-from .mixture import EMPTY_MASS, RESEED_CANDIDATES, ConvergenceWarning, GaussianMixture, _State
+from ._mstep import EMState, m_step, precisions_cholesky
+from .mixture import EMPTY_MASS, RESEED_CANDIDATES, ConvergenceWarning, GaussianMixture
 
 __all__ = ["Checkpoint", "DistributedGaussianMixture", "ShardSource", "init_distributed", "load_checkpoint",
            "save_checkpoint", "shard_range"]
@@ -402,7 +402,7 @@ class DistributedGaussianMixture(GaussianMixture):
         if self.precisions_init is not None:
             prec = torch.as_tensor(np.asarray(self.precisions_init, dtype=np.float64), device=device)
             cov = 1.0 / prec if self.covariance_type != "full" else torch.linalg.inv(prec)
-        return self._recentre(_State(weights, means, cov, None, shift))
+        return self._recentre(EMState(weights, means, cov, None, shift))
 
     def _hard_assignment_stats(self, source, seeds_c, shift, device):
         return self._all_reduce_stats(super()._hard_assignment_stats(source, seeds_c, shift, device), 0.0)[0]
@@ -554,7 +554,7 @@ class DistributedGaussianMixture(GaussianMixture):
         device = self._device()
         t = lambda a: torch.as_tensor(a, device=device)
         cov = t(ckpt.covariances)
-        state = _State(t(ckpt.weights), t(ckpt.means), cov, precisions_cholesky(cov, self.covariance_type),
+        state = EMState(t(ckpt.weights), t(ckpt.means), cov, precisions_cholesky(cov, self.covariance_type),
                        t(ckpt.shift))
         self._progress = _Progress(ckpt.n_iter, list(ckpt.lower_bounds), ckpt.n_reseeded, ckpt.last_reseeded)
         self._set_state(state)

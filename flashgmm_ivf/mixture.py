@@ -12,7 +12,8 @@ from . import kernels
 from ._chunks import ChunkSource, device_blocks, device_copy
 from ._graph import GraphedStep
 from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
-from ._mstep import COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, kernel_params, m_step, n_parameters, precisions_cholesky
+from ._mstep import (COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, EMState, kernel_params, m_step, n_parameters,
+                     precisions_cholesky)
 from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFittedError
 from ._validation import Instances, Integer, Options, Real, as_rows, validate_params
 from .kernels import EStepResult
@@ -410,7 +411,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Nothing in it waits for the GPU, so where ``_graphable`` it is captured once and
         replayed (``_graph.GraphedStep``)."""
         def step(*tensors):
-            state = _State(*tensors)
+            state = EMState(*tensors)
             stats, log_lik, worst = self._e_step(source, state, device)
             state, reseeded = self._m_step(stats, worst, state, n)
             return (*state, log_lik, reseeded)
@@ -419,7 +420,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         def iteration(state):
             *tensors, log_lik, reseeded = run(*state)
-            return _State(*tensors), log_lik, reseeded
+            return EMState(*tensors), log_lik, reseeded
 
         return iteration
 
@@ -443,7 +444,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self.precisions_init is not None:
             prec = torch.as_tensor(np.asarray(self.precisions_init, dtype=np.float64), device=device)
             cov = 1.0 / prec if self.covariance_type != "full" else torch.linalg.inv(prec)
-        return self._recentre(_State(weights, means, cov, None, shift))
+        return self._recentre(EMState(weights, means, cov, None, shift))
 
     def _hard_assignment_stats(self, source, seeds_c, shift, device) -> EStepResult:
         """Statistics of assigning every row to its nearest seed (one-hot responsibilities)."""
@@ -520,13 +521,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             weights = torch.where(reseed.any(), reseeded_weights / reseeded_weights.sum(), weights)
         if self._truncation is not None and bool(reseed.any()):
             self._truncation.plant(torch.nonzero(reseed).flatten())
-        return self._recentre(_State(weights, means, cov, None, state.shift)), reseed.sum()
+        return self._recentre(EMState(weights, means, cov, None, state.shift)), reseed.sum()
 
     def _recentre(self, state):
         """Move the shift to the weighted mean of the means; fill in precisions_cholesky."""
         # A float32-representable shift: the kernels subtract it in float32, exactly.
         shift = (state.shift + state.weights @ state.means).float().double()
-        return _State(state.weights, state.means - (shift - state.shift), state.cov,
+        return EMState(state.weights, state.means - (shift - state.shift), state.cov,
                       precisions_cholesky(state.cov, self.covariance_type), shift)
 
     def _kernel_params(self, state, device, dtype=None):
@@ -586,7 +587,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self._check_fitted()
         t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)  # noqa: E731
         shift = t(self.weights_ @ self.means_)
-        return self._recentre(_State(t(self.weights_), t(self.means_) - shift, t(self.covariances_), None, shift))
+        return self._recentre(EMState(t(self.weights_), t(self.means_) - shift, t(self.covariances_), None, shift))
 
     def _check_fitted(self):
         if not hasattr(self, "means_"):
@@ -746,18 +747,6 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Read a model written by :meth:`save`; corrupt, truncated or edited files raise ValueError."""
         from ._io import load_mixture
         return load_mixture(cls, path)
-
-
-class _State:
-    """Parameters during EM: float64 tensors on the device, means relative to ``shift``."""
-
-    __slots__ = ("weights", "means", "cov", "prec_chol", "shift")
-
-    def __init__(self, weights, means, cov, prec_chol, shift):
-        self.weights, self.means, self.cov, self.prec_chol, self.shift = weights, means, cov, prec_chol, shift
-
-    def __iter__(self):
-        return iter((self.weights, self.means, self.cov, self.prec_chol, self.shift))
 
 
 def _check_fitted_state(state, lower_bound, covariance_type):

@@ -8,7 +8,7 @@ import torch
 from flashgmm_ivf import GaussianMixture, kernels
 from flashgmm_ivf._chunks import ChunkSource
 from flashgmm_ivf._graph import GraphedStep
-from flashgmm_ivf.mixture import _State
+from flashgmm_ivf._mstep import EMState
 from test_kernels import make_rows, random_mixture, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -99,7 +99,7 @@ def test_graphed_iteration_reseeds_like_eager(monkeypatch):
     state = gmm._initialize(source, np.random.default_rng(0), device)
     means = state.means.clone()
     means[3] += 1e4  # nothing near it: N_3 = 0 after the E-step
-    far = _State(state.weights, means, state.cov, state.prec_chol, state.shift)
+    far = EMState(state.weights, means, state.cov, state.prec_chol, state.shift)
     assert gmm._graphable(source, device)
     graphed = gmm._em_iteration(source, device, n)
     graphed(state)  # eager run and capture
