@@ -15,7 +15,7 @@ import pytest
 
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
-from flashgmm_ivf.ivf.partition import assign_lists, spill_scores, spill_threshold
+from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, spill_scores, spill_threshold
 from flashgmm_ivf.ivf.soft_assign import TopComponents
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -298,16 +298,51 @@ def test_calibration_skips_only_the_query_itself():
 
 
 def test_kmeans_partition_keeps_faiss_kmeans_lists(fashion):
-    """partition=kmeans without spill: the lists are FAISS k-means's (25 iterations, same sample)."""
+    """partition=kmeans without spill: the lists are the cells of the k-means centroids (32 iterations)."""
     base, _, _, _ = fashion
     index = build("IVF16_GMM(partition=kmeans,spill=none,calibration_rows=1000),Flat", fashion)
-    assert index.kmeans_iter == 25
+    assert index.kmeans_iter == 32
     means = index.gmm.means_.astype(np.float32)
     flat = faiss.IndexFlatL2(base.shape[1])
     flat.add(means)
     primary = flat.search(base, 1)[1][:, 0]
     sizes = np.array([index.index.invlists.list_size(j) for j in range(16)])
     np.testing.assert_array_equal(sizes, np.bincount(primary, minlength=16))
+
+
+def test_kmeans_stages(sift, monkeypatch):
+    """k-means runs its iterations on nested samples doubling up to all rows: as good as plain k-means."""
+    base = sift[0]  # 4,000 rows, 16 lists: samples of 1,000 and 2,000 rows, then all (500 < 32 x 16)
+    calls = []
+    real_train = faiss.Kmeans.train
+
+    def train(self, x, *args, **kwargs):
+        calls.append((len(x), self.cp.niter))
+        return real_train(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.Kmeans, "train", train)
+    centroids = fit_kmeans(base, 16, 25, seed=3)
+    assert calls == [(1000, 8), (2000, 8), (4000, 9)]
+
+    def objective(c):
+        flat = faiss.IndexFlatL2(base.shape[1])
+        flat.add(c)
+        return flat.search(base, 1)[0].sum()
+
+    plain = faiss.Kmeans(base.shape[1], 16, niter=25, seed=3, max_points_per_centroid=len(base))
+    real_train(plain, base)
+    assert objective(centroids) <= 1.01 * objective(plain.centroids)
+    # Too few rows for a second stage: plain faiss.Kmeans on all rows.
+    calls.clear()
+    np.testing.assert_array_equal(fit_kmeans(base[:1000], 16, 25, seed=3),
+                                  _plain_kmeans(real_train, base[:1000], 16, 25, 3))
+    assert calls == [(1000, 25)]
+
+
+def _plain_kmeans(train, x, nlist, niter, seed):
+    km = faiss.Kmeans(x.shape[1], nlist, niter=niter, seed=seed, max_points_per_centroid=len(x))
+    train(km, x)
+    return km.centroids
 
 
 def test_search_params_and_ef_search(fashion, fashion_index):
