@@ -40,9 +40,6 @@ from .._validation import check_nonnegative_float, check_positive_int
 __all__ = ["RULES", "extra_list", "nearest_and_extra", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
            "keep_best"]
 
-# Centroid pairs per step of the residual-direction rules (bounds a (pairs, d) float64 temporary).
-_PAIR_BLOCK = 1 << 16
-
 
 def nearest_other(x, centroids, primary, m):
     """The ``m`` nearest centroids of every row other than its primary one.
@@ -264,17 +261,14 @@ def _rule_choice(x, centroids, primary, cand, cost, primary_d2, rule, lam):
     primary_d2 = primary_d2.astype(np.float64)
     if rule != "top2":
         # <x - c_j, r> = <x - c_j, x - c_1> = (|x - c_j|^2 + |x - c_1|^2 - |c_j - c_1|^2) / 2: the
-        # search's distances and one distance per distinct (primary, candidate) pair of centroids
-        # (rows of a list share their candidates), so no (rows, candidates, d) gather is needed.
-        k = centroids.shape[0]
-        pairs, inverse = np.unique(primary[:, None] * k + cand, return_inverse=True)
-        means = centroids.astype(np.float64)
-        between = np.empty(len(pairs))
-        for start in range(0, len(pairs), _PAIR_BLOCK):
-            first, second = np.divmod(pairs[start:start + _PAIR_BLOCK], k)
-            diff = means[first] - means[second]
-            between[start:start + _PAIR_BLOCK] = np.einsum("pd,pd->p", diff, diff)
-        dot = (cost + primary_d2[:, None] - between[inverse.reshape(cand.shape)]) / 2
+        # search's distances and the distance between the two centroids (FAISS computes those
+        # pairs by index), so no (rows, candidates, d) gather is needed.
+        between = np.empty(cand.shape, np.float32)
+        first = np.ascontiguousarray(np.repeat(primary, cand.shape[1]), dtype=np.int64)
+        second = np.ascontiguousarray(cand, dtype=np.int64)
+        faiss.pairwise_indexed_L2sqr(centroids.shape[1], first.size, faiss.swig_ptr(centroids), faiss.swig_ptr(first),
+                                     faiss.swig_ptr(centroids), faiss.swig_ptr(second), faiss.swig_ptr(between))
+        dot = (cost + primary_d2[:, None] - between) / 2
         if rule == "soar":
             with np.errstate(divide="ignore", invalid="ignore"):
                 # <x - c_j, r_hat>^2 = <x - c_j, r>^2 / |r|^2 (0 when r = 0: no direction)
