@@ -297,6 +297,21 @@ def test_calibration_skips_only_the_query_itself():
     assert not cal.self_pending[0]
 
 
+def test_calibration_skips_the_query_itself_despite_roundoff():
+    """At d = 960 FAISS's brute force leaves a roundoff of ~1e-6 |q|^2 on many rows' distance to
+    themselves: the stand-in's own copy is still recognised, and no stand-in counts itself."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 960)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = x[:300]
+    assert (faiss.knn(queries, x, 1)[0][:, 0] > 0).any()  # the roundoff this test is about
+    cal = Calibration.empty(queries, faiss.METRIC_L2, "training rows")
+    cal.update(x, np.arange(len(x)))
+    assert not cal.self_pending.any()
+    assert not (cal.ids == np.arange(300)[:, None]).any()
+    np.testing.assert_array_equal(cal.ids, faiss.knn(queries, x, 11)[1][:, 1:])
+
+
 def test_kmeans_partition_keeps_faiss_kmeans_lists(fashion):
     """partition=kmeans without spill: the lists are the cells of the k-means centroids (32 iterations)."""
     base, _, _, _ = fashion

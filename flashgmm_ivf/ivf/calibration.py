@@ -7,8 +7,10 @@ vectors of the index. The neighbours are kept up to date as vectors are added
 added block, merged into the running best), so they are exact for any encoding (PQ and
 SQ included) without keeping the raw vectors.
 
-The first exact copy of a query met among the added vectors (squared L2 distance 0) is
-taken to be the query itself and not counted as its neighbour: a held-out training row
+The first copy of a query met among the added vectors (squared L2 distance at most
+``SELF_TOLERANCE`` |q|^2: FAISS's distance kernels can leave a roundoff of ~1e-6 |q|^2 for an
+exact copy, at d >= 512 for most rows) is taken to be the query itself and not counted as its
+neighbour: a held-out training row
 may itself be added to the index (training on the base set is common), and it would then
 be found at depth 1 by construction, making every depth look cheaper than it is for a
 real query. Further exact copies (duplicates in the data) are counted.
@@ -23,9 +25,12 @@ import numpy as np
 from .probing import ProbeTable, distance_spread, list_members, neighbor_depths, scan_costs
 from .search import dedup_results, ranked_lists
 
-__all__ = ["K_CAL", "Calibration", "fit_table", "table_depth"]
+__all__ = ["K_CAL", "SELF_TOLERANCE", "Calibration", "fit_table", "table_depth"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
+# A stand-in's own copy: squared distance at most this x |q|^2 (roundoff of FAISS's kernels is
+# ~1e-6 |q|^2; a distinct row this close, 1% of |q| away, is a copy for any purpose).
+SELF_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -83,14 +88,15 @@ class Calibration:
     def merge_results(self, dis, ids, *, skip_self=True):
         """Merge search results (nc, m) for the queries, best first, into the running neighbours.
 
-        With ``skip_self``, the first exact copy (distance 0) of a query whose own copy is
-        still pending is skipped (see the module docstring).
+        With ``skip_self``, the first copy (distance <= ``SELF_TOLERANCE`` |q|^2) of a query whose
+        own copy is still pending is skipped (see the module docstring).
         """
         l2 = self.metric_type == faiss.METRIC_L2
         dis = np.asarray(dis, dtype=np.float32)
         ids = np.array(ids, dtype=np.int64)
         if l2 and skip_self:
-            zero = (dis == 0) & (ids >= 0)
+            tolerance = SELF_TOLERANCE * np.einsum("nd,nd->n", self.queries, self.queries, dtype=np.float64)
+            zero = (dis <= tolerance[:, None]) & (ids >= 0)
             rows = np.flatnonzero(zero.any(1) & self.self_pending)
             ids[rows, zero[rows].argmax(1)] = -1
             self.self_pending[rows] = False
