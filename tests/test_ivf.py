@@ -15,6 +15,7 @@ import pytest
 
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
+from flashgmm_ivf.ivf import calibration as calibration_module
 from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, spill_scores, spill_threshold
 from flashgmm_ivf.ivf.soft_assign import TopComponents
 
@@ -310,6 +311,24 @@ def test_calibration_skips_the_query_itself_despite_roundoff():
     assert not cal.self_pending.any()
     assert not (cal.ids == np.arange(300)[:, None]).any()
     np.testing.assert_array_equal(cal.ids, faiss.knn(queries, x, 11)[1][:, 1:])
+
+
+@pytest.mark.parametrize("tile", [4096, 7])
+def test_knn_l2_is_exact_far_from_the_origin(tile, monkeypatch):
+    """The tiled product brute force agrees with a float64 one on rows offset far from the origin
+    (SIFT-like spread at 1e4), to float32 roundoff of the spread (not of the offset), in tiles
+    that do not divide the shapes."""
+    monkeypatch.setattr(calibration_module, "_TILE", tile)
+    rng = np.random.default_rng(1)
+    x = (rng.integers(0, 256, (500, 24)) + 1e4).astype(np.float32)
+    queries = x[rng.choice(500, 30, replace=False)] + rng.integers(-2, 3, (30, 24)).astype(np.float32)
+    center = queries.mean(0, dtype=np.float64).astype(np.float32)
+    D, I = calibration_module.knn_l2(queries, x, 11, center)
+    exact = ((queries.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
+    roundoff = 1e-6 * ((x - center).astype(np.float64) ** 2).sum(1).max()  # ~0.2 here; the offset's is ~1e3
+    np.testing.assert_allclose(D, np.sort(exact, 1)[:, :11], rtol=0, atol=roundoff)
+    # integer rows: distances 1 apart at least, so the ids are the exact ones (ties aside)
+    np.testing.assert_array_equal(exact[np.arange(30)[:, None], I], np.sort(exact, 1)[:, :11])
 
 
 def test_kmeans_partition_keeps_faiss_kmeans_lists(fashion):

@@ -143,8 +143,8 @@ class GMMIndexIVF:
     Calibration. ``train`` holds ``calibration_rows`` training rows out of the fit as
     stand-in queries. Every ``add`` updates their exact 10 nearest ids among the added
     vectors (brute force over each added block; a stand-in's first copy, at squared distance
-    up to 1e-4 |q|^2 for FAISS's roundoff, is taken to be itself, since training rows are
-    often added too, and not counted). The depth table (recall@10 and
+    up to 1e-4 |q - m|^2 for roundoff, m the stand-ins' mean, is taken to be itself, since
+    training rows are often added too, and not counted). The depth table (recall@10 and
     codes scanned per depth and difficulty bin) is fitted on them against the index's
     real lists at the first ``recall`` search after the index changed by more than 10%
     of its size since the last fit: a table fitted on the training rows' own lists at
@@ -444,7 +444,7 @@ class GMMIndexIVF:
             Ids of each query's exact nearest neighbours in the index, nearest first. Default:
             computed by the index, scanning all its lists (Flat encoding only: PQ/SQ codes
             are not exact), and kept exact by later ``add`` calls; a query's first copy
-            (squared distance up to 1e-4 |q|^2) is taken to be the query itself and not counted. Given neighbours are kept as they
+            (squared distance up to 1e-4 |q - m|^2, m the queries' mean) is taken to be the query itself and not counted. Given neighbours are kept as they
             are: call ``calibrate`` again after adding more vectors.
         """
         self._check_trained("calibrate")
