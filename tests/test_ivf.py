@@ -15,7 +15,8 @@ import pytest
 
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
-from flashgmm_ivf.ivf.partition import assign_lists, spill_scores, spill_threshold
+from flashgmm_ivf.ivf import calibration as calibration_module
+from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, spill_scores, spill_threshold
 from flashgmm_ivf.ivf.soft_assign import TopComponents
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -297,17 +298,85 @@ def test_calibration_skips_only_the_query_itself():
     assert not cal.self_pending[0]
 
 
+def test_calibration_skips_the_query_itself_despite_roundoff():
+    """At d = 960 FAISS's brute force leaves a roundoff of ~1e-6 |q|^2 on many rows' distance to
+    themselves: the stand-in's own copy is still recognised, and no stand-in counts itself."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 960)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = x[:300]
+    assert (faiss.knn(queries, x, 1)[0][:, 0] > 0).any()  # the roundoff this test is about
+    cal = Calibration.empty(queries, faiss.METRIC_L2, "training rows")
+    cal.update(x, np.arange(len(x)))
+    assert not cal.self_pending.any()
+    assert not (cal.ids == np.arange(300)[:, None]).any()
+    np.testing.assert_array_equal(cal.ids, faiss.knn(queries, x, 11)[1][:, 1:])
+
+
+@pytest.mark.parametrize("tile", [4096, 7])
+def test_knn_l2_is_exact_far_from_the_origin(tile, monkeypatch):
+    """The tiled product brute force agrees with a float64 one on rows offset far from the origin
+    (SIFT-like spread at 1e4), to float32 roundoff of the spread (not of the offset), in tiles
+    that do not divide the shapes."""
+    monkeypatch.setattr(calibration_module, "_TILE", tile)
+    rng = np.random.default_rng(1)
+    x = (rng.integers(0, 256, (500, 24)) + 1e4).astype(np.float32)
+    queries = x[rng.choice(500, 30, replace=False)] + rng.integers(-2, 3, (30, 24)).astype(np.float32)
+    center = queries.mean(0, dtype=np.float64).astype(np.float32)
+    D, I = calibration_module.knn_l2(queries, x, 11, center)
+    exact = ((queries.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
+    roundoff = 1e-6 * ((x - center).astype(np.float64) ** 2).sum(1).max()  # ~0.2 here; the offset's is ~1e3
+    np.testing.assert_allclose(D, np.sort(exact, 1)[:, :11], rtol=0, atol=roundoff)
+    # integer rows: distances 1 apart at least, so the ids are the exact ones (ties aside)
+    np.testing.assert_array_equal(exact[np.arange(30)[:, None], I], np.sort(exact, 1)[:, :11])
+
+
 def test_kmeans_partition_keeps_faiss_kmeans_lists(fashion):
-    """partition=kmeans without spill: the lists are FAISS k-means's (25 iterations, same sample)."""
+    """partition=kmeans without spill: the lists are the cells of the k-means centroids (32 iterations)."""
     base, _, _, _ = fashion
     index = build("IVF16_GMM(partition=kmeans,spill=none,calibration_rows=1000),Flat", fashion)
-    assert index.kmeans_iter == 25
+    assert index.kmeans_iter == 32
     means = index.gmm.means_.astype(np.float32)
     flat = faiss.IndexFlatL2(base.shape[1])
     flat.add(means)
     primary = flat.search(base, 1)[1][:, 0]
     sizes = np.array([index.index.invlists.list_size(j) for j in range(16)])
     np.testing.assert_array_equal(sizes, np.bincount(primary, minlength=16))
+
+
+def test_kmeans_stages(sift, monkeypatch):
+    """k-means runs its iterations on nested samples doubling up to all rows: as good as plain k-means."""
+    base = sift[0]  # 4,000 rows, 16 lists: samples of 1,000 and 2,000 rows, then all (500 < 32 x 16)
+    calls = []
+    real_train = faiss.Kmeans.train
+
+    def train(self, x, *args, **kwargs):
+        calls.append((len(x), self.cp.niter))
+        return real_train(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.Kmeans, "train", train)
+    centroids = fit_kmeans(base, 16, 25, seed=3)
+    assert calls == [(1000, 8), (2000, 8), (4000, 9)]
+
+    def objective(c):
+        flat = faiss.IndexFlatL2(base.shape[1])
+        flat.add(c)
+        return flat.search(base, 1)[0].sum()
+
+    plain = faiss.Kmeans(base.shape[1], 16, niter=25, seed=3, max_points_per_centroid=len(base))
+    real_train(plain, base)
+    assert objective(centroids) <= 1.01 * objective(plain.centroids)
+    # Too few rows for a second stage: plain faiss.Kmeans on all rows.
+    calls.clear()
+    np.testing.assert_array_equal(fit_kmeans(base[:1000], 16, 25, seed=3),
+                                  _plain_kmeans(real_train, base[:1000], 16, 25, 3))
+    assert calls == [(1000, 25)]
+
+
+def _plain_kmeans(train, x, nlist, niter, seed):
+    km = faiss.Kmeans(x.shape[1], nlist, niter=niter, seed=seed, max_points_per_centroid=len(x))
+    train(km, x)
+    return km.centroids
 
 
 def test_search_params_and_ef_search(fashion, fashion_index):

@@ -3,7 +3,8 @@ import faiss
 import numpy as np
 import pytest
 
-from flashgmm_ivf.ivf.spill import RULES, keep_best, nearest_other, spill, spill_soar, spill_spann, spill_top2
+from flashgmm_ivf.ivf.spill import (RULES, keep_best, nearest_and_extra, nearest_other, spill, spill_soar, spill_spann,
+                                    spill_top2)
 
 
 def blobs(n=3000, k=32, d=8, seed=0):
@@ -86,6 +87,32 @@ def test_non_nearest_primary_as_from_a_gmm():
         assert not (lists[:, 1:] == primary[:, None]).any()
         if rule != "spann":  # single-extra rules at 2 copies: every row gets its second list
             assert (lists[:, 1] >= 0).all()
+
+
+@pytest.mark.parametrize("rule, lam", [("soar", 1.0), ("rair", 0.5), ("soar", 0.0)])
+def test_extra_list_matches_float64_costs_on_raw_scale_rows(rule, lam):
+    """The rule's choice and excess equal the cost computed from its definition in float64, on rows
+    of SIFT's scale (0..255, far from the origin)."""
+    x, centroids, _ = blobs(n=4000, k=64, d=32, seed=3)
+    x, centroids = x * 20 + 128, centroids * 20 + 128
+    primary, cand, excess = nearest_and_extra(x, centroids, rule=rule, lam=lam)
+    x64, c64 = x.astype(np.float64), centroids.astype(np.float64)
+    r = x64 - c64[primary]
+    r2 = (r * r).sum(1)
+    others = np.stack([np.argsort(((x64[i] - c64) ** 2).sum(1))[1:17] for i in range(len(x))])
+    diff = x64[:, None, :] - c64[others]
+    dot = np.einsum("nmd,nd->nm", diff, r)
+    cost = (diff**2).sum(-1) + lam * (dot**2 / r2[:, None] if rule == "soar" else dot)
+    best = cost.argmin(1)
+    reference = cost[np.arange(len(x)), best] - (1 + lam) * r2
+    scale = r2.mean()
+    # float32 search distances (|x|^2 + |c|^2 - 2 <x, c> far from the origin) bound the agreement
+    np.testing.assert_allclose(excess, reference, atol=2e-4 * scale)
+    # the choice differs only where two candidates' costs tie to float32 precision
+    differ = cand != others[np.arange(len(x)), best]
+    chosen = cost[np.arange(len(x)), np.argmax(others == cand[:, None], 1)]
+    np.testing.assert_allclose(chosen[differ], cost[np.arange(len(x)), best][differ], atol=2e-4 * scale)
+    assert differ.mean() < 0.01
 
 
 def test_keep_best_takes_the_smallest_scores_as_row_prefixes():

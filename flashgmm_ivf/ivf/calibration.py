@@ -3,18 +3,21 @@
 A :class:`Calibration` holds stand-in queries (held-out training rows, or real queries
 given to ``GMMIndexIVF.calibrate``) with their exact ``K_CAL`` nearest ids among the
 vectors of the index. The neighbours are kept up to date as vectors are added
-(:meth:`Calibration.update`: a brute-force ``faiss.knn`` of the queries against each
-added block, merged into the running best), so they are exact for any encoding (PQ and
+(:meth:`Calibration.update`: a brute force of the queries against each added block,
+:func:`knn_l2`, merged into the running best), so they are exact for any encoding (PQ and
 SQ included) without keeping the raw vectors.
 
-The first exact copy of a query met among the added vectors (squared L2 distance 0) is
-taken to be the query itself and not counted as its neighbour: a held-out training row
-may itself be added to the index (training on the base set is common), and it would then
-be found at depth 1 by construction, making every depth look cheaper than it is for a
-real query. Further exact copies (duplicates in the data) are counted.
+The first copy of a query met among the added vectors (squared L2 distance at most
+``SELF_TOLERANCE`` |q - m|^2, m the queries' mean: a product-based distance leaves a
+roundoff of ~1e-6 of that on an exact copy) is taken to be the query itself and not
+counted as its neighbour: a held-out training row may itself be added to the index
+(training on the base set is common), and it would then be found at depth 1 by
+construction, making every depth look cheaper than it is for a real query. Further
+copies (duplicates in the data) are counted.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import faiss
@@ -23,9 +26,14 @@ import numpy as np
 from .probing import ProbeTable, distance_spread, list_members, neighbor_depths, scan_costs
 from .search import dedup_results, ranked_lists
 
-__all__ = ["K_CAL", "Calibration", "fit_table", "table_depth"]
+__all__ = ["K_CAL", "SELF_TOLERANCE", "Calibration", "fit_table", "knn_l2", "table_depth"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
+# A stand-in's own copy: squared distance at most this x |q - m|^2, m the queries' mean (the
+# roundoff of a product-based distance is ~1e-6 of that; a distinct row this close is a copy
+# for any purpose).
+SELF_TOLERANCE = 1e-4
+_TILE = 4096  # rows of each side per product of the brute force (a 64 MiB distance tile)
 
 
 @dataclass
@@ -59,6 +67,11 @@ class Calibration:
                    np.full((nc, K_CAL), worst, np.float32), int(metric_type), source,
                    np.full(nc, metric_type == faiss.METRIC_L2))
 
+    @functools.cached_property
+    def _center(self) -> np.ndarray:
+        """The queries' mean (d,), float32: the origin of the brute force's products."""
+        return self.queries.mean(0, dtype=np.float64).astype(np.float32)
+
     @property
     def n_found(self) -> int:
         """Fewest neighbours any query has (K_CAL once the index holds enough vectors)."""
@@ -69,7 +82,11 @@ class Calibration:
         if x.shape[0] == 0 or self.queries.shape[0] == 0:
             return
         k = min(K_CAL + 1, x.shape[0])  # one more: the query's own copy may be among them
-        dis, pos = faiss.knn(self.queries, np.ascontiguousarray(x, dtype=np.float32), k, metric=self.metric_type)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.metric_type == faiss.METRIC_L2:
+            dis, pos = knn_l2(self.queries, x, k, self._center)
+        else:
+            dis, pos = faiss.knn(self.queries, x, k, metric=self.metric_type)
         new_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)
         self.merge_results(dis, new_ids)
 
@@ -83,14 +100,17 @@ class Calibration:
     def merge_results(self, dis, ids, *, skip_self=True):
         """Merge search results (nc, m) for the queries, best first, into the running neighbours.
 
-        With ``skip_self``, the first exact copy (distance 0) of a query whose own copy is
-        still pending is skipped (see the module docstring).
+        With ``skip_self``, the first copy (distance <= ``SELF_TOLERANCE`` |q - m|^2, m the
+        queries' mean) of a query whose own copy is still pending is skipped (see the module
+        docstring).
         """
         l2 = self.metric_type == faiss.METRIC_L2
         dis = np.asarray(dis, dtype=np.float32)
         ids = np.array(ids, dtype=np.int64)
         if l2 and skip_self:
-            zero = (dis == 0) & (ids >= 0)
+            spread = self.queries - self._center
+            tolerance = SELF_TOLERANCE * np.einsum("nd,nd->n", spread, spread, dtype=np.float64)
+            zero = (dis <= tolerance[:, None]) & (ids >= 0)
             rows = np.flatnonzero(zero.any(1) & self.self_pending)
             ids[rows, zero[rows].argmax(1)] = -1
             self.self_pending[rows] = False
@@ -102,6 +122,49 @@ class Calibration:
         all_d, all_i = np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
         # One id may come twice (its copies in two lists, or added twice): keep its best.
         self.distances, self.ids, _ = dedup_results(all_d.astype(np.float32), all_i, K_CAL, self.metric_type)
+
+
+def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray):
+    """Exact k nearest rows of x for every query by squared L2, by BLAS products in tiles.
+
+    ``faiss.knn`` computes the pairs one by one below 128,000 queries (FAISS's
+    ``distance_compute_blas_threshold``), several times slower than a product at d = 50.
+    Both sides are shifted by ``center`` first, so the product's cancellation
+    (|q|^2 + |x|^2 - 2 <q, x>) is relative to the data's spread, not to its offset.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (nq, d), float32
+    x : ndarray of shape (n, d), float32, n >= k
+    k : int
+    center : ndarray of shape (d,), float32
+
+    Returns
+    -------
+    D : ndarray of shape (nq, k), float32, ascending (>= 0)
+    I : ndarray of shape (nq, k), int64, row numbers of x
+    """
+    nq, d = queries.shape
+    D = np.empty((nq, k), np.float32)
+    I = np.empty((nq, k), np.int64)
+    tile = np.empty((min(_TILE, nq), min(_TILE, x.shape[0])), np.float32)
+    for i0 in range(0, nq, _TILE):
+        q = np.ascontiguousarray(queries[i0:i0 + _TILE] - center)
+        heaps = faiss.float_maxheap_array_t()  # FAISS's own top-k merge over the tiles
+        heaps.k, heaps.nh = k, q.shape[0]
+        heaps.val, heaps.ids = faiss.swig_ptr(D[i0:i0 + _TILE]), faiss.swig_ptr(I[i0:i0 + _TILE])
+        heaps.heapify()
+        for j0 in range(0, x.shape[0], _TILE):
+            xb = np.ascontiguousarray(x[j0:j0 + _TILE] - center)
+            out = tile[:q.shape[0], :xb.shape[0]]
+            if not out.flags.c_contiguous:  # a shorter last tile of x
+                out = np.empty((q.shape[0], xb.shape[0]), np.float32)
+            faiss.pairwise_L2sqr(d, q.shape[0], faiss.swig_ptr(q), xb.shape[0], faiss.swig_ptr(xb),
+                                 faiss.swig_ptr(out), d, d, xb.shape[0])
+            heaps.addn(xb.shape[0], faiss.swig_ptr(out), j0, 0, q.shape[0])
+        heaps.reorder()
+    np.maximum(D, 0, out=D)  # a product can round a copy's distance below 0
+    return D, I
 
 
 def table_depth(nlist: int) -> int:

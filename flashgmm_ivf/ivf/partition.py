@@ -5,7 +5,7 @@ means are the IVF centroids):
 
 - ``gmm``: a short k-means start (``faiss.Kmeans``) then a few EM iterations of a
   ``GaussianMixture``; a vector's primary list is its most probable component.
-- ``kmeans``: ``faiss.Kmeans`` (niter 25, as ``IndexIVF.train``); per-list weights and
+- ``kmeans``: ``faiss.Kmeans`` (32 iterations in stages, :func:`fit_kmeans`); per-list weights and
   covariances are computed afterwards from the members of each list, so spill and
   ranking rules that read covariances run on k-means lists too; a vector's primary list is
   its nearest centroid.
@@ -28,6 +28,7 @@ import warnings
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..mixture import ConvergenceWarning, GaussianMixture
 from .soft_assign import top_components
@@ -39,25 +40,58 @@ __all__ = ["PARTITIONS", "POINTS_PER_LIST", "REG_COVAR_AUTO", "SPILLS", "assign_
 PARTITIONS = ("gmm", "kmeans")
 SPILLS = ("none", "soar", "rair", "gmm")
 POINTS_PER_LIST = 256  # faiss.Kmeans's max_points_per_centroid
+# k-means stages (see fit_kmeans): at most this many, the smallest sample with at least this
+# many rows per centroid (FAISS's own floor is 39 per centroid, with a warning below it).
+KMEANS_STAGES = 4
+MIN_STAGE_POINTS = 32
 # 'auto' reg_covar: this x the mean per-feature variance of the training rows. An absolute
 # floor lets a component whose pixels are all 0 get a variance so small that one non-zero
 # pixel costs ~1e10 nats, beyond float32's resolution of the log-likelihoods; 0.1 x the
 # data's scale keeps lists balanced on raw-scale (0..255) and unit-norm data alike.
 REG_COVAR_AUTO = 1e-1
+_SCALE_ROWS = 65536
 
 
 def reg_covar_auto(x: np.ndarray) -> float:
-    """``REG_COVAR_AUTO`` x the mean per-feature variance of x (float64; 1e-6 for constant data)."""
-    scale = float(x.astype(np.float64).var(0).mean()) if x.shape[0] > 1 else 0.0
+    """``REG_COVAR_AUTO`` x the mean per-feature variance of x (float64; 1e-6 for constant data).
+
+    A scale, not a fitted statistic: measured on at most ``_SCALE_ROWS`` evenly spaced rows.
+    """
+    sample = x[:: max(1, x.shape[0] // _SCALE_ROWS)]
+    scale = float(sample.var(0, dtype=np.float64).mean()) if sample.shape[0] > 1 else 0.0
     return REG_COVAR_AUTO * scale if scale > 0 else 1e-6
 
 
 def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
-    """``faiss.Kmeans`` centroids (nlist, d), float32, fitted on all rows of x."""
-    km = faiss.Kmeans(x.shape[1], nlist, niter=niter, seed=seed, max_points_per_centroid=max(1, x.shape[0]),
-                      verbose=False)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return km.centroids.copy()
+    """``faiss.Kmeans`` centroids (nlist, d), float32: ``niter`` iterations over nested samples of x.
+
+    The iterations run in stages on nested random samples that double in size and end on
+    all rows of x (at most ``KMEANS_STAGES`` stages, the smallest with at least
+    ``MIN_STAGE_POINTS`` rows per centroid; each stage starts from the previous one's
+    centroids): early iterations move the centroids far and need few rows, the last
+    ones refine them on every row. ``niter`` is split evenly over the stages, the
+    remainder on all rows; rows too few for a second stage give plain k-means on x.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    stages = 1
+    while stages < KMEANS_STAGES and n >> stages >= MIN_STAGE_POINTS * nlist and niter >= stages + 1:
+        stages += 1
+    order = np.random.default_rng(seed).permutation(n) if stages > 1 else None
+    centroids = None
+    with tqdm(total=niter, desc="k-means", unit="iter", leave=False, disable=stages == 1) as bar:
+        for stage in reversed(range(stages)):  # stage s holds the first n / 2^s rows of one permutation
+            rows = x if stage == 0 else x[np.sort(order[:n >> stage])]
+            iterations = niter // stages + (niter % stages if stage == 0 else 0)
+            # A sample stage is small on purpose: FAISS's too-few-points warning is for the last stage only.
+            floor = {"min_points_per_centroid": MIN_STAGE_POINTS} if stage else {}
+            km = faiss.Kmeans(x.shape[1], nlist, niter=iterations, seed=seed,
+                              max_points_per_centroid=max(1, len(rows)), verbose=False, **floor)
+            km.train(rows, init_centroids=centroids)
+            centroids = km.centroids.copy()
+            bar.set_postfix_str(f"{len(rows):,} rows")
+            bar.update(iterations)
+    return centroids
 
 
 def kmeans_mixture(x: np.ndarray, centroids: np.ndarray, covariance_type: str, reg_covar: float,
@@ -80,23 +114,23 @@ def kmeans_mixture(x: np.ndarray, centroids: np.ndarray, covariance_type: str, r
     labels = _nearest(centroids, x)
     counts = np.bincount(labels, minlength=nlist).astype(np.float64)
     weights = np.maximum(counts, 1e-3) / np.maximum(counts, 1e-3).sum()
-    r = (x - centroids[labels]).astype(np.float64)
+    r = x - centroids[labels]  # float32 residuals; every sum over them accumulates in float64
     occupied = counts > 0
     denom = np.maximum(counts, 1.0)
-    overall = float(r.var(0).mean()) if x.shape[0] > 1 else 1.0
+    overall = float(r.var(0, dtype=np.float64).mean()) if x.shape[0] > 1 and not occupied.all() else 1.0
     if covariance_type == "spherical":
-        cov = np.bincount(labels, weights=(r * r).sum(1), minlength=nlist) / denom / d
+        cov = np.bincount(labels, weights=np.einsum("nd,nd->n", r, r, dtype=np.float64), minlength=nlist) / denom / d
         cov = np.where(occupied, cov, overall) + reg_covar
     elif covariance_type == "diag":
         cov = np.zeros((nlist, d))
-        np.add.at(cov, labels, r * r)
+        np.add.at(cov, labels, np.square(r, dtype=np.float64))
         cov = np.where(occupied[:, None], cov / denom[:, None], overall) + reg_covar
     else:
         cov = np.empty((nlist, d, d))
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(nlist + 1))
         for j in range(nlist):
-            rj = r[order[bounds[j]:bounds[j + 1]]]
+            rj = r[order[bounds[j]:bounds[j + 1]]].astype(np.float64)
             cov[j] = rj.T @ rj / len(rj) if len(rj) else overall * np.eye(d)
         cov += reg_covar * np.eye(d)
     return GaussianMixture.from_parameters(weights, centroids, cov, covariance_type=covariance_type,

@@ -40,9 +40,6 @@ from .._validation import check_nonnegative_float, check_positive_int
 __all__ = ["RULES", "extra_list", "nearest_and_extra", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
            "keep_best"]
 
-# float32 elements of one (rows, candidates, d) gather in the residual-direction rules (64 MiB).
-_GATHER_ELEMENTS = 1 << 24
-
 
 def nearest_other(x, centroids, primary, m):
     """The ``m`` nearest centroids of every row other than its primary one.
@@ -260,23 +257,24 @@ def _search(x, centroids, k):
 
 def _rule_choice(x, centroids, primary, cand, cost, primary_d2, rule, lam):
     """The rule's best candidate of every row and its excess cost over the primary list."""
-    m = cand.shape[1]
     cost = cost.astype(np.float64)
     primary_d2 = primary_d2.astype(np.float64)
     if rule != "top2":
-        block = max(1, _GATHER_ELEMENTS // (m * x.shape[1]))
-        for start in range(0, len(x), block):
-            rows = slice(start, start + block)
-            r = x[rows] - centroids[primary[rows]]
-            # <x - c_j, r> = |r|^2 + <c_1 - c_j, r> (one gather of the candidates per block)
-            dot = primary_d2[rows, None] + np.einsum("nmd,nd->nm", centroids[primary[rows]][:, None]
-                                                     - centroids[cand[rows]], r)
-            if rule == "soar":
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    # <x - c_j, r_hat>^2 = <x - c_j, r>^2 / |r|^2 (0 when r = 0: no direction)
-                    cost[rows] += lam * np.where(primary_d2[rows, None] > 0, dot**2 / primary_d2[rows, None], 0)
-            else:
-                cost[rows] += lam * dot
+        # <x - c_j, r> = <x - c_j, x - c_1> = (|x - c_j|^2 + |x - c_1|^2 - |c_j - c_1|^2) / 2: the
+        # search's distances and the distance between the two centroids (FAISS computes those
+        # pairs by index), so no (rows, candidates, d) gather is needed.
+        between = np.empty(cand.shape, np.float32)
+        first = np.ascontiguousarray(np.repeat(primary, cand.shape[1]), dtype=np.int64)
+        second = np.ascontiguousarray(cand, dtype=np.int64)
+        faiss.pairwise_indexed_L2sqr(centroids.shape[1], first.size, faiss.swig_ptr(centroids), faiss.swig_ptr(first),
+                                     faiss.swig_ptr(centroids), faiss.swig_ptr(second), faiss.swig_ptr(between))
+        dot = (cost + primary_d2[:, None] - between) / 2
+        if rule == "soar":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                # <x - c_j, r_hat>^2 = <x - c_j, r>^2 / |r|^2 (0 when r = 0: no direction)
+                cost += lam * np.where(primary_d2[:, None] > 0, dot**2 / primary_d2[:, None], 0)
+        else:
+            cost += lam * dot
     best = cost.argmin(1)
     rows = np.arange(len(x))
     # The same rule's cost at the primary list is (1 + lam) |r|^2 for soar and rair.
