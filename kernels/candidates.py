@@ -77,7 +77,12 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
     # A finite floor: components at -inf (zero weight, padding) never raise it.
     best = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.int32)
-    out_rows = rows.to(tl.int64) * CAPACITY
+    # This program's slots, addressed by 32-bit offsets from one 64-bit base: (BLOCK_N, BLOCK_K)
+    # tiles of 64-bit row offsets would take registers the products need.
+    pid = tl.program_id(0).to(tl.int64)
+    cand_ptr += pid * BLOCK_N * CAPACITY
+    upper_ptr += pid * BLOCK_N * CAPACITY
+    out_rows = tl.arange(0, BLOCK_N) * CAPACITY
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps

@@ -53,7 +53,7 @@ class LaunchConfig(NamedTuple):
 
 
 def default_configs(n_features: int, diagonal: bool = True,
-                    precision: str = "bf16x3") -> tuple[LaunchConfig, LaunchConfig]:
+                    precision: str = "bf16x3") -> tuple[LaunchConfig, LaunchConfig | None]:
     """(pass 1, pass 2) settings, tuned on an H100 at N=1M, K=1024, D=128 (eval/tune_estep.py).
 
     Up to D = 128 one feature tile holds a whole row, so the rows are loaded and split once
@@ -64,6 +64,12 @@ def default_configs(n_features: int, diagonal: bool = True,
     and the grid is (K tiles, splits) (bf16 pieces; float32 operands keep 64).
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
+    if precision == "candidates":
+        # The candidate pass (``kernels.candidates``) keeps more (rows, components) tiles live
+        # than pass 1 (error bounds, the slots' prefix sums): compiled for sm_90 by Triton 3.9,
+        # (128, 128) tiles spill 1.2-5 KB a thread, (64, 64) with 8 warps none (diag 248
+        # registers, spherical 220). Its exact pass picks its own tiles (``candidate_resp``).
+        return LaunchConfig(64, 64, block_d, 8, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
@@ -173,13 +179,13 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 
 def _estep_candidates(x, params, shift, configs):
-    """``exact_candidates.estep``: the candidate pass with "bf16" weights and pass-1 tiles;
+    """``exact_candidates.estep``: the candidate pass with "bf16" weights;
     rows that overflow their candidate capacity take the dense "bf16x3" E-step."""
     x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
     n, d = x.shape
     if n == 0:
         return estep(x, params, shift, precision="bf16x3")
-    config = configs[0] if configs else default_configs(d, weights.diagonal, "bf16")[0]
+    config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     result, _ = exact_candidates.estep(x, params, shift, weights, config,
                                        lambda rows: estep(rows, params, shift, precision="bf16x3"))
     return result._replace(log_norm=result.log_norm + offset)
