@@ -34,7 +34,7 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     slots = rows.to(tl.int64) * CAPACITY
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in range(0, tl.max(count)):
+    for s in range(tl.max(count)):
         stored = s < count
         live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
         comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
@@ -58,7 +58,7 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         run_max = new_max
     log_z = run_max + tl.log(tl.where(count > 0, run_sum, 1.0))  # rows with no slot: log Z unused
     tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (count > 0))
-    for s in range(0, tl.max(count)):
+    for s in range(tl.max(count)):
         stored = s < count
         ll = tl.load(resp_ptr + slots + s, mask=stored, other=float("-inf"))
         tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=stored)

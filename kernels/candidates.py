@@ -15,13 +15,19 @@ out. Entries stored before m_n grew may lie below the final threshold; the exact
 them by their stored upper bound. Positions come from a running count per row plus a prefix sum
 over the tile; the count goes on past ``capacity``, so rows that overflow are known.
 
-Torch reference: ``reference`` below.
+Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .tile import finish_log_prob, log_prob_part, log_prob_streamed, row_operands, split_dtype
+from .tile import (
+    finish_log_prob,
+    log_prob_part,
+    log_prob_streamed,
+    row_operands,
+    split_dtype,
+)
 
 # bfloat16 keeps 8 significant bits: each rounded operand is within u = 2^-8 (relative), a
 # product of two within 2u + u^2.

@@ -65,7 +65,7 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     -------
     EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
-    n, d = x.shape
+    d = x.shape[1]
     k = weights.n_comps
     lin_scale, quad_scale = error_scales(params.lin, params.quad, d)
     cand, upper, count, floor = candidates(x, shift, weights, lin_scale, quad_scale, margin, capacity, config)

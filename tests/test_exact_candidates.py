@@ -9,7 +9,8 @@ Outputs are poisoned (NaN / -7) before the kernels write them.
 import pytest
 import torch
 from flashgmm_ivf.kernels import candidates as cand_pass
-from flashgmm_ivf.kernels import exact_candidates, params as kparams
+from flashgmm_ivf.kernels import exact_candidates
+from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
