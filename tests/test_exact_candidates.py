@@ -59,9 +59,8 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     x, params, shift = mixture(n, d, k, kind, diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
-    lin_scale, quad_scale = cand_pass.error_scales(split.lin, split.quad, d)
     cand, upper, count, floor = (t.cpu() for t in cand_pass.candidates(
-        xd, sh, weights, lin_scale, quad_scale, margin, capacity, config(blocks)))
+        xd, sh, weights, margin, capacity, config(blocks)))
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     best = exact.amax(1)
     for row in range(n):
