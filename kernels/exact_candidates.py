@@ -70,7 +70,7 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     k = weights.n_comps
     cand, upper, count, floor = candidates(x, shift, weights, margin, capacity, config)
     means, prec, consts = centred_params(params)
-    log_norm, resp = candidate_resp(x, shift, means, prec, consts, cand, upper, count, floor)
+    log_norm, resp = candidate_resp(x, shift, means, prec, consts, cand, upper, count, floor, margin)
     flat = resp.view(-1)
     kept = torch.nonzero(flat > math.exp(-margin)).view(-1)
     nk, s1, s2 = pair_stats(x, shift, torch.div(kept, capacity, rounding_mode="floor").to(torch.int32),

@@ -11,6 +11,7 @@ import torch
 from flashgmm_ivf.kernels import candidates as cand_pass
 from flashgmm_ivf.kernels import exact_candidates
 from flashgmm_ivf.kernels import params as kparams
+from flashgmm_ivf.kernels.candidate_resp import candidate_resp
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
@@ -59,8 +60,10 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     x, params, shift = mixture(n, d, k, kind, diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
-    cand, upper, count, floor = (t.cpu() for t in cand_pass.candidates(
-        xd, sh, weights, margin, capacity, config(blocks)))
+    found = cand_pass.candidates(xd, sh, weights, margin, capacity, config(blocks))
+    _, resp = candidate_resp(xd, sh, *exact_candidates.centred_params(split), *found, margin)
+    cand, upper, count, floor = (t.cpu() for t in found)
+    resp = resp.cpu()
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     best = exact.amax(1)
     for row in range(n):
@@ -74,6 +77,10 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
             assert set(needed.tolist()) <= set(stored.tolist()), row
             kept = stored[upper[row, :len(stored)] >= floor[row]]
             assert set(needed.tolist()) <= set(kept.tolist()), row
+            # the exact pass's tighter threshold keeps them too, and its responsibilities sum to 1
+            weighted = stored[resp[row, :len(stored)] > 0]
+            assert set(needed.tolist()) <= set(weighted.tolist()), row
+            assert abs(float(resp[row].double().sum()) - 1) < 1e-5
         else:
             assert count[row] > len(needed) or len(needed) > capacity
 
