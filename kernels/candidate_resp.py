@@ -72,22 +72,26 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     for s in range(tl.max(count)):
         stored = s < count
         live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
-        comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
-        ll = _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
-                             DIAGONAL, BLOCK_N, BLOCK_D)
-        tl.store(resp_ptr + slots + s, ll, mask=stored)
-        new_max = tl.maximum(run_max, ll)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
-        run_max = new_max
+        # Slots left behind as the best rose lie among the live ones: a slot dead in every row
+        # of the block costs its loads of the bounds alone.
+        if tl.max(live.to(tl.int32)) > 0:
+            comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
+            ll = _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
+                                 n_cols, DIAGONAL, BLOCK_N, BLOCK_D)
+            tl.store(resp_ptr + slots + s, ll, mask=live)
+            new_max = tl.maximum(run_max, ll)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
+            run_max = new_max
     log_z = run_max + tl.log(tl.where(count > 0, run_sum, 1.0))  # rows with no slot: log Z unused
     tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (count > 0))
     for s in range(tl.max(count)):
         stored = s < count
-        ll = tl.load(resp_ptr + slots + s, mask=stored, other=float("-inf"))
-        tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=stored)
+        live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
+        ll = tl.load(resp_ptr + slots + s, mask=live, other=float("-inf"))
+        tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # dead slots keep their 0
 
 
-def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=32,
+def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=16,
                    num_warps=4):
     """Launch the exact pass.
 
@@ -110,8 +114,9 @@ def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floo
     capacity = cand.shape[1]
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
     resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
-    # 32 rows x 64 features with 4 warps compile for sm_90 without spills (32 x 128 spill
-    # 232-416 bytes a thread).
+    # Compiled for sm_90 (Triton 3.9), 16 rows x 64 features with 4 warps take 162-166 registers
+    # and no stack (32 x 64: 222-255 registers; 32 x 128: 232-416 bytes of spills a thread);
+    # fewer rows a block also waste fewer slot steps on the block's longest row.
     block_d = min(64, triton.next_power_of_2(d))
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, cand, upper, count, floor, log_norm, resp, n, d, float(margin),
