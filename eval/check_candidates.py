@@ -87,7 +87,8 @@ def run(args, covariance_type, kind, at):
         params = kernels.natural_params(weights, means, var)
         if it in at:
             row = {"covariance_type": covariance_type, "data": kind, "iteration": it,
-                   **replay(x[:args.sample], params, shift, args.block_k, args.capacity, args.margin)}
+                   **replay(x[:args.sample], params, shift, args.block_k, args.capacity or CAPACITY[covariance_type],
+                            args.margin)}
             print_row(row)
             out.append(row)
         if it < max(at):
@@ -112,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--covariance-types", default="diag,spherical")
     parser.add_argument("--data", default="raw,standardised")
     parser.add_argument("--block-k", type=int, default=kernels.default_configs(128, True, "candidates")[0].block_k)
-    parser.add_argument("--capacity", type=int, default=CAPACITY)
+    parser.add_argument("--capacity", type=int, help="slots per row (default: the E-step's per covariance type)")
     parser.add_argument("--margin", type=float, default=MARGIN_NATS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval/results/check_candidates_cpu.json")

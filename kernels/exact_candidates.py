@@ -29,11 +29,13 @@ from .result import EStepResult
 from .truncated_stats import pair_stats
 
 MARGIN_NATS = 30.0
-# Candidate slots per row; rows beyond take the dense path. Simulated in float64 on 60,000 real
-# SIFT rows, diag, K = 1024, EM iterations 0-5 from bench_estep's start: slots stored per row
-# (live ones and those left behind as the row's best rose) mean 11-20, p99 26-63; at 32 slots
-# 2-10% of the rows overflow.
-CAPACITY = 64
+# Candidate slots per row, by covariance type; rows beyond take the dense path. Replayed in
+# float64 on 60,000 real SIFT rows, K = 1024, EM iterations 0-20 from bench_estep's start
+# (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json): diag rows store
+# 11-20 slots (p99 26-76) of which 4-8 are live, 1.8% overflow 64 slots at iteration 20;
+# spherical posteriors are flatter (11-21 components within 30 nats), rows store 29-44 slots
+# (p99 79-122): 64 slots overflow 4-20% of them, 128 slots 0-1%.
+CAPACITY = {"diag": 64, "spherical": 128}
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +49,7 @@ def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense, *,
-          capacity=CAPACITY, margin=MARGIN_NATS):
+          capacity=None, margin=MARGIN_NATS):
     """Exact-on-candidates E-step of a block of rows.
 
     Parameters
@@ -60,7 +62,7 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     config : LaunchConfig of the candidate pass
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
         E-step of the rows that overflow their capacity
-    capacity : int, candidate slots per row
+    capacity : int, candidate slots per row, or None for ``CAPACITY``
     margin : float, nats
 
     Returns
@@ -68,6 +70,7 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
     k = weights.n_comps
+    capacity = capacity or CAPACITY["diag" if weights.diagonal else "spherical"]
     cand, upper, count, floor = candidates(x, shift, weights, margin, capacity, config)
     means, prec, consts = centred_params(params)
     log_norm, resp = candidate_resp(x, shift, means, prec, consts, cand, upper, count, floor, margin)
