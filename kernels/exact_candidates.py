@@ -36,6 +36,10 @@ MARGIN_NATS = 30.0
 # spherical posteriors are flatter (11-21 components within 30 nats), rows store 29-44 slots
 # (p99 79-122): 64 slots overflow 4-20% of them, 128 slots 0-1%.
 CAPACITY = {"diag": 64, "spherical": 128}
+# Rows whose candidate slots exist at once: (rows, capacity) slots, bounds and responsibilities
+# take 12 bytes a slot (spherical: 50 MB), within the dense E-step's transient budget; the
+# (row, component, r) pairs kept for the statistics are gathered over the whole block.
+SUB_BLOCK_ROWS = 32768
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,17 +73,23 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     -------
     EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
-    k = weights.n_comps
     capacity = capacity or CAPACITY["diag" if weights.diagonal else "spherical"]
-    cand, upper, count, floor = candidates(x, shift, weights, margin, capacity, config)
     means, prec, consts = centred_params(params)
-    log_norm, resp = candidate_resp(x, shift, means, prec, consts, cand, upper, count, floor, margin)
-    flat = resp.view(-1)
-    kept = torch.nonzero(flat > math.exp(-margin)).view(-1)
-    nk, s1, s2 = pair_stats(x, shift, torch.div(kept, capacity, rounding_mode="floor").to(torch.int32),
-                            cand.view(-1)[kept], flat[kept], k, weights.diagonal)
-    log_norm = log_norm.double()
-    over = torch.nonzero(count > capacity).view(-1)
+    log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    rows, comps, resp, count = [], [], [], []
+    for start in range(0, x.shape[0], SUB_BLOCK_ROWS):
+        part = x[start:start + SUB_BLOCK_ROWS]
+        found = candidates(part, shift, weights, margin, capacity, config)
+        lz, r = candidate_resp(part, shift, means, prec, consts, *found, margin)
+        log_norm[start:start + len(part)] = lz
+        kept = torch.nonzero(r.view(-1) > math.exp(-margin)).view(-1)
+        rows.append(torch.div(kept, capacity, rounding_mode="floor").to(torch.int32) + start)
+        comps.append(found[0].view(-1)[kept])
+        resp.append(r.view(-1)[kept])
+        count.append(found[2])
+    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), weights.n_comps,
+                            weights.diagonal)
+    over = torch.nonzero(torch.cat(count) > capacity).view(-1)
     if over.numel():
         rest = dense(x[over])
         log_norm[over] = rest.log_norm

@@ -118,8 +118,10 @@ def test_flat_posteriors(k, capacity, diagonal, poisoned_empty):
         assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
 
 
-def test_some_rows_overflow(poisoned_empty):
-    """A capacity of 2 on a flat-ish mixture: overflowed and candidate rows mix in one block."""
+def test_some_rows_overflow(poisoned_empty, monkeypatch):
+    """A capacity of 2 on a flat-ish mixture: overflowed and candidate rows mix in one block,
+    which is taken in sub-blocks of 16 rows (the last one short)."""
+    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_ROWS", 16)
     n, d, k = 97, 9, 13
     x, params, shift = mixture(n, d, k, "standardised", True)
     ref = kernels.reference.estep(x.double(), params, shift)
