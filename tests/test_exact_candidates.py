@@ -85,7 +85,8 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
             assert count[row] > len(needed) or len(needed) > capacity
 
 
-@pytest.mark.parametrize("n,d,k,blocks", SHAPES)
+# Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
+@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] != (61, 70, 50)])
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 @pytest.mark.parametrize("kind", ["raw", "standardised"])
 def test_estep_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_empty):
