@@ -20,19 +20,18 @@ so the counts show the rule, not one rounding draw. Prints a table and writes JS
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
-
-from flashgmm_ivf import kernels
-from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR, m_step
 from flashgmm_ivf.datasets import load_dataset
 from flashgmm_ivf.eval.bench_estep import starting_params, write_json
 from flashgmm_ivf.eval.environment import environment
 from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, bound_eps
 from flashgmm_ivf.kernels.exact_candidates import CAPACITY, MARGIN_NATS
+
+from flashgmm_ivf import kernels
+from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR, m_step
 
 
 def error_bound(xc, split):
