@@ -287,7 +287,7 @@ def _torch_reference(chunk, allow_tf32):
 def our_methods(cell, precisions, configs, uint8):
     methods = []
     for precision in precisions:
-        ceiling = "bf16" if precision == "bf16x3" else "fp32" if precision == "ieee" else "tf32"
+        ceiling = "bf16" if precision in ("bf16x3", "candidates") else "fp32" if precision == "ieee" else "tf32"
         methods.append(Method(
             f"ours ({precision})", ceiling, lambda p=precision: cell.iteration(_blocked(p, configs, False)),
             lambda p=precision: _blocked(p, configs, True)(cell.x, cell.params, cell.shift)))

@@ -100,9 +100,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         from the host, for data the GPU must not hold. Ignored on the CPU.
     compute_dtype : {'float32', 'float64'}, default='float32'
         Arithmetic of the E-step. Statistics are always summed, and the M-step done, in float64.
-    precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16'}, default='bf16x3'
+    precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16', 'candidates'}, default='bf16x3'
         Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
         and 'bf16' are fast and loose (~1e-3 relative in the statistics) and opt-in only.
+        'candidates' (diag and spherical): one bf16 product finds, with a proven error bound,
+        every component within 30 nats of each row's best; log Z and the statistics are then
+        float32 over those alone (``flashgmm_ivf.kernels.exact_candidates``).
     variance_floor : 'auto' or float >= 0, default='auto'
         Diagonal and spherical variances are kept at least this times the data's mean squared
         deviation (per feature) from the point the E-step expands around. float32
@@ -402,8 +405,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _graphable(self, source, device) -> bool:
         """Whether an EM iteration can be replayed from a CUDA graph (``_graph``): dense
         kernels over one checked tensor already on the GPU, so that nothing in it reads the
-        host (an unchecked source tests every block for NaN, a host read)."""
-        return self._dense_kernels(device) and source.checked and source.resident_on(device)
+        host (an unchecked source tests every block for NaN, a host read). The 'candidates'
+        E-step sizes its (row, component) pairs and its overflowed rows on the host."""
+        return self._dense_kernels(device) and self.precision != "candidates" and source.checked \
+            and source.resident_on(device)
 
     def _em_iteration(self, source, device, n):
         """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two 0-d tensors.

@@ -6,12 +6,15 @@ from typing import NamedTuple
 import torch
 import triton
 
+from . import exact_candidates
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
 from .stats import stats as _launch_stats
 
-PRECISIONS = ("bf16x3", "tf32x3", "ieee", "tf32", "bf16")
+PRECISIONS = ("bf16x3", "tf32x3", "ieee", "tf32", "bf16", "candidates")
+# log Z alone (``log_norm``) is one dense pass: the candidate search would not save work there.
+_LOG_NORM_PRECISION = {"candidates": "bf16x3"}
 # Partial statistics of the row splits stay under this many bytes (the N=10M
 # memory bar is "input + 64 MB").
 PARTIALS_BUDGET = 36 << 20
@@ -35,7 +38,7 @@ def _prepare(x, params: NaturalParams, shift, precision):
         shift = torch.zeros(d, dtype=torch.float32, device=x.device)
     else:
         shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
-    return x, kernel_weights(params, precision, x.device), shift, offset
+    return x, kernel_weights(params, precision, x.device), shift, offset, params
 
 
 class LaunchConfig(NamedTuple):
@@ -50,7 +53,7 @@ class LaunchConfig(NamedTuple):
 
 
 def default_configs(n_features: int, diagonal: bool = True,
-                    precision: str = "bf16x3") -> tuple[LaunchConfig, LaunchConfig]:
+                    precision: str = "bf16x3") -> tuple[LaunchConfig, LaunchConfig | None]:
     """(pass 1, pass 2) settings, tuned on an H100 at N=1M, K=1024, D=128 (eval/tune_estep.py).
 
     Up to D = 128 one feature tile holds a whole row, so the rows are loaded and split once
@@ -61,6 +64,12 @@ def default_configs(n_features: int, diagonal: bool = True,
     and the grid is (K tiles, splits) (bf16 pieces; float32 operands keep 64).
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
+    if precision == "candidates":
+        # The candidate pass (``kernels.candidates``) keeps more (rows, components) tiles live
+        # than pass 1 (error bounds, the slots' prefix sums): compiled for sm_90 by Triton 3.9,
+        # (128, 128) tiles spill 1.2-5 KB a thread, (64, 64) with 8 warps none (diag 248
+        # registers, spherical 220). Its exact pass picks its own tiles (``candidate_resp``).
+        return LaunchConfig(64, 64, block_d, 8, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
@@ -94,7 +103,8 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     log_norm : float64 Tensor of shape (n,)
     best : int32 Tensor of shape (n,)
     """
-    x, weights, shift, offset = _prepare(x, params, shift, precision)
+    precision = _LOG_NORM_PRECISION.get(precision, precision)
+    x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
     config = config or default_configs(x.shape[1], weights.diagonal, precision)[0]
     lz, best = _launch_log_norm(x, shift, weights, precision, config)
     return lz.double() + offset, best
@@ -139,7 +149,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
         under ``TRITON_INTERPRET=1``)
     params : NaturalParams relative to ``shift``
     shift : Tensor of shape (D,) or None
-    precision : one of ``PRECISIONS`` (see ``kernels.tile``)
+    precision : one of ``PRECISIONS`` (see ``kernels.tile``; "candidates": ``kernels.exact_candidates``)
     configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
 
@@ -147,7 +157,9 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     -------
     EStepResult, all float64.
     """
-    x, weights, shift, offset = _prepare(x, params, shift, precision)
+    if precision == "candidates":
+        return _estep_candidates(x, params, shift, configs)
+    x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
     n, d = x.shape
     k = weights.n_comps
     f64 = dict(dtype=torch.float64, device=x.device)
@@ -164,6 +176,19 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     n_split = n_split or default_split(k, d, weights.diagonal, second, x.device)
     nk, s1, s2 = _launch_stats(x, shift, weights, lz, n_split, precision, second)
     return EStepResult(lz.double() + offset, _sum_splits(nk), _sum_splits(s1), _sum_splits(s2))
+
+
+def _estep_candidates(x, params, shift, configs):
+    """``exact_candidates.estep``: the candidate pass with "bf16" weights;
+    rows that overflow their candidate capacity take the dense "bf16x3" E-step."""
+    x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
+    n, d = x.shape
+    if n == 0:
+        return estep(x, params, shift, precision="bf16x3")
+    config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
+    result, _ = exact_candidates.estep(x, params, shift, weights, config,
+                                       lambda rows: estep(rows, params, shift, precision="bf16x3"))
+    return result._replace(log_norm=result.log_norm + offset)
 
 
 def _sum_splits(partials: torch.Tensor) -> torch.Tensor:

@@ -75,10 +75,30 @@ def segment_stats(x, shift, members, resp, n_comps, diagonal, *, block_e=64, num
     s1 : float64 Tensor of shape (K, D)
     s2 : float64 Tensor of shape (K, D) (diag) or (K,) (spherical)
     """
+    n, c = members.shape
+    rows = torch.arange(n, dtype=torch.int32, device=x.device).repeat_interleave(c)
+    return pair_stats(x, shift, rows, members.flatten(), resp.flatten(), n_comps, diagonal,
+                      block_e=block_e, num_warps=num_warps)
+
+
+def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=64, num_warps=4):
+    """The statistics of (row, component, responsibility) triples in any order.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D), unit column stride
+    shift : float32 Tensor of shape (D,)
+    rows, comps : integer Tensors of shape (P,), row and component of every triple
+    resp : float32 Tensor of shape (P,)
+    n_comps : int, K
+    diagonal : bool
+
+    Returns
+    -------
+    nk, s1, s2 : as ``segment_stats``
+    """
     d = x.shape[1]
-    c = members.shape[1]
-    keys, order = torch.sort(members.flatten(), stable=True)
-    rows = torch.div(order, c, rounding_mode="floor")
+    keys, order = torch.sort(comps, stable=True)
     bounds = torch.arange(n_comps + 1, dtype=keys.dtype, device=x.device)
     start = torch.searchsorted(keys, bounds)
     block_d = min(64, triton.next_power_of_2(d))
@@ -88,6 +108,6 @@ def segment_stats(x, shift, members, resp, n_comps, diagonal, *, block_e=64, num
     s1 = torch.empty(n_comps, d, **f64)
     s2 = torch.empty((n_comps, d) if diagonal else (d_tiles, n_comps), **f64)
     segment_stats_kernel[(n_comps, d_tiles)](
-        x, x.stride(0), shift, rows, resp.flatten()[order], start, nk, s1, s2, n_comps, d,
+        x, x.stride(0), shift, rows[order], resp[order], start, nk, s1, s2, n_comps, d,
         DIAGONAL=diagonal, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
     return nk, s1, s2 if diagonal else s2.sum(0)

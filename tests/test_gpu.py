@@ -14,7 +14,7 @@ from test_kernels import make_rows, random_mixture, relative_error
 pytestmark = pytest.mark.gpu
 # Statistics' relative error per precision (measured: ieee ~1e-6, tf32x3 ~1e-6, bf16x3 ~2e-5, tf32 ~1e-3;
 # the opt-in one-product bf16 ~6e-3 on SIFT-like rows, eval/results/bench_estep_spherical_h100.json).
-TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-4, "tf32": 2e-2, "bf16": 5e-2}
+TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-4, "tf32": 2e-2, "bf16": 5e-2, "candidates": 1e-5}
 
 
 @pytest.mark.parametrize("precision", sorted(TOLERANCE))
@@ -32,7 +32,7 @@ def test_compiled_estep_matches_float64(precision, diagonal, n, d, k, poisoned_e
     for name, g, r, f in zip(ref._fields, got, ref, floor):
         assert torch.isfinite(g).all(), name
         tolerance = TOLERANCE[precision]
-        if precision in ("ieee", "tf32x3"):
+        if precision in ("ieee", "tf32x3", "candidates"):
             tolerance = max(tolerance, 2 * relative_error(f, r))
         assert relative_error(g, r) < tolerance, (name, relative_error(g, r), relative_error(f, r))
 

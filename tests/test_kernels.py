@@ -22,7 +22,7 @@ SHAPES = [
     (45, 1030, 5, (16, 16, 128)),
 ]
 # Measured relative errors of the statistics: ieee ~3e-6, bf16x3 ~2e-5 (real SIFT).
-TOLERANCE = {"ieee": 1e-5, "bf16x3": 1e-4}
+TOLERANCE = {"ieee": 1e-5, "bf16x3": 1e-4, "candidates": 2e-5}
 
 
 def random_mixture(x, k, diagonal, gen):
@@ -81,7 +81,7 @@ def test_single_bf16_product_is_loose_but_bounded(diagonal, poisoned_empty):
     assert max(errors) < 3e-2 and min(errors) > TOLERANCE["bf16x3"], errors
 
 
-@pytest.mark.parametrize("precision", ["ieee", "bf16x3"])
+@pytest.mark.parametrize("precision", ["ieee", "bf16x3", "candidates"])
 def test_estep_on_real_sift_rows(precision, poisoned_empty):
     x = torch.from_numpy(shared_set("sift-photos-128-small")[:600])
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,124 @@
+"""Exact pass of the exact-on-candidates E-step: log Z and responsibilities over each row's candidates.
+
+One program owns BLOCK_N rows and walks their candidate slots (``kernels.candidates``) one
+slot at a time, up to the block's largest count. The row's threshold is the larger of the
+candidate pass's (best lower bound less the margin) and the exact log-density of the slot with
+the largest upper bound less the margin. A slot is live when it was stored (slot < count <=
+capacity) and its upper bound reaches that threshold; for a live slot the log-density is
+computed in float32 from centred differences,
+
+    log pi_k + log N(x | k) = c_k - 1/2 sum_d prec_kd (x_d - mu_kd)^2,
+
+so raw-scale rows (SIFT: 0..255) lose nothing to cancellation, and folded into an online
+log-sum-exp. A second walk turns the stored log-densities into responsibilities in place.
+Dead slots get responsibility 0, and so do all slots of rows that overflowed their capacity
+(their E-step is the dense one; their log Z is left unwritten).
+
+Oracle: the float64 dense E-step of ``kernels.reference`` (tests/test_exact_candidates.py).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .truncated_select import load_rows
+
+
+@triton.jit
+def _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
+                    DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """log pi_k + log N(x_n | k) of component ``comp[n]`` for every live row (-inf elsewhere)."""
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, n_cols, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (cols < n_cols)[None, :]
+        offs = comp[:, None] * n_cols + cols[None, :]
+        diff = load_rows(x_ptr, stride_x, shift_ptr, rows, live, cols, n_cols) \
+            - tl.load(mean_ptr + offs, mask=mask, other=0.0)
+        if DIAGONAL:
+            acc += tl.sum(tl.load(prec_ptr + offs, mask=mask, other=0.0) * diff * diff, axis=1)
+        else:
+            acc += tl.sum(diff * diff, axis=1)
+    if not DIAGONAL:
+        acc *= tl.load(prec_ptr + comp, mask=live, other=0.0)
+    return tl.where(live, tl.load(const_ptr + comp, mask=live, other=0.0) - 0.5 * acc, float("-inf"))
+
+
+@triton.jit
+def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, cand_ptr, upper_ptr, count_ptr,
+                          floor_ptr, log_norm_ptr, resp_ptr, n_rows, n_cols, margin,
+                          CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    count = tl.load(count_ptr + rows, mask=row_mask, other=0)
+    count = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
+    slots = rows.to(tl.int64) * CAPACITY
+    # The exact log-density of the slot with the largest upper bound is a lower bound of the
+    # row's best tighter than the candidate pass's (by that pass's error bound, tens of nats
+    # on fitted SIFT models): slots whose upper bound falls below it less the margin are skipped.
+    top_upper = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    top = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for s in range(tl.max(count)):
+        stored = s < count
+        upper = tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf"))
+        top = tl.where(upper > top_upper, tl.load(cand_ptr + slots + s, mask=stored, other=0).to(tl.int64), top)
+        top_upper = tl.maximum(top_upper, upper)
+    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
+    best = _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, count > 0, top, n_cols,
+                           DIAGONAL, BLOCK_N, BLOCK_D)
+    floor = tl.maximum(floor, best - margin)
+    run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(tl.max(count)):
+        stored = s < count
+        live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
+        # Slots left behind as the best rose lie among the live ones: a slot dead in every row
+        # of the block costs its loads of the bounds alone.
+        if tl.max(live.to(tl.int32)) > 0:
+            comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
+            ll = _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
+                                 n_cols, DIAGONAL, BLOCK_N, BLOCK_D)
+            tl.store(resp_ptr + slots + s, ll, mask=live)
+            new_max = tl.maximum(run_max, ll)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
+            run_max = new_max
+    log_z = run_max + tl.log(tl.where(count > 0, run_sum, 1.0))  # rows with no slot: log Z unused
+    tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (count > 0))
+    for s in range(tl.max(count)):
+        stored = s < count
+        live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
+        ll = tl.load(resp_ptr + slots + s, mask=live, other=float("-inf"))
+        tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # dead slots keep their 0
+
+
+def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=16,
+                   num_warps=4):
+    """Launch the exact pass.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D), unit column stride
+    shift : float32 Tensor of shape (D,)
+    means : float32 Tensor of shape (K, D), relative to the shift
+    precisions : float32 Tensor of shape (K, D) (diag) or (K,) (spherical), 1 / variance
+    consts : float32 Tensor of shape (K,), log pi_k - 1/2 log det(2 pi Sigma_k) (less the E-step's offset)
+    cand, upper, count, floor : from ``kernels.candidates.candidates``
+    margin : float, nats, as given to the candidate pass
+
+    Returns
+    -------
+    log_norm : float32 Tensor of shape (n,), written where 0 < count <= capacity
+    resp : float32 Tensor of shape (n, capacity), 0 on dead slots and overflowed rows
+    """
+    n, d = x.shape
+    capacity = cand.shape[1]
+    log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
+    resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
+    # Compiled for sm_90 (Triton 3.9), 16 rows x 64 features with 4 warps take 162-166 registers
+    # and no stack (32 x 64: 222-255 registers; 32 x 128: 232-416 bytes of spills a thread);
+    # fewer rows a block also waste fewer slot steps on the block's longest row.
+    block_d = min(64, triton.next_power_of_2(d))
+    candidate_resp_kernel[(triton.cdiv(n, block_n),)](
+        x, x.stride(0), shift, means, precisions, consts, cand, upper, count, floor, log_norm, resp, n, d, float(margin),
+        CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+    return log_norm, resp

@@ -1,0 +1,97 @@
+"""The exact-on-candidates E-step: a bfloat16 search, then float32 log Z and statistics.
+
+A dense E-step must compute every (row, component) log-density accurately, because it cannot
+know in advance which ones carry mass. Real posteriors are sparse (SIFT, K = 1024: about two
+components per row within 40 nats of the best), so this E-step splits the work:
+
+1. ``kernels.candidates``: one bfloat16 product per tile pair gives every log-density with a
+   proven error bound; each row keeps every component whose upper bound reaches its best
+   lower bound less ``MARGIN_NATS``. A component left out is more than ``MARGIN_NATS`` below
+   the best, so all left out together carry at most K e^-30 ~ 1e-10 of the row's mass.
+2. ``kernels.candidate_resp``: log Z and the responsibilities over the candidates, in float32
+   from centred differences (x - mu).
+3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the
+   (row, component, r) triples whose r exceeds e^-MARGIN_NATS, sorted by component.
+
+Rows with more than ``capacity`` candidates (flat posteriors: early iterations, standardised
+data) take the dense E-step, given as ``dense``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .candidate_resp import candidate_resp
+from .candidates import candidates
+from .params import KernelWeights, NaturalParams
+from .result import EStepResult
+from .truncated_stats import pair_stats
+
+MARGIN_NATS = 30.0
+# Candidate slots per row, by covariance type; rows beyond take the dense path. Replayed in
+# float64 on 60,000 real SIFT rows, K = 1024, EM iterations 0-20 from bench_estep's start
+# (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json): diag rows store
+# 11-20 slots (p99 26-76) of which 4-8 are live, 1.8% overflow 64 slots at iteration 20;
+# spherical posteriors are flatter (11-21 components within 30 nats), rows store 29-44 slots
+# (p99 79-122): 64 slots overflow 4-20% of them, 128 slots 0-1%.
+CAPACITY = {"diag": 64, "spherical": 128}
+# Rows whose candidate slots exist at once: (rows, capacity) slots, bounds and responsibilities
+# take 12 bytes a slot (spherical: 50 MB), within the dense E-step's transient budget; the
+# (row, component, r) pairs kept for the statistics are gathered over the whole block.
+SUB_BLOCK_ROWS = 32768
+
+
+def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(means, precisions, consts) in float32 from natural parameters (worked out in float64):
+    log pi_k + log N(x | k) = consts_k - 1/2 sum_d precisions_kd (x_d - means_kd)^2."""
+    quad, lin, const = (t.double() for t in params)
+    prec = -2.0 * quad
+    means = lin / (prec if params.diagonal else prec[:, None])
+    consts = const + 0.5 * (lin * means).sum(1)
+    return tuple(t.float().contiguous() for t in (means, prec, consts))
+
+
+def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense, *,
+          capacity=None, margin=MARGIN_NATS):
+    """Exact-on-candidates E-step of a block of rows.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D), n > 0, unit column stride, on the kernels' device
+    params : NaturalParams relative to ``shift``, its largest constant split off
+        (``params.split_offset``)
+    shift : float32 Tensor of shape (D,)
+    weights : ``params`` laid out for precision "bf16" (``params.kernel_weights``)
+    config : LaunchConfig of the candidate pass
+    dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
+        E-step of the rows that overflow their capacity
+    capacity : int, candidate slots per row, or None for ``CAPACITY``
+    margin : float, nats
+
+    Returns
+    -------
+    EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
+    """
+    capacity = capacity or CAPACITY["diag" if weights.diagonal else "spherical"]
+    means, prec, consts = centred_params(params)
+    log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    rows, comps, resp, count = [], [], [], []
+    for start in range(0, x.shape[0], SUB_BLOCK_ROWS):
+        part = x[start:start + SUB_BLOCK_ROWS]
+        found = candidates(part, shift, weights, margin, capacity, config)
+        lz, r = candidate_resp(part, shift, means, prec, consts, *found, margin)
+        log_norm[start:start + len(part)] = lz
+        kept = torch.nonzero(r.view(-1) > math.exp(-margin)).view(-1)
+        rows.append(torch.div(kept, capacity, rounding_mode="floor").to(torch.int32) + start)
+        comps.append(found[0].view(-1)[kept])
+        resp.append(r.view(-1)[kept])
+        count.append(found[2])
+    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), weights.n_comps,
+                            weights.diagonal)
+    over = torch.nonzero(torch.cat(count) > capacity).view(-1)
+    if over.numel():
+        rest = dense(x[over])
+        log_norm[over] = rest.log_norm
+        nk, s1, s2 = nk + rest.nk, s1 + rest.s1, s2 + rest.s2
+    return EStepResult(log_norm, nk, s1, s2), over.numel()

@@ -1,0 +1,136 @@
+"""Exact-on-candidates E-step (``kernels.candidates``, ``candidate_resp``, ``exact_candidates``)
+against the float64 dense E-step.
+
+Without a GPU the kernels run in Triton's interpreter (see conftest). Shapes are not multiples
+of any block; rows are raw-scale (0..255) or standardised; posteriors range from peaked to
+flat (every component a candidate), and rows that overflow the capacity take the dense path.
+Outputs are poisoned (NaN / -7) before the kernels write them.
+"""
+import pytest
+import torch
+from flashgmm_ivf.kernels import candidates as cand_pass
+from flashgmm_ivf.kernels import exact_candidates
+from flashgmm_ivf.kernels import params as kparams
+from flashgmm_ivf.kernels.candidate_resp import candidate_resp
+from flashgmm_ivf.kernels.reference import weighted_log_prob
+from test_kernels import make_rows, random_mixture, relative_error
+
+from flashgmm_ivf import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (n rows, D features, K components, candidate-pass tiles (BLOCK_N, BLOCK_K, BLOCK_D))
+SHAPES = [
+    (1, 1, 1, (16, 16, 16)),
+    (37, 5, 3, (16, 16, 16)),        # K below one tile
+    (203, 37, 19, (32, 16, 64)),     # K over two tiles, D in one
+    (61, 70, 50, (16, 32, 32)),      # D over three tiles
+    (45, 129, 11, (16, 16, 128)),    # D just over one tile
+]
+# Float32 from centred differences: measured ~1e-6 relative against float64.
+TOLERANCE = 2e-5
+
+
+def config(blocks):
+    return kernels.LaunchConfig(*blocks, num_warps=4, num_stages=1, rows_first=True)
+
+
+def prepared(x, params, shift):
+    split, offset = kparams.split_offset(params.to(dtype=torch.float32))
+    weights = kparams.kernel_weights(split, "bf16", DEVICE)
+    return x.to(DEVICE), split.to(DEVICE), shift.to(device=DEVICE, dtype=torch.float32), weights, offset
+
+
+def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
+    gen = torch.Generator().manual_seed(seed + 1000 * n + 10 * d + k)
+    x = make_rows(n, d, kind, gen)
+    params, shift = random_mixture(x, k, diagonal, gen)
+    if flat:  # every component the same Gaussian: all K are within 0 nats of the best
+        w = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        var = torch.full((k, d) if diagonal else (k,), float(x.double().var()), dtype=torch.float64)
+        # statistics about the origin (no shift), so that S1 is not the zero sum around the mean
+        means = x.double().mean(0).expand(k, d)
+        params, shift = kernels.natural_params(w, means, var), torch.zeros(d, dtype=torch.float64)
+    return x, params, shift
+
+
+@pytest.mark.parametrize("n,d,k,blocks", SHAPES)
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+@pytest.mark.parametrize("kind", ["raw", "standardised"])
+def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diagonal, kind, poisoned_empty):
+    x, params, shift = mixture(n, d, k, kind, diagonal)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    margin, capacity = 5.0, 8
+    found = cand_pass.candidates(xd, sh, weights, margin, capacity, config(blocks))
+    _, resp = candidate_resp(xd, sh, *exact_candidates.centred_params(split), *found, margin)
+    cand, upper, count, floor = (t.cpu() for t in found)
+    resp = resp.cpu()
+    exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
+    best = exact.amax(1)
+    for row in range(n):
+        stored = cand[row, :min(int(count[row]), capacity)].long()
+        assert ((stored >= 0) & (stored < k)).all()
+        # every stored bound holds, and the threshold lies below the row's best
+        assert (upper[row, :len(stored)] >= exact[row, stored] - 1e-3).all()
+        assert floor[row] <= best[row] - margin + 1e-3
+        needed = torch.nonzero(exact[row] >= best[row] - margin).view(-1)
+        if count[row] <= capacity:
+            assert set(needed.tolist()) <= set(stored.tolist()), row
+            kept = stored[upper[row, :len(stored)] >= floor[row]]
+            assert set(needed.tolist()) <= set(kept.tolist()), row
+            # the exact pass's tighter threshold keeps them too, and its responsibilities sum to 1
+            weighted = stored[resp[row, :len(stored)] > 0]
+            assert set(needed.tolist()) <= set(weighted.tolist()), row
+            assert abs(float(resp[row].double().sum()) - 1) < 1e-5
+        else:
+            assert count[row] > len(needed) or len(needed) > capacity
+
+
+# Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
+@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] != (61, 70, 50)])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+@pytest.mark.parametrize("kind", ["raw", "standardised"])
+def test_estep_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_empty):
+    x, params, shift = mixture(n, d, k, kind, diagonal)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    got = kernels.estep(x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE), precision="candidates",
+                        configs=(config(blocks), None))
+    for name, g, r in zip(ref._fields, got, ref):
+        assert g.shape == r.shape, name
+        assert torch.isfinite(g).all(), f"{name} has unwritten (NaN) entries"
+        assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+
+
+@pytest.mark.parametrize("k,capacity", [(7, 8), (19, 8), (19, 32)], ids=["all-candidates", "overflow", "fits"])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_flat_posteriors(k, capacity, diagonal, poisoned_empty):
+    """Identical components: every component is a candidate; beyond the capacity every row
+    takes the dense path."""
+    n, d = 53, 20
+    x, params, shift = mixture(n, d, k, "raw", diagonal, flat=True)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    xd, split, sh, weights, offset = prepared(x, params, shift)
+    got, overflowed = exact_candidates.estep(
+        xd, split, sh, weights, config((16, 16, 32)),
+        lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=capacity)
+    assert overflowed == (n if k > capacity else 0)
+    got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
+    for name, g, r in zip(ref._fields, got, ref):
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+
+
+def test_some_rows_overflow(poisoned_empty, monkeypatch):
+    """A capacity of 2 on a flat-ish mixture: overflowed and candidate rows mix in one block,
+    which is taken in sub-blocks of 16 rows (the last one short)."""
+    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_ROWS", 16)
+    n, d, k = 97, 9, 13
+    x, params, shift = mixture(n, d, k, "standardised", True)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    xd, split, sh, weights, offset = prepared(x, params, shift)
+    got, overflowed = exact_candidates.estep(
+        xd, split, sh, weights, config((16, 16, 16)),
+        lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=2, margin=10.0)
+    assert 0 < overflowed < n
+    got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
+    for name, g, r in zip(ref._fields, got, ref):
+        assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
