@@ -356,7 +356,7 @@ def test_kmeans_stages(sift, monkeypatch):
 
     monkeypatch.setattr(faiss.Kmeans, "train", train)
     centroids = fit_kmeans(base, 16, 25, seed=3)
-    assert calls == [(1000, 8), (2000, 8), (4000, 9)]
+    assert calls == [(1000, 6), (2000, 6), (4000, 13)]
 
     def objective(c):
         flat = faiss.IndexFlatL2(base.shape[1])

@@ -106,9 +106,10 @@ class GMMIndexIVF:
     recall : float in (0, 1] or None
         When set, ``search`` without ``nprobe`` / ``recall`` searches at this calibrated recall@10.
     kmeans_iter : int, default 10 ('gmm') / 32 ('kmeans')
-        k-means iterations, split evenly over up to 4 stages on nested samples that double
-        in size up to all the fitting rows (see ``partition.fit_kmeans``): 32 in 4 stages cost
-        as much as 15 iterations on all rows and fit as well as 25 (held-out k-means cost).
+        k-means iterations over up to 4 stages on nested samples that double in size up to
+        all the fitting rows, most of them on all rows (see ``partition.fit_kmeans``): 32 in
+        4 stages cost as much as ~19 iterations on all rows and fit as well as 25 (held-out
+        k-means cost).
     max_iter : int, default 5
         EM iterations after the k-means start ('gmm'; exactly this many).
     calibration_rows : int, optional

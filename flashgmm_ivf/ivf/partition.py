@@ -69,8 +69,11 @@ def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
     all rows of x (at most ``KMEANS_STAGES`` stages, the smallest with at least
     ``MIN_STAGE_POINTS`` rows per centroid; each stage starts from the previous one's
     centroids): early iterations move the centroids far and need few rows, the last
-    ones refine them on every row. ``niter`` is split evenly over the stages, the
-    remainder on all rows; rows too few for a second stage give plain k-means on x.
+    ones refine and balance them on every row. Each sample stage runs
+    ``niter // (stages + 1)`` iterations, the last stage (all rows) the rest: 32 in four
+    stages are 6, 6, 6 and 14, the cost of ~19 iterations on all rows, with a held-out
+    k-means cost below that of 25 on all rows. Rows too few for a second stage give
+    plain k-means on x.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
@@ -82,7 +85,7 @@ def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
     with tqdm(total=niter, desc="k-means", unit="iter", leave=False, disable=stages == 1) as bar:
         for stage in reversed(range(stages)):  # stage s holds the first n / 2^s rows of one permutation
             rows = x if stage == 0 else x[np.sort(order[:n >> stage])]
-            iterations = niter // stages + (niter % stages if stage == 0 else 0)
+            iterations = niter // (stages + 1) if stage else niter - (stages - 1) * (niter // (stages + 1))
             # A sample stage is small on purpose: FAISS's too-few-points warning is for the last stage only.
             floor = {"min_points_per_centroid": MIN_STAGE_POINTS} if stage else {}
             km = faiss.Kmeans(x.shape[1], nlist, niter=iterations, seed=seed,
