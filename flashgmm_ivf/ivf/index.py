@@ -36,10 +36,10 @@ from .._validation import check_positive_int
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration, fit_table
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
-from .probing import adaptive_lists, search_adaptive
+from .probing import adaptive_lists, enough_entries, list_sizes, truncate_lists
 from .pruning import search_pruned
 from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
-from .search import SearchStats, cosine_from_l2, preassigned_raw, range_search_nprobe, search_nprobe
+from .search import SearchStats, cosine_from_l2, preassigned_raw, range_search_nprobe, search_nprobe, search_preassigned
 
 __all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVARIANCE_TYPES"]
 
@@ -130,8 +130,8 @@ class GMMIndexIVF:
     gmm : GaussianMixture
     calibration : Calibration or None
         The calibration queries and their exact neighbours in the index.
-    probe_table : ProbeTable or None
-        The depth table, fitted lazily (see Notes).
+    probe_table : ProbeTables or None
+        The depth tables (one per width of the graph's first walk), fitted lazily (see Notes).
     last_stats : SearchStats or None
         Cost of the last search: codes scanned (copies included, ``faiss.cvar.indexIVF_stats``)
         and coarse distances (``nlist`` per query for a flat quantizer,
@@ -229,6 +229,7 @@ class GMMIndexIVF:
         self._next_id = 0
         self._max_dup = 1
         self._synced_entries = 0  # inner-index entries when _ntotal was last known right
+        self._sizes = None  # (inner-index entries, list sizes) of the last recall search
         self.last_stats = None
 
     # ------------------------------------------------------------------ FAISS-like properties
@@ -366,7 +367,7 @@ class GMMIndexIVF:
             bar.update()
         self.calibration = Calibration.empty(x[cal_rows], self.index.metric_type, "training rows")
         self.probe_table, self._table_ntotal = None, 0
-        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries, self._sizes = 0, 0, 1, 0, None
 
     def add(self, x):
         """Add vectors with ids ntotal, ntotal + 1, ... (as FAISS), each to its primary list and maybe a copy.
@@ -419,7 +420,7 @@ class GMMIndexIVF:
         if x.shape[0]:
             self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
-        self._synced_entries = self.index.ntotal
+        self._synced_entries, self._sizes = self.index.ntotal, None
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
@@ -542,38 +543,57 @@ class GMMIndexIVF:
         if recall is None:
             if self.probe == "radius":
                 return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
-            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, stats=stats)
+            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, copies=self._copies(),
+                                 stats=stats)
         if self._ntotal <= K_CAL:
             # Too few vectors for a stand-in to have K_CAL neighbours besides itself, so no depth
             # table: scan every list (exact, and cheap at this size).
-            return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, stats=stats)
+            return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, copies=self._copies(),
+                                 stats=stats)
         table = self._current_table()
+        dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
+        depth = enough_entries(self.index, lists, depth, k, sizes=self._list_sizes())
         if self.probe == "radius":
-            dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
             D, I = search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations),
                                  stats=stats)
         else:
-            D, I = search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup, stats=stats)
-        return self._fill_short_rows(x, k, D, I, stats)
+            D, I = search_preassigned(self.index, x, k, *truncate_lists(lists, dis, depth), max_dup=self._max_dup,
+                                      copies=self._copies(), ncoarse=evaluations, stats=stats)
+        return self._fill_short_rows(x, k, D, I, depth, stats)
 
-    def _fill_short_rows(self, x, k, D, I, stats):
-        """Rows whose chosen lists held fewer than k ids, searched again over every list.
+    def _fill_short_rows(self, x, k, D, I, depth, stats):
+        """Rows whose chosen lists held fewer than k ids, searched again at twice their depth until they have k.
 
         A recall target promises k results whenever the index holds k vectors; a table fitted
-        on a small or uneven index can pick lists that together hold fewer.
+        on a small or uneven index, or a k larger than its lists, can pick lists that together
+        hold fewer.
         """
         short = np.flatnonzero((I < 0).any(axis=1)) if self._ntotal >= k else np.empty(0, np.int64)
         if short.size == 0:
             return D, I
-        more = SearchStats()
-        D2, I2 = search_nprobe(self.index, x[short], k, self.nlist, max_dup=self._max_dup, stats=more)
         D, I = D.copy(), I.copy()
-        D[short], I[short] = D2, I2
+        more = SearchStats()
+        nprobe = int(depth[short].max())
+        while short.size and nprobe < self._nlist:
+            nprobe = min(self._nlist, 2 * nprobe)
+            D[short], I[short] = search_nprobe(self.index, x[short], k, nprobe, max_dup=self._max_dup,
+                                               copies=self._copies(), stats=more)
+            stats.n_refetch += short.size
+            short = short[(I[short] < 0).any(axis=1)]
         # The same queries searched again: their work counts, they do not count as new queries.
         stats.ndis, stats.ncoarse, stats.nlists = stats.ndis + more.ndis, stats.ncoarse + more.ncoarse, \
             stats.nlists + more.nlists
-        stats.n_refetch += short.size
         return D, I
+
+    def _copies(self):
+        """Entries per vector of the inner index (sizes the over-fetch of a search)."""
+        return self.index.ntotal / max(1, self._ntotal)
+
+    def _list_sizes(self):
+        """:func:`.probing.list_sizes` of the inner index, read again whenever its entry count changed."""
+        if self._sizes is None or self._sizes[0] != self.index.ntotal:
+            self._sizes = (self.index.ntotal, list_sizes(self.index))
+        return self._sizes[1]
 
     def _current_table(self):
         """The depth table, refitted when the index changed by more than 10% since the last fit."""
@@ -631,7 +651,7 @@ class GMMIndexIVF:
         """Recount the distinct ids of the inner index; refresh the calibration when vectors went away."""
         stored = _stored_ids(self.index)
         removed = self._ntotal - stored.size
-        self._ntotal, self._synced_entries = int(stored.size), self.index.ntotal
+        self._ntotal, self._synced_entries, self._sizes = int(stored.size), self.index.ntotal, None
         if removed and self.calibration is not None:
             if self.encoding == "Flat":
                 self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
@@ -675,7 +695,7 @@ class GMMIndexIVF:
     def reset(self):
         """Remove all vectors; training (partition, coarse step, encoder, calibration queries) is kept."""
         self.index.reset()
-        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries, self._sizes = 0, 0, 1, 0, None
         if self.calibration is not None:
             self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
                                                  self.calibration.source)
