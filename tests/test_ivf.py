@@ -179,6 +179,57 @@ def test_refetch_when_ids_repeat_across_adds(fashion):
     np.testing.assert_allclose(D, D_ref, rtol=1e-4)
 
 
+def test_recall_search_with_k_above_the_lists_scans_few_more_lists(fashion, fashion_index):
+    """k larger than what the chosen lists hold: more ranked lists, not a search of every list."""
+    base, query, _, _ = fashion
+    k = 3 * fashion_index.index.ntotal // fashion_index.nlist  # ~3 lists' worth of entries
+    D, I = fashion_index.search(query, k, recall=0.5)
+    stats = fashion_index.last_stats
+    assert (I >= 0).all()
+    assert_no_duplicates(I)
+    assert stats.ndis < 0.5 * len(query) * fashion_index.index.ntotal
+    assert stats.nlists >= 3 * len(query)
+    # the same results as the lists it scanned give with the full over-fetch (k x copies)
+    D_ref, I_ref = fashion_index.search(query, k, nprobe=fashion_index.nlist)
+    assert recall_of(I, I_ref) > 0.5
+
+
+def test_smaller_over_fetch_changes_no_result(fashion, fashion_index):
+    """fetch_slots: fewer slots than k x copies, re-fetching rows short of k distinct ids, gives FAISS's order."""
+    from flashgmm_ivf.ivf import search_nprobe
+    base, query, _, _ = fashion
+    ivf = fashion_index.index
+    assert fashion_index._max_dup == 2 and fashion_index.copies_per_vector > 1.3
+    for k, nprobe in ((10, 4), (100, 8), (100, 32)):
+        full_d, full_i = search_nprobe(ivf, query, k, nprobe, max_dup=2)
+        for copies in (1.0, 1.5):  # 1.0: too few slots, so rows are fetched again
+            D, I = search_nprobe(ivf, query, k, nprobe, max_dup=2, copies=copies)
+            np.testing.assert_array_equal(I, full_i)
+            np.testing.assert_array_equal(D, full_d)
+
+
+def test_dedup_results_matches_a_plain_reference():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n, kk, k = rng.integers(1, 12), rng.integers(1, 30), rng.integers(1, 40)
+        I = rng.integers(-1, rng.integers(2, 40), size=(n, kk)).astype(np.int64)
+        if trial % 2:  # copies side by side, as Flat codes give them
+            I = np.sort(I, axis=1)
+        D = np.sort(rng.integers(0, 8, size=(n, kk)).astype(np.float32), axis=1)  # ties
+        Dk, Ik, count = dedup_results(D, I, k)
+        for row in range(n):
+            seen, want_i, want_d = set(), [], []
+            for d, i in zip(D[row], I[row]):
+                if i >= 0 and i not in seen:
+                    seen.add(i)
+                    want_i.append(i)
+                    want_d.append(d)
+            want_i, want_d = want_i[:k], want_d[:k]
+            pad = k - len(want_i)
+            assert Ik[row].tolist() == want_i + [-1] * pad and count[row] == len(want_i)
+            assert Dk[row].tolist() == want_d + [np.finfo(np.float32).max] * pad
+
+
 def test_dedup_results_unit():
     D = np.array([[1, 1, 2, 3, 3, 4]], dtype=np.float32)
     I = np.array([[7, 7, 5, 7, 9, -1]])
@@ -246,7 +297,8 @@ def test_table_is_refitted_when_the_index_grows(fashion):
     assert index.probe_table is first
     index.add(base[2050:])  # +95%: refitted against the new lists
     index.search(query, K, recall=0.9)
-    assert index.probe_table is not first and index.probe_table.cost.sum() > first.cost.sum()
+    assert index.probe_table is not first
+    assert all(new.cost.sum() > old.cost.sum() for new, old in zip(index.probe_table.tables, first.tables))
 
 
 @pytest.fixture(scope="module")
