@@ -87,8 +87,9 @@ class GMMIndexIVF:
     covariance_type : {'spherical', 'diag', 'full'}, default 'spherical'
     coarse : {'hnsw32', 'hnsw<M>', 'flat'}, default 'hnsw32'
         How queries find their lists: an ``IndexHNSWFlat`` over the means (M links per
-        node; efSearch = ``hnsw_ef_search``, raised to the depth asked) or all nlist
-        distances (``IndexFlat``).
+        node) or all nlist distances (``IndexFlat``). A search at ``nprobe=n`` walks the
+        graph with efSearch = max(``hnsw_ef_search``, n); a search at a recall target walks
+        it with the efSearch its depth table was calibrated for (see Notes).
     spill : {'soar', 'rair', 'gmm', 'none'}, default 'soar'
         Rule choosing a second list for some vectors: SOAR (Sun et al. 2024, lambda 1),
         RAIR (lambda 0.5), 'gmm' (second most probable component), or none.
@@ -145,12 +146,21 @@ class GMMIndexIVF:
     vectors (brute force over each added block; a stand-in's first copy, at squared distance
     up to 1e-4 |q - m|^2 for roundoff, m the stand-ins' mean, is taken to be itself, since
     training rows are often added too, and not counted). The depth table (recall@10 and
-    codes scanned per depth and difficulty bin) is fitted on them against the index's
+    distance computations per depth and difficulty bin) is fitted on them against the index's
     real lists at the first ``recall`` search after the index changed by more than 10%
     of its size since the last fit: a table fitted on the training rows' own lists at
     train time would misjudge both the list sizes and the neighbour distances of the
-    added data, while the refit costs one coarse walk of the stand-ins and one pass over
+    added data, while the refit costs a few coarse walks of the stand-ins and one pass over
     the lists' ids. ``calibrate(queries)`` replaces the stand-ins by real queries.
+
+    Coarse effort. With a graph coarse step a recall search first walks the graph with a
+    small efSearch w for the w nearest means of every query (the difficulty feature is
+    read from them), then walks again, with efSearch = its depth, only for queries whose
+    bin asks for more than w lists. One table is fitted for each w in 4, 6, 8, 12, 16, 24,
+    32, its costs counting both walks' distances besides the codes scanned, and each
+    recall target uses the w whose table expects the fewest distance computations on the
+    calibration queries. A query's depth is also raised, within the lists already
+    ranked, until its lists hold k entries, so a large k never sends it back to search.
 
     Search deduplicates by id: copies of a vector have the same distance with Flat
     encoding (the best copy's estimate with PQ/SQ). Counters use FAISS's global statistics:
@@ -285,7 +295,10 @@ class GMMIndexIVF:
 
     @property
     def hnsw_ef_search(self):
-        """efSearch of the HNSW coarse step (None for a flat one); a walk for depth p uses max(efSearch, p)."""
+        """efSearch of the HNSW coarse step (None for a flat one): a search at nprobe p walks with max(efSearch, p).
+
+        Searches at a recall target walk with the widths their depth table was calibrated for.
+        """
         quantizer = self.quantizer_index
         return int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else None
 
