@@ -10,7 +10,7 @@ line::
     D, I = index.search(xq, 10, recall=0.9)                     # or nprobe=..., as FAISS
 
 The default recipe: k-means lists (``faiss.Kmeans``, as ``IndexIVF.train``), an HNSW graph
-over the means as the coarse step (``IVF<nlist>_HNSW32``'s), a SOAR-spilled second copy
+over the means as the coarse step (as ``IVF<nlist>_HNSW32``'s, its links per node calibrated), a SOAR-spilled second copy
 for half of the vectors (1.5 copies per vector), and a per-query depth read from a table
 calibrated at training time. Each part is an option; ``partition='gmm'`` gives lists
 from a spherical GMM under the same machinery (measured on SIFT and GloVe sets at nlist
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
-from .calibration import K_CAL, Calibration, fit_table
+from .calibration import K_CAL, Calibration, fit_graph_and_table, fit_table
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
 from .probing import adaptive_lists, enough_entries, list_sizes, truncate_lists
 from .pruning import search_pruned
@@ -45,7 +45,7 @@ __all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVAR
 
 PROBES = ("adaptive", "radius", "fixed")  # how a search chooses each query's depth
 COVARIANCE_TYPES = ("spherical", "diag", "full")
-_COARSE = re.compile(r"^(flat|hnsw(\d+))$")
+_COARSE = re.compile(r"^(flat|hnsw(\d+)?)$")
 # Bins of the depth table: 16 difficulty bins for 'adaptive' / 'radius', one for 'fixed'
 # (a calibrated nprobe, the same for every query).
 _BINS = {"adaptive": 16, "radius": 16, "fixed": 1}
@@ -85,9 +85,11 @@ class GMMIndexIVF:
         ``faiss.Kmeans`` with ``kmeans_iter`` iterations, per-list covariances
         computed from the members afterwards; primary list = nearest centroid.
     covariance_type : {'spherical', 'diag', 'full'}, default 'spherical'
-    coarse : {'hnsw32', 'hnsw<M>', 'flat'}, default 'hnsw32'
+    coarse : {'hnsw', 'hnsw<M>', 'flat'}, default 'hnsw'
         How queries find their lists: an ``IndexHNSWFlat`` over the means (M links per
-        node) or all nlist distances (``IndexFlat``). A search at ``nprobe=n`` walks the
+        node; 'hnsw': M of 8, 16 or 32, whichever makes recall searches cheapest on the
+        calibration queries, chosen when the depth table is fitted) or all nlist
+        distances (``IndexFlat``). A search at ``nprobe=n`` walks the
         graph with efSearch = max(``hnsw_ef_search``, n); a search at a recall target walks
         it with the efSearch its depth table was calibrated for (see Notes).
     spill : {'soar', 'rair', 'gmm', 'none'}, default 'soar'
@@ -185,7 +187,7 @@ class GMMIndexIVF:
     """
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
-                 coarse="hnsw32", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
+                 coarse="hnsw", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
                  max_iter=5, calibration_rows=None, random_state=1234, gmm=None, **gmm_params):
         self._d = check_positive_int(d, "d")
         self._nlist = check_positive_int(nlist, "nlist")
@@ -197,7 +199,8 @@ class GMMIndexIVF:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
         match = _COARSE.match(str(coarse))
         if not match or (match.group(2) is not None and int(match.group(2)) < 2):
-            raise ValueError(f"coarse must be 'flat' or 'hnsw<M>' with M >= 2 (e.g. 'hnsw32'), got {coarse!r}")
+            raise ValueError(f"coarse must be 'hnsw', 'hnsw<M>' with M >= 2 (e.g. 'hnsw32') or 'flat', "
+                             f"got {coarse!r}")
         if spill not in SPILLS:
             raise ValueError(f"spill must be one of {SPILLS}, got {spill!r}")
         if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= 2:
@@ -370,8 +373,8 @@ class GMMIndexIVF:
                 raise ValueError(f"FAISS cannot train the {self.encoding!r} encoder on {len(fit_rows)} rows: "
                                  f"{_faiss_message(err)}") from err
             match = _COARSE.match(self.coarse)
-            if match.group(2) is not None:
-                graph = faiss.IndexHNSWFlat(self._d, int(match.group(2)), self.index.metric_type)
+            if match.group(1) != "flat":  # 'hnsw': 32 links until the depth table's fit calibrates them
+                graph = faiss.IndexHNSWFlat(self._d, int(match.group(2) or 32), self.index.metric_type)
                 faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, graph)
             self.index.nprobe = self._nprobe
             rows = x[fit_rows[:: max(1, len(fit_rows) // _THRESHOLD_ROWS)]]
@@ -617,7 +620,10 @@ class GMMIndexIVF:
     def _fit_table(self):
         if self.calibration is None:
             raise ValueError("the index has no calibration queries: train it, or call calibrate(queries)")
-        self.probe_table = fit_table(self.index, self.calibration, _BINS[self.probe])
+        if self.coarse == "hnsw" and self.index.metric_type == faiss.METRIC_L2:
+            _, self.probe_table = fit_graph_and_table(self.index, self.calibration, _BINS[self.probe])
+        else:
+            self.probe_table = fit_table(self.index, self.calibration, _BINS[self.probe])
         self._table_ntotal = self._ntotal
 
     def _exact_neighbors(self, calibration):
@@ -816,7 +822,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
         ``"[IDMap,]IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
         recipe) or ``"IVF1024_GMM(diag,coarse=flat,spill=none,probe=fixed),PQ16"``. Options:
         a covariance type (spherical | diag | full) or an E-step (dense | truncated) as a
-        bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw<M> | flat),
+        bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw | hnsw<M> | flat),
         spill (soar | rair | gmm | none), copies, probe (adaptive | radius | fixed), nprobe,
         recall, kmeans_iter, iter (EM iterations), calibration_rows, reg_covar, seed,
         device, compute_dtype, chunk_size, estep, n_candidates, n_neighbors.
