@@ -316,7 +316,8 @@ def test_every_partition_and_spill_builds_and_searches(small, partition, spill):
     assert recall_of(I, exact(base, query, metric, K)[1]) > 0.8
 
 
-@pytest.mark.parametrize("coarse, probe", itertools.product(["flat", "hnsw16"], ["adaptive", "radius", "fixed"]))
+@pytest.mark.parametrize("coarse, probe",
+                         itertools.product(["flat", "hnsw16", "hnsw"], ["adaptive", "radius", "fixed"]))
 def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     base, query, metric, _ = small
     index = build(f"IVF16_GMM(iter=2,coarse={coarse},probe={probe},partition=kmeans),Flat", small)
@@ -327,6 +328,37 @@ def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     assert recall_of(I, I_ref) > 0.99  # all lists (radius: pruned by a bound exact for k-means primaries)
     assert isinstance(index.quantizer_index, faiss.IndexFlat if coarse == "flat" else faiss.IndexHNSW)
     assert (index.hnsw_ef_search is None) == (coarse == "flat")
+    if coarse == "hnsw16":
+        assert index.quantizer_index.hnsw.nb_neighbors(1) == 16
+
+
+def test_calibrated_graph_links(fashion, tmp_path):
+    """coarse='hnsw': the depth table's fit keeps one of GRAPH_LINKS, the most unless fewer clearly save."""
+    from flashgmm_ivf.ivf.calibration import GRAPH_LINKS, LINK_MARGIN, LINK_RECALLS, fit_graph_and_table, fit_table
+    base, query, _, _ = fashion
+    index = build("IVF32_GMM,Flat", fashion)
+    assert index.coarse == "hnsw" and index.quantizer_index.hnsw.nb_neighbors(1) == 32  # before any fit
+    index.hnsw_ef_search = 40
+    D, I = index.search(query, K, recall=0.9)
+    links = index.quantizer_index.hnsw.nb_neighbors(1)
+    assert links in GRAPH_LINKS and index.hnsw_ef_search == 40  # the user's efSearch carried over
+
+    def score(m):
+        fit_graph_and_table(index.index, index.calibration, 16, links=(m,))
+        tables = fit_table(index.index, index.calibration, 16)
+        return np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS])
+    scores = {m: score(m) for m in GRAPH_LINKS}
+    bar = scores[max(GRAPH_LINKS)] + np.log(1 - LINK_MARGIN)
+    cleared = [m for m in GRAPH_LINKS if scores[m] <= bar]
+    if all(abs(v - bar) > 0.01 for v in scores.values()):  # graphs are rebuilt: not at the boundary
+        assert links == (min(cleared, key=scores.get) if cleared else max(GRAPH_LINKS))
+    m, _ = fit_graph_and_table(index.index, index.calibration, 16, links=(links,))
+    assert m == links and index.quantizer_index.hnsw.nb_neighbors(1) == links
+    index._fit_table()
+    write_index(index, tmp_path / "graph.npz")
+    loaded = read_index(tmp_path / "graph.npz")
+    assert loaded.quantizer_index.hnsw.nb_neighbors(1) == links
+    np.testing.assert_array_equal(loaded.search(query, K, recall=0.9)[1], index.search(query, K, recall=0.9)[1])
 
 
 @pytest.mark.parametrize("covariance", ["spherical", "diag", "full"])
@@ -629,7 +661,7 @@ def test_factory_and_api(fashion):
     assert index.assign(base[:50]).shape == (50, 2)
     default = index_factory(784, "IVF16_GMM,Flat")
     assert (default.partition, default.covariance_type, default.coarse, default.spill, default.copies,
-            default.probe) == ("kmeans", "spherical", "hnsw32", "soar", 1.5, "adaptive")
+            default.probe) == ("kmeans", "spherical", "hnsw", "soar", 1.5, "adaptive")
     keywords = index_factory(784, "IVF16_GMM,Flat", coarse="flat", spill="none", probe="fixed")
     assert (keywords.coarse, keywords.spill, keywords.probe) == ("flat", "none", "fixed")
     ip = index_factory(50, "IVF8_GMM(spherical),Flat", faiss.METRIC_INNER_PRODUCT)
