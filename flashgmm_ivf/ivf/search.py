@@ -194,16 +194,17 @@ def fetch_slots(k: int, max_dup: int = 1, copies: float | None = None) -> int:
 
     ``k * max_dup`` can never fall short, but FAISS's result heaps cost more the more slots
     they hold (a third more search time at k=100 and d=50). Given the mean ``copies`` per
-    vector, it is ``k + (copies - 1) k / 2 + 2 sqrt(k)`` (at most ``k * max_dup``): repeats
+    vector it is ``k + (copies - 1) k / 2 + 3 sqrt(k)``, at most ``k * max_dup``: repeats
     among a query's best results are a fraction of the vectors with a copy (at 1.5 copies,
     on average under 15% of them and at most 31% in any query of four benchmark sets), plus
-    room for their spread from query to query. A row still short of k distinct ids is fetched
-    again with more slots (:func:`search_preassigned`): a low guess costs time, never results.
+    room for their spread from query to query; for small k this is the full ``k * max_dup``.
+    A row still short of k distinct ids is fetched again with twice the slots
+    (:func:`search_preassigned`): a low guess costs a second scan of that row, never results.
     """
     full = k * max_dup
     if copies is None or max_dup <= 1:
         return full
-    return min(full, k + math.ceil((float(copies) - 1.0) / 2.0 * k + 2.0 * math.sqrt(k)))
+    return min(full, k + math.ceil((float(copies) - 1.0) / 2.0 * k + 3.0 * math.sqrt(k)))
 
 
 def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *, max_dup=1, copies=None, ncoarse=0,
