@@ -311,6 +311,7 @@ class GMMIndex(Algorithm):
         out["settings"] = self.index.settings()  # the recipe the spec resolved to
         if getattr(self.index, "hnsw_ef_search", None) is not None:
             out["hnsw_ef_search"] = self.index.hnsw_ef_search
+            out["hnsw_links"] = int(self.index.quantizer_index.hnsw.nb_neighbors(1))  # M of the graph used
         return out
 
     def close(self):

@@ -26,7 +26,7 @@ MAX_COPIES = 1.5
 QPS_TARGET = 0.9                          # QPS compared with FAISS IVF's at this recall@10
 LEGEND = ("dist/q: distance computations per query (codes scanned + coarse step) to reach recall@10 = target, "
           "n/r: not reached; x fewer: yardstick's dist/q / the method's (> 1: fewer than the yardstick); "
-          "QPS single-thread at recall@10 = 0.9.")
+          "QPS: queries per CPU second, single-thread, at recall@10 = 0.9.")
 
 
 def front(curve, key="recall_at_10", cost="dist_per_query"):
@@ -258,8 +258,10 @@ def main(argv=None) -> int:
         doc["summary"] = summarize(doc["rows"])
     text = "\n\n".join([args.title, summary_table(docs), LEGEND, "Runs (CPU: " + docs[0]["environment"]["device"]
                         + f", {docs[0]['environment']['cpu_count']} cores). Distance counts are exact and repeat "
-                          "from run to run; QPS is wall clock on this machine at the load shown, and QPS of methods "
-                          "measured in different parts of a sweep were not measured side by side:",
+                          "from run to run; QPS is queries per CPU second of the sweep's process (time.process_time, "
+                          "one thread), so other processes on the machine do not count against it, though they still "
+                          "share its caches and memory bandwidth; QPS of methods measured in different parts of a "
+                          "sweep were not measured side by side:",
                         runs_table(docs),
                         "Goals: >= " + ", ".join(f"{GOALS[k]}x fewer than {YARDSTICKS[k]}" for k in YARDSTICKS)
                         + f" at each target, <= {MAX_COPIES} copies per vector, QPS at recall@10 = {QPS_TARGET} "

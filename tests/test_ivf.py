@@ -179,6 +179,57 @@ def test_refetch_when_ids_repeat_across_adds(fashion):
     np.testing.assert_allclose(D, D_ref, rtol=1e-4)
 
 
+def test_recall_search_with_k_above_the_lists_scans_few_more_lists(fashion, fashion_index):
+    """k larger than what the chosen lists hold: more ranked lists, not a search of every list."""
+    base, query, _, _ = fashion
+    k = 3 * fashion_index.index.ntotal // fashion_index.nlist  # ~3 lists' worth of entries
+    D, I = fashion_index.search(query, k, recall=0.5)
+    stats = fashion_index.last_stats
+    assert (I >= 0).all()
+    assert_no_duplicates(I)
+    assert stats.ndis < 0.5 * len(query) * fashion_index.index.ntotal
+    assert stats.nlists >= 3 * len(query)
+    # the same results as the lists it scanned give with the full over-fetch (k x copies)
+    D_ref, I_ref = fashion_index.search(query, k, nprobe=fashion_index.nlist)
+    assert recall_of(I, I_ref) > 0.5
+
+
+def test_smaller_over_fetch_changes_no_result(fashion, fashion_index):
+    """fetch_slots: fewer slots than k x copies, re-fetching rows short of k distinct ids, gives FAISS's order."""
+    from flashgmm_ivf.ivf import search_nprobe
+    base, query, _, _ = fashion
+    ivf = fashion_index.index
+    assert fashion_index._max_dup == 2 and fashion_index.copies_per_vector > 1.3
+    for k, nprobe in ((10, 4), (100, 8), (100, 32)):
+        full_d, full_i = search_nprobe(ivf, query, k, nprobe, max_dup=2)
+        for copies in (1.0, 1.5):  # 1.0: too few slots, so rows are fetched again
+            D, I = search_nprobe(ivf, query, k, nprobe, max_dup=2, copies=copies)
+            np.testing.assert_array_equal(I, full_i)
+            np.testing.assert_array_equal(D, full_d)
+
+
+def test_dedup_results_matches_a_plain_reference():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n, kk, k = rng.integers(1, 12), rng.integers(1, 30), rng.integers(1, 40)
+        I = rng.integers(-1, rng.integers(2, 40), size=(n, kk)).astype(np.int64)
+        if trial % 2:  # copies side by side, as Flat codes give them
+            I = np.sort(I, axis=1)
+        D = np.sort(rng.integers(0, 8, size=(n, kk)).astype(np.float32), axis=1)  # ties
+        Dk, Ik, count = dedup_results(D, I, k)
+        for row in range(n):
+            seen, want_i, want_d = set(), [], []
+            for d, i in zip(D[row], I[row]):
+                if i >= 0 and i not in seen:
+                    seen.add(i)
+                    want_i.append(i)
+                    want_d.append(d)
+            want_i, want_d = want_i[:k], want_d[:k]
+            pad = k - len(want_i)
+            assert Ik[row].tolist() == want_i + [-1] * pad and count[row] == len(want_i)
+            assert Dk[row].tolist() == want_d + [np.finfo(np.float32).max] * pad
+
+
 def test_dedup_results_unit():
     D = np.array([[1, 1, 2, 3, 3, 4]], dtype=np.float32)
     I = np.array([[7, 7, 5, 7, 9, -1]])
@@ -246,7 +297,8 @@ def test_table_is_refitted_when_the_index_grows(fashion):
     assert index.probe_table is first
     index.add(base[2050:])  # +95%: refitted against the new lists
     index.search(query, K, recall=0.9)
-    assert index.probe_table is not first and index.probe_table.cost.sum() > first.cost.sum()
+    assert index.probe_table is not first
+    assert all(new.cost.sum() > old.cost.sum() for new, old in zip(index.probe_table.tables, first.tables))
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +316,8 @@ def test_every_partition_and_spill_builds_and_searches(small, partition, spill):
     assert recall_of(I, exact(base, query, metric, K)[1]) > 0.8
 
 
-@pytest.mark.parametrize("coarse, probe", itertools.product(["flat", "hnsw16"], ["adaptive", "radius", "fixed"]))
+@pytest.mark.parametrize("coarse, probe",
+                         itertools.product(["flat", "hnsw16", "hnsw"], ["adaptive", "radius", "fixed"]))
 def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     base, query, metric, _ = small
     index = build(f"IVF16_GMM(iter=2,coarse={coarse},probe={probe},partition=kmeans),Flat", small)
@@ -275,6 +328,37 @@ def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     assert recall_of(I, I_ref) > 0.99  # all lists (radius: pruned by a bound exact for k-means primaries)
     assert isinstance(index.quantizer_index, faiss.IndexFlat if coarse == "flat" else faiss.IndexHNSW)
     assert (index.hnsw_ef_search is None) == (coarse == "flat")
+    if coarse == "hnsw16":
+        assert index.quantizer_index.hnsw.nb_neighbors(1) == 16
+
+
+def test_calibrated_graph_links(fashion, tmp_path):
+    """coarse='hnsw': the depth table's fit keeps one of GRAPH_LINKS, the most unless fewer clearly save."""
+    from flashgmm_ivf.ivf.calibration import GRAPH_LINKS, LINK_MARGIN, LINK_RECALLS, fit_graph_and_table, fit_table
+    base, query, _, _ = fashion
+    index = build("IVF32_GMM,Flat", fashion)
+    assert index.coarse == "hnsw" and index.quantizer_index.hnsw.nb_neighbors(1) == 32  # before any fit
+    index.hnsw_ef_search = 40
+    D, I = index.search(query, K, recall=0.9)
+    links = index.quantizer_index.hnsw.nb_neighbors(1)
+    assert links in GRAPH_LINKS and index.hnsw_ef_search == 40  # the user's efSearch carried over
+
+    def score(m):
+        fit_graph_and_table(index.index, index.calibration, 16, links=(m,))
+        tables = fit_table(index.index, index.calibration, 16)
+        return np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS])
+    scores = {m: score(m) for m in GRAPH_LINKS}
+    bar = scores[max(GRAPH_LINKS)] + np.log(1 - LINK_MARGIN)
+    cleared = [m for m in GRAPH_LINKS if scores[m] <= bar]
+    if all(abs(v - bar) > 0.01 for v in scores.values()):  # graphs are rebuilt: not at the boundary
+        assert links == (min(cleared, key=scores.get) if cleared else max(GRAPH_LINKS))
+    m, _ = fit_graph_and_table(index.index, index.calibration, 16, links=(links,))
+    assert m == links and index.quantizer_index.hnsw.nb_neighbors(1) == links
+    index._fit_table()
+    write_index(index, tmp_path / "graph.npz")
+    loaded = read_index(tmp_path / "graph.npz")
+    assert loaded.quantizer_index.hnsw.nb_neighbors(1) == links
+    np.testing.assert_array_equal(loaded.search(query, K, recall=0.9)[1], index.search(query, K, recall=0.9)[1])
 
 
 @pytest.mark.parametrize("covariance", ["spherical", "diag", "full"])
@@ -577,7 +661,7 @@ def test_factory_and_api(fashion):
     assert index.assign(base[:50]).shape == (50, 2)
     default = index_factory(784, "IVF16_GMM,Flat")
     assert (default.partition, default.covariance_type, default.coarse, default.spill, default.copies,
-            default.probe) == ("kmeans", "spherical", "hnsw32", "soar", 1.5, "adaptive")
+            default.probe) == ("kmeans", "spherical", "hnsw", "soar", 1.5, "adaptive")
     keywords = index_factory(784, "IVF16_GMM,Flat", coarse="flat", spill="none", probe="fixed")
     assert (keywords.coarse, keywords.spill, keywords.probe) == ("flat", "none", "fixed")
     ip = index_factory(50, "IVF8_GMM(spherical),Flat", faiss.METRIC_INNER_PRODUCT)

@@ -10,7 +10,8 @@ from conftest import ivf_with_lists, kmeans_partition
 
 from flashgmm_ivf.cli import bundled_dataset
 from flashgmm_ivf.datasets import exact_knn
-from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, adaptive_lists, distance_spread, list_members,
+from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, ProbeTables, adaptive_lists, distance_spread,
+                                      enough_entries, list_members,
                                       neighbor_depths, scan_costs, search_adaptive, truncate_lists)
 from flashgmm_ivf.ivf.quantizer import add_assigned
 from flashgmm_ivf.ivf.search import SearchStats, ranked_lists, search_preassigned
@@ -232,3 +233,68 @@ def test_bad_input_raises(sift, kmeans_index, table):
                                    test.shape[1], NLIST)
     with pytest.raises(TypeError, match="IndexFlat or faiss.IndexHNSW"):
         ranked_lists(two_level, test, 4)
+
+
+# ---------------------------------------------------------------------- first-walk widths of a graph quantizer
+@pytest.fixture(scope="module")
+def graph_tables(sift, flat_and_graph):
+    """Depth tables of the graph index, one per first-walk width, fitted on the learn rows."""
+    from flashgmm_ivf.ivf.calibration import Calibration, fit_table
+    base, learn, _ = sift
+    graph = flat_and_graph[1]
+    calibration = Calibration.empty(learn, faiss.METRIC_L2, "queries")
+    calibration.update(base, np.arange(len(base), dtype=np.int64))
+    return fit_table(graph, calibration, 4, widths=(4, 8, 32))
+
+
+def test_graph_tables_count_the_coarse_walks(sift, flat_and_graph, graph_tables):
+    _, learn, _ = sift
+    graph = flat_and_graph[1]
+    assert isinstance(graph_tables, ProbeTables)
+    assert [t.width for t in graph_tables.tables] == [4, 8, 32]
+    for table in graph_tables.tables:
+        first = ranked_lists(graph, learn, table.width, ef_search=table.width)[2] / len(learn)
+        # depth 1: the first walk's mean distances plus the codes of each query's nearest list
+        scanned = scan_costs(graph, ranked_lists(graph, learn, table.width, ef_search=table.width)[1])[:, 0].sum()
+        np.testing.assert_allclose(table.cost[:, 0].sum(), scanned + first * len(learn))
+        # past the width a second walk is charged too: the cost jumps by more than one list's codes
+        assert (np.diff(table.cost.sum(0))[table.width - 1] > np.diff(table.cost.sum(0))[table.width - 2])
+
+
+def test_tables_pick_the_cheapest_width_per_recall(graph_tables):
+    for asked in (0.5, 0.9, 0.99):
+        chosen = graph_tables.for_recall(asked)
+        costs = [t.expected_cost(asked) for t in graph_tables.tables]
+        assert chosen.expected_cost(asked) == min(costs)
+        depth = chosen.bin_nprobe(asked)
+        assert chosen.expected_cost(asked) == pytest.approx(
+            chosen.cost[np.arange(depth.size), depth - 1].sum() / chosen.counts.sum())
+
+
+def test_adaptive_lists_walk_at_the_chosen_width(sift, flat_and_graph, graph_tables):
+    _, _, test = sift
+    graph = flat_and_graph[1]
+    for asked in (0.5, 0.95):
+        table = graph_tables.for_recall(asked)
+        dis, lists, nprobe, evaluations = adaptive_lists(graph, test, graph_tables, asked)
+        walk, first_lists, first = ranked_lists(graph, test, table.width, ef_search=table.width)
+        np.testing.assert_array_equal(nprobe, table.nprobe(distance_spread(walk, table.width), asked))
+        far = np.unique(nprobe[nprobe > table.width])
+        assert evaluations == first + sum(ranked_lists(graph, test[nprobe == p], int(p), ef_search=int(p))[2]
+                                          for p in far)
+        near = nprobe <= table.width
+        np.testing.assert_array_equal(lists[near, :table.width], first_lists[near])
+
+
+def test_enough_entries_adds_ranked_lists_until_k_entries(sift, kmeans_index):
+    _, _, test = sift
+    dis, lists, _ = ranked_lists(kmeans_index, test, 6)
+    costs = scan_costs(kmeans_index, lists)
+    one = np.ones(len(test), np.int64)
+    np.testing.assert_array_equal(enough_entries(kmeans_index, lists, one, 1), one)  # any list holds 1
+    k = int(costs[:, 1].max()) + 1  # more than any two lists hold
+    raised = enough_entries(kmeans_index, lists, one, k)
+    assert (raised >= 3).all() and (costs[np.arange(len(test)), raised - 1] >= k).all()
+    assert (costs[np.arange(len(test)), raised - 2] < k).all()  # the fewest lists that hold k
+    np.testing.assert_array_equal(enough_entries(kmeans_index, lists, one, 10 ** 9), np.full(len(test), 6))
+    np.testing.assert_array_equal(enough_entries(kmeans_index, lists, np.full(len(test), 5), k), np.maximum(raised, 5))

@@ -10,7 +10,7 @@ line::
     D, I = index.search(xq, 10, recall=0.9)                     # or nprobe=..., as FAISS
 
 The default recipe: k-means lists (``faiss.Kmeans``, as ``IndexIVF.train``), an HNSW graph
-over the means as the coarse step (``IVF<nlist>_HNSW32``'s), a SOAR-spilled second copy
+over the means as the coarse step (as ``IVF<nlist>_HNSW32``'s, its links per node calibrated), a SOAR-spilled second copy
 for half of the vectors (1.5 copies per vector), and a per-query depth read from a table
 calibrated at training time. Each part is an option; ``partition='gmm'`` gives lists
 from a spherical GMM under the same machinery (measured on SIFT and GloVe sets at nlist
@@ -34,18 +34,18 @@ from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
-from .calibration import K_CAL, Calibration, fit_table
+from .calibration import K_CAL, Calibration, fit_graph_and_table, fit_table
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
-from .probing import adaptive_lists, search_adaptive
+from .probing import adaptive_lists, enough_entries, list_sizes, truncate_lists
 from .pruning import search_pruned
 from .quantizer import METRICS, add_assigned, new_ivf, parse_metric, set_centroids
-from .search import SearchStats, cosine_from_l2, preassigned_raw, range_search_nprobe, search_nprobe
+from .search import SearchStats, cosine_from_l2, preassigned_raw, range_search_nprobe, search_nprobe, search_preassigned
 
 __all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVARIANCE_TYPES"]
 
 PROBES = ("adaptive", "radius", "fixed")  # how a search chooses each query's depth
 COVARIANCE_TYPES = ("spherical", "diag", "full")
-_COARSE = re.compile(r"^(flat|hnsw(\d+))$")
+_COARSE = re.compile(r"^(flat|hnsw(\d+)?)$")
 # Bins of the depth table: 16 difficulty bins for 'adaptive' / 'radius', one for 'fixed'
 # (a calibrated nprobe, the same for every query).
 _BINS = {"adaptive": 16, "radius": 16, "fixed": 1}
@@ -85,10 +85,13 @@ class GMMIndexIVF:
         ``faiss.Kmeans`` with ``kmeans_iter`` iterations, per-list covariances
         computed from the members afterwards; primary list = nearest centroid.
     covariance_type : {'spherical', 'diag', 'full'}, default 'spherical'
-    coarse : {'hnsw32', 'hnsw<M>', 'flat'}, default 'hnsw32'
+    coarse : {'hnsw', 'hnsw<M>', 'flat'}, default 'hnsw'
         How queries find their lists: an ``IndexHNSWFlat`` over the means (M links per
-        node; efSearch = ``hnsw_ef_search``, raised to the depth asked) or all nlist
-        distances (``IndexFlat``).
+        node; 'hnsw': M of 8, 16 or 32, whichever makes recall searches cheapest on the
+        calibration queries, chosen when the depth table is fitted) or all nlist
+        distances (``IndexFlat``). A search at ``nprobe=n`` walks the
+        graph with efSearch = max(``hnsw_ef_search``, n); a search at a recall target walks
+        it with the efSearch its depth table was calibrated for (see Notes).
     spill : {'soar', 'rair', 'gmm', 'none'}, default 'soar'
         Rule choosing a second list for some vectors: SOAR (Sun et al. 2024, lambda 1),
         RAIR (lambda 0.5), 'gmm' (second most probable component), or none.
@@ -131,8 +134,8 @@ class GMMIndexIVF:
     gmm : GaussianMixture
     calibration : Calibration or None
         The calibration queries and their exact neighbours in the index.
-    probe_table : ProbeTable or None
-        The depth table, fitted lazily (see Notes).
+    probe_table : ProbeTables or None
+        The depth tables (one per width of the graph's first walk), fitted lazily (see Notes).
     last_stats : SearchStats or None
         Cost of the last search: codes scanned (copies included, ``faiss.cvar.indexIVF_stats``)
         and coarse distances (``nlist`` per query for a flat quantizer,
@@ -146,12 +149,21 @@ class GMMIndexIVF:
     vectors (brute force over each added block; a stand-in's first copy, at squared distance
     up to 1e-4 |q - m|^2 for roundoff, m the stand-ins' mean, is taken to be itself, since
     training rows are often added too, and not counted). The depth table (recall@10 and
-    codes scanned per depth and difficulty bin) is fitted on them against the index's
+    distance computations per depth and difficulty bin) is fitted on them against the index's
     real lists at the first ``recall`` search after the index changed by more than 10%
     of its size since the last fit: a table fitted on the training rows' own lists at
     train time would misjudge both the list sizes and the neighbour distances of the
-    added data, while the refit costs one coarse walk of the stand-ins and one pass over
+    added data, while the refit costs a few coarse walks of the stand-ins and one pass over
     the lists' ids. ``calibrate(queries)`` replaces the stand-ins by real queries.
+
+    Coarse effort. With a graph coarse step a recall search first walks the graph with a
+    small efSearch w for the w nearest means of every query (the difficulty feature is
+    read from them), then walks again, with efSearch = its depth, only for queries whose
+    bin asks for more than w lists. One table is fitted for each w in 4, 6, 8, 12, 16, 24,
+    32, its costs counting both walks' distances besides the codes scanned, and each
+    recall target uses the w whose table expects the fewest distance computations on the
+    calibration queries. A query's depth is also raised, within the lists already
+    ranked, until its lists hold k entries, so a large k never sends it back to search.
 
     Search deduplicates by id: copies of a vector have the same distance with Flat
     encoding (the best copy's estimate with PQ/SQ). Counters use FAISS's global statistics:
@@ -176,7 +188,7 @@ class GMMIndexIVF:
     """
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
-                 coarse="hnsw32", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
+                 coarse="hnsw", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
                  max_iter=5, calibration_rows=None, random_state=1234, gmm=None, **gmm_params):
         self._d = check_positive_int(d, "d")
         self._nlist = check_positive_int(nlist, "nlist")
@@ -188,7 +200,8 @@ class GMMIndexIVF:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
         match = _COARSE.match(str(coarse))
         if not match or (match.group(2) is not None and int(match.group(2)) < 2):
-            raise ValueError(f"coarse must be 'flat' or 'hnsw<M>' with M >= 2 (e.g. 'hnsw32'), got {coarse!r}")
+            raise ValueError(f"coarse must be 'hnsw', 'hnsw<M>' with M >= 2 (e.g. 'hnsw32') or 'flat', "
+                             f"got {coarse!r}")
         if spill not in SPILLS:
             raise ValueError(f"spill must be one of {SPILLS}, got {spill!r}")
         if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= 2:
@@ -230,6 +243,7 @@ class GMMIndexIVF:
         self._next_id = 0
         self._max_dup = 1
         self._synced_entries = 0  # inner-index entries when _ntotal was last known right
+        self._sizes = None  # (inner-index entries, list sizes) of the last recall search
         self.last_stats = None
 
     # ------------------------------------------------------------------ FAISS-like properties
@@ -285,7 +299,10 @@ class GMMIndexIVF:
 
     @property
     def hnsw_ef_search(self):
-        """efSearch of the HNSW coarse step (None for a flat one); a walk for depth p uses max(efSearch, p)."""
+        """efSearch of the HNSW coarse step (None for a flat one): a search at nprobe p walks with max(efSearch, p).
+
+        Searches at a recall target walk with the widths their depth table was calibrated for.
+        """
         quantizer = self.quantizer_index
         return int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else None
 
@@ -357,8 +374,8 @@ class GMMIndexIVF:
                 raise ValueError(f"FAISS cannot train the {self.encoding!r} encoder on {len(fit_rows)} rows: "
                                  f"{_faiss_message(err)}") from err
             match = _COARSE.match(self.coarse)
-            if match.group(2) is not None:
-                graph = faiss.IndexHNSWFlat(self._d, int(match.group(2)), self.index.metric_type)
+            if match.group(1) != "flat":  # 'hnsw': 32 links until the depth table's fit calibrates them
+                graph = faiss.IndexHNSWFlat(self._d, int(match.group(2) or 32), self.index.metric_type)
                 faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, graph)
             self.index.nprobe = self._nprobe
             rows = x[fit_rows[:: max(1, len(fit_rows) // _THRESHOLD_ROWS)]]
@@ -367,7 +384,7 @@ class GMMIndexIVF:
             bar.update()
         self.calibration = Calibration.empty(x[cal_rows], self.index.metric_type, "training rows")
         self.probe_table, self._table_ntotal = None, 0
-        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries, self._sizes = 0, 0, 1, 0, None
 
     def add(self, x):
         """Add vectors with ids ntotal, ntotal + 1, ... (as FAISS), each to its primary list and maybe a copy.
@@ -420,7 +437,7 @@ class GMMIndexIVF:
         if x.shape[0]:
             self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
-        self._synced_entries = self.index.ntotal
+        self._synced_entries, self._sizes = self.index.ntotal, None
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
@@ -543,38 +560,57 @@ class GMMIndexIVF:
         if recall is None:
             if self.probe == "radius":
                 return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
-            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, stats=stats)
+            return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, copies=self._copies(),
+                                 stats=stats)
         if self._ntotal <= K_CAL:
             # Too few vectors for a stand-in to have K_CAL neighbours besides itself, so no depth
             # table: scan every list (exact, and cheap at this size).
-            return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, stats=stats)
+            return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, copies=self._copies(),
+                                 stats=stats)
         table = self._current_table()
+        dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
+        depth = enough_entries(self.index, lists, depth, k, sizes=self._list_sizes())
         if self.probe == "radius":
-            dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
             D, I = search_pruned(self.index, x, k, depth, 1.0, rank=min(k, 10), ranked=(dis, lists, evaluations),
                                  stats=stats)
         else:
-            D, I = search_adaptive(self.index, x, k, table, recall, max_dup=self._max_dup, stats=stats)
-        return self._fill_short_rows(x, k, D, I, stats)
+            D, I = search_preassigned(self.index, x, k, *truncate_lists(lists, dis, depth), max_dup=self._max_dup,
+                                      copies=self._copies(), ncoarse=evaluations, stats=stats)
+        return self._fill_short_rows(x, k, D, I, depth, stats)
 
-    def _fill_short_rows(self, x, k, D, I, stats):
-        """Rows whose chosen lists held fewer than k ids, searched again over every list.
+    def _fill_short_rows(self, x, k, D, I, depth, stats):
+        """Rows whose chosen lists held fewer than k ids, searched again at twice their depth until they have k.
 
         A recall target promises k results whenever the index holds k vectors; a table fitted
-        on a small or uneven index can pick lists that together hold fewer.
+        on a small or uneven index, or a k larger than its lists, can pick lists that together
+        hold fewer.
         """
         short = np.flatnonzero((I < 0).any(axis=1)) if self._ntotal >= k else np.empty(0, np.int64)
         if short.size == 0:
             return D, I
-        more = SearchStats()
-        D2, I2 = search_nprobe(self.index, x[short], k, self.nlist, max_dup=self._max_dup, stats=more)
         D, I = D.copy(), I.copy()
-        D[short], I[short] = D2, I2
+        more = SearchStats()
+        nprobe = int(depth[short].max())
+        while short.size and nprobe < self._nlist:
+            nprobe = min(self._nlist, 2 * nprobe)
+            D[short], I[short] = search_nprobe(self.index, x[short], k, nprobe, max_dup=self._max_dup,
+                                               copies=self._copies(), stats=more)
+            stats.n_refetch += short.size
+            short = short[(I[short] < 0).any(axis=1)]
         # The same queries searched again: their work counts, they do not count as new queries.
         stats.ndis, stats.ncoarse, stats.nlists = stats.ndis + more.ndis, stats.ncoarse + more.ncoarse, \
             stats.nlists + more.nlists
-        stats.n_refetch += short.size
         return D, I
+
+    def _copies(self):
+        """Entries per vector of the inner index (sizes the over-fetch of a search)."""
+        return self.index.ntotal / max(1, self._ntotal)
+
+    def _list_sizes(self):
+        """:func:`.probing.list_sizes` of the inner index, read again whenever its entry count changed."""
+        if self._sizes is None or self._sizes[0] != self.index.ntotal:
+            self._sizes = (self.index.ntotal, list_sizes(self.index))
+        return self._sizes[1]
 
     def _current_table(self):
         """The depth table, refitted when the index changed by more than 10% since the last fit."""
@@ -585,7 +621,10 @@ class GMMIndexIVF:
     def _fit_table(self):
         if self.calibration is None:
             raise ValueError("the index has no calibration queries: train it, or call calibrate(queries)")
-        self.probe_table = fit_table(self.index, self.calibration, _BINS[self.probe])
+        if self.coarse == "hnsw" and self.index.metric_type == faiss.METRIC_L2:
+            _, self.probe_table = fit_graph_and_table(self.index, self.calibration, _BINS[self.probe])
+        else:
+            self.probe_table = fit_table(self.index, self.calibration, _BINS[self.probe])
         self._table_ntotal = self._ntotal
 
     def _exact_neighbors(self, calibration):
@@ -632,7 +671,7 @@ class GMMIndexIVF:
         """Recount the distinct ids of the inner index; refresh the calibration when vectors went away."""
         stored = _stored_ids(self.index)
         removed = self._ntotal - stored.size
-        self._ntotal, self._synced_entries = int(stored.size), self.index.ntotal
+        self._ntotal, self._synced_entries, self._sizes = int(stored.size), self.index.ntotal, None
         if removed and self.calibration is not None:
             if self.encoding == "Flat":
                 self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
@@ -676,7 +715,7 @@ class GMMIndexIVF:
     def reset(self):
         """Remove all vectors; training (partition, coarse step, encoder, calibration queries) is kept."""
         self.index.reset()
-        self._ntotal, self._next_id, self._max_dup, self._synced_entries = 0, 0, 1, 0
+        self._ntotal, self._next_id, self._max_dup, self._synced_entries, self._sizes = 0, 0, 1, 0, None
         if self.calibration is not None:
             self.calibration = Calibration.empty(self.calibration.queries, self.index.metric_type,
                                                  self.calibration.source)
@@ -784,7 +823,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
         ``"[IDMap,]IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
         recipe) or ``"IVF1024_GMM(diag,coarse=flat,spill=none,probe=fixed),PQ16"``. Options:
         a covariance type (spherical | diag | full) or an E-step (dense | truncated) as a
-        bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw<M> | flat),
+        bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw | hnsw<M> | flat),
         spill (soar | rair | gmm | none), copies, probe (adaptive | radius | fixed), nprobe,
         recall, kmeans_iter, iter (EM iterations), calibration_rows, reg_covar, seed,
         device, compute_dtype, chunk_size, estep, n_candidates, n_neighbors.

@@ -10,8 +10,9 @@ Members (read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
 - ``gmm``: uint8, the GaussianMixture's own file (``GaussianMixture.save``).
 - ``calibration_queries``, ``calibration_ids``, ``calibration_distances``,
   ``calibration_self_pending``: the calibration queries and their exact neighbours.
-- ``table_edges``, ``table_recall``, ``table_cost``, ``table_counts``: the fitted depth
-  table (empty arrays when none is fitted).
+- ``table_edges``, ``table_recall``, ``table_cost``, ``table_counts``, ``table_widths``,
+  ``table_bins``: the fitted depth tables, one per first-walk width, stacked along their
+  bins (``table_bins`` bins each; empty arrays when none is fitted).
 - ``sha256``: SHA-256 over the header's bytes and every other member's name, dtype,
   shape and bytes, so editing any of them (``next_id`` in the header, say) fails the load.
 
@@ -33,14 +34,14 @@ from .._io import checksum
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration
 from .index import GMMIndexIVF
-from .probing import ProbeTable
+from .probing import ProbeTable, ProbeTables
 from .quantizer import SUPPORTED_IVF
 
 __all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "flashgmm_ivf.GMMIndexIVF"
-FORMAT_VERSION = 2
-_TABLE = ("table_edges", "table_recall", "table_cost", "table_counts")
+FORMAT_VERSION = 3
+_TABLE = ("table_edges", "table_recall", "table_cost", "table_counts", "table_widths", "table_bins")
 _CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances", "calibration_self_pending")
 _ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
 
@@ -52,22 +53,26 @@ def write_index(index: GMMIndexIVF, path) -> None:
                         "(for a plain FAISS index use faiss.write_index)")
     if not index.is_trained:
         raise ValueError("the index is not trained: nothing to write")
-    cal, table = index.calibration, index.probe_table
+    cal, tables = index.calibration, index.probe_table
+    parts = tables.tables if tables else ()
     arrays = {
         "faiss_index": faiss.serialize_index(index.index),
         "gmm": _gmm_bytes(index.gmm),
         "calibration_queries": cal.queries, "calibration_ids": cal.ids, "calibration_distances": cal.distances,
         "calibration_self_pending": cal.self_pending,
-        "table_edges": table.edges if table else np.empty(0), "table_recall": table.recall if table else np.empty((0, 0)),
-        "table_cost": table.cost if table else np.empty((0, 0)),
-        "table_counts": table.counts if table else np.empty(0, np.int64),
+        "table_edges": np.concatenate([t.edges for t in parts]) if parts else np.empty(0),
+        "table_recall": np.concatenate([t.recall for t in parts]) if parts else np.empty((0, 0)),
+        "table_cost": np.concatenate([t.cost for t in parts]) if parts else np.empty((0, 0)),
+        "table_counts": np.concatenate([t.counts for t in parts]) if parts else np.empty(0, np.int64),
+        "table_widths": np.array([t.width for t in parts], np.int64),
+        "table_bins": np.array([t.counts.size for t in parts], np.int64),
     }
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "d": index.d, "nlist": index.nlist, "encoding": index.encoding, "metric": index.metric,
         "settings": index.settings(), "gmm_params": _jsonable(index.gmm_params),
         "ntotal": index.ntotal, "next_id": index._next_id, "max_dup": index._max_dup,
-        "spill_threshold": index.spill_threshold, "table_ntotal": index._table_ntotal, "has_table": table is not None, "calibration_source": cal.source,
+        "spill_threshold": index.spill_threshold, "table_ntotal": index._table_ntotal, "has_table": tables is not None, "calibration_source": cal.source,
         "n_entries": int(index.index.ntotal), "faiss_class": type(index.index).__name__,
         "faiss_version": faiss.__version__,
     }
@@ -201,15 +206,20 @@ def _calibration(path, arrays, index, header) -> Calibration:
                        pending)
 
 
-def _table(path, arrays) -> ProbeTable:
-    edges, recall, cost, counts = (arrays[m] for m in _TABLE)
-    nb = counts.shape[0] if counts.ndim == 1 else -1
-    if edges.shape != (nb - 1,) or recall.ndim != 2 or recall.shape[0] != nb or cost.shape != recall.shape \
-            or counts.dtype.kind not in "iu" or (counts < 0).any():
+def _table(path, arrays) -> ProbeTables:
+    edges, recall, cost, counts, widths, bins = (arrays[m] for m in _TABLE)
+    if widths.ndim != 1 or bins.shape != widths.shape or not widths.size or widths.dtype.kind not in "iu" \
+            or bins.dtype.kind not in "iu" or (widths < 1).any() or (bins < 1).any():
+        raise ValueError(f"{path}: depth table widths and bin counts are malformed")
+    nb = int(bins.sum())
+    if counts.shape != (nb,) or edges.shape != (nb - widths.size,) or recall.ndim != 2 or recall.shape[0] != nb \
+            or cost.shape != recall.shape or counts.dtype.kind not in "iu" or (counts < 0).any():
         raise ValueError(f"{path}: depth table arrays have inconsistent shapes")
     if not all(np.isfinite(a).all() for a in (edges, recall, cost)):
         raise ValueError(f"{path}: depth table holds NaN or infinity")
-    return ProbeTable(edges, recall, cost, counts)
+    ends, edge_ends = np.cumsum(bins), np.cumsum(bins - 1)
+    return ProbeTables([ProbeTable(edges[e - b + 1:e], recall[n - b:n], cost[n - b:n], counts[n - b:n], int(w))
+                        for w, b, n, e in zip(widths, bins, ends, edge_ends)])
 
 
 def _jsonable(params: dict) -> dict:

@@ -32,8 +32,8 @@ import numpy as np
 from .._validation import check_positive_int
 from .search import SearchStats, ranked_lists, search_preassigned
 
-__all__ = ["ListMembers", "ProbeTable", "adaptive_lists", "distance_spread", "list_members", "neighbor_depths",
-           "scan_costs", "search_adaptive", "truncate_lists"]
+__all__ = ["ListMembers", "ProbeTable", "ProbeTables", "adaptive_lists", "distance_spread", "enough_entries",
+           "list_members", "list_sizes", "neighbor_depths", "scan_costs", "search_adaptive", "truncate_lists"]
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
@@ -145,14 +145,21 @@ def neighbor_depths(list_nos: np.ndarray, members: ListMembers, gt: np.ndarray) 
     return np.where(lists >= 0, depths, depth).min(2)
 
 
-def scan_costs(index_ivf: faiss.IndexIVF, list_nos: np.ndarray) -> np.ndarray:
+def list_sizes(index_ivf: faiss.IndexIVF) -> np.ndarray:
+    """Entries of every inverted list, ndarray of shape (nlist,), float64."""
+    return np.array([index_ivf.invlists.list_size(no) for no in range(index_ivf.nlist)], np.float64)
+
+
+def scan_costs(index_ivf: faiss.IndexIVF, list_nos: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
     """Codes scanned after probing the first 1, 2, ... lists of each query.
+
+    ``sizes``: :func:`list_sizes` of the index when the caller has them (default: read now).
 
     Returns
     -------
     ndarray of shape (nq, depth), float64, cumulative list sizes along each row (list -1 adds nothing).
     """
-    sizes = np.array([index_ivf.invlists.list_size(no) for no in range(index_ivf.nlist)], np.float64)
+    sizes = list_sizes(index_ivf) if sizes is None else sizes
     list_nos = np.asarray(list_nos)
     return np.cumsum(np.where(list_nos >= 0, sizes[np.maximum(list_nos, 0)], 0.0), axis=1)
 
@@ -171,26 +178,33 @@ class ProbeTable:
         Sum over the bin's training queries of the codes scanned at 1..depth lists.
     counts : ndarray of shape (n_bins,), int64
         Training queries per bin.
+    width : int, default SPREAD_RANK
+        Lists the first coarse walk of a search ranks for every query (the feature is
+        computed on them); a graph quantizer walks again, as deep as the bin asks, only for
+        queries whose bin asks for more.
     """
 
     edges: np.ndarray
     recall: np.ndarray
     cost: np.ndarray
     counts: np.ndarray
+    width: int = SPREAD_RANK
     # bin_nprobe per recall asked: its bisection costs milliseconds, a search of one query less.
     _bin_nprobe: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def fit(cls, feature, depths, costs, n_bins: int = 16) -> ProbeTable:
+    def fit(cls, feature, depths, costs, n_bins: int = 16, width: int = SPREAD_RANK) -> ProbeTable:
         """Calibrate on training queries.
 
         Parameters
         ----------
         feature : ndarray of shape (nq,), e.g. :func:`distance_spread`
         depths : ndarray of shape (nq, k), from :func:`neighbor_depths`
-        costs : ndarray of shape (nq, depth), from :func:`scan_costs`
+        costs : ndarray of shape (nq, depth), from :func:`scan_costs`, plus the coarse
+            distances a search at that depth computes where they depend on it
         n_bins : int
             Quantile bins of the feature (fewer when values repeat).
+        width : int, the first walk's width (see the class)
 
         Returns
         -------
@@ -219,7 +233,7 @@ class ProbeTable:
         recall, cost = np.zeros((nb, depth)), np.zeros((nb, depth))
         np.add.at(recall, bins, found)
         np.add.at(cost, bins, costs)
-        return cls(edges, recall, cost, np.bincount(bins, minlength=nb))
+        return cls(edges, recall, cost, np.bincount(bins, minlength=nb), check_positive_int(width, "width"))
 
     @property
     def depth(self) -> int:
@@ -268,6 +282,11 @@ class ProbeTable:
                 lo = mid
         return pick(hi) + 1
 
+    def expected_cost(self, recall: float) -> float:
+        """Mean cost per calibration query (``cost``'s unit) at the depths chosen for ``recall``."""
+        depth = self.bin_nprobe(recall)
+        return float(self.cost[np.arange(depth.size), depth - 1].sum() / max(1, self.counts.sum()))
+
     def nprobe(self, feature, recall: float) -> np.ndarray:
         """nprobe of every query.
 
@@ -286,19 +305,61 @@ class ProbeTable:
         return self.bin_nprobe(recall)[np.searchsorted(self.edges, feature, side="right")]
 
 
-def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, recall: float):
+@dataclass
+class ProbeTables:
+    """Depth tables of one index for several first-walk widths; each recall target uses the cheapest.
+
+    A wide first walk costs more coarse distances for every query but ranks enough lists
+    for most of them; a narrow one is cheap but sends more queries to a second, deeper walk.
+    Which is cheaper depends on the recall asked, so every table is kept and
+    :meth:`for_recall` picks, per target, the one with the least expected cost on the
+    calibration queries.
+
+    Attributes
+    ----------
+    tables : tuple of ProbeTable, widths increasing, all of one depth
+    """
+
+    tables: tuple
+    _chosen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.tables = tuple(self.tables)
+        if not self.tables or not all(isinstance(t, ProbeTable) for t in self.tables):
+            raise ValueError("ProbeTables needs at least one ProbeTable")
+        if len({t.depth for t in self.tables}) != 1:
+            raise ValueError("the tables must share one depth")
+
+    @property
+    def depth(self) -> int:
+        return self.tables[0].depth
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tables)
+
+    def for_recall(self, recall: float) -> ProbeTable:
+        """The table with the least expected cost (:meth:`ProbeTable.expected_cost`) at ``recall``."""
+        key = float(recall)
+        if key not in self._chosen:
+            costs = [t.expected_cost(recall) for t in self.tables]
+            self._chosen[key] = self.tables[int(np.argmin(costs))]
+        return self._chosen[key]
+
+
+def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable | ProbeTables, recall: float):
     """Each query's lists under ``table`` asked for ``recall``, ranked only as deep as needed.
 
     A flat quantizer ranks every query once, as deep as the deepest bin (its cost does not
-    depend on the depth). A graph quantizer is asked first for the ``SPREAD_RANK`` nearest
-    means (the difficulty feature), then again, as deep as its nprobe, only for the
-    queries whose bin asks for more; both walks are counted.
+    depend on the depth). A graph quantizer is walked first with efSearch ``table.width``
+    for that many nearest means (the difficulty feature), then again with efSearch = its
+    nprobe, only for the queries whose bin asks for more; both walks are counted.
 
     Parameters
     ----------
     index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (flat or HNSW quantizer)
     x : ndarray of shape (nq, d), float32
-    table : ProbeTable
+    table : ProbeTable, or ProbeTables (the one :meth:`ProbeTables.for_recall` picks)
     recall : float in (0, 1], see :meth:`ProbeTable.bin_nprobe`
 
     Returns
@@ -308,12 +369,14 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, 
     nprobe : ndarray of shape (nq,), int64
     evaluations : int, query-to-mean distances computed, summed over the queries
     """
+    if isinstance(table, ProbeTables):
+        table = table.for_recall(recall)
     deepest = int(table.bin_nprobe(recall).max())
     one_pass = isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexFlat)
     # One bin (a calibrated fixed nprobe) needs no feature: one walk as deep as that nprobe.
-    first = min(table.depth, max(SPREAD_RANK, deepest) if one_pass or not table.edges.size else SPREAD_RANK)
-    dis, lists, evaluations = ranked_lists(index_ivf, x, first)
-    nprobe = table.nprobe(distance_spread(dis), recall)
+    first = min(table.depth, max(table.width, deepest) if one_pass or not table.edges.size else table.width)
+    dis, lists, evaluations = ranked_lists(index_ivf, x, first, ef_search=first)
+    nprobe = table.nprobe(distance_spread(dis, table.width), recall)
     width = max(first, int(nprobe.max(initial=1)))
     if width > first:
         dis = np.concatenate([dis, np.zeros((len(dis), width - first), dis.dtype)], 1)
@@ -321,13 +384,13 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable, 
         # Queries of one bin share an nprobe: one deeper walk per distinct depth.
         for p in np.unique(nprobe[nprobe > first]):
             rows = np.flatnonzero(nprobe == p)
-            dis[rows, :p], lists[rows, :p], more = ranked_lists(index_ivf, x[rows], int(p))
+            dis[rows, :p], lists[rows, :p], more = ranked_lists(index_ivf, x[rows], int(p), ef_search=int(p))
             evaluations += more
     return dis, lists, nprobe, evaluations
 
 
-def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: ProbeTable, recall: float, *,
-                    max_dup: int = 1, stats: SearchStats | None = None):
+def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: ProbeTable | ProbeTables, recall: float, *,
+                    max_dup: int = 1, copies: float | None = None, stats: SearchStats | None = None):
     """k nearest distinct ids, each query scanning as many lists as ``table`` gives it for ``recall``.
 
     Parameters
@@ -335,9 +398,10 @@ def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: Pro
     index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (flat or HNSW quantizer)
     x : ndarray of shape (nq, d), float32
     k : int
-    table : ProbeTable
+    table : ProbeTable or ProbeTables (see :func:`adaptive_lists`)
     recall : float in (0, 1]
     max_dup : int, most lists any id was added to (see :func:`.search.search_preassigned`)
+    copies : float, optional, mean lists per id (see :func:`.search.fetch_slots`)
     stats : SearchStats, optional
         Output: this search's counts are added to it; ``ncoarse`` counts every coarse walk
         :func:`adaptive_lists` made.
@@ -347,8 +411,36 @@ def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: Pro
     D, I : as :func:`.search.search_preassigned`
     """
     dis, lists, nprobe, evaluations = adaptive_lists(index_ivf, x, table, recall)
-    return search_preassigned(index_ivf, x, k, *truncate_lists(lists, dis, nprobe), max_dup=max_dup,
+    nprobe = enough_entries(index_ivf, lists, nprobe, k)
+    return search_preassigned(index_ivf, x, k, *truncate_lists(lists, dis, nprobe), max_dup=max_dup, copies=copies,
                               ncoarse=evaluations, stats=stats)
+
+
+def enough_entries(index_ivf: faiss.IndexIVF, list_nos: np.ndarray, nprobe: np.ndarray, k: int, *,
+                   sizes: np.ndarray | None = None) -> np.ndarray:
+    """``nprobe`` raised, where the ranked lists allow, until each query's first lists hold at least k entries.
+
+    A depth chosen for recall@10 may give a query lists holding fewer than the k results
+    asked (small lists, large k); scanning one more ranked list costs far less than
+    searching the query again deeper.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF
+    list_nos : ndarray of shape (nq, width), int64, each query's ranked lists (-1: not ranked)
+    nprobe : ndarray of shape (nq,), ints in [1, width]
+    k : int
+    sizes : ndarray of shape (nlist,), optional, :func:`list_sizes` of the index
+
+    Returns
+    -------
+    ndarray of shape (nq,), int64: max(nprobe, lists needed for k entries), at most the
+    query's ranked lists.
+    """
+    costs = scan_costs(index_ivf, list_nos, sizes)
+    ranked = (np.asarray(list_nos) >= 0).sum(1)
+    needed = np.minimum((costs < k).sum(1) + 1, np.maximum(ranked, 1))
+    return np.maximum(np.asarray(nprobe, np.int64), needed)
 
 
 def truncate_lists(list_nos: np.ndarray, coarse_dis: np.ndarray, nprobe: np.ndarray):
