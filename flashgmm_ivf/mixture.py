@@ -667,7 +667,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Responsibilities, shape (n_samples, n_components), float64 (materialises n x K: the caller asked)."""
         def block(x, params, shift):
             ll = self._weighted_log_prob(x, params, shift).double()
-            return torch.exp(ll - torch.logsumexp(ll, 1, keepdim=True))
+            p = torch.exp(ll - torch.logsumexp(ll, 1, keepdim=True))
+            # Rows far from every component have log-densities so large (~1e30 and beyond) that
+            # ll - logsumexp rounds to 0 for several components: normalise so every row sums to 1.
+            return p / p.sum(1, keepdim=True)
         return self._scan(X, block)
 
     def bic(self, X):

@@ -42,17 +42,54 @@ MIN_BLOCK_ROWS = 64
 SPARSE_CUTOFF = 1e-12
 LOG_SPARSE_CUTOFF = math.log(SPARSE_CUTOFF)
 SPARSE_MAX_DENSITY = 0.02
+# float64 log-densities whose expanded form may have lost more than this relative precision are
+# recomputed directly (see _recompute_cancelled), DIRECT_BLOCK (row, component) pairs at a time.
+CANCELLED_RELATIVE = 1e-10
+DIRECT_BLOCK = 1 << 14
 
 
 def _centred(x: torch.Tensor, shift: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if shift is not None and x.dtype == torch.float64 and dtype != torch.float64:
+        # float64 rows are centred before rounding: rows far from the origin (1e12) would lose
+        # every digit of their offset from the shift to the float32 rounding of x itself.
+        return (x - shift.to(x.dtype)).to(dtype)
     x = x.to(dtype)
     return x - shift.to(dtype) if shift is not None else x
 
 
 def _centre_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """``out`` = x - shift, rounded as ``_centred`` rounds (x to out's dtype first)."""
+    """``out`` = x - shift, rounded as ``_centred`` rounds (x to out's dtype first, float64 rows after)."""
+    if shift is not None and x.dtype == torch.float64 and out.dtype != torch.float64:
+        return out.copy_(x - shift.to(device=x.device, dtype=x.dtype))
     out.copy_(x)
     return out if shift is None else out.sub_(shift.to(device=out.device, dtype=out.dtype))
+
+
+def _recompute_cancelled(ll: torch.Tensor, xc: torch.Tensor, params: NaturalParams) -> None:
+    """float64 log-densities whose expanded form cancelled, recomputed in place from (x - mu)**2.
+
+    The expanded form sum_d quad x_d**2 + lin x_d + const loses ~(D + 2) eps B nats, B <= |x|**2
+    max_d P_kd + sum_d P_kd mu_kd**2 the size of its terms (P the precisions, all about the
+    shift). Ordinary data keeps B within ~1e3 of the result; rows or means far out against a
+    small variance (entries of 1e15 beside unit ones) make it lose whole nats. Entries whose
+    bound exceeds ``CANCELLED_RELATIVE`` of their value are recomputed as
+    base_k - sum_d P_kd (x_d - mu_kd)**2 / 2, exact to a few ulps.
+    """
+    if ll.dtype != torch.float64 or params.base is None or not ll.numel():
+        return
+    prec = -2 * params.quad
+    means = params.lin / (prec if params.diagonal else prec[:, None])
+    prec_max = prec.amax(1) if params.diagonal else prec
+    means_term = (params.lin * means).sum(1)
+    bound = torch.outer((xc * xc).sum(1), prec_max).add_(means_term)
+    loss = (xc.shape[1] + 2) * torch.finfo(torch.float64).eps / CANCELLED_RELATIVE
+    flagged = torch.nonzero(bound.mul_(loss).sub_(ll.abs()) > 1)
+    for start in range(0, flagged.shape[0], DIRECT_BLOCK):
+        rows, comps = flagged[start:start + DIRECT_BLOCK].unbind(1)
+        diff = xc[rows] - means[comps]
+        diff.square_()
+        maha = (diff * prec[comps]).sum(1) if params.diagonal else diff.sum(1) * prec[comps]
+        ll[rows, comps] = params.base[comps] - 0.5 * maha
 
 
 def design_weights(params: NaturalParams, dtype=None) -> torch.Tensor:
@@ -117,7 +154,10 @@ def weighted_log_prob(x, params, shift=None, *, dtype=torch.float64) -> torch.Te
     """
     if isinstance(params, CholeskyParams):
         return _full_log_prob(_centred(x, shift, dtype), _full_layout(params, dtype))
-    return design(x, shift, params.diagonal, dtype) @ design_weights(params, dtype).T
+    z = design(x, shift, params.diagonal, dtype)
+    ll = z @ design_weights(params, dtype).T
+    _recompute_cancelled(ll, z[:, :x.shape[1]], params)
+    return ll
 
 
 def block_rows(n_components: int, n_features: int, full: bool, dtype) -> int:
@@ -222,6 +262,7 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         else:
             zb = design(block, shift, params.diagonal, dtype, out=z)
             lb = torch.mm(zb, weights.T, out=ll[:m])
+            _recompute_cancelled(lb, zb[:, :d], params)
         acc += _block_stats(lb, zb, part, lz[:m])
         log_norm[start:start + m] = lz[:m]
     if full:

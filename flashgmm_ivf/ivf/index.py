@@ -518,8 +518,11 @@ class GMMIndexIVF:
         if ef is not None and saved_ef is not None:
             self.hnsw_ef_search = ef
         stats = SearchStats()
-        D = np.empty((x.shape[0], k), np.float32)
-        I = np.empty((x.shape[0], k), np.int64)
+        try:
+            D = np.empty((x.shape[0], k), np.float32)
+            I = np.empty((x.shape[0], k), np.int64)
+        except MemoryError as err:  # numpy refuses the allocation at once: the caller's k, not an exhausted heap
+            raise ValueError(f"k={k}: the ({x.shape[0]}, {k}) results do not fit in memory ({err})") from err
         try:
             # Blocks of queries bound the over-fetch (k x copies per row) and deduplication
             # temporaries to a fixed size, whatever nq.
@@ -625,7 +628,7 @@ class GMMIndexIVF:
 
     def _resync(self):
         """Recount the distinct ids of the inner index; refresh the calibration when vectors went away."""
-        stored = _stored_ids(self.index)
+        stored = stored_ids(self.index)
         removed = self._ntotal - stored.size
         self._ntotal, self._synced_entries = int(stored.size), self.index.ntotal
         if removed and self.calibration is not None:
@@ -820,7 +823,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     return GMMIndexIVF(d, nlist, encoding, metric, **parsed)
 
 
-def _stored_ids(index_ivf) -> np.ndarray:
+def stored_ids(index_ivf) -> np.ndarray:
     """The distinct ids held in an IndexIVF's inverted lists."""
     invlists = index_ivf.invlists
     parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()

@@ -32,7 +32,7 @@ import numpy as np
 from .._io import checksum
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration
-from .index import GMMIndexIVF
+from .index import GMMIndexIVF, stored_ids
 from .probing import ProbeTable
 from .quantizer import SUPPORTED_IVF
 
@@ -126,6 +126,7 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: settings in the header are invalid: {err}") from err
     index.gmm_params = header["gmm_params"]
     _check_inner(path, inner, index, header, gmm)
+    _check_counters(path, inner, header)
     index.index = inner
     index.index.nprobe = index.nprobe
     index._ntotal, index._next_id, index._max_dup = header["ntotal"], header["next_id"], header["max_dup"]
@@ -186,6 +187,18 @@ def _check_inner(path, inner, index, header, gmm):
     if gmm.means_.shape != (index.nlist, index.d) or not np.array_equal(
             quantizer.reconstruct_n(0, index.nlist), gmm.means_.astype(np.float32)):
         raise ValueError(f"{path}: the quantizer's centroids differ from the stored GMM means")
+
+
+def _check_counters(path, inner, header):
+    """The header's counters against the ids the lists hold: ntotal distinct ids, next_id past
+    the largest (a smaller one would make ``add`` reuse ids), max_dup at most the entries."""
+    ids = stored_ids(inner)
+    if header["ntotal"] != ids.size:
+        raise ValueError(f"{path}: header says ntotal={header['ntotal']}, but the lists hold {ids.size} distinct ids")
+    if ids.size and header["next_id"] <= int(ids[-1]):
+        raise ValueError(f"{path}: header says next_id={header['next_id']}, but the lists hold id {int(ids[-1])}")
+    if not 1 <= header["max_dup"] <= max(1, inner.ntotal):  # copies of one id: at most every entry
+        raise ValueError(f"{path}: header field max_dup={header['max_dup']} is outside [1, {max(1, inner.ntotal)}]")
 
 
 def _calibration(path, arrays, index, header) -> Calibration:
