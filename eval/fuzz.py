@@ -197,7 +197,10 @@ def reference_log_prob(g, x):
             prec_max = 1.0 / cov
         ll = np.log(w)[None] - 0.5 * (maha + log_det[None] + d * _LOG_2PI)
         shift = w @ mu
-        spread = ((x - shift) ** 2).sum(1)[:, None] + ((mu - shift) ** 2).sum(1)[None]
+        # float32 E-steps take rows and means about a float32-representable shift (up to
+        # u |shift| from the exact one, u the unit round-off): distances grow by as much.
+        slack = np.abs(shift) * (np.finfo(np.float32).eps if g.compute_dtype == "float32" else 0.0)
+        spread = ((np.abs(x - shift) + slack) ** 2).sum(1)[:, None] + ((np.abs(mu - shift) + slack) ** 2).sum(1)[None]
         scale = (spread * prec_max[None]).max(1)
     return ll, scale
 
@@ -862,7 +865,7 @@ def index_member_edit(rng, members: dict) -> str:
         return how
     if rng.random() < 0.7:
         from flashgmm_ivf.ivf import index_io
-        resign(members, "header", "sha256", index_io._ARRAYS)
+        resign(members, "header", "sha256", index_io.FILE_ARRAYS)
         return how + "+resigned"
     return how
 

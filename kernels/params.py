@@ -35,12 +35,17 @@ class NaturalParams(NamedTuple):
         log pi - sum(log v) / 2 - D log(2 pi) / 2: ``const`` without the means' term, from
         which float64 E-steps recompute log-densities as base - sum_d (x_d - mu_d)**2 / (2 v)
         where the expanded form cancels (``reference``).
+    centres : Tensor of shape (K, D) or None
+        The means in the data's own coordinates (not relative to the shift), for that direct
+        form: a mean taken relative to a far shift has lost the digits that matter against a
+        small variance.
     """
 
     quad: torch.Tensor
     lin: torch.Tensor
     const: torch.Tensor
     base: torch.Tensor | None = None
+    centres: torch.Tensor | None = None
 
     @property
     def diagonal(self) -> bool:

@@ -65,7 +65,7 @@ def _centre_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None)
     return out if shift is None else out.sub_(shift.to(device=out.device, dtype=out.dtype))
 
 
-def _recompute_cancelled(ll: torch.Tensor, xc: torch.Tensor, params: NaturalParams) -> None:
+def _recompute_cancelled(ll: torch.Tensor, x: torch.Tensor, xc: torch.Tensor, params: NaturalParams) -> None:
     """float64 log-densities whose expanded form cancelled, recomputed in place from (x - mu)**2.
 
     The expanded form sum_d quad x_d**2 + lin x_d + const loses ~(D + 2) eps B nats, B <= |x|**2
@@ -73,7 +73,9 @@ def _recompute_cancelled(ll: torch.Tensor, xc: torch.Tensor, params: NaturalPara
     shift). Ordinary data keeps B within ~1e3 of the result; rows or means far out against a
     small variance (entries of 1e15 beside unit ones) make it lose whole nats. Entries whose
     bound exceeds ``CANCELLED_RELATIVE`` of their value are recomputed as
-    base_k - sum_d P_kd (x_d - mu_kd)**2 / 2, exact to a few ulps.
+    base_k - sum_d P_kd (x_d - mu_kd)**2 / 2, exact to a few ulps: from the rows ``x`` and
+    ``params.centres`` in the data's own coordinates when given (rows and means far from the
+    shift lose eps |x - shift| to it), else from ``xc`` and the means about the shift.
     """
     if ll.dtype != torch.float64 or params.base is None or not ll.numel():
         return
@@ -86,7 +88,10 @@ def _recompute_cancelled(ll: torch.Tensor, xc: torch.Tensor, params: NaturalPara
     flagged = torch.nonzero(bound.mul_(loss).sub_(ll.abs()) > 1)
     for start in range(0, flagged.shape[0], DIRECT_BLOCK):
         rows, comps = flagged[start:start + DIRECT_BLOCK].unbind(1)
-        diff = xc[rows] - means[comps]
+        if params.centres is None:
+            diff = xc[rows] - means[comps]
+        else:
+            diff = x[rows].to(torch.float64) - params.centres[comps]
         diff.square_()
         maha = (diff * prec[comps]).sum(1) if params.diagonal else diff.sum(1) * prec[comps]
         ll[rows, comps] = params.base[comps] - 0.5 * maha
@@ -156,7 +161,7 @@ def weighted_log_prob(x, params, shift=None, *, dtype=torch.float64) -> torch.Te
         return _full_log_prob(_centred(x, shift, dtype), _full_layout(params, dtype))
     z = design(x, shift, params.diagonal, dtype)
     ll = z @ design_weights(params, dtype).T
-    _recompute_cancelled(ll, z[:, :x.shape[1]], params)
+    _recompute_cancelled(ll, x, z[:, :x.shape[1]], params)
     return ll
 
 
@@ -262,7 +267,7 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         else:
             zb = design(block, shift, params.diagonal, dtype, out=z)
             lb = torch.mm(zb, weights.T, out=ll[:m])
-            _recompute_cancelled(lb, zb[:, :d], params)
+            _recompute_cancelled(lb, block, zb[:, :d], params)
         acc += _block_stats(lb, zb, part, lz[:m])
         log_norm[start:start + m] = lz[:m]
     if full:

@@ -57,6 +57,7 @@ _REFIT_CHANGE = 0.1
 _CALIBRATION_ROWS = 2000
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
+_FP16_MAX = float(np.finfo(np.float16).max)
 _MAX_ID = np.iinfo(np.int64).max  # ids are int64 in [0, _MAX_ID)
 _ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
 _SEARCH_BLOCK = 4096  # queries per search step (bounds the over-fetch and deduplication temporaries)
@@ -409,6 +410,8 @@ class GMMIndexIVF:
         for start in tqdm(blocks, desc="add", unit="block", disable=len(blocks) < 4):
             xb, ib = x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK]
             lists = self.assign(xb, normalised=True)
+            if self.encoding == "SQfp16":
+                self._check_fp16_residuals(xb, lists, start)
             add_assigned(self.index, xb, lists, ib)
             self.calibration.update(xb, ib)
             self._max_dup = max(self._max_dup, int((lists >= 0).sum(1).max()))
@@ -416,6 +419,21 @@ class GMMIndexIVF:
             self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
         self._synced_entries = self.index.ntotal
+
+    def _check_fp16_residuals(self, x, lists, offset):
+        """SQfp16 stores each residual x - mu_list in float16: one beyond its range would be stored
+        as infinity (distances inf, the vector never found), so such rows are refused."""
+        means = self.gmm.means_.astype(np.float32)
+        largest = np.zeros(x.shape[0])
+        for j in range(lists.shape[1]):
+            held = lists[:, j] >= 0
+            largest[held] = np.maximum(largest[held], np.abs(x[held] - means[lists[held, j]]).max(1))
+        bad = np.flatnonzero(largest > _FP16_MAX)
+        if bad.size:
+            raise ValueError(f"encoding 'SQfp16' stores residuals as float16 (|value| <= {_FP16_MAX:g}): {bad.size} "
+                             f"row(s) lie further from their list's mean, the first is row {offset + int(bad[0])} "
+                             f"({largest[bad[0]]:.3g}); rescale the data or use SQ8 / Flat"
+                             + (f" (rows before {offset} were added)" if offset else ""))
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).

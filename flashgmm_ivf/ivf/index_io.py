@@ -36,13 +36,14 @@ from .index import GMMIndexIVF, stored_ids
 from .probing import ProbeTable
 from .quantizer import SUPPORTED_IVF
 
-__all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION", "FILE_ARRAYS"]
 
 FORMAT = "flashgmm_ivf.GMMIndexIVF"
 FORMAT_VERSION = 2
 _TABLE = ("table_edges", "table_recall", "table_cost", "table_counts")
 _CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances", "calibration_self_pending")
-_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
+# Members the SHA-256 covers after the header, in this order.
+FILE_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
 
 
 def write_index(index: GMMIndexIVF, path) -> None:
@@ -72,7 +73,7 @@ def write_index(index: GMMIndexIVF, path) -> None:
         "faiss_version": faiss.__version__,
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
-    digest = checksum(header_bytes, arrays, _ARRAYS)
+    digest = checksum(header_bytes, arrays, FILE_ARRAYS)
     with open(path, "wb") as f:
         np.savez(f, header=np.frombuffer(header_bytes, np.uint8), sha256=np.array(digest), **arrays)
 
@@ -93,10 +94,10 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: not a {FORMAT} file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [m for m in ("header", "sha256") + _ARRAYS if m not in npz.files]
+            missing = [m for m in ("header", "sha256") + FILE_ARRAYS if m not in npz.files]
             if missing:
                 raise ValueError(f"members {missing} are missing")
-            arrays = {m: npz[m] for m in _ARRAYS}
+            arrays = {m: npz[m] for m in FILE_ARRAYS}
             header_bytes, digest = npz["header"], npz["sha256"]
     except FileNotFoundError:
         raise
@@ -104,7 +105,7 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
         raise ValueError(f"{path}: malformed header or checksum member")
-    if checksum(header_bytes.tobytes(), arrays, _ARRAYS) != str(digest):
+    if checksum(header_bytes.tobytes(), arrays, FILE_ARRAYS) != str(digest):
         raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
     header = _header(path, header_bytes.tobytes())
     for member in ("faiss_index", "gmm"):
