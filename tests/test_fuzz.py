@@ -271,9 +271,10 @@ def test_float32_model_scores_rows_beyond_1e19():
 
 def test_hnsw_coarse_step_at_full_depth_scans_every_list():
     # A walk over a sparse graph (M=2) found fewer than nlist lists at nprobe=nlist: -1 ids.
-    x = np.random.default_rng(3).integers(0, 256, (300, 16)).astype(np.float32)
-    index = flashgmm_ivf.index_factory(16, "IVF8_GMM(coarse=hnsw2),Flat", device="cpu")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (300, 16)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(16, "IVF16_GMM(coarse=hnsw2),Flat", device="cpu")
     quietly(index.train, x)
     index.add(x[:200])
-    D, I = index.search(x[:5], 200, nprobe=8)
+    D, I = index.search(rng.standard_normal((5, 16)).astype(np.float32), 200, nprobe=16)
     assert (I >= 0).all() and all(len(set(row)) == 200 for row in I.tolist())
