@@ -285,3 +285,16 @@ def test_hnsw_coarse_step_at_full_depth_scans_every_list():
     index.add(x[:200])
     _, I = index.search(rng.standard_normal((5, 16)).astype(np.float32), 200, nprobe=16)
     assert (I >= 0).all() and all(len(set(row)) == 200 for row in I.tolist())
+
+
+def test_cosine_rows_beyond_float32_squares():
+    # faiss.normalize_L2 overflowed on rows of 1e19 (their squares exceed float32): the row
+    # lost its direction and range_search of the next queries came back empty.
+    x = np.random.default_rng(0).integers(1, 256, (300, 4)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(4, "IVF1_GMM,Flat", "cosine", device="cpu")
+    quietly(index.train, x)
+    index.add(x)
+    q = np.array([[1e19] * 4, [255.0] * 4], np.float32)
+    lims, D, I = index.range_search(q, 0.5, nprobe=1)
+    assert lims[1] - lims[0] == lims[2] - lims[1] > 0
+    np.testing.assert_allclose(index.search(q, 3)[0][0], index.search(q, 3)[0][1], rtol=1e-6)

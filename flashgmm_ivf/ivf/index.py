@@ -755,8 +755,8 @@ class GMMIndexIVF:
                 bad = np.flatnonzero(norms == 0)
                 raise ValueError(f"{name} has {bad.size} zero row(s) (no direction for metric 'cosine'); "
                                  f"the first is row {int(bad[0])}")
-            x = x.copy()
-            faiss.normalize_L2(x)
+            # In float64: faiss.normalize_L2 sums squares in float32, which overflow from |x| ~ 1.8e19.
+            x = (x / norms[:, None]).astype(np.float32)
         elif (norms > _MAX_NORM).any():
             bad = np.flatnonzero(norms > _MAX_NORM)
             raise ValueError(f"{name} has {bad.size} row(s) with norm above {_MAX_NORM:.3g} (first: row "
