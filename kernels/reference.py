@@ -83,11 +83,17 @@ def _recompute_cancelled(ll: torch.Tensor, x: torch.Tensor, xc: torch.Tensor, pa
     means = params.lin / (prec if params.diagonal else prec[:, None])
     prec_max = prec.amax(1) if params.diagonal else prec
     means_term = (params.lin * means).sum(1)
-    bound = torch.outer((xc * xc).sum(1), prec_max).add_(means_term)
     loss = (xc.shape[1] + 2) * torch.finfo(torch.float64).eps / CANCELLED_RELATIVE
-    flagged = torch.nonzero(bound.mul_(loss).sub_(ll.abs()) > 1)
+    row_term, comp_term, const_term = (xc * xc).sum(1), prec_max * loss, means_term * loss - 1
+    if ll.device.type == "cpu":  # numpy's outer product and comparison: ~4x torch's on one core
+        bound = np.multiply.outer(row_term.numpy(), comp_term.numpy())
+        bound += const_term.numpy()
+        flagged = torch.from_numpy(np.flatnonzero(bound > np.abs(ll.numpy())))
+    else:
+        flagged = torch.flatten(torch.outer(row_term, comp_term).add_(const_term) > ll.abs()).nonzero().squeeze(1)
     for start in range(0, flagged.shape[0], DIRECT_BLOCK):
-        rows, comps = flagged[start:start + DIRECT_BLOCK].unbind(1)
+        part = flagged[start:start + DIRECT_BLOCK]
+        rows, comps = part // ll.shape[1], part % ll.shape[1]
         if params.centres is None:
             diff = xc[rows] - means[comps]
         else:
