@@ -632,7 +632,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 row = int(((xc * xc) @ prec_max).argmax())
                 raise ValueError(f"X row {offset + row} lies too far from every component for float64 log-densities "
                                  f"(squared Mahalanobis distance ~{reach:.3g}): rescale X as the training data")
-            far = far or reach > FLOAT32_REACH
+            # Precisions beyond float32 (variances below ~1e-30: data of that scale with
+            # reg_covar=0) overflow the float32 parameters themselves.
+            far = far or reach > FLOAT32_REACH or float(prec_max.max()) > FLOAT32_REACH
             if far and wide is None:
                 wide = self._kernel_params(state, device, torch.float64, centres=centres)
             yield offset, x, (wide if far else params), state.shift

@@ -249,7 +249,10 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         k = layout[2].shape[0]
         width = d * d + d + 1
     else:
-        params, offset = split_offset(params)
+        if dtype != torch.float64:
+            # float32 keeps the volume term out (see split_offset); float64 has the digits, and
+            # an offset set by a far component's constant (~1e13) would round every row to ~1e-3.
+            params, offset = split_offset(params)
         weights = design_weights(params, dtype)
         k, width = weights.shape
     rows = min(n, chunk_size or block_rows(k, d, full, dtype))

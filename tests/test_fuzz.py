@@ -46,8 +46,6 @@ def data_sets(draw):
 
 @given(x=data_sets(), k=st.integers(1, 4), covariance_type=st.sampled_from(COVARIANCE_TYPES))
 def test_gmm_fit_is_finite_or_refused(x, k, covariance_type, tmp_path_factory):
-    # Known bug, pinned by test_full_covariance_far_from_origin: not fuzzed further here.
-    assume(not (covariance_type == "full" and np.abs(x).max() >= 1e9))
     g = GaussianMixture(k, covariance_type=covariance_type, max_iter=3, random_state=0, device="cpu")
     try:
         quietly(g.fit, x)
@@ -298,3 +296,34 @@ def test_cosine_rows_beyond_float32_squares():
     lims, D, I = index.range_search(q, 0.5, nprobe=1)
     assert lims[1] - lims[0] == lims[2] - lims[1] > 0
     np.testing.assert_allclose(index.search(q, 3)[0][0], index.search(q, 3)[0][1], rtol=1e-6)
+
+
+def test_float64_lower_bound_with_a_far_component(tmp_path):
+    # The fuzzer's case: rows at -1e6 and a few ~1e14 away, float64, reg_covar 1. The E-step's
+    # offset (the largest component constant, ~1e13) rounded every log-likelihood to 1/256, and
+    # the third iteration's to -inf.
+    from flashgmm_ivf.eval.fuzz import run_case
+    result = run_case("gmm", 7661, {"tmp": tmp_path})
+    assert result["outcome"] == "ok", result
+
+
+def test_variances_below_float32_are_scored_in_float64():
+    # reg_covar=0 on rows of 1e-30: variances ~1e-61 overflow float32 precisions (NaN scores).
+    x = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32) * np.float32(1e-30)
+    g = quietly(GaussianMixture(2, covariance_type="spherical", reg_covar=0.0, max_iter=0, device="cpu",
+                                random_state=0).fit, x)
+    assert np.isfinite(g.score_samples(x)).all()
+
+
+def test_damaged_npy_header_inside_a_file_is_a_value_error(saved_gmm, tmp_path):
+    # An unbalanced bracket in a member's .npy header dict raised tokenize.TokenError.
+    from flashgmm_ivf.eval.fuzz import write_zip, zip_members
+    _, _, blob = saved_gmm
+    members = zip_members(blob)
+    raw = bytearray(members["weights.npy"])
+    raw[raw.index(b"}")] = ord("(")
+    members["weights.npy"] = bytes(raw)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(write_zip(members))
+    with pytest.raises(ValueError, match="bad.npz"):
+        GaussianMixture.load(bad)

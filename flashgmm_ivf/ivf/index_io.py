@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
-import zlib
 
 import faiss
 import numpy as np
 
-from .._io import checksum
+from .._io import READ_ERRORS, checksum
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration
 from .index import GMMIndexIVF, stored_ids
@@ -101,7 +99,7 @@ def read_index(path) -> GMMIndexIVF:
             header_bytes, digest = npz["header"], npz["sha256"]
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error) as err:
+    except READ_ERRORS as err:
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
         raise ValueError(f"{path}: malformed header or checksum member")
