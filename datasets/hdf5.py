@@ -6,7 +6,7 @@ that are indexed.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,18 @@ class AnnBenchmarksFile:
     neighbors: h5py.Dataset | np.ndarray
     distances: h5py.Dataset | np.ndarray
     distance: str
+
+
+@contextmanager
+def _readable(path: Path):
+    """HDF5 library errors of a damaged file (h5py raises OSError, KeyError or RuntimeError for
+    a bad superblock, object header or heap) as a ValueError naming the file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable HDF5 file (damaged or truncated?): {err}") from err
 
 
 def _dataset(f: h5py.File, key: str, path: Path) -> h5py.Dataset:
@@ -94,7 +106,7 @@ def read_ann_hdf5(path, *, lazy: bool = True) -> AnnBenchmarksFile:
         row is named).
     """
     path = Path(path)
-    with ExitStack() as stack:
+    with ExitStack() as stack, _readable(path):
         f = stack.enter_context(h5py.File(path, "r"))
         missing = [k for k in ANN_KEYS if k not in f]
         if missing:
@@ -154,7 +166,7 @@ def read_hdf5_vectors(path, key: str, *, start: int = 0,
         memory (h5py has no lazy row views).
     """
     path = Path(path)
-    with ExitStack() as stack:
+    with ExitStack() as stack, _readable(path):
         f = stack.enter_context(h5py.File(path, "r"))
         ds = _dataset(f, key, path)
         start, stop = row_window(ds.shape[0], start, count, f"{path}[{key!r}]")

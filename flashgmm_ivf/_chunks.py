@@ -153,9 +153,12 @@ def _count_nonfinite(block) -> int:
 
 
 # Block dtypes that travel to the device as they are: uint8/int8 stay compact (the kernels
-# widen them), float64 stays exact; anything else becomes float32.
+# widen them), float64 stays exact; integers of more than 16 bits become float64 (float32
+# would round 2**24 + 1); anything else becomes float32.
 _KEPT_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8,
                 np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+_WIDE_INTEGERS = {np.dtype(t) for t in (np.int32, np.uint32, np.int64, np.uint64)}
+_WIDE_INTEGER_TENSORS = {torch.int32, torch.int64, torch.uint32, torch.uint64}
 # Blocks read ahead (pinned buffers) and blocks handed out whose compute may still run:
 # one being read, one being copied, one being computed on.
 PREFETCH_DEPTH = 3
@@ -168,7 +171,11 @@ READER_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 def kept_dtype(block) -> torch.dtype:
     """The dtype ``to_tensor`` gives ``block`` on the device."""
     if isinstance(block, torch.Tensor):
+        if block.dtype in _WIDE_INTEGER_TENSORS:
+            return torch.float64
         return block.dtype if block.dtype in _KEPT_DTYPES.values() else torch.float32
+    if np.dtype(block.dtype) in _WIDE_INTEGERS:
+        return torch.float64
     return _KEPT_DTYPES.get(np.dtype(block.dtype), torch.float32)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tokenize
 import zipfile
 import zlib
 
@@ -26,9 +27,10 @@ _ARRAYS = ("weights", "means", "covariances")
 _SAVED_PARAMS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
                  "random_state", "warm_start", "verbose", "device", "chunk_size", "compute_dtype", "precision",
                  "variance_floor", "estep", "n_candidates", "n_neighbors")
-# Errors numpy's zip reader raises for damaged archives besides ValueError/OSError.
-_READ_ERRORS = (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error, NotImplementedError,
-                RuntimeError, TypeError, AttributeError)
+# Errors numpy's zip reader raises for damaged archives besides ValueError/OSError (a damaged
+# .npy header dict fails in Python's tokenizer).
+READ_ERRORS = (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error, NotImplementedError,
+                RuntimeError, TypeError, AttributeError, SyntaxError, tokenize.TokenError)
 
 
 def save_mixture(gmm, path):
@@ -62,7 +64,7 @@ def load_mixture(cls, path):
             members = {m: npz[m] for m in ("header", "checksum") + _ARRAYS}
     except FileNotFoundError:
         raise
-    except _READ_ERRORS as err:  # TypeError/AttributeError: np.load gave a plain array, not an archive
+    except READ_ERRORS as err:  # TypeError/AttributeError: np.load gave a plain array, not an archive
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
     header_bytes, digest = members["header"], members["checksum"]
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":

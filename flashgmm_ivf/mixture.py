@@ -16,7 +16,7 @@ from ._mstep import (COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, EMState, kernel_p
                      precisions_cholesky)
 from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFittedError
 from ._validation import Instances, Integer, Options, Real, as_rows, validate_params
-from .kernels import EStepResult
+from .kernels import EStepResult, NaturalParams
 from .kernels.truncated import TruncatedEStep
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -530,14 +530,21 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _recentre(self, state):
         """Move the shift to the weighted mean of the means; fill in precisions_cholesky."""
-        # A float32-representable shift: the kernels subtract it in float32, exactly.
-        shift = (state.shift + state.weights @ state.means).float().double()
+        # float32 E-steps: a float32-representable shift, which the kernels subtract in float32
+        # exactly. float64 ones keep it as it is: rounded, data far from the origin (1e15) would
+        # sit ~1e7 from it, and the variances (E[x^2] - mean^2 about the shift) lose their digits.
+        shift = state.shift + state.weights @ state.means
+        if self.compute_dtype != "float64":
+            shift = shift.float().double()
         return EMState(state.weights, state.means - (shift - state.shift), state.cov,
                       precisions_cholesky(state.cov, self.covariance_type), shift)
 
-    def _kernel_params(self, state, device, dtype=None):
-        """The E-step's parameters in ``dtype`` (default: ``compute_dtype``)."""
+    def _kernel_params(self, state, device, dtype=None, centres=None):
+        """The E-step's parameters in ``dtype`` (default: ``compute_dtype``); diag and spherical
+        ones carry the means in the data's coordinates (``centres``, default the state's)."""
         params = kernel_params(state.weights, state.means, state.cov, state.prec_chol, self.covariance_type)
+        if isinstance(params, NaturalParams):
+            params = params._replace(centres=state.means + state.shift if centres is None else centres)
         if dtype is None:
             dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
         return params.to(device=device, dtype=dtype)
@@ -606,7 +613,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self._check_parameters()
         device = self._device()
         state = self._state(device)
-        params = self._kernel_params(state, device)
+        # The fitted means themselves, not the state's (relative to a recentred shift, rounded).
+        centres = torch.as_tensor(self.means_, dtype=torch.float64, device=device)
+        params = self._kernel_params(state, device, centres=centres)
         wide = params if params[0].dtype == torch.float64 else None
         prec_max = _largest_precisions(state.cov, self.covariance_type, self.means_.shape[1])
         X = as_rows(X)
@@ -623,13 +632,18 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             # float64, and one too far out for float64 is refused.
             xc = x.to(torch.float64) - state.shift
             reach = float(((xc * xc) @ prec_max).max())
+            # The float32 design holds x**2 itself: rows beyond ~1e19 overflow it whatever the variances.
+            far = float((xc * xc).sum(1).max()) > FLOAT32_REACH
             if reach > FLOAT64_REACH:
                 row = int(((xc * xc) @ prec_max).argmax())
                 raise ValueError(f"X row {offset + row} lies too far from every component for float64 log-densities "
                                  f"(squared Mahalanobis distance ~{reach:.3g}): rescale X as the training data")
-            if reach > FLOAT32_REACH and wide is None:
-                wide = self._kernel_params(state, device, torch.float64)
-            yield offset, x, (params if reach <= FLOAT32_REACH else wide), state.shift
+            # Precisions beyond float32 (variances below ~1e-30: data of that scale with
+            # reg_covar=0) overflow the float32 parameters themselves.
+            far = far or reach > FLOAT32_REACH or float(prec_max.max()) > FLOAT32_REACH
+            if far and wide is None:
+                wide = self._kernel_params(state, device, torch.float64, centres=centres)
+            yield offset, x, (wide if far else params), state.shift
 
     def _scan(self, X, per_block):
         """Apply ``per_block(x, params, shift)`` over the blocks of X; concatenate on the host."""
@@ -673,7 +687,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Responsibilities, shape (n_samples, n_components), float64 (materialises n x K: the caller asked)."""
         def block(x, params, shift):
             ll = self._weighted_log_prob(x, params, shift).double()
-            return torch.exp(ll - torch.logsumexp(ll, 1, keepdim=True))
+            p = torch.exp(ll - torch.logsumexp(ll, 1, keepdim=True))
+            # Rows far from every component have log-densities so large (~1e30 and beyond) that
+            # ll - logsumexp rounds to 0 for several components: normalise so every row sums to 1.
+            return p / p.sum(1, keepdim=True)
         return self._scan(X, block)
 
     def bic(self, X):

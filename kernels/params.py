@@ -31,18 +31,28 @@ class NaturalParams(NamedTuple):
     quad : Tensor of shape (K, D) (diag) or (K,) (spherical)
     lin : Tensor of shape (K, D)
     const : Tensor of shape (K,); ``-inf`` marks a component that takes no mass.
+    base : Tensor of shape (K,) or None
+        log pi - sum(log v) / 2 - D log(2 pi) / 2: ``const`` without the means' term, from
+        which float64 E-steps recompute log-densities as base - sum_d (x_d - mu_d)**2 / (2 v)
+        where the expanded form cancels (``reference``).
+    centres : Tensor of shape (K, D) or None
+        The means in the data's own coordinates (not relative to the shift), for that direct
+        form: a mean taken relative to a far shift has lost the digits that matter against a
+        small variance.
     """
 
     quad: torch.Tensor
     lin: torch.Tensor
     const: torch.Tensor
+    base: torch.Tensor | None = None
+    centres: torch.Tensor | None = None
 
     @property
     def diagonal(self) -> bool:
         return self.quad.dim() == 2
 
     def to(self, device=None, dtype=None) -> "NaturalParams":
-        return NaturalParams(*(t.to(device=device, dtype=dtype).contiguous() for t in self))
+        return NaturalParams(*(None if t is None else t.to(device=device, dtype=dtype).contiguous() for t in self))
 
 
 class CholeskyParams(NamedTuple):
@@ -84,8 +94,9 @@ def natural_params(weights, means, variances) -> NaturalParams:
             lin = means * precisions[:, None]
             maha = (means * means).sum(1) * precisions
             log_det = d * torch.log(variances)
-        const = log_w - 0.5 * maha - 0.5 * log_det - 0.5 * d * math.log(2 * math.pi)
-    return NaturalParams(quad, lin, const)
+        base = log_w - 0.5 * log_det - 0.5 * d * math.log(2 * math.pi)
+        const = base - 0.5 * maha
+    return NaturalParams(quad, lin, const, base)
 
 
 def split_offset(params: NaturalParams) -> tuple[NaturalParams, torch.Tensor]:
@@ -103,7 +114,8 @@ def split_offset(params: NaturalParams) -> tuple[NaturalParams, torch.Tensor]:
     finite = torch.isfinite(const)
     offset = torch.where(finite, const, float("-inf")).amax()
     offset = torch.where(finite.any(), offset, torch.zeros_like(offset))
-    return params._replace(const=const - offset), offset
+    base = None if params.base is None else params.base - offset
+    return params._replace(const=const - offset, base=base), offset
 
 
 class KernelWeights(NamedTuple):

@@ -42,17 +42,65 @@ MIN_BLOCK_ROWS = 64
 SPARSE_CUTOFF = 1e-12
 LOG_SPARSE_CUTOFF = math.log(SPARSE_CUTOFF)
 SPARSE_MAX_DENSITY = 0.02
+# float64 log-densities whose expanded form may have lost more than this relative precision are
+# recomputed directly (see _recompute_cancelled), DIRECT_BLOCK (row, component) pairs at a time.
+CANCELLED_RELATIVE = 1e-10
+DIRECT_BLOCK = 1 << 14
 
 
 def _centred(x: torch.Tensor, shift: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if shift is not None and x.dtype == torch.float64 and dtype != torch.float64:
+        # float64 rows are centred before rounding: rows far from the origin (1e12) would lose
+        # every digit of their offset from the shift to the float32 rounding of x itself.
+        return (x - shift.to(x.dtype)).to(dtype)
     x = x.to(dtype)
     return x - shift.to(dtype) if shift is not None else x
 
 
 def _centre_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """``out`` = x - shift, rounded as ``_centred`` rounds (x to out's dtype first)."""
+    """``out`` = x - shift, rounded as ``_centred`` rounds (x to out's dtype first, float64 rows after)."""
+    if shift is not None and x.dtype == torch.float64 and out.dtype != torch.float64:
+        return out.copy_(x - shift.to(device=x.device, dtype=x.dtype))
     out.copy_(x)
     return out if shift is None else out.sub_(shift.to(device=out.device, dtype=out.dtype))
+
+
+def _recompute_cancelled(ll: torch.Tensor, x: torch.Tensor, xc: torch.Tensor, params: NaturalParams) -> None:
+    """float64 log-densities whose expanded form cancelled, recomputed in place from (x - mu)**2.
+
+    The expanded form sum_d quad x_d**2 + lin x_d + const loses ~(D + 2) eps B nats, B <= |x|**2
+    max_d P_kd + sum_d P_kd mu_kd**2 the size of its terms (P the precisions, all about the
+    shift). Ordinary data keeps B within ~1e3 of the result; rows or means far out against a
+    small variance (entries of 1e15 beside unit ones) make it lose whole nats. Entries whose
+    bound exceeds ``CANCELLED_RELATIVE`` of their value are recomputed as
+    base_k - sum_d P_kd (x_d - mu_kd)**2 / 2, exact to a few ulps: from the rows ``x`` and
+    ``params.centres`` in the data's own coordinates when given (rows and means far from the
+    shift lose eps |x - shift| to it), else from ``xc`` and the means about the shift.
+    """
+    if ll.dtype != torch.float64 or params.base is None or not ll.numel():
+        return
+    prec = -2 * params.quad
+    means = params.lin / (prec if params.diagonal else prec[:, None])
+    prec_max = prec.amax(1) if params.diagonal else prec
+    means_term = (params.lin * means).sum(1)
+    loss = (xc.shape[1] + 2) * torch.finfo(torch.float64).eps / CANCELLED_RELATIVE
+    row_term, comp_term, const_term = (xc * xc).sum(1), prec_max * loss, means_term * loss - 1
+    if ll.device.type == "cpu":  # numpy's outer product and comparison: ~4x torch's on one core
+        bound = np.multiply.outer(row_term.numpy(), comp_term.numpy())
+        bound += const_term.numpy()
+        flagged = torch.from_numpy(np.flatnonzero(bound > np.abs(ll.numpy())))
+    else:
+        flagged = torch.flatten(torch.outer(row_term, comp_term).add_(const_term) > ll.abs()).nonzero().squeeze(1)
+    for start in range(0, flagged.shape[0], DIRECT_BLOCK):
+        part = flagged[start:start + DIRECT_BLOCK]
+        rows, comps = part // ll.shape[1], part % ll.shape[1]
+        if params.centres is None:
+            diff = xc[rows] - means[comps]
+        else:
+            diff = x[rows].to(torch.float64) - params.centres[comps]
+        diff.square_()
+        maha = (diff * prec[comps]).sum(1) if params.diagonal else diff.sum(1) * prec[comps]
+        ll[rows, comps] = params.base[comps] - 0.5 * maha
 
 
 def design_weights(params: NaturalParams, dtype=None) -> torch.Tensor:
@@ -117,7 +165,10 @@ def weighted_log_prob(x, params, shift=None, *, dtype=torch.float64) -> torch.Te
     """
     if isinstance(params, CholeskyParams):
         return _full_log_prob(_centred(x, shift, dtype), _full_layout(params, dtype))
-    return design(x, shift, params.diagonal, dtype) @ design_weights(params, dtype).T
+    z = design(x, shift, params.diagonal, dtype)
+    ll = z @ design_weights(params, dtype).T
+    _recompute_cancelled(ll, x, z[:, :x.shape[1]], params)
+    return ll
 
 
 def block_rows(n_components: int, n_features: int, full: bool, dtype) -> int:
@@ -198,7 +249,10 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         k = layout[2].shape[0]
         width = d * d + d + 1
     else:
-        params, offset = split_offset(params)
+        if dtype != torch.float64:
+            # float32 keeps the volume term out (see split_offset); float64 has the digits, and
+            # an offset set by a far component's constant (~1e13) would round every row to ~1e-3.
+            params, offset = split_offset(params)
         weights = design_weights(params, dtype)
         k, width = weights.shape
     rows = min(n, chunk_size or block_rows(k, d, full, dtype))
@@ -222,6 +276,7 @@ def estep(x, params, shift=None, *, dtype=torch.float64, chunk_size=None) -> ESt
         else:
             zb = design(block, shift, params.diagonal, dtype, out=z)
             lb = torch.mm(zb, weights.T, out=ll[:m])
+            _recompute_cancelled(lb, block, zb[:, :d], params)
         acc += _block_stats(lb, zb, part, lz[:m])
         log_norm[start:start + m] = lz[:m]
     if full:

@@ -57,6 +57,7 @@ _REFIT_CHANGE = 0.1
 _CALIBRATION_ROWS = 2000
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
+_FP16_MAX = float(np.finfo(np.float16).max)
 _MAX_ID = np.iinfo(np.int64).max  # ids are int64 in [0, _MAX_ID)
 _ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
 _SEARCH_BLOCK = 4096  # queries per search step (bounds the over-fetch and deduplication temporaries)
@@ -431,6 +432,8 @@ class GMMIndexIVF:
         for start in tqdm(blocks, desc="add", unit="block", disable=len(blocks) < 4):
             xb, ib = x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK]
             lists = self.assign(xb, normalised=True)
+            if self.encoding == "SQfp16":
+                self._check_fp16_residuals(xb, lists, start)
             add_assigned(self.index, xb, lists, ib)
             self.calibration.update(xb, ib)
             self._max_dup = max(self._max_dup, int((lists >= 0).sum(1).max()))
@@ -438,6 +441,21 @@ class GMMIndexIVF:
             self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
         self._synced_entries, self._sizes = self.index.ntotal, None
+
+    def _check_fp16_residuals(self, x, lists, offset):
+        """SQfp16 stores each residual x - mu_list in float16: one beyond its range would be stored
+        as infinity (distances inf, the vector never found), so such rows are refused."""
+        means = self.gmm.means_.astype(np.float32)
+        largest = np.zeros(x.shape[0])
+        for j in range(lists.shape[1]):
+            held = lists[:, j] >= 0
+            largest[held] = np.maximum(largest[held], np.abs(x[held] - means[lists[held, j]]).max(1))
+        bad = np.flatnonzero(largest > _FP16_MAX)
+        if bad.size:
+            raise ValueError(f"encoding 'SQfp16' stores residuals as float16 (|value| <= {_FP16_MAX:g}): {bad.size} "
+                             f"row(s) lie further from their list's mean, the first is row {offset + int(bad[0])} "
+                             f"({largest[bad[0]]:.3g}); rescale the data or use SQ8 / Flat"
+                             + (f" (rows before {offset} were added)" if offset else ""))
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
@@ -540,8 +558,11 @@ class GMMIndexIVF:
         if ef is not None and saved_ef is not None:
             self.hnsw_ef_search = ef
         stats = SearchStats()
-        D = np.empty((x.shape[0], k), np.float32)
-        I = np.empty((x.shape[0], k), np.int64)
+        try:
+            D = np.empty((x.shape[0], k), np.float32)
+            I = np.empty((x.shape[0], k), np.int64)
+        except MemoryError as err:  # numpy refuses the allocation at once: the caller's k, not an exhausted heap
+            raise ValueError(f"k={k}: the ({x.shape[0]}, {k}) results do not fit in memory ({err})") from err
         try:
             # Blocks of queries bound the over-fetch (k x copies per row) and deduplication
             # temporaries to a fixed size, whatever nq.
@@ -669,7 +690,7 @@ class GMMIndexIVF:
 
     def _resync(self):
         """Recount the distinct ids of the inner index; refresh the calibration when vectors went away."""
-        stored = _stored_ids(self.index)
+        stored = stored_ids(self.index)
         removed = self._ntotal - stored.size
         self._ntotal, self._synced_entries, self._sizes = int(stored.size), self.index.ntotal, None
         if removed and self.calibration is not None:
@@ -784,10 +805,11 @@ class GMMIndexIVF:
                 bad = np.flatnonzero(zero)
                 raise ValueError(f"{name} has {bad.size} zero row(s) (no direction for metric 'cosine'); "
                                  f"the first is row {int(bad[0])}")
-            x = x.copy()
-            faiss.normalize_L2(x)
+            # In float64: faiss.normalize_L2 sums squares in float32, which overflow from |x| ~ 1.8e19.
+            norms = np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
+            x = (x / norms[:, None]).astype(np.float32)
         elif max(-low, high) * math.sqrt(self._d) > _MAX_NORM:
-            norms = np.sqrt(np.einsum("nd,nd->n", x.astype(np.float64), x.astype(np.float64)))
+            norms = np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
             if (norms > _MAX_NORM).any():
                 bad = np.flatnonzero(norms > _MAX_NORM)
                 raise ValueError(f"{name} has {bad.size} row(s) with norm above {_MAX_NORM:.3g} (first: row "
@@ -872,7 +894,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
     return GMMIndexIVF(d, nlist, encoding, metric, **parsed)
 
 
-def _stored_ids(index_ivf) -> np.ndarray:
+def stored_ids(index_ivf) -> np.ndarray:
     """The distinct ids held in an IndexIVF's inverted lists."""
     invlists = index_ivf.invlists
     parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()

@@ -24,26 +24,25 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
-import zlib
 
 import faiss
 import numpy as np
 
-from .._io import checksum
+from .._io import READ_ERRORS, checksum
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration
-from .index import GMMIndexIVF
+from .index import GMMIndexIVF, stored_ids
 from .probing import ProbeTable, ProbeTables
 from .quantizer import SUPPORTED_IVF
 
-__all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION", "FILE_ARRAYS"]
 
 FORMAT = "flashgmm_ivf.GMMIndexIVF"
 FORMAT_VERSION = 3
 _TABLE = ("table_edges", "table_recall", "table_cost", "table_counts", "table_widths", "table_bins")
 _CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances", "calibration_self_pending")
-_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
+# Members the SHA-256 covers after the header, in this order.
+FILE_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
 
 
 def write_index(index: GMMIndexIVF, path) -> None:
@@ -77,7 +76,7 @@ def write_index(index: GMMIndexIVF, path) -> None:
         "faiss_version": faiss.__version__,
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
-    digest = checksum(header_bytes, arrays, _ARRAYS)
+    digest = checksum(header_bytes, arrays, FILE_ARRAYS)
     with open(path, "wb") as f:
         np.savez(f, header=np.frombuffer(header_bytes, np.uint8), sha256=np.array(digest), **arrays)
 
@@ -98,18 +97,18 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: not a {FORMAT} file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [m for m in ("header", "sha256") + _ARRAYS if m not in npz.files]
+            missing = [m for m in ("header", "sha256") + FILE_ARRAYS if m not in npz.files]
             if missing:
                 raise ValueError(f"members {missing} are missing")
-            arrays = {m: npz[m] for m in _ARRAYS}
+            arrays = {m: npz[m] for m in FILE_ARRAYS}
             header_bytes, digest = npz["header"], npz["sha256"]
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error) as err:
+    except READ_ERRORS as err:
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
         raise ValueError(f"{path}: malformed header or checksum member")
-    if checksum(header_bytes.tobytes(), arrays, _ARRAYS) != str(digest):
+    if checksum(header_bytes.tobytes(), arrays, FILE_ARRAYS) != str(digest):
         raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
     header = _header(path, header_bytes.tobytes())
     for member in ("faiss_index", "gmm"):
@@ -131,6 +130,7 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: settings in the header are invalid: {err}") from err
     index.gmm_params = header["gmm_params"]
     _check_inner(path, inner, index, header, gmm)
+    _check_counters(path, inner, header)
     index.index = inner
     index.index.nprobe = index.nprobe
     index._ntotal, index._next_id, index._max_dup = header["ntotal"], header["next_id"], header["max_dup"]
@@ -191,6 +191,18 @@ def _check_inner(path, inner, index, header, gmm):
     if gmm.means_.shape != (index.nlist, index.d) or not np.array_equal(
             quantizer.reconstruct_n(0, index.nlist), gmm.means_.astype(np.float32)):
         raise ValueError(f"{path}: the quantizer's centroids differ from the stored GMM means")
+
+
+def _check_counters(path, inner, header):
+    """The header's counters against the ids the lists hold: ntotal distinct ids, next_id past
+    the largest (a smaller one would make ``add`` reuse ids), max_dup at most the entries."""
+    ids = stored_ids(inner)
+    if header["ntotal"] != ids.size:
+        raise ValueError(f"{path}: header says ntotal={header['ntotal']}, but the lists hold {ids.size} distinct ids")
+    if ids.size and header["next_id"] <= int(ids[-1]):
+        raise ValueError(f"{path}: header says next_id={header['next_id']}, but the lists hold id {int(ids[-1])}")
+    if not 1 <= header["max_dup"] <= max(1, inner.ntotal):  # copies of one id: at most every entry
+        raise ValueError(f"{path}: header field max_dup={header['max_dup']} is outside [1, {max(1, inner.ntotal)}]")
 
 
 def _calibration(path, arrays, index, header) -> Calibration:

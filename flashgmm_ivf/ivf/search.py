@@ -109,6 +109,10 @@ def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int, *, ef_sea
         raise ValueError(f"depth must be <= nlist={index_ivf.nlist}, got {depth}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     quantizer = faiss.downcast_index(index_ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW) and depth == index_ivf.nlist:
+        # Every list: read from the graph's flat storage, as a walk may miss some of them.
+        coarse_dis, list_nos = faiss.downcast_index(quantizer.storage).search(x, depth)
+        return coarse_dis, list_nos, x.shape[0] * int(index_ivf.nlist)
     if isinstance(quantizer, faiss.IndexHNSW):
         ef = int(quantizer.hnsw.efSearch) if ef_search is None else check_positive_int(ef_search, "ef_search")
         params = faiss.SearchParametersHNSW(efSearch=max(ef, depth))
