@@ -45,7 +45,7 @@ SUB_BLOCK_ROWS = 32768
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(means, precisions, consts) in float32 from natural parameters (worked out in float64):
     log pi_k + log N(x | k) = consts_k - 1/2 sum_d precisions_kd (x_d - means_kd)^2."""
-    quad, lin, const = (t.double() for t in params)
+    quad, lin, const = (t.double() for t in (params.quad, params.lin, params.const))
     prec = -2.0 * quad
     means = lin / (prec if params.diagonal else prec[:, None])
     consts = const + 0.5 * (lin * means).sum(1)

@@ -165,7 +165,9 @@ def test_fuzz_harness_quick_run(tmp_path):
     out = tmp_path / "fuzz.json"
     done = subprocess.run([sys.executable, "-m", "flashgmm_ivf.eval.fuzz", "--inputs", "27", "--files", "10",
                            "--data-files", "8", "--jobs", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=600, check=False,
+                          cwd=tmp_path)  # not the repository root, whose source folder would shadow the package
+    assert out.exists(), done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert sum(g["cases"] for g in report["groups"].values()) == 45
     assert report["failures"] == [], done.stdout[-3000:]
