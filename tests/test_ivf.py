@@ -748,3 +748,14 @@ def test_bad_input(fashion, fashion_index):
         GMMIndexIVF(8, 4, metric="hamming")
     with pytest.raises(ValueError, match="metric 'ip' supports probe='fixed'"):
         GMMIndexIVF(8, 4, metric="ip", probe="adaptive")
+
+
+def test_copies_budget_holds_when_the_training_rows_are_added():
+    # The spill threshold is a quantile over all training rows, held-out calibration rows
+    # included: adding the training rows themselves gives the budget to one row.
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3000, 12)) + 4 * rng.standard_normal((30, 12))[rng.integers(0, 30, 3000)]).astype(np.float32)
+    index = index_factory(12, "IVF32_GMM(copies=1.4),Flat")
+    index.train(x)
+    index.add(x)
+    assert abs(index.copies_per_vector - 1.4) <= 1.5 / len(x)

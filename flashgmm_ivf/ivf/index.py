@@ -379,7 +379,9 @@ class GMMIndexIVF:
                 graph = faiss.IndexHNSWFlat(self._d, int(match.group(2) or 32), self.index.metric_type)
                 faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, graph)
             self.index.nprobe = self._nprobe
-            rows = x[fit_rows[:: max(1, len(fit_rows) // _THRESHOLD_ROWS)]]
+            # All training rows, not only those the partition was fitted on: the vectors added
+            # later were not fitted either, and fitted rows sit closer to their means.
+            rows = x[:: max(1, len(x) // _THRESHOLD_ROWS)]
             score = spill_scores(self.gmm, rows, partition=self.partition, spill_rule=self.spill)[2]
             self.spill_threshold = spill_threshold(score, self.copies)
             bar.update()
