@@ -797,18 +797,25 @@ def gmm_member_edit(rng, members: dict) -> str:
     return how
 
 
-def case_gmm_file(rng, trace, ctx):
-    base = pick(rng, ctx["base"]["gmm"])
+def damaged_copy(rng, base, ctx, member_edit, byte_share):
+    """A damaged copy of the file ``base``: raw byte damage (with probability ``byte_share``)
+    or an edit of its archive members; returns (how, path)."""
     blob = Path(base).read_bytes()
-    original = GaussianMixture.load(base)
-    if rng.random() < 0.5:
+    if rng.random() < byte_share:
         how, blob = byte_damage(rng, blob)
     else:
         members = zip_members(blob)
-        how = gmm_member_edit(rng, members)
+        how = member_edit(rng, members)
         blob = write_zip(members, compress=rng.random() < 0.2)
     path = ctx["tmp"] / f"damaged_{os.getpid()}.npz"
     path.write_bytes(blob)
+    return how, path
+
+
+def case_gmm_file(rng, trace, ctx):
+    base = pick(rng, ctx["base"]["gmm"])
+    original = GaussianMixture.load(base)
+    how, path = damaged_copy(rng, base, ctx, gmm_member_edit, byte_share=0.5)
     trace.at(f"GaussianMixture.load[{how.split('+')[0]}]")
     g = GaussianMixture.load(path)
     same = all(np.array_equal(getattr(g, a), getattr(original, a)) for a in ("weights_", "means_", "covariances_")) \
@@ -903,17 +910,9 @@ def faiss_ids(inner):
 
 def case_index_file(rng, trace, ctx):
     base = pick(rng, ctx["base"]["index"])
-    blob = Path(base).read_bytes()
     ref = np.load(base.replace(".npz", "_ref.npz"))
     q = np.load(ctx["tmp"] / "index_queries.npy")
-    if rng.random() < 0.45:
-        how, blob = byte_damage(rng, blob)
-    else:
-        members = zip_members(blob)
-        how = index_member_edit(rng, members)
-        blob = write_zip(members, compress=rng.random() < 0.2)
-    path = ctx["tmp"] / f"damaged_{os.getpid()}.npz"
-    path.write_bytes(blob)
+    how, path = damaged_copy(rng, base, ctx, index_member_edit, byte_share=0.45)
     trace.at(f"read_index[{how.split('+')[0]}]")
     index = flashgmm_ivf.read_index(path)
     trace.at("search(after read)")
