@@ -551,6 +551,22 @@ def test_spill_threshold_meets_the_budget_row_by_row(fashion, rule):
         np.testing.assert_array_equal(blocks, lists)
 
 
+def test_spill_threshold_from_a_sample_is_a_ceiling():
+    """Set on a sample, the threshold keeps the whole population within the copies budget."""
+    rng = np.random.default_rng(0)
+    population = rng.standard_normal(400_000)
+    fractions = []
+    for _ in range(40):
+        sample = rng.choice(population, 20_000, replace=False)
+        fractions.append((population <= spill_threshold(sample, 1.5, population=population.size)).mean())
+        plain = (population <= spill_threshold(sample, 1.5)).mean()
+        assert abs(plain - 0.5) < 0.015
+    fractions = np.array(fractions)
+    assert (fractions <= 0.5).mean() >= 0.9 and 0.49 < fractions.mean() < 0.5 and fractions.min() > 0.48
+    # all rows given: the exact quantile, no margin
+    assert (population <= spill_threshold(population, 1.5, population=population.size)).mean() == 0.5
+
+
 def test_gmm_gaps_survive_underflow():
     """Gaps of hundreds of nats (responsibilities that underflow float32) still meet a budget."""
     rng = np.random.default_rng(0)

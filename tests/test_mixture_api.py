@@ -278,12 +278,13 @@ def test_float32_variance_floor_keeps_log_densities_exact_on_raw_data():
     float64 = gmm.set_params(compute_dtype="float64").score_samples(x[10000:])
     assert np.abs(float32 - float64).max() < 0.05
     assert gmm.covariances_.min() > 1e-3, "no component hit the floor: the test does not exercise it"
-    # The same fit without the floor (scikit-learn's model) collapses and float32 loses the thread.
+    # The same fit without the floor (scikit-learn's model) collapses below it: how far (1e-6 to
+    # 1e-4 of the data's variance ~400) depends on the CPU's float32 rounding along the EM path.
     gmm.set_params(compute_dtype="float32", variance_floor=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gmm.fit(x[:10000])
-    assert gmm.covariances_.min() < 1e-5
+    assert gmm.covariances_.min() < 1e-3
     for bad in ("none", -1.0, float("nan")):
         with pytest.raises(ValueError, match="variance_floor"):
             GaussianMixture(2, variance_floor=bad).fit(x[:100])
