@@ -332,6 +332,22 @@ def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
         assert index.quantizer_index.hnsw.nb_neighbors(1) == 16
 
 
+def test_graph_links_chosen_on_spaced_queries_tables_on_all(fashion, monkeypatch):
+    """The links are chosen on LINK_QUERIES evenly spaced calibration queries; the tables kept use every one."""
+    import flashgmm_ivf.ivf.calibration as calibration
+    index = build("IVF32_GMM,Flat", fashion)
+    cal = index.calibration
+    part = cal.spaced(500)
+    step = len(cal.queries) // 500
+    np.testing.assert_array_equal(part.queries, cal.queries[::step])
+    np.testing.assert_array_equal(part.ids, cal.ids[::step])
+    assert cal.spaced(len(cal.queries)) is cal
+    monkeypatch.setattr(calibration, "LINK_QUERIES", 500)
+    m, tables = calibration.fit_graph_and_table(index.index, cal, 16)
+    assert m in calibration.GRAPH_LINKS
+    assert all(table.counts.sum() == len(cal.queries) for table in tables.tables)
+
+
 def test_calibrated_graph_links(fashion, tmp_path):
     """coarse='hnsw': the depth table's fit keeps one of GRAPH_LINKS, the most unless fewer clearly save."""
     from flashgmm_ivf.ivf.calibration import GRAPH_LINKS, LINK_MARGIN, LINK_RECALLS, fit_graph_and_table, fit_table

@@ -17,6 +17,7 @@ copies (duplicates in the data) are counted.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -27,8 +28,8 @@ import numpy as np
 from .probing import SPREAD_RANK, ProbeTable, ProbeTables, distance_spread, list_members, neighbor_depths, scan_costs
 from .search import dedup_results, ranked_lists
 
-__all__ = ["GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_RECALLS", "SELF_TOLERANCE", "WIDTHS", "Calibration",
-           "fit_graph_and_table", "fit_table", "knn_l2", "table_depth"]
+__all__ = ["GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "SELF_TOLERANCE", "WIDTHS",
+           "Calibration", "fit_graph_and_table", "fit_table", "knn_l2", "table_depth"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
 # A stand-in's own copy: squared distance at most this x |q - m|^2, m the queries' mean (the
@@ -45,6 +46,7 @@ LINK_RECALLS = (0.8, 0.9, 0.95, 0.99)
 # Expected saving a graph with fewer links than the most in GRAPH_LINKS must show on the
 # calibration queries to be kept (see fit_graph_and_table).
 LINK_MARGIN = 0.1
+LINK_QUERIES = 2048  # calibration queries the choice of links is made on
 
 
 @dataclass
@@ -82,6 +84,14 @@ class Calibration:
     def _center(self) -> np.ndarray:
         """The queries' mean (d,), float32: the origin of the brute force's products."""
         return self.queries.mean(0, dtype=np.float64).astype(np.float32)
+
+    def spaced(self, n: int) -> Calibration:
+        """About n evenly spaced queries with their neighbours (self when it holds no more than 2n)."""
+        step = self.queries.shape[0] // max(1, n)
+        if step < 2:
+            return self
+        return dataclasses.replace(self, queries=self.queries[::step], ids=self.ids[::step],
+                                   distances=self.distances[::step], self_pending=self.self_pending[::step])
 
     @property
     def n_found(self) -> int:
@@ -244,7 +254,9 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
     """An HNSW graph over the index's means, its M calibrated, as the quantizer; the depth tables fitted on it.
 
     For each M of ``links`` a graph (``faiss.IndexHNSWFlat``, the old graph's efSearch) replaces
-    the quantizer and tables are fitted (:func:`fit_table`). Fewer links make every walk
+    the quantizer and tables are fitted (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced
+    calibration queries (enough to tell 10% apart); the tables of the graph kept are then
+    fitted on all of them. Fewer links make every walk
     cheaper but rank the lists less well; which wins depends on the data. The graph with the
     most links is kept unless one with fewer expects at least ``LINK_MARGIN`` (10%) fewer
     distance computations on the calibration queries (geometric mean over ``LINK_RECALLS``;
@@ -270,6 +282,7 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
     old = faiss.downcast_index(index_ivf.quantizer)
     means = old.reconstruct_n(0, index_ivf.nlist)
     ef = int(old.hnsw.efSearch) if isinstance(old, faiss.IndexHNSW) else None
+    subset = calibration.spaced(LINK_QUERIES)
     fitted = []
     for m in sorted({int(m) for m in links}, reverse=True):
         graph = faiss.IndexHNSWFlat(index_ivf.d, m, index_ivf.metric_type)
@@ -277,13 +290,15 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
             graph.hnsw.efSearch = ef
         graph.add(means)
         _set_quantizer(index_ivf, graph)
-        tables = fit_table(index_ivf, calibration, n_bins)
+        tables = fit_table(index_ivf, subset, n_bins)
         score = float(np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS]))
         fitted.append((score, m, graph, tables))
     densest = fitted[0]
     score, m, graph, tables = min([f for f in fitted if f[0] <= densest[0] + np.log(1 - LINK_MARGIN)] or [densest],
                                   key=lambda f: f[0])
     _set_quantizer(index_ivf, graph)
+    if subset is not calibration:
+        tables = fit_table(index_ivf, calibration, n_bins)
     return m, tables
 
 
