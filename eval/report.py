@@ -258,10 +258,9 @@ def main(argv=None) -> int:
         doc["summary"] = summarize(doc["rows"])
     text = "\n\n".join([args.title, summary_table(docs), LEGEND, "Runs (CPU: " + docs[0]["environment"]["device"]
                         + f", {docs[0]['environment']['cpu_count']} cores). Distance counts are exact and repeat "
-                          "from run to run; QPS is queries per CPU second of the sweep's process (time.process_time, "
-                          "one thread), so other processes on the machine do not count against it, though they still "
-                          "share its caches and memory bandwidth; QPS of methods measured in different parts of a "
-                          "sweep were not measured side by side:",
+                          "from run to run; QPS is " + docs[0]["config"]["qps"] + ", so other processes on the "
+                          "machine do not count against it, though they still share its caches and memory bandwidth; "
+                          "QPS of methods measured in different parts of a sweep were not measured side by side:",
                         runs_table(docs),
                         "Goals: >= " + ", ".join(f"{GOALS[k]}x fewer than {YARDSTICKS[k]}" for k in YARDSTICKS)
                         + f" at each target, <= {MAX_COPIES} copies per vector, QPS at recall@10 = {QPS_TARGET} "
