@@ -332,6 +332,21 @@ def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
         assert index.quantizer_index.hnsw.nb_neighbors(1) == 16
 
 
+def test_default_calibration_rows_follow_the_documented_rule(fashion):
+    """At least nlist and 2,000; up to 4 x nlist and 8,192 while the brute force costs at most
+    4 k-means iterations over 256 x nlist rows; at most a quarter of the rows."""
+    from flashgmm_ivf.ivf.index import _calibration_rows
+    assert _calibration_rows(380_000, 2048) == 8192          # 4 x nlist capped
+    assert _calibration_rows(60_000, 1024) == 4096           # 4 x nlist
+    assert _calibration_rows(380_000, 1024) == 4 * 256 * 1024 * 1024 // 380_000  # the cost budget
+    assert _calibration_rows(5_000_000, 1024) == 2000        # the floor
+    assert _calibration_rows(100_000_000, 65536) == 65536    # nlist
+    assert _calibration_rows(6_000, 64) == 1500              # a quarter of the rows
+    base = fashion[0]
+    index = build("IVF32_GMM,Flat", fashion)
+    assert index.calibration.queries.shape[0] == min(2000, len(base) // 4)
+
+
 def test_graph_links_chosen_on_spaced_queries_tables_on_all(fashion, monkeypatch):
     """The links are chosen on LINK_QUERIES evenly spaced calibration queries; the tables kept use every one."""
     import flashgmm_ivf.ivf.calibration as calibration

@@ -52,15 +52,16 @@ _BINS = {"adaptive": 16, "radius": 16, "fixed": 1}
 # Refit the depth table at the next recall search once ntotal moved this much (relative)
 # since it was fitted: list sizes and neighbour distances change with the data.
 _REFIT_CHANGE = 0.1
-# Calibration rows held out of the training rows: at least nlist (so most lists hold some
-# query's neighbours) and 2,000, and 4 x nlist up to 8,192, at most a quarter of the rows.
-# More stand-ins give the depth table's 16 bins enough queries that their depths do not
-# chase noise: with one partition, 4 x nlist stand-ins instead of nlist cost 1-6% fewer
-# distance computations at recall 0.9-0.95 on SIFT, GloVe and MNIST test queries. Their
-# exact neighbours (a brute force at add, n_cal x n distances) stay a fraction of the
-# k-means (~19 x 256 nlist x nlist) up to a few million rows; the 8,192 cap bounds them beyond.
+# Calibration rows held out of the training rows (see _calibration_rows): at least nlist (so
+# most lists hold some query's neighbours) and 2,000; beyond that up to 4 x nlist and 8,192,
+# as their exact neighbours' cost allows; at most a quarter of the rows. More stand-ins give
+# the depth table's 16 bins enough queries that their depths do not chase noise: with one
+# partition, 4 x nlist stand-ins instead of nlist cost 1-6% fewer distance computations at
+# recall 0.9-0.95 on SIFT, GloVe and MNIST test queries. Their neighbours are a brute force
+# at add (n_cal x n distances), held to the cost of _CALIBRATION_ITERS k-means iterations
+# over 256 x nlist rows (the k-means runs ~19).
 _CALIBRATION_ROWS = 2000
-_CALIBRATION_PER_LIST, _CALIBRATION_CAP = 4, 8192
+_CALIBRATION_PER_LIST, _CALIBRATION_CAP, _CALIBRATION_ITERS = 4, 8192, 4
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -68,6 +69,13 @@ _MAX_ID = np.iinfo(np.int64).max  # ids are int64 in [0, _MAX_ID)
 _ADD_BLOCK = 65536  # rows per add step (bounds the temporaries of assignment and calibration)
 _SEARCH_BLOCK = 4096  # queries per search step (bounds the over-fetch and deduplication temporaries)
 _THRESHOLD_ROWS = 65536  # training rows the spill threshold is set on (a quantile: more add nothing)
+
+
+def _calibration_rows(n: int, nlist: int) -> int:
+    """Default stand-ins held out of n training rows (see ``_CALIBRATION_ROWS``)."""
+    affordable = _CALIBRATION_ITERS * POINTS_PER_LIST * nlist * nlist // max(1, n)
+    wanted = min(_CALIBRATION_PER_LIST * nlist, _CALIBRATION_CAP, affordable)
+    return min(max(_CALIBRATION_ROWS, nlist, wanted), n // 4)
 
 
 class GMMIndexIVF:
@@ -125,7 +133,8 @@ class GMMIndexIVF:
     max_iter : int, default 5
         EM iterations after the k-means start ('gmm'; exactly this many).
     calibration_rows : int, optional
-        Training rows held out as stand-in queries (default: 4 x nlist up to 8,192, at least nlist and 2,000,
+        Training rows held out as stand-in queries (default: at least nlist and 2,000; up to
+        4 x nlist and 8,192 while their exact neighbours cost no more than 4 k-means iterations;
         at most a quarter of the rows).
     random_state : int, default 1234
     gmm : GaussianMixture, optional
@@ -351,9 +360,7 @@ class GMMIndexIVF:
         """
         x = self._vectors(x, "x")
         n = x.shape[0]
-        n_cal = self.calibration_rows if self.calibration_rows is not None else \
-            min(max(_CALIBRATION_ROWS, self._nlist, min(_CALIBRATION_PER_LIST * self._nlist, _CALIBRATION_CAP)),
-                n // 4)
+        n_cal = self.calibration_rows if self.calibration_rows is not None else _calibration_rows(n, self._nlist)
         if n - n_cal < self._nlist:
             raise ValueError(f"training needs at least nlist={self._nlist} rows besides the {n_cal} calibration "
                              f"rows held out, got {n} rows")
