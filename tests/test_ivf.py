@@ -333,11 +333,14 @@ def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
 
 
 def test_default_calibration_rows_follow_the_documented_rule(fashion):
-    """At least nlist and 2,000; up to 4 x nlist and 8,192 while the brute force costs at most
-    4 k-means iterations over 256 x nlist rows; at most a quarter of the rows."""
+    """At least nlist and 2,000; up to 4 x nlist and 8,192 while they are at most 1/32 of the
+    rows and the brute force costs at most 4 k-means iterations over 256 x nlist rows; at most
+    a quarter of the rows."""
     from flashgmm_ivf.ivf.index import _calibration_rows
     assert _calibration_rows(380_000, 2048) == 8192          # 4 x nlist capped
-    assert _calibration_rows(60_000, 1024) == 4096           # 4 x nlist
+    assert _calibration_rows(200_000, 1024) == 4096          # 4 x nlist
+    assert _calibration_rows(60_000, 1024) == 2000           # 1/32 of the rows, below the floor
+    assert _calibration_rows(100_000, 1024) == 100_000 // 32  # 1/32 of the rows
     assert _calibration_rows(380_000, 1024) == 4 * 256 * 1024 * 1024 // 380_000  # the cost budget
     assert _calibration_rows(5_000_000, 1024) == 2000        # the floor
     assert _calibration_rows(100_000_000, 65536) == 65536    # nlist

@@ -54,14 +54,16 @@ _BINS = {"adaptive": 16, "radius": 16, "fixed": 1}
 _REFIT_CHANGE = 0.1
 # Calibration rows held out of the training rows (see _calibration_rows): at least nlist (so
 # most lists hold some query's neighbours) and 2,000; beyond that up to 4 x nlist and 8,192,
-# as their exact neighbours' cost allows; at most a quarter of the rows. More stand-ins give
-# the depth table's 16 bins enough queries that their depths do not chase noise: with one
-# partition, 4 x nlist stand-ins instead of nlist cost 1-6% fewer distance computations at
-# recall 0.9-0.95 on SIFT, GloVe and MNIST test queries. Their neighbours are a brute force
-# at add (n_cal x n distances), held to the cost of _CALIBRATION_ITERS k-means iterations
-# over 256 x nlist rows (the k-means runs ~19).
+# as long as they are at most 1 / _CALIBRATION_SHARE of the rows (held-out rows are lost to
+# the partition's fit) and their exact neighbours cost at most _CALIBRATION_ITERS k-means
+# iterations over 256 x nlist rows (the k-means runs ~19; the neighbours are a brute force
+# at add, n_cal x n distances); at most a quarter of the rows. More stand-ins give the depth
+# table's 16 bins enough queries that their depths do not chase noise: with one partition,
+# 4 x nlist stand-ins instead of nlist cost 1-4% fewer distance computations at recall
+# 0.9-0.95 on SIFT and GloVe test queries (nlist 2048); on 60K-row sets at nlist 1024,
+# 4,096 instead of 2,000 gave no gain over three partitions.
 _CALIBRATION_ROWS = 2000
-_CALIBRATION_PER_LIST, _CALIBRATION_CAP, _CALIBRATION_ITERS = 4, 8192, 4
+_CALIBRATION_PER_LIST, _CALIBRATION_CAP, _CALIBRATION_ITERS, _CALIBRATION_SHARE = 4, 8192, 4, 32
 # The largest row norm whose squared distances stay finite in float32: |x - y|^2 <= (|x| + |y|)^2 <= 4 max^2.
 _MAX_NORM = math.sqrt(float(np.finfo(np.float32).max) / 4)
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -74,7 +76,7 @@ _THRESHOLD_ROWS = 65536  # training rows the spill threshold is set on (a quanti
 def _calibration_rows(n: int, nlist: int) -> int:
     """Default stand-ins held out of n training rows (see ``_CALIBRATION_ROWS``)."""
     affordable = _CALIBRATION_ITERS * POINTS_PER_LIST * nlist * nlist // max(1, n)
-    wanted = min(_CALIBRATION_PER_LIST * nlist, _CALIBRATION_CAP, affordable)
+    wanted = min(_CALIBRATION_PER_LIST * nlist, _CALIBRATION_CAP, affordable, n // _CALIBRATION_SHARE)
     return min(max(_CALIBRATION_ROWS, nlist, wanted), n // 4)
 
 
@@ -134,8 +136,8 @@ class GMMIndexIVF:
         EM iterations after the k-means start ('gmm'; exactly this many).
     calibration_rows : int, optional
         Training rows held out as stand-in queries (default: at least nlist and 2,000; up to
-        4 x nlist and 8,192 while their exact neighbours cost no more than 4 k-means iterations;
-        at most a quarter of the rows).
+        4 x nlist and 8,192 while they are at most 1/32 of the rows and their exact neighbours
+        cost no more than 4 k-means iterations; at most a quarter of the rows).
     random_state : int, default 1234
     gmm : GaussianMixture, optional
         A fitted mixture to use as the partition (``train`` then only builds the rest).
