@@ -59,7 +59,7 @@ _REFIT_CHANGE = 0.1
 # iterations over 256 x nlist rows (the k-means runs ~19; the neighbours are a brute force
 # at add, n_cal x n distances); at most a quarter of the rows. More stand-ins give the depth
 # table's 16 bins enough queries that their depths do not chase noise: with one partition,
-# 4 x nlist stand-ins instead of nlist cost 1-4% fewer distance computations at recall
+# 4 x nlist stand-ins instead of nlist cost 1-5% fewer distance computations at recall
 # 0.9-0.95 on SIFT and GloVe test queries (nlist 2048); on 60K-row sets at nlist 1024,
 # 4,096 instead of 2,000 gave no gain over three partitions.
 _CALIBRATION_ROWS = 2000

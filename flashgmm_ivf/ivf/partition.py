@@ -216,7 +216,9 @@ def spill_scores(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_r
 
 
 def spill_threshold(score: np.ndarray, copies: float, population: int | None = None) -> float:
-    """The score below which ``(copies - 1) * n`` of the n rows get their second list (-inf: none).
+    """The score at or below which ``(copies - 1) * n`` of the n rows get their second list (-inf: none).
+
+    Fewer when the rows are a sample of a larger population (see ``population``).
 
     Parameters
     ----------
