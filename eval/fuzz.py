@@ -706,22 +706,11 @@ def resign(members: dict, header_key: str, digest_key: str, arrays) -> None:
 def byte_damage(rng, blob: bytes) -> tuple[str, bytes]:
     how = pick(rng, ["truncate", "flip", "flip", "overwrite", "zero_tail", "append", "zip_structure"])
     data = bytearray(blob)
-    if how == "truncate":
-        return how, bytes(data[: int(rng.integers(0, len(data)))])
-    if how == "flip":
-        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 5))):
-            data[pos] ^= 1 << int(rng.integers(8))
-        return how, bytes(data)
-    if how == "overwrite":
-        start = int(rng.integers(0, len(data)))
-        length = int(rng.integers(1, 64))
-        data[start:start + length] = rng.integers(0, 256, len(data[start:start + length]), dtype=np.uint8).tobytes()
-        return how, bytes(data)
+    if how in ("truncate", "flip", "overwrite", "append"):
+        return byte_damage_plain(rng, how, data, overwrite_max=64, append_max=100)
     if how == "zero_tail":
         start = int(rng.integers(0, len(data)))
         return how, bytes(data[:start]) + bytes(len(data) - start)
-    if how == "append":
-        return how, bytes(data) + rng.integers(0, 256, int(rng.integers(1, 100)), dtype=np.uint8).tobytes()
     # zip structure: a field of a local header, the central directory or its end record
     sig = pick(rng, [b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"])
     places = [i for i in range(len(data)) if data.startswith(sig, i)]
@@ -954,7 +943,8 @@ def data_damage(rng, suffix, blob: bytes) -> tuple[str, bytes]:
     return "header", bytes(data)
 
 
-def byte_damage_plain(rng, how, data):
+def byte_damage_plain(rng, how, data, *, overwrite_max=None, append_max=40):
+    """Truncate, flip bits, overwrite a run (16 bytes, or 1 to overwrite_max) or append (1 to append_max) bytes."""
     if how == "truncate":
         return how, bytes(data[: int(rng.integers(0, len(data)))])
     if how == "flip":
@@ -963,9 +953,10 @@ def byte_damage_plain(rng, how, data):
         return how, bytes(data)
     if how == "overwrite":
         start = int(rng.integers(0, len(data)))
-        data[start:start + 16] = rng.integers(0, 256, len(data[start:start + 16]), dtype=np.uint8).tobytes()
+        length = int(rng.integers(1, overwrite_max)) if overwrite_max else 16
+        data[start:start + length] = rng.integers(0, 256, len(data[start:start + length]), dtype=np.uint8).tobytes()
         return how, bytes(data)
-    return how, bytes(data) + rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8).tobytes()
+    return how, bytes(data) + rng.integers(0, 256, int(rng.integers(1, append_max)), dtype=np.uint8).tobytes()
 
 
 _RECORD = {".fvecs": (4, 4), ".ivecs": (4, 4), ".bvecs": (4, 1)}
