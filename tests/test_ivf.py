@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import faiss
+import faiss.contrib.ivf_tools
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
 from flashgmm_ivf.ivf import calibration as calibration_module
 from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, spill_scores, spill_threshold
+from flashgmm_ivf.ivf.quantizer import add_assigned
 from flashgmm_ivf.ivf.soft_assign import TopComponents
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -534,6 +536,40 @@ def test_ivfpq_equals_faiss_ivfpq(sift):
     decoded = reference.reconstruct_batch(I.ravel()).reshape(*I.shape, -1).astype(np.float64)
     expected = ((decoded - query[:, None, :].astype(np.float64)) ** 2).sum(2)
     np.testing.assert_allclose(D, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("encoding", ["Flat", "SQ8", "PQ16x4"])
+def test_add_assigned_holds_add_cores_entries(sift, encoding):
+    """Same codes, ids and order in every list as FAISS's add_preassigned column by column (primaries,
+    then copies), over two adds (the second appends to filled lists)."""
+    base, _, _, _ = sift
+    index = build(f"IVF32_GMM(iter=3,copies=1.5),{encoding}", sift)
+    lists = np.concatenate([index.assign(base[:2500]), index.assign(base[2500:])])
+    reference = faiss.clone_index(index.index)
+    reference.reset()
+    for rows in (slice(0, 2500), slice(2500, None)):
+        for col in range(lists.shape[1]):
+            held = (np.flatnonzero(lists[rows, col] >= 0) + (rows.start or 0)).astype(np.int64)
+            # A named ids array: add_preassigned keeps only a raw pointer to it.
+            faiss.contrib.ivf_tools.add_preassigned(reference, base[held], lists[held, col], held)
+    ours = faiss.clone_index(index.index)
+    ours.reset()
+    ids = np.arange(len(base), dtype=np.int64)
+    add_assigned(ours, base[:2500], lists[:2500], ids[:2500])
+    add_assigned(ours, base[2500:], lists[2500:], ids[2500:])
+    assert ours.ntotal == reference.ntotal == (lists >= 0).sum()
+    for l in range(ours.nlist):
+        n = reference.invlists.list_size(l)
+        assert ours.invlists.list_size(l) == n
+        np.testing.assert_array_equal(faiss.rev_swig_ptr(ours.invlists.get_ids(l), n),
+                                      faiss.rev_swig_ptr(reference.invlists.get_ids(l), n))
+        size = n * ours.code_size
+        np.testing.assert_array_equal(faiss.rev_swig_ptr(ours.invlists.get_codes(l), size),
+                                      faiss.rev_swig_ptr(reference.invlists.get_codes(l), size))
+    with pytest.raises(ValueError, match="row 3 has list 32"):
+        bad = lists[:5].copy()
+        bad[3, 0] = 32
+        add_assigned(ours, base[:5], bad, ids[:5])
 
 
 def test_ivfpq_with_copies_full_probe(sift):

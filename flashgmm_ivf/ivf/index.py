@@ -449,16 +449,21 @@ class GMMIndexIVF:
     def _add(self, x, ids):
         self._check_trained("add")
         n_before = self.ntotal  # notices direct changes of the inner index before adding to it
+        # Lists of every row first (refusing bad rows before anything is added), then one add:
+        # each list is resized once (``add_assigned``).
         blocks = range(0, x.shape[0], _ADD_BLOCK)
-        for start in tqdm(blocks, desc="add", unit="block", disable=len(blocks) < 4):
-            xb, ib = x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK]
-            lists = self.assign(xb, normalised=True)
+        assigned = []
+        for start in tqdm(blocks, desc="assign", unit="block", disable=len(blocks) < 4):
+            xb = x[start:start + _ADD_BLOCK]
+            assigned.append(self.assign(xb, normalised=True))
             if self.encoding == "SQfp16":
-                self._check_fp16_residuals(xb, lists, start)
-            add_assigned(self.index, xb, lists, ib)
-            self.calibration.update(xb, ib)
+                self._check_fp16_residuals(xb, assigned[-1], start)
+        if assigned:
+            lists = np.concatenate(assigned)
+            add_assigned(self.index, x, lists, ids)
+            for start in blocks:
+                self.calibration.update(x[start:start + _ADD_BLOCK], ids[start:start + _ADD_BLOCK])
             self._max_dup = max(self._max_dup, int((lists >= 0).sum(1).max()))
-        if x.shape[0]:
             self._ntotal = n_before + x.shape[0]
             self._next_id = max(self._next_id, int(ids.max()) + 1)
         self._synced_entries, self._sizes = self.index.ntotal, None
@@ -475,8 +480,7 @@ class GMMIndexIVF:
         if bad.size:
             raise ValueError(f"encoding 'SQfp16' stores residuals as float16 (|value| <= {_FP16_MAX:g}): {bad.size} "
                              f"row(s) lie further from their list's mean, the first is row {offset + int(bad[0])} "
-                             f"({largest[bad[0]]:.3g}); rescale the data or use SQ8 / Flat"
-                             + (f" (rows before {offset} were added)" if offset else ""))
+                             f"({largest[bad[0]]:.3g}); rescale the data or use SQ8 / Flat (nothing was added)")
 
     def assign(self, x, *, normalised=False) -> np.ndarray:
         """The lists each row of x would be added to (without adding).
