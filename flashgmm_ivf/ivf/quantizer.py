@@ -134,9 +134,10 @@ def add_assigned(index_ivf: faiss.IndexIVF, x: np.ndarray, lists: np.ndarray, id
     rows, list_nos = rows[order], list_nos[order]
     invlists = index_ivf.invlists
     counts = np.bincount(list_nos, minlength=nlist)
-    filled = np.array([invlists.list_size(int(l)) for l in range(nlist)], dtype=np.int64)
-    for l in np.flatnonzero(counts):
-        invlists.resize(int(l), int(filled[l] + counts[l]))
+    filled = np.zeros(nlist, dtype=np.int64)  # entries in each list so far (lists added to only)
+    for l in np.flatnonzero(counts).tolist():
+        filled[l] = invlists.list_size(l)
+        invlists.resize(l, int(filled[l] + counts[l]))
     for start in range(0, rows.size, block):
         r, ln = rows[start:start + block], list_nos[start:start + block]
         xs, ids_s = np.ascontiguousarray(x[r]), np.ascontiguousarray(ids[r])
