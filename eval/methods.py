@@ -119,23 +119,25 @@ class FaissIVF(Algorithm):
         Built already: take its k-means centroids (the same ``niter`` and ``seed`` give the
         same centroids) instead of running k-means again; ``build_s`` still counts that k-means.
     cache : str or Path, optional
-        Folder keeping the trained (empty) index, keyed by nlist, niter, seed and a digest of
-        the training rows, so a later sweep of the same set skips the k-means; ``build_s``
-        then counts the k-means seconds recorded when it ran.
+        Folder keeping the trained (empty) index, keyed by nlist, niter, seed, metric and a
+        digest of the training rows, so a later sweep of the same set skips the k-means;
+        ``build_s`` then counts the k-means seconds recorded when it ran.
+    metric : {'l2', 'ip'}, default 'l2'
     """
 
     yardstick = "ivf"
     coarse = ""
 
-    def __init__(self, nlist, *, niter=25, seed=1234, start_from=None, cache=None, name=None):
+    def __init__(self, nlist, *, niter=25, seed=1234, start_from=None, cache=None, metric="l2", name=None):
         super().__init__(name or f"FAISS IVF{nlist}{self.coarse},Flat")
         self.nlist, self.niter, self.seed, self.start_from = nlist, niter, seed, start_from
+        self.metric = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}[metric]
         self.cache = None if cache is None else Path(cache)
         self.index = self.centroids = None
 
     def build(self, train, base, learn=None):
         start = time.perf_counter()
-        self.index = faiss.index_factory(base.shape[1], f"IVF{self.nlist}{self.coarse},Flat")
+        self.index = faiss.index_factory(base.shape[1], f"IVF{self.nlist}{self.coarse},Flat", self.metric)
         ivf = faiss.extract_index_ivf(self.index)
         ivf.cp.niter, ivf.cp.seed = self.niter, self.seed
         cached = False
@@ -158,7 +160,9 @@ class FaissIVF(Algorithm):
         if self.cache is not None:
             sample = np.ascontiguousarray(train[:: max(1, len(train) // 4096)])
             digest = hashlib.sha256(sample.tobytes() + repr(train.shape).encode()).hexdigest()[:16]
-            path = self.cache / f"faiss-IVF{self.nlist}{self.coarse}-niter{self.niter}-seed{self.seed}-{digest}.index"
+            metric = "" if self.metric == faiss.METRIC_L2 else "-ip"
+            path = self.cache / (f"faiss-IVF{self.nlist}{self.coarse}{metric}-niter{self.niter}-seed{self.seed}-"
+                                 f"{digest}.index")
             if path.exists():
                 self.index = faiss.read_index(str(path))
                 self.kmeans_s = float(path.with_suffix(".seconds").read_text())
@@ -210,9 +214,9 @@ class FaissIVFHNSW(FaissIVF):
     yardstick = "ivf-hnsw"
 
     def __init__(self, nlist, *, M=32, niter=25, seed=1234, ef_search=EF_SEARCH, start_from=None, cache=None,
-                 name=None):
+                 metric="l2", name=None):
         self.coarse = f"_HNSW{M}"
-        super().__init__(nlist, niter=niter, seed=seed, start_from=start_from, cache=cache, name=name)
+        super().__init__(nlist, niter=niter, seed=seed, start_from=start_from, cache=cache, metric=metric, name=name)
         self.ef_search = tuple(ef_search)
 
     def curves(self):

@@ -50,10 +50,12 @@ DEFAULT_SPEC = "IVF{nlist}_GMM,Flat"
 # A method may start from one built before it (``built``: name -> algorithm): the HNSW yardstick
 # takes FAISS IVF's k-means centroids, as its own training would compute them.
 METHODS = {
-    "ivf": lambda nlist, built, cache: FaissIVF(nlist, cache=cache),
-    "ivf-hnsw": lambda nlist, built, cache: FaissIVFHNSW(nlist, start_from=built.get("ivf"), cache=cache),
-    "gmm": lambda nlist, built, cache: GMMIndex(DEFAULT_SPEC, nlist),
-    "gmm-lists": lambda nlist, built, cache: GMMIndex("IVF{nlist}_GMM(partition=gmm),Flat", nlist),
+    "ivf": lambda nlist, built, cache, metric: FaissIVF(nlist, cache=cache, metric=metric),
+    "ivf-hnsw": lambda nlist, built, cache, metric: FaissIVFHNSW(nlist, start_from=built.get("ivf"), cache=cache,
+                                                                 metric=metric),
+    "gmm": lambda nlist, built, cache, metric: GMMIndex(DEFAULT_SPEC, nlist, metric=metric),
+    "gmm-lists": lambda nlist, built, cache, metric: GMMIndex("IVF{nlist}_GMM(partition=gmm),Flat", nlist,
+                                                              metric=metric),
 }
 DEFAULT_METHODS = ("ivf", "ivf-hnsw", "gmm", "gmm+learn")
 QUICK_METHODS = ("ivf", "ivf-hnsw", "gmm")  # the bundled sample (no learn queries): about a minute on 2 cores
@@ -62,7 +64,8 @@ QUICK_METHODS = ("ivf", "ivf-hnsw", "gmm")  # the bundled sample (no learn queri
 # ---------------------------------------------------------------------- data
 @dataclass
 class Data:
-    """Base, test queries with ground truth, optional learn queries (all float32, searched by L2)."""
+    """Base, test queries with ground truth, optional learn queries (all float32), and the metric
+    ('l2', or 'ip': raw inner product) they are searched by."""
 
     name: str
     base: np.ndarray
@@ -70,10 +73,13 @@ class Data:
     gt: np.ndarray
     learn: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    metric: str = "l2"
 
 
-def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, max_learn=None, seed=1234) -> Data:
-    """A benchmark set as float32 L2 arrays with recall@100 ground truth.
+def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, max_learn=None, seed=1234,
+              inner_product=False) -> Data:
+    """A benchmark set as float32 arrays with recall@100 ground truth, searched by L2 (angular sets
+    normalised) or, with ``inner_product``, by raw inner product over the rows as stored.
 
     Parameters
     ----------
@@ -108,17 +114,22 @@ def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, m
         ds = ds.subset(max_base, seed=seed)
         info["subsample"] = (f"{max_base} base rows drawn without replacement by numpy default_rng({seed}), "
                              "kept in file order; ground truth recomputed exactly")
-    if ds.metric == "angular":
+    if inner_product:
+        info["inner_product"] = "rows as stored, searched by raw inner product (exact ground truth recomputed)"
+    elif ds.metric == "angular":
         info["angular"] = "rows L2-normalised, searched by L2 (same neighbour order as cosine)"
-    ds = ds.to_l2()
+    ds = ds if inner_product else ds.to_l2()
     base = np.ascontiguousarray(ds.base, dtype=np.float32)
     test = np.ascontiguousarray(ds.test[:max_queries], dtype=np.float32)
-    gt = (np.asarray(ds.gt[:max_queries, :K]) if ds.gt is not None and ds.gt.shape[1] >= K
-          else ground_truth(base, test, K, "l2"))
+    if inner_product:
+        gt = ground_truth(base, test, K, "ip")
+    else:
+        gt = (np.asarray(ds.gt[:max_queries, :K]) if ds.gt is not None and ds.gt.shape[1] >= K
+              else ground_truth(base, test, K, "l2"))
     learn = None
     if ds.learn is not None:
         learn = np.ascontiguousarray(ds.learn[:max_learn], dtype=np.float32)
-    return Data(dataset, base, test, gt.astype(np.int64), learn, info)
+    return Data(dataset, base, test, gt.astype(np.int64), learn, info, "ip" if inner_product else "l2")
 
 
 def recommended_nlist(n) -> int:
@@ -126,12 +137,13 @@ def recommended_nlist(n) -> int:
     return 2 ** round(math.log2(4 * math.sqrt(n)))
 
 
-def make_methods(names, nlist, cache=None):
+def make_methods(names, nlist, cache=None, metric="l2"):
     """Algorithms from ``--method`` values: names of ``METHODS`` or index_factory specs, either with '+learn'.
 
     A '+learn' method reads the index its base method built and refines it with
     ``calibrate(learn queries)``; the base method is swept too (added before it when not
-    listed). ``cache``: folder where the FAISS yardsticks keep their trained k-means.
+    listed). ``cache``: folder where the FAISS yardsticks keep their trained k-means; ``metric``: 'l2' or
+    'ip', given to every method.
     """
     built, out = {}, []
     for raw in names:
@@ -139,8 +151,8 @@ def make_methods(names, nlist, cache=None):
         learn = name.endswith("+learn")
         base_name = name[:-len("+learn")] if learn else name
         if base_name not in built:
-            built[base_name] = (METHODS[base_name](nlist, built, cache) if base_name in METHODS
-                                else GMMIndex(base_name, nlist))
+            built[base_name] = (METHODS[base_name](nlist, built, cache, metric) if base_name in METHODS
+                                else GMMIndex(base_name, nlist, metric=metric))
             out.append(built[base_name])
         if learn:
             prior = built[base_name]
@@ -206,7 +218,8 @@ def sweep(method, queries, gt, *, k=K, stop=STOP_RECALL):
 
 # ---------------------------------------------------------------------- driver
 def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out="sweep-results", prefix="sweep",
-        max_queries=1000, max_learn=None, max_base=None, seed=1234, merge=None, cache=None, quiet=False) -> dict:
+        max_queries=1000, max_learn=None, max_base=None, seed=1234, merge=None, cache=None, inner_product=False,
+        quiet=False) -> dict:
     """Run a sweep, print the table and write ``<prefix>_<dataset>.{csv,json,png,md}`` into ``out``.
 
     Parameters are the CLI options (see ``add_arguments``); ``nlist`` None: the power of
@@ -223,11 +236,11 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
     t0 = time.perf_counter()
     env = environment()
     data = load_data(dataset, data_dir=data_dir, max_base=max_base, max_queries=max_queries, max_learn=max_learn,
-                     seed=seed)
+                     seed=seed, inner_product=inner_product)
     n, d = data.base.shape
     nlist = recommended_nlist(n) if nlist is None else nlist
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    algorithms = make_methods(methods, nlist, cache)
+    algorithms = make_methods(methods, nlist, cache, data.metric)
     kept, earlier = _earlier_rows(merge, data, nlist, {m.name for m in algorithms})
     if data.learn is None:
         skipped = [m.name for m in algorithms if getattr(m, "calibrate", None) == "learn"]
@@ -255,6 +268,7 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
         for method in algorithms:
             method.remove_files()
     title = (f"{data.name}: {n:,} base x {d}, {len(data.test)} test queries, nlist {nlist}"
+             + (", raw inner product" if data.metric == "ip" else "")
              + (f" (base subsampled from {data.info['n_base_full']:,})" if "subsample" in data.info else ""))
     rows = kept + rows
     doc = {"title": title, "environment": env, "earlier_runs": earlier,
@@ -320,6 +334,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--merge", help="an earlier sweep JSON of the same set: its methods not run now are kept")
     parser.add_argument("--cache", help="folder where the FAISS yardsticks keep their trained k-means for later "
                                         "sweeps of the same set")
+    parser.add_argument("--inner-product", action="store_true",
+                        help="search by raw inner product over the rows as stored (exact ground truth recomputed); "
+                             "every method is built with METRIC_INNER_PRODUCT")
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -329,7 +346,8 @@ def run_args(args) -> int:
     methods = args.methods or (DEFAULT_METHODS if args.dataset else QUICK_METHODS)
     run(args.dataset, data_dir=args.data_dir, nlist=args.nlist, methods=methods,
         out=args.out, prefix=args.prefix, max_queries=args.max_queries, max_learn=args.max_learn,
-        max_base=args.max_base, seed=args.seed, merge=args.merge, cache=args.cache, quiet=args.quiet)
+        max_base=args.max_base, seed=args.seed, merge=args.merge, cache=args.cache,
+        inner_product=args.inner_product, quiet=args.quiet)
     return 0
 
 

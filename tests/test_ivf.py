@@ -267,6 +267,26 @@ def test_recall_target_is_met_and_costs_rise_with_it(fashion, fashion_index):
         fashion_index.recall = None
 
 
+def test_inner_product_depths_are_binned_and_meet_the_target(glove):
+    # Raw inner product (MIPS over unnormalised GloVe rows): the depth table bins queries by
+    # similarity_gap, and recall targets hold against exact inner-product neighbours.
+    base, query = glove[0], glove[1]
+    index = index_factory(base.shape[1], "IVF64_GMM,Flat", faiss.METRIC_INNER_PRODUCT, device="cpu")
+    index.train(base)
+    index.add(base)
+    I_ref = faiss.knn(query, base, K, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    costs, recalls = [], []
+    for target in (0.8, 0.9, 0.99):
+        D, I = index.search(query, K, recall=target)
+        assert_no_duplicates(I)
+        assert np.all(np.diff(D, axis=1) <= 0)  # similarities, best first
+        costs.append(index.last_stats.per_query)
+        recalls.append(recall_of(I, I_ref))
+    assert all((t.counts > 0).sum() > 8 for t in index.probe_table.tables)  # queries spread over the depth bins
+    assert recalls[1] > 0.85 and recalls[2] > 0.95, recalls
+    assert costs[0] < costs[1] < costs[2], costs
+
+
 def test_calibrate_with_queries(fashion):
     base, query, metric, learn = fashion
     index = build("IVF16_GMM(iter=2),Flat", fashion)
@@ -751,7 +771,7 @@ def test_factory_and_api(fashion):
     keywords = index_factory(784, "IVF16_GMM,Flat", coarse="flat", spill="none", probe="fixed")
     assert (keywords.coarse, keywords.spill, keywords.probe) == ("flat", "none", "fixed")
     ip = index_factory(50, "IVF8_GMM(spherical),Flat", faiss.METRIC_INNER_PRODUCT)
-    assert ip.metric == "ip" and ip.probe == "fixed" and ip.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert ip.metric == "ip" and ip.probe == "adaptive" and ip.index.metric_type == faiss.METRIC_INNER_PRODUCT
     assert index.index.quantizer.metric_type == faiss.METRIC_L2
 
 
@@ -832,8 +852,8 @@ def test_bad_input(fashion, fashion_index):
         cos.train(np.vstack([base[:1000], np.zeros((1, 784), np.float32)]))
     with pytest.raises(ValueError, match="metric must be"):
         GMMIndexIVF(8, 4, metric="hamming")
-    with pytest.raises(ValueError, match="metric 'ip' supports probe='fixed'"):
-        GMMIndexIVF(8, 4, metric="ip", probe="adaptive")
+    with pytest.raises(ValueError, match="metric 'ip' supports probe='adaptive' or 'fixed'"):
+        GMMIndexIVF(8, 4, metric="ip", probe="radius")
 
 
 def test_copies_budget_holds_when_the_training_rows_are_added():

@@ -7,12 +7,24 @@ import faiss
 import numpy as np
 import pytest
 from conftest import ivf_with_lists, kmeans_partition
+from flashgmm_ivf.datasets import exact_knn
 
 from flashgmm_ivf.cli import bundled_dataset
-from flashgmm_ivf.datasets import exact_knn
-from flashgmm_ivf.ivf.probing import (SPREAD_RANK, ProbeTable, ProbeTables, adaptive_lists, distance_spread,
-                                      enough_entries, list_members,
-                                      neighbor_depths, scan_costs, search_adaptive, truncate_lists)
+from flashgmm_ivf.ivf.probing import (
+    SPREAD_RANK,
+    ProbeTable,
+    ProbeTables,
+    adaptive_lists,
+    distance_spread,
+    enough_entries,
+    list_members,
+    neighbor_depths,
+    query_difficulty,
+    scan_costs,
+    search_adaptive,
+    similarity_gap,
+    truncate_lists,
+)
 from flashgmm_ivf.ivf.quantizer import add_assigned
 from flashgmm_ivf.ivf.search import SearchStats, ranked_lists, search_preassigned
 
@@ -238,6 +250,22 @@ def test_bad_input_raises(sift, kmeans_index, table):
                                    test.shape[1], NLIST)
     with pytest.raises(TypeError, match="IndexFlat or faiss.IndexHNSW"):
         ranked_lists(two_level, test, 4)
+
+
+def test_similarity_gap_is_the_score_gap_over_the_query_norm():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 8))
+    means = rng.normal(size=(40, 8))
+    scores = -np.sort(-(x @ means.T), axis=1)
+    gap = similarity_gap(scores, x, rank=6)
+    np.testing.assert_allclose(gap, (scores[:, 0] - scores[:, 5]) / np.linalg.norm(x, axis=1))
+    # Scaling a query scales all its scores: its feature (and so its depth bin) stays.
+    np.testing.assert_allclose(similarity_gap(3.0 * scores, 3.0 * x, rank=6), gap)
+    np.testing.assert_array_equal(query_difficulty(scores, x, 6, faiss.METRIC_INNER_PRODUCT), gap)
+    dis = rng.uniform(1, 2, size=(5, 40)).cumsum(1)
+    np.testing.assert_array_equal(query_difficulty(dis, x, 6, faiss.METRIC_L2), distance_spread(dis, 6))
+    with pytest.raises(ValueError, match="depth >= 2"):
+        similarity_gap(np.ones((3, 1)), x[:3])
 
 
 # ---------------------------------------------------------------------- first-walk widths of a graph quantizer

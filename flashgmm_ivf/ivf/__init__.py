@@ -20,10 +20,10 @@ an optional ``stats=SearchStats()`` argument (as FAISS's ``search_preassigned`` 
 from .calibration import Calibration
 from .index import PROBES, GMMIndexIVF, extract_index_ivf, index_factory
 from .index_io import read_index, write_index
-from .probing import ProbeTable, ProbeTables, adaptive_lists, distance_spread, search_adaptive
+from .probing import ProbeTable, ProbeTables, adaptive_lists, distance_spread, search_adaptive, similarity_gap
 from .pruning import halfspace_bounds, search_pruned
 from .search import SearchStats, dedup_results, ranked_lists, search_nprobe, search_preassigned
 
 __all__ = ["PROBES", "Calibration", "GMMIndexIVF", "ProbeTable", "ProbeTables", "SearchStats", "adaptive_lists", "dedup_results",
            "distance_spread", "extract_index_ivf", "halfspace_bounds", "index_factory", "ranked_lists", "read_index", "search_adaptive",
-           "search_nprobe", "search_preassigned", "search_pruned", "write_index"]
+           "search_nprobe", "search_preassigned", "search_pruned", "similarity_gap", "write_index"]

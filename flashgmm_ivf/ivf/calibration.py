@@ -25,7 +25,7 @@ import faiss
 import faiss.contrib.ivf_tools
 import numpy as np
 
-from .probing import SPREAD_RANK, ProbeTable, ProbeTables, distance_spread, list_members, neighbor_depths, scan_costs
+from .probing import SPREAD_RANK, ProbeTable, ProbeTables, list_members, neighbor_depths, query_difficulty, scan_costs
 from .search import dedup_results, ranked_lists
 
 __all__ = ["GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "SELF_TOLERANCE", "WIDTHS",
@@ -222,11 +222,10 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
     dis, lists, _ = ranked_lists(index_ivf, queries, depth)
     depths = neighbor_depths(lists, members, calibration.ids)
     costs = scan_costs(index_ivf, lists)
-    # The difficulty feature needs squared L2 distances; an inner-product index is binned as one.
-    binned = index_ivf.metric_type == faiss.METRIC_L2 and n_bins > 1
+    binned = n_bins > 1
 
     def feature(d, rank):
-        return distance_spread(d, rank) if binned else np.zeros(len(d))
+        return query_difficulty(d, queries, rank, index_ivf.metric_type) if binned else np.zeros(len(d))
     if not isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexHNSW):
         width = min(depth, SPREAD_RANK)
         return ProbeTables([ProbeTable.fit(feature(dis, width), depths, costs, n_bins=n_bins, width=width)])

@@ -95,7 +95,7 @@ class GMMIndexIVF:
         'cosine' normalises vectors and queries and indexes them by squared L2 (for unit
         rows |q - x|^2 = 2 - 2 cos), so every L2 rule (SOAR, the depth table, radius
         pruning) applies; search returns cosine similarities, largest first. 'ip' (raw
-        inner product) supports ``probe='fixed'`` only.
+        inner product) supports ``probe='adaptive'`` and ``'fixed'``.
     partition : {'kmeans', 'gmm'}, default 'kmeans'
         'gmm': a k-means start (``kmeans_iter`` iterations of ``faiss.Kmeans``) then
         ``max_iter`` EM iterations; primary list = most probable component. 'kmeans':
@@ -119,7 +119,8 @@ class GMMIndexIVF:
         against it.
     probe : {'adaptive', 'radius', 'fixed'}, default 'adaptive'
         How ``search(..., recall=r)`` sets each query's depth: 'adaptive' from a table of
-        16 difficulty bins (the spread of the query's nearest mean distances) calibrated
+        16 difficulty bins (the spread of the query's nearest mean distances; for 'ip' the
+        gap between its best and 32nd-best mean scores over its norm) calibrated
         for recall r; 'radius' the same depths as caps, then lists skipped whose half-space
         bound cannot beat the query's current 10th neighbour; 'fixed' one calibrated
         nprobe for all. ``search(..., nprobe=n)`` probes n lists ('radius' prunes within them).
@@ -209,7 +210,7 @@ class GMMIndexIVF:
     """
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
-                 coarse="hnsw", spill="soar", copies=1.5, probe=None, nprobe=1, recall=None, kmeans_iter=None,
+                 coarse="hnsw", spill="soar", copies=1.5, probe="adaptive", nprobe=1, recall=None, kmeans_iter=None,
                  max_iter=5, calibration_rows=None, random_state=1234, gmm=None, **gmm_params):
         self._d = check_positive_int(d, "d")
         self._nlist = check_positive_int(nlist, "nlist")
@@ -227,13 +228,11 @@ class GMMIndexIVF:
             raise ValueError(f"spill must be one of {SPILLS}, got {spill!r}")
         if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= 2:
             raise ValueError(f"copies must be a number in [1, 2] (mean lists per vector), got {copies!r}")
-        if probe is None:  # the table's difficulty feature and radius bounds need L2 geometry
-            probe = "fixed" if self.metric == "ip" else "adaptive"
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-        if self.metric == "ip" and probe != "fixed":
-            raise ValueError(f"probe={probe!r} needs L2 geometry; metric 'ip' supports probe='fixed' "
-                             "(for normalised data use metric='cosine')")
+        if self.metric == "ip" and probe == "radius":
+            raise ValueError("probe='radius' bounds lists by L2 half-spaces; metric 'ip' supports probe='adaptive' "
+                             "or 'fixed' (for normalised data use metric='cosine')")
         self.partition, self.covariance_type, self.coarse = partition, covariance_type, str(coarse)
         self.spill, self.copies, self.probe = spill, float(copies), probe
         self.kmeans_iter = check_positive_int(kmeans_iter if kmeans_iter is not None else

@@ -10,7 +10,8 @@ of them a query scans.
 The rule: queries are binned by a difficulty feature computed from the coarse step alone,
 :func:`distance_spread` = log(d_m / d_1), the spread of the squared distances to the m
 nearest means (a query whose means are all about as far as the nearest one has its
-neighbours scattered over many lists). On calibration queries with known neighbours a
+neighbours scattered over many lists); under inner product, :func:`similarity_gap` =
+(s_1 - s_m) / |q|, the same idea for the m best mean scores. On calibration queries with known neighbours a
 :class:`ProbeTable` records, per bin, the recall@k and the codes scanned at every depth
 (summed over the bin); asked for a recall it picks every bin's depth by one Lagrange
 multiplier (the codes one unit of recall is worth), found by bisection so that the
@@ -33,7 +34,8 @@ from .._validation import check_positive_int
 from .search import SearchStats, ranked_lists, search_preassigned
 
 __all__ = ["ListMembers", "ProbeTable", "ProbeTables", "adaptive_lists", "distance_spread", "enough_entries",
-           "list_members", "list_sizes", "neighbor_depths", "scan_costs", "search_adaptive", "truncate_lists"]
+           "list_members", "list_sizes", "neighbor_depths", "query_difficulty", "scan_costs", "search_adaptive",
+           "similarity_gap", "truncate_lists"]
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
@@ -44,9 +46,8 @@ def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarr
 
     Parameters
     ----------
-    coarse_dis : ndarray of shape (nq, depth), squared L2 distances, nearest first (an
-        inner-product index gives similarities, for which this ratio means nothing:
-        normalise the rows and index them by L2 instead, as the sweep does for angular sets)
+    coarse_dis : ndarray of shape (nq, depth), squared L2 distances, nearest first (for the
+        similarities of an inner-product index see :func:`similarity_gap`)
     rank : int >= 2
 
     Returns
@@ -61,6 +62,36 @@ def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarr
     # log of a ratio of squared distances; the floor keeps a query sitting on a mean finite.
     tiny = np.finfo(np.float64).tiny
     return np.log(np.maximum(coarse_dis[:, m - 1], tiny)) - np.log(np.maximum(coarse_dis[:, 0], tiny))
+
+
+def similarity_gap(coarse_sim: np.ndarray, x: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarray:
+    """Difficulty feature (s_1 - s_m) / |q| of each query under inner product, m = min(rank, columns).
+
+    Parameters
+    ----------
+    coarse_sim : ndarray of shape (nq, depth), inner products with the means, best first
+    x : ndarray of shape (nq, d), the queries (the gap is divided by their norms, so that
+        scaling a query, which scales all its scores, does not change its bin)
+    rank : int >= 2
+
+    Returns
+    -------
+    ndarray of shape (nq,), float64, >= 0. Small: many means score about as well as the best.
+    """
+    coarse_sim = np.asarray(coarse_sim, dtype=np.float64)
+    if coarse_sim.ndim != 2 or coarse_sim.shape[1] < 2:
+        raise ValueError(f"coarse_sim must have shape (nq, depth >= 2), got {coarse_sim.shape}")
+    rank = check_positive_int(rank, "rank", minimum=2)
+    m = min(rank, coarse_sim.shape[1])
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)
+    return (coarse_sim[:, 0] - coarse_sim[:, m - 1]) / np.maximum(norms, np.finfo(np.float64).tiny)
+
+
+def query_difficulty(coarse_dis: np.ndarray, x: np.ndarray, rank: int, metric_type: int) -> np.ndarray:
+    """The depth table's difficulty feature: :func:`distance_spread` for L2, :func:`similarity_gap` for inner product."""
+    if metric_type == faiss.METRIC_L2:
+        return distance_spread(coarse_dis, rank)
+    return similarity_gap(coarse_dis, x, rank)
 
 
 @dataclass
@@ -376,7 +407,7 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable |
     # One bin (a calibrated fixed nprobe) needs no feature: one walk as deep as that nprobe.
     first = min(table.depth, max(table.width, deepest) if one_pass or not table.edges.size else table.width)
     dis, lists, evaluations = ranked_lists(index_ivf, x, first, ef_search=first)
-    nprobe = table.nprobe(distance_spread(dis, table.width), recall)
+    nprobe = table.nprobe(query_difficulty(dis, x, table.width, index_ivf.metric_type), recall)
     width = max(first, int(nprobe.max(initial=1)))
     if width > first:
         dis = np.concatenate([dis, np.zeros((len(dis), width - first), dis.dtype)], 1)
