@@ -101,13 +101,14 @@ def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, m
     -------
     Data; base (n, d), test (nq, d), gt (nq, 100), learn (nl, d) or None.
     """
+    metric = "ip" if inner_product else "l2"
     if dataset is None:
         base, test, meta = bundled_dataset()
         base = base.astype(np.float32)
         test = np.ascontiguousarray(test[:max_queries], dtype=np.float32)
-        return Data(meta.get("name", "bundled"), base, test, ground_truth(base, test, K, "l2"),
-                    info={"source": "bundled with the package (flashgmm_ivf/data)", "metric": "l2",
-                          "n_base_full": int(base.shape[0])})
+        return Data(meta.get("name", "bundled"), base, test, ground_truth(base, test, K, metric),
+                    info={"source": "bundled with the package (flashgmm_ivf/data)", "metric": metric,
+                          "n_base_full": int(base.shape[0])}, metric=metric)
     ds = load_dataset(dataset, data_dir=data_dir)
     info = {"metric": ds.metric, "n_base_full": int(ds.base.shape[0])}
     if max_base is not None and max_base < ds.base.shape[0]:
@@ -122,14 +123,14 @@ def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, m
     base = np.ascontiguousarray(ds.base, dtype=np.float32)
     test = np.ascontiguousarray(ds.test[:max_queries], dtype=np.float32)
     if inner_product:
-        gt = ground_truth(base, test, K, "ip")
+        gt = ground_truth(base, test, K, metric)
     else:
         gt = (np.asarray(ds.gt[:max_queries, :K]) if ds.gt is not None and ds.gt.shape[1] >= K
               else ground_truth(base, test, K, "l2"))
     learn = None
     if ds.learn is not None:
         learn = np.ascontiguousarray(ds.learn[:max_learn], dtype=np.float32)
-    return Data(dataset, base, test, gt.astype(np.int64), learn, info, "ip" if inner_product else "l2")
+    return Data(dataset, base, test, gt.astype(np.int64), learn, info, metric)
 
 
 def recommended_nlist(n) -> int:

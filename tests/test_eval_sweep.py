@@ -10,12 +10,13 @@ import subprocess
 import sys
 import warnings
 
+import faiss
 import numpy as np
 import pytest
-
-from flashgmm_ivf.cli import main as cli_main
 from flashgmm_ivf.datasets import bundled_dataset, exact_knn, write_ann_hdf5
 from flashgmm_ivf.eval import methods, report, runner
+
+from flashgmm_ivf.cli import main as cli_main
 
 NLIST = 16
 SPEC = "IVF{nlist}_GMM(diag,iter=3),Flat"
@@ -204,6 +205,21 @@ def test_cli_sweep(tiny_dir, tmp_path):
     saved = json.loads((tmp_path / "sweep_tiny-sift.json").read_text())
     assert saved["dataset"]["n_test"] == 20
     assert [s["method"] for s in saved["summary"]] == ["FAISS IVF8_HNSW32,Flat", "IVF8_GMM(spherical,iter=2),Flat"]
+
+
+def test_inner_product_sweep_builds_every_method_by_inner_product(tiny_dir, tmp_path):
+    data = runner.load_data("tiny-sift", data_dir=tiny_dir, max_queries=20, inner_product=True)
+    assert data.metric == "ip"
+    np.testing.assert_array_equal(data.gt[:, :10],
+                                  faiss.knn(data.test, data.base, 10, metric=faiss.METRIC_INNER_PRODUCT)[1])
+    assert runner.load_data(None, max_queries=5, inner_product=True).metric == "ip"  # the bundled sample too
+    doc = runner.run("tiny-sift", data_dir=tiny_dir, nlist=8, methods=["ivf", "IVF{nlist}_GMM,Flat"],
+                     max_queries=20, inner_product=True, out=tmp_path, quiet=True)
+    assert "raw inner product" in doc["title"]
+    made = runner.make_methods(["ivf", "ivf-hnsw", "gmm"], 8, metric="ip")
+    assert made[0].metric == made[1].metric == faiss.METRIC_INNER_PRODUCT and made[2].options["metric"] == "ip"
+    assert {r["method"] for r in doc["rows"]} == {"FAISS IVF8,Flat", "IVF8_GMM,Flat"}
+    assert max(r["recall_at_10"] for r in doc["rows"]) > 0.95
 
 
 def test_eval_does_not_import_the_cli(tmp_path):
