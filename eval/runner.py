@@ -122,11 +122,8 @@ def load_data(dataset=None, *, data_dir=None, max_base=None, max_queries=1000, m
     ds = ds if inner_product else ds.to_l2()
     base = np.ascontiguousarray(ds.base, dtype=np.float32)
     test = np.ascontiguousarray(ds.test[:max_queries], dtype=np.float32)
-    if inner_product:
-        gt = ground_truth(base, test, K, metric)
-    else:
-        gt = (np.asarray(ds.gt[:max_queries, :K]) if ds.gt is not None and ds.gt.shape[1] >= K
-              else ground_truth(base, test, K, "l2"))
+    stored = not inner_product and ds.gt is not None and ds.gt.shape[1] >= K  # the set's own gt is by its metric
+    gt = np.asarray(ds.gt[:max_queries, :K]) if stored else ground_truth(base, test, K, metric)
     learn = None
     if ds.learn is not None:
         learn = np.ascontiguousarray(ds.learn[:max_learn], dtype=np.float32)

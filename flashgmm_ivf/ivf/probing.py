@@ -11,8 +11,8 @@ The rule: queries are binned by a difficulty feature computed from the coarse st
 :func:`distance_spread` = log(d_m / d_1), the spread of the squared distances to the m
 nearest means (a query whose means are all about as far as the nearest one has its
 neighbours scattered over many lists); under inner product, :func:`similarity_gap` =
-(s_1 - s_m) / |q|, the same idea for the m best mean scores. On calibration queries with known neighbours a
-:class:`ProbeTable` records, per bin, the recall@k and the codes scanned at every depth
+(s_1 - s_m) / |q|, the same idea for the m best mean scores. On calibration queries with
+known neighbours a :class:`ProbeTable` records, per bin, the recall@k and the codes scanned at every depth
 (summed over the bin); asked for a recall it picks every bin's depth by one Lagrange
 multiplier (the codes one unit of recall is worth), found by bisection so that the
 calibration queries reach that recall at the least total cost. The knob is the recall
@@ -88,7 +88,10 @@ def similarity_gap(coarse_sim: np.ndarray, x: np.ndarray, rank: int = SPREAD_RAN
 
 
 def query_difficulty(coarse_dis: np.ndarray, x: np.ndarray, rank: int, metric_type: int) -> np.ndarray:
-    """The depth table's difficulty feature: :func:`distance_spread` for L2, :func:`similarity_gap` for inner product."""
+    """The depth table's difficulty feature of each query.
+
+    :func:`distance_spread` for L2, :func:`similarity_gap` for inner product (``x``: the queries).
+    """
     if metric_type == faiss.METRIC_L2:
         return distance_spread(coarse_dis, rank)
     return similarity_gap(coarse_dis, x, rank)
