@@ -122,7 +122,7 @@ def test_flat_posteriors(k, capacity, diagonal, poisoned_empty):
 def test_some_rows_overflow(poisoned_empty, monkeypatch):
     """A capacity of 2 on a flat-ish mixture: overflowed and candidate rows mix in one block,
     which is taken in sub-blocks of 16 rows (the last one short)."""
-    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_ROWS", 16)
+    monkeypatch.setattr(exact_candidates, "SLOT_BUDGET", 16 * 2)  # capacity 2: 16 rows
     n, d, k = 97, 9, 13
     x, params, shift = mixture(n, d, k, "standardised", True)
     ref = kernels.reference.estep(x.double(), params, shift)

@@ -331,3 +331,33 @@ def test_enough_entries_adds_ranked_lists_until_k_entries(sift, kmeans_index):
     assert (costs[np.arange(len(test)), raised - 2] < k).all()  # the fewest lists that hold k
     np.testing.assert_array_equal(enough_entries(kmeans_index, lists, one, 10 ** 9), np.full(len(test), 6))
     np.testing.assert_array_equal(enough_entries(kmeans_index, lists, np.full(len(test), 5), k), np.maximum(raised, 5))
+
+
+def test_graph_tables_predict_what_their_searches_reach():
+    """On its own calibration queries (held out of the index), a search at a recall target
+    reaches the recall the fitted table promises: past the first walk's width the table
+    counts the walk a search really makes (efSearch = the query's nprobe), not a deeper walk
+    cut at that depth. High-dimensional rows crowded around fewer centres than lists (three
+    lists to a centre, distances concentrated) are where the two differ: a walk as narrow
+    as its nprobe misses lists a deeper one finds."""
+    import flashgmm_ivf
+
+    d, nlist = 256, 256
+    rng = np.random.default_rng(0)
+    n = 80 * nlist
+    centres = rng.gamma(2.0, 0.05, size=(nlist // 3, d)).astype(np.float32)
+    basis = rng.normal(size=(16, d)).astype(np.float32) * 0.02
+    x = centres[rng.integers(0, len(centres), n)] + rng.normal(size=(n, 16)).astype(np.float32) @ basis
+    x = np.abs(x + 0.01 * rng.normal(size=(n, d))).astype(np.float32)
+    index = flashgmm_ivf.index_factory(d, f"IVF{nlist}_GMM,Flat")
+    index.train(x[: n // 2])
+    index.add(x[n // 2:])
+    queries, truth = index.calibration.queries, index.calibration.ids
+    for target in (0.9, 0.95):
+        _, found = index.search(queries, K, recall=target)
+        reached = np.mean([np.isin(found[i], truth[i]).sum() / K for i in range(len(queries))])
+        table = index.probe_table.for_recall(target)
+        nprobe = table.bin_nprobe(target)
+        promised = table.recall[np.arange(len(nprobe)), nprobe - 1].sum() / table.counts.sum()
+        assert promised >= target - 0.01
+        assert abs(reached - promised) < 0.005, (target, reached, promised)

@@ -25,11 +25,12 @@ import faiss
 import faiss.contrib.ivf_tools
 import numpy as np
 
-from .probing import SPREAD_RANK, ProbeTable, ProbeTables, list_members, neighbor_depths, query_difficulty, scan_costs
+from .probing import (SPREAD_RANK, ProbeTable, ProbeTables, found_within, list_members, neighbor_depths,
+                      query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
 
-__all__ = ["GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "SELF_TOLERANCE", "WIDTHS",
-           "Calibration", "fit_graph_and_table", "fit_table", "knn_l2", "table_depth"]
+__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "SELF_TOLERANCE",
+           "WIDTHS", "Calibration", "fit_graph_and_table", "fit_table", "knn_l2", "table_depth", "walk_depths"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
 # A stand-in's own copy: squared distance at most this x |q - m|^2, m the queries' mean (the
@@ -39,6 +40,8 @@ SELF_TOLERANCE = 1e-4
 _TILE = 4096  # rows of each side per product of the brute force (a 64 MiB distance tile)
 # Widths of a graph quantizer's first walk (its efSearch) a depth table is fitted for.
 WIDTHS = (4, 6, 8, 12, 16, 24, 32)
+# Deeper walks measured per table (see walk_depths): 16 depths from 4 to 256 lie 1.3x apart.
+DEEP_WALKS = 16
 # Links per node (HNSW M) tried for a graph whose M is calibrated, and the recall targets whose
 # expected costs choose among them.
 GRAPH_LINKS = (8, 16, 32)
@@ -211,41 +214,60 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
     -------
     ProbeTables. With a graph quantizer the costs count the coarse walks a search makes
     besides the codes scanned: the first walk's mean distances at every depth, and past
-    its width the mean distances of a walk with efSearch = the depth; recall at depths
-    within the width is what the first walk's lists reach.
+    its width the mean distances of a walk with efSearch = the depth; recall within the
+    width is what the first walk's lists reach, past it what that deeper walk's reach.
     """
     if calibration.n_found < K_CAL:
         raise ValueError(f"calibration needs every query to have {K_CAL} neighbours in the index; the index holds "
                          f"too few vectors ({calibration.n_found} found for some query)")
     queries, depth = calibration.queries, table_depth(index_ivf.nlist)
     members = list_members(index_ivf)
-    dis, lists, _ = ranked_lists(index_ivf, queries, depth)
-    depths = neighbor_depths(lists, members, calibration.ids)
-    costs = scan_costs(index_ivf, lists)
     binned = n_bins > 1
 
     def feature(d, rank):
         return query_difficulty(d, queries, rank, index_ivf.metric_type) if binned else np.zeros(len(d))
+
+    def walk(p, ef=None):
+        """(coarse distances, the neighbours' depths, codes scanned, distances computed) of a ranking."""
+        dis, lists, evaluations = ranked_lists(index_ivf, queries, p, ef_search=ef)
+        return dis, neighbor_depths(lists, members, calibration.ids), scan_costs(index_ivf, lists), evaluations
     if not isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexHNSW):
         width = min(depth, SPREAD_RANK)
+        dis, depths, costs, _ = walk(depth)
         return ProbeTables([ProbeTable.fit(feature(dis, width), depths, costs, n_bins=n_bins, width=width)])
-    # Mean distances of a walk with efSearch = p, interpolated between measured p (the deeper
-    # walk a search makes for a query whose bin asks for more lists than the first walk ranked).
-    efs = np.unique(np.geomspace(min(widths), depth, num=8).round().astype(np.int64))
-    walk = np.interp(np.arange(1, depth + 1), efs,
-                     [ranked_lists(index_ivf, queries, int(ef), ef_search=int(ef))[2] / len(queries) for ef in efs])
+    # Past its first walk's width a search walks again with efSearch = the query's nprobe p and
+    # scans the first p lists of that walk (``adaptive_lists``): the recall of such a walk is
+    # not that of a deeper one cut at p (in high dimension, far from it). They are measured at
+    # the depths of ``walk_depths``; a depth between two measured ones gets the recall of the
+    # one below and the cost of the one above, so a fitted table keeps to measured walks.
+    nq = len(queries)
+    grid = walk_depths(depth, widths)
+    deep_found, deep_cost = np.empty((nq, len(grid))), np.empty((nq, len(grid)))
+    for i, p in enumerate(grid):
+        _, depths, costs, evaluations = walk(int(p), int(p))
+        deep_found[:, i] = (depths < p).mean(1)
+        deep_cost[:, i] = costs[:, -1] + evaluations / nq
+    probe = np.arange(1, depth + 1)
+    above = np.searchsorted(grid, probe)  # each depth's measured depth at or above it
+    below = np.searchsorted(grid, probe, side="right") - 1  # and at or below it
     tables = []
     for width in sorted({min(depth, int(w)) for w in widths}):
-        dis0, lists0, first = ranked_lists(index_ivf, queries, width, ef_search=width)
-        # Within the first walk's width a search scans its lists; past it, those of a deeper walk.
-        near = neighbor_depths(lists0, members, calibration.ids)
-        both = np.where(near < width, near, np.maximum(depths, width))
-        cost = costs.copy()
-        cost[:, :width] = scan_costs(index_ivf, lists0)
-        cost += first / len(queries)
-        cost[:, width:] += walk[None, width:]
-        tables.append(ProbeTable.fit(feature(dis0, width), both, cost, n_bins=n_bins, width=width))
+        dis, depths, costs, first = walk(width, width)
+        found = np.empty((nq, depth))
+        found[:, :width] = found_within(depths, width)
+        measured = grid[below[width:]] > width
+        found[:, width:] = np.where(measured, deep_found[:, below[width:]], found[:, width - 1:width])
+        cost = deep_cost[:, above]
+        cost[:, :width] = costs
+        cost += first / nq
+        tables.append(ProbeTable.fit_found(feature(dis, width), found, cost, n_bins=n_bins, width=width))
     return ProbeTables(tables)
+
+
+def walk_depths(depth: int, widths: tuple[int, ...] = WIDTHS) -> np.ndarray:
+    """Depths at which :func:`fit_table` measures a graph's deeper walks: ``DEEP_WALKS`` spaced
+    evenly in log from the narrowest first walk to ``depth`` (ndarray of int64, increasing, ending at ``depth``)."""
+    return np.unique(np.geomspace(min(min(widths), depth), depth, num=DEEP_WALKS).round().astype(np.int64))
 
 
 def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,

@@ -34,8 +34,8 @@ from .._validation import check_positive_int
 from .search import SearchStats, ranked_lists, search_preassigned
 
 __all__ = ["ListMembers", "ProbeTable", "ProbeTables", "adaptive_lists", "distance_spread", "enough_entries",
-           "list_members", "list_sizes", "neighbor_depths", "query_difficulty", "scan_costs", "search_adaptive",
-           "similarity_gap", "truncate_lists"]
+           "found_within", "list_members", "list_sizes", "neighbor_depths", "query_difficulty", "scan_costs",
+           "search_adaptive", "similarity_gap", "truncate_lists"]
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
@@ -179,6 +179,25 @@ def neighbor_depths(list_nos: np.ndarray, members: ListMembers, gt: np.ndarray) 
     return np.where(lists >= 0, depths, depth).min(2)
 
 
+def found_within(depths: np.ndarray, depth: int) -> np.ndarray:
+    """Recall of each query when probing its first 1, 2, ..., ``depth`` lists.
+
+    Parameters
+    ----------
+    depths : ndarray of shape (nq, k), from :func:`neighbor_depths`
+    depth : int
+
+    Returns
+    -------
+    ndarray of shape (nq, depth), float64: found[q, j] is the share of q's k neighbours
+    scanned within its first j + 1 lists.
+    """
+    nq, k = depths.shape
+    hist = np.zeros((nq, depth + 1), np.int64)
+    np.add.at(hist, (np.repeat(np.arange(nq), k), np.minimum(depths, depth).ravel()), 1)
+    return np.cumsum(hist, 1)[:, :depth] / k
+
+
 def list_sizes(index_ivf: faiss.IndexIVF) -> np.ndarray:
     """Entries of every inverted list, ndarray of shape (nlist,), float64."""
     return np.array([index_ivf.invlists.list_size(no) for no in range(index_ivf.nlist)], np.float64)
@@ -228,7 +247,7 @@ class ProbeTable:
 
     @classmethod
     def fit(cls, feature, depths, costs, n_bins: int = 16, width: int = SPREAD_RANK) -> ProbeTable:
-        """Calibrate on training queries.
+        """Calibrate on training queries whose lists come from one ranking.
 
         Parameters
         ----------
@@ -244,27 +263,41 @@ class ProbeTable:
         -------
         ProbeTable
         """
-        feature = np.asarray(feature, dtype=np.float64)
         depths, costs = np.asarray(depths), np.asarray(costs, dtype=np.float64)
+        if depths.ndim != 2 or costs.ndim != 2 or depths.shape[0] != costs.shape[0]:
+            raise ValueError(f"depths (nq, k) and costs (nq, depth) must agree, got {depths.shape}, {costs.shape}")
+        return cls.fit_found(feature, found_within(depths, costs.shape[1]), costs, n_bins, width)
+
+    @classmethod
+    def fit_found(cls, feature, found, costs, n_bins: int = 16, width: int = SPREAD_RANK) -> ProbeTable:
+        """Calibrate on training queries from their recall at every depth.
+
+        Parameters
+        ----------
+        feature : ndarray of shape (nq,)
+        found : ndarray of shape (nq, depth), recall@k of each query when probing 1..depth
+            lists (:func:`found_within` of one ranking, or pieced from several walks)
+        costs, n_bins, width : as :meth:`fit`
+
+        Returns
+        -------
+        ProbeTable
+        """
+        feature = np.asarray(feature, dtype=np.float64)
+        found, costs = np.asarray(found, dtype=np.float64), np.asarray(costs, dtype=np.float64)
         n_bins = check_positive_int(n_bins, "n_bins")
         nq = feature.shape[0]
-        if feature.ndim != 1 or depths.ndim != 2 or costs.ndim != 2 or depths.shape[0] != nq \
-                or costs.shape[0] != nq:
-            raise ValueError(f"feature (nq,), depths (nq, k) and costs (nq, depth) must agree, got "
-                             f"{feature.shape}, {depths.shape}, {costs.shape}")
+        if feature.ndim != 1 or found.shape != costs.shape or costs.ndim != 2 or costs.shape[0] != nq:
+            raise ValueError(f"feature (nq,), found (nq, depth) and costs (nq, depth) must agree, got "
+                             f"{feature.shape}, {found.shape}, {costs.shape}")
         if nq == 0:
             raise ValueError("no training queries")
         if not np.isfinite(feature).all():
             raise ValueError("feature holds NaN or infinity")
-        depth, k = costs.shape[1], depths.shape[1]
         edges = np.unique(np.quantile(feature, np.linspace(0, 1, n_bins + 1)[1:-1]))
         bins = np.searchsorted(edges, feature, side="right")
         nb = edges.size + 1
-        # found[q, j]: neighbours of q scanned within the first j + 1 lists.
-        hist = np.zeros((nq, depth + 1), np.int64)
-        np.add.at(hist, (np.repeat(np.arange(nq), k), np.minimum(depths, depth).ravel()), 1)
-        found = np.cumsum(hist, 1)[:, :depth] / k
-        recall, cost = np.zeros((nb, depth)), np.zeros((nb, depth))
+        recall, cost = np.zeros((nb, costs.shape[1])), np.zeros((nb, costs.shape[1]))
         np.add.at(recall, bins, found)
         np.add.at(cost, bins, costs)
         return cls(edges, recall, cost, np.bincount(bins, minlength=nb), check_positive_int(width, "width"))
