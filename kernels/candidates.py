@@ -116,7 +116,7 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
     tl.store(floor_ptr + rows, best - margin, mask=row_mask)
 
 
-def candidates(x, shift, weights, margin, capacity, config):
+def candidates(x, shift, weights, margin, capacity, config, bound_weights=None):
     """Launch the candidate pass.
 
     Parameters
@@ -127,6 +127,7 @@ def candidates(x, shift, weights, margin, capacity, config):
     margin : float, nats below the row's best (lower bound) that a component may lie and still be kept
     capacity : int, candidate slots per row
     config : LaunchConfig (``rows_first`` tiles)
+    bound_weights : ``abs_weights(weights)``, or None to compute them here
 
     Returns
     -------
@@ -136,7 +137,7 @@ def candidates(x, shift, weights, margin, capacity, config):
     floor : float32 Tensor of shape (n,), the row's threshold: best lower bound - margin
     """
     n, d = x.shape
-    abs_lin, abs_quad = abs_weights(weights)
+    abs_lin, abs_quad = bound_weights or abs_weights(weights)
     cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
     upper = torch.empty(n, capacity, dtype=torch.float32, device=x.device)
     count = torch.empty(n, dtype=torch.int32, device=x.device)

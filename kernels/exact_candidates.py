@@ -23,7 +23,7 @@ import math
 import torch
 
 from .candidate_resp import candidate_resp
-from .candidates import candidates
+from .candidates import abs_weights, candidates
 from .params import KernelWeights, NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
@@ -36,10 +36,10 @@ MARGIN_NATS = 30.0
 # spherical posteriors are flatter (11-21 components within 30 nats), rows store 29-44 slots
 # (p99 79-122): 64 slots overflow 4-20% of them, 128 slots 0-1%.
 CAPACITY = {"diag": 64, "spherical": 128}
-# Rows whose candidate slots exist at once: (rows, capacity) slots, bounds and responsibilities
-# take 12 bytes a slot (spherical: 50 MB), within the dense E-step's transient budget; the
-# (row, component, r) pairs kept for the statistics are gathered over the whole block.
-SUB_BLOCK_ROWS = 32768
+# Candidate slots that exist at once: slots, bounds and responsibilities take 12 bytes a slot
+# (100 MB). Each sub-block ends in one host read (the count of its kept pairs), and the GPU
+# idles while the host launches the next: fewer, larger sub-blocks idle it less.
+SLOT_BUDGET = 1 << 23
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,11 +75,13 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     """
     capacity = capacity or CAPACITY["diag" if weights.diagonal else "spherical"]
     means, prec, consts = centred_params(params)
+    bound_weights = abs_weights(weights)
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, count = [], [], [], []
-    for start in range(0, x.shape[0], SUB_BLOCK_ROWS):
-        part = x[start:start + SUB_BLOCK_ROWS]
-        found = candidates(part, shift, weights, margin, capacity, config)
+    sub_block = max(1, SLOT_BUDGET // capacity)
+    for start in range(0, x.shape[0], sub_block):
+        part = x[start:start + sub_block]
+        found = candidates(part, shift, weights, margin, capacity, config, bound_weights)
         lz, r = candidate_resp(part, shift, means, prec, consts, *found, margin)
         log_norm[start:start + len(part)] = lz
         kept = torch.nonzero(r.view(-1) > math.exp(-margin)).view(-1)
