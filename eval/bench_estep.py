@@ -260,7 +260,7 @@ class Method(NamedTuple):
     needs_bytes: int = 0                  # transient memory; skipped where it does not fit
 
 
-def _blocked(precision, configs, keep_rows):
+def blocked_estep(precision, configs, keep_rows):
     """Our E-step as GaussianMixture runs it: blocks of its default chunk_size rows, statistics summed.
 
     ``keep_rows`` keeps every row's log Z (for the accuracy check only: an EM iteration, like
@@ -289,14 +289,15 @@ def our_methods(cell, precisions, configs, uint8):
     for precision in precisions:
         ceiling = "bf16" if precision in ("bf16x3", "candidates") else "fp32" if precision == "ieee" else "tf32"
         methods.append(Method(
-            f"ours ({precision})", ceiling, lambda p=precision: cell.iteration(_blocked(p, configs, False)),
-            lambda p=precision: _blocked(p, configs, True)(cell.x, cell.params, cell.shift)))
+            f"ours ({precision})", ceiling, lambda p=precision: cell.iteration(blocked_estep(p, configs, False)),
+            lambda p=precision: blocked_estep(p, configs, True)(cell.x, cell.params, cell.shift)))
     if uint8 and precisions:
         x8 = cell.x.to(torch.uint8)
         p = precisions[0]
         methods.append(Method(
-            f"ours ({p}, uint8 input)", methods[0].ceiling, lambda: cell.iteration(_blocked(p, configs, False), x8),
-            lambda: _blocked(p, configs, True)(x8, cell.params, cell.shift)))
+            f"ours ({p}, uint8 input)", methods[0].ceiling,
+            lambda: cell.iteration(blocked_estep(p, configs, False), x8),
+            lambda: blocked_estep(p, configs, True)(x8, cell.params, cell.shift)))
     return methods
 
 
@@ -474,7 +475,7 @@ def memory_at_scale(n, k, d, configs, gen):
     torch.cuda.synchronize()
     input_bytes = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    em_iteration(_blocked("bf16x3", configs, False), x, weights, means, var, shift, "diag")
+    em_iteration(blocked_estep("bf16x3", configs, False), x, weights, means, var, shift, "diag")
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - input_bytes) / 2**20
     return {"n": n, "k": k, "d": d, "input_mib": n * d * 4 / 2**20, "peak_mib_above_input": peak,
