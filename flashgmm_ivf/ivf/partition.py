@@ -5,7 +5,7 @@ means are the IVF centroids):
 
 - ``gmm``: a short k-means start (``faiss.Kmeans``) then a few EM iterations of a
   ``GaussianMixture``; a vector's primary list is its most probable component.
-- ``kmeans``: ``faiss.Kmeans`` (32 iterations in stages, :func:`fit_kmeans`); per-list weights and
+- ``kmeans``: ``faiss.Kmeans`` (20 iterations in stages, :func:`fit_kmeans`); per-list weights and
   covariances are computed afterwards from the members of each list, so spill and
   ranking rules that read covariances run on k-means lists too; a vector's primary list is
   its nearest centroid.
@@ -70,9 +70,8 @@ def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
     ``MIN_STAGE_POINTS`` rows per centroid; each stage starts from the previous one's
     centroids): early iterations move the centroids far and need few rows, the last
     ones refine and balance them on every row. Each sample stage runs
-    ``niter // (stages + 1)`` iterations, the last stage (all rows) the rest: 32 in four
-    stages are 6, 6, 6 and 14, the cost of ~19 iterations on all rows, with a held-out
-    k-means cost below that of 25 on all rows. Rows too few for a second stage give
+    ``niter // (stages + 1)`` iterations, the last stage (all rows) the rest: 20 in four
+    stages are 4, 4, 4 and 8, the cost of ~11.5 iterations on all rows. Rows too few for a second stage give
     plain k-means on x.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
