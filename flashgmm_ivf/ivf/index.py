@@ -131,9 +131,9 @@ class GMMIndexIVF:
     kmeans_iter : int, default 10 ('gmm') / 20 ('kmeans')
         k-means iterations over up to 4 stages on nested samples that double in size up to
         all the fitting rows, most of them on all rows (see ``partition.fit_kmeans``): 20 in
-        3 stages on 400,000 SIFT rows (nlist 2048) take the time of FAISS's default 10 on all
-        rows and fit better (held-out k-means cost 0.2% below; 25 on all rows: 0.2% lower
-        still, at 2.4x the time).
+        3 stages on 450,000 SIFT rows (nlist 2048) take 1.3x the time of FAISS's default 10
+        on all rows and fit better (held-out k-means cost 0.2% lower; 25 on all rows: 0.2%
+        lower still, at 2.1x the time; ``eval/results/check_kmeans_stages_sift.json``).
     max_iter : int, default 5
         EM iterations after the k-means start ('gmm'; exactly this many).
     calibration_rows : int, optional
