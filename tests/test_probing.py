@@ -361,3 +361,27 @@ def test_graph_tables_predict_what_their_searches_reach():
         promised = table.recall[np.arange(len(nprobe)), nprobe - 1].sum() / table.counts.sum()
         assert promised >= target - 0.01
         assert abs(reached - promised) < 0.005, (target, reached, promised)
+
+
+def test_tables_deepen_until_high_recall_is_reachable():
+    """Rows with no cluster structure need far more than a quarter of the lists for recall
+    0.99: the table deepens until its calibration queries find REACH of their neighbours, so
+    a target of 0.99 is met rather than capped, and a target above what the table reaches
+    searches at its deepest probe with a warning."""
+    import flashgmm_ivf
+    from flashgmm_ivf.ivf.calibration import REACH
+
+    d, nlist = 32, 512
+    x = np.random.default_rng(0).normal(size=(40 * nlist, d)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(d, f"IVF{nlist}_GMM,Flat")
+    index.train(x[: len(x) // 2])
+    index.add(x[len(x) // 2:])
+    queries, truth = index.calibration.queries, index.calibration.ids
+    _, found = index.search(queries, K, recall=0.99)
+    reached = np.mean([np.isin(found[i], truth[i]).sum() / K for i in range(len(queries))])
+    table = index.probe_table.for_recall(0.99)
+    assert 128 < table.depth < nlist
+    assert table.reach >= REACH - 0.005
+    assert reached >= 0.985, reached
+    with pytest.warns(RuntimeWarning, match="more than the depth table reaches"):
+        index.search(queries[:10], K, recall=1.0)

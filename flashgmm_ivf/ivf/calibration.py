@@ -25,11 +25,11 @@ import faiss
 import faiss.contrib.ivf_tools
 import numpy as np
 
-from .probing import (SPREAD_RANK, ProbeTable, ProbeTables, found_within, list_members, neighbor_depths,
-                      query_difficulty, scan_costs)
+from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_within, list_members,
+                      neighbor_depths, query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
 
-__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "SELF_TOLERANCE",
+__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "REACH", "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS",
            "WIDTHS", "Calibration", "fit_graph_and_table", "fit_table", "knn_l2", "table_depth", "walk_depths"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
@@ -50,6 +50,14 @@ LINK_RECALLS = (0.8, 0.9, 0.95, 0.99)
 # calibration queries to be kept (see fit_graph_and_table).
 LINK_MARGIN = 0.1
 LINK_QUERIES = 2048  # calibration queries the choice of links is made on
+# Mean recall@K_CAL a table's deepest probe reaches on the calibration queries (table_depth),
+# measured on this many of them (40,960 neighbours: the 0.995 quantile to about +-0.001).
+REACH = 0.995
+REACH_QUERIES = 4096
+_RANK_BLOCK = 1024  # queries per exact ranking of every list in table_depth
+# Cells (calibration queries x depth) of a table deepened for REACH: the fit's float64
+# (queries, depth) arrays then take at most 512 MiB each.
+TABLE_CELLS = 1 << 26
 
 
 @dataclass
@@ -191,13 +199,50 @@ def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray):
     return D, I
 
 
-def table_depth(nlist: int) -> int:
-    """Deepest probe a fitted table may give a query: a quarter of the lists, at least 128 (at most nlist)."""
-    return min(nlist, max(128, nlist // 4))
+def table_depth(index_ivf: faiss.IndexIVF, calibration: Calibration, members: ListMembers | None = None) -> int:
+    """Deepest probe a fitted table may give a query.
+
+    A quarter of the lists, at least 128 (at most nlist), or deeper where the calibration
+    queries need more lists for a mean recall@K_CAL of ``REACH``: asked for a recall above
+    what the deepest probe reaches, a search can only stop there, and data with little
+    cluster structure (near-uniform rows, inner product over rows of varied norms) need far
+    more than a quarter of the lists for recall 0.99. The need is read from an exact ranking
+    of the lists (the means' flat storage) for at most ``REACH_QUERIES`` calibration
+    queries; a deepened table stops at ``TABLE_CELLS`` cells (calibration queries x depth).
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF (flat or HNSW quantizer), holding the calibration's neighbours
+    calibration : Calibration
+    members : ListMembers of ``index_ivf``, optional (read from it when not given)
+
+    Returns
+    -------
+    int in [1, nlist]
+    """
+    nlist = index_ivf.nlist
+    depth = min(nlist, max(128, nlist // 4))
+    deepest = min(nlist, max(depth, TABLE_CELLS // max(1, len(calibration.queries))))
+    if depth == deepest:
+        return depth
+    members = list_members(index_ivf) if members is None else members
+    subset = calibration.spaced(REACH_QUERIES)
+    quantizer = faiss.downcast_index(index_ivf.quantizer)
+    means = faiss.downcast_index(quantizer.storage) if isinstance(quantizer, faiss.IndexHNSW) else quantizer
+    for width in (depth, deepest):
+        # Blocks of queries bound the (queries, nlist) ranks neighbor_depths builds.
+        depths = np.concatenate([
+            neighbor_depths(means.search(subset.queries[i:i + _RANK_BLOCK], width)[1], members,
+                            subset.ids[i:i + _RANK_BLOCK])
+            for i in range(0, len(subset.queries), _RANK_BLOCK)])
+        need = int(np.quantile(depths, REACH, method="higher")) + 1  # lists probed, not a 0-based rank
+        if need <= width:
+            return max(depth, need)
+    return deepest
 
 
 def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
-              widths: tuple[int, ...] = WIDTHS) -> ProbeTables:
+              widths: tuple[int, ...] = WIDTHS, depth: int | None = None) -> ProbeTables:
     """Depth tables for recall@K_CAL, fitted on ``calibration`` over the lists of ``index_ivf``.
 
     Parameters
@@ -209,6 +254,8 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
         Widths of a graph quantizer's first walk: one table for each (see
         :class:`.probing.ProbeTables`). A flat quantizer ranks every list at once: one table,
         its feature on ``SPREAD_RANK`` lists.
+    depth : int, optional
+        Deepest probe of the tables (default: :func:`table_depth`).
 
     Returns
     -------
@@ -220,8 +267,8 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
     if calibration.n_found < K_CAL:
         raise ValueError(f"calibration needs every query to have {K_CAL} neighbours in the index; the index holds "
                          f"too few vectors ({calibration.n_found} found for some query)")
-    queries, depth = calibration.queries, table_depth(index_ivf.nlist)
-    members = list_members(index_ivf)
+    queries, members = calibration.queries, list_members(index_ivf)
+    depth = table_depth(index_ivf, calibration, members) if depth is None else min(int(depth), index_ivf.nlist)
     binned = n_bins > 1
 
     def feature(d, rank):
@@ -304,6 +351,7 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
     means = old.reconstruct_n(0, index_ivf.nlist)
     ef = int(old.hnsw.efSearch) if isinstance(old, faiss.IndexHNSW) else None
     subset = calibration.spaced(LINK_QUERIES)
+    depth = table_depth(index_ivf, calibration)  # from exact rankings: the same for every graph
     fitted = []
     for m in sorted({int(m) for m in links}, reverse=True):
         graph = faiss.IndexHNSWFlat(index_ivf.d, m, index_ivf.metric_type)
@@ -311,7 +359,7 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
             graph.hnsw.efSearch = ef
         graph.add(means)
         _set_quantizer(index_ivf, graph)
-        tables = fit_table(index_ivf, subset, n_bins)
+        tables = fit_table(index_ivf, subset, n_bins, depth=depth)
         score = float(np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS]))
         fitted.append((score, m, graph, tables))
     densest = fitted[0]
@@ -319,7 +367,7 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
                                   key=lambda f: f[0])
     _set_quantizer(index_ivf, graph)
     if subset is not calibration:
-        tables = fit_table(index_ivf, calibration, n_bins)
+        tables = fit_table(index_ivf, calibration, n_bins, depth=depth)
     return m, tables
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 
 import faiss
 import faiss.contrib.ivf_tools
@@ -613,7 +614,11 @@ class GMMIndexIVF:
             # table: scan every list (exact, and cheap at this size).
             return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, copies=self._copies(),
                                  stats=stats)
-        table = self._current_table()
+        table = self._current_table().for_recall(recall)
+        if table.reach < recall:
+            warnings.warn(f"recall={recall} is more than the depth table reaches: {table.reach:.3f} on its calibration "
+                          f"queries, probing {table.depth} of {self._nlist} lists; searching at that depth",
+                          RuntimeWarning, stacklevel=3)
         dis, lists, depth, evaluations = adaptive_lists(self.index, x, table, recall)
         depth = enough_entries(self.index, lists, depth, k, sizes=self._list_sizes())
         if self.probe == "radius":

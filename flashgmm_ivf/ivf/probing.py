@@ -311,6 +311,11 @@ class ProbeTable:
     def nbytes(self) -> int:
         return self.edges.nbytes + self.recall.nbytes + self.cost.nbytes + self.counts.nbytes
 
+    @property
+    def reach(self) -> float:
+        """Mean recall@k of the training queries at the deepest probe: the most a recall target gets."""
+        return float(self.recall[:, -1].sum() / max(1, self.counts.sum()))
+
     def bin_nprobe(self, recall: float) -> np.ndarray:
         """nprobe of every bin for a mean training recall of ``recall`` at the least cost.
 
