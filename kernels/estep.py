@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import exact_candidates
+from . import exact_candidates, gemm
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
@@ -18,6 +18,9 @@ _LOG_NORM_PRECISION = {"candidates": "bf16x3"}
 # Partial statistics of the row splits stay under this many bytes (the N=10M
 # memory bar is "input + 64 MB").
 PARTIALS_BUDGET = 36 << 20
+# Rows at least this wide take the "bf16x3" E-step as library products on a GPU (``kernels.gemm``):
+# beyond one 128-wide feature tile the fused kernels re-read every row tile per component tile.
+GEMM_FROM_FEATURES = 129
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8)
 
 
@@ -90,7 +93,8 @@ def default_configs(n_features: int, diagonal: bool = True,
 
 
 def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config=None):
-    """log Z_n and argmax_k (log pi_k + log N(x_n | k)) for every row, by the Triton kernel.
+    """log Z_n and argmax_k (log pi_k + log N(x_n | k)) for every row, by the Triton kernel (see
+    ``estep`` for the rows that take library products instead).
 
     Parameters
     ----------
@@ -105,9 +109,17 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     """
     precision = _LOG_NORM_PRECISION.get(precision, precision)
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
-    config = config or default_configs(x.shape[1], weights.diagonal, precision)[0]
-    lz, best = _launch_log_norm(x, shift, weights, precision, config)
+    if config is None and _library_products(x, precision):
+        lz, best = gemm.log_norm(x, shift, weights)
+    else:
+        config = config or default_configs(x.shape[1], weights.diagonal, precision)[0]
+        lz, best = _launch_log_norm(x, shift, weights, precision, config)
     return lz.double() + offset, best
+
+
+def _library_products(x, precision) -> bool:
+    """Whether the "bf16x3" E-step of these rows runs as cuBLAS products (``kernels.gemm``)."""
+    return precision == "bf16x3" and x.device.type == "cuda" and x.shape[1] >= GEMM_FROM_FEATURES
 
 
 def default_split(n_comps, n_features, diagonal, config, device) -> int:
@@ -153,6 +165,10 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
 
+    On a GPU, "bf16x3" rows of at least ``GEMM_FROM_FEATURES`` features take the same
+    products as cuBLAS matrix products (``kernels.gemm``) unless ``configs`` or ``n_split``
+    is given.
+
     Returns
     -------
     EStepResult, all float64.
@@ -160,6 +176,9 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     if precision == "candidates":
         return _estep_candidates(x, params, shift, configs)
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
+    if configs is None and n_split is None and _library_products(x, precision):
+        result = gemm.estep(x, shift, weights)
+        return result._replace(log_norm=result.log_norm + offset)
     n, d = x.shape
     k = weights.n_comps
     f64 = dict(dtype=torch.float64, device=x.device)
