@@ -2,25 +2,24 @@
 
 Up to D = 128 a row fits one feature tile and the fused kernels (``kernels.log_norm``,
 ``kernels.stats``) load and split it once per tile of rows. Wider rows are re-read and
-re-split for every tile of components, and the products run on small tiles: at D = 960 the
-fused bf16x3 E-step took 34.5 ms an iteration on an H100 where float32 cuBLAS products took
-20.6 (N = 100K, K = 1024; ``eval/results/bench_estep_d960_h100.json``). Here the same bf16x3
-products are three bfloat16 GEMMs with float32 accumulation and output per product, over
-blocks of ``block_rows`` rows:
+re-split for every tile of components: at D = 960 the fused bf16x3 E-step took 34 ms an
+iteration on an H100 where float32 cuBLAS products took 12 (N = 100K, K = 1024;
+``eval/results/bench_estep_gemm_h100.json``). Here the same bf16x3 products
+(a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi over bfloat16 pieces, float32 accumulation) are
+bfloat16 GEMMs with float32 output, over blocks of rows:
 
-    L = X W^T + c           X = [x, x*x] (diag) or x (spherical), W = [lin, quad] or lin
-    R = exp(L - log Z)      log Z = logsumexp over the components, float32
-    [S1, S2] = R^T [x, x*x] (spherical: R^T [x, |x|^2])
+1. ``kernels.split_rows``: X = [x_lo | x_hi | x_hi], x = [x, x*x] (diag) or x (spherical)
+   relative to the shift, and |x|^2;
+2. one GEMM: P = X [w_hi | w_lo | w_hi]^T, the three products of the log-densities at once;
+3. ``kernels.split_resp``: log Z, the responsibilities r as bfloat16 pieces, N_k (and for
+   spherical models sum r |x|^2) from P plus each component's constant;
+4. two GEMMs: r_hi^T [x_lo | x_hi] and r_lo^T x_hi, whose three (K, width) parts add up to
+   sum r x and sum r x*x (diag).
 
-each product a b = a_lo b_hi + a_hi b_lo + a_hi b_hi over the operands' bfloat16 pieces
-(``a_hi`` = a rounded to bfloat16, ``a_lo`` = a - a_hi rounded), small terms first, as the
-fused kernels add them. The (rows, K) block of responsibilities exists only within a block;
-N_k and the statistics are summed over blocks in float64. Spherical models add
-quad_k |x_n|^2 to L in float32, as the fused kernels do.
-
-On the CPU the pieces are held in float32 (the same values) and multiplied in float32, so
-the tests run the arithmetic a GPU runs. Oracle: ``kernels.reference`` in float64
-(tests/test_gemm_estep.py).
+Statistics are summed over blocks in float64; no (rows, K) block outlives its block. On the
+CPU the pieces are held in float32 (the same values) and the kernels run in Triton's
+interpreter, so the tests run the arithmetic a GPU runs. Oracle: ``kernels.reference`` in
+float64 (tests/test_gemm_estep.py).
 """
 from __future__ import annotations
 
@@ -28,60 +27,62 @@ import torch
 
 from .params import KernelWeights
 from .result import EStepResult
+from .split_resp import split_resp
+from .split_rows import SEGMENTS, segment_width, split_rows
 
-# Bytes of one block's temporaries (float32 L and R, the operands' pieces): bounds memory
-# and keeps the float32 sums inside each product to at most MAX_BLOCK_ROWS rows.
+# Bytes of one block's buffers (the row pieces, the float32 products, the responsibilities'
+# pieces); at most MAX_BLOCK_ROWS rows, which also bounds the float32 sums inside each product.
 BLOCK_BYTES = 256 << 20
 MAX_BLOCK_ROWS = 16384
 
 
-def block_rows(n_comps: int, n_features: int, budget: int = BLOCK_BYTES) -> int:
-    """Rows per block: float32 L (K) and its two pieces (2 K), float32 X (2 D + 1) and its pieces."""
-    per_row = 4 * n_comps + 4 * n_comps + 4 * (2 * n_features + 1) + 4 * (2 * n_features + 1)
+def block_rows(n_comps: int, n_features: int, diagonal: bool = True, budget: int = BLOCK_BYTES) -> int:
+    """Rows per block: 4 bytes a row piece (3 segments), 4 per product and 8 per responsibility pair."""
+    per_row = 4 * SEGMENTS * segment_width(n_features, diagonal) + 12 * _padded(n_comps)
     return max(256, min(MAX_BLOCK_ROWS, budget // per_row))
 
 
-def _pieces(a: torch.Tensor, piece: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo): a rounded to bfloat16, and the rounded remainder, as ``piece`` tensors."""
-    hi = a.to(torch.bfloat16)
-    lo = (a - hi.to(a.dtype)).to(torch.bfloat16)
-    return hi.to(piece), lo.to(piece)
+def _padded(k: int) -> int:
+    """Row stride of the responsibilities' pieces: K rounded up to 8 (16-byte rows for the tensor cores)."""
+    return -(-k // 8) * 8
 
 
-def _product(a_hi, a_lo, b_hi, b_lo) -> torch.Tensor:
-    """a @ b from their pieces, float32: a_lo b_hi + a_hi b_lo + a_hi b_hi, accumulated in the GEMM."""
-    if a_hi.dtype == torch.bfloat16:
-        out = torch.mm(a_lo, b_hi, out_dtype=torch.float32)
-        out = torch.addmm(out, a_hi, b_lo, out_dtype=torch.float32)
-        return torch.addmm(out, a_hi, b_hi, out_dtype=torch.float32)
-    out = torch.mm(a_lo, b_hi)
-    out = torch.addmm(out, a_hi, b_lo)
-    return torch.addmm(out, a_hi, b_hi)
+def _product(a, b) -> torch.Tensor:
+    """a @ b in float32: bfloat16 operands through a GEMM with float32 output (float32 ones on the CPU)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype == torch.bfloat16 else torch.mm(a, b)
 
 
-def _operands(x, shift, diagonal):
-    """float32 X of a block: [x, x*x] (diag) or [x, |x|^2] (spherical), x relative to the shift."""
-    xs = x.to(torch.float32) - shift
-    if diagonal:
-        return torch.cat([xs, xs * xs], 1)
-    return torch.cat([xs, (xs * xs).sum(1, keepdim=True)], 1)
+def weight_pieces(weights: KernelWeights) -> torch.Tensor:
+    """(K, 3 width) ``[w_hi | w_lo | w_hi]``, w = [lin, quad] (diag) or lin (spherical), zero-padded like the rows."""
+    k, d = weights.lin_hi.shape
+    width = segment_width(d, weights.diagonal)
+    out = torch.zeros(k, SEGMENTS * width, dtype=weights.lin_hi.dtype, device=weights.lin_hi.device)
+    for s, (lin, quad) in enumerate([(weights.lin_hi, weights.quad_hi), (weights.lin_lo, weights.quad_lo),
+                                     (weights.lin_hi, weights.quad_hi)]):
+        out[:, s * width:s * width + d] = lin
+        if weights.diagonal:
+            out[:, s * width + d:s * width + 2 * d] = quad
+    return out
 
 
-def _log_prob(xcat, x_hi, x_lo, w_hi, w_lo, weights: KernelWeights, d):
-    """L of a block, float32 (rows, K)."""
-    if weights.diagonal:
-        ll = _product(x_hi, x_lo, w_hi.T, w_lo.T)
-    else:
-        ll = _product(x_hi[:, :d], x_lo[:, :d], w_hi.T, w_lo.T)
-        ll.addcmul_(xcat[:, d:], weights.quad_hi[None, :])
-    return ll.add_(weights.const)
+class _Blocks:
+    """Buffers of one call, reused by every block of rows (padding columns stay zero)."""
 
+    def __init__(self, rows, weights: KernelWeights, device):
+        k, d = weights.lin_hi.shape
+        piece = weights.lin_hi.dtype
+        self.width = segment_width(d, weights.diagonal)
+        self.x = torch.zeros(rows, SEGMENTS * self.width, dtype=piece, device=device)
+        self.sq = torch.empty(rows, dtype=torch.float32, device=device)
+        self.resp = torch.zeros(2, rows, _padded(k), dtype=piece, device=device)
+        self.w = weight_pieces(weights)
+        self.quad = weights.quad_hi if not weights.diagonal else weights.const
 
-def _weight_pieces(weights: KernelWeights):
-    """(W_hi, W_lo) of ``weights`` laid out for precision "bf16x3": (K, 2D) diag, (K, D) spherical."""
-    if weights.diagonal:
-        return torch.cat([weights.lin_hi, weights.quad_hi], 1), torch.cat([weights.lin_lo, weights.quad_lo], 1)
-    return weights.lin_hi, weights.lin_lo
+    def products(self, x, shift, weights: KernelWeights) -> torch.Tensor:
+        """(rows, K) float32 P of a block (its rows split into ``self.x``)."""
+        m = x.shape[0]
+        split_rows(x, shift, weights.diagonal, self.x, self.sq)
+        return _product(self.x[:m], self.w.T)
 
 
 def estep(x, shift, weights: KernelWeights, *, rows=None) -> EStepResult:
@@ -89,7 +90,7 @@ def estep(x, shift, weights: KernelWeights, *, rows=None) -> EStepResult:
 
     Parameters
     ----------
-    x : Tensor of shape (n, D), any real dtype
+    x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
     weights : KernelWeights laid out for precision "bf16x3" (bfloat16 pieces on a GPU,
         float32 ones on the CPU), their largest constant split off
@@ -102,36 +103,67 @@ def estep(x, shift, weights: KernelWeights, *, rows=None) -> EStepResult:
     n, d = x.shape
     k = weights.n_comps
     f64 = dict(dtype=torch.float64, device=x.device)
-    w_hi, w_lo = _weight_pieces(weights)
-    piece = w_hi.dtype
+    rows = min(max(n, 1), rows or block_rows(k, d, weights.diagonal))
+    buf = _Blocks(rows, weights, x.device)
+    width = buf.width
     log_norm = torch.empty(n, **f64)
     nk = torch.zeros(k, **f64)
-    stats = torch.zeros(k, 2 * d if weights.diagonal else d + 1, **f64)
-    rows = rows or block_rows(k, d)
+    stats = torch.zeros(k, width, **f64)
+    s2_spherical = torch.zeros(k, **f64)
     for start in range(0, n, rows):
-        xcat = _operands(x[start:start + rows], shift, weights.diagonal)
-        x_hi, x_lo = _pieces(xcat, piece)
-        ll = _log_prob(xcat, x_hi, x_lo, w_hi, w_lo, weights, d)
-        lz = torch.logsumexp(ll, 1)
-        log_norm[start:start + len(xcat)] = lz
-        resp = ll.sub_(lz[:, None]).exp_()
-        nk += resp.sum(0, dtype=torch.float64)
-        r_hi, r_lo = _pieces(resp, piece)
-        stats += _product(r_hi.T, r_lo.T, x_hi, x_lo)
-    s2 = stats[:, d:] if weights.diagonal else stats[:, d]
+        block = x[start:start + rows]
+        m = block.shape[0]
+        prod = buf.products(block, shift, weights)
+        r_hi, r_lo = buf.resp[0, :m, :k], buf.resp[1, :m, :k]
+        lz, nk_part, s2_part = split_resp(prod, weights.const, buf.quad, buf.sq, r_hi, r_lo,
+                                          diagonal=weights.diagonal)
+        log_norm[start:start + m] = lz
+        nk += nk_part
+        if s2_part is not None:
+            s2_spherical += s2_part
+        xs = buf.x[:m]
+        pair = _product(r_hi.T, xs[:, :2 * width])  # [r_hi^T x_lo | r_hi^T x_hi]
+        stats += (pair[:, :width] + _product(r_lo.T, xs[:, width:2 * width])).double() + pair[:, width:]
+    s2 = stats[:, d:2 * d] if weights.diagonal else s2_spherical
     return EStepResult(log_norm, nk, stats[:, :d].contiguous(), s2.contiguous())
 
 
 def log_norm(x, shift, weights: KernelWeights, *, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log Z_n (float32, without the split-off constant) and argmax_k L_nk (int32) of every row."""
+    """log Z_n (float32, without the split-off constant) and argmax_k (int32) of every row."""
     n, d = x.shape
-    w_hi, w_lo = _weight_pieces(weights)
+    rows = min(max(n, 1), rows or block_rows(weights.n_comps, d, weights.diagonal))
+    buf = _Blocks(rows, weights, x.device)
     lz = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
-    rows = rows or block_rows(weights.n_comps, d)
     for start in range(0, n, rows):
-        xcat = _operands(x[start:start + rows], shift, weights.diagonal)
-        ll = _log_prob(xcat, *_pieces(xcat, w_hi.dtype), w_hi, w_lo, weights, d)
-        lz[start:start + len(xcat)] = torch.logsumexp(ll, 1)
-        best[start:start + len(xcat)] = ll.argmax(1)
+        block = x[start:start + rows]
+        m = block.shape[0]
+        ll = buf.products(block, shift, weights).add_(weights.const)
+        if not weights.diagonal:
+            ll.addcmul_(buf.sq[:m, None], weights.quad_hi[None, :])
+        lz[start:start + m] = torch.logsumexp(ll, 1)
+        best[start:start + m] = ll.argmax(1)
     return lz, best
+
+
+def split_rows_reference(x, shift, diagonal) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.split_rows`` in torch: ([x_lo | x_hi | x_hi] float32, |x|^2)."""
+    xs = x.to(torch.float32) - shift
+    values = torch.cat([xs, xs * xs], 1) if diagonal else xs
+    hi = values.to(torch.bfloat16).float()
+    lo = (values - hi).to(torch.bfloat16).float()
+    width = segment_width(x.shape[1], diagonal)
+    out = torch.zeros(x.shape[0], SEGMENTS * width)
+    for s, piece in enumerate((lo, hi, hi)):
+        out[:, s * width:s * width + values.shape[1]] = piece
+    return out, (xs * xs).sum(1)
+
+
+def split_resp_reference(prod, const, quad, sq, diagonal):
+    """``kernels.split_resp`` in torch: (log Z, r_hi, r_lo, N_k, sum r |x|^2 or None)."""
+    ll = prod + const if diagonal else prod + const + sq[:, None] * quad
+    lz = torch.logsumexp(ll, 1)
+    r = torch.exp(ll - lz[:, None])
+    hi = r.to(torch.bfloat16).float()
+    lo = (r - hi).to(torch.bfloat16).float()
+    return lz, hi, lo, r.double().sum(0), None if diagonal else (r.double() * sq.double()[:, None]).sum(0)

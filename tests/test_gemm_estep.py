@@ -1,8 +1,10 @@
-"""The bf16x3 E-step by library products (``kernels.gemm``) against the float64 torch reference.
+"""The bf16x3 E-step by library products (``kernels.gemm``) against the float64 torch reference,
+and its two kernels (``kernels.split_rows``, ``kernels.split_resp``) against their torch references.
 
 On the CPU its bfloat16 pieces are held in float32 and multiplied in float32, the arithmetic
-a GPU's bf16 GEMMs with float32 accumulation run; on a GPU the same tests run through cuBLAS.
-Several blocks of rows per call, shapes not multiples of anything.
+a GPU's bf16 GEMMs with float32 accumulation run, and the kernels run in Triton's
+interpreter; on a GPU the same tests run through cuBLAS. Several blocks of rows per call,
+shapes not multiples of anything.
 """
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 from flashgmm_ivf import kernels
 from flashgmm_ivf.kernels import gemm
 from flashgmm_ivf.kernels.params import kernel_weights, split_offset
+from flashgmm_ivf.kernels.split_resp import split_resp
+from flashgmm_ivf.kernels.split_rows import segment_width, split_rows
 from test_kernels import make_rows, random_mixture, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,7 +21,7 @@ SHAPES = [(1, 1, 1), (37, 5, 3), (203, 37, 19), (530, 129, 70), (145, 1030, 5)]
 
 
 def gemm_estep(x, params, shift, rows):
-    params, offset = split_offset(params.to(DEVICE, torch.float32))
+    params, offset = split_offset(params.to(DEVICE))
     weights = kernel_weights(params, "bf16x3", DEVICE)
     result = gemm.estep(x.to(DEVICE), shift.to(DEVICE, torch.float32), weights, rows=rows)
     return result._replace(log_norm=result.log_norm + offset.double())
@@ -57,10 +61,57 @@ def test_gemm_log_norm_and_best_component(diagonal):
     assert torch.equal(best.long().cpu()[clear], ll.argmax(1)[clear])
 
 
+@pytest.mark.parametrize("d", [1, 5, 70, 129])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_split_rows_matches_its_reference(d, diagonal, poisoned_empty):
+    gen = torch.Generator().manual_seed(d)
+    x = make_rows(77, d, "raw", gen)
+    shift = x.double().mean(0).float()
+    piece = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    out = torch.zeros(80, 3 * segment_width(d, diagonal), dtype=piece, device=DEVICE)
+    sq = torch.empty(80, device=DEVICE)
+    split_rows(x.to(DEVICE), shift.to(DEVICE), diagonal, out, sq)
+    want, want_sq = gemm.split_rows_reference(x, shift, diagonal)
+    got = out[:77].float().cpu()
+    width = out.shape[1] // 3
+    lo, hi, again = (got[:, s * width:(s + 1) * width] for s in range(3))
+    assert torch.equal(hi, again)
+    # The kernel rounds ties away from zero, torch to even: a piece may differ by one bfloat16
+    # step, the value it stands for (hi + lo) may not.
+    torch.testing.assert_close(hi + lo, want[:, width:2 * width] + want[:, :width], rtol=2 ** -16, atol=0)
+    torch.testing.assert_close(hi, want[:, width:2 * width], rtol=2 ** -7, atol=0)
+    assert (got[:, 2 * d if diagonal else d:width] == 0).all()  # padding stays zero
+    torch.testing.assert_close(sq[:77].cpu(), want_sq, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (45, 7), (100, 300)])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_split_resp_matches_its_reference(n, k, diagonal, poisoned_empty):
+    gen = torch.Generator().manual_seed(n + k)
+    prod = 30 * torch.randn(n, k, generator=gen)
+    const = torch.randn(k, generator=gen)
+    const[0] = float("-inf") if k > 1 else 0.0  # a component that takes no mass
+    quad = -torch.rand(k, generator=gen)
+    sq = 10 * torch.rand(n, generator=gen)
+    piece = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    hi = torch.zeros(n, k + 3, dtype=piece, device=DEVICE)[:, :k]
+    lo = torch.zeros(n, k + 3, dtype=piece, device=DEVICE)[:, :k]
+    lz, nk, s2 = split_resp(*(t.to(DEVICE) for t in (prod, const, quad, sq)), hi, lo, diagonal=diagonal, block_n=16,
+                            block_k=32)
+    want_lz, want_hi, want_lo, want_nk, want_s2 = gemm.split_resp_reference(prod, const, quad, sq, diagonal)
+    torch.testing.assert_close(lz.cpu(), want_lz, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close((hi.float() + lo.float()).cpu(), want_hi + want_lo, rtol=2 ** -16, atol=1e-7)
+    torch.testing.assert_close(nk.cpu(), want_nk, rtol=1e-5, atol=1e-6)
+    if diagonal:
+        assert s2 is None
+    else:
+        torch.testing.assert_close(s2.cpu(), want_s2, rtol=1e-5, atol=1e-5)
+
+
 def test_block_rows_bounds_memory_and_float32_sums():
     assert gemm.block_rows(1024, 960) <= gemm.MAX_BLOCK_ROWS
     assert gemm.block_rows(1 << 20, 4096) == 256  # never fewer rows than a useful product
-    per_row = 8 * 1024 + 8 * (2 * 960 + 1)
+    per_row = 4 * 3 * 1920 + 12 * 1024
     assert gemm.block_rows(1024, 960, budget=1000 * per_row) == 1000
 
 
