@@ -18,9 +18,12 @@ _LOG_NORM_PRECISION = {"candidates": "bf16x3"}
 # Partial statistics of the row splits stay under this many bytes (the N=10M
 # memory bar is "input + 64 MB").
 PARTIALS_BUDGET = 36 << 20
-# Rows at least this wide take the "bf16x3" E-step as library products on a GPU (``kernels.gemm``):
-# beyond one 128-wide feature tile the fused kernels re-read every row tile per component tile.
-GEMM_FROM_FEATURES = 129
+# Rows at least this wide take the "bf16x3" E-step as library products on a GPU (``kernels.gemm``),
+# by covariance type: beyond one 128-wide feature tile the fused kernels re-read every row tile
+# per component tile. Measured on an H100, N = 100K, K = 1024 (bench_estep_gemm_h100.json), ms
+# per iteration, products / fused: diag D = 192 4.7 / 5.1, 256 4.6 / 6.6, 960 6.5 / 33.7;
+# spherical D = 192 4.7 / 4.1, 256 4.8 / 4.9, 512 3.7 / 8.2, 960 4.4 / 16.6.
+GEMM_FROM_FEATURES = {"diag": 129, "spherical": 256}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8)
 
 
@@ -109,7 +112,7 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     """
     precision = _LOG_NORM_PRECISION.get(precision, precision)
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
-    if config is None and _library_products(x, precision):
+    if config is None and _library_products(x, weights, precision):
         lz, best = gemm.log_norm(x, shift, weights)
     else:
         config = config or default_configs(x.shape[1], weights.diagonal, precision)[0]
@@ -117,9 +120,10 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     return lz.double() + offset, best
 
 
-def _library_products(x, precision) -> bool:
+def _library_products(x, weights, precision) -> bool:
     """Whether the "bf16x3" E-step of these rows runs as cuBLAS products (``kernels.gemm``)."""
-    return precision == "bf16x3" and x.device.type == "cuda" and x.shape[1] >= GEMM_FROM_FEATURES
+    wide = GEMM_FROM_FEATURES["diag" if weights.diagonal else "spherical"]
+    return precision == "bf16x3" and x.device.type == "cuda" and x.shape[1] >= wide
 
 
 def default_split(n_comps, n_features, diagonal, config, device) -> int:
@@ -176,7 +180,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     if precision == "candidates":
         return _estep_candidates(x, params, shift, configs)
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
-    if configs is None and n_split is None and _library_products(x, precision):
+    if configs is None and n_split is None and _library_products(x, weights, precision):
         result = gemm.estep(x, shift, weights)
         return result._replace(log_norm=result.log_norm + offset)
     n, d = x.shape

@@ -122,7 +122,7 @@ def test_wide_rows_take_library_products_on_a_gpu(diagonal):
     """kernels.estep at D >= GEMM_FROM_FEATURES without launch settings is kernels.gemm's E-step."""
     from flashgmm_ivf.kernels.estep import GEMM_FROM_FEATURES
     gen = torch.Generator().manual_seed(7)
-    x = make_rows(1000, GEMM_FROM_FEATURES + 3, "raw", gen)
+    x = make_rows(1000, GEMM_FROM_FEATURES["diag" if diagonal else "spherical"] + 3, "raw", gen)
     params, shift = random_mixture(x, 17, diagonal, gen)
     got = kernels.estep(x.cuda(), params.to("cuda"), shift.cuda())
     want = gemm_estep(x, params, shift, rows=None)
