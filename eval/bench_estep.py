@@ -260,19 +260,20 @@ class Method(NamedTuple):
     needs_bytes: int = 0                  # transient memory; skipped where it does not fit
 
 
-# "bf16x3" by the fused Triton kernels at any D (their default launch settings), where the
-# default runs wide rows as library products (``kernels.gemm``).
-FUSED = "bf16x3-fused"
+# "<precision>-fused": that precision by the fused Triton kernels at any D (their default
+# launch settings), where the default runs wide rows as library products (``kernels.gemm``).
+FUSED = "-fused"
 
 
 def blocked_estep(precision, configs, keep_rows):
     """Our E-step as GaussianMixture runs it: blocks of its default chunk_size rows, statistics summed.
 
     ``keep_rows`` keeps every row's log Z (for the accuracy check only: an EM iteration, like
-    GaussianMixture, keeps just its sum). ``precision`` may also be ``FUSED``."""
+    GaussianMixture, keeps just its sum). ``precision`` may end in ``FUSED``."""
     def options(d, diagonal):
-        if precision == FUSED:
-            return {"precision": "bf16x3", "configs": configs or kernels.default_configs(d, diagonal)}
+        if precision.endswith(FUSED):
+            base = precision[:-len(FUSED)]
+            return {"precision": base, "configs": configs or kernels.default_configs(d, diagonal, base)}
         return {"precision": precision} | ({"configs": configs} if configs else {})
 
     def run(x, p, s):
@@ -296,7 +297,8 @@ def _torch_reference(chunk, allow_tf32):
 def our_methods(cell, precisions, configs, uint8):
     methods = []
     for precision in precisions:
-        ceiling = "bf16" if precision in ("bf16x3", FUSED, "candidates") else "fp32" if precision == "ieee" else "tf32"
+        bf16 = precision.startswith("bf16") or precision == "candidates"
+        ceiling = "bf16" if bf16 else "fp32" if precision == "ieee" else "tf32"
         methods.append(Method(
             f"ours ({precision})", ceiling, lambda p=precision: cell.iteration(blocked_estep(p, configs, False)),
             lambda p=precision: blocked_estep(p, configs, True)(cell.x, cell.params, cell.shift)))
@@ -532,7 +534,8 @@ def main(argv=None):
     parser.add_argument("--k", default=",".join(map(str, GRID["k"])))
     parser.add_argument("--d", default=",".join(map(str, GRID["d"])))
     parser.add_argument("--covariance-types", default="diag,spherical")
-    parser.add_argument("--precisions", default="bf16x3", help=f"ours, comma-separated (bf16x3,tf32x3,ieee,tf32,bf16,candidates,{FUSED})")
+    parser.add_argument("--precisions", default="bf16x3",
+                        help=f"ours, comma-separated (bf16x3,tf32x3,ieee,tf32,bf16,candidates; bf16x3{FUSED}, bf16{FUSED})")
     parser.add_argument("--uint8", action="store_true", help="also ours on uint8 rows (first precision)")
     parser.add_argument("--anchor-dir", help="folder with IBM Flash-GMM's flash_gmm*.py (outside the repo)")
     parser.add_argument("--anchor-max-flop", type=float, default=2e12)

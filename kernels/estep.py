@@ -18,7 +18,7 @@ _LOG_NORM_PRECISION = {"candidates": "bf16x3"}
 # Partial statistics of the row splits stay under this many bytes (the N=10M
 # memory bar is "input + 64 MB").
 PARTIALS_BUDGET = 36 << 20
-# Rows at least this wide take the "bf16x3" E-step as library products on a GPU (``kernels.gemm``),
+# Rows at least this wide take the "bf16x3" and "bf16" E-steps as library products on a GPU (``kernels.gemm``),
 # by covariance type: beyond one 128-wide feature tile the fused kernels re-read every row tile
 # per component tile. Measured on an H100, N = 100K, K = 1024 (bench_estep_gemm_h100.json), ms
 # per iteration, products / fused: diag D = 192 4.7 / 5.1, 256 4.6 / 6.6, 960 6.5 / 33.7;
@@ -113,7 +113,7 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     precision = _LOG_NORM_PRECISION.get(precision, precision)
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
     if config is None and _library_products(x, weights, precision):
-        lz, best = gemm.log_norm(x, shift, weights)
+        lz, best = gemm.log_norm(x, shift, weights, precision=precision)
     else:
         config = config or default_configs(x.shape[1], weights.diagonal, precision)[0]
         lz, best = _launch_log_norm(x, shift, weights, precision, config)
@@ -121,9 +121,9 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
 
 
 def _library_products(x, weights, precision) -> bool:
-    """Whether the "bf16x3" E-step of these rows runs as cuBLAS products (``kernels.gemm``)."""
+    """Whether the "bf16x3" or "bf16" E-step of these rows runs as cuBLAS products (``kernels.gemm``)."""
     wide = GEMM_FROM_FEATURES["diag" if weights.diagonal else "spherical"]
-    return precision == "bf16x3" and x.device.type == "cuda" and x.shape[1] >= wide
+    return precision in gemm.PRECISIONS and x.device.type == "cuda" and x.shape[1] >= wide
 
 
 def default_split(n_comps, n_features, diagonal, config, device) -> int:
@@ -169,7 +169,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
 
-    On a GPU, "bf16x3" rows of at least ``GEMM_FROM_FEATURES`` features take the same
+    On a GPU, "bf16x3" and "bf16" rows of at least ``GEMM_FROM_FEATURES`` features take the same
     products as cuBLAS matrix products (``kernels.gemm``) unless ``configs`` or ``n_split``
     is given.
 
@@ -181,7 +181,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
         return _estep_candidates(x, params, shift, configs)
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
     if configs is None and n_split is None and _library_products(x, weights, precision):
-        result = gemm.estep(x, shift, weights)
+        result = gemm.estep(x, shift, weights, precision=precision)
         return result._replace(log_norm=result.log_norm + offset)
     n, d = x.shape
     k = weights.n_comps

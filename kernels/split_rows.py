@@ -1,11 +1,12 @@
 """Row operands of the library-product E-step (``kernels.gemm``): rows centred, squared and split, in one pass.
 
-Each row becomes ``[x_lo | x_hi | x_hi]``, three segments of ``width`` columns: x (and for
-diagonal models x * x after it) relative to the shift, as bfloat16 pieces (``tile.split``:
-hi = the value rounded to bfloat16, lo = the remainder rounded), zero-padded to ``width``, a
-multiple of 8 so that every segment starts on a 16-byte boundary for the tensor cores. One
-GEMM against ``[w_hi | w_lo | w_hi]`` then adds the three bf16x3 products; the first two
-segments serve the statistics' products too. Also writes |x - shift|^2 per row in float32.
+For precision "bf16x3" each row becomes ``[x_lo | x_hi | x_hi]``, three segments of ``width``
+columns: x (and for diagonal models x * x after it) relative to the shift, as bfloat16 pieces
+(``tile.split``: hi = the value rounded to bfloat16, lo = the remainder rounded), zero-padded
+to ``width``, a multiple of 8 so that every segment starts on a 16-byte boundary for the
+tensor cores. One GEMM against ``[w_hi | w_lo | w_hi]`` then adds the three bf16x3 products;
+the first two segments serve the statistics' products too. For "bf16" the row is the one
+segment ``[x_hi]``. Also writes |x - shift|^2 per row in float32.
 
 Torch reference: ``kernels.gemm.split_rows_reference``.
 """
@@ -15,7 +16,7 @@ import triton.language as tl
 from .tile import split, split_dtype
 from .truncated_select import load_rows
 
-SEGMENTS = 3  # lo, hi, hi
+SEGMENTS = {"bf16x3": 3, "bf16": 1}  # [lo | hi | hi], [hi]
 
 
 def segment_width(n_features: int, diagonal: bool) -> int:
@@ -24,34 +25,38 @@ def segment_width(n_features: int, diagonal: bool) -> int:
 
 
 @triton.jit
-def _store_pieces(out_ptr, offs, mask, width, value, SPLIT_DTYPE: tl.constexpr):
-    hi, lo = split(value, "bf16x3", SPLIT_DTYPE)
-    tl.store(out_ptr + offs, lo, mask=mask)
-    tl.store(out_ptr + offs + width, hi, mask=mask)
-    tl.store(out_ptr + offs + 2 * width, hi, mask=mask)
+def _store_pieces(out_ptr, offs, mask, width, value, N_SEGMENTS: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+    if N_SEGMENTS == 3:
+        hi, lo = split(value, "bf16x3", SPLIT_DTYPE)
+        tl.store(out_ptr + offs, lo, mask=mask)
+        tl.store(out_ptr + offs + width, hi, mask=mask)
+        tl.store(out_ptr + offs + 2 * width, hi, mask=mask)
+    else:
+        hi, _ = split(value, "bf16", SPLIT_DTYPE)
+        tl.store(out_ptr + offs, hi, mask=mask)
 
 
 @triton.jit
 def split_rows_kernel(x_ptr, stride_x, shift_ptr, out_ptr, sq_ptr, n_rows, n_cols, width,
-                      DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DIAGONAL: tl.constexpr, N_SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    base = rows[:, None].to(tl.int64) * (3 * width)
+    base = rows[:, None].to(tl.int64) * (N_SEGMENTS * width)
     sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, n_cols, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         x = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
         xx = x * x
-        _store_pieces(out_ptr, base + cols[None, :], mask, width, x, SPLIT_DTYPE)
+        _store_pieces(out_ptr, base + cols[None, :], mask, width, x, N_SEGMENTS, SPLIT_DTYPE)
         if DIAGONAL:
-            _store_pieces(out_ptr, base + n_cols + cols[None, :], mask, width, xx, SPLIT_DTYPE)
+            _store_pieces(out_ptr, base + n_cols + cols[None, :], mask, width, xx, N_SEGMENTS, SPLIT_DTYPE)
         sq += tl.sum(xx, axis=1)
     tl.store(sq_ptr + rows, sq, mask=row_mask)
 
 
-def split_rows(x, shift, diagonal, out, sq, *, block_n=32, block_d=64, num_warps=4):
+def split_rows(x, shift, diagonal, out, sq, *, precision="bf16x3", block_n=32, block_d=64, num_warps=4):
     """Launch: fill ``out[:n]`` and ``sq[:n]`` for the n rows of ``x``.
 
     Parameters
@@ -59,12 +64,14 @@ def split_rows(x, shift, diagonal, out, sq, *, block_n=32, block_d=64, num_warps
     x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
     diagonal : bool
-    out : Tensor of shape (>= n, 3 * segment_width(D, diagonal)), bfloat16 (float32 on the CPU),
-        its padding columns zero (they are never written)
+    out : Tensor of shape (>= n, SEGMENTS[precision] * segment_width(D, diagonal)), bfloat16
+        (float32 on the CPU), its padding columns zero (they are never written)
     sq : float32 Tensor of shape (>= n,)
+    precision : "bf16x3" or "bf16"
     """
     n, d = x.shape
-    width = out.shape[1] // SEGMENTS
+    segments = SEGMENTS[precision]
+    width = out.shape[1] // segments
     split_rows_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, out, sq, n, d, width, DIAGONAL=diagonal, BLOCK_N=block_n,
+        x, x.stride(0), shift, out, sq, n, d, width, DIAGONAL=diagonal, N_SEGMENTS=segments, BLOCK_N=block_n,
         BLOCK_D=min(block_d, triton.next_power_of_2(d)), SPLIT_DTYPE=split_dtype(x.device), num_warps=num_warps)

@@ -20,10 +20,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1, 1), (37, 5, 3), (203, 37, 19), (530, 129, 70), (145, 1030, 5)]
 
 
-def gemm_estep(x, params, shift, rows):
+def gemm_estep(x, params, shift, rows, precision="bf16x3"):
     params, offset = split_offset(params.to(DEVICE))
-    weights = kernel_weights(params, "bf16x3", DEVICE)
-    result = gemm.estep(x.to(DEVICE), shift.to(DEVICE, torch.float32), weights, rows=rows)
+    weights = kernel_weights(params, precision, DEVICE)
+    result = gemm.estep(x.to(DEVICE), shift.to(DEVICE, torch.float32), weights, precision=precision, rows=rows)
     return result._replace(log_norm=result.log_norm + offset.double())
 
 
@@ -46,6 +46,17 @@ def test_gemm_estep_matches_float64_reference(n, d, k, diagonal, kind):
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_gemm_single_bf16_product_is_loose_but_bounded(diagonal):
+    """Precision "bf16": one product of the rounded operands, an honest ~1e-3 (as the fused kernels')."""
+    gen = torch.Generator().manual_seed(11)
+    x = make_rows(203, 37, "raw", gen)
+    params, shift = random_mixture(x, 19, diagonal, gen)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    errors = [relative_error(g, r) for g, r in zip(gemm_estep(x, params, shift, 64, "bf16")[1:], ref[1:])]
+    assert max(errors) < 3e-2 and min(errors) > 1e-4, errors  # loose, and not secretly bf16x3
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_gemm_log_norm_and_best_component(diagonal):
     gen = torch.Generator().manual_seed(5)
     x = make_rows(300, 150, "raw", gen)
@@ -59,6 +70,20 @@ def test_gemm_log_norm_and_best_component(diagonal):
     clear = (top2[:, 0] - top2[:, 1]) > 1e-2  # rows whose best component float32 can tell apart
     assert clear.sum() > 250
     assert torch.equal(best.long().cpu()[clear], ll.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("d", [1, 5, 70, 129])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_split_rows_one_segment_for_bf16(d, diagonal):
+    gen = torch.Generator().manual_seed(d)
+    x = make_rows(33, d, "standardised", gen)
+    shift = x.mean(0)
+    piece = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    out = torch.zeros(33, segment_width(d, diagonal), dtype=piece, device=DEVICE)
+    sq = torch.empty(33, device=DEVICE)
+    split_rows(x.to(DEVICE), shift.to(DEVICE), diagonal, out, sq, precision="bf16")
+    want, _ = gemm.split_rows_reference(x, shift, diagonal, "bf16")
+    torch.testing.assert_close(out.float().cpu(), want, rtol=2 ** -7, atol=0)
 
 
 @pytest.mark.parametrize("d", [1, 5, 70, 129])
