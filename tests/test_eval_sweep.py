@@ -253,3 +253,18 @@ def test_ivf_cache_reuses_the_kmeans(sift, tmp_path):
     other = methods.FaissIVF(NLIST, cache=tmp_path)
     other.build(base[:1500], base)  # other training rows: another entry
     assert len(list(tmp_path.glob("*.index"))) == 2
+
+
+def test_synthetic_set_loads_through_the_registry_with_exact_neighbours(tmp_path):
+    """eval.synthetic writes an ann-benchmarks file the runner opens by name, its neighbours exact."""
+    from flashgmm_ivf.datasets import load_dataset
+    from flashgmm_ivf.eval import synthetic
+
+    synthetic.write_set("dups48-synth", tmp_path)
+    ds = load_dataset("dups48-synth", data_dir=tmp_path)
+    base, test = np.asarray(ds.base), np.asarray(ds.test)
+    assert base.shape == (70_000, 48) and test.shape == (synthetic.QUERIES, 48)
+    assert len(np.unique(base, axis=0)) < 0.8 * len(base)  # the duplicates are there
+    d = ((test[:5, None, :].astype(np.float64) - base[None, :, :]) ** 2).sum(-1)
+    gt = np.asarray(ds.gt)[:5, :10]
+    np.testing.assert_allclose(np.take_along_axis(d, gt, 1), np.sort(d, 1)[:, :10], rtol=1e-6)

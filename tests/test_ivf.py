@@ -657,6 +657,14 @@ def test_spill_threshold_from_a_sample_is_a_ceiling():
     assert (population <= spill_threshold(population, 1.5, population=population.size)).mean() == 0.5
 
 
+def test_spill_threshold_stops_below_tied_scores():
+    """Duplicate rows score alike: a tie at the budget's quantile must not spill past the budget."""
+    score = np.repeat(np.arange(10.0), 10)  # ten values, each ten times
+    assert (score <= spill_threshold(score, 1.45)).sum() == 40   # 45 asked: the tied 40-49 stay out
+    assert (score <= spill_threshold(score, 1.5)).sum() == 50    # no tie at the quantile: exact
+    assert spill_threshold(np.zeros(10), 1.5) == -np.inf         # every score tied: none spills
+
+
 def test_gmm_gaps_survive_underflow():
     """Gaps of hundreds of nats (responsibilities that underflow float32) still meet a budget."""
     rng = np.random.default_rng(0)

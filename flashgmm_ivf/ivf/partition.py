@@ -240,7 +240,13 @@ def spill_threshold(score: np.ndarray, copies: float, population: int | None = N
     extra = int(round(fraction * n))
     if extra <= 0:
         return -math.inf
-    return float(np.partition(score, extra - 1)[extra - 1])
+    threshold = np.partition(score, extra - 1)[extra - 1]
+    if np.count_nonzero(score <= threshold) > extra:
+        # Tied scores (duplicate rows score alike) at the threshold would all spill, past the
+        # budget: stop below them.
+        below = score[score < threshold]
+        return float(below.max()) if below.size else -math.inf
+    return float(threshold)
 
 
 def assign_lists(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_rule: str,
