@@ -123,7 +123,7 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
 def _library_products(x, weights, precision) -> bool:
     """Whether the "bf16x3" or "bf16" E-step of these rows runs as cuBLAS products (``kernels.gemm``)."""
     wide = GEMM_FROM_FEATURES["diag" if weights.diagonal else "spherical"]
-    return precision in gemm.PRECISIONS and x.device.type == "cuda" and x.shape[1] >= wide
+    return gemm.AVAILABLE and precision in gemm.PRECISIONS and x.device.type == "cuda" and x.shape[1] >= wide
 
 
 def default_split(n_comps, n_features, diagonal, config, device) -> int:

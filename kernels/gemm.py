@@ -33,6 +33,9 @@ from .split_resp import split_resp
 from .split_rows import SEGMENTS, segment_width, split_rows
 
 PRECISIONS = tuple(SEGMENTS)  # the schemes this E-step runs
+# bfloat16 GEMMs with float32 output (``torch.mm(..., out_dtype=)``, the aten overload mm.dtype)
+# came with recent torch releases; without them a GPU keeps the fused kernels.
+AVAILABLE = hasattr(torch.ops.aten.mm, "dtype")
 # Bytes of one block's buffers (the row pieces, the float32 products, the responsibilities'
 # pieces); at most MAX_BLOCK_ROWS rows, which also bounds the float32 sums inside each product.
 BLOCK_BYTES = 256 << 20

@@ -153,3 +153,18 @@ def test_wide_rows_take_library_products_on_a_gpu(diagonal):
     want = gemm_estep(x, params, shift, rows=None)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_without_float32_output_gemms_wide_rows_keep_the_fused_kernels(monkeypatch):
+    """A torch without bf16 GEMMs of float32 output (no aten mm.dtype) runs the fused kernels at any D."""
+    from flashgmm_ivf.kernels.estep import GEMM_FROM_FEATURES
+    gen = torch.Generator().manual_seed(8)
+    x = make_rows(500, GEMM_FROM_FEATURES["diag"] + 3, "raw", gen).cuda()
+    params, shift = random_mixture(x.cpu(), 9, True, gen)
+    params, shift = params.to("cuda"), shift.cuda()
+    monkeypatch.setattr(gemm, "AVAILABLE", False)
+    fused = kernels.estep(x, params, shift, configs=kernels.default_configs(x.shape[1]))
+    for g, f in zip(kernels.estep(x, params, shift), fused):
+        torch.testing.assert_close(g, f, rtol=0, atol=0)
