@@ -1,8 +1,9 @@
 """E-step kernels: fused Triton passes and the torch reference of the same math.
 
 ``estep`` and ``log_norm`` run the Triton kernels (CUDA, or the CPU under
-``TRITON_INTERPRET=1``); ``reference.estep`` is the torch version, used as the
-CPU path and as the oracle in tests.
+``TRITON_INTERPRET=1``), on a GPU rows wider than 128 features as cuBLAS products
+(``gemm``); ``reference.estep`` is the torch version, used as the CPU path and as
+the oracle in tests.
 """
 from . import reference
 from .estep import PRECISIONS, LaunchConfig, default_configs, estep, log_norm
