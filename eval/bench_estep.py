@@ -535,7 +535,8 @@ def main(argv=None):
     parser.add_argument("--d", default=",".join(map(str, GRID["d"])))
     parser.add_argument("--covariance-types", default="diag,spherical")
     parser.add_argument("--precisions", default="bf16x3",
-                        help=f"ours, comma-separated (bf16x3,tf32x3,ieee,tf32,bf16,candidates; bf16x3{FUSED}, bf16{FUSED})")
+                        help="ours, comma-separated (bf16x3,tf32x3,ieee,tf32,bf16,candidates; "
+                             f"bf16x3{FUSED}, bf16{FUSED})")
     parser.add_argument("--uint8", action="store_true", help="also ours on uint8 rows (first precision)")
     parser.add_argument("--anchor-dir", help="folder with IBM Flash-GMM's flash_gmm*.py (outside the repo)")
     parser.add_argument("--anchor-max-flop", type=float, default=2e12)

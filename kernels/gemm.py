@@ -85,6 +85,7 @@ class _Blocks:
         self.sq = torch.empty(rows, dtype=torch.float32, device=device)
         self.resp = torch.zeros(2 if precision == "bf16x3" else 1, rows, _padded(k), dtype=piece, device=device)
         self.w = weight_pieces(weights, precision)
+        # Spherical models' (K,) quad vector; diagonal ones read none (any float32 tensor will do).
         self.quad = weights.quad_hi if not weights.diagonal else weights.const
 
     def products(self, x, shift, weights: KernelWeights) -> torch.Tensor:

@@ -4,10 +4,10 @@ The product ``P = [x_lo | x_hi | x_hi] [w_hi | w_lo | w_hi]^T`` (float32, rows x
 lacks each component's constant (and for spherical models quad_k |x_n|^2, added here in
 float32 as the fused kernels do). One program owns BLOCK_N rows: a first walk over the
 components' tiles takes the online log-sum-exp (log Z), a second writes r = exp(L - log Z)
-as bfloat16 pieces (hi, and lo unless only r rounded is wanted) for the statistics' products,
-and the program's column sums
-of r (N_k; spherical models also sum_n r_nk |x_n|^2) as one float32 partial row, summed in
-float64 by the caller. Every byte of P is read twice and no (rows, K) float32 is written.
+as bfloat16 pieces (hi, and lo unless only r rounded is wanted) for the statistics'
+products, and the program's column sums of r (N_k; spherical models also sum_n r_nk |x_n|^2)
+as one float32 partial row, summed in float64 by the caller. Every byte of P is read twice
+and no (rows, K) float32 is written.
 
 Torch reference: ``kernels.gemm.split_resp_reference``.
 """

@@ -29,8 +29,9 @@ from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_w
                       neighbor_depths, query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
 
-__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "REACH", "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS",
-           "WIDTHS", "Calibration", "fit_graph_and_table", "fit_table", "knn_l2", "table_depth", "walk_depths"]
+__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "REACH",
+           "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS", "WIDTHS", "Calibration", "fit_graph_and_table",
+           "fit_table", "knn_l2", "table_depth", "walk_depths"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
 # A stand-in's own copy: squared distance at most this x |q - m|^2, m the queries' mean (the
@@ -242,7 +243,8 @@ def table_depth(index_ivf: faiss.IndexIVF, calibration: Calibration, members: Li
 
 
 def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
-              widths: tuple[int, ...] = WIDTHS, depth: int | None = None) -> ProbeTables:
+              widths: tuple[int, ...] = WIDTHS, depth: int | None = None,
+              members: ListMembers | None = None) -> ProbeTables:
     """Depth tables for recall@K_CAL, fitted on ``calibration`` over the lists of ``index_ivf``.
 
     Parameters
@@ -256,6 +258,7 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
         its feature on ``SPREAD_RANK`` lists.
     depth : int, optional
         Deepest probe of the tables (default: :func:`table_depth`).
+    members : ListMembers of ``index_ivf``, optional (read from it when not given)
 
     Returns
     -------
@@ -267,7 +270,8 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
     if calibration.n_found < K_CAL:
         raise ValueError(f"calibration needs every query to have {K_CAL} neighbours in the index; the index holds "
                          f"too few vectors ({calibration.n_found} found for some query)")
-    queries, members = calibration.queries, list_members(index_ivf)
+    queries = calibration.queries
+    members = list_members(index_ivf) if members is None else members
     depth = table_depth(index_ivf, calibration, members) if depth is None else min(int(depth), index_ivf.nlist)
     binned = n_bins > 1
 
@@ -351,7 +355,10 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
     means = old.reconstruct_n(0, index_ivf.nlist)
     ef = int(old.hnsw.efSearch) if isinstance(old, faiss.IndexHNSW) else None
     subset = calibration.spaced(LINK_QUERIES)
-    depth = table_depth(index_ivf, calibration)  # from exact rankings: the same for every graph
+    # A new graph replaces only the quantizer: the lists, and the depth read from exact
+    # rankings, are the same for every graph.
+    members = list_members(index_ivf)
+    depth = table_depth(index_ivf, calibration, members)
     fitted = []
     for m in sorted({int(m) for m in links}, reverse=True):
         graph = faiss.IndexHNSWFlat(index_ivf.d, m, index_ivf.metric_type)
@@ -359,7 +366,7 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
             graph.hnsw.efSearch = ef
         graph.add(means)
         _set_quantizer(index_ivf, graph)
-        tables = fit_table(index_ivf, subset, n_bins, depth=depth)
+        tables = fit_table(index_ivf, subset, n_bins, depth=depth, members=members)
         score = float(np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS]))
         fitted.append((score, m, graph, tables))
     densest = fitted[0]
@@ -367,7 +374,7 @@ def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_b
                                   key=lambda f: f[0])
     _set_quantizer(index_ivf, graph)
     if subset is not calibration:
-        tables = fit_table(index_ivf, calibration, n_bins, depth=depth)
+        tables = fit_table(index_ivf, calibration, n_bins, depth=depth, members=members)
     return m, tables
 
 
