@@ -5,6 +5,7 @@ few EM iterations so the module runs in well under a minute on 2 CPU cores.
 """
 import itertools
 import json
+import math
 import warnings
 import zipfile
 from pathlib import Path
@@ -339,7 +340,7 @@ def test_every_partition_and_spill_builds_and_searches(small, partition, spill):
 
 
 @pytest.mark.parametrize("coarse, probe",
-                         itertools.product(["flat", "hnsw16", "hnsw"], ["adaptive", "radius", "fixed"]))
+                         itertools.product(["flat", "hnsw16", "hnsw", "pca8", "pca"], ["adaptive", "radius", "fixed"]))
 def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     base, query, metric, _ = small
     index = build(f"IVF16_GMM(iter=2,coarse={coarse},probe={probe},partition=kmeans),Flat", small)
@@ -348,10 +349,13 @@ def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     assert recall_of(I, I_ref) > 0.8
     _, I = index.search(query, K, nprobe=16)
     assert recall_of(I, I_ref) > 0.99  # all lists (radius: pruned by a bound exact for k-means primaries)
-    assert isinstance(index.quantizer_index, faiss.IndexFlat if coarse == "flat" else faiss.IndexHNSW)
-    assert (index.hnsw_ef_search is None) == (coarse == "flat")
+    kind = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "pca": faiss.IndexRefine}[coarse.rstrip("0123456789")]
+    assert isinstance(index.quantizer_index, kind)
+    assert (index.hnsw_ef_search is None) == (kind is not faiss.IndexHNSW)
     if coarse == "hnsw16":
         assert index.quantizer_index.hnsw.nb_neighbors(1) == 16
+    if coarse == "pca8":
+        assert faiss.downcast_index(index.quantizer_index.base_index).index.d == 8 + 1
 
 
 def test_default_calibration_rows_follow_the_documented_rule(fashion):
@@ -383,38 +387,74 @@ def test_graph_links_chosen_on_spaced_queries_tables_on_all(fashion, monkeypatch
     np.testing.assert_array_equal(part.ids, cal.ids[::step])
     assert cal.spaced(len(cal.queries)) is cal
     monkeypatch.setattr(calibration, "LINK_QUERIES", 500)
-    m, tables = calibration.fit_graph_and_table(index.index, cal, 16)
-    assert m in calibration.GRAPH_LINKS
+    candidates = calibration.coarse_candidates("auto", index.d)
+    name, tables = calibration.fit_coarse_and_table(index.index, cal, 16, candidates)
+    assert name in candidates
     assert all(table.counts.sum() == len(cal.queries) for table in tables.tables)
 
 
-def test_calibrated_graph_links(fashion, tmp_path):
-    """coarse='hnsw': the depth table's fit keeps one of GRAPH_LINKS, the most unless fewer clearly save."""
-    from flashgmm_ivf.ivf.calibration import GRAPH_LINKS, LINK_MARGIN, LINK_RECALLS, fit_graph_and_table, fit_table
+def test_coarse_step_chosen_by_expected_cost(fashion, tmp_path):
+    """coarse='auto': the depth table's fit keeps the densest graph unless another step clearly saves."""
+    from flashgmm_ivf.ivf.calibration import (GRAPH_LINKS, LINK_MARGIN, LINK_RECALLS, coarse_candidates,
+                                              fit_coarse_and_table, fit_table)
     base, query, _, _ = fashion
     index = build("IVF32_GMM,Flat", fashion)
-    assert index.coarse == "hnsw" and index.quantizer_index.hnsw.nb_neighbors(1) == 32  # before any fit
+    candidates = coarse_candidates("auto", index.d)
+    assert candidates == ("hnsw32", "hnsw16", "hnsw8", "pca128", "pca64", "pca32")  # 784-d: every projection
+    assert index.coarse == "auto" and index.quantizer_index.hnsw.nb_neighbors(1) == 32  # before any fit
     index.hnsw_ef_search = 40
-    D, I = index.search(query, K, recall=0.9)
-    links = index.quantizer_index.hnsw.nb_neighbors(1)
-    assert links in GRAPH_LINKS and index.hnsw_ef_search == 40  # the user's efSearch carried over
+    index.search(query, K, recall=0.9)
+    chosen = index.quantizer_index
 
-    def score(m):
-        fit_graph_and_table(index.index, index.calibration, 16, links=(m,))
+    def score(name):
+        fit_coarse_and_table(index.index, index.calibration, 16, (name,))
         tables = fit_table(index.index, index.calibration, 16)
         return np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS])
-    scores = {m: score(m) for m in GRAPH_LINKS}
-    bar = scores[max(GRAPH_LINKS)] + np.log(1 - LINK_MARGIN)
-    cleared = [m for m in GRAPH_LINKS if scores[m] <= bar]
+    scores = {name: score(name) for name in candidates}
+    bar = scores[f"hnsw{max(GRAPH_LINKS)}"] + np.log(1 - LINK_MARGIN)
+    cleared = [name for name in candidates if scores[name] <= bar]
+    best = min(cleared, key=scores.get) if cleared else candidates[0]
     if all(abs(v - bar) > 0.01 for v in scores.values()):  # graphs are rebuilt: not at the boundary
-        assert links == (min(cleared, key=scores.get) if cleared else max(GRAPH_LINKS))
-    m, _ = fit_graph_and_table(index.index, index.calibration, 16, links=(links,))
-    assert m == links and index.quantizer_index.hnsw.nb_neighbors(1) == links
-    index._fit_table()
-    write_index(index, tmp_path / "graph.npz")
-    loaded = read_index(tmp_path / "graph.npz")
-    assert loaded.quantizer_index.hnsw.nb_neighbors(1) == links
-    np.testing.assert_array_equal(loaded.search(query, K, recall=0.9)[1], index.search(query, K, recall=0.9)[1])
+        if best.startswith("hnsw"):
+            assert isinstance(chosen, faiss.IndexHNSW) and chosen.hnsw.nb_neighbors(1) == int(best[4:])
+            assert chosen.hnsw.efSearch == 40  # the user's efSearch carried over
+        else:
+            assert faiss.downcast_index(chosen.base_index).index.d == int(best[3:]) + 1
+    for name in ("hnsw16", "pca64"):  # either kind round-trips with its tables
+        fitted, _ = fit_coarse_and_table(index.index, index.calibration, 16, (name,))
+        assert fitted == name
+        index._fit_table = lambda: None  # keep this step (a refit would choose again)
+        index.probe_table = fit_table(index.index, index.calibration, 16)
+        write_index(index, tmp_path / "coarse.npz")
+        del index._fit_table
+        loaded = read_index(tmp_path / "coarse.npz")
+        assert type(loaded.quantizer_index) is not faiss.IndexFlat
+        np.testing.assert_array_equal(loaded.search(query, K, recall=0.9)[1], index.search(query, K, recall=0.9)[1])
+        assert loaded.last_stats == index.last_stats
+
+
+def test_projected_ranking_counts_its_cost(fashion):
+    """A projected ranking: the projection, nlist short distances at (p + 1) / d each, k_factor x depth re-ranked."""
+    from flashgmm_ivf.ivf.coarse import means_index
+    from flashgmm_ivf.ivf.search import ranked_lists
+    base, query, _, _ = fashion
+    index = build("IVF32_GMM(coarse=pca16,spill=none),Flat", fashion)
+    ranker = index.quantizer_index
+    assert isinstance(ranker, faiss.IndexRefine) and ranker.k_factor == 4
+    dis, lists, evaluations = ranked_lists(index.index, query, 5)
+    assert evaluations == math.ceil(len(query) * (17 + 32 * 17 / 784 + 20))
+    exact_dis, exact_lists = means_index(ranker).search(query, 32)
+    np.testing.assert_allclose(dis, ((query[:, None] - means_index(ranker).reconstruct_n(0, 32)[lists]) ** 2).sum(-1),
+                               rtol=1e-4)  # true distances of the lists returned, nearest first
+    assert (np.diff(dis, axis=1) >= 0).all()
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(lists, exact_lists[:, :5])]) > 0.9
+    _, lists, evaluations = ranked_lists(index.index, query, 32)  # every list: exact, nlist each
+    assert evaluations == len(query) * 32
+    np.testing.assert_array_equal(np.sort(lists, 1), np.sort(exact_lists, 1))
+    _, _, evaluations = ranked_lists(index.index, query, 16)  # re-ranking capped at every mean
+    assert evaluations == math.ceil(len(query) * (17 + 32 * 17 / 784 + 32))
+    index.search(query, K, nprobe=3)
+    assert index.last_stats.ncoarse == math.ceil(len(query) * (17 + 32 * 17 / 784 + 12))
 
 
 @pytest.mark.parametrize("covariance", ["spherical", "diag", "full"])
@@ -775,7 +815,7 @@ def test_factory_and_api(fashion):
     assert index.assign(base[:50]).shape == (50, 2)
     default = index_factory(784, "IVF16_GMM,Flat")
     assert (default.partition, default.covariance_type, default.coarse, default.spill, default.copies,
-            default.probe) == ("kmeans", "spherical", "hnsw", "soar", 1.5, "adaptive")
+            default.probe) == ("kmeans", "spherical", "auto", "soar", 1.5, "adaptive")
     keywords = index_factory(784, "IVF16_GMM,Flat", coarse="flat", spill="none", probe="fixed")
     assert (keywords.coarse, keywords.spill, keywords.probe) == ("flat", "none", "fixed")
     ip = index_factory(50, "IVF8_GMM(spherical),Flat", faiss.METRIC_INNER_PRODUCT)
@@ -793,6 +833,8 @@ def test_factory_and_api(fashion):
     ("IVF16_GMM(copies=2.5),Flat", "copies must be"),
     ("IVF16_GMM(nprobe=17),Flat", "nprobe must be <= nlist"),
     ("IVF16_GMM(coarse=ivf),Flat", "coarse must be"),
+    ("IVF16_GMM(coarse=pca784),Flat", "coarse must be"),
+    ("IVF16_GMM(coarse=auto8),Flat", "coarse must be"),
     ("IVF16_GMM(spill=spann),Flat", "spill must be"),
     ("IVF16_GMM(probe=posterior),Flat", "probe must be"),
     ("IVF16_GMM(partition=pq),Flat", "partition must be"),

@@ -25,13 +25,14 @@ import faiss
 import faiss.contrib.ivf_tools
 import numpy as np
 
+from .coarse import graph, means_index, projected_ranker
 from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_within, list_members,
                       neighbor_depths, query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
 
-__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "REACH",
-           "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS", "WIDTHS", "Calibration", "fit_graph_and_table",
-           "fit_table", "knn_l2", "table_depth", "walk_depths"]
+__all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "PROJECTED_DIMS",
+           "REACH", "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS", "WIDTHS", "Calibration", "build_coarse",
+           "coarse_candidates", "fit_coarse_and_table", "fit_table", "knn_l2", "table_depth", "walk_depths"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
 # A stand-in's own copy: squared distance at most this x |q - m|^2, m the queries' mean (the
@@ -46,9 +47,12 @@ DEEP_WALKS = 16
 # Links per node (HNSW M) tried for a graph whose M is calibrated, and the recall targets whose
 # expected costs choose among them.
 GRAPH_LINKS = (8, 16, 32)
+# Dimensions of the projected rankings tried (those at most d / 4): on 784-d rows 32 rank the
+# exact top lists as well as a graph walk for half its cost, on GIST-like 960-d rows 128.
+PROJECTED_DIMS = (32, 64, 128)
 LINK_RECALLS = (0.8, 0.9, 0.95, 0.99)
-# Expected saving a graph with fewer links than the most in GRAPH_LINKS must show on the
-# calibration queries to be kept (see fit_graph_and_table).
+# Expected saving a coarse step other than the densest graph must show on the calibration
+# queries to be kept (see fit_coarse_and_table).
 LINK_MARGIN = 0.1
 LINK_QUERIES = 2048  # calibration queries the choice of links is made on
 # Mean recall@K_CAL a table's deepest probe reaches on the calibration queries (table_depth),
@@ -213,7 +217,7 @@ def table_depth(index_ivf: faiss.IndexIVF, calibration: Calibration, members: Li
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF (flat or HNSW quantizer), holding the calibration's neighbours
+    index_ivf : faiss.IndexIVF (any coarse step of :mod:`.coarse`), holding the calibration's neighbours
     calibration : Calibration
     members : ListMembers of ``index_ivf``, optional (read from it when not given)
 
@@ -228,8 +232,7 @@ def table_depth(index_ivf: faiss.IndexIVF, calibration: Calibration, members: Li
         return depth
     members = list_members(index_ivf) if members is None else members
     subset = calibration.spaced(REACH_QUERIES)
-    quantizer = faiss.downcast_index(index_ivf.quantizer)
-    means = faiss.downcast_index(quantizer.storage) if isinstance(quantizer, faiss.IndexHNSW) else quantizer
+    means = means_index(index_ivf.quantizer)
     for width in (depth, deepest):
         # Blocks of queries bound the (queries, nlist) ranks neighbor_depths builds.
         depths = np.concatenate([
@@ -249,11 +252,11 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF (flat or HNSW quantizer), holding the calibration's neighbours
+    index_ivf : faiss.IndexIVF (any coarse step of :mod:`.coarse`), holding the calibration's neighbours
     calibration : Calibration with K_CAL neighbours for every query
     n_bins : int, difficulty bins (1: one depth for all queries, a calibrated nprobe)
     widths : tuple of int
-        Widths of a graph quantizer's first walk: one table for each (see
+        Widths of a graph's or projected ranking's first walk: one table for each (see
         :class:`.probing.ProbeTables`). A flat quantizer ranks every list at once: one table,
         its feature on ``SPREAD_RANK`` lists.
     depth : int, optional
@@ -262,7 +265,8 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
 
     Returns
     -------
-    ProbeTables. With a graph quantizer the costs count the coarse walks a search makes
+    ProbeTables. With a graph or a projected ranking (whose cost grows with the depth asked;
+    both called walks here) the costs count the coarse walks a search makes
     besides the codes scanned: the first walk's mean distances at every depth, and past
     its width the mean distances of a walk with efSearch = the depth; recall within the
     width is what the first walk's lists reach, past it what that deeper walk's reach.
@@ -282,7 +286,7 @@ def fit_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
         """(coarse distances, the neighbours' depths, codes scanned, distances computed) of a ranking."""
         dis, lists, evaluations = ranked_lists(index_ivf, queries, p, ef_search=ef)
         return dis, neighbor_depths(lists, members, calibration.ids), scan_costs(index_ivf, lists), evaluations
-    if not isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexHNSW):
+    if isinstance(faiss.downcast_index(index_ivf.quantizer), faiss.IndexFlat):
         width = min(depth, SPREAD_RANK)
         dis, depths, costs, _ = walk(depth)
         return ProbeTables([ProbeTable.fit(feature(dis, width), depths, costs, n_bins=n_bins, width=width)])
@@ -321,61 +325,94 @@ def walk_depths(depth: int, widths: tuple[int, ...] = WIDTHS) -> np.ndarray:
     return np.unique(np.geomspace(min(min(widths), depth), depth, num=DEEP_WALKS).round().astype(np.int64))
 
 
-def fit_graph_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
-                        links: tuple[int, ...] = GRAPH_LINKS) -> tuple[int, ProbeTables]:
-    """An HNSW graph over the index's means, its M calibrated, as the quantizer; the depth tables fitted on it.
+def coarse_candidates(coarse: str, d: int) -> tuple[str, ...]:
+    """Coarse steps a ``coarse`` option chooses among (names for :func:`build_coarse`), the reference first.
 
-    For each M of ``links`` a graph (``faiss.IndexHNSWFlat``, the old graph's efSearch) replaces
-    the quantizer and tables are fitted (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced
-    calibration queries (enough to tell 10% apart); the tables of the graph kept are then
-    fitted on all of them. Fewer links make every walk
-    cheaper but rank the lists less well; which wins depends on the data. The graph with the
-    most links is kept unless one with fewer expects at least ``LINK_MARGIN`` (10%) fewer
-    distance computations on the calibration queries (geometric mean over ``LINK_RECALLS``;
-    the cheapest such graph then): the calibration queries are drawn like the data, where a
-    sparse graph ranks lists nearly as well as a dense one, while real queries lying further
-    from the data lose more with it (measured: on SIFT and GloVe test queries 8 links cost
-    6-15% more than 32 where training rows predicted 2-5% less; on 60K-vector sets with ~60
-    vectors per list, where the walk is a large part of the cost, 8 links predicted 13-14%
-    less and gave 8-14% less).
+    'auto': graphs with ``GRAPH_LINKS`` links and projected rankings onto ``PROJECTED_DIMS``
+    dimensions (those at most d / 4); 'hnsw': the graphs; 'pca': the projected rankings;
+    'hnsw<M>', 'pca<p>': that one alone. The reference is the densest graph (a single
+    projected ranking for 'pca': the most dimensions).
+    """
+    graphs = tuple(f"hnsw{m}" for m in sorted(GRAPH_LINKS, reverse=True))
+    projected = tuple(f"pca{p}" for p in sorted(PROJECTED_DIMS, reverse=True) if 4 * p <= d)
+    if coarse == "auto":
+        return graphs + projected
+    if coarse == "hnsw":
+        return graphs
+    if coarse == "pca":
+        return projected or (f"pca{max(1, d // 4)}",)
+    return (coarse,)
+
+
+def build_coarse(name: str, means: np.ndarray, rows: np.ndarray, metric_type: int) -> faiss.Index:
+    """The coarse step ``name`` ('flat', 'hnsw<M>' or 'pca<p>') over ``means``; ``rows`` give a projection its directions."""
+    if name == "flat":
+        index = faiss.IndexFlat(means.shape[1], metric_type)
+        index.add(np.ascontiguousarray(means, dtype=np.float32))
+        return index
+    if name.startswith("hnsw"):
+        return graph(means, int(name[4:]), metric_type)
+    if name.startswith("pca"):
+        return projected_ranker(means, rows, int(name[3:]))
+    raise ValueError(f"unknown coarse step {name!r}")
+
+
+def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
+                         candidates: tuple[str, ...]) -> tuple[str, ProbeTables]:
+    """The coarse step of ``candidates`` whose recall searches cost least, as the quantizer; its depth tables.
+
+    Each candidate (:func:`build_coarse`; a projection takes the calibration queries'
+    principal directions) replaces the quantizer in turn and tables are fitted
+    (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced calibration queries (enough to tell
+    10% apart); the tables of the step kept are then fitted on all of them. The first
+    candidate, the reference (the densest graph), is kept unless another expects at least
+    ``LINK_MARGIN`` (10%) fewer distance computations on the calibration queries
+    (geometric mean over ``LINK_RECALLS``; the cheapest such step then): the calibration
+    queries are drawn like the data, where a sparse graph ranks lists nearly as well as a
+    dense one, while real queries lying further from the data lose more with it (measured:
+    on SIFT and GloVe test queries 8 links cost 6-15% more than 32 where training rows
+    predicted 2-5% less; on 60K-vector sets with ~60 vectors per list, where the walk is a
+    large part of the cost, 8 links predicted 13-14% less and gave 8-14% less). Fewer links
+    make every walk cheaper but rank the lists less well; a projection ranks every list for
+    a fraction of a distance each, and wins where the dimension is high and a walk visits
+    many means.
 
     Parameters
     ----------
     index_ivf : faiss.IndexIVF, L2, holding the calibration's neighbours; its quantizer is replaced
     calibration : Calibration
     n_bins : int
-    links : tuple of int >= 2
+    candidates : tuple of str, e.g. :func:`coarse_candidates`
 
     Returns
     -------
-    M : int, links per node of the graph kept
+    name : str, the coarse step kept
     tables : ProbeTables fitted on it
     """
     old = faiss.downcast_index(index_ivf.quantizer)
-    means = old.reconstruct_n(0, index_ivf.nlist)
+    means = means_index(old).reconstruct_n(0, index_ivf.nlist)
     ef = int(old.hnsw.efSearch) if isinstance(old, faiss.IndexHNSW) else None
     subset = calibration.spaced(LINK_QUERIES)
-    # A new graph replaces only the quantizer: the lists, and the depth read from exact
-    # rankings, are the same for every graph.
+    # A new coarse step replaces only the quantizer: the lists, and the depth read from exact
+    # rankings, are the same for every candidate.
     members = list_members(index_ivf)
     depth = table_depth(index_ivf, calibration, members)
     fitted = []
-    for m in sorted({int(m) for m in links}, reverse=True):
-        graph = faiss.IndexHNSWFlat(index_ivf.d, m, index_ivf.metric_type)
-        if ef is not None:
-            graph.hnsw.efSearch = ef
-        graph.add(means)
-        _set_quantizer(index_ivf, graph)
+    for name in candidates:
+        quantizer = build_coarse(name, means, means, index_ivf.metric_type)
+        if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = ef
+        _set_quantizer(index_ivf, quantizer)
         tables = fit_table(index_ivf, subset, n_bins, depth=depth, members=members)
         score = float(np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS]))
-        fitted.append((score, m, graph, tables))
-    densest = fitted[0]
-    score, m, graph, tables = min([f for f in fitted if f[0] <= densest[0] + np.log(1 - LINK_MARGIN)] or [densest],
-                                  key=lambda f: f[0])
-    _set_quantizer(index_ivf, graph)
+        fitted.append((score, name, quantizer, tables))
+    reference = fitted[0]
+    score, name, quantizer, tables = min(
+        [f for f in fitted if f[0] <= reference[0] + np.log(1 - LINK_MARGIN)] or [reference], key=lambda f: f[0])
+    _set_quantizer(index_ivf, quantizer)
     if subset is not calibration:
         tables = fit_table(index_ivf, calibration, n_bins, depth=depth, members=members)
-    return m, tables
+    return name, tables
 
 
 def _set_quantizer(index_ivf, quantizer):

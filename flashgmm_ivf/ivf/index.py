@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
-from .calibration import K_CAL, Calibration, fit_graph_and_table, fit_table
+from .calibration import K_CAL, Calibration, build_coarse, coarse_candidates, fit_coarse_and_table, fit_table
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
 from .probing import adaptive_lists, enough_entries, list_sizes, truncate_lists
 from .pruning import search_pruned
@@ -46,7 +46,7 @@ __all__ = ["GMMIndexIVF", "extract_index_ivf", "index_factory", "PROBES", "COVAR
 
 PROBES = ("adaptive", "radius", "fixed")  # how a search chooses each query's depth
 COVARIANCE_TYPES = ("spherical", "diag", "full")
-_COARSE = re.compile(r"^(flat|hnsw(\d+)?)$")
+_COARSE = re.compile(r"^(auto|flat|hnsw|pca)(\d+)?$")
 # Bins of the depth table: 16 difficulty bins for 'adaptive' / 'radius', one for 'fixed'
 # (a calibrated nprobe, the same for every query).
 _BINS = {"adaptive": 16, "radius": 16, "fixed": 1}
@@ -212,7 +212,7 @@ class GMMIndexIVF:
     """
 
     def __init__(self, d, nlist, encoding="Flat", metric="l2", *, partition="kmeans", covariance_type="spherical",
-                 coarse="hnsw", spill="soar", copies=1.5, probe="adaptive", nprobe=1, recall=None, kmeans_iter=None,
+                 coarse="auto", spill="soar", copies=1.5, probe="adaptive", nprobe=1, recall=None, kmeans_iter=None,
                  max_iter=5, calibration_rows=None, random_state=1234, gmm=None, **gmm_params):
         self._d = check_positive_int(d, "d")
         self._nlist = check_positive_int(nlist, "nlist")
@@ -223,9 +223,14 @@ class GMMIndexIVF:
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
         match = _COARSE.match(str(coarse))
-        if not match or (match.group(2) is not None and int(match.group(2)) < 2):
-            raise ValueError(f"coarse must be 'hnsw', 'hnsw<M>' with M >= 2 (e.g. 'hnsw32') or 'flat', "
-                             f"got {coarse!r}")
+        if (not match or (match.group(2) is not None and match.group(1) in ("auto", "flat"))
+                or (match.group(1) == "hnsw" and match.group(2) is not None and int(match.group(2)) < 2)
+                or (match.group(1) == "pca" and match.group(2) is not None and not 1 <= int(match.group(2)) < self._d)):
+            raise ValueError(f"coarse must be 'auto', 'hnsw', 'hnsw<M>' with M >= 2 (e.g. 'hnsw32'), 'pca', 'pca<p>' "
+                             f"with 1 <= p < d={self._d} (e.g. 'pca64') or 'flat', got {coarse!r}")
+        if self.metric == "ip" and match.group(1) == "pca":
+            raise ValueError("coarse='pca' ranks the means by projected squared L2; metric 'ip' supports coarse "
+                             "'auto', 'hnsw', 'hnsw<M>' or 'flat' (for normalised data use metric='cosine')")
         if spill not in SPILLS:
             raise ValueError(f"spill must be one of {SPILLS}, got {spill!r}")
         if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= 2:
@@ -394,10 +399,11 @@ class GMMIndexIVF:
             except RuntimeError as err:  # e.g. PQ / SQ training on too few rows
                 raise ValueError(f"FAISS cannot train the {self.encoding!r} encoder on {len(fit_rows)} rows: "
                                  f"{_faiss_message(err)}") from err
-            match = _COARSE.match(self.coarse)
-            if match.group(1) != "flat":  # 'hnsw': 32 links until the depth table's fit calibrates them
-                graph = faiss.IndexHNSWFlat(self._d, int(match.group(2) or 32), self.index.metric_type)
-                faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, graph)
+            if self.coarse != "flat":  # the reference candidate until the depth table's fit chooses
+                quantizer = build_coarse(self._coarse_candidates()[0], self.gmm.means_.astype(np.float32),
+                                         x[cal_rows], self.index.metric_type)
+                faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, quantizer)
+                self.index.referenced_objects = [quantizer]
             self.index.nprobe = self._nprobe
             # All training rows, not only those the partition was fitted on: the vectors added
             # later were not fitted either, and fitted rows sit closer to their means.
@@ -653,6 +659,14 @@ class GMMIndexIVF:
             stats.nlists + more.nlists
         return D, I
 
+    def _coarse_candidates(self):
+        """The coarse steps ``coarse`` chooses among (:func:`.calibration.coarse_candidates`); a graph for 'ip'."""
+        if self.coarse == "flat":
+            return ("flat",)
+        if self.metric == "ip":
+            return (self.coarse,) if self.coarse.startswith("hnsw") and self.coarse != "hnsw" else ("hnsw32",)
+        return coarse_candidates(self.coarse, self._d)
+
     def _copies(self):
         """Entries per vector of the inner index (sizes the over-fetch of a search)."""
         return self.index.ntotal / max(1, self._ntotal)
@@ -672,8 +686,9 @@ class GMMIndexIVF:
     def _fit_table(self):
         if self.calibration is None:
             raise ValueError("the index has no calibration queries: train it, or call calibrate(queries)")
-        if self.coarse == "hnsw" and self.index.metric_type == faiss.METRIC_L2:
-            _, self.probe_table = fit_graph_and_table(self.index, self.calibration, _BINS[self.probe])
+        candidates = self._coarse_candidates()
+        if len(candidates) > 1:
+            _, self.probe_table = fit_coarse_and_table(self.index, self.calibration, _BINS[self.probe], candidates)
         else:
             self.probe_table = fit_table(self.index, self.calibration, _BINS[self.probe])
         self._table_ntotal = self._ntotal

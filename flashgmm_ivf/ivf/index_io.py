@@ -31,6 +31,7 @@ import numpy as np
 from .._io import READ_ERRORS, checksum
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration
+from .coarse import means_index
 from .index import GMMIndexIVF, stored_ids
 from .probing import ProbeTable, ProbeTables
 from .quantizer import SUPPORTED_IVF
@@ -184,12 +185,15 @@ def _check_inner(path, inner, index, header, gmm):
         raise ValueError(f"{path}: stored FAISS index holds {inner.ntotal} entries (trained={inner.is_trained}), "
                          f"header says {header['n_entries']}")
     quantizer = faiss.downcast_index(inner.quantizer)
-    want = faiss.IndexFlat if index.coarse == "flat" else faiss.IndexHNSW
+    kind = index.coarse.rstrip("0123456789")
+    want = {"flat": (faiss.IndexFlat,), "hnsw": (faiss.IndexHNSW,), "pca": (faiss.IndexRefine,),
+            "auto": (faiss.IndexHNSW, faiss.IndexRefine)}[kind]
     if not isinstance(quantizer, want) or quantizer.ntotal != index.nlist:
         raise ValueError(f"{path}: the stored quantizer is {type(quantizer).__name__} with {quantizer.ntotal} "
-                         f"means; coarse={index.coarse!r} and nlist={index.nlist} need a {want.__name__}")
+                         f"means; coarse={index.coarse!r} and nlist={index.nlist} need a "
+                         f"{' or '.join(w.__name__ for w in want)}")
     if gmm.means_.shape != (index.nlist, index.d) or not np.array_equal(
-            quantizer.reconstruct_n(0, index.nlist), gmm.means_.astype(np.float32)):
+            means_index(quantizer).reconstruct_n(0, index.nlist), gmm.means_.astype(np.float32)):
         raise ValueError(f"{path}: the quantizer's centroids differ from the stored GMM means")
 
 

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from .._validation import check_positive_int
+from .coarse import means_index, ranking_cost
 
 __all__ = ["PAD", "SearchStats", "cosine_from_l2", "dedup_results", "fetch_slots", "preassigned_raw",
            "range_search_nprobe", "ranked_lists", "search_nprobe", "search_preassigned"]
@@ -90,8 +91,9 @@ def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int, *, ef_sea
     Parameters
     ----------
     index_ivf : faiss.IndexIVF whose quantizer is flat (``IndexFlat``: it evaluates all
-        nlist means) or an HNSW graph over the means (``IndexHNSW``, searched with efSearch
-        at least ``depth``: it evaluates the means its walk visits)
+        nlist means), an HNSW graph over the means (``IndexHNSW``, searched with efSearch
+        at least ``depth``: it evaluates the means its walk visits) or a projected ranking
+        (``IndexRefine`` of :func:`.coarse.projected_ranker`: counted by :func:`.coarse.ranking_cost`)
     x : ndarray of shape (nq, d), float32
     depth : int in [1, nlist]
     ef_search : int, optional
@@ -109,9 +111,9 @@ def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int, *, ef_sea
         raise ValueError(f"depth must be <= nlist={index_ivf.nlist}, got {depth}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     quantizer = faiss.downcast_index(index_ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW) and depth == index_ivf.nlist:
-        # Every list: read from the graph's flat storage, as a walk may miss some of them.
-        coarse_dis, list_nos = faiss.downcast_index(quantizer.storage).search(x, depth)
+    if isinstance(quantizer, (faiss.IndexHNSW, faiss.IndexRefine)) and depth == index_ivf.nlist:
+        # Every list: read from the means' flat storage, as a walk or a projection may miss some.
+        coarse_dis, list_nos = means_index(quantizer).search(x, depth)
         return coarse_dis, list_nos, x.shape[0] * int(index_ivf.nlist)
     if isinstance(quantizer, faiss.IndexHNSW):
         ef = int(quantizer.hnsw.efSearch) if ef_search is None else check_positive_int(ef_search, "ef_search")
@@ -119,11 +121,15 @@ def ranked_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, depth: int, *, ef_sea
         faiss.cvar.hnsw_stats.reset()
         coarse_dis, list_nos = quantizer.search(x, depth, params=params)
         return coarse_dis, list_nos, int(faiss.cvar.hnsw_stats.ndis)
+    if isinstance(quantizer, faiss.IndexRefine):
+        k_factor = min(float(quantizer.k_factor), index_ivf.nlist / depth)  # no more than every mean re-ranked
+        coarse_dis, list_nos = quantizer.search(x, depth, params=faiss.IndexRefineSearchParameters(k_factor=k_factor))
+        return coarse_dis, list_nos, math.ceil(x.shape[0] * ranking_cost(quantizer, depth, k_factor))
     if isinstance(quantizer, faiss.IndexFlat):
         coarse_dis, list_nos = quantizer.search(x, depth)
         return coarse_dis, list_nos, x.shape[0] * int(index_ivf.nlist)
-    raise TypeError(f"the quantizer must be a faiss.IndexFlat or faiss.IndexHNSW (their distance evaluations are "
-                    f"known), got {type(quantizer).__name__}")
+    raise TypeError(f"the quantizer must be a faiss.IndexFlat, IndexHNSW or IndexRefine (their distance evaluations "
+                    f"are known), got {type(quantizer).__name__}")
 
 
 def dedup_results(D, I, k, metric_type=faiss.METRIC_L2):

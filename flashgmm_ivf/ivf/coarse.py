@@ -1,0 +1,108 @@
+"""Coarse steps over the list means: the FAISS indexes that find a query's nearest lists.
+
+Three kinds, each a real FAISS index that ``faiss.IndexIVF`` uses as its quantizer:
+
+- ``faiss.IndexFlat``: every mean, nlist distances per query.
+- ``faiss.IndexHNSWFlat``: a graph walk, the distances it evaluates.
+- A projected ranking (:func:`projected_ranker`), a ``faiss.IndexRefine``: every mean ranked in
+  a few principal directions of the data, then the ``k_factor x depth`` best re-ranked by their
+  true distances. In high dimension a low-dimensional distance costs a fraction of a full one,
+  and the means a graph walk must visit grow with the dimension.
+
+:func:`ranking_cost` says what one ranking costs in distance computations (one per
+d-dimensional product, so a product over p < d dimensions counts p / d).
+"""
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "graph", "means_index", "projected_ranker", "ranking_cost"]
+
+# Means re-ranked by true distance per list asked for: on GIST-like 960-d and 784-d rows four
+# times the depth recovers >= 95% of the exact top 4 lists where twice recovers 85-90%.
+REFINE_FACTOR = 4.0
+# Weight of a mean's squared residual (its part outside the projection) in its projected
+# distance. The full distance is |Pq - Pm|^2 + |r_q|^2 + |r_m|^2 - 2 <r_q, r_m>; the cross term
+# is unknown without the full product, and for the mean of a query's own cluster it cancels
+# part of |r_m|^2 (their residuals point the same way). Half the weight ranked the exact top
+# lists better than 0 or 1 across 256-d text-like and 960-d GIST-like rows.
+RESIDUAL_WEIGHT = 0.5
+
+
+def graph(means: np.ndarray, links: int, metric_type: int) -> faiss.IndexHNSWFlat:
+    """An HNSW graph over the means (``faiss.IndexHNSWFlat``, ``links`` per node)."""
+    index = faiss.IndexHNSWFlat(means.shape[1], int(links), metric_type)
+    index.add(np.ascontiguousarray(means, dtype=np.float32))
+    return index
+
+
+def projected_ranker(means: np.ndarray, rows: np.ndarray, dims: int, *,
+                     k_factor: float = REFINE_FACTOR) -> faiss.IndexRefine:
+    """Squared-L2 ranking of the means in ``dims`` principal directions of ``rows``, refined by true distances.
+
+    Parameters
+    ----------
+    means : ndarray of shape (nlist, d), float32
+    rows : ndarray of shape (n, d), rows drawn like the queries (e.g. held-out training rows)
+        whose principal directions the projection keeps
+    dims : int in [1, d)
+    k_factor : float >= 1, means re-ranked per list asked for
+
+    Returns
+    -------
+    faiss.IndexRefine whose base is ``IndexPreTransform(LinearTransform(d, dims + 1),
+    IndexFlatL2(dims + 1))`` and whose refine index is an ``IndexFlatL2`` of the means. A
+    mean is stored as its projection plus one coordinate, sqrt(RESIDUAL_WEIGHT) |r_m| (its
+    residual outside the projection); the transform gives a query 0 there, so the base
+    distance is |Pq - Pm|^2 + RESIDUAL_WEIGHT |r_m|^2.
+    """
+    means = np.ascontiguousarray(means, dtype=np.float32)
+    nlist, d = means.shape
+    if not 1 <= dims < d:
+        raise ValueError(f"a projected ranking needs 1 <= dims < d={d}, got {dims}")
+    rows = np.asarray(rows, dtype=np.float64)
+    center = rows.mean(0)
+    # Principal directions in float64: raw-scale rows (SIFT's 0..255) keep their small ones.
+    _, vectors = np.linalg.eigh(np.cov(rows - center, rowvar=False))
+    basis = vectors[:, ::-1][:, :dims].T  # (dims, d), largest variance first
+    projected = (means - center) @ basis.T
+    residual = np.maximum(((means - center) ** 2).sum(1) - (projected ** 2).sum(1), 0.0)
+    transform = faiss.LinearTransform(d, dims + 1, True)
+    matrix = np.zeros((dims + 1, d), np.float32)
+    matrix[:dims] = basis
+    faiss.copy_array_to_vector(matrix.ravel(), transform.A)
+    faiss.copy_array_to_vector(np.concatenate([-(basis @ center), [0.0]]).astype(np.float32), transform.b)
+    transform.is_trained = True
+    flat = faiss.IndexFlatL2(dims + 1)
+    flat.add(np.hstack([projected, np.sqrt(RESIDUAL_WEIGHT * residual)[:, None]]).astype(np.float32))
+    base = faiss.IndexPreTransform(transform, flat)
+    refine = faiss.IndexFlatL2(d)
+    refine.add(means)
+    ranker = faiss.IndexRefine(base, refine)
+    ranker.k_factor = float(k_factor)
+    return ranker
+
+
+def means_index(quantizer: faiss.Index) -> faiss.IndexFlat:
+    """The flat index of the means inside a coarse step (the step itself when it is flat)."""
+    quantizer = faiss.downcast_index(quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        return faiss.downcast_index(quantizer.storage)
+    if isinstance(quantizer, faiss.IndexRefine):
+        return faiss.downcast_index(quantizer.refine_index)
+    return quantizer
+
+
+def ranking_cost(quantizer: faiss.IndexRefine, depth: int, k_factor: float) -> float:
+    """Distance computations of one query's projected ranking ``depth`` deep.
+
+    The projection (dims + 1 products of d dimensions), nlist distances of dims + 1
+    dimensions (each (dims + 1) / d of a full one) and the re-ranked means, one each.
+    """
+    base = faiss.downcast_index(quantizer.base_index)
+    projected = base.index.d
+    nlist = int(quantizer.ntotal)
+    return projected + nlist * projected / quantizer.d + min(nlist, math.floor(depth * k_factor))
