@@ -421,12 +421,9 @@ def test_coarse_step_chosen_by_expected_cost(fashion, tmp_path):
         else:
             assert faiss.downcast_index(chosen.base_index).index.d == int(best[3:]) + 1
     for name in ("hnsw16", "pca64"):  # either kind round-trips with its tables
-        fitted, _ = fit_coarse_and_table(index.index, index.calibration, 16, (name,))
+        fitted, index.probe_table = fit_coarse_and_table(index.index, index.calibration, 16, (name,))
         assert fitted == name
-        index._fit_table = lambda: None  # keep this step (a refit would choose again)
-        index.probe_table = fit_table(index.index, index.calibration, 16)
         write_index(index, tmp_path / "coarse.npz")
-        del index._fit_table
         loaded = read_index(tmp_path / "coarse.npz")
         assert type(loaded.quantizer_index) is not faiss.IndexFlat
         np.testing.assert_array_equal(loaded.search(query, K, recall=0.9)[1], index.search(query, K, recall=0.9)[1])

@@ -344,8 +344,8 @@ def coarse_candidates(coarse: str, d: int) -> tuple[str, ...]:
     return (coarse,)
 
 
-def build_coarse(name: str, means: np.ndarray, rows: np.ndarray, metric_type: int) -> faiss.Index:
-    """The coarse step ``name`` ('flat', 'hnsw<M>' or 'pca<p>') over ``means``; ``rows`` give a projection its directions."""
+def build_coarse(name: str, means: np.ndarray, metric_type: int) -> faiss.Index:
+    """The coarse step ``name`` ('flat', 'hnsw<M>' or 'pca<p>') over ``means``."""
     if name == "flat":
         index = faiss.IndexFlat(means.shape[1], metric_type)
         index.add(np.ascontiguousarray(means, dtype=np.float32))
@@ -353,7 +353,7 @@ def build_coarse(name: str, means: np.ndarray, rows: np.ndarray, metric_type: in
     if name.startswith("hnsw"):
         return graph(means, int(name[4:]), metric_type)
     if name.startswith("pca"):
-        return projected_ranker(means, rows, int(name[3:]))
+        return projected_ranker(means, int(name[3:]))
     raise ValueError(f"unknown coarse step {name!r}")
 
 
@@ -361,8 +361,7 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
                          candidates: tuple[str, ...]) -> tuple[str, ProbeTables]:
     """The coarse step of ``candidates`` whose recall searches cost least, as the quantizer; its depth tables.
 
-    Each candidate (:func:`build_coarse`; a projection takes the calibration queries'
-    principal directions) replaces the quantizer in turn and tables are fitted
+    Each candidate (:func:`build_coarse`) replaces the quantizer in turn and tables are fitted
     (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced calibration queries (enough to tell
     10% apart); the tables of the step kept are then fitted on all of them. The first
     candidate, the reference (the densest graph), is kept unless another expects at least
@@ -399,7 +398,7 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
     depth = table_depth(index_ivf, calibration, members)
     fitted = []
     for name in candidates:
-        quantizer = build_coarse(name, means, means, index_ivf.metric_type)
+        quantizer = build_coarse(name, means, index_ivf.metric_type)
         if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
             quantizer.hnsw.efSearch = ef
         _set_quantizer(index_ivf, quantizer)

@@ -39,15 +39,16 @@ def graph(means: np.ndarray, links: int, metric_type: int) -> faiss.IndexHNSWFla
     return index
 
 
-def projected_ranker(means: np.ndarray, rows: np.ndarray, dims: int, *,
-                     k_factor: float = REFINE_FACTOR) -> faiss.IndexRefine:
-    """Squared-L2 ranking of the means in ``dims`` principal directions of ``rows``, refined by true distances.
+def projected_ranker(means: np.ndarray, dims: int, *, k_factor: float = REFINE_FACTOR) -> faiss.IndexRefine:
+    """Squared-L2 ranking of the means in their ``dims`` principal directions, refined by true distances.
+
+    The means' own directions are those that tell lists apart. Directions fitted on the
+    calibration queries would also flatter the depth tables fitted on those queries (on
+    GIST-like rows: recall@10 0.872 on test queries asked for 0.9, against 0.903).
 
     Parameters
     ----------
     means : ndarray of shape (nlist, d), float32
-    rows : ndarray of shape (n, d), rows drawn like the queries (e.g. held-out training rows)
-        whose principal directions the projection keeps
     dims : int in [1, d)
     k_factor : float >= 1, means re-ranked per list asked for
 
@@ -60,16 +61,16 @@ def projected_ranker(means: np.ndarray, rows: np.ndarray, dims: int, *,
     distance is |Pq - Pm|^2 + RESIDUAL_WEIGHT |r_m|^2.
     """
     means = np.ascontiguousarray(means, dtype=np.float32)
-    nlist, d = means.shape
+    d = means.shape[1]
     if not 1 <= dims < d:
         raise ValueError(f"a projected ranking needs 1 <= dims < d={d}, got {dims}")
-    rows = np.asarray(rows, dtype=np.float64)
-    center = rows.mean(0)
+    center = means.mean(0, dtype=np.float64)
+    centered = means - center
     # Principal directions in float64: raw-scale rows (SIFT's 0..255) keep their small ones.
-    _, vectors = np.linalg.eigh(np.cov(rows - center, rowvar=False))
+    _, vectors = np.linalg.eigh(centered.T @ centered)
     basis = vectors[:, ::-1][:, :dims].T  # (dims, d), largest variance first
-    projected = (means - center) @ basis.T
-    residual = np.maximum(((means - center) ** 2).sum(1) - (projected ** 2).sum(1), 0.0)
+    projected = centered @ basis.T
+    residual = np.maximum((centered ** 2).sum(1) - (projected ** 2).sum(1), 0.0)
     transform = faiss.LinearTransform(d, dims + 1, True)
     matrix = np.zeros((dims + 1, d), np.float32)
     matrix[:dims] = basis
