@@ -313,6 +313,7 @@ class GMMIndex(Algorithm):
         out = {"spec": self.spec, "calibrate": self.calibrate, "knob": self.knob, **self.options,
                **self.calibration_info}
         out["settings"] = self.index.settings()  # the recipe the spec resolved to
+        out["coarse_step"] = self.index.coarse_step  # the coarse step 'auto' chose
         if getattr(self.index, "hnsw_ef_search", None) is not None:
             out["hnsw_ef_search"] = self.index.hnsw_ef_search
             out["hnsw_links"] = int(self.index.quantizer_index.hnsw.nb_neighbors(1))  # M of the graph used

@@ -25,13 +25,13 @@ import faiss
 import faiss.contrib.ivf_tools
 import numpy as np
 
-from .coarse import graph, means_index, projected_ranker
+from .coarse import build, means_index
 from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_within, list_members,
                       neighbor_depths, query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
 
 __all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "PROJECTED_DIMS",
-           "REACH", "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS", "WIDTHS", "Calibration", "build_coarse",
+           "REACH", "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS", "WIDTHS", "Calibration",
            "coarse_candidates", "fit_coarse_and_table", "fit_table", "knn_l2", "table_depth", "walk_depths"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
@@ -326,7 +326,7 @@ def walk_depths(depth: int, widths: tuple[int, ...] = WIDTHS) -> np.ndarray:
 
 
 def coarse_candidates(coarse: str, d: int) -> tuple[str, ...]:
-    """Coarse steps a ``coarse`` option chooses among (names for :func:`build_coarse`), the reference first.
+    """Coarse steps a ``coarse`` option chooses among (names for :func:`.coarse.build`), the reference first.
 
     'auto': graphs with ``GRAPH_LINKS`` links and projected rankings onto ``PROJECTED_DIMS``
     dimensions (those at most d / 4); 'hnsw': the graphs; 'pca': the projected rankings;
@@ -344,24 +344,11 @@ def coarse_candidates(coarse: str, d: int) -> tuple[str, ...]:
     return (coarse,)
 
 
-def build_coarse(name: str, means: np.ndarray, metric_type: int) -> faiss.Index:
-    """The coarse step ``name`` ('flat', 'hnsw<M>' or 'pca<p>') over ``means``."""
-    if name == "flat":
-        index = faiss.IndexFlat(means.shape[1], metric_type)
-        index.add(np.ascontiguousarray(means, dtype=np.float32))
-        return index
-    if name.startswith("hnsw"):
-        return graph(means, int(name[4:]), metric_type)
-    if name.startswith("pca"):
-        return projected_ranker(means, int(name[3:]))
-    raise ValueError(f"unknown coarse step {name!r}")
-
-
 def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
                          candidates: tuple[str, ...]) -> tuple[str, ProbeTables]:
     """The coarse step of ``candidates`` whose recall searches cost least, as the quantizer; its depth tables.
 
-    Each candidate (:func:`build_coarse`) replaces the quantizer in turn and tables are fitted
+    Each candidate (:func:`.coarse.build`) replaces the quantizer in turn and tables are fitted
     (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced calibration queries (enough to tell
     10% apart); the tables of the step kept are then fitted on all of them. The first
     candidate, the reference (the densest graph), is kept unless another expects at least
@@ -398,7 +385,7 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
     depth = table_depth(index_ivf, calibration, members)
     fitted = []
     for name in candidates:
-        quantizer = build_coarse(name, means, index_ivf.metric_type)
+        quantizer = build(name, means, index_ivf.metric_type)
         if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
             quantizer.hnsw.efSearch = ef
         _set_quantizer(index_ivf, quantizer)

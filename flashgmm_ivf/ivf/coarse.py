@@ -19,7 +19,7 @@ import math
 import faiss
 import numpy as np
 
-__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "graph", "means_index", "projected_ranker", "ranking_cost"]
+__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "build", "graph", "means_index", "name_of", "projected_ranker", "ranking_cost"]
 
 # Means re-ranked by true distance per list asked for: on GIST-like 960-d and 784-d rows four
 # times the depth recovers >= 95% of the exact top 4 lists where twice recovers 85-90%.
@@ -30,6 +30,19 @@ REFINE_FACTOR = 4.0
 # part of |r_m|^2 (their residuals point the same way). Half the weight ranked the exact top
 # lists better than 0 or 1 across 256-d text-like and 960-d GIST-like rows.
 RESIDUAL_WEIGHT = 0.5
+
+
+def build(name: str, means: np.ndarray, metric_type: int) -> faiss.Index:
+    """The coarse step ``name`` ('flat', 'hnsw<M>' or 'pca<p>') over ``means``."""
+    if name == "flat":
+        index = faiss.IndexFlat(means.shape[1], metric_type)
+        index.add(np.ascontiguousarray(means, dtype=np.float32))
+        return index
+    if name.startswith("hnsw"):
+        return graph(means, int(name[4:]), metric_type)
+    if name.startswith("pca"):
+        return projected_ranker(means, int(name[3:]))
+    raise ValueError(f"unknown coarse step {name!r}")
 
 
 def graph(means: np.ndarray, links: int, metric_type: int) -> faiss.IndexHNSWFlat:
@@ -85,6 +98,16 @@ def projected_ranker(means: np.ndarray, dims: int, *, k_factor: float = REFINE_F
     ranker = faiss.IndexRefine(base, refine)
     ranker.k_factor = float(k_factor)
     return ranker
+
+
+def name_of(quantizer: faiss.Index) -> str:
+    """A coarse step's name: 'flat', 'hnsw<M>' (links per node) or 'pca<p>' (projected dimensions)."""
+    quantizer = faiss.downcast_index(quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        return f"hnsw{quantizer.hnsw.nb_neighbors(1)}"
+    if isinstance(quantizer, faiss.IndexRefine):
+        return f"pca{faiss.downcast_index(quantizer.base_index).index.d - 1}"
+    return "flat"
 
 
 def means_index(quantizer: faiss.Index) -> faiss.IndexFlat:

@@ -9,8 +9,9 @@ line::
     index.train(xt); index.add(xb)
     D, I = index.search(xq, 10, recall=0.9)                     # or nprobe=..., as FAISS
 
-The default recipe: k-means lists (``faiss.Kmeans``, as ``IndexIVF.train``), an HNSW graph
-over the means as the coarse step (as ``IVF<nlist>_HNSW32``'s, its links per node calibrated), a SOAR-spilled second copy
+The default recipe: k-means lists (``faiss.Kmeans``, as ``IndexIVF.train``), a coarse step
+over the means chosen at calibration (an HNSW graph as ``IVF<nlist>_HNSW32``'s, its links
+per node calibrated, or in high dimension a ranking in a few principal directions), a SOAR-spilled second copy
 for half of the vectors (1.5 copies per vector), and a per-query depth read from a table
 calibrated at training time. Each part is an option; ``partition='gmm'`` gives lists
 from a spherical GMM under the same machinery (measured on SIFT and GloVe sets at nlist
@@ -18,7 +19,7 @@ from a spherical GMM under the same machinery (measured on SIFT and GloVe sets a
 
 Nothing hides the FAISS index: ``.index`` is the real ``faiss.IndexIVFFlat`` /
 ``IndexIVFPQ`` / ``IndexIVFScalarQuantizer``, ``.quantizer_index`` its quantizer
-(``IndexFlat`` or ``IndexHNSWFlat`` over the means) and ``.gmm`` the fitted
+(``IndexFlat``, ``IndexHNSWFlat`` or ``IndexRefine`` over the means) and ``.gmm`` the fitted
 ``GaussianMixture``.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
-from .calibration import K_CAL, Calibration, build_coarse, coarse_candidates, fit_coarse_and_table, fit_table
+from .calibration import K_CAL, Calibration, coarse_candidates, fit_coarse_and_table, fit_table
+from .coarse import build, name_of
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
 from .probing import adaptive_lists, enough_entries, list_sizes, truncate_lists
 from .pruning import search_pruned
@@ -103,13 +105,17 @@ class GMMIndexIVF:
         ``faiss.Kmeans`` with ``kmeans_iter`` iterations, per-list covariances
         computed from the members afterwards; primary list = nearest centroid.
     covariance_type : {'spherical', 'diag', 'full'}, default 'spherical'
-    coarse : {'hnsw', 'hnsw<M>', 'flat'}, default 'hnsw'
+    coarse : {'auto', 'hnsw', 'hnsw<M>', 'pca', 'pca<p>', 'flat'}, default 'auto'
         How queries find their lists: an ``IndexHNSWFlat`` over the means (M links per
-        node; 'hnsw': M of 8, 16 or 32, whichever makes recall searches cheapest on the
-        calibration queries, chosen when the depth table is fitted) or all nlist
-        distances (``IndexFlat``). A search at ``nprobe=n`` walks the
-        graph with efSearch = max(``hnsw_ef_search``, n); a search at a recall target walks
-        it with the efSearch its depth table was calibrated for (see Notes).
+        node), a projected ranking (``faiss.IndexRefine``: every mean ranked in its p
+        principal directions, each such distance counting p / d, then 4 x depth re-ranked by
+        true distance; see :mod:`.coarse`) or all nlist distances (``IndexFlat``). 'hnsw'
+        chooses M among 8, 16 and 32, 'pca' chooses p among 32, 64 and 128 (those at most
+        d / 4), 'auto' among both, whichever makes recall searches cheapest on the calibration
+        queries (chosen when the depth table is fitted; 'ip' keeps a 32-link graph). A
+        search at ``nprobe=n`` walks a graph with efSearch = max(``hnsw_ef_search``, n); a
+        search at a recall target walks it with the efSearch its depth table was calibrated
+        for (see Notes).
     spill : {'soar', 'rair', 'gmm', 'none'}, default 'soar'
         Rule choosing a second list for some vectors: SOAR (Sun et al. 2024, lambda 1),
         RAIR (lambda 0.5), 'gmm' (second most probable component), or none.
@@ -183,7 +189,8 @@ class GMMIndexIVF:
     Coarse effort. With a graph coarse step a recall search first walks the graph with a
     small efSearch w for the w nearest means of every query (the difficulty feature is
     read from them), then walks again, with efSearch = its depth, only for queries whose
-    bin asks for more than w lists. One table is fitted for each w in 4, 6, 8, 12, 16, 24,
+    bin asks for more than w lists (a projected ranking likewise: first w deep, then as
+    deep as the bin asks). One table is fitted for each w in 4, 6, 8, 12, 16, 24,
     32, its costs counting both walks' distances besides the codes scanned, and each
     recall target uses the w whose table expects the fewest distance computations on the
     calibration queries. A query's depth is also raised, within the lists already
@@ -321,8 +328,13 @@ class GMMIndexIVF:
 
     @property
     def quantizer_index(self):
-        """The coarse step: ``faiss.IndexFlat`` or ``faiss.IndexHNSWFlat`` over the means."""
+        """The coarse step: ``faiss.IndexFlat``, ``faiss.IndexHNSWFlat`` or ``faiss.IndexRefine`` over the means."""
         return faiss.downcast_index(self.index.quantizer)
+
+    @property
+    def coarse_step(self):
+        """The coarse step in use, as a ``coarse`` value: 'flat', 'hnsw<M>' or 'pca<p>' (what 'auto' chose)."""
+        return name_of(self.quantizer_index)
 
     @property
     def hnsw_ef_search(self):
@@ -400,7 +412,7 @@ class GMMIndexIVF:
                 raise ValueError(f"FAISS cannot train the {self.encoding!r} encoder on {len(fit_rows)} rows: "
                                  f"{_faiss_message(err)}") from err
             if self.coarse != "flat":  # the reference candidate until the depth table's fit chooses
-                quantizer = build_coarse(self._coarse_candidates()[0], self.gmm.means_.astype(np.float32),
+                quantizer = build(self._coarse_candidates()[0], self.gmm.means_.astype(np.float32),
                                          self.index.metric_type)
                 faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, quantizer)
                 self.index.referenced_objects = [quantizer]
@@ -890,7 +902,7 @@ def index_factory(d, description, metric=faiss.METRIC_L2, **kwargs) -> GMMIndexI
         ``"[IDMap,]IVF<nlist>_GMM[(<options>)],<encoding>"``, e.g. ``"IVF1024_GMM,Flat"`` (the default
         recipe) or ``"IVF1024_GMM(diag,coarse=flat,spill=none,probe=fixed),PQ16"``. Options:
         a covariance type (spherical | diag | full) or an E-step (dense | truncated) as a
-        bare word, and key=value pairs: partition (gmm | kmeans), coarse (hnsw | hnsw<M> | flat),
+        bare word, and key=value pairs: partition (gmm | kmeans), coarse (auto | hnsw | hnsw<M> | pca | pca<p> | flat),
         spill (soar | rair | gmm | none), copies, probe (adaptive | radius | fixed), nprobe,
         recall, kmeans_iter, iter (EM iterations), calibration_rows, reg_covar, seed,
         device, compute_dtype, chunk_size, estep, n_candidates, n_neighbors.
