@@ -842,6 +842,16 @@ def test_factory_errors(description, match):
         index_factory(32, description)
 
 
+def test_projected_ranking_needs_fewer_dimensions_than_the_data_and_l2():
+    with pytest.raises(ValueError, match="1 <= p < d=1"):
+        index_factory(1, "IVF4_GMM(coarse=pca),Flat")
+    with pytest.raises(ValueError, match="1 <= p < d=32"):
+        index_factory(32, "IVF4_GMM(coarse=pca0),Flat")
+    with pytest.raises(ValueError, match="metric 'ip' supports coarse"):
+        index_factory(32, "IVF4_GMM(coarse=pca8),Flat", faiss.METRIC_INNER_PRODUCT)
+    assert index_factory(32, "IVF4_GMM(coarse=pca31),Flat").coarse == "pca31"
+
+
 def test_bad_input(fashion, fashion_index):
     base, query, _, _ = fashion
     fresh = index_factory(784, "IVF16_GMM(spherical,iter=2),Flat", device="cpu")

@@ -7,7 +7,8 @@ Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_too
 - :mod:`.partition`: fitting the partition (GMM or k-means) and assigning vectors to lists.
 - :mod:`.spill`, :mod:`.soft_assign`: rules for a vector's second list (SOAR, RAIR, ...; GMM responsibilities).
 - :mod:`.quantizer`: the means as the quantizer of an IndexIVFFlat / IVFPQ / IVFScalarQuantizer.
-- :mod:`.search`: the coarse step, deduplicated ``search_preassigned``, :class:`SearchStats`.
+- :mod:`.coarse`: coarse steps over the means (flat, HNSW graph, projected ranking) and their costs.
+- :mod:`.search`: ranking the lists, deduplicated ``search_preassigned``, :class:`SearchStats`.
 - :mod:`.probing`: a per-query depth from a calibrated :class:`ProbeTable`.
 - :mod:`.pruning`: radius pruning, lists skipped by a half-space bound.
 - :mod:`.calibration`: calibration queries, their exact neighbours, fitting the table.

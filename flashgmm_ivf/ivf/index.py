@@ -232,7 +232,7 @@ class GMMIndexIVF:
         match = _COARSE.match(str(coarse))
         if (not match or (match.group(2) is not None and match.group(1) in ("auto", "flat"))
                 or (match.group(1) == "hnsw" and match.group(2) is not None and int(match.group(2)) < 2)
-                or (match.group(1) == "pca" and match.group(2) is not None and not 1 <= int(match.group(2)) < self._d)):
+                or (match.group(1) == "pca" and not 1 <= int(match.group(2) or 1) < self._d)):
             raise ValueError(f"coarse must be 'auto', 'hnsw', 'hnsw<M>' with M >= 2 (e.g. 'hnsw32'), 'pca', 'pca<p>' "
                              f"with 1 <= p < d={self._d} (e.g. 'pca64') or 'flat', got {coarse!r}")
         if self.metric == "ip" and match.group(1) == "pca":
