@@ -248,7 +248,7 @@ def test_bad_input_raises(sift, kmeans_index, table):
         distance_spread(np.ones((3, 1)))
     two_level = faiss.IndexIVFFlat(faiss.IndexIVFFlat(faiss.IndexFlatL2(test.shape[1]), test.shape[1], 2),
                                    test.shape[1], NLIST)
-    with pytest.raises(TypeError, match="IndexFlat or faiss.IndexHNSW"):
+    with pytest.raises(TypeError, match="IndexFlat, IndexHNSW or IndexRefine"):
         ranked_lists(two_level, test, 4)
 
 
