@@ -419,7 +419,8 @@ def index_spec(rng, d, nlist):
     options = []
     if rng.random() < 0.5:
         options.append(pick(rng, ["spherical", "diag", "full", "dense"]))
-    for key, values in (("partition", ["gmm", "kmeans"]), ("coarse", ["flat", "hnsw4", "hnsw32", "hnsw2"]),
+    for key, values in (("partition", ["gmm", "kmeans"]),
+                        ("coarse", ["flat", "hnsw4", "hnsw32", "hnsw2", "auto", "pca", "pca1", "pca3"]),
                         ("spill", ["soar", "rair", "gmm", "none"]), ("copies", ["1", "1.25", "2"]),
                         ("probe", ["adaptive", "radius", "fixed"]), ("iter", ["1", "2"]),
                         ("kmeans_iter", ["1", "3"]), ("calibration_rows", ["1", str(nlist), "7"])):
@@ -581,7 +582,8 @@ def case_index_misuse(rng, trace, ctx):
     x = np.random.default_rng(int(rng.integers(2**31))).standard_normal((200, d)).astype(np.float32)
     bad_descriptions = ["IVF0_GMM,Flat", "IVF-4_GMM,Flat", "IVF4_GMM", "IVF4,Flat", "IVF4_GMM(foo),Flat",
                         "IVF4_GMM(copies=3),Flat", "IVF4_GMM(copies=abc),Flat", "IVF4_GMM(coarse=hnsw1),Flat",
-                        "IVF4_GMM(coarse=hnsw0),Flat", "IVF4_GMM,PQ3x8", "IVF4_GMM,PQ2x0", "IVF4_GMM,PQ2x99",
+                        "IVF4_GMM(coarse=hnsw0),Flat", "IVF4_GMM(coarse=pca0),Flat", "IVF4_GMM(coarse=pca9),Flat",
+                        "IVF4_GMM(coarse=auto2),Flat", "IVF4_GMM,PQ3x8", "IVF4_GMM,PQ2x0", "IVF4_GMM,PQ2x99",
                         "IVF4_GMM(spill=x),Flat", "IVF4_GMM(nprobe=9),Flat", "IVF4_GMM(recall=2),Flat",
                         "IVF4_GMM(iter=0),Flat", "IVF4_GMM(seed=-1),Flat", "IVF99999999999999999999_GMM,Flat",
                         "IVF4_GMM(chunk_size=0),Flat", "IVF4_GMM(compute_dtype=half),Flat", "", None, 5]
@@ -589,7 +591,7 @@ def case_index_misuse(rng, trace, ctx):
         refused(trace, "index_factory", lambda s=desc: flashgmm_ivf.index_factory(d, s, device="cpu").train(x))
     refused(trace, "index_factory(d)", flashgmm_ivf.index_factory, pick(rng, [0, -1, 2.5, "4", None]), "IVF4_GMM,Flat")
     refused(trace, "index_factory(metric)", flashgmm_ivf.index_factory, d, "IVF4_GMM,Flat", pick(rng, ["cos", 7, None]))
-    index = flashgmm_ivf.index_factory(d, f"IVF{nlist}_GMM(coarse={pick(rng, ['flat', 'hnsw8'])}),Flat", device="cpu")
+    index = flashgmm_ivf.index_factory(d, f"IVF{nlist}_GMM(coarse={pick(rng, ['flat', 'hnsw8', 'pca1'])}),Flat", device="cpu")
     refused(trace, "search(untrained)", index.search, x[:2], 1)
     refused(trace, "add(untrained)", index.add, x)
     bad_rows = [x[:, :1], x[:, 0], np.full((5, d), np.nan), x.astype(np.complex64), np.array([["a"] * d] * 3),
@@ -640,7 +642,8 @@ def setup_files(tmp: Path) -> dict:
     q = xt[::37] + 0.1
     np.save(tmp / "index_queries.npy", q)
     for name, spec in (("flat", "IVF4_GMM,Flat"), ("pq", "IVF4_GMM(coarse=flat),PQ4x4"),
-                       ("sq", "IVF4_GMM(diag,spill=gmm,probe=fixed),SQ8"), ("ids", "IDMap,IVF4_GMM(probe=radius),Flat")):
+                       ("sq", "IVF4_GMM(diag,spill=gmm,probe=fixed),SQ8"), ("ids", "IDMap,IVF4_GMM(probe=radius),Flat"),
+                       ("pca", "IVF4_GMM(coarse=pca2),Flat")):
         index = flashgmm_ivf.index_factory(8, spec, device="cpu")
         index.train(xt)
         if name == "ids":

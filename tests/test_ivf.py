@@ -430,6 +430,27 @@ def test_coarse_step_chosen_by_expected_cost(fashion, tmp_path):
         assert loaded.last_stats == index.last_stats
 
 
+def test_projected_ranking_under_inner_product(sift):
+    """Raw inner product: the projection ranks by <Pq, P(m - c)>, the re-ranking by true inner products."""
+    from flashgmm_ivf.ivf.coarse import means_index
+    from flashgmm_ivf.ivf.search import ranked_lists
+    base, query, _, _ = sift
+    index = build("IVF32_GMM(coarse=pca32,spill=none),Flat", (base, query, faiss.METRIC_INNER_PRODUCT))
+    assert index.coarse_step == "pca32" and index.quantizer_index.metric_type == faiss.METRIC_INNER_PRODUCT
+    sims, lists, _ = ranked_lists(index.index, query, 4)
+    exact_sims, exact_lists = means_index(index.quantizer_index).search(query, 4)
+    assert np.mean([len(set(a) & set(b)) / 4 for a, b in zip(lists, exact_lists)]) > 0.9
+    np.testing.assert_allclose(sims[:, 0], exact_sims[:, 0], rtol=1e-5)  # true inner products, best first
+    sim = query.astype(np.float64) @ base.T.astype(np.float64)
+    kth = -np.sort(-sim, axis=1)[:, K - 1]
+    D, I = index.search(query, K, nprobe=32)  # every list: the exact top K (to float32 rounding)
+    assert (np.take_along_axis(sim, I, 1).min(1) >= kth * (1 - 1e-6)).all()
+    _, I = index.search(query, K, recall=0.9)
+    assert recall_of(I, np.argsort(-sim, axis=1)[:, :K]) > 0.8
+    auto = index_factory(128, "IVF32_GMM,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert auto._coarse_candidates() == ("hnsw32", "pca32")  # a graph keeps 32 links under 'ip'
+
+
 def test_projected_ranking_counts_its_cost(fashion):
     """A projected ranking: the projection, nlist short distances at (p + 1) / d each, k_factor x depth re-ranked."""
     from flashgmm_ivf.ivf.coarse import means_index
@@ -842,13 +863,11 @@ def test_factory_errors(description, match):
         index_factory(32, description)
 
 
-def test_projected_ranking_needs_fewer_dimensions_than_the_data_and_l2():
+def test_projected_ranking_needs_fewer_dimensions_than_the_data():
     with pytest.raises(ValueError, match="1 <= p < d=1"):
         index_factory(1, "IVF4_GMM(coarse=pca),Flat")
     with pytest.raises(ValueError, match="1 <= p < d=32"):
         index_factory(32, "IVF4_GMM(coarse=pca0),Flat")
-    with pytest.raises(ValueError, match="metric 'ip' supports coarse"):
-        index_factory(32, "IVF4_GMM(coarse=pca8),Flat", faiss.METRIC_INNER_PRODUCT)
     assert index_factory(32, "IVF4_GMM(coarse=pca31),Flat").coarse == "pca31"
 
 

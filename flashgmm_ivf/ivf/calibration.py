@@ -365,7 +365,7 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF, L2, holding the calibration's neighbours; its quantizer is replaced
+    index_ivf : faiss.IndexIVF holding the calibration's neighbours; its quantizer is replaced
     calibration : Calibration
     n_bins : int
     candidates : tuple of str, e.g. :func:`coarse_candidates`

@@ -41,7 +41,7 @@ def build(name: str, means: np.ndarray, metric_type: int) -> faiss.Index:
     if name.startswith("hnsw"):
         return graph(means, int(name[4:]), metric_type)
     if name.startswith("pca"):
-        return projected_ranker(means, int(name[3:]))
+        return projected_ranker(means, int(name[3:]), metric_type)
     raise ValueError(f"unknown coarse step {name!r}")
 
 
@@ -52,8 +52,9 @@ def graph(means: np.ndarray, links: int, metric_type: int) -> faiss.IndexHNSWFla
     return index
 
 
-def projected_ranker(means: np.ndarray, dims: int, *, k_factor: float = REFINE_FACTOR) -> faiss.IndexRefine:
-    """Squared-L2 ranking of the means in their ``dims`` principal directions, refined by true distances.
+def projected_ranker(means: np.ndarray, dims: int, metric_type: int = faiss.METRIC_L2, *,
+                     k_factor: float = REFINE_FACTOR) -> faiss.IndexRefine:
+    """Ranking of the means in their ``dims`` principal directions, refined by true distances (or inner products).
 
     The means' own directions are those that tell lists apart. Directions fitted on the
     calibration queries would also flatter the depth tables fitted on those queries (on
@@ -63,15 +64,19 @@ def projected_ranker(means: np.ndarray, dims: int, *, k_factor: float = REFINE_F
     ----------
     means : ndarray of shape (nlist, d), float32
     dims : int in [1, d)
+    metric_type : faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT
     k_factor : float >= 1, means re-ranked per list asked for
 
     Returns
     -------
     faiss.IndexRefine whose base is ``IndexPreTransform(LinearTransform(d, dims + 1),
-    IndexFlatL2(dims + 1))`` and whose refine index is an ``IndexFlatL2`` of the means. A
-    mean is stored as its projection plus one coordinate, sqrt(RESIDUAL_WEIGHT) |r_m| (its
-    residual outside the projection); the transform gives a query 0 there, so the base
-    distance is |Pq - Pm|^2 + RESIDUAL_WEIGHT |r_m|^2.
+    IndexFlat(dims + 1))`` and whose refine index is an ``IndexFlat`` of the means, both of
+    ``metric_type``. Under L2 a mean is stored as its projection P(m - c) (c the means'
+    centre) plus one coordinate, sqrt(RESIDUAL_WEIGHT) |r_m| (its residual outside the
+    projection); the transform gives a query P(q - c) and 0 there, so the base distance is
+    |Pq - Pm|^2 + RESIDUAL_WEIGHT |r_m|^2. Under inner product the query is Pq and the extra
+    coordinate 0: <Pq, P(m - c)> ranks as <q, m> does where m - c lies in the projection
+    (<q, c> is the same for every mean).
     """
     means = np.ascontiguousarray(means, dtype=np.float32)
     d = means.shape[1]
@@ -84,16 +89,19 @@ def projected_ranker(means: np.ndarray, dims: int, *, k_factor: float = REFINE_F
     basis = vectors[:, ::-1][:, :dims].T  # (dims, d), largest variance first
     projected = centered @ basis.T
     residual = np.maximum((centered ** 2).sum(1) - (projected ** 2).sum(1), 0.0)
+    l2 = metric_type == faiss.METRIC_L2
     transform = faiss.LinearTransform(d, dims + 1, True)
     matrix = np.zeros((dims + 1, d), np.float32)
     matrix[:dims] = basis
     faiss.copy_array_to_vector(matrix.ravel(), transform.A)
-    faiss.copy_array_to_vector(np.concatenate([-(basis @ center), [0.0]]).astype(np.float32), transform.b)
+    shift = -(basis @ center) if l2 else np.zeros(dims)
+    faiss.copy_array_to_vector(np.concatenate([shift, [0.0]]).astype(np.float32), transform.b)
     transform.is_trained = True
-    flat = faiss.IndexFlatL2(dims + 1)
-    flat.add(np.hstack([projected, np.sqrt(RESIDUAL_WEIGHT * residual)[:, None]]).astype(np.float32))
+    flat = faiss.IndexFlat(dims + 1, metric_type)
+    extra = np.sqrt(RESIDUAL_WEIGHT * residual) if l2 else np.zeros(len(means))
+    flat.add(np.hstack([projected, extra[:, None]]).astype(np.float32))
     base = faiss.IndexPreTransform(transform, flat)
-    refine = faiss.IndexFlatL2(d)
+    refine = faiss.IndexFlat(d, metric_type)
     refine.add(means)
     ranker = faiss.IndexRefine(base, refine)
     ranker.k_factor = float(k_factor)

@@ -112,7 +112,7 @@ class GMMIndexIVF:
         true distance; see :mod:`.coarse`) or all nlist distances (``IndexFlat``). 'hnsw'
         chooses M among 8, 16 and 32, 'pca' chooses p among 32, 64 and 128 (those at most
         d / 4), 'auto' among both, whichever makes recall searches cheapest on the calibration
-        queries (chosen when the depth table is fitted; 'ip' keeps a 32-link graph). A
+        queries (chosen when the depth table is fitted; under 'ip' a graph keeps 32 links). A
         search at ``nprobe=n`` walks a graph with efSearch = max(``hnsw_ef_search``, n); a
         search at a recall target walks it with the efSearch its depth table was calibrated
         for (see Notes).
@@ -235,9 +235,6 @@ class GMMIndexIVF:
                 or (match.group(1) == "pca" and not 1 <= int(match.group(2) or 1) < self._d)):
             raise ValueError(f"coarse must be 'auto', 'hnsw', 'hnsw<M>' with M >= 2 (e.g. 'hnsw32'), 'pca', 'pca<p>' "
                              f"with 1 <= p < d={self._d} (e.g. 'pca64') or 'flat', got {coarse!r}")
-        if self.metric == "ip" and match.group(1) == "pca":
-            raise ValueError("coarse='pca' ranks the means by projected squared L2; metric 'ip' supports coarse "
-                             "'auto', 'hnsw', 'hnsw<M>' or 'flat' (for normalised data use metric='cosine')")
         if spill not in SPILLS:
             raise ValueError(f"spill must be one of {SPILLS}, got {spill!r}")
         if isinstance(copies, bool) or not isinstance(copies, numbers.Real) or not 1 <= copies <= 2:
@@ -672,12 +669,14 @@ class GMMIndexIVF:
         return D, I
 
     def _coarse_candidates(self):
-        """The coarse steps ``coarse`` chooses among (:func:`.calibration.coarse_candidates`); a graph for 'ip'."""
-        if self.coarse == "flat":
-            return ("flat",)
-        if self.metric == "ip":
-            return (self.coarse,) if self.coarse.startswith("hnsw") and self.coarse != "hnsw" else ("hnsw32",)
-        return coarse_candidates(self.coarse, self._d)
+        """The coarse steps ``coarse`` chooses among (:func:`.calibration.coarse_candidates`).
+
+        Under raw inner product a graph keeps 32 links (M is chosen for L2 and cosine only).
+        """
+        candidates = coarse_candidates(self.coarse, self._d)
+        if self.metric == "ip" and self.coarse in ("auto", "hnsw"):
+            return ("hnsw32",) + tuple(c for c in candidates if c.startswith("pca"))
+        return candidates
 
     def _copies(self):
         """Entries per vector of the inner index (sizes the over-fetch of a search)."""
