@@ -410,7 +410,7 @@ class GMMIndexIVF:
                                  f"{_faiss_message(err)}") from err
             if self.coarse != "flat":  # the reference candidate until the depth table's fit chooses
                 quantizer = build(self._coarse_candidates()[0], self.gmm.means_.astype(np.float32),
-                                         self.index.metric_type)
+                                  self.index.metric_type)
                 faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, quantizer)
                 self.index.referenced_objects = [quantizer]
             self.index.nprobe = self._nprobe
