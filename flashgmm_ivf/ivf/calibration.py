@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import faiss
 import faiss.contrib.ivf_tools
 import numpy as np
+from tqdm.auto import tqdm
 
 from .coarse import build, means_index
 from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_within, list_members,
@@ -384,7 +385,7 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
     members = list_members(index_ivf)
     depth = table_depth(index_ivf, calibration, members)
     fitted = []
-    for name in candidates:
+    for name in tqdm(candidates, desc="coarse step and depth tables", unit="step", leave=False):
         quantizer = build(name, means, index_ivf.metric_type)
         if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
             quantizer.hnsw.efSearch = ef
