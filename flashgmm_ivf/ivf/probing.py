@@ -2,7 +2,7 @@
 
 Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_tools``);
 they work on any ``faiss.IndexIVF`` (k-means, GMM means, spilled lists), e.g.
-``GMMIndexIVF.index``, whose quantizer is flat or an HNSW graph over the means (fewer
+``GMMIndexIVF.index``, whose quantizer is flat, an HNSW graph or a projected ranking over the means (fewer
 coarse distance evaluations per query at large nlist; :func:`.search.ranked_lists` counts
 them either way). Lists are always visited nearest mean first; what adapts is how many
 of them a query scans.
@@ -423,13 +423,13 @@ def adaptive_lists(index_ivf: faiss.IndexIVF, x: np.ndarray, table: ProbeTable |
     """Each query's lists under ``table`` asked for ``recall``, ranked only as deep as needed.
 
     A flat quantizer ranks every query once, as deep as the deepest bin (its cost does not
-    depend on the depth). A graph quantizer is walked first with efSearch ``table.width``
+    depend on the depth). A graph (or projected ranking) is walked first with efSearch ``table.width``
     for that many nearest means (the difficulty feature), then again with efSearch = its
     nprobe, only for the queries whose bin asks for more; both walks are counted.
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (flat or HNSW quantizer)
+    index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (any coarse step of :mod:`.coarse`)
     x : ndarray of shape (nq, d), float32
     table : ProbeTable, or ProbeTables (the one :meth:`ProbeTables.for_recall` picks)
     recall : float in (0, 1], see :meth:`ProbeTable.bin_nprobe`
@@ -467,7 +467,7 @@ def search_adaptive(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, table: Pro
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (flat or HNSW quantizer)
+    index_ivf : faiss.IndexIVF, the index ``table`` was fitted on (any coarse step of :mod:`.coarse`)
     x : ndarray of shape (nq, d), float32
     k : int
     table : ProbeTable or ProbeTables (see :func:`adaptive_lists`)

@@ -19,7 +19,7 @@ half-space; they are scanned or skipped with it.
 
 Cost: the codes scanned plus the coarse step (:func:`.probing.ranked_lists`) plus the
 mean-to-mean distances |c_j - c_1| the bounds need (one per list rank beyond the first).
-Works on any ``faiss.IndexIVF`` with an L2 metric and a flat or HNSW quantizer (an
+Works on any ``faiss.IndexIVF`` with an L2 metric and any coarse step of :mod:`.coarse` (an
 angular set: normalise the rows and index them by L2).
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def search_pruned(index_ivf: faiss.IndexIVF, x: np.ndarray, k: int, nprobe, scal
 
     Parameters
     ----------
-    index_ivf : faiss.IndexIVF, L2 metric, flat or HNSW quantizer; vectors may sit in several lists
+    index_ivf : faiss.IndexIVF, L2 metric, any coarse step of :mod:`.coarse`; vectors may sit in several lists
     x : ndarray of shape (nq, d), float32
     k : int
     nprobe : int, or ndarray of shape (nq,) of ints (e.g. from a :class:`.probing.ProbeTable`): most lists
