@@ -19,7 +19,8 @@ import math
 import faiss
 import numpy as np
 
-__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "build", "graph", "means_index", "name_of", "projected_ranker", "ranking_cost"]
+__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "build", "graph", "means_index", "name_of", "projected_ranker",
+           "ranking_cost"]
 
 # Means re-ranked by true distance per list asked for: on GIST-like 960-d and 784-d rows four
 # times the depth recovers >= 95% of the exact top 4 lists where twice recovers 85-90%.
