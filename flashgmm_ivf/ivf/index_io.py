@@ -6,7 +6,7 @@ Members (read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
   metric, recipe options, nprobe, recall), the spill threshold, counters (ntotal, next id,
   copies), where the calibration came from.
 - ``faiss_index``: uint8, ``faiss.serialize_index`` of the inner IndexIVF with its
-  quantizer (the HNSW graph included): what ``faiss.write_index`` would write.
+  quantizer (an HNSW graph or projected ranking included): what ``faiss.write_index`` would write.
 - ``gmm``: uint8, the GaussianMixture's own file (``GaussianMixture.save``).
 - ``calibration_queries``, ``calibration_ids``, ``calibration_distances``,
   ``calibration_self_pending``: the calibration queries and their exact neighbours.
