@@ -5,7 +5,7 @@ Three kinds, each a real FAISS index that ``faiss.IndexIVF`` uses as its quantiz
 - ``faiss.IndexFlat``: every mean, nlist distances per query.
 - ``faiss.IndexHNSWFlat``: a graph walk, the distances it evaluates.
 - A projected ranking (:func:`projected_ranker`), a ``faiss.IndexRefine``: every mean ranked in
-  a few principal directions of the data, then the ``k_factor x depth`` best re-ranked by their
+  a few of the means' principal directions, then the ``k_factor x depth`` best re-ranked by their
   true distances. In high dimension a low-dimensional distance costs a fraction of a full one,
   and the means a graph walk must visit grow with the dimension.
 
