@@ -7,8 +7,9 @@ counters:
 - ``ndis``: codes scanned in the inverted lists (``faiss.cvar.indexIVF_stats.ndis``; copies
   of one vector count once each);
 - ``ncoarse``: distances of the coarse step (``nlist`` for a flat quantizer, the distances an
-  HNSW quantizer's walks evaluated, ``faiss.cvar.hnsw_stats.ndis``), plus whatever a probing
-  rule computes beyond them (what our index reports in ``last_stats.ncoarse``).
+  HNSW quantizer's walks evaluated, ``faiss.cvar.hnsw_stats.ndis``, a projected ranking's count
+  from :func:`flashgmm_ivf.ivf.coarse.ranking_cost`), plus whatever a probing rule computes
+  beyond them (what our index reports in ``last_stats.ncoarse``).
 
 Three kinds:
 

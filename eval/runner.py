@@ -275,8 +275,9 @@ def run(dataset=None, *, data_dir=None, nlist=None, methods=DEFAULT_METHODS, out
                       "max_queries": max_queries, "max_learn": max_learn, "max_base": max_base, "seed": seed,
                       "recall_ks": RECALL_KS, "stop_recall_at_10": STOP_RECALL, "k": K,
                       "cost": "per query: codes scanned (faiss indexIVF_stats.ndis, copies included) + coarse-step "
-                              "distances (nlist for a flat quantizer, faiss hnsw_stats.ndis for an HNSW one, as "
-                              "our index reports them in last_stats.ncoarse)",
+                              "distances (nlist for a flat quantizer, faiss hnsw_stats.ndis for an HNSW one, for "
+                              "a projected ranking its projection, its short distances at p / d each and the "
+                              "means it re-ranks, as our index reports them in last_stats.ncoarse)",
                       "qps": f"the fastest of {QPS_REPEATS} search calls of all test queries at k=100, FAISS and "
                              "torch at 1 thread, queries per CPU second of the process (time.process_time)",
                       "index_bytes": "the index as written to disk (faiss.serialize_index, flashgmm_ivf.write_index)",
