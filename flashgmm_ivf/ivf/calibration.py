@@ -352,9 +352,9 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
     Each candidate (:func:`.coarse.build`) replaces the quantizer in turn and tables are fitted
     (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced calibration queries (enough to tell
     10% apart); the tables of the step kept are then fitted on all of them. The first
-    candidate, the reference (the densest graph), is kept unless another expects at least
-    ``LINK_MARGIN`` (10%) fewer distance computations on the calibration queries
-    (geometric mean over ``LINK_RECALLS``; the cheapest such step then): the calibration
+    candidate, the reference (:func:`coarse_candidates` puts the densest graph first), is kept
+    unless another expects at least ``LINK_MARGIN`` (10%) fewer distance computations on the
+    calibration queries (geometric mean over ``LINK_RECALLS``; the cheapest such step then): the calibration
     queries are drawn like the data, where a sparse graph ranks lists nearly as well as a
     dense one, while real queries lying further from the data lose more with it (measured:
     on SIFT and GloVe test queries 8 links cost 6-15% more than 32 where training rows
