@@ -22,11 +22,10 @@ import functools
 from dataclasses import dataclass
 
 import faiss
-import faiss.contrib.ivf_tools
 import numpy as np
 from tqdm.auto import tqdm
 
-from .coarse import build, means_index
+from .coarse import build, install, means_index
 from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_within, list_members,
                       neighbor_depths, query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
@@ -326,15 +325,17 @@ def walk_depths(depth: int, widths: tuple[int, ...] = WIDTHS) -> np.ndarray:
     return np.unique(np.geomspace(min(min(widths), depth), depth, num=DEEP_WALKS).round().astype(np.int64))
 
 
-def coarse_candidates(coarse: str, d: int) -> tuple[str, ...]:
+def coarse_candidates(coarse: str, d: int, metric_type: int = faiss.METRIC_L2) -> tuple[str, ...]:
     """Coarse steps a ``coarse`` option chooses among (names for :func:`.coarse.build`), the reference first.
 
     'auto': graphs with ``GRAPH_LINKS`` links and projected rankings onto ``PROJECTED_DIMS``
     dimensions (those at most d / 4); 'hnsw': the graphs; 'pca': the projected rankings;
-    'hnsw<M>', 'pca<p>': that one alone. The reference is the densest graph (a single
-    projected ranking for 'pca': the most dimensions).
+    'hnsw<M>', 'pca<p>', 'flat': that one alone. The reference is the densest graph (a single
+    projected ranking for 'pca': the most dimensions). Under inner product a graph keeps 32
+    links (M is chosen for L2 only).
     """
-    graphs = tuple(f"hnsw{m}" for m in sorted(GRAPH_LINKS, reverse=True))
+    links = GRAPH_LINKS if metric_type == faiss.METRIC_L2 else (32,)
+    graphs = tuple(f"hnsw{m}" for m in sorted(links, reverse=True))
     projected = tuple(f"pca{p}" for p in sorted(PROJECTED_DIMS, reverse=True) if 4 * p <= d)
     if coarse == "auto":
         return graphs + projected
@@ -389,20 +390,14 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
         quantizer = build(name, means, index_ivf.metric_type)
         if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
             quantizer.hnsw.efSearch = ef
-        _set_quantizer(index_ivf, quantizer)
+        install(index_ivf, quantizer)
         tables = fit_table(index_ivf, subset, n_bins, depth=depth, members=members)
         score = float(np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS]))
         fitted.append((score, name, quantizer, tables))
     reference = fitted[0]
     score, name, quantizer, tables = min(
         [f for f in fitted if f[0] <= reference[0] + np.log(1 - LINK_MARGIN)] or [reference], key=lambda f: f[0])
-    _set_quantizer(index_ivf, quantizer)
+    install(index_ivf, quantizer)
     if subset is not calibration:
         tables = fit_table(index_ivf, calibration, n_bins, depth=depth, members=members)
     return name, tables
-
-
-def _set_quantizer(index_ivf, quantizer):
-    """``replace_ivf_quantizer``, keeping a Python reference to the new quantizer only (the replaced one is freed)."""
-    faiss.contrib.ivf_tools.replace_ivf_quantizer(index_ivf, quantizer)
-    index_ivf.referenced_objects = [quantizer]

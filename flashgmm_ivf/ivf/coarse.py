@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 
 import faiss
+import faiss.contrib.ivf_tools
 import numpy as np
 
-__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "build", "graph", "means_index", "name_of", "projected_ranker",
-           "ranking_cost"]
+__all__ = ["REFINE_FACTOR", "RESIDUAL_WEIGHT", "build", "graph", "install", "means_index", "name_of",
+           "projected_ranker", "ranking_cost"]
 
 # Means re-ranked by true distance per list asked for: on GIST-like 960-d and 784-d rows four
 # times the depth recovers >= 95% of the exact top 4 lists where twice recovers 85-90%.
@@ -107,6 +108,12 @@ def projected_ranker(means: np.ndarray, dims: int, metric_type: int = faiss.METR
     ranker = faiss.IndexRefine(base, refine)
     ranker.k_factor = float(k_factor)
     return ranker
+
+
+def install(index_ivf: faiss.IndexIVF, quantizer: faiss.Index) -> None:
+    """``replace_ivf_quantizer``, keeping a Python reference to the new quantizer only (the replaced one is freed)."""
+    faiss.contrib.ivf_tools.replace_ivf_quantizer(index_ivf, quantizer)
+    index_ivf.referenced_objects = [quantizer]
 
 
 def name_of(quantizer: faiss.Index) -> str:

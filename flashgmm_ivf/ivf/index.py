@@ -30,14 +30,13 @@ import re
 import warnings
 
 import faiss
-import faiss.contrib.ivf_tools
 import numpy as np
 from tqdm.auto import tqdm
 
 from .._validation import check_positive_int
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration, coarse_candidates, fit_coarse_and_table, fit_table
-from .coarse import build, name_of
+from .coarse import build, install, name_of
 from .partition import PARTITIONS, POINTS_PER_LIST, SPILLS, assign_lists, fit_partition, spill_scores, spill_threshold
 from .probing import adaptive_lists, enough_entries, list_sizes, truncate_lists
 from .pruning import search_pruned
@@ -411,8 +410,7 @@ class GMMIndexIVF:
             if self.coarse != "flat":  # the reference candidate until the depth table's fit chooses
                 quantizer = build(self._coarse_candidates()[0], self.gmm.means_.astype(np.float32),
                                   self.index.metric_type)
-                faiss.contrib.ivf_tools.replace_ivf_quantizer(self.index, quantizer)
-                self.index.referenced_objects = [quantizer]
+                install(self.index, quantizer)
             self.index.nprobe = self._nprobe
             # All training rows, not only those the partition was fitted on: the vectors added
             # later were not fitted either, and fitted rows sit closer to their means.
@@ -669,14 +667,8 @@ class GMMIndexIVF:
         return D, I
 
     def _coarse_candidates(self):
-        """The coarse steps ``coarse`` chooses among (:func:`.calibration.coarse_candidates`).
-
-        Under raw inner product a graph keeps 32 links (M is chosen for L2 and cosine only).
-        """
-        candidates = coarse_candidates(self.coarse, self._d)
-        if self.metric == "ip" and self.coarse in ("auto", "hnsw"):
-            return ("hnsw32",) + tuple(c for c in candidates if c.startswith("pca"))
-        return candidates
+        """The coarse steps ``coarse`` chooses among (:func:`.calibration.coarse_candidates`)."""
+        return coarse_candidates(self.coarse, self._d, self.index.metric_type)
 
     def _copies(self):
         """Entries per vector of the inner index (sizes the over-fetch of a search)."""
