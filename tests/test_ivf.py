@@ -182,6 +182,29 @@ def test_refetch_when_ids_repeat_across_adds(fashion):
     np.testing.assert_allclose(D, D_ref, rtol=1e-4)
 
 
+def test_one_list_rows_fetch_k_and_mixed_rows_keep_faiss_order(fashion, fashion_index):
+    """Rows probing one list fetch only k slots; an id added twice to one list is still fetched again."""
+    from flashgmm_ivf.ivf import SearchStats, ranked_lists, search_preassigned
+    base, query, _, _ = fashion
+    ivf = fashion_index.index
+    dis, lists, _ = ranked_lists(ivf, query, 4)
+    lists[::2, 1:] = -1  # every other row probes one list
+    full_d, full_i = search_preassigned(ivf, query, 50, lists, dis, max_dup=2)  # k x max_dup slots for all
+    D, I = search_preassigned(ivf, query, 50, lists, dis, max_dup=2, copies=fashion_index.copies_per_vector)
+    np.testing.assert_array_equal(I, full_i)
+    np.testing.assert_array_equal(D, full_d)
+
+    index = index_factory(base.shape[1], "IVF4_GMM(iter=2,spill=none),Flat", device="cpu")
+    index.train(base)
+    for _ in range(2):
+        index.add_with_ids(base[:400], np.arange(400))
+    dis, lists, _ = ranked_lists(index.index, query[:10], 1)
+    stats = SearchStats()
+    D, I = search_preassigned(index.index, query[:10], 20, lists, dis, max_dup=2, stats=stats)
+    assert (I >= 0).all() and stats.n_refetch == 10
+    assert_no_duplicates(I)
+
+
 def test_recall_search_with_k_above_the_lists_scans_few_more_lists(fashion, fashion_index):
     """k larger than what the chosen lists hold: more ranked lists, not a search of every list."""
     base, query, _, _ = fashion

@@ -221,8 +221,9 @@ def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *,
                        stats=None):
     """k nearest distinct ids, each query scanning the lists given for it (FAISS's ``search_preassigned``).
 
-    Over-fetches :func:`fetch_slots` results, keeps each id's first (best) occurrence, and
-    fetches rows again with twice the slots while copies crowded out distinct ids.
+    Over-fetches :func:`fetch_slots` results (k for a row probing one list), keeps each id's
+    first (best) occurrence, and fetches rows again with twice the slots while copies crowded
+    out distinct ids.
 
     Parameters
     ----------
@@ -252,21 +253,27 @@ def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *,
                          f"{np.shape(coarse_dis)}")
     faiss.cvar.indexIVF_stats.reset()
     entries = int(index_ivf.ntotal)
-    kk = min(fetch_slots(k, max_dup, copies), max(k, entries))
-    rows = np.arange(x.shape[0])
-    raw_d, raw_i = preassigned_raw(index_ivf, x, kk, list_nos, coarse_dis)
-    D, I, count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
-    # Short rows whose kk slots were all filled (no -1): copies crowded out distinct ids
-    # and the lists hold more, so fetch those rows again with twice the slots.
-    short = rows[(count < k) & (raw_i[:, -1] >= 0)]
-    n_refetch = 0
-    while short.size and kk < entries:
-        kk = min(2 * kk, entries)
-        raw_d, raw_i = preassigned_raw(index_ivf, x[short], kk, list_nos[short], np.asarray(coarse_dis)[short])
-        d_s, i_s, c_s = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
-        D[short], I[short], count[short] = d_s, i_s, c_s
-        n_refetch += short.size
-        short = short[(c_s < k) & (raw_i[:, -1] >= 0)]
+    coarse_dis = np.asarray(coarse_dis)
+    nq = x.shape[0]
+    # A row probing one list cannot meet a vector twice (copies of a vector sit in distinct
+    # lists), so it fetches only k: every slot of FAISS's result heap costs on each code scanned.
+    one_list = (list_nos[:, 1:] < 0).all(1)
+    slots = np.where(one_list, k, min(fetch_slots(k, max_dup, copies), max(k, entries)))
+    D = np.empty((nq, k), np.float32)
+    I = np.empty((nq, k), np.int64)
+    rows, n_refetch = np.arange(nq), -nq
+    while rows.size:
+        n_refetch += rows.size
+        short = []
+        for kk in np.unique(slots[rows]):
+            part = rows[slots[rows] == kk]
+            raw_d, raw_i = preassigned_raw(index_ivf, x[part], int(kk), list_nos[part], coarse_dis[part])
+            D[part], I[part], count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
+            # Short rows whose kk slots were all filled (no -1): copies crowded out distinct ids
+            # and the lists hold more, so fetch those rows again with twice the slots.
+            short.append(part[(count < k) & (raw_i[:, -1] >= 0) & (kk < entries)])
+        rows = np.concatenate(short)
+        slots[rows] = np.minimum(2 * slots[rows], entries)
     if stats is not None:
         stats.add(SearchStats(x.shape[0], int(faiss.cvar.indexIVF_stats.ndis), int(ncoarse),
                               int((list_nos >= 0).sum()), n_refetch))
