@@ -10,7 +10,7 @@ quantizer in turn, as :func:`flashgmm_ivf.ivf.calibration.fit_coarse_and_table` 
 * measured: the table refitted on all calibration queries, then ``search(q, 10, recall=r)``
   over a grid of targets on held-out queries (the set's learn queries, or its test queries
   where it has none), distance computations per query at measured recall@10 = 0.9 / 0.95
-  (interpolated on the measured curve).
+  (interpolated on the measured front, as the sweeps do).
 
 The ratios to the reference (the densest graph) say how far the calibration's prediction of a
 saving can be trusted, which is what the margin a step must clear (``LINK_MARGIN``) is for.
@@ -34,18 +34,11 @@ from flashgmm_ivf.ivf.coarse import build, install, means_index
 from flashgmm_ivf.ivf.probing import list_members
 
 from .environment import environment
+from .report import cost_at, front
 from .runner import load_data, recommended_nlist
 
 TARGETS = (0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 N_BINS = 16  # the default index's depth-table bins (probe='adaptive')
-
-
-def cost_at(curve, target):
-    """Distance computations per query at measured recall ``target`` on a (recall, cost) curve, or None."""
-    recall, cost = np.array(sorted(curve)).T
-    if recall.max() < target:
-        return None
-    return float(np.interp(target, recall, np.maximum.accumulate(cost)))
 
 
 def check_set(dataset, data_dir=None, n_queries=2000):
@@ -78,10 +71,10 @@ def check_set(dataset, data_dir=None, n_queries=2000):
         for target in TARGETS:
             _, I = index.search(queries, 10, recall=target)
             found = np.mean([len(np.intersect1d(I[i], gt[i])) for i in range(len(queries))]) / 10
-            curve.append((float(found), index.last_stats.per_query))
+            curve.append({"recall_at_10": float(found), "dist_per_query": index.last_stats.per_query})
         rows.append({"coarse": name, "predicted": predicted,
                      "score": float(np.exp(np.mean(np.log(list(predicted.values()))))),
-                     "measured": {t: cost_at(curve, t) for t in (0.9, 0.95)}, "curve": curve})
+                     "measured": {t: cost_at(front(curve), t) for t in (0.9, 0.95)}, "curve": curve})
     reference = rows[0]
     for row in rows:
         row["predicted_ratio"] = row["score"] / reference["score"]

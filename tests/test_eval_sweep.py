@@ -268,3 +268,19 @@ def test_synthetic_set_loads_through_the_registry_with_exact_neighbours(tmp_path
     d = ((test[:5, None, :].astype(np.float64) - base[None, :, :]) ** 2).sum(-1)
     gt = np.asarray(ds.gt)[:5, :10]
     np.testing.assert_allclose(np.take_along_axis(d, gt, 1), np.sort(d, 1)[:, :10], rtol=1e-6)
+
+
+def test_check_coarse_choice_measures_every_candidate_and_the_rule_picks_the_cheapest_past_the_margin(tiny_dir):
+    from flashgmm_ivf.eval import check_coarse_choice
+    from flashgmm_ivf.ivf.calibration import LINK_MARGIN
+    result = check_coarse_choice.check_set("tiny-sift", tiny_dir, n_queries=50)
+    names = [row["coarse"] for row in result["rows"]]
+    assert names == ["hnsw32", "hnsw16", "hnsw8", "pca32"] and result["queries"] == "test"
+    assert result["rows"][0]["predicted_ratio"] == 1.0
+    for row in result["rows"]:
+        assert all(v > 0 for v in row["predicted"].values())
+        assert len(row["curve"]) == len(check_coarse_choice.TARGETS)
+        assert all(0 <= p["recall_at_10"] <= 1 and p["dist_per_query"] > 0 for p in row["curve"])
+    # the default's choice is what the rule gives on these predictions
+    passing = [row for row in result["rows"] if row["predicted_ratio"] <= 1 - LINK_MARGIN] or result["rows"][:1]
+    assert result["chosen_by_default"] == min(passing, key=lambda row: row["score"])["coarse"]
