@@ -562,7 +562,9 @@ class GMMIndexIVF:
             Lists probed per query (FAISS meaning; with probe 'radius' the cap within which
             lists are pruned).
         recall : float in (0, 1], optional
-            Target recall@10: each query's depth from the calibrated table (see the class).
+            Target recall@10: each query's depth from the calibrated table (see the class). With
+            PQ / SQ codes, the share of the exact 10 nearest that the probed lists hold: the
+            codes' own error lowers the recall returned further.
         params : faiss.SearchParametersIVF, optional
             FAISS's per-call parameters: its ``nprobe``, and the efSearch of a
             ``faiss.SearchParametersHNSW`` in its ``quantizer_params``.
