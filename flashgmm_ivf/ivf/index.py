@@ -516,7 +516,7 @@ class GMMIndexIVF:
         ----------
         queries : array-like of shape (nq, d), nq >= nlist
             A few times nlist if you have them: the depths are chosen on these queries and
-            fit them slightly better than new ones (about 0.01 of recall@10 at nq = nlist).
+            fit them a little better than new ones.
         neighbors : array-like of shape (nq, >= 10), int, optional
             Ids of each query's exact nearest neighbours in the index, nearest first. Default:
             computed by the index, scanning all its lists (Flat encoding only: PQ/SQ codes
