@@ -267,8 +267,9 @@ def search_preassigned(index_ivf: faiss.IndexIVF, x, k, list_nos, coarse_dis, *,
         short = []
         for kk in np.unique(slots[rows]):
             part = rows[slots[rows] == kk]
-            raw_d, raw_i = preassigned_raw(index_ivf, x[part], int(kk), list_nos[part], coarse_dis[part])
-            D[part], I[part], count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
+            sub = slice(None) if part.size == nq else part  # all rows: views, not copies
+            raw_d, raw_i = preassigned_raw(index_ivf, x[sub], int(kk), list_nos[sub], coarse_dis[sub])
+            D[sub], I[sub], count = dedup_results(raw_d, raw_i, k, index_ivf.metric_type)
             # Short rows whose kk slots were all filled (no -1): copies crowded out distinct ids
             # and the lists hold more, so fetch those rows again with twice the slots.
             short.append(part[(count < k) & (raw_i[:, -1] >= 0) & (kk < entries)])
