@@ -27,7 +27,7 @@ import torch
 from flashgmm_ivf.datasets import load_dataset
 from flashgmm_ivf.eval.bench_estep import starting_params, write_json
 from flashgmm_ivf.eval.environment import environment
-from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, bound_eps
+from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, bound_eps, n_terms
 from flashgmm_ivf.kernels.exact_candidates import CAPACITY, MARGIN_NATS
 
 from flashgmm_ivf import kernels
@@ -41,7 +41,7 @@ def error_bound(xc, split):
     err = xb @ lin.T
     if split.diagonal:
         err += (xc * xc).float().to(torch.bfloat16).double() @ split.quad.to(torch.bfloat16).double().abs().T
-    return bound_eps(xc.shape[1]) * err
+    return bound_eps(n_terms(xc.shape[1], split.diagonal)) * err
 
 
 def replay(xs, params, shift, block_k, capacity, margin):

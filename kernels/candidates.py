@@ -9,7 +9,7 @@ product, of the absolute values of the same rounded operands:
            + 2^-20 |l~|                                      (float32 constants and sums)
 
 Rounding a to a~ (bfloat16, u = 2^-8) gives |a~ b~ - a b| <= (2u + u^2) |a| |b| and |a| <= |a~| /
-(1 - u); EPS is (2u + u^2) / (1 - u)^2 with room for the float32 sums of D non-negative
+(1 - u); EPS (``bound_eps``) is (2u + u^2) / (1 - u)^2 with room for the float32 sums of the
 products. The bound follows each term's size: a norm (Cauchy-Schwarz) bound instead is tens
 of nats loose on fitted SIFT models, whose variances differ by orders of magnitude between
 features. The running best lower bound m_n = max_k (l~ - e) only grows, so a component is
@@ -32,9 +32,20 @@ _U = 2.0 ** -8  # bfloat16 unit round-off
 FLOAT32_SLACK = 2.0 ** -20
 
 
-def bound_eps(n_features: int) -> float:
-    """EPS of the module docstring: operand rounding, then float32 sums of D non-negative terms."""
-    return (2 * _U + _U * _U) / (1 - _U) ** 2 * (1 + (n_features + 2) * 2.0 ** -24)
+def bound_eps(n_terms: int) -> float:
+    """EPS of the module docstring for log-densities that sum ``n_terms`` products.
+
+    Operand rounding gives (2u + u^2) / (1 - u)^2 of S = sum |a~| |b~|; the float32 sum of the
+    log-density's products adds at most g S, g = n u32 / (1 - n u32) (Higham's gamma_n); and the
+    float32 bound product itself may come out as low as (1 - g) S.
+    """
+    gamma = n_terms * 2.0 ** -24 / (1 - n_terms * 2.0 ** -24)
+    return ((2 * _U + _U * _U) / (1 - _U) ** 2 + gamma) / (1 - gamma)
+
+
+def n_terms(n_features: int, diagonal: bool) -> int:
+    """Products summed in one log-density: x . lin and x^2 . quad (diag), x . lin (spherical)."""
+    return 2 * n_features if diagonal else n_features
 
 
 def abs_weights(weights):
@@ -101,19 +112,33 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
                 err += bound
                 sq_norm += sq
         ll = finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
-        # min(): -inf log-densities keep a finite bound, so l~ +- e stays -inf (not NaN).
-        err = eps * err + slack * tl.minimum(tl.abs(ll), 3.0e38)
-        best = tl.maximum(best, tl.max(ll - err, axis=1))
-        upper = ll + err
-        take = (upper >= (best - margin)[:, None]) & row_mask[:, None]
-        place = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
-        keep = take & (place < CAPACITY)
-        at = out_rows[:, None] + place
-        tl.store(cand_ptr + at, comps[None, :], mask=keep)
-        tl.store(upper_ptr + at, upper, mask=keep)
-        count += tl.sum(take.to(tl.int32), axis=1)
+        lower, upper = bounds(ll, err, eps, slack)
+        best = tl.maximum(best, tl.max(lower, axis=1))
+        count = keep(upper, best - margin, count, comps, row_mask, cand_ptr, upper_ptr, out_rows, CAPACITY)
     tl.store(count_ptr + rows, count, mask=row_mask)
     tl.store(floor_ptr + rows, best - margin, mask=row_mask)
+
+
+@triton.jit
+def bounds(ll, bound, eps, slack):
+    """(l~ - e, l~ + e) from approximate log-densities and their error-bound product."""
+    # min(): -inf log-densities keep a finite bound, so l~ +- e stays -inf (not NaN).
+    err = eps * bound + slack * tl.minimum(tl.abs(ll), 3.0e38)
+    return ll - err, ll + err
+
+
+@triton.jit
+def keep(upper, floor, count, comps, row_mask, cand_ptr, upper_ptr, out_rows, CAPACITY: tl.constexpr):
+    """Store a tile's components whose upper bound reaches the row's floor in the row's next
+    slots (``out_rows``: each row's first slot); return the running count, which goes on past
+    ``CAPACITY`` so that overflowing rows are known."""
+    take = (upper >= floor[:, None]) & row_mask[:, None]
+    place = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+    at = out_rows[:, None] + place
+    stored = take & (place < CAPACITY)
+    tl.store(cand_ptr + at, comps[None, :], mask=stored)
+    tl.store(upper_ptr + at, upper, mask=stored)
+    return count + tl.sum(take.to(tl.int32), axis=1)
 
 
 def candidates(x, shift, weights, margin, capacity, config, bound_weights=None):
@@ -144,7 +169,8 @@ def candidates(x, shift, weights, margin, capacity, config, bound_weights=None):
     floor = torch.empty(n, dtype=torch.float32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const, abs_lin, abs_quad,
-        cand, upper, count, floor, n, weights.n_comps, d, float(margin), bound_eps(d), FLOAT32_SLACK,
+        cand, upper, count, floor, n, weights.n_comps, d, float(margin), bound_eps(n_terms(d, weights.diagonal)),
+        FLOAT32_SLACK,
         CAPACITY=capacity, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_D=config.block_d, ONE_TILE=d <= config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -7,6 +7,7 @@ import torch
 import triton
 
 from . import exact_candidates, gemm
+from .candidates import abs_weights, candidates
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
@@ -202,14 +203,23 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 
 def _estep_candidates(x, params, shift, configs):
-    """``exact_candidates.estep``: the candidate pass with "bf16" weights;
-    rows that overflow their candidate capacity take the dense "bf16x3" E-step."""
+    """``exact_candidates.estep``: the candidate pass with "bf16" weights, fused or (wide rows on a
+    GPU, no ``configs``) as library products; rows that overflow their candidate capacity take
+    the dense "bf16x3" E-step."""
     x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
     n, d = x.shape
     if n == 0:
         return estep(x, params, shift, precision="bf16x3")
-    config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
-    result, _ = exact_candidates.estep(x, params, shift, weights, config,
+    if configs is None and _library_products(x, weights, "bf16"):
+        def search(rows, margin, capacity):
+            return gemm.candidates(rows, shift, weights, margin, capacity)
+    else:
+        config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
+        bound_weights = abs_weights(weights)
+
+        def search(rows, margin, capacity):
+            return candidates(rows, shift, weights, margin, capacity, config, bound_weights)
+    result, _ = exact_candidates.estep(x, params, shift, weights.diagonal, search,
                                        lambda rows: estep(rows, params, shift, precision="bf16x3"))
     return result._replace(log_norm=result.log_norm + offset)
 

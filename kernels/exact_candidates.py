@@ -4,7 +4,8 @@ A dense E-step must compute every (row, component) log-density accurately, becau
 know in advance which ones carry mass. Real posteriors are sparse (SIFT, K = 1024: about two
 components per row within 40 nats of the best), so this E-step splits the work:
 
-1. ``kernels.candidates``: one bfloat16 product per tile pair gives every log-density with a
+1. the candidate pass (``kernels.candidates``, fused; ``kernels.gemm.candidates``, library
+   products for wide rows): one bfloat16 product per tile pair gives every log-density with a
    proven error bound; each row keeps every component whose upper bound reaches its best
    lower bound less ``MARGIN_NATS``. A component left out is more than ``MARGIN_NATS`` below
    the best, so all left out together carry at most K e^-30 ~ 1e-10 of the row's mass.
@@ -23,8 +24,7 @@ import math
 import torch
 
 from .candidate_resp import candidate_resp
-from .candidates import abs_weights, candidates
-from .params import KernelWeights, NaturalParams
+from .params import NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
 
@@ -52,8 +52,7 @@ def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(t.float().contiguous() for t in (means, prec, consts))
 
 
-def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense, *,
-          capacity=None, margin=MARGIN_NATS):
+def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, capacity=None, margin=MARGIN_NATS):
     """Exact-on-candidates E-step of a block of rows.
 
     Parameters
@@ -62,8 +61,9 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     params : NaturalParams relative to ``shift``, its largest constant split off
         (``params.split_offset``)
     shift : float32 Tensor of shape (D,)
-    weights : ``params`` laid out for precision "bf16" (``params.kernel_weights``)
-    config : LaunchConfig of the candidate pass
+    diagonal : bool, whether the mixture is diagonal (else spherical)
+    search : callable (rows, margin, capacity) -> (cand, upper, count, floor), the candidate
+        pass (``kernels.candidates.candidates`` or ``kernels.gemm.candidates``) of a block of rows
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
         E-step of the rows that overflow their capacity
     capacity : int, candidate slots per row, or None for ``CAPACITY``
@@ -73,15 +73,14 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
     -------
     EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
-    capacity = capacity or CAPACITY["diag" if weights.diagonal else "spherical"]
+    capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
     means, prec, consts = centred_params(params)
-    bound_weights = abs_weights(weights)
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, count = [], [], [], []
     sub_block = max(1, SLOT_BUDGET // capacity)
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
-        found = candidates(part, shift, weights, margin, capacity, config, bound_weights)
+        found = search(part, margin, capacity)
         lz, r = candidate_resp(part, shift, means, prec, consts, *found, margin)
         log_norm[start:start + len(part)] = lz
         kept = torch.nonzero(r.view(-1) > math.exp(-margin)).view(-1)
@@ -89,8 +88,7 @@ def estep(x, params: NaturalParams, shift, weights: KernelWeights, config, dense
         comps.append(found[0].view(-1)[kept])
         resp.append(r.view(-1)[kept])
         count.append(found[2])
-    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), weights.n_comps,
-                            weights.diagonal)
+    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(consts), diagonal)
     over = torch.nonzero(torch.cat(count) > capacity).view(-1)
     if over.numel():
         rest = dense(x[over])

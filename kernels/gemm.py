@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .candidate_select import candidate_select
+from .candidates import FLOAT32_SLACK, bound_eps, n_terms
 from .params import KernelWeights
 from .result import EStepResult
 from .split_resp import split_resp
@@ -76,14 +78,15 @@ def weight_pieces(weights: KernelWeights, precision: str = "bf16x3") -> torch.Te
 class _Blocks:
     """Buffers of one call, reused by every block of rows (padding columns stay zero)."""
 
-    def __init__(self, rows, weights: KernelWeights, precision, device):
+    def __init__(self, rows, weights: KernelWeights, precision, device, resp=True):
         k, d = weights.lin_hi.shape
         piece = weights.lin_hi.dtype
         self.precision = precision
         self.width = segment_width(d, weights.diagonal)
         self.x = torch.zeros(rows, SEGMENTS[precision] * self.width, dtype=piece, device=device)
         self.sq = torch.empty(rows, dtype=torch.float32, device=device)
-        self.resp = torch.zeros(2 if precision == "bf16x3" else 1, rows, _padded(k), dtype=piece, device=device)
+        if resp:
+            self.resp = torch.zeros(2 if precision == "bf16x3" else 1, rows, _padded(k), dtype=piece, device=device)
         self.w = weight_pieces(weights, precision)
         # Spherical models' (K,) quad vector; diagonal ones read none (any float32 tensor will do).
         self.quad = weights.quad_hi if not weights.diagonal else weights.const
@@ -159,6 +162,46 @@ def log_norm(x, shift, weights: KernelWeights, *, precision="bf16x3", rows=None)
         lz[start:start + m] = torch.logsumexp(ll, 1)
         best[start:start + m] = ll.argmax(1)
     return lz, best
+
+
+def candidates(x, shift, weights: KernelWeights, margin, capacity, *, rows=None):
+    """The candidate pass of the exact-on-candidates E-step (``kernels.candidates``) by library products.
+
+    Per block of rows, one GEMM of the bfloat16-rounded operands gives the approximate
+    log-densities and one of their absolute values the error-bound product; then
+    ``kernels.candidate_select`` keeps each row's candidates. Wide rows are read once per block
+    here, where the fused candidate pass re-reads them for every tile of components.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D), unit column stride, any real dtype
+    shift : float32 Tensor of shape (D,)
+    weights : KernelWeights laid out for precision "bf16", their largest constant split off
+    margin : float, nats; capacity : int, candidate slots per row
+    rows : int, rows per block (default ``block_rows``)
+
+    Returns
+    -------
+    cand, upper, count, floor : as ``kernels.candidates.candidates``
+    """
+    n, d = x.shape
+    rows = min(max(n, 1), rows or block_rows(weights.n_comps, d, weights.diagonal))
+    buf = _Blocks(rows, weights, "bf16", x.device, resp=False)
+    w_abs = buf.w.abs()
+    eps = bound_eps(n_terms(d, weights.diagonal))
+    quad = None if weights.diagonal else weights.quad_hi
+    cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
+    upper = torch.empty(n, capacity, dtype=torch.float32, device=x.device)
+    count = torch.empty(n, dtype=torch.int32, device=x.device)
+    floor = torch.empty(n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, rows):
+        block = x[start:start + rows]
+        m = block.shape[0]
+        prod = buf.products(block, shift, weights)
+        bound = _product(buf.x[:m].abs(), w_abs.T)
+        out = (t[start:start + m] for t in (cand, upper, count, floor))
+        candidate_select(prod, bound, buf.sq[:m], quad, weights.const, margin, eps, FLOAT32_SLACK, *out)
+    return cand, upper, count, floor
 
 
 def split_rows_reference(x, shift, diagonal, precision="bf16x3") -> tuple[torch.Tensor, torch.Tensor]:

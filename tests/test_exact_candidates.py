@@ -1,5 +1,5 @@
-"""Exact-on-candidates E-step (``kernels.candidates``, ``candidate_resp``, ``exact_candidates``)
-against the float64 dense E-step.
+"""Exact-on-candidates E-step (``kernels.candidates``, ``kernels.gemm.candidates`` with
+``candidate_select``, ``candidate_resp``, ``exact_candidates``) against the float64 dense E-step.
 
 Without a GPU the kernels run in Triton's interpreter (see conftest). Shapes are not multiples
 of any block; rows are raw-scale (0..255) or standardised; posteriors range from peaked to
@@ -9,7 +9,7 @@ Outputs are poisoned (NaN / -7) before the kernels write them.
 import pytest
 import torch
 from flashgmm_ivf.kernels import candidates as cand_pass
-from flashgmm_ivf.kernels import exact_candidates
+from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
 from flashgmm_ivf.kernels.reference import weighted_log_prob
@@ -40,6 +40,14 @@ def prepared(x, params, shift):
     return x.to(DEVICE), split.to(DEVICE), shift.to(device=DEVICE, dtype=torch.float32), weights, offset
 
 
+def search(how, xd, sh, weights, blocks):
+    """The candidate pass as ``exact_candidates.estep`` takes it: fused, or library products in
+    blocks of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
+    if how == "fused":
+        return lambda rows, margin, capacity: cand_pass.candidates(rows, sh, weights, margin, capacity, config(blocks))
+    return lambda rows, margin, capacity: gemm.candidates(rows, sh, weights, margin, capacity, rows=16)
+
+
 def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
     gen = torch.Generator().manual_seed(seed + 1000 * n + 10 * d + k)
     x = make_rows(n, d, kind, gen)
@@ -56,11 +64,12 @@ def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 @pytest.mark.parametrize("kind", ["raw", "standardised"])
-def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diagonal, kind, poisoned_empty):
+@pytest.mark.parametrize("how", ["fused", "gemm"])
+def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diagonal, kind, how, poisoned_empty):
     x, params, shift = mixture(n, d, k, kind, diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
-    found = cand_pass.candidates(xd, sh, weights, margin, capacity, config(blocks))
+    found = search(how, xd, sh, weights, blocks)(xd, margin, capacity)
     _, resp = candidate_resp(xd, sh, *exact_candidates.centred_params(split), *found, margin)
     cand, upper, count, floor = (t.cpu() for t in found)
     resp = resp.cpu()
@@ -100,9 +109,26 @@ def test_estep_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_e
         assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
 
 
+@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] != (61, 70, 50)])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+@pytest.mark.parametrize("kind", ["raw", "standardised"])
+def test_estep_by_library_products_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_empty):
+    x, params, shift = mixture(n, d, k, kind, diagonal)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    xd, split, sh, weights, offset = prepared(x, params, shift)
+    got, _ = exact_candidates.estep(xd, split, sh, diagonal, search("gemm", xd, sh, weights, blocks),
+                                    lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"))
+    got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
+    for name, g, r in zip(ref._fields, got, ref):
+        assert g.shape == r.shape, name
+        assert torch.isfinite(g).all(), f"{name} has unwritten (NaN) entries"
+        assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+
+
 @pytest.mark.parametrize("k,capacity", [(7, 8), (19, 8), (19, 32)], ids=["all-candidates", "overflow", "fits"])
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
-def test_flat_posteriors(k, capacity, diagonal, poisoned_empty):
+@pytest.mark.parametrize("how", ["fused", "gemm"])
+def test_flat_posteriors(k, capacity, diagonal, how, poisoned_empty):
     """Identical components: every component is a candidate; beyond the capacity every row
     takes the dense path."""
     n, d = 53, 20
@@ -110,7 +136,7 @@ def test_flat_posteriors(k, capacity, diagonal, poisoned_empty):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, split, sh, weights, config((16, 16, 32)),
+        xd, split, sh, diagonal, search(how, xd, sh, weights, (16, 16, 32)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=capacity)
     assert overflowed == (n if k > capacity else 0)
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -128,9 +154,28 @@ def test_some_rows_overflow(poisoned_empty, monkeypatch):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, split, sh, weights, config((16, 16, 16)),
+        xd, split, sh, True, search("fused", xd, sh, weights, (16, 16, 16)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=2, margin=10.0)
     assert 0 < overflowed < n
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
     for name, g, r in zip(ref._fields, got, ref):
         assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_wide_rows_search_candidates_by_library_products_on_a_gpu(diagonal, monkeypatch):
+    """kernels.estep(precision="candidates") at D >= GEMM_FROM_FEATURES takes gemm.candidates
+    (and still matches the float64 dense E-step)."""
+    from flashgmm_ivf.kernels.estep import GEMM_FROM_FEATURES
+    n, d, k = 700, GEMM_FROM_FEATURES["diag" if diagonal else "spherical"] + 3, 23
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    calls = []
+    real = gemm.candidates
+    monkeypatch.setattr(gemm, "candidates", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = kernels.estep(x.cuda(), params.to("cuda", torch.float32), shift.cuda(), precision="candidates")
+    assert calls
+    ref = kernels.reference.estep(x.double(), params, shift)
+    for name, g, r in zip(ref._fields, got, ref):
+        assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
