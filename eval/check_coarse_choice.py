@@ -2,7 +2,8 @@
 
 On one data set, the default index (``IVF<nlist>_GMM,Flat``, nlist the power of two nearest
 4 sqrt(n)) is trained and filled; then every coarse step ``coarse='auto'`` weighs replaces the
-quantizer in turn, as :func:`flashgmm_ivf.ivf.calibration.fit_coarse_and_table` does:
+quantizer in turn (:func:`flashgmm_ivf.ivf.calibration.try_coarse_steps`, the trials the default's
+choice compares):
 
 * predicted: the depth table's expected distance computations per query on the
   ``LINK_QUERIES`` calibration queries (held-out training rows) at each of ``LINK_RECALLS``,
@@ -24,13 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import faiss
 import numpy as np
 
 from flashgmm_ivf.datasets import ground_truth
 from flashgmm_ivf.ivf import calibration as cal_module
 from flashgmm_ivf.ivf import index_factory
-from flashgmm_ivf.ivf.coarse import build, install, means_index
 from flashgmm_ivf.ivf.probing import list_members
 
 from .environment import environment
@@ -57,23 +56,18 @@ def check_set(dataset, data_dir=None, n_queries=2000):
     index.search(queries[:1], 10, recall=0.9)  # fits the tables: the choice the default makes
     chosen = index.coarse_step
     ivf, calibration = index.index, index.calibration
-    means = means_index(faiss.downcast_index(ivf.quantizer)).reconstruct_n(0, ivf.nlist)
-    subset = calibration.spaced(cal_module.LINK_QUERIES)
     members = list_members(ivf)
     depth = cal_module.table_depth(ivf, calibration, members)
     rows = []
-    for name in cal_module.coarse_candidates(index.coarse, ivf.d, ivf.metric_type):
-        install(ivf, build(name, means, ivf.metric_type))
-        tables = cal_module.fit_table(ivf, subset, N_BINS, depth=depth, members=members)
-        predicted = {r: float(tables.for_recall(r).expected_cost(r)) for r in cal_module.LINK_RECALLS}
+    candidates = cal_module.coarse_candidates(index.coarse, ivf.d, ivf.metric_type)
+    for trial in cal_module.try_coarse_steps(ivf, calibration, N_BINS, candidates, members, depth):
         index.probe_table = cal_module.fit_table(ivf, calibration, N_BINS, depth=depth, members=members)
         curve = []
         for target in TARGETS:
             _, I = index.search(queries, 10, recall=target)
             found = np.mean([len(np.intersect1d(I[i], gt[i])) for i in range(len(queries))]) / 10
             curve.append({"recall_at_10": float(found), "dist_per_query": index.last_stats.per_query})
-        rows.append({"coarse": name, "predicted": predicted,
-                     "score": float(np.exp(np.mean(np.log(list(predicted.values()))))),
+        rows.append({"coarse": trial.name, "predicted": trial.predicted, "score": trial.score,
                      "measured": {t: cost_at(front(curve), t) for t in (0.9, 0.95)}, "curve": curve})
     reference = rows[0]
     for row in rows:

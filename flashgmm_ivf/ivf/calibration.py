@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -346,22 +347,70 @@ def coarse_candidates(coarse: str, d: int, metric_type: int = faiss.METRIC_L2) -
     return (coarse,)
 
 
+class CoarseTrial(NamedTuple):
+    """One coarse step tried by :func:`try_coarse_steps`."""
+
+    name: str
+    quantizer: faiss.Index
+    tables: ProbeTables  # fitted on the spaced calibration queries
+    predicted: dict  # recall target -> expected distance computations per query
+
+    @property
+    def score(self) -> float:
+        """Geometric mean of the predicted costs over ``LINK_RECALLS``: what the choice compares."""
+        return float(np.exp(np.mean(np.log([self.predicted[r] for r in LINK_RECALLS]))))
+
+
+def try_coarse_steps(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int, candidates: tuple[str, ...],
+                     members: ListMembers, depth: int):
+    """Each coarse step of ``candidates`` in turn as the quantizer, with its predicted cost.
+
+    Every step is built (:func:`.coarse.build`) over the current quantizer's means (a graph
+    keeps the current efSearch) and installed; depth tables are fitted (:func:`fit_table`) on
+    ``LINK_QUERIES`` evenly spaced calibration queries. A new coarse step replaces only the
+    quantizer: the lists, and the depth read from exact rankings, are the same for every step.
+
+    Parameters
+    ----------
+    index_ivf : faiss.IndexIVF holding the calibration's neighbours; its quantizer is replaced
+    calibration : Calibration
+    n_bins : int
+    candidates : tuple of str, e.g. :func:`coarse_candidates`
+    members, depth : ``list_members(index_ivf)`` and ``table_depth(index_ivf, calibration, members)``
+
+    Yields
+    ------
+    CoarseTrial, its step installed in ``index_ivf`` until the next one is built
+    """
+    old = faiss.downcast_index(index_ivf.quantizer)
+    means = means_index(old).reconstruct_n(0, index_ivf.nlist)
+    ef = int(old.hnsw.efSearch) if isinstance(old, faiss.IndexHNSW) else None
+    subset = calibration.spaced(LINK_QUERIES)
+    for name in candidates:
+        quantizer = build(name, means, index_ivf.metric_type)
+        if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = ef
+        install(index_ivf, quantizer)
+        tables = fit_table(index_ivf, subset, n_bins, depth=depth, members=members)
+        yield CoarseTrial(name, quantizer, tables,
+                          {r: float(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS})
+
+
 def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_bins: int,
                          candidates: tuple[str, ...]) -> tuple[str, ProbeTables]:
     """The coarse step of ``candidates`` whose recall searches cost least, as the quantizer; its depth tables.
 
-    Each candidate (:func:`.coarse.build`) replaces the quantizer in turn and tables are fitted
-    (:func:`fit_table`) on ``LINK_QUERIES`` evenly spaced calibration queries; the tables of the
-    step kept are then fitted on all of them. The first candidate, the reference
-    (:func:`coarse_candidates` puts the densest graph first), is kept unless another expects at
-    least ``LINK_MARGIN`` (5%) fewer distance computations on the calibration queries (geometric
-    mean over ``LINK_RECALLS``; the cheapest such step then). The margin is the prediction's
-    error: measured on held-out queries of eight sets (``eval/check_coarse_choice.py``), every
-    step predicted at least 5% cheaper than the reference cost less at recall 0.9 and at most
-    0.4% more at 0.95, while steps predicted within 5% of it cost from 3% less to 11% more.
-    Fewer links make every walk cheaper but rank the lists less well; a projection ranks every
-    list for a fraction of a distance each, and wins where the dimension is high and a walk
-    visits many means.
+    Each candidate is tried in turn (:func:`try_coarse_steps`: tables on ``LINK_QUERIES``
+    evenly spaced calibration queries); the tables of the step kept are then fitted on all of
+    them. The first candidate, the reference (:func:`coarse_candidates` puts the densest graph
+    first), is kept unless another expects at least ``LINK_MARGIN`` (5%) fewer distance
+    computations on the calibration queries (``CoarseTrial.score``; the cheapest such step
+    then). The margin is the prediction's error: measured on held-out queries of eight sets
+    (``eval/check_coarse_choice.py``), every step predicted at least 5% cheaper than the
+    reference cost less at recall 0.9 and at most 0.4% more at 0.95, while steps predicted
+    within 5% of it cost from 3% less to 11% more. Fewer links make every walk cheaper but rank
+    the lists less well; a projection ranks every list for a fraction of a distance each, and
+    wins where the dimension is high and a walk visits many means.
 
     Parameters
     ----------
@@ -375,27 +424,14 @@ def fit_coarse_and_table(index_ivf: faiss.IndexIVF, calibration: Calibration, n_
     name : str, the coarse step kept
     tables : ProbeTables fitted on it
     """
-    old = faiss.downcast_index(index_ivf.quantizer)
-    means = means_index(old).reconstruct_n(0, index_ivf.nlist)
-    ef = int(old.hnsw.efSearch) if isinstance(old, faiss.IndexHNSW) else None
-    subset = calibration.spaced(LINK_QUERIES)
-    # A new coarse step replaces only the quantizer: the lists, and the depth read from exact
-    # rankings, are the same for every candidate.
     members = list_members(index_ivf)
     depth = table_depth(index_ivf, calibration, members)
-    fitted = []
-    for name in tqdm(candidates, desc="coarse step and depth tables", unit="step", leave=False):
-        quantizer = build(name, means, index_ivf.metric_type)
-        if ef is not None and isinstance(quantizer, faiss.IndexHNSW):
-            quantizer.hnsw.efSearch = ef
-        install(index_ivf, quantizer)
-        tables = fit_table(index_ivf, subset, n_bins, depth=depth, members=members)
-        score = float(np.mean([np.log(tables.for_recall(r).expected_cost(r)) for r in LINK_RECALLS]))
-        fitted.append((score, name, quantizer, tables))
-    reference = fitted[0]
-    score, name, quantizer, tables = min(
-        [f for f in fitted if f[0] <= reference[0] + np.log(1 - LINK_MARGIN)] or [reference], key=lambda f: f[0])
-    install(index_ivf, quantizer)
-    if subset is not calibration:
-        tables = fit_table(index_ivf, calibration, n_bins, depth=depth, members=members)
-    return name, tables
+    trials = list(tqdm(try_coarse_steps(index_ivf, calibration, n_bins, candidates, members, depth),
+                       total=len(candidates), desc="coarse step and depth tables", unit="step", leave=False))
+    reference = trials[0]
+    kept = min([t for t in trials if t.score <= reference.score * (1 - LINK_MARGIN)] or [reference],
+               key=lambda t: t.score)
+    install(index_ivf, kept.quantizer)
+    if calibration.spaced(LINK_QUERIES) is calibration:  # the trials' tables already use every query
+        return kept.name, kept.tables
+    return kept.name, fit_table(index_ivf, calibration, n_bins, depth=depth, members=members)
