@@ -18,10 +18,11 @@ bfloat16 GEMMs with float32 output, over blocks of rows:
 
 Precision "bf16" makes one product of the rounded operands instead of three: X = [x_hi],
 W = [w_hi], and r_hi^T x_hi. Statistics are summed over blocks in float64; no (rows, K) block
-outlives its block. On the
-CPU the pieces are held in float32 (the same values) and the kernels run in Triton's
-interpreter, so the tests run the arithmetic a GPU runs. Oracle: ``kernels.reference`` in
-float64 (tests/test_gemm_estep.py).
+outlives its block. ``candidates`` is the exact-on-candidates E-step's search by the same
+"bf16" products (``kernels.exact_candidates``). On the CPU the pieces are held in float32 (the
+same values) and the kernels run in Triton's interpreter, so the tests run the arithmetic a GPU
+runs. Oracle: ``kernels.reference`` in float64 (tests/test_gemm_estep.py,
+tests/test_exact_candidates.py).
 """
 from __future__ import annotations
 
