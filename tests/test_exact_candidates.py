@@ -179,3 +179,11 @@ def test_wide_rows_search_candidates_by_library_products_on_a_gpu(diagonal, monk
     ref = kernels.reference.estep(x.double(), params, shift)
     for name, g, r in zip(ref._fields, got, ref):
         assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
+
+
+def test_candidate_select_refuses_products_of_different_layouts():
+    from flashgmm_ivf.kernels.candidate_select import candidate_select
+    prod = torch.zeros(4, 6)
+    out = (torch.empty(4, 2, dtype=torch.int32), torch.empty(4, 2), torch.empty(4, dtype=torch.int32), torch.empty(4))
+    with pytest.raises(ValueError, match="share one"):
+        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, *out)
