@@ -91,8 +91,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # dead slots keep their 0
 
 
-def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=16,
-                   num_warps=4):
+def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=8,
+                   num_warps=2):
     """Launch the exact pass.
 
     Parameters
@@ -114,9 +114,10 @@ def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floo
     capacity = cand.shape[1]
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
     resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
-    # Compiled for sm_90 (Triton 3.9), 16 rows x 64 features with 4 warps take 162-166 registers
-    # and no stack (32 x 64: 222-255 registers; 32 x 128: 232-416 bytes of spills a thread);
-    # fewer rows a block also waste fewer slot steps on the block's longest row.
+    # A block walks as many slots as its longest row holds (diag SIFT-like rows: 14 stored on
+    # average, 36 the longest of 16 rows): few rows a block waste few steps. Timed on an H100
+    # (bench_estep's D = 128 cell): 8 rows with 2 warps 0.54 ms per 131,072 rows against 0.58-0.80
+    # for 8-32 rows with 2-8 warps (spherical 0.28 against 0.30-0.38 per 65,536).
     block_d = min(64, triton.next_power_of_2(d))
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, cand, upper, count, floor, log_norm, resp, n, d, float(margin),
