@@ -50,10 +50,13 @@ from flashgmm_ivf.eval.environment import environment
 
 from flashgmm_ivf import GaussianMixture, kernels
 from flashgmm_ivf._mstep import m_step
+from flashgmm_ivf.mixture import CACHED_KERNEL_BLOCK
 
 GRID = {"n": (100_000, 1_000_000, 10_000_000), "k": (256, 1024, 4096, 16384), "d": (96, 128, 960)}
 TORCH_CHUNK = 65536
-CHUNK = inspect.signature(GaussianMixture).parameters["chunk_size"].default
+# Rows per E-step call, as GaussianMixture reads data it keeps on the GPU (cache_data): blocks of
+# at least CACHED_KERNEL_BLOCK rows.
+CHUNK = max(inspect.signature(GaussianMixture).parameters["chunk_size"].default, CACHED_KERNEL_BLOCK)
 # Model flop per N K D: logits twice (pass 1 and pass 2: x and x^2 products for diag) and the statistics once.
 FLOP_PER_NKD = {"diag": 12, "spherical": 6}
 # Matmul ceilings: which one a method's products run at.
@@ -266,7 +269,7 @@ FUSED = "-fused"
 
 
 def blocked_estep(precision, configs, keep_rows):
-    """Our E-step as GaussianMixture runs it: blocks of its default chunk_size rows, statistics summed.
+    """Our E-step as GaussianMixture runs it on data cached on the GPU: blocks of ``CHUNK`` rows, statistics summed.
 
     ``keep_rows`` keeps every row's log Z (for the accuracy check only: an EM iteration, like
     GaussianMixture, keeps just its sum). ``precision`` may end in ``FUSED``."""
