@@ -2,11 +2,13 @@
 
 The selection pass (``kernels.truncated_select``) leaves every row with C' components and
 their responsibilities. Sorted by component (a stable sort, so each component's entries keep
-row order), the triples form one segment per component; program (k, D tile) walks the
-segment of component k, gathers its rows and sums r x and r x^2 in float64 registers. Each
-output is written by exactly one program in a fixed order: no atomics, so the statistics are
-bit-for-bit deterministic. Spherical models write their sum r |x|^2 as one partial per D
-tile, added afterwards.
+row order), the triples form one segment per component, cut into pieces of at most
+``PIECE`` entries: program (piece, D tile) gathers its piece's rows and sums r x and r x^2 in
+float64 registers, and a second pass adds each component's pieces in order. A component that
+owns most rows (skewed posteriors) is thus spread over many programs instead of keeping one
+busy while the rest idle. Every partial and every output is written by exactly one program in
+a fixed order: no atomics, so the statistics are bit-for-bit deterministic. Spherical models
+sum r |x|^2 as one partial per D tile, added afterwards.
 
 Torch reference: ``kernels.truncated._add_stats``.
 """
@@ -17,15 +19,22 @@ import triton.language as tl
 from .truncated_select import load_rows
 
 
+# Entries per piece of a component's segment: large enough that a piece's partial sums cost
+# little to add, small enough that a segment of a million entries spreads over hundreds of programs.
+PIECE = 4096
+
+
 @triton.jit
-def segment_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, start_ptr, nk_ptr, s1_ptr, s2_ptr,
-                         n_comps, n_cols,
-                         DIAGONAL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    comp = tl.program_id(0)
+def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, start_ptr, piece_comp_ptr, piece_first_ptr,
+                       nk_ptr, s1_ptr, s2_ptr, n_cols, n_tiles,
+                       DIAGONAL: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial sums of one piece (program axis 0) and D tile (axis 1), written to the piece's row."""
+    piece = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    first = tl.load(start_ptr + comp)
-    last = tl.load(start_ptr + comp + 1)
+    comp = tl.load(piece_comp_ptr + piece)
+    first = tl.load(start_ptr + comp) + (piece - tl.load(piece_first_ptr + comp)) * PIECE
+    last = tl.minimum(first + PIECE, tl.load(start_ptr + comp + 1))
     nk = tl.zeros([BLOCK_E], dtype=tl.float64)
     s1 = tl.zeros([BLOCK_D], dtype=tl.float64)
     if DIAGONAL:
@@ -48,13 +57,36 @@ def segment_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, start_pt
             s2 += tl.sum(rx * x, axis=1)
         nk += r
     col_mask = cols < n_cols
-    tl.store(s1_ptr + comp.to(tl.int64) * n_cols + cols, s1, mask=col_mask)
+    out = piece.to(tl.int64) * n_cols + cols
+    tl.store(s1_ptr + out, s1, mask=col_mask)
     if DIAGONAL:
-        tl.store(s2_ptr + comp.to(tl.int64) * n_cols + cols, s2, mask=col_mask)
+        tl.store(s2_ptr + out, s2, mask=col_mask)
     else:
-        tl.store(s2_ptr + pid_d * n_comps + comp, tl.sum(s2))
+        tl.store(s2_ptr + piece * n_tiles + pid_d, tl.sum(s2))
     if pid_d == 0:
-        tl.store(nk_ptr + comp, tl.sum(nk))
+        tl.store(nk_ptr + piece, tl.sum(nk))
+
+
+@triton.jit
+def piece_sum_kernel(part_ptr, piece_first_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    """out[k] = sum of the (width,) partials of component k's pieces, in piece order."""
+    comp = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    # Piece indices are int64 (loaded from piece_first), so their offsets do not overflow.
+    for piece in range(tl.load(piece_first_ptr + comp), tl.load(piece_first_ptr + comp + 1)):
+        acc += tl.load(part_ptr + piece * width + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + comp.to(tl.int64) * width + cols, acc, mask=mask)
+
+
+def _sum_pieces(partials, piece_first, n_comps):
+    """(K, ...) float64: each component's partials (pieces along axis 0) added in piece order."""
+    width = partials[0].numel()
+    out = torch.empty((n_comps,) + partials.shape[1:], dtype=torch.float64, device=partials.device)
+    block = min(128, triton.next_power_of_2(width))
+    piece_sum_kernel[(n_comps, triton.cdiv(width, block))](partials, piece_first, out, width, BLOCK=block)
+    return out
 
 
 def segment_stats(x, shift, members, resp, n_comps, diagonal, *, block_e=64, num_warps=4):
@@ -101,13 +133,25 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=64, nu
     keys, order = torch.sort(comps, stable=True)
     bounds = torch.arange(n_comps + 1, dtype=keys.dtype, device=x.device)
     start = torch.searchsorted(keys, bounds)
+    # Every component gets at least one piece, so every output is written; sum_k ceil(L_k / PIECE)
+    # is at most K + P // PIECE, a size the host knows without reading the GPU. Pieces past the
+    # last component's are empty: they belong to a component K whose segment [P, P) holds nothing.
+    pieces = ((start[1:] - start[:-1] + PIECE - 1) // PIECE).clamp_min(1)
+    piece_first = torch.zeros(n_comps + 2, dtype=torch.int64, device=x.device)
+    torch.cumsum(pieces, 0, out=piece_first[1:n_comps + 1])
+    piece_first[n_comps + 1] = piece_first[n_comps]
+    start = torch.cat([start, start[-1:]])
+    n_pieces = n_comps + len(comps) // PIECE
+    piece_comp = torch.searchsorted(piece_first[1:n_comps + 1],
+                                    torch.arange(n_pieces, device=x.device), right=True)
     block_d = min(64, triton.next_power_of_2(d))
     d_tiles = triton.cdiv(d, block_d)
     f64 = dict(dtype=torch.float64, device=x.device)
-    nk = torch.empty(n_comps, **f64)
-    s1 = torch.empty(n_comps, d, **f64)
-    s2 = torch.empty((n_comps, d) if diagonal else (d_tiles, n_comps), **f64)
-    segment_stats_kernel[(n_comps, d_tiles)](
-        x, x.stride(0), shift, rows[order], resp[order], start, nk, s1, s2, n_comps, d,
-        DIAGONAL=diagonal, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
-    return nk, s1, s2 if diagonal else s2.sum(0)
+    nk = torch.empty(n_pieces, **f64)
+    s1 = torch.empty(n_pieces, d, **f64)
+    s2 = torch.empty((n_pieces, d) if diagonal else (n_pieces, d_tiles), **f64)
+    piece_stats_kernel[(n_pieces, d_tiles)](
+        x, x.stride(0), shift, rows[order], resp[order], start, piece_comp, piece_first, nk, s1, s2, d, d_tiles,
+        DIAGONAL=diagonal, PIECE=PIECE, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
+    nk, s1, s2 = (_sum_pieces(t, piece_first, n_comps) for t in (nk, s1, s2))
+    return nk, s1, s2 if diagonal else s2.sum(1)

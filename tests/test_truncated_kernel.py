@@ -92,6 +92,35 @@ def test_repeated_entries_count_once(poisoned_empty):
     assert torch.equal(new.sort(1).values, torch.arange(4).expand(n, 4))
 
 
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_pair_stats_spread_long_segments_over_pieces(diagonal, poisoned_empty, monkeypatch):
+    # One component owns most triples (skewed posteriors), another none, a third exactly one
+    # piece's worth: its pieces' partial sums must add up to the float64 sums of every triple.
+    from flashgmm_ivf.kernels import truncated_stats
+    monkeypatch.setattr(truncated_stats, "PIECE", 16)
+    n, d, k = 150, 70, 6
+    gen = torch.Generator().manual_seed(11)
+    x = make_rows(n, d, "raw", gen)
+    shift = x.float().mean(0)
+    comps = torch.cat([torch.zeros(173, dtype=torch.int32), torch.full((16,), 2, dtype=torch.int32),
+                       torch.randint(3, k, (40,), generator=gen, dtype=torch.int32)])
+    comps = comps[torch.randperm(len(comps), generator=gen)]
+    rows = torch.randint(n, (len(comps),), generator=gen, dtype=torch.int32)
+    resp = torch.rand(len(comps), generator=gen)
+    got = truncated_stats.pair_stats(*(t.to(DEVICE) for t in (x, shift, rows, comps, resp)), k, diagonal)
+    centred = (x.float() - shift).double()  # the kernel centres in float32, then widens
+    r = resp.double()[:, None]
+    idx = comps.long()
+    nk = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, resp.double())
+    s1 = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx, r * centred[rows.long()])
+    sq = r * centred[rows.long()] ** 2
+    s2 = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx, sq)
+    for name, g, ref in zip(("nk", "s1", "s2"), got, (nk, s1, s2 if diagonal else s2.sum(1))):
+        assert torch.isfinite(g).all(), name
+        np.testing.assert_allclose(g.cpu().numpy(), ref.numpy(), rtol=1e-12, atol=1e-9, err_msg=name)
+    assert got[0][1].item() == 0.0 and not got[1][1].any()
+
+
 def test_rows_in_any_order_and_uint8_equal_float32_input():
     x, params, shift, candidates, graph = problem(64, 10, 12, 3, 4, True, seed=8)
     got, new = run("triton", x, params, shift, candidates, graph)
