@@ -22,22 +22,34 @@ import triton.language as tl
 
 from .truncated_select import load_rows
 
+# Widest rows the exact pass holds in registers (one feature tile) across a row's slots.
+ONE_TILE_FEATURES = 128
+
 
 @triton.jit
-def _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
-                    DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """log pi_k + log N(x_n | k) of component ``comp[n]`` for every live row (-inf elsewhere)."""
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, n_cols, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = live[:, None] & (cols < n_cols)[None, :]
-        offs = comp[:, None] * n_cols + cols[None, :]
-        diff = load_rows(x_ptr, stride_x, shift_ptr, rows, live, cols, n_cols) \
-            - tl.load(mean_ptr + offs, mask=mask, other=0.0)
-        if DIAGONAL:
-            acc += tl.sum(tl.load(prec_ptr + offs, mask=mask, other=0.0) * diff * diff, axis=1)
-        else:
-            acc += tl.sum(diff * diff, axis=1)
+def _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL: tl.constexpr):
+    """sum over ``cols`` of prec (x - mu)^2 (diag) or (x - mu)^2 (spherical), mu and prec of ``comp[n]``."""
+    mask = live[:, None] & (cols < n_cols)[None, :]
+    offs = comp[:, None] * n_cols + cols[None, :]
+    diff = x - tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    if DIAGONAL:
+        return tl.sum(tl.load(prec_ptr + offs, mask=mask, other=0.0) * diff * diff, axis=1)
+    return tl.sum(diff * diff, axis=1)
+
+
+@triton.jit
+def _exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
+                    DIAGONAL: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """log pi_k + log N(x_n | k) of component ``comp[n]`` for every live row (-inf elsewhere);
+    ``x_tile`` holds the centred rows when they fit one feature tile (``ONE_TILE``)."""
+    if ONE_TILE:
+        acc = _centred_sum(x_tile, mean_ptr, prec_ptr, live, comp, tl.arange(0, BLOCK_D), n_cols, DIAGONAL)
+    else:
+        acc = tl.zeros([x_tile.shape[0]], dtype=tl.float32)
+        for d0 in range(0, n_cols, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            x = load_rows(x_ptr, stride_x, shift_ptr, rows, live, cols, n_cols)
+            acc += _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL)
     if not DIAGONAL:
         acc *= tl.load(prec_ptr + comp, mask=live, other=0.0)
     return tl.where(live, tl.load(const_ptr + comp, mask=live, other=0.0) - 0.5 * acc, float("-inf"))
@@ -47,9 +59,14 @@ def _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, r
 def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, cand_ptr, upper_ptr, count_ptr,
                           floor_ptr, log_norm_ptr, resp_ptr, n_rows, n_cols, margin,
                           CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
+    # Rows of one feature tile stay in registers for every slot; wider rows are re-read per slot.
+    if ONE_TILE:
+        x_tile = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, tl.arange(0, BLOCK_D), n_cols)
+    else:
+        x_tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     count = tl.load(count_ptr + rows, mask=row_mask, other=0)
     count = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
     slots = rows.to(tl.int64) * CAPACITY
@@ -64,8 +81,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         top = tl.where(upper > top_upper, tl.load(cand_ptr + slots + s, mask=stored, other=0).to(tl.int64), top)
         top_upper = tl.maximum(top_upper, upper)
     floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
-    best = _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, count > 0, top, n_cols,
-                           DIAGONAL, BLOCK_N, BLOCK_D)
+    best = _exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, count > 0, top,
+                           n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
     floor = tl.maximum(floor, best - margin)
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -76,8 +93,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         # of the block costs its loads of the bounds alone.
         if tl.max(live.to(tl.int32)) > 0:
             comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
-            ll = _exact_log_prob(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
-                                 n_cols, DIAGONAL, BLOCK_N, BLOCK_D)
+            ll = _exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
+                                 n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
             tl.store(resp_ptr + slots + s, ll, mask=live)
             new_max = tl.maximum(run_max, ll)
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
@@ -118,8 +135,10 @@ def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floo
     # average, 36 the longest of 16 rows): few rows a block waste few steps. Timed on an H100
     # (bench_estep's D = 128 cell): 8 rows with 2 warps 0.54 ms per 131,072 rows against 0.58-0.80
     # for 8-32 rows with 2-8 warps (spherical 0.28 against 0.30-0.38 per 65,536).
-    block_d = min(64, triton.next_power_of_2(d))
+    one_tile = d <= ONE_TILE_FEATURES
+    block_d = triton.next_power_of_2(d) if one_tile else 64
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, cand, upper, count, floor, log_norm, resp, n, d, float(margin),
-        CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=one_tile,
+        num_warps=num_warps)
     return log_norm, resp
