@@ -108,8 +108,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # dead slots keep their 0
 
 
-def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=8,
-                   num_warps=2):
+def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=4,
+                   num_warps=1):
     """Launch the exact pass.
 
     Parameters
@@ -133,8 +133,8 @@ def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floo
     resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
     # A block walks as many slots as its longest row holds (diag SIFT-like rows: 14 stored on
     # average, 36 the longest of 16 rows): few rows a block waste few steps. Timed on an H100
-    # (bench_estep's D = 128 cell): 8 rows with 2 warps 0.54 ms per 131,072 rows against 0.58-0.80
-    # for 8-32 rows with 2-8 warps (spherical 0.28 against 0.30-0.38 per 65,536).
+    # (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp 0.75 ms per 262,144 diag
+    # rows against 0.90-2.85 for 4-32 rows with 2-4 warps (spherical 0.38 against 0.42-0.96 per 131,072).
     one_tile = d <= ONE_TILE_FEATURES
     block_d = triton.next_power_of_2(d) if one_tile else 64
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](

@@ -187,7 +187,7 @@ def candidates(x, shift, weights: KernelWeights, margin, capacity, *, rows=None)
     shift : float32 Tensor of shape (D,)
     weights : KernelWeights laid out for precision "bf16", their largest constant split off
     margin : float, nats; capacity : int, candidate slots per row
-    rows : int, rows per block (default ``block_rows``)
+    rows : int, rows per block (default ``_candidate_rows``)
 
     Returns
     -------
