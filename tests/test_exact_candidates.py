@@ -24,6 +24,7 @@ SHAPES = [
     (37, 5, 3, (16, 16, 16)),        # K below one tile
     (203, 37, 19, (32, 16, 64)),     # K over two tiles, D in one
     (61, 70, 50, (16, 32, 32)),      # D over three tiles
+    (19, 128, 7, (16, 16, 128)),     # D fills the exact pass's register tile
     (45, 129, 11, (16, 16, 128)),    # D just over one tile
 ]
 # Float32 from centred differences: measured ~1e-6 relative against float64.
