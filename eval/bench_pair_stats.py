@@ -13,28 +13,18 @@ Run: ``python -m flashgmm_ivf.eval.bench_pair_stats --out eval/results/bench_pai
 from __future__ import annotations
 
 import argparse
-import time
 from importlib.util import module_from_spec, spec_from_file_location
 
 import torch
 
 from flashgmm_ivf.kernels import truncated_stats
 
-from .bench_estep import write_json
+from .bench_estep import time_ms, write_json
 from .environment import environment
 
 CASES = (("balanced", 0.0), ("one component 50%", 0.5), ("one component 90%", 0.9))
 SHAPES = ((1_000_000, 128), (100_000, 960))  # (N, D)
-
-
-def time_ms(run, repeats=20) -> float:
-    run()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
+REPEATS = 20  # timed calls per row, median
 
 
 def load_baseline(path):
@@ -71,16 +61,17 @@ def main(argv=None):
             for diagonal in (True, False):
                 call = (x, shift, rows, comps, resp, args.k, diagonal)
                 row = {"n": n, "d": d, "k": args.k, "pairs": p, "case": case, "diagonal": diagonal,
-                       "ms": time_ms(lambda: truncated_stats.pair_stats(*call))}
+                       "ms": time_ms(lambda: truncated_stats.pair_stats(*call), REPEATS)[0]}
                 if baseline is not None:
-                    row["baseline_ms"] = time_ms(lambda: baseline.pair_stats(*call))
+                    row["baseline_ms"] = time_ms(lambda: baseline.pair_stats(*call), REPEATS)[0]
                     ours, theirs = truncated_stats.pair_stats(*call), baseline.pair_stats(*call)
                     row["max_relative_difference"] = max(
                         ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item() for a, b in zip(ours, theirs))
                 result["rows"].append(row)
                 nan = float("nan")
                 print(f"{n:9,} {d:4} {'diag' if diagonal else 'spherical':9} {case:18} {row['ms']:8.2f} "
-                      f"{row.get('baseline_ms', nan):12.2f} {row.get('max_relative_difference', nan):12.1e}", flush=True)
+                      f"{row.get('baseline_ms', nan):12.2f} {row.get('max_relative_difference', nan):12.1e}",
+                      flush=True)
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -131,16 +131,15 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=64, nu
     """
     d = x.shape[1]
     keys, order = torch.sort(comps, stable=True)
-    bounds = torch.arange(n_comps + 1, dtype=keys.dtype, device=x.device)
-    start = torch.searchsorted(keys, bounds)
+    # Segment bounds of components 0..K, where component K's segment [P, P) holds nothing.
+    start = torch.searchsorted(keys, torch.arange(n_comps + 2, dtype=keys.dtype, device=x.device))
     # Every component gets at least one piece, so every output is written; sum_k ceil(L_k / PIECE)
     # is at most K + P // PIECE, a size the host knows without reading the GPU. Pieces past the
-    # last component's are empty: they belong to a component K whose segment [P, P) holds nothing.
+    # last component's are empty: they belong to component K.
     pieces = ((start[1:] - start[:-1] + PIECE - 1) // PIECE).clamp_min(1)
+    pieces[n_comps] = 0
     piece_first = torch.zeros(n_comps + 2, dtype=torch.int64, device=x.device)
-    torch.cumsum(pieces, 0, out=piece_first[1:n_comps + 1])
-    piece_first[n_comps + 1] = piece_first[n_comps]
-    start = torch.cat([start, start[-1:]])
+    torch.cumsum(pieces, 0, out=piece_first[1:])
     n_pieces = n_comps + len(comps) // PIECE
     piece_comp = torch.searchsorted(piece_first[1:n_comps + 1],
                                     torch.arange(n_pieces, device=x.device), right=True)
