@@ -3,13 +3,13 @@
 A float64 EM fit (diag or spherical, from ``bench_estep``'s start: means at random rows,
 variances a quarter of the data's) runs on the first ``--n`` base rows of a data set, raw or
 standardised per feature. At some iterations, on the first ``--sample`` of those rows, the
-candidate pass's rule (``kernels.candidates``) is replayed on float64 log-densities with its
-error bound (``bound_eps`` times the products of the absolute bfloat16-rounded operands):
+search's rule (``kernels.exact_candidates``) is replayed on float64 log-densities with the
+candidate pass's error bound (``bound_eps`` times the products of the absolute
+bfloat16-rounded operands):
 
-* ``stored``: slots the pass fills, taking components tile by tile (``--block-k``) against
-  the running best lower bound, so it holds the ones left behind as that best rose;
-* ``live``: slots the exact pass evaluates (upper bound within the margin of the exact
-  log-density of the slot with the largest upper bound, ``kernels.candidate_resp``);
+* ``stored``: slots the pass fills: components whose upper bound reaches the row's threshold,
+  the exact log-density of its best component less the margin (the slots the exact pass
+  evaluates, ``kernels.candidate_resp``);
 * ``kept``: (row, component) pairs whose responsibility exceeds e^-margin (the statistics'
   pairs), ``within``: components within the margin of the row's best (exact);
 * ``overflow``: rows with more stored slots than ``--capacity`` (they take the dense E-step).
@@ -44,27 +44,18 @@ def error_bound(xc, split):
     return bound_eps(n_terms(xc.shape[1], split.diagonal)) * err
 
 
-def replay(xs, params, shift, block_k, capacity, margin):
+def replay(xs, params, shift, capacity, margin):
     """The counts of the module docstring for rows ``xs`` under ``params`` (float64)."""
     split, _ = kernels.params.split_offset(params.to(dtype=torch.float32))
     split = split.to(dtype=torch.float64)
     ll = kernels.reference.weighted_log_prob(xs, split, shift)
     err = error_bound(xs - shift, split) + FLOAT32_SLACK * ll.abs()
-    n, k = ll.shape
-    best = torch.full((n,), -3e38, dtype=torch.float64)
-    stored = torch.zeros_like(ll, dtype=torch.bool)
-    for k0 in range(0, k, block_k):
-        tile = slice(k0, k0 + block_k)
-        best = torch.maximum(best, (ll[:, tile] - err[:, tile]).amax(1))
-        stored[:, tile] = ll[:, tile] + err[:, tile] >= (best - margin)[:, None]
-    upper = torch.where(stored, ll + err, -torch.inf)
-    top = ll.gather(1, upper.argmax(1, keepdim=True))[:, 0]
-    live = stored & (upper >= torch.maximum(best, top)[:, None] - margin)
+    stored = ll + err >= ll.amax(1, keepdim=True) - margin
     log_z = torch.logsumexp(ll, 1, keepdim=True)
     count = stored.sum(1).double()
-    return {"stored_mean": float(count.mean()), "stored_p99": float(count.quantile(0.99)), "stored_max": int(count.max()),
-            "live_mean": float(live.sum(1).double().mean()),
-            "kept_mean": float((live & (ll - log_z > -margin)).sum(1).double().mean()),
+    return {"stored_mean": float(count.mean()), "stored_p99": float(count.quantile(0.99)),
+            "stored_max": int(count.max()),
+            "kept_mean": float((stored & (ll - log_z > -margin)).sum(1).double().mean()),
             "within_mean": float((ll >= ll.amax(1, keepdim=True) - margin).sum(1).double().mean()),
             "bound_at_best_nats": float(err.gather(1, ll.argmax(1, keepdim=True)).mean()),
             "overflow_fraction": float((count > capacity).double().mean())}
@@ -86,7 +77,7 @@ def run(args, covariance_type, kind, at):
         params = kernels.natural_params(weights, means, var)
         if it in at:
             row = {"covariance_type": covariance_type, "data": kind, "iteration": it,
-                   **replay(x[:args.sample], params, shift, args.block_k, args.capacity or CAPACITY[covariance_type],
+                   **replay(x[:args.sample], params, shift, args.capacity or CAPACITY[covariance_type],
                             args.margin)}
             print_row(row)
             out.append(row)
@@ -98,7 +89,7 @@ def run(args, covariance_type, kind, at):
 
 def print_row(r):
     print(f"{r['covariance_type']:>9} {r['data']:>12} {r['iteration']:>4} {r['bound_at_best_nats']:8.1f} "
-          f"{r['stored_mean']:7.1f} {r['stored_p99']:5.0f} {r['stored_max']:5d} {r['live_mean']:6.1f} "
+          f"{r['stored_mean']:7.1f} {r['stored_p99']:5.0f} {r['stored_max']:5d} "
           f"{r['kept_mean']:6.2f} {r['within_mean']:7.2f} {r['overflow_fraction']:9.4f}", flush=True)
 
 
@@ -111,14 +102,13 @@ def main(argv=None):
     parser.add_argument("--iterations", default="0,1,2,5,10,20")
     parser.add_argument("--covariance-types", default="diag,spherical")
     parser.add_argument("--data", default="raw,standardised")
-    parser.add_argument("--block-k", type=int, default=kernels.default_configs(128, True, "candidates")[0].block_k)
     parser.add_argument("--capacity", type=int, help="slots per row (default: the E-step's per covariance type)")
     parser.add_argument("--margin", type=float, default=MARGIN_NATS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval/results/check_candidates_cpu.json")
     args = parser.parse_args(argv)
     at = sorted({int(i) for i in args.iterations.split(",")})
-    print(f"{'cov':>9} {'data':>12} {'iter':>4} {'bound':>8} {'stored':>7} {'p99':>5} {'max':>5} {'live':>6} "
+    print(f"{'cov':>9} {'data':>12} {'iter':>4} {'bound':>8} {'stored':>7} {'p99':>5} {'max':>5} "
           f"{'kept':>6} {'within':>7} {'overflow':>9}")
     results, start = [], time.time()
     for covariance_type in args.covariance_types.split(","):

@@ -1,18 +1,12 @@
 """Exact pass of the exact-on-candidates E-step: log Z and responsibilities over each row's candidates.
 
 One program owns BLOCK_N rows and walks their candidate slots (``kernels.candidates``) one
-slot at a time, up to the block's largest count. The row's threshold is the larger of the
-candidate pass's (best lower bound less the margin) and the exact log-density of the slot with
-the largest upper bound less the margin. A slot is live when it was stored (slot < count <=
-capacity) and its upper bound reaches that threshold; for a live slot the log-density is
-computed in float32 from centred differences,
-
-    log pi_k + log N(x | k) = c_k - 1/2 sum_d prec_kd (x_d - mu_kd)^2,
-
-so raw-scale rows (SIFT: 0..255) lose nothing to cancellation, and folded into an online
-log-sum-exp. A second walk turns the stored log-densities into responsibilities in place.
-Dead slots get responsibility 0, and so do all slots of rows that overflowed their capacity
-(their E-step is the dense one; their log Z is left unwritten).
+slot at a time, up to the block's largest count. For every stored slot the log-density is
+computed in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows
+(SIFT: 0..255) lose nothing to cancellation, and folded into an online log-sum-exp. A second
+walk turns the stored log-densities into responsibilities in place. Slots past a row's count
+get responsibility 0, and so do all slots of rows that overflowed their capacity (their E-step
+is the dense one; their log Z is left unwritten).
 
 Oracle: the float64 dense E-step of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -20,44 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .exact_log_prob import exact_log_prob, feature_tile
 from .truncated_select import load_rows
 
-# Widest rows the exact pass holds in registers (one feature tile) across a row's slots.
-ONE_TILE_FEATURES = 128
-
 
 @triton.jit
-def _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL: tl.constexpr):
-    """sum over ``cols`` of prec (x - mu)^2 (diag) or (x - mu)^2 (spherical), mu and prec of ``comp[n]``."""
-    mask = live[:, None] & (cols < n_cols)[None, :]
-    offs = comp[:, None] * n_cols + cols[None, :]
-    diff = x - tl.load(mean_ptr + offs, mask=mask, other=0.0)
-    if DIAGONAL:
-        return tl.sum(tl.load(prec_ptr + offs, mask=mask, other=0.0) * diff * diff, axis=1)
-    return tl.sum(diff * diff, axis=1)
-
-
-@triton.jit
-def _exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
-                    DIAGONAL: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """log pi_k + log N(x_n | k) of component ``comp[n]`` for every live row (-inf elsewhere);
-    ``x_tile`` holds the centred rows when they fit one feature tile (``ONE_TILE``)."""
-    if ONE_TILE:
-        acc = _centred_sum(x_tile, mean_ptr, prec_ptr, live, comp, tl.arange(0, BLOCK_D), n_cols, DIAGONAL)
-    else:
-        acc = tl.zeros([x_tile.shape[0]], dtype=tl.float32)
-        for d0 in range(0, n_cols, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            x = load_rows(x_ptr, stride_x, shift_ptr, rows, live, cols, n_cols)
-            acc += _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL)
-    if not DIAGONAL:
-        acc *= tl.load(prec_ptr + comp, mask=live, other=0.0)
-    return tl.where(live, tl.load(const_ptr + comp, mask=live, other=0.0) - 0.5 * acc, float("-inf"))
-
-
-@triton.jit
-def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, cand_ptr, upper_ptr, count_ptr,
-                          floor_ptr, log_norm_ptr, resp_ptr, n_rows, n_cols, margin,
+def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, cand_ptr, count_ptr,
+                          log_norm_ptr, resp_ptr, n_rows, n_cols,
                           CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,46 +33,26 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     count = tl.load(count_ptr + rows, mask=row_mask, other=0)
     count = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
     slots = rows.to(tl.int64) * CAPACITY
-    # The exact log-density of the slot with the largest upper bound is a lower bound of the
-    # row's best tighter than the candidate pass's (by that pass's error bound, tens of nats
-    # on fitted SIFT models): slots whose upper bound falls below it less the margin are skipped.
-    top_upper = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    top = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for s in range(tl.max(count)):
-        stored = s < count
-        upper = tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf"))
-        top = tl.where(upper > top_upper, tl.load(cand_ptr + slots + s, mask=stored, other=0).to(tl.int64), top)
-        top_upper = tl.maximum(top_upper, upper)
-    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
-    best = _exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, count > 0, top,
-                           n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
-    floor = tl.maximum(floor, best - margin)
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in range(tl.max(count)):
-        stored = s < count
-        live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
-        # Slots left behind as the best rose lie among the live ones: a slot dead in every row
-        # of the block costs its loads of the bounds alone.
-        if tl.max(live.to(tl.int32)) > 0:
-            comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
-            ll = _exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
-                                 n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
-            tl.store(resp_ptr + slots + s, ll, mask=live)
-            new_max = tl.maximum(run_max, ll)
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
-            run_max = new_max
+        live = s < count
+        comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
+        ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
+                            n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
+        tl.store(resp_ptr + slots + s, ll, mask=live)
+        new_max = tl.maximum(run_max, ll)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
+        run_max = new_max
     log_z = run_max + tl.log(tl.where(count > 0, run_sum, 1.0))  # rows with no slot: log Z unused
     tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (count > 0))
     for s in range(tl.max(count)):
-        stored = s < count
-        live = stored & (tl.load(upper_ptr + slots + s, mask=stored, other=float("-inf")) >= floor)
+        live = s < count
         ll = tl.load(resp_ptr + slots + s, mask=live, other=float("-inf"))
-        tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # dead slots keep their 0
+        tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # slots past the count keep their 0
 
 
-def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floor, margin, *, block_n=4,
-                   num_warps=1):
+def candidate_resp(x, shift, means, precisions, consts, cand, count, *, block_n=4, num_warps=1):
     """Launch the exact pass.
 
     Parameters
@@ -119,13 +62,12 @@ def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floo
     means : float32 Tensor of shape (K, D), relative to the shift
     precisions : float32 Tensor of shape (K, D) (diag) or (K,) (spherical), 1 / variance
     consts : float32 Tensor of shape (K,), log pi_k - 1/2 log det(2 pi Sigma_k) (less the E-step's offset)
-    cand, upper, count, floor : from ``kernels.candidates.candidates``
-    margin : float, nats, as given to the candidate pass
+    cand, count : from ``kernels.candidates.candidates``
 
     Returns
     -------
     log_norm : float32 Tensor of shape (n,), written where 0 < count <= capacity
-    resp : float32 Tensor of shape (n, capacity), 0 on dead slots and overflowed rows
+    resp : float32 Tensor of shape (n, capacity), 0 past each row's count and on overflowed rows
     """
     n, d = x.shape
     capacity = cand.shape[1]
@@ -135,10 +77,9 @@ def candidate_resp(x, shift, means, precisions, consts, cand, upper, count, floo
     # average, 36 the longest of 16 rows): few rows a block waste few steps. Timed on an H100
     # (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp 0.75 ms per 262,144 diag
     # rows against 0.90-2.85 for 4-32 rows with 2-4 warps (spherical 0.38 against 0.42-0.96 per 131,072).
-    one_tile = d <= ONE_TILE_FEATURES
-    block_d = triton.next_power_of_2(d) if one_tile else 64
+    block_d, one_tile = feature_tile(d)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, means, precisions, consts, cand, upper, count, floor, log_norm, resp, n, d, float(margin),
+        x, x.stride(0), shift, means, precisions, consts, cand, count, log_norm, resp, n, d,
         CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=one_tile,
         num_warps=num_warps)
     return log_norm, resp

@@ -7,7 +7,7 @@ import torch
 import triton
 
 from . import exact_candidates, gemm
-from .candidates import abs_weights, candidates
+from .candidates import abs_lin, candidates
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
@@ -207,24 +207,33 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     return EStepResult(lz.double() + offset, _sum_splits(nk), _sum_splits(s1), _sum_splits(s2))
 
 
-def _estep_candidates(x, params, shift, configs):
-    """``exact_candidates.estep``: the candidate pass with "bf16" weights, fused or (wide rows on a
-    GPU, no ``configs``) as library products; rows that overflow their candidate capacity take
-    the dense "bf16x3" E-step."""
-    x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
-    n, d = x.shape
-    if n == 0:
-        return estep(x, params, shift, precision="bf16x3")
+def candidate_search(x, shift, weights, configs=None):
+    """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, threshold, capacity) ->
+    (cand, count), with "bf16" ``weights``. Fused: a "bf16" pass 1 (``kernels.log_norm``) ranks
+    the components, then the candidate pass (``kernels.candidates``) with ``configs[0]``;
+    library products (``kernels.gemm.candidates``) for wide rows on a GPU when no ``configs``."""
     if configs is None and _library_products(x, weights, "bf16"):
-        def search(rows, margin, capacity):
-            return gemm.candidates(rows, shift, weights, margin, capacity)
-    else:
-        config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
-        bound_weights = abs_weights(weights)
+        def search(rows, threshold, capacity):
+            return gemm.candidates(rows, shift, weights, threshold, capacity)
+        return search
+    d = x.shape[1]
+    config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
+    rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
+    bound_lin = abs_lin(weights)
 
-        def search(rows, margin, capacity):
-            return candidates(rows, shift, weights, margin, capacity, config, bound_weights)
-    result, _ = exact_candidates.estep(x, params, shift, weights.diagonal, search,
+    def search(rows, threshold, capacity):
+        _, top = _launch_log_norm(rows, shift, weights, "bf16", rank)
+        return candidates(rows, shift, weights, threshold(rows, top), capacity, config, bound_lin)
+    return search
+
+
+def _estep_candidates(x, params, shift, configs):
+    """``exact_candidates.estep`` with ``candidate_search``; rows that overflow their candidate
+    capacity take the dense "bf16x3" E-step."""
+    x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
+    if x.shape[0] == 0:
+        return estep(x, params, shift, precision="bf16x3")
+    result, _ = exact_candidates.estep(x, params, shift, weights.diagonal, candidate_search(x, shift, weights, configs),
                                        lambda rows: estep(rows, params, shift, precision="bf16x3"))
     return result._replace(log_norm=result.log_norm + offset)
 

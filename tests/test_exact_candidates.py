@@ -1,5 +1,6 @@
 """Exact-on-candidates E-step (``kernels.candidates``, ``kernels.gemm.candidates`` with
-``candidate_select``, ``candidate_resp``, ``exact_candidates``) against the float64 dense E-step.
+``candidate_select``, ``exact_log_prob``, ``candidate_resp``, ``exact_candidates``) against the
+float64 dense E-step.
 
 Without a GPU the kernels run in Triton's interpreter (see conftest). Shapes are not multiples
 of any block; rows are raw-scale (0..255) or standardised; posteriors range from peaked to
@@ -8,10 +9,11 @@ Outputs are poisoned (NaN / -7) before the kernels write them.
 """
 import pytest
 import torch
-from flashgmm_ivf.kernels import candidates as cand_pass
 from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
+from flashgmm_ivf.kernels.estep import candidate_search
+from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
@@ -24,7 +26,7 @@ SHAPES = [
     (37, 5, 3, (16, 16, 16)),        # K below one tile
     (203, 37, 19, (32, 16, 64)),     # K over two tiles, D in one
     (61, 70, 50, (16, 32, 32)),      # D over three tiles
-    (19, 128, 7, (16, 16, 128)),     # D fills the exact pass's register tile
+    (19, 128, 7, (16, 16, 128)),     # D fills the exact log-densities' register tile
     (45, 129, 11, (16, 16, 128)),    # D just over one tile
 ]
 # Float32 from centred differences: measured ~1e-6 relative against float64.
@@ -42,11 +44,11 @@ def prepared(x, params, shift):
 
 
 def search(how, xd, sh, weights, blocks):
-    """The candidate pass as ``exact_candidates.estep`` takes it: fused, or library products in
-    blocks of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
+    """The search as ``exact_candidates.estep`` takes it: fused, or library products in blocks
+    of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
     if how == "fused":
-        return lambda rows, margin, capacity: cand_pass.candidates(rows, sh, weights, margin, capacity, config(blocks))
-    return lambda rows, margin, capacity: gemm.candidates(rows, sh, weights, margin, capacity, rows=16)
+        return candidate_search(xd, sh, weights, (config(blocks), None))
+    return lambda rows, threshold, capacity: gemm.candidates(rows, sh, weights, threshold, capacity, rows=16)
 
 
 def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
@@ -70,29 +72,44 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     x, params, shift = mixture(n, d, k, kind, diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
-    found = search(how, xd, sh, weights, blocks)(xd, margin, capacity)
-    _, resp = candidate_resp(xd, sh, *exact_candidates.centred_params(split), *found, margin)
-    cand, upper, count, floor = (t.cpu() for t in found)
-    resp = resp.cpu()
+    centred = exact_candidates.centred_params(split)
+    tops = []
+
+    def threshold(rows, top):
+        tops.append(top.cpu())
+        return exact_log_probs(rows, sh, *centred, top) - margin
+
+    cand, count = search(how, xd, sh, weights, blocks)(xd, threshold, capacity)
+    _, resp = candidate_resp(xd, sh, *centred, cand, count)
+    cand, count, resp, top = cand.cpu(), count.cpu(), resp.cpu(), torch.cat(tops).long()
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     best = exact.amax(1)
+    # the ranking pass puts a component within its rounding of the best first (the threshold's)
+    assert len(top) == n and (exact.gather(1, top[:, None])[:, 0] >= best - 1.0).all()
     for row in range(n):
         stored = cand[row, :min(int(count[row]), capacity)].long()
-        assert ((stored >= 0) & (stored < k)).all()
-        # every stored bound holds, and the threshold lies below the row's best
-        assert (upper[row, :len(stored)] >= exact[row, stored] - 1e-3).all()
-        assert floor[row] <= best[row] - margin + 1e-3
+        assert ((stored >= 0) & (stored < k)).all() and len(set(stored.tolist())) == len(stored)
+        assert top[row] in stored.tolist() or count[row] > capacity
         needed = torch.nonzero(exact[row] >= best[row] - margin).view(-1)
         if count[row] <= capacity:
             assert set(needed.tolist()) <= set(stored.tolist()), row
-            kept = stored[upper[row, :len(stored)] >= floor[row]]
-            assert set(needed.tolist()) <= set(kept.tolist()), row
-            # the exact pass's tighter threshold keeps them too, and its responsibilities sum to 1
+            # the exact pass weighs them, and its responsibilities sum to 1
             weighted = stored[resp[row, :len(stored)] > 0]
             assert set(needed.tolist()) <= set(weighted.tolist()), row
             assert abs(float(resp[row].double().sum()) - 1) < 1e-5
         else:
             assert count[row] > len(needed) or len(needed) > capacity
+
+
+@pytest.mark.parametrize("n,d,k,blocks", SHAPES)
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_exact_log_probs_match_float64(n, d, k, blocks, diagonal, poisoned_empty):
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    comp = torch.randint(k, (n,), generator=torch.Generator().manual_seed(n + k))
+    got = exact_log_probs(xd, sh, *exact_candidates.centred_params(split), comp.to(DEVICE, torch.int32)).cpu()
+    exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
+    assert relative_error(got, exact.gather(1, comp[:, None])[:, 0]) < TOLERANCE
 
 
 # Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
@@ -184,7 +201,7 @@ def test_wide_rows_search_candidates_by_library_products_on_a_gpu(diagonal, monk
 
 def test_candidate_select_refuses_products_of_different_layouts():
     from flashgmm_ivf.kernels.candidate_select import candidate_select
-    prod = torch.zeros(4, 6)
-    out = (torch.empty(4, 2, dtype=torch.int32), torch.empty(4, 2), torch.empty(4, dtype=torch.int32), torch.empty(4))
+    ll = torch.zeros(4, 6)
+    out = (torch.empty(4, 2, dtype=torch.int32), torch.empty(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="share one"):
-        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, *out)
+        candidate_select(ll, torch.zeros(6, 4).T, torch.zeros(4), 0.01, 0.0, *out)
