@@ -176,6 +176,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # The truncated E-step's state during a fit (None otherwise).
     _truncation = None
+    _best = None  # precision="candidates": each block's best components of the last E-step, by offset
 
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
@@ -352,6 +353,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             state = self._initialize(source, rng, device) if do_init else self._state(device)
             self._truncation = TruncatedEStep(n, self.n_components, source.n_features, self.n_candidates,
                                               self.n_neighbors) if self._truncates() else None
+            self._best = {}
             lower_bound = -math.inf if do_init else self.lower_bound_
             bounds, converged, reseeded_total, n_iter = [], False, 0, 0
             bar = tqdm(total=self.max_iter, desc="EM", disable=not self.verbose, leave=False)
@@ -373,7 +375,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if best is None or lower_bound > best[0]:
                 best = (lower_bound, state, converged, n_iter, bounds, reseeded_total)
         lower_bound, state, converged, n_iter, bounds, reseeded_total = best
-        self._truncation = None
+        self._truncation, self._best = None, None
         _check_fitted_state(state, lower_bound, self.covariance_type)
         if not converged:
             warnings.warn("Best performing initialization did not converge. Try different init parameters, or increase "
@@ -551,11 +553,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _estep_block(self, x, params, shift, offset=None) -> EStepResult:
         """E-step of one block; ``offset`` (its first row's global index) keys the truncated
-        E-step's candidate sets and is ignored by the dense one."""
+        E-step's candidate sets and the exact-on-candidates E-step's best components (its
+        thresholds' hints: EM's parameters move little between iterations), and is ignored by
+        the dense one."""
         if self._truncation is not None:
             return self._truncation.block(offset, x, params, shift, dtype=params[0].dtype)
         if self._uses_kernels(x.device):
-            return kernels.estep(x, params, shift, precision=self.precision)
+            best = None
+            if self.precision == "candidates" and self._best is not None and offset is not None:
+                best = self._best.get(offset)
+                if best is None or best.shape[0] != x.shape[0]:
+                    best = self._best[offset] = kernels.log_norm(x, params.to(dtype=torch.float32), shift,
+                                                                 precision="bf16")[1]
+            return kernels.estep(x, params, shift, precision=self.precision, best=best)
         return kernels.reference.estep(x, params, shift, dtype=params[0].dtype)
 
     def _best_components(self, x, params, shift) -> torch.Tensor:

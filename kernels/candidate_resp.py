@@ -3,7 +3,8 @@
 One program owns BLOCK_N rows and walks their candidate slots (``kernels.candidates``) one
 slot at a time, up to the block's largest count. For every stored slot the log-density is
 computed in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows
-(SIFT: 0..255) lose nothing to cancellation, and folded into an online log-sum-exp. A second
+(SIFT: 0..255) lose nothing to cancellation, and folded into an online log-sum-exp; the slot
+of the largest is the row's best component (the next E-step's hint, ``exact_candidates``). A second
 walk turns the stored log-densities into responsibilities in place. Slots past a row's count
 get responsibility 0, and so do all slots of rows that overflowed their capacity (their E-step
 is the dense one; their log Z is left unwritten).
@@ -20,7 +21,7 @@ from .truncated_select import load_rows
 
 @triton.jit
 def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, cand_ptr, count_ptr,
-                          log_norm_ptr, resp_ptr, n_rows, n_cols,
+                          log_norm_ptr, resp_ptr, best_ptr, n_rows, n_cols,
                           CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -35,17 +36,20 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     slots = rows.to(tl.int64) * CAPACITY
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    best = tl.zeros([BLOCK_N], dtype=tl.int64)
     for s in range(tl.max(count)):
         live = s < count
         comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
         ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
                             n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
         tl.store(resp_ptr + slots + s, ll, mask=live)
+        best = tl.where(ll > run_max, comp, best)
         new_max = tl.maximum(run_max, ll)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
         run_max = new_max
     log_z = run_max + tl.log(tl.where(count > 0, run_sum, 1.0))  # rows with no slot: log Z unused
     tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (count > 0))
+    tl.store(best_ptr + rows, best.to(tl.int32), mask=row_mask & (count > 0))
     for s in range(tl.max(count)):
         live = s < count
         ll = tl.load(resp_ptr + slots + s, mask=live, other=float("-inf"))
@@ -68,18 +72,21 @@ def candidate_resp(x, shift, means, precisions, consts, cand, count, *, block_n=
     -------
     log_norm : float32 Tensor of shape (n,), written where 0 < count <= capacity
     resp : float32 Tensor of shape (n, capacity), 0 past each row's count and on overflowed rows
+    best : int32 Tensor of shape (n,), the component of largest log-density, written where
+        0 < count <= capacity
     """
     n, d = x.shape
     capacity = cand.shape[1]
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
     resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
+    best = torch.empty(n, dtype=torch.int32, device=x.device)
     # A block walks as many slots as its longest row holds (diag SIFT-like rows: 14 stored on
     # average, 36 the longest of 16 rows): few rows a block waste few steps. Timed on an H100
     # (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp 0.75 ms per 262,144 diag
     # rows against 0.90-2.85 for 4-32 rows with 2-4 warps (spherical 0.38 against 0.42-0.96 per 131,072).
     block_d, one_tile = feature_tile(d)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, means, precisions, consts, cand, count, log_norm, resp, n, d,
+        x, x.stride(0), shift, means, precisions, consts, cand, count, log_norm, resp, best, n, d,
         CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=one_tile,
         num_warps=num_warps)
-    return log_norm, resp
+    return log_norm, resp, best

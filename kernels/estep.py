@@ -8,6 +8,7 @@ import triton
 
 from . import exact_candidates, gemm
 from .candidates import abs_lin, candidates
+from .exact_log_prob import exact_log_probs
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
@@ -157,7 +158,7 @@ def fullest_waves_split(programs: int, sms: int, cap: int) -> int:
 
 
 def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=None,
-          n_split=None) -> EStepResult:
+          n_split=None, best=None) -> EStepResult:
     """Fused E-step of a diagonal or spherical mixture over a block of rows.
 
     Returns the per-row log-normalisers and the sufficient statistics
@@ -174,6 +175,10 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     precision : one of ``PRECISIONS`` (see ``kernels.tile``; "candidates": ``kernels.exact_candidates``)
     configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
+    best : int32 Tensor of shape (n,), "candidates" only: each row's best component from an
+        earlier E-step (the first time, e.g. ``log_norm(x, params, shift, precision="bf16")[1]``),
+        read as the rows' hints and overwritten with this E-step's best. Any components give
+        the same statistics; the rows' best give the fewest candidates (no ranking pass).
 
     On a GPU, "bf16x3" and "bf16" rows of at least ``GEMM_FROM_FEATURES`` features take the same
     products as cuBLAS matrix products (``kernels.gemm``) unless ``configs`` or ``n_split``
@@ -184,7 +189,9 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     EStepResult, all float64.
     """
     if precision == "candidates":
-        return _estep_candidates(x, params, shift, configs)
+        return _estep_candidates(x, params, shift, configs, best)
+    if best is not None:
+        raise ValueError(f"best is read by precision='candidates' only, not {precision!r}")
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
     if configs is None and n_split is None and _library_products(x, weights, precision):
         result = gemm.estep(x, shift, weights, precision=precision)
@@ -208,33 +215,41 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 
 def candidate_search(x, shift, weights, configs=None):
-    """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, threshold, capacity) ->
-    (cand, count), with "bf16" ``weights``. Fused: a "bf16" pass 1 (``kernels.log_norm``) ranks
-    the components, then the candidate pass (``kernels.candidates``) with ``configs[0]``;
-    library products (``kernels.gemm.candidates``) for wide rows on a GPU when no ``configs``."""
+    """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin,
+    capacity, hint) -> (cand, count), with "bf16" ``weights``. Fused: the exact log-density of
+    each row's hint (without one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the
+    margin is its threshold (``kernels.exact_log_prob``), then the candidate pass
+    (``kernels.candidates``) with ``configs[0]``; library products (``kernels.gemm.candidates``)
+    for wide rows on a GPU when no ``configs``."""
     if configs is None and _library_products(x, weights, "bf16"):
-        def search(rows, threshold, capacity):
-            return gemm.candidates(rows, shift, weights, threshold, capacity)
+        def search(rows, centred, margin, capacity, hint=None):
+            # Its products are stored: ranking them in the selection kernel costs no product.
+            return gemm.candidates(rows, shift, weights, centred, margin, capacity)
         return search
     d = x.shape[1]
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
     bound_lin = abs_lin(weights)
 
-    def search(rows, threshold, capacity):
-        _, top = _launch_log_norm(rows, shift, weights, "bf16", rank)
-        return candidates(rows, shift, weights, threshold(rows, top), capacity, config, bound_lin)
+    def search(rows, centred, margin, capacity, hint=None):
+        top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint
+        floor = exact_log_probs(rows, shift, *centred, top, less=margin)
+        return candidates(rows, shift, weights, floor, capacity, config, bound_lin)
     return search
 
 
-def _estep_candidates(x, params, shift, configs):
+def _estep_candidates(x, params, shift, configs, best):
     """``exact_candidates.estep`` with ``candidate_search``; rows that overflow their candidate
     capacity take the dense "bf16x3" E-step."""
     x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
     if x.shape[0] == 0:
         return estep(x, params, shift, precision="bf16x3")
+    if best is not None and (best.shape != (x.shape[0],) or best.dtype != torch.int32 or best.device != x.device
+                             or not best.is_contiguous()):
+        raise ValueError(f"best must be a contiguous int32 tensor of shape ({x.shape[0]},) on {x.device}, got "
+                         f"{best.dtype} of shape {tuple(best.shape)} on {best.device}")
     result, _ = exact_candidates.estep(x, params, shift, weights.diagonal, candidate_search(x, shift, weights, configs),
-                                       lambda rows: estep(rows, params, shift, precision="bf16x3"))
+                                       lambda rows: estep(rows, params, shift, precision="bf16x3"), best=best)
     return result._replace(log_norm=result.log_norm + offset)
 
 

@@ -4,14 +4,16 @@ A dense E-step must compute every (row, component) log-density accurately, becau
 know in advance which ones carry mass. Real posteriors are sparse (SIFT, K = 1024: about two
 components per row within 40 nats of the best), so this E-step splits the work:
 
-1. the search (``kernels.candidates``, fused after a bfloat16 pass 1 that ranks the components,
-   ``kernels.log_norm``; ``kernels.gemm.candidates``, library products for wide rows): one
-   bfloat16 product per tile pair gives every log-density with a proven error bound. Each row's
-   threshold is the exact log-density (``kernels.exact_log_prob``) of the component its
-   approximate log-densities rank first, less ``MARGIN_NATS``: a lower bound of the row's best,
-   within round-off of it wherever the bfloat16 ranking is right. The row keeps every component
-   whose upper bound reaches the threshold. A component left out is more than ``MARGIN_NATS``
-   below the best, so all left out together carry at most K e^-30 ~ 1e-10 of the row's mass.
+1. the search (``kernels.candidates``, fused; ``kernels.gemm.candidates``, library products
+   for wide rows): one bfloat16 product per tile pair gives every log-density with a proven
+   error bound. Each row's threshold is the exact log-density (``kernels.exact_log_prob``) of
+   one component, less ``MARGIN_NATS``: a lower bound of the row's best whatever the component,
+   and within round-off of it when the component is the best. The component is the row's best
+   of an earlier E-step where the caller keeps them (``best``: EM's parameters move little
+   between iterations), else the first of a bfloat16 ranking pass (``kernels.log_norm``). The
+   row keeps every component whose upper bound reaches the threshold. A component left out is
+   more than ``MARGIN_NATS`` below the best, so all left out together carry at most
+   K e^-30 ~ 1e-10 of the row's mass.
 2. ``kernels.candidate_resp``: log Z and the responsibilities over the candidates, in float32
    from centred differences (x - mu).
 3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the
@@ -27,7 +29,6 @@ import math
 import torch
 
 from .candidate_resp import candidate_resp
-from .exact_log_prob import exact_log_probs
 from .params import NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
@@ -36,14 +37,15 @@ MARGIN_NATS = 30.0
 # Candidate slots per row, by covariance type; rows beyond take the dense path. Replayed in
 # float64 on 60,000 real SIFT rows, K = 1024, EM iterations 0-20 from bench_estep's start
 # (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json): diag rows store
-# 11-20 slots (p99 26-76) of which 4-8 are live, 1.8% overflow 64 slots at iteration 20;
-# spherical posteriors are flatter (11-21 components within 30 nats), rows store 29-44 slots
-# (p99 79-122): 64 slots overflow 4-20% of them, 128 slots 0-1%.
-CAPACITY = {"diag": 64, "spherical": 128}
-# Candidate slots that exist at once: slots and responsibilities take 8 bytes a slot (128 MB).
-# Each sub-block ends in one host read (the count of its kept pairs), and the GPU idles while the host launches the next: fewer, larger sub-blocks idle it less (H100, N = 1M,
-# K = 1024, D = 128: diag 22.7 ms per iteration at 2^23 slots, 22.2 at 2^24; spherical 19.5, 17.4).
-SLOT_BUDGET = 1 << 24
+# 3.8-8.3 slots (p99 13-28, at most 43: 0-0.4% overflow 32); spherical posteriors are flatter (11-21 components
+# within 30 nats), rows store 12-22 slots (p99 46-87, at most 175: 0-0.1% overflow 128).
+CAPACITY = {"diag": 32, "spherical": 128}
+# Candidate slots that exist at once: slots and responsibilities take 8 bytes a slot (256 MB).
+# Each sub-block ends in one host read (the count of its kept pairs), and the GPU idles while
+# the host launches the next: fewer, larger sub-blocks idle it less (H100, N = 1M, K = 1024,
+# D = 128, eval/results/profile_candidates_h100.json: diag 12.4 ms per iteration at 2^24 slots of
+# 64, 11.4 at 2^26; spherical 14.3, 11.2 at 128 slots).
+SLOT_BUDGET = 1 << 25
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,7 +58,8 @@ def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(t.float().contiguous() for t in (means, prec, consts))
 
 
-def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, capacity=None, margin=MARGIN_NATS):
+def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None, capacity=None,
+          margin=MARGIN_NATS):
     """Exact-on-candidates E-step of a block of rows.
 
     Parameters
@@ -66,12 +69,15 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, capacity=
         (``params.split_offset``)
     shift : float32 Tensor of shape (D,)
     diagonal : bool, whether the mixture is diagonal (else spherical)
-    search : callable (rows, threshold, capacity) -> (cand, count), the candidate search
-        (``kernels.candidates.candidates`` after a ranking pass, or ``kernels.gemm.candidates``)
-        of a block of rows; ``threshold(rows, top)`` gives the rows' thresholds from the
-        components ``top`` their approximate log-densities rank first
+    search : callable (rows, centred, margin, capacity, hint) -> (cand, count), the candidate
+        search (``kernels.estep.candidate_search``) of a block of rows, ``centred`` the float32
+        (means, precisions, consts) of ``centred_params``, ``hint`` the rows' slice of ``best``
+        or None
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
         E-step of the rows that overflow their capacity
+    best : int32 Tensor of shape (n,) or None: each row's best component from an earlier E-step,
+        the component of its threshold; overwritten with this E-step's best (rows that overflow
+        keep theirs)
     capacity : int, candidate slots per row, or None for ``CAPACITY``
     margin : float, nats
 
@@ -80,25 +86,24 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, capacity=
     EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
     capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
-    means, prec, consts = centred_params(params)
-
-    def threshold(rows, top):
-        return exact_log_probs(rows, shift, means, prec, consts, top).sub_(margin)
-
+    centred = centred_params(params)
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, counts = [], [], [], []
     sub_block = max(1, SLOT_BUDGET // capacity)
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
-        cand, count = search(part, threshold, capacity)
-        lz, r = candidate_resp(part, shift, means, prec, consts, cand, count)
+        hint = None if best is None else best[start:start + len(part)]
+        cand, count = search(part, centred, margin, capacity, hint)
+        lz, r, top = candidate_resp(part, shift, *centred, cand, count)
         log_norm[start:start + len(part)] = lz
+        if hint is not None:
+            hint.copy_(torch.where((count > 0) & (count <= capacity), top, hint))
         kept = torch.nonzero(r.view(-1) > math.exp(-margin)).view(-1)
         rows.append(torch.div(kept, capacity, rounding_mode="floor").to(torch.int32) + start)
         comps.append(cand.view(-1)[kept])
         resp.append(r.view(-1)[kept])
         counts.append(count)
-    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(consts), diagonal)
+    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(centred[2]), diagonal)
     over = torch.nonzero(torch.cat(counts) > capacity).view(-1)
     if over.numel():
         rest = dense(x[over])

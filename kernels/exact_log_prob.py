@@ -5,7 +5,8 @@
 Raw-scale rows (SIFT: 0..255) lose nothing to cancellation here, where the expanded form
 x . lin + x^2 . quad + const of the tensor-core passes cancels. The exact-on-candidates E-step
 takes these values for the component each row's approximate search ranks first (its
-threshold) and, through the device functions, for every candidate (``kernels.candidate_resp``).
+threshold; ``kernels.candidate_select`` computes them in its own kernel) and for every
+candidate (``kernels.candidate_resp``).
 
 Oracle: ``kernels.reference.weighted_log_prob`` in float64 (tests/test_exact_candidates.py).
 """
@@ -50,7 +51,7 @@ def exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const
 
 @triton.jit
 def exact_log_prob_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, comp_ptr, out_ptr, n_rows,
-                          n_cols, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          n_cols, less, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           ONE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -61,7 +62,7 @@ def exact_log_prob_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     comp = tl.load(comp_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, row_mask, comp,
                         n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
-    tl.store(out_ptr + rows, ll, mask=row_mask)
+    tl.store(out_ptr + rows, ll - less, mask=row_mask)
 
 
 def feature_tile(n_features: int) -> tuple[int, bool]:
@@ -70,8 +71,8 @@ def feature_tile(n_features: int) -> tuple[int, bool]:
     return (triton.next_power_of_2(n_features) if one_tile else 64), one_tile
 
 
-def exact_log_probs(x, shift, means, precisions, consts, comp, *, block_n=16):
-    """Launch: the exact log-density of component ``comp[n]`` for every row n.
+def exact_log_probs(x, shift, means, precisions, consts, comp, *, less=0.0, block_n=16):
+    """Launch: the exact log-density of component ``comp[n]`` for every row n, less ``less``.
 
     Parameters
     ----------
@@ -81,6 +82,7 @@ def exact_log_probs(x, shift, means, precisions, consts, comp, *, block_n=16):
     precisions : float32 Tensor of shape (K, D) (diag) or (K,) (spherical), 1 / variance
     consts : float32 Tensor of shape (K,), log pi_k - 1/2 log det(2 pi Sigma_k)
     comp : integer Tensor of shape (n,), values in [0, K)
+    less : float, subtracted from every value (the E-step's margin, for its thresholds)
 
     Returns
     -------
@@ -90,6 +92,6 @@ def exact_log_probs(x, shift, means, precisions, consts, comp, *, block_n=16):
     out = torch.empty(n, dtype=torch.float32, device=x.device)
     block_d, one_tile = feature_tile(d)
     exact_log_prob_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, means, precisions, consts, comp.contiguous(), out, n, d,
+        x, x.stride(0), shift, means, precisions, consts, comp.contiguous(), out, n, d, float(less),
         DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=one_tile)
     return out

@@ -173,23 +173,22 @@ def log_norm(x, shift, weights: KernelWeights, *, precision="bf16x3", rows=None)
     return lz, best
 
 
-def candidates(x, shift, weights: KernelWeights, threshold, capacity, *, rows=None):
+def candidates(x, shift, weights: KernelWeights, centred, margin, capacity, *, rows=None):
     """The candidate pass of the exact-on-candidates E-step (``kernels.candidates``) by library products.
 
     Per block of rows, one GEMM of the bfloat16-rounded operands gives the approximate
-    log-densities and one of their absolute values the error-bound product; the row's threshold
-    comes from its approximate best, then ``kernels.candidate_select`` keeps each row's
-    candidates. Wide rows are read once per block here, where the fused candidate pass re-reads
-    them for every tile of components.
+    log-densities and one of their absolute values the error-bound product; then
+    ``kernels.candidate_select`` ranks, sets each row's threshold and keeps its candidates.
+    Wide rows are read once per block here, where the fused candidate pass re-reads them for
+    every tile of components.
 
     Parameters
     ----------
     x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
     weights : KernelWeights laid out for precision "bf16", their largest constant split off
-    threshold : callable (rows, top) -> float32 Tensor of shape (m,): the threshold of each of
-        the m ``rows`` given the component ``top`` (int32, (m,)) of largest approximate log-density
-    capacity : int, candidate slots per row
+    centred : (means, precisions, consts) of ``exact_candidates.centred_params``
+    margin : float, nats; capacity : int, candidate slots per row
     rows : int, rows per block (default ``_candidate_rows``)
 
     Returns
@@ -202,17 +201,16 @@ def candidates(x, shift, weights: KernelWeights, threshold, capacity, *, rows=No
     w_abs = buf.w.abs()
     x_abs = torch.empty_like(buf.x)
     eps = bound_eps(n_terms(d, weights.diagonal))
+    quad = None if weights.diagonal else weights.quad_hi
     cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
     count = torch.empty(n, dtype=torch.int32, device=x.device)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
-        ll = buf.products(block, shift, weights).add_(weights.const)
-        if not weights.diagonal:
-            ll.addcmul_(buf.sq[:m, None], weights.quad_hi[None, :])
-        floor = threshold(block, ll.argmax(1).to(torch.int32))
+        prod = buf.products(block, shift, weights)
         bound = _product(torch.abs(buf.x[:m], out=x_abs[:m]), w_abs.T)
-        candidate_select(ll, bound, floor, eps, FLOAT32_SLACK, cand[start:start + m], count[start:start + m])
+        candidate_select(prod, bound, buf.sq[:m], quad, weights.const, block, shift, centred, margin, eps,
+                         FLOAT32_SLACK, cand[start:start + m], count[start:start + m])
     return cand, count
 
 

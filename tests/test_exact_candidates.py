@@ -7,6 +7,7 @@ of any block; rows are raw-scale (0..255) or standardised; posteriors range from
 flat (every component a candidate), and rows that overflow the capacity take the dense path.
 Outputs are poisoned (NaN / -7) before the kernels write them.
 """
+import numpy as np
 import pytest
 import torch
 from flashgmm_ivf.kernels import exact_candidates, gemm
@@ -17,7 +18,7 @@ from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
-from flashgmm_ivf import kernels
+from flashgmm_ivf import GaussianMixture, kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (n rows, D features, K components, candidate-pass tiles (BLOCK_N, BLOCK_K, BLOCK_D))
@@ -48,7 +49,8 @@ def search(how, xd, sh, weights, blocks):
     of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
     if how == "fused":
         return candidate_search(xd, sh, weights, (config(blocks), None))
-    return lambda rows, threshold, capacity: gemm.candidates(rows, sh, weights, threshold, capacity, rows=16)
+    return lambda rows, centred, margin, capacity, hint: gemm.candidates(rows, sh, weights, centred, margin, capacity,
+                                                                         rows=16)
 
 
 def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
@@ -73,23 +75,15 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
     centred = exact_candidates.centred_params(split)
-    tops = []
-
-    def threshold(rows, top):
-        tops.append(top.cpu())
-        return exact_log_probs(rows, sh, *centred, top) - margin
-
-    cand, count = search(how, xd, sh, weights, blocks)(xd, threshold, capacity)
+    cand, count = search(how, xd, sh, weights, blocks)(xd, centred, margin, capacity, None)
     _, resp = candidate_resp(xd, sh, *centred, cand, count)
-    cand, count, resp, top = cand.cpu(), count.cpu(), resp.cpu(), torch.cat(tops).long()
+    cand, count, resp = cand.cpu(), count.cpu(), resp.cpu()
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     best = exact.amax(1)
-    # the ranking pass puts a component within its rounding of the best first (the threshold's)
-    assert len(top) == n and (exact.gather(1, top[:, None])[:, 0] >= best - 1.0).all()
     for row in range(n):
         stored = cand[row, :min(int(count[row]), capacity)].long()
         assert ((stored >= 0) & (stored < k)).all() and len(set(stored.tolist())) == len(stored)
-        assert top[row] in stored.tolist() or count[row] > capacity
+        assert count[row] >= 1  # the first-ranked component reaches its own threshold
         needed = torch.nonzero(exact[row] >= best[row] - margin).view(-1)
         if count[row] <= capacity:
             assert set(needed.tolist()) <= set(stored.tolist()), row
@@ -199,9 +193,75 @@ def test_wide_rows_search_candidates_by_library_products_on_a_gpu(diagonal, monk
         assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
 
 
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_hints_of_any_components_give_the_same_statistics_and_come_back_as_the_best(diagonal, poisoned_empty):
+    """``best``: the threshold's component may be any (here random, then the rows' worst); the
+    statistics still match float64, and ``best`` comes back as each row's best component."""
+    n, d, k = 203, 37, 19
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    ll = weighted_log_prob(x.double(), params, shift)
+    for hints in (torch.randint(k, (n,), generator=torch.Generator().manual_seed(1)), ll.argmin(1)):
+        best = hints.to(DEVICE, torch.int32)
+        got = kernels.estep(x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE), precision="candidates",
+                            configs=(config((32, 16, 64)), None), best=best)
+        for name, g, r in zip(ref._fields, got, ref):
+            assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+        top2 = ll.topk(2, 1).values
+        clear = top2[:, 0] - top2[:, 1] > 1e-3  # rows whose best is not a float32 tie
+        assert clear.sum() > n // 2
+        assert torch.equal(best.cpu().long()[clear], ll.argmax(1)[clear])
+
+
+def test_best_is_checked():
+    x, params, shift = mixture(37, 5, 3, "raw", True)
+    x, params, shift = x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE)
+    with pytest.raises(ValueError, match="int32 tensor of shape \\(37,\\)"):
+        kernels.estep(x, params, shift, precision="candidates", best=torch.zeros(36, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="candidates' only"):
+        kernels.estep(x, params, shift, precision="bf16x3", best=torch.zeros(37, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
+def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
+    """GaussianMixture(precision="candidates") keeps each block's best components between EM
+    iterations (run here in the interpreter): every E-step after the first reads the previous
+    one's, which are the rows' best under the previous parameters, and the fit is float64's."""
+    gen = torch.Generator().manual_seed(3)
+    x = make_rows(300, 6, "raw", gen).numpy()
+    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device="cpu").fit(x)
+    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_)
+    ref = GaussianMixture(4, covariance_type="diag", max_iter=4, tol=0, compute_dtype="float64", chunk_size=128,
+                          device="cpu", **init).fit(x)
+    monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
+    real, seen = kernels.estep, []
+
+    def spy(rows, params, shift, **kw):
+        before = None if kw.get("best") is None else kw["best"].clone()
+        out = real(rows, params, shift, **kw)
+        ll = weighted_log_prob(rows.double(), params.to(dtype=torch.float64), shift.double())
+        seen.append((rows.shape[0], before, kw["best"], kw["best"].clone(), ll))
+        return out
+
+    monkeypatch.setattr(kernels, "estep", spy)
+    got = GaussianMixture(4, covariance_type="diag", max_iter=4, tol=0, precision="candidates", chunk_size=128,
+                          device="cpu", **init).fit(x)
+    assert [s[0] for s in seen] == [128, 128, 44] * 4
+    for i, (_, before, kept, after, ll) in enumerate(seen):
+        assert torch.equal(after.long(), ll.argmax(1))
+        if i >= 3:
+            previous = seen[i - 3]
+            assert kept is previous[2] and torch.equal(before.long(), previous[4].argmax(1))
+    assert got._best is None
+    np.testing.assert_allclose(got.means_, ref.means_, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got.lower_bounds_, ref.lower_bounds_, rtol=1e-6)
+
+
 def test_candidate_select_refuses_products_of_different_layouts():
     from flashgmm_ivf.kernels.candidate_select import candidate_select
-    ll = torch.zeros(4, 6)
+    prod = torch.zeros(4, 6)
+    centred = (torch.zeros(6, 3), torch.ones(6, 3), torch.zeros(6))
     out = (torch.empty(4, 2, dtype=torch.int32), torch.empty(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="share one"):
-        candidate_select(ll, torch.zeros(6, 4).T, torch.zeros(4), 0.01, 0.0, *out)
+        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), torch.zeros(4, 3),
+                         torch.zeros(3), centred, 5.0, 0.01, 0.0, *out)
