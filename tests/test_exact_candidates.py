@@ -225,32 +225,35 @@ def test_best_is_checked():
 @pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
 def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
     """GaussianMixture(precision="candidates") keeps each block's best components between EM
-    iterations (run here in the interpreter): every E-step after the first reads the previous
-    one's, which are the rows' best under the previous parameters, and the fit is float64's."""
+    iterations (without a GPU, its kernel path runs in the interpreter): every E-step after the
+    first reads the previous one's, which are the rows' best under the previous parameters,
+    and the fit is float64's."""
     gen = torch.Generator().manual_seed(3)
     x = make_rows(300, 6, "raw", gen).numpy()
-    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device="cpu").fit(x)
-    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_)
-    ref = GaussianMixture(4, covariance_type="diag", max_iter=4, tol=0, compute_dtype="float64", chunk_size=128,
-                          device="cpu", **init).fit(x)
-    monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
+    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device=DEVICE).fit(x)
+    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_,
+                covariance_type="diag", max_iter=4, tol=0, chunk_size=128, device=DEVICE)
+    ref = GaussianMixture(4, compute_dtype="float64", **init).fit(x)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
     real, seen = kernels.estep, []
 
     def spy(rows, params, shift, **kw):
-        before = None if kw.get("best") is None else kw["best"].clone()
+        before = kw["best"].clone()
         out = real(rows, params, shift, **kw)
         ll = weighted_log_prob(rows.double(), params.to(dtype=torch.float64), shift.double())
         seen.append((rows.shape[0], before, kw["best"], kw["best"].clone(), ll))
         return out
 
     monkeypatch.setattr(kernels, "estep", spy)
-    got = GaussianMixture(4, covariance_type="diag", max_iter=4, tol=0, precision="candidates", chunk_size=128,
-                          device="cpu", **init).fit(x)
-    assert [s[0] for s in seen] == [128, 128, 44] * 4
+    got = GaussianMixture(4, precision="candidates", **init).fit(x)
+    sizes = [s[0] for s in seen]
+    blocks = len(sizes) // 4  # E-steps per iteration (GPU-cached data: one block)
+    assert sizes == sizes[:blocks] * 4 and sum(sizes[:blocks]) == 300
     for i, (_, before, kept, after, ll) in enumerate(seen):
         assert torch.equal(after.long(), ll.argmax(1))
-        if i >= 3:
-            previous = seen[i - 3]
+        if i >= blocks:
+            previous = seen[i - blocks]
             assert kept is previous[2] and torch.equal(before.long(), previous[4].argmax(1))
     assert got._best is None
     np.testing.assert_allclose(got.means_, ref.means_, rtol=1e-5, atol=1e-3)
