@@ -15,11 +15,11 @@ features. It costs one more bfloat16 product, |lin~| . |x~|: a diagonal model's 
 -1/2 the precisions, never positive, and x~^2 is not negative, so |quad~| . x~^2 is the negated
 quad part of l~ itself.
 
-Each row comes with a threshold (``exact_candidates``: the exact log-density of the component
-the approximate search ranks first, less the margin), and a component is stored when its upper
-bound l~ + e reaches it: nothing whose exact log-density is within the margin of the row's best
-is ever left out. Positions come from a running count per row plus a prefix sum over the tile;
-the count goes on past ``capacity``, so rows that overflow are known.
+Each row comes with a threshold (``exact_candidates``: the exact log-density of one component,
+less the margin), and a component is stored when its upper bound l~ + e reaches it: nothing
+whose exact log-density is within the margin of the row's best is ever left out. Positions
+come from a running count per row plus a prefix sum over the tile; the count goes on past
+``capacity``, so rows that overflow are known.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -109,15 +109,16 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
                 err += bound
                 sq_norm += sq
         ll = finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
-        count = keep(upper_bound(ll, err, eps, slack), floor, count, comps, row_mask, cand_ptr, out_rows, CAPACITY)
+        count = keep(ll + bound_error(ll, err, eps, slack), floor, count, comps, row_mask, cand_ptr, out_rows,
+                     CAPACITY)
     tl.store(count_ptr + rows, count, mask=row_mask)
 
 
 @triton.jit
-def upper_bound(ll, bound, eps, slack):
-    """l~ + e from approximate log-densities and their error-bound product."""
-    # min(): -inf log-densities keep a finite bound, so l~ + e stays -inf (not NaN).
-    return ll + (eps * bound + slack * tl.minimum(tl.abs(ll), 3.0e38))
+def bound_error(ll, bound, eps, slack):
+    """e >= |l~ - l| from approximate log-densities and their error-bound product."""
+    # min(): -inf log-densities keep a finite bound, so l~ +- e stays -inf (not NaN).
+    return eps * bound + slack * tl.minimum(tl.abs(ll), 3.0e38)
 
 
 @triton.jit

@@ -219,12 +219,12 @@ def candidate_search(x, shift, weights, configs=None):
     capacity, hint) -> (cand, count), with "bf16" ``weights``. Fused: the exact log-density of
     each row's hint (without one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the
     margin is its threshold (``kernels.exact_log_prob``), then the candidate pass
-    (``kernels.candidates``) with ``configs[0]``; library products (``kernels.gemm.candidates``)
-    for wide rows on a GPU when no ``configs``."""
+    (``kernels.candidates``) with ``configs[0]``; library products (``kernels.gemm.candidates``,
+    thresholds from the best lower bound) for wide rows on a GPU when no ``configs``."""
     if configs is None and _library_products(x, weights, "bf16"):
         def search(rows, centred, margin, capacity, hint=None):
-            # Its products are stored: ranking them in the selection kernel costs no product.
-            return gemm.candidates(rows, shift, weights, centred, margin, capacity)
+            # Thresholds from its stored products' lower bounds (a second sweep costs no product).
+            return gemm.candidates(rows, shift, weights, margin, capacity)
         return search
     d = x.shape[1]
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]

@@ -4,16 +4,17 @@ A dense E-step must compute every (row, component) log-density accurately, becau
 know in advance which ones carry mass. Real posteriors are sparse (SIFT, K = 1024: about two
 components per row within 40 nats of the best), so this E-step splits the work:
 
-1. the search (``kernels.candidates``, fused; ``kernels.gemm.candidates``, library products
-   for wide rows): one bfloat16 product per tile pair gives every log-density with a proven
-   error bound. Each row's threshold is the exact log-density (``kernels.exact_log_prob``) of
-   one component, less ``MARGIN_NATS``: a lower bound of the row's best whatever the component,
-   and within round-off of it when the component is the best. The component is the row's best
-   of an earlier E-step where the caller keeps them (``best``: EM's parameters move little
-   between iterations), else the first of a bfloat16 ranking pass (``kernels.log_norm``). The
-   row keeps every component whose upper bound reaches the threshold. A component left out is
-   more than ``MARGIN_NATS`` below the best, so all left out together carry at most
-   K e^-30 ~ 1e-10 of the row's mass.
+1. the search (``kernels.estep.candidate_search``): one bfloat16 product per tile pair gives
+   every log-density with a proven error bound, and the row keeps every component whose upper
+   bound reaches its threshold, a proven lower bound of its best log-density less
+   ``MARGIN_NATS``. A component left out is more than ``MARGIN_NATS`` below the best, so all
+   left out together carry at most K e^-30 ~ 1e-10 of the row's mass. The fused search
+   (``kernels.candidates``) takes the exact log-density (``kernels.exact_log_prob``) of one
+   component: within round-off of the best when the component is the best, as the row's best
+   of an earlier E-step mostly is where the caller keeps them (``best``: EM's parameters move
+   little between iterations); else the first of a bfloat16 ranking pass (``kernels.log_norm``).
+   The search by library products for wide rows (``kernels.gemm.candidates``) takes the best
+   lower bound max_k (l~ - e) of its stored products.
 2. ``kernels.candidate_resp``: log Z and the responsibilities over the candidates, in float32
    from centred differences (x - mu).
 3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the

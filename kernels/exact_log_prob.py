@@ -4,9 +4,8 @@
 
 Raw-scale rows (SIFT: 0..255) lose nothing to cancellation here, where the expanded form
 x . lin + x^2 . quad + const of the tensor-core passes cancels. The exact-on-candidates E-step
-takes these values for the component each row's approximate search ranks first (its
-threshold; ``kernels.candidate_select`` computes them in its own kernel) and for every
-candidate (``kernels.candidate_resp``).
+takes these values for the component of each row's threshold and for every candidate
+(``kernels.candidate_resp``).
 
 Oracle: ``kernels.reference.weighted_log_prob`` in float64 (tests/test_exact_candidates.py).
 """

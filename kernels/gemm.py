@@ -173,13 +173,13 @@ def log_norm(x, shift, weights: KernelWeights, *, precision="bf16x3", rows=None)
     return lz, best
 
 
-def candidates(x, shift, weights: KernelWeights, centred, margin, capacity, *, rows=None):
+def candidates(x, shift, weights: KernelWeights, margin, capacity, *, rows=None):
     """The candidate pass of the exact-on-candidates E-step (``kernels.candidates``) by library products.
 
     Per block of rows, one GEMM of the bfloat16-rounded operands gives the approximate
     log-densities and one of their absolute values the error-bound product; then
-    ``kernels.candidate_select`` ranks, sets each row's threshold and keeps its candidates.
-    Wide rows are read once per block here, where the fused candidate pass re-reads them for
+    ``kernels.candidate_select`` sets each row's threshold (its best lower bound less the margin)
+    and keeps its candidates. Wide rows are read once per block here, where the fused candidate pass re-reads them for
     every tile of components.
 
     Parameters
@@ -187,7 +187,6 @@ def candidates(x, shift, weights: KernelWeights, centred, margin, capacity, *, r
     x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
     weights : KernelWeights laid out for precision "bf16", their largest constant split off
-    centred : (means, precisions, consts) of ``exact_candidates.centred_params``
     margin : float, nats; capacity : int, candidate slots per row
     rows : int, rows per block (default ``_candidate_rows``)
 
@@ -209,8 +208,8 @@ def candidates(x, shift, weights: KernelWeights, centred, margin, capacity, *, r
         m = block.shape[0]
         prod = buf.products(block, shift, weights)
         bound = _product(torch.abs(buf.x[:m], out=x_abs[:m]), w_abs.T)
-        candidate_select(prod, bound, buf.sq[:m], quad, weights.const, block, shift, centred, margin, eps,
-                         FLOAT32_SLACK, cand[start:start + m], count[start:start + m])
+        candidate_select(prod, bound, buf.sq[:m], quad, weights.const, margin, eps, FLOAT32_SLACK,
+                         cand[start:start + m], count[start:start + m])
     return cand, count
 
 

@@ -49,8 +49,7 @@ def search(how, xd, sh, weights, blocks):
     of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
     if how == "fused":
         return candidate_search(xd, sh, weights, (config(blocks), None))
-    return lambda rows, centred, margin, capacity, hint: gemm.candidates(rows, sh, weights, centred, margin, capacity,
-                                                                         rows=16)
+    return lambda rows, centred, margin, capacity, hint: gemm.candidates(rows, sh, weights, margin, capacity, rows=16)
 
 
 def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
@@ -264,8 +263,6 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
 def test_candidate_select_refuses_products_of_different_layouts():
     from flashgmm_ivf.kernels.candidate_select import candidate_select
     prod = torch.zeros(4, 6)
-    centred = (torch.zeros(6, 3), torch.ones(6, 3), torch.zeros(6))
     out = (torch.empty(4, 2, dtype=torch.int32), torch.empty(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="share one"):
-        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), torch.zeros(4, 3),
-                         torch.zeros(3), centred, 5.0, 0.01, 0.0, *out)
+        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, *out)
