@@ -80,10 +80,9 @@ def candidate_resp(x, shift, means, precisions, consts, cand, count, *, block_n=
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
     resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
-    # A block walks as many slots as its longest row holds (diag SIFT-like rows: 14 stored on
-    # average, 36 the longest of 16 rows): few rows a block waste few steps. Timed on an H100
-    # (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp 0.75 ms per 262,144 diag
-    # rows against 0.90-2.85 for 4-32 rows with 2-4 warps (spherical 0.38 against 0.42-0.96 per 131,072).
+    # A block walks as many slots as its longest row holds: few rows a block waste few steps.
+    # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
+    # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical.
     block_d, one_tile = feature_tile(d)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, cand, count, log_norm, resp, best, n, d,

@@ -75,11 +75,10 @@ def default_configs(n_features: int, diagonal: bool = True,
     if precision == "candidates":
         # The candidate pass (``kernels.candidates``) keeps more (rows, components) tiles live
         # than pass 1 (error bounds, the slots' prefix sums): (128, 64) and wider tiles exceed
-        # an H100's shared memory. Timed on an H100 at N = 131,072 rows of bench_estep's D = 128
-        # cell (Triton 3.6): diag (128, 32) tiles with 8 warps 0.89 ms against 1.04-1.27 for
-        # (64, 64), (32, 64), (64, 32) with 4 warps and 1.17 for (64, 64) with 8; spherical
-        # (64, 32) with 4 warps 0.33 ms (65,536 rows) against 0.34-0.45. Its exact pass picks its
-        # own tiles (``candidate_resp``).
+        # an H100's shared memory. Timed on an H100 at N = 262,144 rows of bench_estep's D = 128
+        # cell (Triton 3.6): diag (128, 32) tiles with 8 warps 1.61 ms, (64, 32) with 4 warps
+        # 1.57 and (64, 64) with 4 warps 1.94; spherical (64, 32) and (64, 64) with 4 warps
+        # 0.75 ms. Its exact pass picks its own tiles (``candidate_resp``).
         if diagonal:
             return LaunchConfig(128, 32, block_d, 8, 2, True), None
         return LaunchConfig(64, 32, block_d, 4, 2, True), None
