@@ -103,9 +103,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16', 'candidates'}, default='bf16x3'
         Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
         and 'bf16' are fast and loose (~1e-3 relative in the statistics) and opt-in only.
-        'candidates' (diag and spherical): one bf16 product finds, with a proven error bound,
+        'candidates' (diag and spherical): bf16 products find, with a proven error bound,
         every component within 30 nats of each row's best; log Z and the statistics are then
-        float32 over those alone (``flashgmm_ivf.kernels.exact_candidates``).
+        float32 over those alone (``flashgmm_ivf.kernels.exact_candidates``). ``fit`` keeps
+        each row's best component between EM iterations for it (4 bytes a row, on the device).
     variance_floor : 'auto' or float >= 0, default='auto'
         Diagonal and spherical variances are kept at least this times the data's mean squared
         deviation (per feature) from the point the E-step expands around. float32
