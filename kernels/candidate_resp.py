@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact_log_prob import exact_log_prob, feature_tile
-from .truncated_select import load_rows
+from .exact_log_prob import exact_log_prob, feature_tile, row_tile
 
 
 @triton.jit
@@ -27,10 +26,7 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     # Rows of one feature tile stay in registers for every slot; wider rows are re-read per slot.
-    if ONE_TILE:
-        x_tile = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, tl.arange(0, BLOCK_D), n_cols)
-    else:
-        x_tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    x_tile = row_tile(x_ptr, stride_x, shift_ptr, rows, row_mask, n_cols, BLOCK_N, BLOCK_D, ONE_TILE)
     count = tl.load(count_ptr + rows, mask=row_mask, other=0)
     count = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
     slots = rows.to(tl.int64) * CAPACITY

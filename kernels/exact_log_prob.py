@@ -31,6 +31,16 @@ def _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL: tl.c
 
 
 @triton.jit
+def row_tile(x_ptr, stride_x, shift_ptr, rows, row_mask, n_cols, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             ONE_TILE: tl.constexpr):
+    """The centred rows when they fit one feature tile (kept in registers for every component
+    asked of them), else zeros: ``exact_log_prob`` then reads the rows tile by tile."""
+    if ONE_TILE:
+        return load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, tl.arange(0, BLOCK_D), n_cols)
+    return tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+
+@triton.jit
 def exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
                    DIAGONAL: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr):
     """log pi_k + log N(x_n | k) of component ``comp[n]`` (int64) for every live row (-inf elsewhere);
@@ -54,10 +64,7 @@ def exact_log_prob_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
                           ONE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    if ONE_TILE:
-        x_tile = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, tl.arange(0, BLOCK_D), n_cols)
-    else:
-        x_tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    x_tile = row_tile(x_ptr, stride_x, shift_ptr, rows, row_mask, n_cols, BLOCK_N, BLOCK_D, ONE_TILE)
     comp = tl.load(comp_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, row_mask, comp,
                         n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
