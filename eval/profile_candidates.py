@@ -1,10 +1,10 @@
-"""Where an exact-on-candidates EM iteration spends its time, by slot budget (CUDA only).
+"""Where an exact-on-candidates EM iteration spends its time, by sub-block size (CUDA only).
 
 For the ``bench_estep`` cell (SIFT-like raw rows, N = 1M, K = 1024, D = 128 by default) and each
 covariance type: the median ms of 5 EM iterations with ``precision='candidates'`` for each
-``kernels.exact_candidates.SLOT_BUDGET`` given (candidate slots that exist at once: each
-sub-block of rows ends in one host read), bf16x3 and bf16 in the same run, then a
-``torch.profiler`` table of one iteration at the default budget, by GPU time (kernels) and by
+``kernels.exact_candidates.SUB_BLOCK_BYTES`` given (bytes of one sub-block's candidate buffers:
+each sub-block of rows ends in one host read), bf16x3 and bf16 in the same run, then a
+``torch.profiler`` table of one iteration at the default size, by GPU time (kernels) and by
 host time (calls, synchronisations). Prints them and writes JSON.
 
 Run: ``python -m flashgmm_ivf.eval.profile_candidates --out eval/results/profile_candidates.json``
@@ -39,24 +39,25 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--covariance-types", default="diag,spherical")
-    parser.add_argument("--slot-budgets", default="2097152,8388608,16777216", help="comma-separated")
+    parser.add_argument("--sub-block-bytes", default="100663296,402653184", help="comma-separated")
     parser.add_argument("--out", default="eval/results/profile_candidates.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the candidates E-step's profile needs a CUDA device")
     device = torch.device("cuda")
     result = {"environment": environment(device), "arguments": vars(args), "rows": [], "profiles": {}}
-    default_budget = exact_candidates.SLOT_BUDGET
+    default_bytes = exact_candidates.SUB_BLOCK_BYTES
     for cov in args.covariance_types.split(","):
         cell = bench_estep.Cell(int(args.n), args.k, args.d, cov, device)
-        variants = [("candidates", int(b)) for b in args.slot_budgets.split(",")] + [("bf16x3", None), ("bf16", None)]
-        for precision, budget in variants:
-            exact_candidates.SLOT_BUDGET = budget or default_budget
+        variants = [("candidates", int(b)) for b in args.sub_block_bytes.split(",")]
+        variants += [("bf16x3", None), ("bf16", None)]
+        for precision, size in variants:
+            exact_candidates.SUB_BLOCK_BYTES = size or default_bytes
             estep = bench_estep.blocked_estep(precision, None, False)
             ms, _ = bench_estep.time_ms(lambda: cell.iteration(estep), 5)
-            result["rows"].append({"covariance_type": cov, "precision": precision, "slot_budget": budget, "ms": ms})
-            print(f"{cov:9s} {precision:10s} slot budget {budget or '-':>9} {ms:7.2f} ms/iter", flush=True)
-        exact_candidates.SLOT_BUDGET = default_budget
+            result["rows"].append({"covariance_type": cov, "precision": precision, "sub_block_bytes": size, "ms": ms})
+            print(f"{cov:9s} {precision:10s} sub-block bytes {size or '-':>10} {ms:7.2f} ms/iter", flush=True)
+        exact_candidates.SUB_BLOCK_BYTES = default_bytes
         run = bench_estep.blocked_estep("candidates", None, False)
         cell.iteration(run)
         by_gpu, by_host = profile_tables(lambda: cell.iteration(run))

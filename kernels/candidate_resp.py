@@ -1,13 +1,15 @@
 """Exact pass of the exact-on-candidates E-step: log Z and responsibilities over each row's candidates.
 
-One program owns BLOCK_N rows and walks their candidate slots (``kernels.candidates``) one
-slot at a time, up to the block's largest count. For every stored slot the log-density is
-computed in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows
-(SIFT: 0..255) lose nothing to cancellation, and folded into an online log-sum-exp; the slot
-of the largest is the row's best component (the next E-step's hint, ``exact_candidates``). A second
-walk turns the stored log-densities into responsibilities in place. Slots past a row's count
-get responsibility 0, and so do all slots of rows that overflowed their capacity (their E-step
-is the dense one; their log Z is left unwritten).
+One program owns BLOCK_N rows. It counts each row's marks (``kernels.candidates``: one bit per
+component, 32 to a word), then walks them in component order, one candidate per row and step,
+up to the block's largest count; a row whose current word is spent moves on to its next non-zero
+word first. For every candidate the log-density is computed in float32 from centred differences
+(``kernels.exact_log_prob``), so raw-scale rows (SIFT: 0..255) lose nothing to cancellation,
+stored in the row's next slot and folded into an online log-sum-exp; the largest gives the
+row's best component (the next E-step's hint, ``exact_candidates``). A second walk turns the
+stored log-densities into responsibilities in place. Slots past a row's count keep
+responsibility 0, and so do all slots of rows with more candidates than slots (their E-step is
+the dense one; their log Z is left unwritten).
 
 Oracle: the float64 dense E-step of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -19,40 +21,73 @@ from .exact_log_prob import exact_log_prob, feature_tile, row_tile
 
 
 @triton.jit
-def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, cand_ptr, count_ptr,
-                          log_norm_ptr, resp_ptr, best_ptr, n_rows, n_cols,
+def _popcount(w):
+    """Set bits of each uint32 value (the SWAR count: pairs, nibbles, then bytes summed by a multiply)."""
+    w = w - ((w >> 1) & 0x55555555)
+    w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F
+    return ((w * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _lowest_bit(w):
+    """(index, value) of each non-zero uint32's lowest set bit: a power of two converts to float32
+    exactly, and its exponent field is the index."""
+    low = w & (~w + 1)
+    return (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127, low
+
+
+@triton.jit
+def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, mark_ptr, n_words,
+                          cand_ptr, count_ptr, log_norm_ptr, resp_ptr, best_ptr, n_rows, n_cols,
                           CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    # Rows of one feature tile stay in registers for every slot; wider rows are re-read per slot.
+    marks = mark_ptr + rows.to(tl.int64) * n_words
+    count = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for j in range(n_words):
+        count += _popcount(tl.load(marks + j, mask=row_mask, other=0).to(tl.uint32, bitcast=True))
+    tl.store(count_ptr + rows, count, mask=row_mask)
+    todo = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
+    # Rows of one feature tile stay in registers for every candidate; wider rows are re-read per candidate.
     x_tile = row_tile(x_ptr, stride_x, shift_ptr, rows, row_mask, n_cols, BLOCK_N, BLOCK_D, ONE_TILE)
-    count = tl.load(count_ptr + rows, mask=row_mask, other=0)
-    count = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
     slots = rows.to(tl.int64) * CAPACITY
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     best = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for s in range(tl.max(count)):
-        live = s < count
-        comp = tl.load(cand_ptr + slots + s, mask=live, other=0).to(tl.int64)
+    word = tl.zeros([BLOCK_N], dtype=tl.uint32)  # the current word's marks not yet taken
+    next_word = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for s in range(tl.max(todo)):
+        live = s < todo
+        # A live row has a mark left in its current word or a later one.
+        advance = live & (word == 0)
+        while tl.max(advance.to(tl.int32)) > 0:
+            loaded = tl.load(marks + next_word, mask=advance, other=0).to(tl.uint32, bitcast=True)
+            word = tl.where(advance, loaded, word)
+            next_word = tl.where(advance, next_word + 1, next_word)
+            advance = live & (word == 0)
+        bit, low = _lowest_bit(word)
+        word = tl.where(live, word ^ low, word)
+        comp = ((next_word - 1) * 32 + bit).to(tl.int64)
         ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
                             n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
+        tl.store(cand_ptr + slots + s, comp.to(tl.int32), mask=live)
         tl.store(resp_ptr + slots + s, ll, mask=live)
         best = tl.where(ll > run_max, comp, best)
         new_max = tl.maximum(run_max, ll)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
         run_max = new_max
-    log_z = run_max + tl.log(tl.where(count > 0, run_sum, 1.0))  # rows with no slot: log Z unused
-    tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (count > 0))
-    tl.store(best_ptr + rows, best.to(tl.int32), mask=row_mask & (count > 0))
-    for s in range(tl.max(count)):
-        live = s < count
+    log_z = run_max + tl.log(tl.where(todo > 0, run_sum, 1.0))  # rows with no candidate: log Z unused
+    tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (todo > 0))
+    tl.store(best_ptr + rows, best.to(tl.int32), mask=row_mask & (todo > 0))
+    for s in range(tl.max(todo)):
+        live = s < todo
         ll = tl.load(resp_ptr + slots + s, mask=live, other=float("-inf"))
         tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # slots past the count keep their 0
 
 
-def candidate_resp(x, shift, means, precisions, consts, cand, count, *, block_n=4, num_warps=1):
+def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, block_n=4, num_warps=1):
     """Launch the exact pass.
 
     Parameters
@@ -62,7 +97,8 @@ def candidate_resp(x, shift, means, precisions, consts, cand, count, *, block_n=
     means : float32 Tensor of shape (K, D), relative to the shift
     precisions : float32 Tensor of shape (K, D) (diag) or (K,) (spherical), 1 / variance
     consts : float32 Tensor of shape (K,), log pi_k - 1/2 log det(2 pi Sigma_k) (less the E-step's offset)
-    cand, count : from ``kernels.candidates.candidates``
+    marks : int32 Tensor of shape (n, ceil(K / 32)), from ``kernels.candidates.candidates``
+    capacity : int, candidate slots per row
 
     Returns
     -------
@@ -70,18 +106,22 @@ def candidate_resp(x, shift, means, precisions, consts, cand, count, *, block_n=
     resp : float32 Tensor of shape (n, capacity), 0 past each row's count and on overflowed rows
     best : int32 Tensor of shape (n,), the component of largest log-density, written where
         0 < count <= capacity
+    cand : int32 Tensor of shape (n, capacity), the row's candidates in component order in its
+        first min(count, capacity) slots (written where count <= capacity)
+    count : int32 Tensor of shape (n,), candidates marked (> capacity: the row overflowed)
     """
     n, d = x.shape
-    capacity = cand.shape[1]
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
     resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
-    # A block walks as many slots as its longest row holds: few rows a block waste few steps.
+    cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
+    count = torch.empty(n, dtype=torch.int32, device=x.device)
+    # A block walks as many candidates as its longest row holds: few rows a block waste few steps.
     # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
     # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical.
     block_d, one_tile = feature_tile(d)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, means, precisions, consts, cand, count, log_norm, resp, best, n, d,
-        CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=one_tile,
-        num_warps=num_warps)
-    return log_norm, resp, best
+        x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, log_norm, resp, best,
+        n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,
+        ONE_TILE=one_tile, num_warps=num_warps)
+    return log_norm, resp, best, cand, count

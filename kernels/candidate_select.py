@@ -4,9 +4,9 @@
 log-densities and the error-bound product B (``kernels.candidates``' two products) as cuBLAS
 GEMMs with float32 output. One program owns BLOCK_N rows of P and B: a first sweep over the
 components finds each row's best lower bound m_n = max_k (l~ - e), a proven lower bound of its
-best log-density; a second keeps every component whose upper bound l~ + e reaches m_n less the
-margin, with the candidate pass's own bound and slot layout (``candidates.bound_error``,
-``candidates.keep``). With the products stored, the second sweep costs no product; and one
+best log-density; a second marks every component whose upper bound l~ + e reaches m_n less the
+margin, with the candidate pass's own bound and marks (``candidates.bound_error``,
+``candidates.mark``). With the products stored, the second sweep costs no product; and one
 launch per block of rows keeps the host, which paces wide rows' iterations, out of the way.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
@@ -14,7 +14,7 @@ Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_can
 import triton
 import triton.language as tl
 
-from .candidates import bound_error, keep
+from .candidates import bound_error, mark
 from .tile import finish_log_prob
 
 
@@ -30,9 +30,9 @@ def _tile(prod_ptr, bound_ptr, stride_p, sq, quad_ptr, const_ptr, rows, row_mask
 
 
 @triton.jit
-def candidate_select_kernel(prod_ptr, bound_ptr, stride_p, sq_ptr, quad_ptr, const_ptr, cand_ptr, count_ptr, n_rows,
-                            n_comps, margin, eps, slack, CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def candidate_select_kernel(prod_ptr, bound_ptr, stride_p, sq_ptr, quad_ptr, const_ptr, mark_ptr, n_rows, n_comps,
+                            n_words, margin, eps, slack, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     sq = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
@@ -44,20 +44,17 @@ def candidate_select_kernel(prod_ptr, bound_ptr, stride_p, sq_ptr, quad_ptr, con
                         comps < n_comps, eps, slack, DIAGONAL)
         best = tl.maximum(best, tl.max(ll - err, axis=1))
     floor = best - margin
-    count = tl.zeros([BLOCK_N], dtype=tl.int32)
-    cand_ptr += tl.program_id(0).to(tl.int64) * BLOCK_N * CAPACITY
-    out_rows = tl.arange(0, BLOCK_N) * CAPACITY
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
+        comp_mask = comps < n_comps
         ll, err = _tile(prod_ptr, bound_ptr, stride_p, sq, quad_ptr, const_ptr, rows, row_mask, comps,
-                        comps < n_comps, eps, slack, DIAGONAL)
-        count = keep(ll + err, floor, count, comps, row_mask, cand_ptr, out_rows, CAPACITY)
-    tl.store(count_ptr + rows, count, mask=row_mask)
+                        comp_mask, eps, slack, DIAGONAL)
+        mark(ll + err, floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
-def candidate_select(prod, bound, sq, quad, const, margin, eps, slack, cand, count, *, block_n=32, block_k=128,
+def candidate_select(prod, bound, sq, quad, const, margin, eps, slack, marks, *, block_n=32, block_k=128,
                      num_warps=4):
-    """Launch: fill the candidate slots of the m rows of ``prod``.
+    """Launch: mark the candidates of the m rows of ``prod``.
 
     Parameters
     ----------
@@ -67,13 +64,13 @@ def candidate_select(prod, bound, sq, quad, const, margin, eps, slack, cand, cou
     const : float32 Tensor of shape (K,), each component's constant
     margin : float, nats below the row's best lower bound that a component may lie and still be kept
     eps, slack : the bound's factors (``candidates.bound_eps``, ``candidates.FLOAT32_SLACK``)
-    cand, count : outputs of shapes (m, capacity), (m,), as returned by ``kernels.candidates.candidates``
+    marks : int32 output of shape (m, ceil(K / 32)), as returned by ``kernels.candidates.candidates``
     """
     m, k = prod.shape
     if bound.shape != prod.shape or bound.stride() != prod.stride() or prod.stride(1) != 1:
         raise ValueError("prod and bound must share one (m, K) layout with unit column stride")
     diagonal = quad is None
     candidate_select_kernel[(triton.cdiv(m, block_n),)](
-        prod, bound, prod.stride(0), sq, const if diagonal else quad, const, cand, count, m, k, float(margin),
-        float(eps), float(slack), CAPACITY=cand.shape[1], DIAGONAL=diagonal, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, max(16, triton.next_power_of_2(k))), num_warps=num_warps)
+        prod, bound, prod.stride(0), sq, const if diagonal else quad, const, marks, m, k, marks.shape[1],
+        float(margin), float(eps), float(slack), DIAGONAL=diagonal, BLOCK_N=block_n,
+        BLOCK_K=min(block_k, max(32, triton.next_power_of_2(k))), num_warps=num_warps)

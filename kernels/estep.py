@@ -73,15 +73,14 @@ def default_configs(n_features: int, diagonal: bool = True,
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
     if precision == "candidates":
-        # The candidate pass (``kernels.candidates``) keeps more (rows, components) tiles live
-        # than pass 1 (error bounds, the slots' prefix sums): (128, 64) and wider tiles exceed
-        # an H100's shared memory. Timed on an H100 at N = 262,144 rows of bench_estep's D = 128
-        # cell (Triton 3.6): diag (128, 32) tiles with 8 warps 1.61 ms, (64, 32) with 4 warps
-        # 1.57 and (64, 64) with 4 warps 1.94; spherical (64, 32) and (64, 64) with 4 warps
-        # 0.75 ms. Its exact pass picks its own tiles (``candidate_resp``).
+        # The candidate pass (``kernels.candidates``): timed on an H100 at N = 1M rows of
+        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (128, 64) tiles with 8 warps
+        # 2.42 ms, (128, 32) 3.48, (64, 64) with 4 warps 3.32; spherical (128, 128) with 8 warps
+        # 1.93, (64, 64) with 4 warps 1.99, (128, 64) with 8 warps 2.08. Wider diag tiles exceed an
+        # H100's shared memory at 2 stages. Its exact pass picks its own tiles (``candidate_resp``).
         if diagonal:
-            return LaunchConfig(128, 32, block_d, 8, 2, True), None
-        return LaunchConfig(64, 32, block_d, 4, 2, True), None
+            return LaunchConfig(128, 64, block_d, 8, 2, True), None
+        return LaunchConfig(128, 128, block_d, 8, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
@@ -214,26 +213,26 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 
 def candidate_search(x, shift, weights, configs=None):
-    """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin,
-    capacity, hint) -> (cand, count), with "bf16" ``weights``. Fused: the exact log-density of
-    each row's hint (without one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the
-    margin is its threshold (``kernels.exact_log_prob``), then the candidate pass
-    (``kernels.candidates``) with ``configs[0]``; library products (``kernels.gemm.candidates``,
-    thresholds from the best lower bound) for wide rows on a GPU when no ``configs``."""
+    """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
+    -> marks, with "bf16" ``weights``. Fused: the exact log-density of each row's hint (without
+    one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the margin is its threshold
+    (``kernels.exact_log_prob``), then the candidate pass (``kernels.candidates``) with
+    ``configs[0]``; library products (``kernels.gemm.candidates``, thresholds from the best lower
+    bound) for wide rows on a GPU when no ``configs``."""
     if configs is None and _library_products(x, weights, "bf16"):
-        def search(rows, centred, margin, capacity, hint=None):
+        def search(rows, centred, margin, hint=None):
             # Thresholds from its stored products' lower bounds (a second sweep costs no product).
-            return gemm.candidates(rows, shift, weights, margin, capacity)
+            return gemm.candidates(rows, shift, weights, margin)
         return search
     d = x.shape[1]
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
     bound_lin = abs_lin(weights)
 
-    def search(rows, centred, margin, capacity, hint=None):
+    def search(rows, centred, margin, hint=None):
         top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint
         floor = exact_log_probs(rows, shift, *centred, top, less=margin)
-        return candidates(rows, shift, weights, floor, capacity, config, bound_lin)
+        return candidates(rows, shift, weights, floor, config, bound_lin)
     return search
 
 

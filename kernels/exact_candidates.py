@@ -5,9 +5,9 @@ know in advance which ones carry mass. Real posteriors are sparse (SIFT, K = 102
 components per row within 40 nats of the best), so this E-step splits the work:
 
 1. the search (``kernels.estep.candidate_search``): one bfloat16 product per tile pair gives
-   every log-density with a proven error bound, and the row keeps every component whose upper
+   every log-density with a proven error bound, and the row marks every component whose upper
    bound reaches its threshold, a proven lower bound of its best log-density less
-   ``MARGIN_NATS``. A component left out is more than ``MARGIN_NATS`` below the best, so all
+   ``MARGIN_NATS``. A component left unmarked is more than ``MARGIN_NATS`` below the best, so all
    left out together carry at most K e^-30 ~ 1e-10 of the row's mass. The fused search
    (``kernels.candidates``) takes the exact log-density (``kernels.exact_log_prob``) of one
    component: within round-off of the best when the component is the best, as the row's best
@@ -15,8 +15,8 @@ components per row within 40 nats of the best), so this E-step splits the work:
    little between iterations); else the first of a bfloat16 ranking pass (``kernels.log_norm``).
    The search by library products for wide rows (``kernels.gemm.candidates``) takes the best
    lower bound max_k (l~ - e) of its stored products.
-2. ``kernels.candidate_resp``: log Z and the responsibilities over the candidates, in float32
-   from centred differences (x - mu).
+2. ``kernels.candidate_resp``: the marks into per-row slots, then log Z and the responsibilities
+   over them, in float32 from centred differences (x - mu).
 3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the
    (row, component, r) triples whose r exceeds e^-MARGIN_NATS, sorted by component.
 
@@ -30,6 +30,7 @@ import math
 import torch
 
 from .candidate_resp import candidate_resp
+from .candidates import n_words
 from .params import NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
@@ -41,12 +42,13 @@ MARGIN_NATS = 30.0
 # 3.8-8.3 slots (p99 13-28, at most 43: 0-0.4% overflow 32); spherical posteriors are flatter (11-21 components
 # within 30 nats), rows store 12-22 slots (p99 46-87, at most 175: 0-0.1% overflow 128).
 CAPACITY = {"diag": 32, "spherical": 128}
-# Candidate slots that exist at once: slots and responsibilities take 8 bytes a slot (256 MB).
-# Each sub-block ends in one host read (the count of its kept pairs), and the GPU idles while
-# the host launches the next: fewer, larger sub-blocks idle it less (H100, N = 1M, K = 1024,
-# D = 128, eval/results/profile_candidates_h100.json: diag 12.4 ms per iteration at 2^24 slots of
-# 64, 11.4 at 2^26; spherical 14.3, 11.2 at 128 slots).
-SLOT_BUDGET = 1 << 25
+# Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
+# (8 bytes a slot); 384 MB holds 2^20 diag rows at K = 1024. Each sub-block ends in one host read
+# (the count of its kept pairs), and the GPU idles while the host launches the next: fewer, larger
+# sub-blocks idle it less (H100, N = 1M, K = 1024, D = 128, eval/results/profile_candidates_h100.json:
+# diag 12.4 ms per iteration with sub-blocks of 2^24 slots of 64, 11.4 with 2^26; spherical 14.3
+# and 11.2 with 128 slots).
+SUB_BLOCK_BYTES = 3 << 27
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,8 +72,8 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
         (``params.split_offset``)
     shift : float32 Tensor of shape (D,)
     diagonal : bool, whether the mixture is diagonal (else spherical)
-    search : callable (rows, centred, margin, capacity, hint) -> (cand, count), the candidate
-        search (``kernels.estep.candidate_search``) of a block of rows, ``centred`` the float32
+    search : callable (rows, centred, margin, hint) -> marks, the candidate search
+        (``kernels.estep.candidate_search``) of a block of rows, ``centred`` the float32
         (means, precisions, consts) of ``centred_params``, ``hint`` the rows' slice of ``best``
         or None
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
@@ -90,12 +92,12 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
     centred = centred_params(params)
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, counts = [], [], [], []
-    sub_block = max(1, SLOT_BUDGET // capacity)
+    sub_block = max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(len(centred[2]))))
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
-        cand, count = search(part, centred, margin, capacity, hint)
-        lz, r, top = candidate_resp(part, shift, *centred, cand, count)
+        marks = search(part, centred, margin, hint)
+        lz, r, top, cand, count = candidate_resp(part, shift, *centred, marks, capacity)
         log_norm[start:start + len(part)] = lz
         if hint is not None:
             hint.copy_(torch.where((count > 0) & (count <= capacity), top, hint))
@@ -104,8 +106,10 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
         comps.append(cand.view(-1)[kept])
         resp.append(r.view(-1)[kept])
         counts.append(count)
-    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(centred[2]), diagonal)
+    # Read before the statistics are launched, while the GPU has nothing queued: the host then
+    # returns while they run.
     over = torch.nonzero(torch.cat(counts) > capacity).view(-1)
+    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(centred[2]), diagonal)
     if over.numel():
         rest = dense(x[over])
         log_norm[over] = rest.log_norm

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .candidate_select import candidate_select
-from .candidates import FLOAT32_SLACK, bound_eps, n_terms
+from .candidates import FLOAT32_SLACK, bound_eps, n_terms, n_words
 from .params import KernelWeights
 from .result import EStepResult
 from .split_resp import split_resp
@@ -173,13 +173,13 @@ def log_norm(x, shift, weights: KernelWeights, *, precision="bf16x3", rows=None)
     return lz, best
 
 
-def candidates(x, shift, weights: KernelWeights, margin, capacity, *, rows=None):
+def candidates(x, shift, weights: KernelWeights, margin, *, rows=None):
     """The candidate pass of the exact-on-candidates E-step (``kernels.candidates``) by library products.
 
     Per block of rows, one GEMM of the bfloat16-rounded operands gives the approximate
     log-densities and one of their absolute values the error-bound product; then
     ``kernels.candidate_select`` sets each row's threshold (its best lower bound less the margin)
-    and keeps its candidates. Wide rows are read once per block here, where the fused candidate pass re-reads them for
+    and marks its candidates. Wide rows are read once per block here, where the fused candidate pass re-reads them for
     every tile of components.
 
     Parameters
@@ -187,12 +187,12 @@ def candidates(x, shift, weights: KernelWeights, margin, capacity, *, rows=None)
     x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
     weights : KernelWeights laid out for precision "bf16", their largest constant split off
-    margin : float, nats; capacity : int, candidate slots per row
+    margin : float, nats
     rows : int, rows per block (default ``_candidate_rows``)
 
     Returns
     -------
-    cand, count : as ``kernels.candidates.candidates``
+    marks : as ``kernels.candidates.candidates``
     """
     n, d = x.shape
     rows = min(max(n, 1), rows or _candidate_rows(weights.n_comps, d, weights.diagonal))
@@ -201,16 +201,15 @@ def candidates(x, shift, weights: KernelWeights, margin, capacity, *, rows=None)
     x_abs = torch.empty_like(buf.x)
     eps = bound_eps(n_terms(d, weights.diagonal))
     quad = None if weights.diagonal else weights.quad_hi
-    cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
-    count = torch.empty(n, dtype=torch.int32, device=x.device)
+    marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
         prod = buf.products(block, shift, weights)
         bound = _product(torch.abs(buf.x[:m], out=x_abs[:m]), w_abs.T)
         candidate_select(prod, bound, buf.sq[:m], quad, weights.const, margin, eps, FLOAT32_SLACK,
-                         cand[start:start + m], count[start:start + m])
-    return cand, count
+                         marks[start:start + m])
+    return marks
 
 
 def split_rows_reference(x, shift, diagonal, precision="bf16x3") -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
+from flashgmm_ivf.kernels.candidates import candidates
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
 from flashgmm_ivf.kernels.reference import weighted_log_prob
@@ -23,12 +24,13 @@ from flashgmm_ivf import GaussianMixture, kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (n rows, D features, K components, candidate-pass tiles (BLOCK_N, BLOCK_K, BLOCK_D))
 SHAPES = [
-    (1, 1, 1, (16, 16, 16)),
-    (37, 5, 3, (16, 16, 16)),        # K below one tile
-    (203, 37, 19, (32, 16, 64)),     # K over two tiles, D in one
-    (61, 70, 50, (16, 32, 32)),      # D over three tiles
-    (19, 128, 7, (16, 16, 128)),     # D fills the exact log-densities' register tile
-    (45, 129, 11, (16, 16, 128)),    # D just over one tile
+    (1, 1, 1, (16, 32, 16)),
+    (37, 5, 3, (16, 32, 16)),        # K below one tile
+    (203, 37, 19, (32, 32, 64)),     # D in one tile
+    (61, 70, 50, (16, 32, 32)),      # K over two tiles (two words of marks), D over three tiles
+    (19, 128, 7, (16, 32, 128)),     # D fills the exact log-densities' register tile
+    (45, 129, 11, (16, 32, 128)),    # D just over one tile
+    (97, 20, 70, (16, 64, 32)),      # K over two tiles of two words each, the last word partly used
 ]
 # Float32 from centred differences: measured ~1e-6 relative against float64.
 TOLERANCE = 2e-5
@@ -49,7 +51,7 @@ def search(how, xd, sh, weights, blocks):
     of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
     if how == "fused":
         return candidate_search(xd, sh, weights, (config(blocks), None))
-    return lambda rows, centred, margin, capacity, hint: gemm.candidates(rows, sh, weights, margin, capacity, rows=16)
+    return lambda rows, centred, margin, hint: gemm.candidates(rows, sh, weights, margin, rows=16)
 
 
 def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
@@ -74,25 +76,27 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
     centred = exact_candidates.centred_params(split)
-    cand, count = search(how, xd, sh, weights, blocks)(xd, centred, margin, capacity, None)
-    _, resp, top = candidate_resp(xd, sh, *centred, cand, count)
+    marks = search(how, xd, sh, weights, blocks)(xd, centred, margin, None)
+    assert marks.shape == (n, -(-k // 32)) and marks.dtype == torch.int32
+    _, resp, top, cand, count = candidate_resp(xd, sh, *centred, marks, capacity)
     cand, count, resp, top = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long()
+    bits = (marks.cpu().long()[:, :, None] >> torch.arange(32)) & 1
+    marked = [torch.nonzero(row.flatten()).view(-1) for row in bits]
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     best = exact.amax(1)
     for row in range(n):
-        stored = cand[row, :min(int(count[row]), capacity)].long()
-        assert ((stored >= 0) & (stored < k)).all() and len(set(stored.tolist())) == len(stored)
+        assert (marked[row] < k).all() and count[row] == len(marked[row])
         assert count[row] >= 1  # the first-ranked component reaches its own threshold
         needed = torch.nonzero(exact[row] >= best[row] - margin).view(-1)
+        assert set(needed.tolist()) <= set(marked[row].tolist()), row
         if count[row] <= capacity:
-            assert set(needed.tolist()) <= set(stored.tolist()), row
+            stored = cand[row, :int(count[row])].long()
+            assert torch.equal(stored, marked[row])  # every mark in a slot, in component order
             # the exact pass weighs them, and its responsibilities sum to 1
             weighted = stored[resp[row, :len(stored)] > 0]
             assert set(needed.tolist()) <= set(weighted.tolist()), row
             assert abs(float(resp[row].double().sum()) - 1) < 1e-5
             assert exact[row, top[row]] >= best[row] - 1e-3  # the best, or a float32 tie with it
-        else:
-            assert count[row] > len(needed) or len(needed) > capacity
 
 
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
@@ -148,7 +152,7 @@ def test_flat_posteriors(k, capacity, diagonal, how, poisoned_empty):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, split, sh, diagonal, search(how, xd, sh, weights, (16, 16, 32)),
+        xd, split, sh, diagonal, search(how, xd, sh, weights, (16, 32, 32)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=capacity)
     assert overflowed == (n if k > capacity else 0)
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -160,13 +164,13 @@ def test_flat_posteriors(k, capacity, diagonal, how, poisoned_empty):
 def test_some_rows_overflow(poisoned_empty, monkeypatch):
     """A capacity of 2 on a flat-ish mixture: overflowed and candidate rows mix in one block,
     which is taken in sub-blocks of 16 rows (the last one short)."""
-    monkeypatch.setattr(exact_candidates, "SLOT_BUDGET", 16 * 2)  # capacity 2: 16 rows
+    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_BYTES", 16 * (8 * 2 + 4))  # capacity 2, one word: 16 rows
     n, d, k = 97, 9, 13
     x, params, shift = mixture(n, d, k, "standardised", True)
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, split, sh, True, search("fused", xd, sh, weights, (16, 16, 16)),
+        xd, split, sh, True, search("fused", xd, sh, weights, (16, 32, 16)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=2, margin=10.0)
     assert 0 < overflowed < n
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -204,7 +208,7 @@ def test_hints_of_any_components_give_the_same_statistics_and_come_back_as_the_b
     for hints in (torch.randint(k, (n,), generator=torch.Generator().manual_seed(1)), ll.argmin(1)):
         best = hints.to(DEVICE, torch.int32)
         got = kernels.estep(x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE), precision="candidates",
-                            configs=(config((32, 16, 64)), None), best=best)
+                            configs=(config((32, 32, 64)), None), best=best)
         for name, g, r in zip(ref._fields, got, ref):
             assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
         top2 = ll.topk(2, 1).values
@@ -263,6 +267,14 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
 def test_candidate_select_refuses_products_of_different_layouts():
     from flashgmm_ivf.kernels.candidate_select import candidate_select
     prod = torch.zeros(4, 6)
-    out = (torch.empty(4, 2, dtype=torch.int32), torch.empty(4, dtype=torch.int32))
+    marks = torch.empty(4, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="share one"):
-        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, *out)
+        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, marks)
+
+
+def test_candidate_pass_refuses_tiles_that_split_a_word():
+    x, params, shift = mixture(37, 5, 3, "raw", True)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    floor = torch.zeros(37, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        candidates(xd, sh, weights, floor, config((16, 16, 16)))
