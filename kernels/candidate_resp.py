@@ -2,11 +2,13 @@
 
 One program owns BLOCK_N rows. It counts each row's marks (``kernels.candidates``: one bit per
 component, 32 to a word), then walks them in component order, one candidate per row and step,
-up to the block's largest count; a row whose current word is spent moves on to its next non-zero
-word first. For every candidate the log-density is computed in float32 from centred differences
-(``kernels.exact_log_prob``), so raw-scale rows (SIFT: 0..255) lose nothing to cancellation,
-stored in the row's next slot and folded into an online log-sum-exp; the largest gives the
-row's best component (the next E-step's hint, ``exact_candidates``). A second walk turns the
+up to the block's largest count. A row's words stay in registers, WORDS at a time (all of them
+up to K = 32 WORDS = 1024): each step takes the lowest mark of a row's first non-zero word, and a
+row whose words are spent loads its next WORDS. For every candidate the log-density is computed
+in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows (SIFT:
+0..255) lose nothing to cancellation, stored in the row's next slot and folded into an online
+log-sum-exp; the largest gives the row's best component (the next E-step's hint,
+``exact_candidates``). A second walk turns the
 stored log-densities into responsibilities in place. Slots past a row's count keep
 responsibility 0, and so do all slots of rows with more candidates than slots (their E-step is
 the dense one; their log Z is left unwritten).
@@ -18,6 +20,9 @@ import triton
 import triton.language as tl
 
 from .exact_log_prob import exact_log_prob, feature_tile, row_tile
+
+# Words of marks a row holds in registers (K = 1024: all of them).
+WORDS = 32
 
 
 @triton.jit
@@ -38,16 +43,31 @@ def _lowest_bit(w):
 
 
 @triton.jit
+def _words(marks, start, row_mask, n_words, WORDS: tl.constexpr):
+    """(BLOCK_N, WORDS) uint32: each row's marks from its word ``start`` on (0 past the last)."""
+    word = start[:, None] + tl.arange(0, WORDS)[None, :]
+    return tl.load(marks[:, None] + word, mask=row_mask[:, None] & (word < n_words), other=0).to(tl.uint32,
+                                                                                                bitcast=True)
+
+
+@triton.jit
+def _first_word(words, WORDS: tl.constexpr):
+    """Column of each row's first non-zero word, WORDS where all are zero."""
+    return tl.min(tl.where(words != 0, tl.arange(0, WORDS)[None, :], WORDS), axis=1)
+
+
+@triton.jit
 def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, mark_ptr, n_words,
                           cand_ptr, count_ptr, log_norm_ptr, resp_ptr, best_ptr, n_rows, n_cols,
                           CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
+                          BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     marks = mark_ptr + rows.to(tl.int64) * n_words
+    start = tl.zeros([BLOCK_N], dtype=tl.int32)  # first word of each row's ``words``
     count = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for j in range(n_words):
-        count += _popcount(tl.load(marks + j, mask=row_mask, other=0).to(tl.uint32, bitcast=True))
+    for w0 in range(0, n_words, WORDS):
+        count += tl.sum(_popcount(_words(marks, start + w0, row_mask, n_words, WORDS)), axis=1)
     tl.store(count_ptr + rows, count, mask=row_mask)
     todo = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
     # Rows of one feature tile stay in registers for every candidate; wider rows are re-read per candidate.
@@ -56,20 +76,21 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     best = tl.zeros([BLOCK_N], dtype=tl.int64)
-    word = tl.zeros([BLOCK_N], dtype=tl.uint32)  # the current word's marks not yet taken
-    next_word = tl.zeros([BLOCK_N], dtype=tl.int32)
+    words = _words(marks, start, todo > 0, n_words, WORDS)  # the marks not yet taken
     for s in range(tl.max(todo)):
         live = s < todo
-        # A live row has a mark left in its current word or a later one.
-        advance = live & (word == 0)
+        first = _first_word(words, WORDS)
+        # A live row has a mark left in its words or in later ones.
+        advance = live & (first == WORDS)
         while tl.max(advance.to(tl.int32)) > 0:
-            loaded = tl.load(marks + next_word, mask=advance, other=0).to(tl.uint32, bitcast=True)
-            word = tl.where(advance, loaded, word)
-            next_word = tl.where(advance, next_word + 1, next_word)
-            advance = live & (word == 0)
-        bit, low = _lowest_bit(word)
-        word = tl.where(live, word ^ low, word)
-        comp = ((next_word - 1) * 32 + bit).to(tl.int64)
+            start = tl.where(advance, start + WORDS, start)
+            words = tl.where(advance[:, None], _words(marks, start, advance, n_words, WORDS), words)
+            first = _first_word(words, WORDS)
+            advance = live & (first == WORDS)
+        at = (tl.arange(0, WORDS)[None, :] == first[:, None]) & live[:, None]
+        bit, low = _lowest_bit(tl.max(tl.where(at, words, 0), axis=1))
+        words = tl.where(at, words ^ low[:, None], words)
+        comp = ((start + first) * 32 + bit).to(tl.int64)
         ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
                             n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
         tl.store(cand_ptr + slots + s, comp.to(tl.int32), mask=live)
@@ -123,5 +144,5 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, bloc
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, log_norm, resp, best,
         n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,
-        ONE_TILE=one_tile, num_warps=num_warps)
+        ONE_TILE=one_tile, WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), num_warps=num_warps)
     return log_norm, resp, best, cand, count

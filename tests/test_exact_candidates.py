@@ -110,6 +110,25 @@ def test_exact_log_probs_match_float64(n, d, k, blocks, diagonal, poisoned_empty
     assert relative_error(got, exact.gather(1, comp[:, None])[:, 0]) < TOLERANCE
 
 
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_exact_pass_walks_marks_beyond_its_register_words(diagonal, poisoned_empty, monkeypatch):
+    """Two words a row in registers against three words of marks (K = 70): rows load their next
+    words when theirs are spent, and the slots still hold every mark in component order."""
+    from flashgmm_ivf.kernels import candidate_resp as module
+    n, d, k = 97, 20, 70
+    x, params, shift = mixture(n, d, k, "standardised", diagonal)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    centred = exact_candidates.centred_params(split)
+    marks = search("fused", xd, sh, weights, (16, 64, 32))(xd, centred, 60.0, None)
+    expected = candidate_resp(xd, sh, *centred, marks, k)
+    monkeypatch.setattr(module, "WORDS", 2)
+    got = candidate_resp(xd, sh, *centred, marks, k)
+    count = got[4].cpu()
+    assert (count > 64).sum() > n // 4  # many rows walk into their third word
+    for name, g, e in zip(("log_norm", "resp", "best", "cand", "count"), got, expected):
+        assert torch.equal(g.cpu(), e.cpu()), name
+
+
 # Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
 @pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] != (61, 70, 50)])
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
