@@ -43,12 +43,9 @@ MARGIN_NATS = 30.0
 # within 30 nats), rows store 12-22 slots (p99 46-87, at most 175: 0-0.1% overflow 128).
 CAPACITY = {"diag": 32, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
-# (8 bytes a slot); 384 MB holds 2^20 diag rows at K = 1024. Each sub-block ends in one host read
-# (the count of its kept pairs), and the GPU idles while the host launches the next: fewer, larger
-# sub-blocks idle it less (H100, N = 1M, K = 1024, D = 128, eval/results/profile_candidates_h100.json:
-# diag 12.4 ms per iteration with sub-blocks of 2^24 slots of 64, 11.4 with 2^26; spherical 14.3
-# and 11.2 with 128 slots).
-SUB_BLOCK_BYTES = 3 << 27
+# (8 bytes a slot); two sub-blocks exist at once. Each sub-block's count of kept pairs is read on
+# the host while the GPU works on the next sub-block, so only the last one's read leaves it idle.
+SUB_BLOCK_BYTES = 3 << 26
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,7 +88,21 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
     capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
     centred = centred_params(params)
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    rows, comps, resp, counts = [], [], [], []
+    rows, comps, resp, over = [], [], [], []
+
+    def collect(start, r, cand, kept, overflowed, sizes, ready):
+        """The kept (row, component, r) triples and the overflowed rows of a sub-block."""
+        if ready is not None:
+            ready.synchronize()
+        n_kept, n_over = sizes.tolist()
+        # Sized on the host: no synchronisation (torch.nonzero would wait for the queued sub-block).
+        kept = torch.nonzero_static(kept, size=n_kept).view(-1)
+        rows.append(torch.div(kept, capacity, rounding_mode="floor").to(torch.int32) + start)
+        comps.append(cand.view(-1)[kept])
+        resp.append(r.view(-1)[kept])
+        over.append(torch.nonzero_static(overflowed, size=n_over).view(-1) + start)
+
+    pending = None
     sub_block = max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(len(centred[2]))))
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
@@ -101,15 +112,17 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
         log_norm[start:start + len(part)] = lz
         if hint is not None:
             hint.copy_(torch.where((count > 0) & (count <= capacity), top, hint))
-        kept = torch.nonzero(r.view(-1) > math.exp(-margin)).view(-1)
-        rows.append(torch.div(kept, capacity, rounding_mode="floor").to(torch.int32) + start)
-        comps.append(cand.view(-1)[kept])
-        resp.append(r.view(-1)[kept])
-        counts.append(count)
-    # Read before the statistics are launched, while the GPU has nothing queued: the host then
-    # returns while they run.
-    over = torch.nonzero(torch.cat(counts) > capacity).view(-1)
+        kept, overflowed = r.view(-1) > math.exp(-margin), count > capacity
+        sizes = torch.stack([kept.sum(), overflowed.sum()]).to("cpu", non_blocking=True)
+        ready = torch.cuda.Event() if x.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        if pending is not None:
+            collect(*pending)
+        pending = (start, r, cand, kept, overflowed, sizes, ready)
+    collect(*pending)
     nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(centred[2]), diagonal)
+    over = torch.cat(over)
     if over.numel():
         rest = dense(x[over])
         log_norm[over] = rest.log_norm
