@@ -43,9 +43,11 @@ MARGIN_NATS = 30.0
 # within 30 nats), rows store 12-22 slots (p99 46-87, at most 175: 0-0.1% overflow 128).
 CAPACITY = {"diag": 32, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
-# (8 bytes a slot); two sub-blocks exist at once. Each sub-block's count of kept pairs is read on
-# the host while the GPU works on the next sub-block, so only the last one's read leaves it idle.
-SUB_BLOCK_BYTES = 3 << 26
+# (8 bytes a slot); 384 MB holds 2^20 diag rows at K = 1024, and two sub-blocks exist at once. Each
+# sub-block's count of kept pairs is read on the host while the GPU works on the next one, yet fewer,
+# larger sub-blocks still cost less (H100, N = 1M, K = 1024, D = 128, ms per EM iteration at 192, 384
+# and 768 MB: diag 8.05, 6.98, 7.88; spherical 10.30, 8.85, 8.23; eval/results/profile_candidates_h100.json).
+SUB_BLOCK_BYTES = 3 << 27
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
