@@ -774,6 +774,36 @@ def test_save_load_bit_identical(fashion_index, fashion, glove_index, glove, tmp
             np.testing.assert_array_equal(D0, D1)
             assert loaded.last_stats == index.last_stats
         assert loaded.probe_table is not None and loaded.calibration.source == "training rows"
+        ranges = [(t.low, t.high) for t in loaded.probe_table.tables]
+        assert ranges == [(t.low, t.high) for t in index.probe_table.tables] and np.isfinite(ranges).all()
+
+
+def test_version_3_files_read_with_unbounded_tables(fashion_index, fashion, tmp_path):
+    """Files of the previous format version (no table_range member) still load."""
+    from flashgmm_ivf._io import checksum
+    from flashgmm_ivf.ivf import index_io
+    fashion_index.search(fashion[1], K, recall=0.9)
+    path = tmp_path / "v4.npz"
+    write_index(fashion_index, path)
+    with np.load(path) as npz:
+        members = {name: npz[name] for name in npz.files if name not in ("table_range", "sha256")}
+    header = json.loads(members["header"].tobytes())
+    header["format_version"] = 3
+    members["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
+    members["sha256"] = np.array(checksum(members["header"].tobytes(), members, index_io._VERSION_ARRAYS[3]))
+    with open(tmp_path / "v3.npz", "wb") as f:
+        np.savez(f, **members)
+    loaded = read_index(tmp_path / "v3.npz")
+    assert all((t.low, t.high) == (-np.inf, np.inf) for t in loaded.probe_table.tables)
+    np.testing.assert_array_equal(loaded.search(fashion[1], K, nprobe=8)[1],
+                                  fashion_index.search(fashion[1], K, nprobe=8)[1])
+    header["format_version"] = 4  # a version 4 header without the member
+    members["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
+    members["sha256"] = np.array(checksum(members["header"].tobytes(), members, index_io._VERSION_ARRAYS[3]))
+    with open(tmp_path / "v4bad.npz", "wb") as f:
+        np.savez(f, **members)
+    with pytest.raises(ValueError, match="do not match format_version 4"):
+        read_index(tmp_path / "v4bad.npz")
 
 
 def test_round_trip_before_the_table_is_fitted(fashion, tmp_path):

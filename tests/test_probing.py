@@ -3,6 +3,8 @@
 Data: the real SIFT sample bundled with the package (3,000 base rows, 200 learn rows held
 out of the index, 100 test queries), k-means with 16 lists; the module runs in seconds.
 """
+import warnings
+
 import faiss
 import numpy as np
 import pytest
@@ -223,6 +225,27 @@ def test_members_and_depths_with_copies(sift):
     big.is_trained = True
     add_assigned(big, base, lists, np.arange(len(base), dtype=np.int64) * 10 ** 12)
     np.testing.assert_array_equal(neighbor_depths(order, list_members(big), np.array([[0, 10 ** 12]])), [[2, 2]])
+
+
+def test_queries_outside_the_calibrated_range_get_the_deepest_depth_and_a_warning():
+    """Bins say nothing of features outside the training queries' range: such queries get the
+    deepest of the bins' depths, and a search where they are many warns."""
+    rng = np.random.default_rng(0)
+    feature = rng.uniform(1.0, 2.0, 400)
+    # Recall rises with depth faster for larger features: easy queries need 1 list, hard ones 4.
+    needed = np.where(feature > 1.5, 1, 4)
+    found = (np.arange(1, 9)[None, :] >= needed[:, None]).astype(float)
+    table = ProbeTable.fit_found(feature, found, np.cumsum(np.ones((400, 8)), 1), n_bins=4)
+    assert (table.low, table.high) == (feature.min(), feature.max())
+    depths = table.bin_nprobe(1.0)
+    assert depths.min() == 1 and depths.max() == 4
+    inside = np.array([1.1, 1.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(table.nprobe(inside, 1.0), [4, 1])
+    with pytest.warns(RuntimeWarning, match="2 of 3 queries are unlike the calibration queries"):
+        got = table.nprobe(np.array([0.2, 1.9, 7.0]), 1.0)
+    np.testing.assert_array_equal(got, [4, 1, 4])
 
 
 def test_bad_input_raises(sift, kmeans_index, table):

@@ -11,8 +11,9 @@ Members (read with ``np.load(..., allow_pickle=False)``; nothing is pickled):
 - ``calibration_queries``, ``calibration_ids``, ``calibration_distances``,
   ``calibration_self_pending``: the calibration queries and their exact neighbours.
 - ``table_edges``, ``table_recall``, ``table_cost``, ``table_counts``, ``table_widths``,
-  ``table_bins``: the fitted depth tables, one per first-walk width, stacked along their
-  bins (``table_bins`` bins each; empty arrays when none is fitted).
+  ``table_bins``, ``table_range``: the fitted depth tables, one per first-walk width, stacked
+  along their bins (``table_bins`` bins each; ``table_range`` one (low, high) row each; empty
+  arrays when none is fitted). Version 3 files have no ``table_range`` and read as unbounded.
 - ``sha256``: SHA-256 over the header's bytes and every other member's name, dtype,
   shape and bytes, so editing any of them (``next_id`` in the header, say) fails the load.
 
@@ -39,11 +40,13 @@ from .quantizer import SUPPORTED_IVF
 __all__ = ["write_index", "read_index", "FORMAT", "FORMAT_VERSION", "FILE_ARRAYS"]
 
 FORMAT = "flashgmm_ivf.GMMIndexIVF"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _TABLE = ("table_edges", "table_recall", "table_cost", "table_counts", "table_widths", "table_bins")
 _CALIBRATION = ("calibration_queries", "calibration_ids", "calibration_distances", "calibration_self_pending")
 # Members the SHA-256 covers after the header, in this order.
-FILE_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE
+FILE_ARRAYS = ("faiss_index", "gmm") + _CALIBRATION + _TABLE + ("table_range",)
+# Members of every version read: version 3 had no table_range.
+_VERSION_ARRAYS = {3: FILE_ARRAYS[:-1], FORMAT_VERSION: FILE_ARRAYS}
 
 
 def write_index(index: GMMIndexIVF, path) -> None:
@@ -66,6 +69,7 @@ def write_index(index: GMMIndexIVF, path) -> None:
         "table_counts": np.concatenate([t.counts for t in parts]) if parts else np.empty(0, np.int64),
         "table_widths": np.array([t.width for t in parts], np.int64),
         "table_bins": np.array([t.counts.size for t in parts], np.int64),
+        "table_range": np.array([[t.low, t.high] for t in parts], np.float64).reshape(-1, 2),
     }
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -98,10 +102,11 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: not a {FORMAT} file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [m for m in ("header", "sha256") + FILE_ARRAYS if m not in npz.files]
+            members = FILE_ARRAYS if "table_range" in npz.files else _VERSION_ARRAYS[3]
+            missing = [m for m in ("header", "sha256") + members if m not in npz.files]
             if missing:
                 raise ValueError(f"members {missing} are missing")
-            arrays = {m: npz[m] for m in FILE_ARRAYS}
+            arrays = {m: npz[m] for m in members}
             header_bytes, digest = npz["header"], npz["sha256"]
     except FileNotFoundError:
         raise
@@ -109,9 +114,11 @@ def read_index(path) -> GMMIndexIVF:
         raise ValueError(f"{path}: not a readable {FORMAT} file (corrupt or truncated?): {err}") from err
     if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1 or digest.shape != () or digest.dtype.kind != "U":
         raise ValueError(f"{path}: malformed header or checksum member")
-    if checksum(header_bytes.tobytes(), arrays, FILE_ARRAYS) != str(digest):
+    if checksum(header_bytes.tobytes(), arrays, members) != str(digest):
         raise ValueError(f"{path}: contents do not match the SHA-256 checksum (corrupt or edited file)")
     header = _header(path, header_bytes.tobytes())
+    if _VERSION_ARRAYS[header["format_version"]] != members:
+        raise ValueError(f"{path}: its members do not match format_version {header['format_version']}")
     for member in ("faiss_index", "gmm"):
         if arrays[member].dtype != np.uint8 or arrays[member].ndim != 1:
             raise ValueError(f"{path}: member {member!r} is {arrays[member].dtype}{arrays[member].shape}, "
@@ -152,9 +159,9 @@ def _header(path, raw: bytes) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         got = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise ValueError(f"{path}: format is {got!r}, expected {FORMAT!r}")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in _VERSION_ARRAYS:
         raise ValueError(f"{path}: format_version {header.get('format_version')!r} is not supported "
-                         f"(this library reads version {FORMAT_VERSION})")
+                         f"(this library reads versions {sorted(_VERSION_ARRAYS)})")
     needed = ("d", "nlist", "encoding", "metric", "settings", "gmm_params", "ntotal", "next_id", "max_dup",
               "spill_threshold",
               "table_ntotal", "has_table", "calibration_source", "n_entries", "faiss_class")
@@ -233,9 +240,14 @@ def _table(path, arrays) -> ProbeTables:
         raise ValueError(f"{path}: depth table arrays have inconsistent shapes")
     if not all(np.isfinite(a).all() for a in (edges, recall, cost)):
         raise ValueError(f"{path}: depth table holds NaN or infinity")
+    ranges = arrays.get("table_range", np.tile([-np.inf, np.inf], (widths.size, 1)))
+    if ranges.shape != (widths.size, 2) or ranges.dtype != np.float64 or np.isnan(ranges).any() \
+            or (ranges[:, 0] > ranges[:, 1]).any():
+        raise ValueError(f"{path}: depth table ranges are malformed")
     ends, edge_ends = np.cumsum(bins), np.cumsum(bins - 1)
-    return ProbeTables([ProbeTable(edges[e - b + 1:e], recall[n - b:n], cost[n - b:n], counts[n - b:n], int(w))
-                        for w, b, n, e in zip(widths, bins, ends, edge_ends)])
+    return ProbeTables([ProbeTable(edges[e - b + 1:e], recall[n - b:n], cost[n - b:n], counts[n - b:n], int(w),
+                                   float(lo), float(hi))
+                        for w, b, n, e, (lo, hi) in zip(widths, bins, ends, edge_ends, ranges)])
 
 
 def _jsonable(params: dict) -> dict:

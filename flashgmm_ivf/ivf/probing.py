@@ -25,6 +25,7 @@ coarse distances, and deduplicates copies of a vector (:func:`.search.search_pre
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import faiss
@@ -39,6 +40,8 @@ __all__ = ["ListMembers", "ProbeTable", "ProbeTables", "adaptive_lists", "distan
 
 SPREAD_RANK = 32  # m of distance_spread: enough lists to tell a crowded neighbourhood from a lone one
 _BISECT_STEPS = 100
+# Share of a search's queries outside the calibrated feature range above which it warns.
+OUTSIDE_WARN_SHARE = 0.05
 
 
 def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarray:
@@ -235,6 +238,10 @@ class ProbeTable:
         Lists the first coarse walk of a search ranks for every query (the feature is
         computed on them); a graph quantizer walks again, as deep as the bin asks, only for
         queries whose bin asks for more.
+    low, high : float, default -inf, inf
+        Range of the training queries' feature. The bins say nothing of queries outside it
+        (queries unlike every training query, e.g. far from all the data): they get the
+        deepest depth any bin needs (:meth:`nprobe`).
     """
 
     edges: np.ndarray
@@ -242,6 +249,8 @@ class ProbeTable:
     cost: np.ndarray
     counts: np.ndarray
     width: int = SPREAD_RANK
+    low: float = -np.inf
+    high: float = np.inf
     # bin_nprobe per recall asked: its bisection costs milliseconds, a search of one query less.
     _bin_nprobe: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -300,7 +309,8 @@ class ProbeTable:
         recall, cost = np.zeros((nb, costs.shape[1])), np.zeros((nb, costs.shape[1]))
         np.add.at(recall, bins, found)
         np.add.at(cost, bins, costs)
-        return cls(edges, recall, cost, np.bincount(bins, minlength=nb), check_positive_int(width, "width"))
+        return cls(edges, recall, cost, np.bincount(bins, minlength=nb), check_positive_int(width, "width"),
+                   float(feature.min()), float(feature.max()))
 
     @property
     def depth(self) -> int:
@@ -369,12 +379,24 @@ class ProbeTable:
 
         Returns
         -------
-        ndarray of shape (nq,), int64 in [1, depth]
+        ndarray of shape (nq,), int64 in [1, depth]; queries whose feature lies outside
+        [low, high] get the largest of the bins' depths (with a RuntimeWarning when they are
+        more than ``OUTSIDE_WARN_SHARE`` of the queries).
         """
         feature = np.asarray(feature, dtype=np.float64)
         if feature.ndim != 1:
             raise ValueError(f"feature must be 1-D (nq,), got shape {feature.shape}")
-        return self.bin_nprobe(recall)[np.searchsorted(self.edges, feature, side="right")]
+        depth = self.bin_nprobe(recall)
+        nprobe = depth[np.searchsorted(self.edges, feature, side="right")]
+        outside = (feature < self.low) | (feature > self.high)
+        if self.edges.size and outside.any():  # one bin: the feature is not used
+            nprobe[outside] = depth.max()
+            if outside.mean() > OUTSIDE_WARN_SHARE:
+                warnings.warn(f"{int(outside.sum())} of {feature.size} queries are unlike the calibration queries "
+                              "(their difficulty feature lies outside the calibrated range): they get the deepest "
+                              "calibrated depth, and their recall is not calibrated; calibrate with queries like "
+                              "them (index.calibrate(queries))", RuntimeWarning, stacklevel=2)
+        return nprobe
 
 
 @dataclass
