@@ -111,7 +111,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         bf16x3's 9.9 (spherical 7.7 against 6.4), with ~0.6 GB of candidate buffers.
     variance_floor : 'auto' or float >= 0, default='auto'
         Diagonal and spherical variances are kept at least this times the data's mean squared
-        deviation (per feature) from the point the E-step expands around. float32
+        deviation (per feature) from the point the E-step expands around; full covariances get
+        it added to their diagonal. float32
         log-densities cannot resolve smaller variances on raw-scale data (a feature a component
         collapsed on costs tens of nats; see ``_mstep.FLOAT32_RELATIVE_FLOOR``). 'auto' is 1e-4
         with ``compute_dtype='float32'`` and 0 (scikit-learn's model: ``reg_covar`` alone)
@@ -343,9 +344,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self._check_initial_parameters(source.n_features)
         device = self._device()
         fitted = hasattr(self, "means_")
-        if fitted and self.means_.shape[1] != source.n_features:
+        # A warm start continues the fitted model; any other fit starts afresh, whatever was fitted.
+        if self.warm_start and fitted and self.means_.shape[1] != source.n_features:
             raise ValueError(f"X has {source.n_features} features, but the model was fitted with "
-                             f"{self.means_.shape[1]}")
+                             f"{self.means_.shape[1]} (warm_start=True continues it)")
         if device.type == "cuda":
             source = self._cached(source, device)
         do_init = not (self.warm_start and fitted)

@@ -187,3 +187,23 @@ def test_full_precisions_init_must_be_symmetric_positive_definite():
 def test_fitted_attributes_are_float64_whatever_the_input_dtype():
     g = fit(GaussianMixture(2, **FAST), blobs().astype(np.float32))
     assert g.means_.dtype == g.covariances_.dtype == g.weights_.dtype == np.float64
+
+
+def test_full_float32_fits_raw_scale_data_with_a_feature_constant_in_a_component():
+    """float32 sums of x x^T about the shift cancel for a component constant on a feature far from
+    it; the float32 variance floor keeps every covariance positive definite (float64: scikit-learn's)."""
+    rng = np.random.default_rng(0)
+    x = np.vstack([np.c_[rng.normal(50, 5, 1000), np.zeros(1000)],
+                   np.c_[rng.normal(150, 5, 1000), rng.normal(200, 5, 1000)]])
+    got = fit(GaussianMixture(2, covariance_type="full", **FAST), x)
+    assert np.isfinite(got.score(x)) and np.linalg.eigvalsh(got.covariances_).min() > 0.1
+    exact = fit(GaussianMixture(2, covariance_type="full", compute_dtype="float64", **FAST), x)
+    assert np.linalg.eigvalsh(exact.covariances_).min() < 1e-5  # reg_covar alone, as scikit-learn
+
+
+def test_a_new_fit_may_change_the_number_of_features_a_warm_start_may_not():
+    gmm = fit(GaussianMixture(2, **FAST), blobs(d=3))
+    assert fit(gmm, blobs(d=2)).means_.shape == (2, 2)
+    gmm.set_params(warm_start=True)
+    with pytest.raises(ValueError, match="X has 3 features, but the model was fitted with 2"):
+        fit(gmm, blobs(d=3))
