@@ -158,7 +158,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     Empty components: when a component's responsibility mass N_k drops below one
     sample, it is re-seeded on the worst-explained row of that E-step (lowest
     log-likelihood), with the average covariance of the other components and weight
-    1/n. K therefore never shrinks (an IVF index keeps nlist lists). The lower bound
+    1/n. K therefore never shrinks (an IVF index keeps nlist lists), up to
+    ``n_components`` re-seeds per initialisation: beyond, components that keep emptying
+    (K near the number of distinct rows) stay as EM leaves them, as in scikit-learn. The lower bound
     never decreases by more than round-off except across a re-seed; an iteration that
     re-seeds is never taken as converged. That holds while ``reg_covar`` is small against
     the variances: like scikit-learn, the M-step adds ``reg_covar`` to the maximising
@@ -353,8 +355,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         do_init = not (self.warm_start and fitted)
         rng = _rng(self.random_state)
         best = None
-        iteration = self._em_iteration(source, device, n)
+        iterations = {True: self._em_iteration(source, device, n, reseed=True)}
         for _ in range(self.n_init if do_init else 1):
+            iteration = iterations[True]
             state = self._initialize(source, rng, device) if do_init else self._state(device)
             self._truncation = TruncatedEStep(n, self.n_components, source.n_features, self.n_candidates,
                                               self.n_neighbors) if self._truncates() else None
@@ -371,6 +374,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 bounds.append(lower_bound)
                 reseeded = int(reseeded)
                 reseeded_total += reseeded
+                if reseeded_total >= self.n_components and iteration is iterations[True]:
+                    # Components that keep emptying (K near the number of distinct rows) would be
+                    # re-seeded forever: from here on they stay as EM leaves them.
+                    if False not in iterations:
+                        iterations[False] = self._em_iteration(source, device, n, reseed=False)
+                    iteration = iterations[False]
                 bar.update()
                 bar.set_postfix(lower_bound=f"{lower_bound:.6g}")
                 if abs(lower_bound - previous) < self.tol and not reseeded:
@@ -417,15 +426,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self._dense_kernels(device) and self.precision != "candidates" and source.checked \
             and source.resident_on(device)
 
-    def _em_iteration(self, source, device, n):
-        """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two 0-d tensors.
+    def _em_iteration(self, source, device, n, reseed):
+        """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two 0-d tensors;
+        ``reseed``: whether emptied components are re-seeded.
 
         Nothing in it waits for the GPU, so where ``_graphable`` it is captured once and
         replayed (``_graph.GraphedStep``)."""
         def step(*tensors):
             state = EMState(*tensors)
             stats, log_lik, worst = self._e_step(source, state, device)
-            state, reseeded = self._m_step(stats, worst, state, n)
+            state, reseeded = self._m_step(stats, worst if reseed else worst[:0], state, n)
             return (*state, log_lik, reseeded)
 
         run = GraphedStep(step) if self._graphable(source, device) else step

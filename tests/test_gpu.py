@@ -101,11 +101,11 @@ def test_graphed_iteration_reseeds_like_eager(monkeypatch):
     means[3] += 1e4  # nothing near it: N_3 = 0 after the E-step
     far = EMState(state.weights, means, state.cov, state.prec_chol, state.shift)
     assert gmm._graphable(source, device)
-    graphed = gmm._em_iteration(source, device, n)
+    graphed = gmm._em_iteration(source, device, n, reseed=True)
     graphed(state)  # eager run and capture
     got_state, got_ll, got_reseeded = graphed(far)  # replay
     monkeypatch.setattr(GaussianMixture, "_graphable", lambda *args: False)
-    want_state, want_ll, want_reseeded = gmm._em_iteration(source, device, n)(far)
+    want_state, want_ll, want_reseeded = gmm._em_iteration(source, device, n, reseed=True)(far)
     assert int(got_reseeded) == int(want_reseeded) == 1
     assert float(got_ll) == pytest.approx(float(want_ll), rel=1e-12)
     for got, want in zip(got_state, want_state):

@@ -207,3 +207,15 @@ def test_a_new_fit_may_change_the_number_of_features_a_warm_start_may_not():
     gmm.set_params(warm_start=True)
     with pytest.raises(ValueError, match="X has 3 features, but the model was fitted with 2"):
         fit(gmm, blobs(d=3))
+
+
+def test_components_near_the_number_of_rows_stop_being_reseeded_and_em_converges():
+    """With K = N components keep emptying; after n_components re-seeds EM leaves them be and
+    converges, as scikit-learn does."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    start = dict(means_init=x[rng.permutation(40)], weights_init=np.full(40, 1 / 40),
+                 precisions_init=np.tile(1 / x.var(0), (40, 1)))
+    gmm = fit(GaussianMixture(40, compute_dtype="float64", max_iter=100, reg_covar=1e-3, device="cpu", **start), x)
+    assert gmm.converged_ and gmm.n_iter_ < 100
+    assert 40 <= gmm.n_reseeded_ < 80 and np.isfinite(gmm.score(x))
