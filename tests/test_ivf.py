@@ -976,6 +976,10 @@ def test_bad_input(fashion, fashion_index):
         index.add_with_ids(base[:3], np.array([0, -2, 5]))
     with pytest.raises(ValueError, match="ids must have shape"):
         index.add_with_ids(base[:3], np.arange(4))
+    before = index.ntotal
+    with pytest.raises(ValueError, match="distinct: 2 repeat an earlier one, e.g. id 7 at positions 0 and 2"):
+        index.add_with_ids(base[:4], np.array([7, 9, 7, 7]))
+    assert index.ntotal == before  # nothing added
     with pytest.raises(ValueError, match="zero row"):
         cos = index_factory(784, "IVF16_GMM(spherical,iter=2),Flat", "cosine", device="cpu")
         cos.train(np.vstack([base[:1000], np.zeros((1, 784), np.float32)]))

@@ -458,6 +458,13 @@ class GMMIndexIVF:
             bad = np.flatnonzero((ids < 0) | (ids == np.iinfo(np.int64).max))
             raise ValueError(f"ids must be in [0, 2**63 - 1) (-1 marks missing results): {bad.size} out of range, "
                              f"first at position {int(bad[0])}")
+        order = np.argsort(ids, kind="stable")
+        repeats = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        if repeats.size:
+            # Search deduplicates by id: vectors sharing one would hide each other.
+            first, again = sorted(order[repeats[0]:repeats[0] + 2].tolist())
+            raise ValueError(f"ids must be distinct: {repeats.size} repeat an earlier one, e.g. id "
+                             f"{int(ids[first])} at positions {first} and {again}")
         self._add(x, ids)
 
     def _add(self, x, ids):
