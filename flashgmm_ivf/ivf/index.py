@@ -474,7 +474,8 @@ class GMMIndexIVF:
         # each list is resized once (``add_assigned``).
         blocks = range(0, x.shape[0], _ADD_BLOCK)
         assigned = []
-        for start in tqdm(blocks, desc="assign", unit="block", disable=len(blocks) < 4):
+        # disable only when True: an explicit False would override TQDM_DISABLE.
+        for start in tqdm(blocks, desc="assign", unit="block", **({"disable": True} if len(blocks) < 4 else {})):
             xb = x[start:start + _ADD_BLOCK]
             assigned.append(self.assign(xb, normalised=True))
             if self.encoding == "SQfp16":

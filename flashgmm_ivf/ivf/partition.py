@@ -81,7 +81,9 @@ def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
         stages += 1
     order = np.random.default_rng(seed).permutation(n) if stages > 1 else None
     centroids = None
-    with tqdm(total=niter, desc="k-means", unit="iter", leave=False, disable=stages == 1) as bar:
+    # disable only when True: an explicit False would override TQDM_DISABLE.
+    hide = {"disable": True} if stages == 1 else {}
+    with tqdm(total=niter, desc="k-means", unit="iter", leave=False, **hide) as bar:
         for stage in reversed(range(stages)):  # stage s holds the first n / 2^s rows of one permutation
             rows = x if stage == 0 else x[np.sort(order[:n >> stage])]
             iterations = niter // (stages + 1) if stage else niter - (stages - 1) * (niter // (stages + 1))
