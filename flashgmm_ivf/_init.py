@@ -11,7 +11,7 @@ import numpy as np
 
 from ._chunks import ChunkSource
 
-INIT_METHODS = ("kmeans", "k-means++", "random_from_data")
+INIT_METHODS = ("kmeans", "k-means++", "random_from_data", "random")
 # FAISS trains k-means on at most 256 points per centroid; more adds time, not quality.
 POINTS_PER_COMPONENT = 256
 SAMPLE_BYTES = 1 << 30

@@ -72,10 +72,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     max_iter : int, default=100
     n_init : int, default=1
         Initialisations tried; the one with the highest lower bound is kept.
-    init_params : {'kmeans', 'k-means++', 'random_from_data'}, default='kmeans'
+    init_params : {'kmeans', 'k-means++', 'random_from_data', 'random'}, default='kmeans'
         How the initial means are drawn, from a uniform sample of at most 256 rows per
         component ('kmeans' is ``faiss.Kmeans``). Weights and covariances then come from
-        assigning every row to its nearest initial mean.
+        assigning every row to its nearest initial mean. 'random' (scikit-learn's): every
+        row's responsibilities drawn uniformly and normalised, then an M-step.
     weights_init : array of shape (n_components,), optional
     means_init : array of shape (n_components, n_features), optional
     precisions_init : array, optional
@@ -450,14 +451,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         k = self.n_components
         if self.means_init is not None:
             seeds = np.asarray(self.means_init, dtype=np.float64)
+            shift = seeds.mean(0)
         else:
             sample = uniform_sample(source, sample_size(k, source.n_features), rng)
-            seeds = initial_means(sample, k, self.init_params, rng)
-        shift = torch.as_tensor(seeds.mean(0), device=device)
-        # With weights, means and precisions all given, the hard-assignment pass (O(N K D))
-        # would be thrown away: skip it.
+            seeds = None if self.init_params == "random" else initial_means(sample, k, self.init_params, rng)
+            shift = sample.mean(0, dtype=np.float64) if seeds is None else seeds.mean(0)
+        shift = torch.as_tensor(shift, device=device)
+        # With weights, means and precisions all given, the first pass (O(N K D)) would be
+        # thrown away: skip it.
         if any(given is None for given in (self.weights_init, self.means_init, self.precisions_init)):
-            stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift, device)
+            if seeds is None:
+                stats = self._random_responsibility_stats(source, shift, rng, device)
+            else:
+                stats = self._hard_assignment_stats(source, torch.as_tensor(seeds, device=device) - shift, shift,
+                                                    device)
             weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar, self._relative_floor())
         if self.weights_init is not None:
             weights = torch.as_tensor(np.asarray(self.weights_init, dtype=np.float64), device=device)
@@ -467,6 +474,24 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             prec = torch.as_tensor(np.asarray(self.precisions_init, dtype=np.float64), device=device)
             cov = 1.0 / prec if self.covariance_type != "full" else torch.linalg.inv(prec)
         return self._recentre(EMState(weights, means, cov, None, shift))
+
+    def _random_responsibility_stats(self, source, shift, rng, device) -> EStepResult:
+        """Statistics of responsibilities drawn uniformly and normalised per row."""
+        k, d = self.n_components, shift.shape[0]
+        acc = _zero_stats(k, d, self.covariance_type, device)
+        for _, x in self._blocks(source, device, "init"):
+            r = torch.as_tensor(rng.random((x.shape[0], k)), device=device)
+            r /= r.sum(1, keepdim=True)
+            xc = x.to(torch.float64) - shift
+            acc.nk.add_(r.sum(0))
+            acc.s1.add_(r.T @ xc)
+            if self.covariance_type == "spherical":
+                acc.s2.add_(r.T @ (xc * xc).sum(1))
+            elif self.covariance_type == "diag":
+                acc.s2.add_(r.T @ (xc * xc))
+            else:
+                acc.s2.add_((r.T @ (xc[:, :, None] * xc[:, None, :]).reshape(len(xc), d * d)).view(k, d, d))
+        return acc
 
     def _hard_assignment_stats(self, source, seeds_c, shift, device) -> EStepResult:
         """Statistics of assigning every row to its nearest seed (one-hot responsibilities)."""

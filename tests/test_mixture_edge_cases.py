@@ -219,3 +219,17 @@ def test_components_near_the_number_of_rows_stop_being_reseeded_and_em_converges
     gmm = fit(GaussianMixture(40, compute_dtype="float64", max_iter=100, reg_covar=1e-3, device="cpu", **start), x)
     assert gmm.converged_ and gmm.n_iter_ < 100
     assert 40 <= gmm.n_reseeded_ < 80 and np.isfinite(gmm.score(x))
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
+def test_random_responsibilities_start_near_the_data_mean_and_fit(covariance_type):
+    """init_params='random' (scikit-learn's): an M-step from uniform random responsibilities, so
+    every starting mean is a random average of all rows, close to their mean."""
+    x = blobs(n=300, d=4)
+    start = fit(GaussianMixture(3, covariance_type=covariance_type, init_params="random", compute_dtype="float64",
+                                max_iter=0, random_state=0, device="cpu"), x)
+    assert np.abs(start.means_ - x.mean(0)).max() < 0.5 * x.std(0).min()
+    assert np.allclose(start.weights_, 1 / 3, atol=0.05)
+    got = fit(GaussianMixture(3, covariance_type=covariance_type, init_params="random", compute_dtype="float64",
+                              max_iter=200, random_state=0, device="cpu"), x)
+    assert got.converged_ and np.isfinite(got.score(x))

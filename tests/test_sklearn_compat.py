@@ -37,10 +37,8 @@ EXCLUDED = {
         "precisions_init computed from them takes the same iterations as one without",
     "test_check_weights": "matches scikit-learn's range message, which swaps 'min value' and 'max value'",
     "test_bic_1d_1component": "compares against covariance_type='tied', not implemented",
-    "test_gaussian_mixture_attributes": "uses init_params='random' (random responsibilities), not implemented",
 }
-# init_params='random' (random responsibilities) is not implemented ('random_from_data' is).
-UNSUPPORTED_PARAMS = ("tied", "random")
+UNSUPPORTED_PARAMS = ("tied",)
 
 
 def _sklearn_defaults(cls, **defaults):
