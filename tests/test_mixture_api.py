@@ -70,7 +70,7 @@ def test_shape_and_size_errors(data):
 @pytest.mark.parametrize("name,value,message", [
     ("n_components", 0, r"n_components must be an integer in \[1, inf\]"),
     ("covariance_type", "tied", "covariance_type must be one of"),
-    ("init_params", "random", "init_params must be one of"),
+    ("init_params", "kmeans++", "init_params must be one of"),
     ("reg_covar", -1.0, "reg_covar must be a finite number >= 0"),
     ("device", "tpu", "device must be one of"),
     ("precision", "fp16", "precision must be one of"),
