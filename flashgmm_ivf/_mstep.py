@@ -43,8 +43,9 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
     covariance_type : one of ``COVARIANCE_TYPES``
     reg_covar : float, added to every variance (scikit-learn's rule) and its floor
     relative_floor : float, variances (diag, spherical) are at least this times the data's
-        mean squared distance to the shift, per feature, and full covariances get it added to
-        their diagonal (``FLOAT32_RELATIVE_FLOOR`` for float32 E-steps, 0 for float64)
+        mean squared distance to the shift, per feature, and full covariances that are not
+        positive definite get it added to their diagonal (``FLOAT32_RELATIVE_FLOOR`` for float32
+        E-steps, 0 for float64)
 
     Returns
     -------
@@ -56,11 +57,12 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
         cov = stats.s2 / nk[:, None, None] - means[:, :, None] * means[:, None, :]
         cov += reg_covar * torch.eye(means.shape[1], dtype=cov.dtype, device=cov.device)
         if relative_floor:
-            # float32 sums of x x^T about a far shift cancel (a feature constant within a component
-            # comes out slightly negative) and float32 log-densities cannot resolve such variances:
-            # the floor added to every diagonal keeps the covariances positive definite.
+            # float32 sums of x x^T about a far shift cancel: a feature constant within a component
+            # can come out slightly negative. Such components (not positive definite) get the
+            # floor added to their diagonal; the others keep scikit-learn's covariances.
             m2 = torch.diagonal(stats.s2.sum(0)) / stats.nk.sum()
-            cov += torch.diag_embed(relative_floor * m2).expand_as(cov)
+            broken = torch.linalg.cholesky_ex(cov)[1] > 0
+            cov = torch.where(broken[:, None, None], cov + torch.diag(relative_floor * m2), cov)
     elif covariance_type == "diag":
         cov = stats.s2 / nk[:, None] - means * means + reg_covar
     else:
