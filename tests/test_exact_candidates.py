@@ -30,7 +30,7 @@ SHAPES = [
     (61, 70, 50, (16, 32, 32)),      # K over two tiles (two words of marks), D over three tiles
     (19, 128, 7, (16, 32, 128)),     # D fills the exact log-densities' register tile
     (45, 129, 11, (16, 32, 128)),    # D just over one tile
-    (97, 20, 70, (16, 64, 32)),      # K over two tiles of two words each, the last word partly used
+    (71, 20, 70, (16, 64, 32)),      # K over two tiles of two words each, the last word partly used
 ]
 # Float32 from centred differences: measured ~1e-6 relative against float64.
 TOLERANCE = 2e-5
@@ -115,16 +115,16 @@ def test_exact_pass_walks_marks_beyond_its_register_words(diagonal, poisoned_emp
     """Two words a row in registers against three words of marks (K = 70): rows load their next
     words when theirs are spent, and the slots still hold every mark in component order."""
     from flashgmm_ivf.kernels import candidate_resp as module
-    n, d, k = 97, 20, 70
-    x, params, shift = mixture(n, d, k, "standardised", diagonal)
-    xd, split, sh, weights, _ = prepared(x, params, shift)
+    n, d, k = 24, 20, 70
+    x, params, shift = mixture(71, d, k, "standardised", diagonal)  # means drawn from 71 rows
+    xd, split, sh, weights, _ = prepared(x[:n], params, shift)
     centred = exact_candidates.centred_params(split)
     marks = search("fused", xd, sh, weights, (16, 64, 32))(xd, centred, 60.0, None)
     expected = candidate_resp(xd, sh, *centred, marks, k)
     monkeypatch.setattr(module, "WORDS", 2)
     got = candidate_resp(xd, sh, *centred, marks, k)
     count = got[4].cpu()
-    assert (count > 64).sum() > n // 4  # many rows walk into their third word
+    assert (count > 64).sum() >= 4  # rows walk into their third word
     for name, g, e in zip(("log_norm", "resp", "best", "cand", "count"), got, expected):
         assert torch.equal(g.cpu(), e.cpu()), name
 
@@ -144,7 +144,8 @@ def test_estep_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_e
         assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
 
 
-@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] != (61, 70, 50)])
+# The library products' selection takes its own 128-wide tiles: the last shape adds nothing there.
+@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] not in ((61, 70, 50), (71, 20, 70))])
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 @pytest.mark.parametrize("kind", ["raw", "standardised"])
 def test_estep_by_library_products_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_empty):
