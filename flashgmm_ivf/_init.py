@@ -43,8 +43,10 @@ def initial_means(sample: np.ndarray, n_components: int, method: str, rng: np.ra
         return sample[rng.choice(sample.shape[0], n_components, replace=False)].astype(np.float64)
     if method == "k-means++":
         return _kmeans_plusplus(sample, n_components, rng)
+    # min_points_per_centroid=1: FAISS's too-few-points warning (printed, whatever verbose says)
+    # is for an IVF's lists; a mixture may have components of a few rows each.
     km = faiss.Kmeans(sample.shape[1], n_components, niter=20, seed=int(rng.integers(2**31 - 1)),
-                      max_points_per_centroid=POINTS_PER_COMPONENT, verbose=False)
+                      max_points_per_centroid=POINTS_PER_COMPONENT, min_points_per_centroid=1, verbose=False)
     # FAISS clusters in float32: centred and scaled to |x| <= 1 (a power of two, exact), the
     # squared distances neither overflow (large values abort FAISS) nor lose the digits the
     # data's offset would take.
