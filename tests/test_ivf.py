@@ -331,6 +331,31 @@ def test_calibrate_with_queries(fashion):
     assert pq.search(query[:, :112], K, recall=0.9)[1].shape == (len(query), K)
 
 
+def test_queries_unlike_the_data_warn_until_calibrated_on_queries_like_them():
+    """Queries from other clusters than the data lie outside the calibrated difficulty range: a
+    recall search warns and gives them the deepest calibrated depth; calibrating on such
+    queries removes the warning and meets the target on new ones."""
+    rng = np.random.default_rng(0)
+    d = 32
+    base = (rng.normal(size=(30, d))[rng.integers(0, 30, 6000)] * 3 + rng.normal(size=(6000, d)) * 0.5)
+    other = rng.normal(size=(30, d)) * 3
+
+    def queries(n):
+        return (other[rng.integers(0, 30, n)] + rng.normal(size=(n, d)) * 0.5).astype(np.float32)
+
+    index = index_factory(d, "IVF32_GMM(iter=2),Flat", device="cpu")
+    index.train(base.astype(np.float32))
+    index.add(base.astype(np.float32))
+    test = queries(200)
+    with pytest.warns(RuntimeWarning, match="queries are unlike the calibration queries"):
+        index.search(test, K, recall=0.9)
+    index.calibrate(queries(400))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, I = index.search(test, K, recall=0.9)
+    assert recall_of(I, exact(base, test, "l2", K)[1]) > 0.85
+
+
 def test_table_is_refitted_when_the_index_grows(fashion):
     base, query, _, _ = fashion
     index = index_factory(base.shape[1], "IVF16_GMM(iter=2),Flat", device="cpu")
