@@ -8,10 +8,10 @@ row whose words are spent loads its next WORDS. For every candidate the log-dens
 in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows (SIFT:
 0..255) lose nothing to cancellation, stored in the row's next slot and folded into an online
 log-sum-exp; the largest gives the row's best component (the next E-step's hint,
-``exact_candidates``). A second walk turns the
-stored log-densities into responsibilities in place. Slots past a row's count keep
-responsibility 0, and so do all slots of rows with more candidates than slots (their E-step is
-the dense one; their log Z is left unwritten).
+``exact_candidates``). A second walk turns the stored log-densities into responsibilities and
+keeps, packed to the front of the row's slots, those of at least ``min_resp``: the statistics
+then read only the kept (row, component, r) triples, never all the row's slots. Rows with more
+candidates than slots keep none (their E-step is the dense one; their log Z is left unwritten).
 
 Oracle: the float64 dense E-step of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -58,8 +58,8 @@ def _first_word(words, WORDS: tl.constexpr):
 
 @triton.jit
 def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, mark_ptr, n_words,
-                          cand_ptr, count_ptr, log_norm_ptr, resp_ptr, best_ptr, n_rows, n_cols,
-                          CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          cand_ptr, count_ptr, kept_ptr, log_norm_ptr, resp_ptr, best_ptr, min_resp, n_rows,
+                          n_cols, CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -102,13 +102,19 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     log_z = run_max + tl.log(tl.where(todo > 0, run_sum, 1.0))  # rows with no candidate: log Z unused
     tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (todo > 0))
     tl.store(best_ptr + rows, best.to(tl.int32), mask=row_mask & (todo > 0))
+    # Packing in place is safe: a row's kept slot never lies past the slot being read.
+    kept = tl.zeros([BLOCK_N], dtype=tl.int32)
     for s in range(tl.max(todo)):
-        live = s < todo
-        ll = tl.load(resp_ptr + slots + s, mask=live, other=float("-inf"))
-        tl.store(resp_ptr + slots + s, tl.exp(ll - log_z), mask=live)  # slots past the count keep their 0
+        r = tl.exp(tl.load(resp_ptr + slots + s, mask=s < todo, other=float("-inf")) - log_z)
+        keep = (s < todo) & (r >= min_resp)
+        comp = tl.load(cand_ptr + slots + s, mask=keep)
+        tl.store(resp_ptr + slots + kept, r, mask=keep)
+        tl.store(cand_ptr + slots + kept, comp, mask=keep)
+        kept += keep.to(tl.int32)
+    tl.store(kept_ptr + rows, kept, mask=row_mask)
 
 
-def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, block_n=4, num_warps=1):
+def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, block_n=4, num_warps=1):
     """Launch the exact pass.
 
     Parameters
@@ -120,29 +126,33 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, bloc
     consts : float32 Tensor of shape (K,), log pi_k - 1/2 log det(2 pi Sigma_k) (less the E-step's offset)
     marks : int32 Tensor of shape (n, ceil(K / 32)), from ``kernels.candidates.candidates``
     capacity : int, candidate slots per row
+    min_resp : float, the least responsibility a kept candidate has (0: keep every candidate)
 
     Returns
     -------
     log_norm : float32 Tensor of shape (n,), written where 0 < count <= capacity
-    resp : float32 Tensor of shape (n, capacity), 0 past each row's count and on overflowed rows
+    resp : float32 Tensor of shape (n, capacity), the kept candidates' responsibilities in the
+        row's first ``kept`` slots (the rest unwritten)
     best : int32 Tensor of shape (n,), the component of largest log-density, written where
         0 < count <= capacity
-    cand : int32 Tensor of shape (n, capacity), the row's candidates in component order in its
-        first min(count, capacity) slots (written where count <= capacity)
+    cand : int32 Tensor of shape (n, capacity), the kept candidates in component order in the
+        row's first ``kept`` slots
     count : int32 Tensor of shape (n,), candidates marked (> capacity: the row overflowed)
+    kept : int32 Tensor of shape (n,), candidates kept (0 where the row overflowed)
     """
     n, d = x.shape
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
-    resp = torch.zeros(n, capacity, dtype=torch.float32, device=x.device)
+    resp = torch.empty(n, capacity, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
     cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
     count = torch.empty(n, dtype=torch.int32, device=x.device)
+    kept = torch.empty(n, dtype=torch.int32, device=x.device)
     # A block walks as many candidates as its longest row holds: few rows a block waste few steps.
     # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
     # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical.
     block_d, one_tile = feature_tile(d)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, log_norm, resp, best,
-        n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,
+        x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, kept, log_norm, resp,
+        best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,
         ONE_TILE=one_tile, WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), num_warps=num_warps)
-    return log_norm, resp, best, cand, count
+    return log_norm, resp, best, cand, count, kept

@@ -16,9 +16,10 @@ components per row within 40 nats of the best), so this E-step splits the work:
    The search by library products for wide rows (``kernels.gemm.candidates``) takes the best
    lower bound max_k (l~ - e) of its stored products.
 2. ``kernels.candidate_resp``: the marks into per-row slots, then log Z and the responsibilities
-   over them, in float32 from centred differences (x - mu).
-3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the
-   (row, component, r) triples whose r exceeds e^-MARGIN_NATS, sorted by component.
+   over them, in float32 from centred differences (x - mu); each row keeps, packed to the front
+   of its slots, the (component, r) pairs of r >= e^-MARGIN_NATS.
+3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the kept
+   (row, component, r) triples, sorted by component.
 
 Rows with more than ``capacity`` candidates (flat posteriors: early iterations, standardised
 data) take the dense E-step, given as ``dense``.
@@ -92,16 +93,17 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, over = [], [], [], []
 
-    def collect(start, r, cand, kept, overflowed, sizes, ready):
+    def collect(start, r, cand, kept, ends, overflowed, sizes, ready):
         """The kept (row, component, r) triples and the overflowed rows of a sub-block."""
         if ready is not None:
             ready.synchronize()
         n_kept, n_over = sizes.tolist()
-        # Sized on the host: no synchronisation (torch.nonzero would wait for the queued sub-block).
-        kept = torch.nonzero_static(kept, size=n_kept).view(-1)
-        rows.append(torch.div(kept, capacity, rounding_mode="floor").to(torch.int32) + start)
-        comps.append(cand.view(-1)[kept])
-        resp.append(r.view(-1)[kept])
+        # Sized on the host: no synchronisation (the queued sub-block would be waited for).
+        row = torch.repeat_interleave(kept, output_size=n_kept)
+        slot = row * capacity + torch.arange(n_kept, device=x.device) - (ends - kept)[row]
+        rows.append(row.to(torch.int32) + start)
+        comps.append(cand.view(-1)[slot])
+        resp.append(r.view(-1)[slot])
         over.append(torch.nonzero_static(overflowed, size=n_over).view(-1) + start)
 
     pending = None
@@ -110,18 +112,19 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
         marks = search(part, centred, margin, hint)
-        lz, r, top, cand, count = candidate_resp(part, shift, *centred, marks, capacity)
+        lz, r, top, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
+                                                       min_resp=math.exp(-margin))
         log_norm[start:start + len(part)] = lz
         if hint is not None:
             hint.copy_(torch.where((count > 0) & (count <= capacity), top, hint))
-        kept, overflowed = r.view(-1) > math.exp(-margin), count > capacity
-        sizes = torch.stack([kept.sum(), overflowed.sum()]).to("cpu", non_blocking=True)
+        overflowed, ends = count > capacity, torch.cumsum(kept, 0)
+        sizes = torch.stack([ends[-1], overflowed.sum()]).to("cpu", non_blocking=True)
         ready = torch.cuda.Event() if x.device.type == "cuda" else None
         if ready is not None:
             ready.record()
         if pending is not None:
             collect(*pending)
-        pending = (start, r, cand, kept, overflowed, sizes, ready)
+        pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
     nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(centred[2]), diagonal)
     over = torch.cat(over)

@@ -78,14 +78,19 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     centred = exact_candidates.centred_params(split)
     marks = search(how, xd, sh, weights, blocks)(xd, centred, margin, None)
     assert marks.shape == (n, -(-k // 32)) and marks.dtype == torch.int32
-    _, resp, top, cand, count = candidate_resp(xd, sh, *centred, marks, capacity)
-    cand, count, resp, top = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long()
+    _, resp, top, cand, count, kept = candidate_resp(xd, sh, *centred, marks, capacity)
+    cand, count, resp, top, kept = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long(), kept.cpu()
+    # With a least responsibility, each row keeps those of its slots that reach it, packed in order.
+    floor = 1e-3
+    _, packed_resp, _, packed, _, n_packed = (t.cpu() for t in candidate_resp(xd, sh, *centred, marks, capacity,
+                                                                               min_resp=floor))
     bits = (marks.cpu().long()[:, :, None] >> torch.arange(32)) & 1
     marked = [torch.nonzero(row.flatten()).view(-1) for row in bits]
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     best = exact.amax(1)
     for row in range(n):
         assert (marked[row] < k).all() and count[row] == len(marked[row])
+        assert kept[row] == (count[row] if count[row] <= capacity else 0)
         assert count[row] >= 1  # the first-ranked component reaches its own threshold
         needed = torch.nonzero(exact[row] >= best[row] - margin).view(-1)
         assert set(needed.tolist()) <= set(marked[row].tolist()), row
@@ -95,8 +100,14 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
             # the exact pass weighs them, and its responsibilities sum to 1
             weighted = stored[resp[row, :len(stored)] > 0]
             assert set(needed.tolist()) <= set(weighted.tolist()), row
-            assert abs(float(resp[row].double().sum()) - 1) < 1e-5
+            assert abs(float(resp[row, :len(stored)].double().sum()) - 1) < 1e-5
             assert exact[row, top[row]] >= best[row] - 1e-3  # the best, or a float32 tie with it
+            reach = resp[row, :len(stored)] >= floor
+            assert n_packed[row] == reach.sum() >= 1
+            assert torch.equal(packed[row, :n_packed[row]].long(), stored[reach])
+            assert torch.equal(packed_resp[row, :n_packed[row]], resp[row, :len(stored)][reach])
+        else:
+            assert n_packed[row] == 0
 
 
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
@@ -125,8 +136,13 @@ def test_exact_pass_walks_marks_beyond_its_register_words(diagonal, poisoned_emp
     got = candidate_resp(xd, sh, *centred, marks, k)
     count = got[4].cpu()
     assert (count > 64).sum() >= 4  # rows walk into their third word
+    kept = got[5].cpu()
+    assert torch.equal(kept, expected[5].cpu())
     for name, g, e in zip(("log_norm", "resp", "best", "cand", "count"), got, expected):
-        assert torch.equal(g.cpu(), e.cpu()), name
+        g, e = g.cpu(), e.cpu()
+        if g.dim() == 2:  # slots past a row's kept ones are unwritten
+            g, e = (torch.cat([t[i, :kept[i]] for i in range(n)]) for t in (g, e))
+        assert torch.equal(g, e), name
 
 
 # Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
