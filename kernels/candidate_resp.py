@@ -114,7 +114,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     tl.store(kept_ptr + rows, kept, mask=row_mask)
 
 
-def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, block_n=4, num_warps=1):
+def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None, block_n=4,
+                   num_warps=1):
     """Launch the exact pass.
 
     Parameters
@@ -127,6 +128,8 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     marks : int32 Tensor of shape (n, ceil(K / 32)), from ``kernels.candidates.candidates``
     capacity : int, candidate slots per row
     min_resp : float, the least responsibility a kept candidate has (0: keep every candidate)
+    best : int32 Tensor of shape (n,) or None, written in place as the returned ``best`` (rows
+        that overflow keep their value)
 
     Returns
     -------
@@ -143,7 +146,7 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     n, d = x.shape
     log_norm = torch.empty(n, dtype=torch.float32, device=x.device)
     resp = torch.empty(n, capacity, dtype=torch.float32, device=x.device)
-    best = torch.empty(n, dtype=torch.int32, device=x.device)
+    best = torch.empty(n, dtype=torch.int32, device=x.device) if best is None else best
     cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
     count = torch.empty(n, dtype=torch.int32, device=x.device)
     kept = torch.empty(n, dtype=torch.int32, device=x.device)

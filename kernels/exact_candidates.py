@@ -112,11 +112,10 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
         marks = search(part, centred, margin, hint)
-        lz, r, top, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
-                                                       min_resp=math.exp(-margin))
+        # Rows that overflow keep their hint: the dense E-step finds no best.
+        lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
+                                                     min_resp=math.exp(-margin), best=hint)
         log_norm[start:start + len(part)] = lz
-        if hint is not None:
-            hint.copy_(torch.where((count > 0) & (count <= capacity), top, hint))
         overflowed, ends = count > capacity, torch.cumsum(kept, 0)
         sizes = torch.stack([ends[-1], overflowed.sum()]).to("cpu", non_blocking=True)
         ready = torch.cuda.Event() if x.device.type == "cuda" else None

@@ -80,10 +80,12 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     assert marks.shape == (n, -(-k // 32)) and marks.dtype == torch.int32
     _, resp, top, cand, count, kept = candidate_resp(xd, sh, *centred, marks, capacity)
     cand, count, resp, top, kept = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long(), kept.cpu()
-    # With a least responsibility, each row keeps those of its slots that reach it, packed in order.
-    floor = 1e-3
+    # With a least responsibility, each row keeps those of its slots that reach it, packed in order;
+    # a given ``best`` is written in place where the row does not overflow.
+    floor, given = 1e-3, torch.full((n,), -7, dtype=torch.int32, device=DEVICE)
     _, packed_resp, _, packed, _, n_packed = (t.cpu() for t in candidate_resp(xd, sh, *centred, marks, capacity,
-                                                                               min_resp=floor))
+                                                                               min_resp=floor, best=given))
+    assert torch.equal(given.cpu().long(), torch.where(count <= capacity, top, -7))
     bits = (marks.cpu().long()[:, :, None] >> torch.arange(32)) & 1
     marked = [torch.nonzero(row.flatten()).view(-1) for row in bits]
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
