@@ -4,16 +4,20 @@ One program owns BLOCK_N rows and streams over all K components in (BLOCK_N, BLO
 log-densities computed with one bfloat16 product (``tile``'s "bf16" scheme). Each approximate
 log-density l~ comes with a proven error bound e_nk >= |l~ - l|:
 
-    e_nk = EPS * (|lin~_k| . |x~_n| + |quad~_k| . x~_n^2)   (spherical: no quad term)
-           + 2^-20 |l~|                                      (float32 constants and sums)
+    diag:      e_nk = EPS * (|lin~_k| . |x~_n| + |quad~_k| . x~_n^2) + 2^-20 |l~|
+    spherical: e_nk = EPS' * ||lin~_k|| ||x~_n||                     + 2^-20 |l~|
 
-Rounding a to a~ (bfloat16, u = 2^-8) gives |a~ b~ - a b| <= (2u + u^2) |a| |b| and |a| <= |a~| /
-(1 - u); EPS (``bound_eps``) is (2u + u^2) / (1 - u)^2 with room for the float32 sums of the
-products. The bound follows each term's size: a norm (Cauchy-Schwarz) bound instead is tens
-of nats loose on fitted SIFT models, whose variances differ by orders of magnitude between
-features. It costs one more bfloat16 product, |lin~| . |x~|: a diagonal model's quad~ is
--1/2 the precisions, never positive, and x~^2 is not negative, so |quad~| . x~^2 is the negated
-quad part of l~ itself.
+(2^-20 |l~|: float32 constants and sums). Rounding a to a~ (bfloat16, u = 2^-8) gives |a~ b~ - a b|
+<= (2u + u^2) |a| |b| and |a| <= |a~| / (1 - u); EPS (``bound_eps``) is (2u + u^2) / (1 - u)^2 with
+room for the float32 sums of the products, and EPS' (``norm_bound_eps``) adds room for the float32
+norms. A diagonal model's bound follows each term's size: it costs one more bfloat16 product,
+|lin~| . |x~| (quad~ is -1/2 the precisions, never positive, and x~^2 is not negative, so |quad~| .
+x~^2 is the negated quad part of l~ itself). A norm (Cauchy-Schwarz) bound there is tens of nats
+loose on fitted SIFT models, whose variances differ by orders of magnitude between features. A
+spherical model's linear weights are its means times one precision; there the norm bound costs
+no product and stays within a few nats (float64 replay on real SIFT rows across EM, K = 1024:
+1.3-4.0 nats at the row's best component, 12-23 candidates per row on average,
+``eval/results/check_candidates_spherical_sift_cpu.json``).
 
 Each row comes with a threshold (``exact_candidates``: the exact log-density of one component,
 less the margin), and a component is marked when its upper bound l~ + e reaches it: nothing
@@ -53,24 +57,42 @@ def n_terms(n_features: int, diagonal: bool) -> int:
     return 2 * n_features if diagonal else n_features
 
 
-def abs_lin(weights):
-    """|lin~|, (K, D): the rounded linear weights of the error-bound product."""
-    return weights.lin_hi.abs().contiguous()
+def norm_bound_eps(n_features: int) -> float:
+    """EPS' of the module docstring: EPS over float32 norms that may fall short of the exact
+    ||lin~|| ||x~|| by the rounding of a sum of ``n_features`` squares, two square roots, the
+    weights' norms rounded to float32 and their product."""
+    return bound_eps(n_features) / (1 - (n_features + 8) * 2.0 ** -24)
+
+
+def bound_weights(weights):
+    """The weights of the error bound: |lin~|, (K, D) (diag); ||lin~||, (K,) (spherical)."""
+    lin = weights.lin_hi.float()
+    if weights.diagonal:
+        return lin.abs().contiguous()
+    return torch.linalg.vector_norm(lin.double(), dim=1).float()
 
 
 @triton.jit
 def _tile_part(x, ax, xx, lin_ptr, quad_ptr, abs_lin_ptr, comps, comp_mask, cols, n_cols, DIAGONAL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One feature tile's (log-density part, error-bound part), (BLOCK_N, BLOCK_K)."""
+    """One feature tile's (log-density part, error-bound part), (BLOCK_N, BLOCK_K); spherical
+    models' bound part is 0 (their bound comes from norms, ``_finish``)."""
     lin = log_prob_part(lin_ptr, lin_ptr, lin_ptr, lin_ptr, comps, comp_mask, cols, n_cols,
                         x, x, x, x, False, BLOCK_K, BLOCK_N, "bf16", True)
-    bound = log_prob_part(abs_lin_ptr, abs_lin_ptr, abs_lin_ptr, abs_lin_ptr, comps, comp_mask, cols, n_cols,
-                          ax, ax, ax, ax, False, BLOCK_K, BLOCK_N, "bf16", True)
     if DIAGONAL:
+        bound = log_prob_part(abs_lin_ptr, abs_lin_ptr, abs_lin_ptr, abs_lin_ptr, comps, comp_mask, cols, n_cols,
+                              ax, ax, ax, ax, False, BLOCK_K, BLOCK_N, "bf16", True)
         quad = log_prob_part(quad_ptr, quad_ptr, quad_ptr, quad_ptr, comps, comp_mask, cols, n_cols,
                              xx, xx, xx, xx, False, BLOCK_K, BLOCK_N, "bf16", True)
         return lin + quad, bound - quad
-    return lin, bound
+    return lin, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+
+
+@triton.jit
+def _rounded_sq(x):
+    """Each row's sum of squares of a tile of bfloat16-rounded values, in float32."""
+    x = x.to(tl.float32)
+    return tl.sum(x * x, axis=1)
 
 
 @triton.jit
@@ -87,6 +109,8 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
                                             DIAGONAL, "bf16", SPLIT_DTYPE)
         ax = tl.abs(x)
     floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
+    if not DIAGONAL and ONE_TILE:
+        x_norm = tl.sqrt(_rounded_sq(x))
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
@@ -97,6 +121,7 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
             ll = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             err = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             sq_norm = tl.zeros([BLOCK_N], dtype=tl.float32)
+            rounded_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
             for d0 in range(0, n_cols, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
                 x, _, xx, _, sq = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
@@ -106,6 +131,11 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
                 ll += part
                 err += bound
                 sq_norm += sq
+                rounded_sq += _rounded_sq(x)
+            x_norm = tl.sqrt(rounded_sq)
+        if not DIAGONAL:
+            lin_norm = tl.load(abs_lin_ptr + comps, mask=comp_mask, other=0.0)
+            err = x_norm[:, None] * lin_norm[None, :]
         ll = finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
         mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
              BLOCK_N, BLOCK_K)
@@ -148,7 +178,7 @@ def candidates(x, shift, weights, floor, config, bound_lin=None):
     floor : float32 Tensor of shape (n,), each row's threshold (the exact log-density of a
         component, less the margin)
     config : LaunchConfig (``rows_first`` tiles, block_k a multiple of 32)
-    bound_lin : ``abs_lin(weights)``, or None to compute it here
+    bound_lin : ``bound_weights(weights)``, or None to compute it here
 
     Returns
     -------
@@ -162,8 +192,8 @@ def candidates(x, shift, weights, floor, config, bound_lin=None):
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const,
-        abs_lin(weights) if bound_lin is None else bound_lin, floor, marks, n, weights.n_comps, d, marks.shape[1],
-        bound_eps(n_terms(d, weights.diagonal)), FLOAT32_SLACK,
+        bound_weights(weights) if bound_lin is None else bound_lin, floor, marks, n, weights.n_comps, d,
+        marks.shape[1], bound_eps(n_terms(d, True)) if weights.diagonal else norm_bound_eps(d), FLOAT32_SLACK,
         DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_D=config.block_d, ONE_TILE=d <= config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -7,7 +7,7 @@ import torch
 import triton
 
 from . import exact_candidates, gemm
-from .candidates import abs_lin, candidates
+from .candidates import bound_weights, candidates
 from .exact_log_prob import exact_log_probs
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
@@ -227,7 +227,7 @@ def candidate_search(x, shift, weights, configs=None):
     d = x.shape[1]
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
-    bound_lin = abs_lin(weights)
+    bound_lin = bound_weights(weights)
 
     def search(rows, centred, margin, hint=None):
         top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint

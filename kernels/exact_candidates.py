@@ -41,7 +41,7 @@ MARGIN_NATS = 30.0
 # float64 on 60,000 real SIFT rows, K = 1024, EM iterations 0-20 from bench_estep's start
 # (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json): diag rows store
 # 3.8-8.3 slots (p99 13-28, at most 43: 0-0.4% overflow 32); spherical posteriors are flatter (11-21 components
-# within 30 nats), rows store 12-22 slots (p99 46-87, at most 175: 0-0.1% overflow 128).
+# within 30 nats), rows store 12-23 slots (p99 47-88, at most 177: 0-0.1% overflow 128).
 CAPACITY = {"diag": 32, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
 # (8 bytes a slot); 384 MB holds 2^20 diag rows at K = 1024, and two sub-blocks exist at once. Each

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .candidate_select import candidate_select
-from .candidates import FLOAT32_SLACK, bound_eps, n_terms, n_words
+from .candidates import FLOAT32_SLACK, bound_eps, bound_weights, n_terms, n_words, norm_bound_eps
 from .params import KernelWeights
 from .result import EStepResult
 from .split_resp import split_resp
@@ -52,10 +52,12 @@ def block_rows(n_comps: int, n_features: int, diagonal: bool = True, budget: int
 
 
 def _candidate_rows(n_comps: int, n_features: int, diagonal: bool, budget: int = BLOCK_BYTES) -> int:
-    """Rows per block of the candidate search: the row pieces and their absolute values (one
-    bfloat16 segment each) and two float32 products. Its products sum over features only, so
-    no ``MAX_BLOCK_ROWS``: fewer blocks, fewer launches (the host paced D = 960 iterations)."""
-    per_row = 4 * segment_width(n_features, diagonal) + 8 * _padded(n_comps) + 4
+    """Rows per block of the candidate search: the row pieces and (diag) their absolute values,
+    one bfloat16 segment each, and two float32 products (spherical: one, and the rows' norms).
+    Its products sum over features only, so no ``MAX_BLOCK_ROWS``: fewer blocks, fewer launches
+    (the host paced D = 960 iterations)."""
+    products = 2 if diagonal else 1
+    per_row = 2 * products * segment_width(n_features, diagonal) + 4 * products * _padded(n_comps) + 8
     return max(256, budget // per_row)
 
 
@@ -177,7 +179,8 @@ def candidates(x, shift, weights: KernelWeights, margin, *, rows=None):
     """The candidate pass of the exact-on-candidates E-step (``kernels.candidates``) by library products.
 
     Per block of rows, one GEMM of the bfloat16-rounded operands gives the approximate
-    log-densities and one of their absolute values the error-bound product; then
+    log-densities and, for diagonal models, one of their absolute values the error-bound product
+    (spherical models: the product of the rounded rows' and weights' norms); then
     ``kernels.candidate_select`` sets each row's threshold (its best lower bound less the margin)
     and marks its candidates. Wide rows are read once per block here, where the fused candidate pass re-reads them for
     every tile of components.
@@ -197,16 +200,19 @@ def candidates(x, shift, weights: KernelWeights, margin, *, rows=None):
     n, d = x.shape
     rows = min(max(n, 1), rows or _candidate_rows(weights.n_comps, d, weights.diagonal))
     buf = _Blocks(rows, weights, "bf16", x.device, resp=False)
-    w_abs = buf.w.abs()
-    x_abs = torch.empty_like(buf.x)
-    eps = bound_eps(n_terms(d, weights.diagonal))
-    quad = None if weights.diagonal else weights.quad_hi
+    if weights.diagonal:
+        w_abs, x_abs, quad, eps = buf.w.abs(), torch.empty_like(buf.x), None, bound_eps(n_terms(d, True))
+    else:
+        w_norm, quad, eps = bound_weights(weights), weights.quad_hi, norm_bound_eps(d)
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
         prod = buf.products(block, shift, weights)
-        bound = _product(torch.abs(buf.x[:m], out=x_abs[:m]), w_abs.T)
+        if weights.diagonal:
+            bound = _product(torch.abs(buf.x[:m], out=x_abs[:m]), w_abs.T)
+        else:
+            bound = (torch.linalg.vector_norm(buf.x[:m], dim=1, dtype=torch.float32), w_norm)
         candidate_select(prod, bound, buf.sq[:m], quad, weights.const, margin, eps, FLOAT32_SLACK,
                          marks[start:start + m])
     return marks

@@ -302,12 +302,15 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
     np.testing.assert_allclose(got.lower_bounds_, ref.lower_bounds_, rtol=1e-6)
 
 
-def test_candidate_select_refuses_products_of_different_layouts():
+def test_candidate_select_refuses_bounds_of_other_shapes():
     from flashgmm_ivf.kernels.candidate_select import candidate_select
     prod = torch.zeros(4, 6)
     marks = torch.empty(4, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="share one"):
         candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, marks)
+    with pytest.raises(ValueError, match=r"norms of shapes \(4,\) and \(6,\), got \(4,\) and \(5,\)"):
+        candidate_select(prod, (torch.zeros(4), torch.zeros(5)), torch.zeros(4), torch.zeros(6), torch.zeros(6), 5.0,
+                         0.01, 0.0, marks)
 
 
 def test_candidate_pass_refuses_tiles_that_split_a_word():
