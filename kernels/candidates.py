@@ -66,10 +66,9 @@ def norm_bound_eps(n_features: int) -> float:
 
 def bound_weights(weights):
     """The weights of the error bound: |lin~|, (K, D) (diag); ||lin~||, (K,) (spherical)."""
-    lin = weights.lin_hi.float()
     if weights.diagonal:
-        return lin.abs().contiguous()
-    return torch.linalg.vector_norm(lin.double(), dim=1).float()
+        return weights.lin_hi.abs().contiguous()  # the product's operand: bfloat16 pieces
+    return torch.linalg.vector_norm(weights.lin_hi.double(), dim=1).float()
 
 
 @triton.jit
