@@ -75,12 +75,13 @@ def default_configs(n_features: int, diagonal: bool = True,
     if precision == "candidates":
         # The candidate pass (``kernels.candidates``): timed on an H100 at N = 1M rows of
         # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (128, 64) tiles with 8 warps
-        # 2.42 ms, (128, 32) 3.48, (64, 64) with 4 warps 3.32; spherical (128, 128) with 8 warps
-        # 1.93, (64, 64) with 4 warps 1.99, (128, 64) with 8 warps 2.08. Wider diag tiles exceed an
-        # H100's shared memory at 2 stages. Its exact pass picks its own tiles (``candidate_resp``).
+        # 2.42 ms, (128, 32) 3.48, (64, 64) with 4 warps 3.32; spherical (one product a tile pair)
+        # (128, 128) with 4 warps 1.19, with 8 warps 1.69, (128, 256) with 8 warps 1.47, (64, 128)
+        # and (128, 64) with 4 warps 1.43, 3 stages 1.67-1.72. Wider diag tiles exceed an H100's
+        # shared memory at 2 stages. Its exact pass picks its own tiles (``candidate_resp``).
         if diagonal:
             return LaunchConfig(128, 64, block_d, 8, 2, True), None
-        return LaunchConfig(128, 128, block_d, 8, 2, True), None
+        return LaunchConfig(128, 128, block_d, 4, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
