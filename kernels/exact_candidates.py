@@ -47,8 +47,8 @@ CAPACITY = {"diag": 32, "spherical": 128}
 # (8 bytes a slot); 384 MB holds 2^20 diag rows at K = 1024, and two sub-blocks exist at once. Each
 # sub-block's count of kept pairs is read on the host while the GPU works on the next one, yet
 # spherical rows (128 slots) cost less in fewer, larger sub-blocks, and diag rows about the same (H100,
-# N = 1M, K = 1024, D = 128, ms per EM iteration at 192, 384 and 768 MB: diag 7.52, 7.85, 7.75;
-# spherical 11.98, 8.48, 8.09; eval/results/profile_candidates_h100.json).
+# N = 1M, K = 1024, D = 128, ms per EM iteration at 192, 384 and 768 MB: diag 7.63, 7.63, 7.59;
+# spherical 9.63, 7.10, 6.74; eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 27
 
 
