@@ -82,13 +82,13 @@ def candidate_select(prod, bound, sq, quad, const, margin, eps, slack, marks, *,
         if not isinstance(bound, torch.Tensor) or bound.shape != prod.shape or bound.stride() != prod.stride() \
                 or prod.stride(1) != 1:
             raise ValueError("prod and bound must share one (m, K) layout with unit column stride")
-        bound_tile, row_norm, comp_norm = bound, sq, const
+        bound_tile, row_norm, comp_norm = bound, sq, const  # the norms' pointers go unread
     else:
         row_norm, comp_norm = bound
         if prod.stride(1) != 1 or row_norm.shape != (m,) or comp_norm.shape != (k,):
             raise ValueError(f"spherical models take prod of unit column stride and norms of shapes ({m},) and "
                              f"({k},), got {tuple(row_norm.shape)} and {tuple(comp_norm.shape)}")
-        bound_tile = prod
+        bound_tile = prod  # unread
     candidate_select_kernel[(triton.cdiv(m, block_n),)](
         prod, bound_tile, prod.stride(0), sq, const if diagonal else quad, const, row_norm, comp_norm, marks, m, k,
         marks.shape[1], float(margin), float(eps), float(slack), DIAGONAL=diagonal, BLOCK_N=block_n,

@@ -25,8 +25,8 @@ whose exact log-density is within the margin of the row's best is ever left out.
 one bit per (row, component), packed 32 components to an int32 word, (n, ceil(K / 32)) words:
 a tile's marks are one sum per 32 of its columns and one store per word, where writing the
 candidates into per-row slots took a prefix sum and a scattered store per tile (H100, N = 1M,
-K = 1024, D = 128: 4.7 against 2.4 ms diag, 3.2 against 1.9 spherical, the products alone 2.1 and
-1.5). The exact pass (``kernels.candidate_resp``) turns the marks into slots.
+K = 1024, D = 128, diag: 4.7 against 2.4 ms, the products alone 2.1). The exact pass
+(``kernels.candidate_resp``) turns the marks into slots.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -72,14 +72,14 @@ def bound_weights(weights):
 
 
 @triton.jit
-def _tile_part(x, ax, xx, lin_ptr, quad_ptr, abs_lin_ptr, comps, comp_mask, cols, n_cols, DIAGONAL: tl.constexpr,
+def _tile_part(x, ax, xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols, DIAGONAL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One feature tile's (log-density part, error-bound part), (BLOCK_N, BLOCK_K); spherical
-    models' bound part is 0 (their bound comes from norms, ``_finish``)."""
+    models' bound part is 0 (``candidates_kernel`` takes theirs from the norms)."""
     lin = log_prob_part(lin_ptr, lin_ptr, lin_ptr, lin_ptr, comps, comp_mask, cols, n_cols,
                         x, x, x, x, False, BLOCK_K, BLOCK_N, "bf16", True)
     if DIAGONAL:
-        bound = log_prob_part(abs_lin_ptr, abs_lin_ptr, abs_lin_ptr, abs_lin_ptr, comps, comp_mask, cols, n_cols,
+        bound = log_prob_part(bound_w_ptr, bound_w_ptr, bound_w_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols,
                               ax, ax, ax, ax, False, BLOCK_K, BLOCK_N, "bf16", True)
         quad = log_prob_part(quad_ptr, quad_ptr, quad_ptr, quad_ptr, comps, comp_mask, cols, n_cols,
                              xx, xx, xx, xx, False, BLOCK_K, BLOCK_N, "bf16", True)
@@ -95,7 +95,7 @@ def _rounded_sq(x):
 
 
 @triton.jit
-def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, abs_lin_ptr, floor_ptr,
+def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
                       mark_ptr, n_rows, n_comps, n_cols, n_words, eps, slack,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
@@ -114,7 +114,7 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
         if ONE_TILE:
-            ll, err = _tile_part(x, ax, xx, lin_ptr, quad_ptr, abs_lin_ptr, comps, comp_mask, cols, n_cols,
+            ll, err = _tile_part(x, ax, xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols,
                                  DIAGONAL, BLOCK_N, BLOCK_K)
         else:
             ll = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -125,7 +125,7 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
                 cols = d0 + tl.arange(0, BLOCK_D)
                 x, _, xx, _, sq = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
                                                DIAGONAL, "bf16", SPLIT_DTYPE)
-                part, bound = _tile_part(x, tl.abs(x), xx, lin_ptr, quad_ptr, abs_lin_ptr, comps, comp_mask, cols,
+                part, bound = _tile_part(x, tl.abs(x), xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols,
                                          n_cols, DIAGONAL, BLOCK_N, BLOCK_K)
                 ll += part
                 err += bound
@@ -133,7 +133,7 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
                 rounded_sq += _rounded_sq(x)
             x_norm = tl.sqrt(rounded_sq)
         if not DIAGONAL:
-            lin_norm = tl.load(abs_lin_ptr + comps, mask=comp_mask, other=0.0)
+            lin_norm = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
             err = x_norm[:, None] * lin_norm[None, :]
         ll = finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
         mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
@@ -166,7 +166,7 @@ def n_words(n_comps: int) -> int:
     return -(-n_comps // 32)
 
 
-def candidates(x, shift, weights, floor, config, bound_lin=None):
+def candidates(x, shift, weights, floor, config, bound_w=None):
     """Launch the candidate pass.
 
     Parameters
@@ -177,7 +177,7 @@ def candidates(x, shift, weights, floor, config, bound_lin=None):
     floor : float32 Tensor of shape (n,), each row's threshold (the exact log-density of a
         component, less the margin)
     config : LaunchConfig (``rows_first`` tiles, block_k a multiple of 32)
-    bound_lin : ``bound_weights(weights)``, or None to compute it here
+    bound_w : ``bound_weights(weights)``, or None to compute it here
 
     Returns
     -------
@@ -191,7 +191,7 @@ def candidates(x, shift, weights, floor, config, bound_lin=None):
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const,
-        bound_weights(weights) if bound_lin is None else bound_lin, floor, marks, n, weights.n_comps, d,
+        bound_weights(weights) if bound_w is None else bound_w, floor, marks, n, weights.n_comps, d,
         marks.shape[1], bound_eps(n_terms(d, True)) if weights.diagonal else norm_bound_eps(d), FLOAT32_SLACK,
         DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_D=config.block_d, ONE_TILE=d <= config.block_d, SPLIT_DTYPE=split_dtype(x.device),

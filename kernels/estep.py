@@ -228,12 +228,12 @@ def candidate_search(x, shift, weights, configs=None):
     d = x.shape[1]
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
-    bound_lin = bound_weights(weights)
+    bound_w = bound_weights(weights)
 
     def search(rows, centred, margin, hint=None):
         top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint
         floor = exact_log_probs(rows, shift, *centred, top, less=margin)
-        return candidates(rows, shift, weights, floor, config, bound_lin)
+        return candidates(rows, shift, weights, floor, config, bound_w)
     return search
 
 
