@@ -112,6 +112,44 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
             assert n_packed[row] == 0
 
 
+def bound_rule(x, shift, weights, floor):
+    """The candidate pass's rule replayed in float64 from its rounded operands: (upper bound
+    l~ + e, marked), with e elementwise (diag) or from norms (spherical); ``kernels.candidates``."""
+    from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, bound_eps, norm_bound_eps
+    xs = x.float() - shift.float().cpu()
+    xb = xs.to(torch.bfloat16).double()
+    lin, quad, const = (t.cpu().double() for t in (weights.lin_hi, weights.quad_hi, weights.const))
+    ll = xb @ lin.T + const
+    if weights.diagonal:
+        xx = (xs * xs).to(torch.bfloat16).double()
+        ll += xx @ quad.T
+        err = bound_eps(2 * x.shape[1]) * (xb.abs() @ lin.abs().T - xx @ quad.T)
+    else:
+        ll += (xs * xs).sum(1).double()[:, None] * quad
+        err = norm_bound_eps(x.shape[1]) * xb.norm(dim=1)[:, None] * lin.norm(dim=1)
+    upper = ll + err + FLOAT32_SLACK * ll.abs()
+    return upper, upper >= floor.cpu().double()[:, None]
+
+
+@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[1] <= s[3][2]])  # D in one tile: fused pass
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagonal, poisoned_empty):
+    """The fused pass marks a component exactly when the float64 replay of its bound reaches the
+    floor, away from float32 ties with it: the bound's formula (elementwise for diag, norms for
+    spherical) is what the kernel computes, not only a bound loose enough to hold the margin."""
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
+    floor = (exact.amax(1) - 3.0).float()
+    marks = candidates(xd, sh, weights, floor.to(DEVICE), config(blocks)).cpu().long()
+    got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :k].bool()
+    upper, want = bound_rule(x, shift, weights, floor)
+    clear = (upper - floor.double()[:, None]).abs() > 1e-4 * (upper.abs() + 1)
+    assert clear.float().mean() > 0.99
+    assert torch.equal(got[clear], want[clear])
+    assert want.sum() < want.numel() or k == 1  # the rule leaves components out
+
+
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_exact_log_probs_match_float64(n, d, k, blocks, diagonal, poisoned_empty):
