@@ -283,17 +283,12 @@ def blocked_estep(precision, configs, keep_rows):
             return {"precision": base, "configs": configs or kernels.default_configs(d, diagonal, base)}
         return {"precision": precision} | ({"configs": configs} if configs else {})
 
-    def hints(start, x, p, s):
-        if best.get(start) is None or best[start].shape[0] != x.shape[0]:
-            best[start] = kernels.log_norm(x, p.to(dtype=torch.float32), s, precision="bf16")[1]
-        return {"best": best[start]}
-
     def run(x, p, s):
         log_norms, total = [], None
         opts = options(x.shape[1], p.diagonal)
         for i in range(0, len(x), CHUNK):
             chunk = x[i:i + CHUNK]
-            extra = hints(i, chunk, p, s) if opts["precision"] == "candidates" else {}
+            extra = {"best": kernels.candidate_hints(best, i, chunk, p, s)} if opts["precision"] == "candidates" else {}
             r = kernels.estep(chunk, p, s, **opts, **extra)
             log_norms.append(r.log_norm if keep_rows else r.log_norm.sum(0, keepdim=True))
             total = list(r[1:]) if total is None else [t.add_(u) for t, u in zip(total, r[1:])]

@@ -601,10 +601,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self._uses_kernels(x.device):
             best = None
             if self.precision == "candidates" and self._best is not None and offset is not None:
-                best = self._best.get(offset)
-                if best is None or best.shape[0] != x.shape[0]:
-                    best = self._best[offset] = kernels.log_norm(x, params.to(dtype=torch.float32), shift,
-                                                                 precision="bf16")[1]
+                best = kernels.candidate_hints(self._best, offset, x, params, shift)
             return kernels.estep(x, params, shift, precision=self.precision, best=best)
         return kernels.reference.estep(x, params, shift, dtype=params[0].dtype)
 

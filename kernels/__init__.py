@@ -6,9 +6,9 @@
 the oracle in tests.
 """
 from . import reference
-from .estep import PRECISIONS, LaunchConfig, default_configs, estep, log_norm
+from .estep import PRECISIONS, LaunchConfig, candidate_hints, default_configs, estep, log_norm
 from .params import CholeskyParams, KernelWeights, NaturalParams, kernel_weights, natural_params
 from .result import EStepResult
 
 __all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "KernelWeights", "LaunchConfig", "NaturalParams",
-           "default_configs", "estep", "kernel_weights", "log_norm", "natural_params", "reference"]
+           "candidate_hints", "default_configs", "estep", "kernel_weights", "log_norm", "natural_params", "reference"]

@@ -126,6 +126,17 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     return lz.double() + offset, best
 
 
+def candidate_hints(hints: dict, key, x, params: NaturalParams, shift=None) -> torch.Tensor:
+    """The ``best`` of ``estep(precision="candidates")`` for a block of rows kept in ``hints``
+    under ``key`` (say, its first row's index) from one E-step to the next: the block's best
+    components of its last E-step, or, the first time or when the block changed size, those of a
+    "bf16" ranking pass (``log_norm``)."""
+    best = hints.get(key)
+    if best is None or best.shape[0] != x.shape[0]:
+        best = hints[key] = log_norm(x, params.to(dtype=torch.float32), shift, precision="bf16")[1]
+    return best
+
+
 def _library_products(x, weights, precision) -> bool:
     """Whether the "bf16x3" or "bf16" E-step of these rows runs as cuBLAS products (``kernels.gemm``)."""
     wide = GEMM_FROM_FEATURES["diag" if weights.diagonal else "spherical"]
@@ -175,8 +186,8 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
     best : int32 Tensor of shape (n,), "candidates" only: each row's best component from an
-        earlier E-step (the first time, e.g. ``log_norm(x, params, shift, precision="bf16")[1]``),
-        read as the rows' hints and overwritten with this E-step's best. Any components give
+        earlier E-step (``candidate_hints`` keeps them per block of rows), read as the rows'
+        hints and overwritten with this E-step's best. Any components give
         the same statistics; the rows' best give the fewest candidates (no ranking pass).
 
     On a GPU, "bf16x3" and "bf16" rows of at least ``GEMM_FROM_FEATURES`` features take the same
