@@ -37,14 +37,15 @@ from .result import EStepResult
 from .truncated_stats import pair_stats
 
 MARGIN_NATS = 30.0
-# Candidate slots per row, by covariance type; rows beyond take the dense path. Replayed in
-# float64 on 60,000 real SIFT rows, K = 1024, EM iterations 0-20 from bench_estep's start
-# (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json): diag rows store
-# 3.8-8.3 slots (p99 13-28, at most 43: 0-0.4% overflow 32); spherical posteriors are flatter (11-21 components
-# within 30 nats), rows store 12-23 slots (p99 47-88, at most 177: 0-0.1% overflow 128).
-CAPACITY = {"diag": 32, "spherical": 128}
+# Candidate slots per row, by covariance type; rows beyond take the dense path, whose few rows cost
+# a dense E-step's launches. Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
+# 0-20 from bench_estep's start (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json):
+# diag rows store 3.8-8.3 slots (p99 13-28, at most 43: 0-0.4% would overflow 32 slots, none 64);
+# spherical posteriors are flatter (11-21 components within 30 nats), rows store 12-23 slots (p99
+# 47-88, at most 177: 0-0.1% overflow 128).
+CAPACITY = {"diag": 64, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
-# (8 bytes a slot); 384 MB holds 2^20 diag rows at K = 1024, and two sub-blocks exist at once. Each
+# (8 bytes a slot); 384 MB holds 600K diag rows at K = 1024, and two sub-blocks exist at once. Each
 # sub-block's count of kept pairs is read on the host while the GPU works on the next one, yet
 # spherical rows (128 slots) cost less in fewer, larger sub-blocks, and diag rows about the same (H100,
 # N = 1M, K = 1024, D = 128, ms per EM iteration at 192, 384 and 768 MB: diag 7.63, 7.63, 7.59;
