@@ -45,12 +45,12 @@ MARGIN_NATS = 30.0
 # 47-88, at most 177: 0-0.1% overflow 128).
 CAPACITY = {"diag": 64, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
-# (8 bytes a slot); 384 MB holds 600K diag rows at K = 1024, and two sub-blocks exist at once. Each
-# sub-block's count of kept pairs is read on the host while the GPU works on the next one, yet
-# spherical rows (128 slots) cost less in fewer, larger sub-blocks, and diag rows about the same (H100,
-# N = 1M, K = 1024, D = 128, ms per EM iteration at 192, 384 and 768 MB: diag 7.63, 7.63, 7.59;
-# spherical 9.63, 7.10, 6.74; eval/results/profile_candidates_h100.json).
-SUB_BLOCK_BYTES = 3 << 27
+# (8 bytes a slot); 768 MB holds 1.2M diag or 700K spherical rows at K = 1024, and two sub-blocks
+# exist at once. Each sub-block's count of kept pairs is read on the host while the GPU works on
+# the next one, yet fewer, larger sub-blocks cost less, up to 768 MB (H100, N = 1M, K = 1024, D = 128,
+# ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
+# eval/results/profile_candidates_h100.json).
+SUB_BLOCK_BYTES = 3 << 28
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

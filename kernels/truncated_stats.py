@@ -134,7 +134,7 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, nu
     # is at most K + P // PIECE, a size the host knows without reading the GPU. Pieces past the
     # last component's are empty: they belong to component K.
     pieces = ((start[1:] - start[:-1] + PIECE - 1) // PIECE).clamp_min(1)
-    pieces[n_comps] = 0
+    pieces[n_comps:] = 0  # a slice: assigning one element would copy the 0 from the host and wait
     piece_first = torch.zeros(n_comps + 2, dtype=torch.int64, device=x.device)
     torch.cumsum(pieces, 0, out=piece_first[1:])
     n_pieces = n_comps + len(comps) // PIECE
