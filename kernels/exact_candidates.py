@@ -18,8 +18,8 @@ components per row within 40 nats of the best), so this E-step splits the work:
 2. ``kernels.candidate_resp``: the marks into per-row slots, then log Z and the responsibilities
    over them, in float32 from centred differences (x - mu); each row keeps, packed to the front
    of its slots, the (component, r) pairs of r >= e^-MARGIN_NATS.
-3. ``kernels.truncated_stats.pair_stats``: N_k, S1, S2 as float64 segment sums over the kept
-   (row, component, r) triples, sorted by component.
+3. ``kernels.kept_pairs`` gathers the kept (row, component, r) triples, and
+   ``kernels.truncated_stats.pair_stats`` sums N_k, S1, S2 over them in float64, sorted by component.
 
 Rows with more than ``capacity`` candidates (flat posteriors: early iterations, standardised
 data) take the dense E-step, given as ``dense``.
@@ -32,6 +32,7 @@ import torch
 
 from .candidate_resp import candidate_resp
 from .candidates import n_words
+from .kept_pairs import kept_pairs
 from .params import NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
@@ -61,6 +62,11 @@ def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, t
     means = lin / (prec if params.diagonal else prec[:, None])
     consts = const + 0.5 * (lin * means).sum(1)
     return tuple(t.float().contiguous() for t in (means, prec, consts))
+
+
+def _joined(parts):
+    """One tensor of the sub-blocks' parts, not copied when there is one."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None, capacity=None,
@@ -101,11 +107,8 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
             ready.synchronize()
         n_kept, n_over = sizes.tolist()
         # Sized on the host: no synchronisation (the queued sub-block would be waited for).
-        row = torch.repeat_interleave(kept, output_size=n_kept)
-        slot = row * capacity + torch.arange(n_kept, device=x.device) - (ends - kept)[row]
-        rows.append(row.to(torch.int32) + start)
-        comps.append(cand.view(-1)[slot])
-        resp.append(r.view(-1)[slot])
+        for parts, part in zip((rows, comps, resp), kept_pairs(cand, r, kept, ends, n_kept, first_row=start)):
+            parts.append(part)
         over.append(torch.nonzero_static(overflowed, size=n_over).view(-1) + start)
 
     pending = None
@@ -127,8 +130,8 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
             collect(*pending)
         pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
-    nk, s1, s2 = pair_stats(x, shift, torch.cat(rows), torch.cat(comps), torch.cat(resp), len(centred[2]), diagonal)
-    over = torch.cat(over)
+    nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
+    over = _joined(over)
     if over.numel():
         rest = dense(x[over])
         log_norm[over] = rest.log_norm

@@ -25,10 +25,11 @@ PIECE = 4096
 
 
 @triton.jit
-def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, start_ptr, piece_comp_ptr, piece_first_ptr,
-                       nk_ptr, s1_ptr, s2_ptr, n_cols, n_tiles,
+def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, order_ptr, start_ptr, piece_comp_ptr,
+                       piece_first_ptr, part_ptr, width, n_cols,
                        DIAGONAL: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial sums of one piece (program axis 0) and D tile (axis 1), written to the piece's row."""
+    """Partial sums of one piece (program axis 0) and D tile (axis 1), written to the piece's row
+    of ``part``: N_k, then S1's D columns, then S2's D (diag) or one per D tile (spherical)."""
     piece = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -43,8 +44,10 @@ def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, start_ptr,
     for e0 in range(first, last, BLOCK_E):
         entries = e0 + tl.arange(0, BLOCK_E)
         mask = entries < last
-        rows = tl.load(row_ptr + entries, mask=mask, other=0)
-        r = tl.load(resp_ptr + entries, mask=mask, other=0.0).to(tl.float64)
+        # The triples in the order they were given, read through the sort's permutation.
+        triple = tl.load(order_ptr + entries, mask=mask, other=0)
+        rows = tl.load(row_ptr + triple, mask=mask, other=0)
+        r = tl.load(resp_ptr + triple, mask=mask, other=0.0).to(tl.float64)
         # Centred in float32 as the selection pass saw them, then widened: the products and
         # sums are float64, so thousands of rows per component lose nothing to round-off.
         x = load_rows(x_ptr, stride_x, shift_ptr, rows, mask, cols, n_cols).to(tl.float64)
@@ -53,14 +56,14 @@ def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, start_ptr,
         s2 += rx * x
         nk += r
     col_mask = cols < n_cols
-    out = piece.to(tl.int64) * n_cols + cols
-    tl.store(s1_ptr + out, tl.sum(s1, axis=0), mask=col_mask)
+    part = part_ptr + piece.to(tl.int64) * width
+    tl.store(part + 1 + cols, tl.sum(s1, axis=0), mask=col_mask)
     if DIAGONAL:
-        tl.store(s2_ptr + out, tl.sum(s2, axis=0), mask=col_mask)
+        tl.store(part + 1 + n_cols + cols, tl.sum(s2, axis=0), mask=col_mask)
     else:
-        tl.store(s2_ptr + piece * n_tiles + pid_d, tl.sum(tl.sum(s2, axis=0)))
+        tl.store(part + 1 + n_cols + pid_d, tl.sum(tl.sum(s2, axis=0)))
     if pid_d == 0:
-        tl.store(nk_ptr + piece, tl.sum(nk))
+        tl.store(part, tl.sum(nk))
 
 
 @triton.jit
@@ -141,12 +144,12 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, nu
                                     torch.arange(n_pieces, device=x.device), right=True)
     block_d = min(64, triton.next_power_of_2(d))
     d_tiles = triton.cdiv(d, block_d)
-    f64 = dict(dtype=torch.float64, device=x.device)
-    nk = torch.empty(n_pieces, **f64)
-    s1 = torch.empty(n_pieces, d, **f64)
-    s2 = torch.empty((n_pieces, d) if diagonal else (n_pieces, d_tiles), **f64)
+    # One row of partials a piece (N_k, S1, S2 side by side): one launch adds them up.
+    width = 1 + d + (d if diagonal else d_tiles)
+    partials = torch.empty(n_pieces, width, dtype=torch.float64, device=x.device)
     piece_stats_kernel[(n_pieces, d_tiles)](
-        x, x.stride(0), shift, rows[order], resp[order], start, piece_comp, piece_first, nk, s1, s2, d, d_tiles,
+        x, x.stride(0), shift, rows, resp, order, start, piece_comp, piece_first, partials, width, d,
         DIAGONAL=diagonal, PIECE=PIECE, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
-    nk, s1, s2 = (_sum_pieces(t, piece_first, n_comps) for t in (nk, s1, s2))
+    total = _sum_pieces(partials, piece_first, n_comps)
+    nk, s1, s2 = total[:, 0], total[:, 1:1 + d], total[:, 1 + d:]
     return nk, s1, s2 if diagonal else s2.sum(1)

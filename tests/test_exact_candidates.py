@@ -1,6 +1,6 @@
 """Exact-on-candidates E-step (``kernels.candidates``, ``kernels.gemm.candidates`` with
-``candidate_select``, ``exact_log_prob``, ``candidate_resp``, ``exact_candidates``) against the
-float64 dense E-step.
+``candidate_select``, ``exact_log_prob``, ``candidate_resp``, ``kept_pairs``, ``exact_candidates``)
+against the float64 dense E-step (``kept_pairs`` against torch indexing).
 
 Without a GPU the kernels run in Triton's interpreter (see conftest). Shapes are not multiples
 of any block; rows are raw-scale (0..255) or standardised; posteriors range from peaked to
@@ -16,6 +16,7 @@ from flashgmm_ivf.kernels.candidate_resp import candidate_resp
 from flashgmm_ivf.kernels.candidates import candidates
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
+from flashgmm_ivf.kernels.kept_pairs import kept_pairs, kept_pairs_reference
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
@@ -357,3 +358,22 @@ def test_candidate_pass_refuses_tiles_that_split_a_word():
     floor = torch.zeros(37, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of 32"):
         candidates(xd, sh, weights, floor, config((16, 16, 16)))
+
+
+@pytest.mark.parametrize("n, capacity, first_row", [(1, 1, 0), (37, 3, 5), (203, 64, 0), (45, 128, 1000)])
+def test_kept_pairs_gather_what_torch_indexing_gathers(n, capacity, first_row):
+    gen = torch.Generator().manual_seed(n + capacity)
+    kept = torch.randint(0, capacity + 1, (n,), generator=gen, dtype=torch.int32)
+    kept[::3] = 0                      # rows that keep nothing (overflowed, or none worth keeping)
+    kept[1::7] = capacity              # rows whose slots are all kept
+    cand = torch.randint(0, 1 << 20, (n, capacity), generator=gen, dtype=torch.int32)
+    resp = torch.rand(n, capacity, generator=gen)
+    kept, cand, resp = (t.to(DEVICE) for t in (kept, cand, resp))
+    ends = torch.cumsum(kept, 0)
+    n_kept = int(ends[-1])
+    got = kept_pairs(cand, resp, kept, ends, n_kept, first_row=first_row)
+    want = kept_pairs_reference(cand, resp, kept, n_kept, first_row=first_row)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    # The rows come out ascending, as the statistics pass's stable sort expects.
+    assert bool((got[0][1:] >= got[0][:-1]).all())
