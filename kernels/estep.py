@@ -7,6 +7,7 @@ import torch
 import triton
 
 from . import exact_candidates, gemm
+from .candidate_weights import candidate_weights
 from .candidates import bound_weights, candidates
 from .exact_log_prob import exact_log_probs
 from .log_norm import log_norm as _launch_log_norm
@@ -29,7 +30,8 @@ GEMM_FROM_FEATURES = {"diag": 129, "spherical": 256}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8)
 
 
-def _prepare(x, params: NaturalParams, shift, precision):
+def _rows(x, params: NaturalParams, shift, precision):
+    """(x, shift) as the kernels read them, checked against ``params``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if x.dim() != 2:
@@ -41,11 +43,16 @@ def _prepare(x, params: NaturalParams, shift, precision):
         x = x.to(torch.float32)
     if x.stride(1) != 1:
         x = x.contiguous()
-    params, offset = split_offset(params)
     if shift is None:
         shift = torch.zeros(d, dtype=torch.float32, device=x.device)
     else:
         shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
+    return x, shift
+
+
+def _prepare(x, params: NaturalParams, shift, precision):
+    x, shift = _rows(x, params, shift, precision)
+    params, offset = split_offset(params)
     return x, kernel_weights(params, precision, x.device), shift, offset, params
 
 
@@ -224,13 +231,14 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     return EStepResult(lz.double() + offset, _sum_splits(nk), _sum_splits(s1), _sum_splits(s2))
 
 
-def candidate_search(x, shift, weights, configs=None):
+def candidate_search(x, shift, weights, configs=None, bound_w=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
     -> marks, with "bf16" ``weights``. Fused: the exact log-density of each row's hint (without
     one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the margin is its threshold
     (``kernels.exact_log_prob``), then the candidate pass (``kernels.candidates``) with
     ``configs[0]``; library products (``kernels.gemm.candidates``, thresholds from the best lower
-    bound) for wide rows on a GPU when no ``configs``."""
+    bound) for wide rows on a GPU when no ``configs``. ``bound_w``: ``candidates.bound_weights(weights)``,
+    or None to compute it here."""
     if configs is None and _library_products(x, weights, "bf16"):
         def search(rows, centred, margin, hint=None):
             # Thresholds from its stored products' lower bounds (a second sweep costs no product).
@@ -239,7 +247,7 @@ def candidate_search(x, shift, weights, configs=None):
     d = x.shape[1]
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
-    bound_w = bound_weights(weights)
+    bound_w = bound_weights(weights) if bound_w is None else bound_w
 
     def search(rows, centred, margin, hint=None):
         top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint
@@ -251,15 +259,20 @@ def candidate_search(x, shift, weights, configs=None):
 def _estep_candidates(x, params, shift, configs, best):
     """``exact_candidates.estep`` with ``candidate_search``; rows that overflow their candidate
     capacity take the dense "bf16x3" E-step."""
-    x, weights, shift, offset, params = _prepare(x, params, shift, "bf16")
+    x, shift = _rows(x, params, shift, "bf16")
     if x.shape[0] == 0:
         return estep(x, params, shift, precision="bf16x3")
     if best is not None and (best.shape != (x.shape[0],) or best.dtype != torch.int32 or best.device != x.device
                              or not best.is_contiguous()):
         raise ValueError(f"best must be a contiguous int32 tensor of shape ({x.shape[0]},) on {x.device}, got "
                          f"{best.dtype} of shape {tuple(best.shape)} on {best.device}")
-    result, _ = exact_candidates.estep(x, params, shift, weights.diagonal, candidate_search(x, shift, weights, configs),
-                                       lambda rows: estep(rows, params, shift, precision="bf16x3"), best=best)
+    weights, bound_w, centred, offset = candidate_weights(params, x.device)
+
+    def dense(rows):
+        result = estep(rows, params, shift, precision="bf16x3")
+        return result._replace(log_norm=result.log_norm - offset)
+    result, _ = exact_candidates.estep(x, centred, shift, weights.diagonal,
+                                       candidate_search(x, shift, weights, configs, bound_w), dense, best=best)
     return result._replace(log_norm=result.log_norm + offset)
 
 

@@ -69,21 +69,20 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None, capacity=None,
-          margin=MARGIN_NATS):
+def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=None, margin=MARGIN_NATS):
     """Exact-on-candidates E-step of a block of rows.
 
     Parameters
     ----------
     x : Tensor of shape (n, D), n > 0, unit column stride, on the kernels' device
-    params : NaturalParams relative to ``shift``, its largest constant split off
-        (``params.split_offset``)
+    centred : (means, precisions, consts), float32: ``centred_params`` of the mixture relative to
+        ``shift``, its largest constant split off (``params.split_offset``), as
+        ``kernels.candidate_weights`` gives them
     shift : float32 Tensor of shape (D,)
     diagonal : bool, whether the mixture is diagonal (else spherical)
     search : callable (rows, centred, margin, hint) -> marks, the candidate search
-        (``kernels.estep.candidate_search``) of a block of rows, ``centred`` the float32
-        (means, precisions, consts) of ``centred_params``, ``hint`` the rows' slice of ``best``
-        or None
+        (``kernels.estep.candidate_search``) of a block of rows, ``hint`` the rows' slice of
+        ``best`` or None
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
         E-step of the rows that overflow their capacity
     best : int32 Tensor of shape (n,) or None: each row's best component from an earlier E-step,
@@ -97,7 +96,6 @@ def estep(x, params: NaturalParams, shift, diagonal, search, dense, *, best=None
     EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
     capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
-    centred = centred_params(params)
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, over = [], [], [], []
 

@@ -102,10 +102,11 @@ class _Blocks:
         # Spherical models' (K,) quad vector; diagonal ones read none (any float32 tensor will do).
         self.quad = weights.quad_hi if not weights.diagonal else weights.const
 
-    def products(self, x, shift, weights: KernelWeights) -> torch.Tensor:
-        """(rows, K) float32 P of a block (its rows split into ``self.x``)."""
+    def products(self, x, shift, weights: KernelWeights, **operands) -> torch.Tensor:
+        """(rows, K) float32 P of a block (its rows split into ``self.x``; ``operands``: the
+        further outputs of ``split_rows``)."""
         m = x.shape[0]
-        split_rows(x, shift, weights.diagonal, self.x, self.sq, precision=self.precision)
+        split_rows(x, shift, weights.diagonal, self.x, self.sq, precision=self.precision, **operands)
         return _product(self.x[:m], self.w.T)
 
 
@@ -201,18 +202,21 @@ def candidates(x, shift, weights: KernelWeights, margin, *, rows=None):
     rows = min(max(n, 1), rows or _candidate_rows(weights.n_comps, d, weights.diagonal))
     buf = _Blocks(rows, weights, "bf16", x.device, resp=False)
     if weights.diagonal:
-        w_abs, x_abs, quad, eps = buf.w.abs(), torch.empty_like(buf.x), None, bound_eps(n_terms(d, True))
+        w_abs, x_abs, quad, eps = buf.w.abs(), torch.zeros_like(buf.x), None, bound_eps(n_terms(d, True))
+        operands = {"out_abs": x_abs}
     else:
         w_norm, quad, eps = bound_weights(weights), weights.quad_hi, norm_bound_eps(d)
+        x_norm = torch.empty(rows, dtype=torch.float32, device=x.device)
+        operands = {"norm": x_norm}
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
-        prod = buf.products(block, shift, weights)
+        prod = buf.products(block, shift, weights, **operands)
         if weights.diagonal:
-            bound = _product(torch.abs(buf.x[:m], out=x_abs[:m]), w_abs.T)
+            bound = _product(x_abs[:m], w_abs.T)
         else:
-            bound = (torch.linalg.vector_norm(buf.x[:m], dim=1, dtype=torch.float32), w_norm)
+            bound = (x_norm[:m], w_norm)
         candidate_select(prod, bound, buf.sq[:m], quad, weights.const, margin, eps, FLOAT32_SLACK,
                          marks[start:start + m])
     return marks

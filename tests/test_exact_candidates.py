@@ -13,6 +13,7 @@ import torch
 from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
+from flashgmm_ivf.kernels.candidate_weights import candidate_weights, candidate_weights_reference
 from flashgmm_ivf.kernels.candidates import candidates
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
@@ -209,7 +210,8 @@ def test_estep_by_library_products_matches_float64_dense(n, d, k, blocks, diagon
     x, params, shift = mixture(n, d, k, kind, diagonal)
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
-    got, _ = exact_candidates.estep(xd, split, sh, diagonal, search("gemm", xd, sh, weights, blocks),
+    got, _ = exact_candidates.estep(xd, exact_candidates.centred_params(split), sh, diagonal,
+                                    search("gemm", xd, sh, weights, blocks),
                                     lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"))
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
     for name, g, r in zip(ref._fields, got, ref):
@@ -229,7 +231,7 @@ def test_flat_posteriors(k, capacity, diagonal, how, poisoned_empty):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, split, sh, diagonal, search(how, xd, sh, weights, (16, 32, 32)),
+        xd, exact_candidates.centred_params(split), sh, diagonal, search(how, xd, sh, weights, (16, 32, 32)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=capacity)
     assert overflowed == (n if k > capacity else 0)
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -247,7 +249,7 @@ def test_some_rows_overflow(poisoned_empty, monkeypatch):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, split, sh, True, search("fused", xd, sh, weights, (16, 32, 16)),
+        xd, exact_candidates.centred_params(split), sh, True, search("fused", xd, sh, weights, (16, 32, 16)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=2, margin=10.0)
     assert 0 < overflowed < n
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -272,6 +274,42 @@ def test_wide_rows_search_candidates_by_library_products_on_a_gpu(diagonal, monk
     ref = kernels.reference.estep(x.double(), params, shift)
     for name, g, r in zip(ref._fields, got, ref):
         assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d,k", [(1, 1), (37, 19), (300, 5)], ids=["one", "odd", "wide"])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_candidate_weights_match_the_torch_functions_they_fuse(d, k, diagonal, dtype):
+    """``candidate_weights`` (two launches) against split_offset, kernel_weights("bf16"),
+    bound_weights and centred_params: bfloat16 pieces within one bfloat16 step (ties round away
+    from zero there, to even in torch), float32 values within float32 round-off; a component of
+    zero weight (-inf constant) keeps it, and the offset is the largest finite constant."""
+    gen = torch.Generator().manual_seed(d + 7 * k)
+    x = make_rows(max(40, 2 * k), d, "raw", gen)
+    params, _ = random_mixture(x, k, diagonal, gen)
+    params = params._replace(const=params.const.clone())
+    if k > 1:
+        params.const[k // 2] = float("-inf")
+    params = params.to(DEVICE, dtype)
+    got = candidate_weights(params, DEVICE)
+    ref = candidate_weights_reference(params, DEVICE)
+    assert got.offset.dtype == torch.float64 and got.offset.shape == ()
+    assert torch.allclose(got.offset, ref.offset.double(), rtol=1e-7, atol=0)
+    for name in ("lin_hi", "quad_hi", "const"):
+        g, r = getattr(got.weights, name), getattr(ref.weights, name)
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        g, r = g.float().cpu(), r.float().cpu()
+        assert torch.equal(torch.isinf(g), torch.isinf(r)), name
+        finite = torch.isfinite(r)
+        step = 2.0 ** -7 if g.dim() == 2 else 2.0 ** -22  # one bfloat16 / a few float32 units, relative
+        assert ((g - r).abs()[finite] <= step * r.abs()[finite] + 1e-30).all(), name
+    assert torch.allclose(got.bound_w.float().cpu(), ref.bound_w.float().cpu(), rtol=2.0 ** -7, atol=0)
+    for name, g, r in zip(("means", "precisions", "consts"), got.centred, ref.centred):
+        g, r = g.cpu(), r.cpu()
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        assert torch.equal(torch.isinf(g), torch.isinf(r)), name
+        finite = torch.isfinite(r)
+        assert ((g - r).abs()[finite] <= 2.0 ** -22 * r.abs()[finite] + 1e-30).all(), name
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
