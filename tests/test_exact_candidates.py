@@ -257,6 +257,24 @@ def test_some_rows_overflow(poisoned_empty, monkeypatch):
         assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
 
 
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_estep_rows_that_overflow_take_the_dense_estep_with_the_offset_put_back(diagonal, monkeypatch,
+                                                                                poisoned_empty):
+    """kernels.estep(precision="candidates") with two slots a row: overflowed rows take the dense
+    E-step of the unsplit parameters, whose log Z carries the offset the candidates' do not."""
+    monkeypatch.setattr(exact_candidates, "CAPACITY", {"diag": 2, "spherical": 2})
+    x, params, shift = mixture(203, 37, 19, "raw", diagonal)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    calls = []
+    real = exact_candidates.estep
+    monkeypatch.setattr(exact_candidates, "estep", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    got = kernels.estep(x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE), precision="candidates",
+                        configs=(config((16, 32, 16)), None))
+    assert 0 < calls[0][1] < len(x)
+    for name, g, r in zip(ref._fields, got, ref):
+        assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
