@@ -107,7 +107,8 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         # Sized on the host: no synchronisation (the queued sub-block would be waited for).
         for parts, part in zip((rows, comps, resp), kept_pairs(cand, r, kept, ends, n_kept, first_row=start)):
             parts.append(part)
-        over.append(torch.nonzero_static(overflowed, size=n_over).view(-1) + start)
+        if n_over:
+            over.append(torch.nonzero_static(overflowed, size=n_over).view(-1) + start)
 
     pending = None
     sub_block = max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(len(centred[2]))))
@@ -129,9 +130,9 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
     nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
+    if not over:
+        return EStepResult(log_norm, nk, s1, s2), 0
     over = _joined(over)
-    if over.numel():
-        rest = dense(x[over])
-        log_norm[over] = rest.log_norm
-        nk, s1, s2 = nk + rest.nk, s1 + rest.s1, s2 + rest.s2
-    return EStepResult(log_norm, nk, s1, s2), over.numel()
+    rest = dense(x[over])
+    log_norm[over] = rest.log_norm
+    return EStepResult(log_norm, nk + rest.nk, s1 + rest.s1, s2 + rest.s2), over.numel()

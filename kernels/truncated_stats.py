@@ -25,15 +25,50 @@ PIECE = 4096
 
 
 @triton.jit
-def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, order_ptr, start_ptr, piece_comp_ptr,
-                       piece_first_ptr, part_ptr, width, n_cols,
+def _lower_bound(sorted_ptr, n, values, n_steps):
+    """For each of ``values``, how many of the n sorted entries are below it (a binary search of
+    ``n_steps`` >= bit length of n steps)."""
+    lo = tl.zeros(values.shape, dtype=tl.int64)
+    hi = lo + n
+    for _ in range(n_steps):
+        live = lo < hi
+        mid = (lo + hi) // 2
+        below = live & (tl.load(sorted_ptr + mid, mask=live, other=0) < values)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(live & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
+def piece_layout_kernel(keys_ptr, n_keys, start_ptr, count_ptr, n_comps, n_steps, PIECE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Where each component's segment of the sorted keys starts (components 0..K+1, K's segment
+    empty) and how many pieces it takes, at least one (components below K), written one place
+    on so that a cumulative sum gives each component's first piece."""
+    comps = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = comps < n_comps + 2
+    start = _lower_bound(keys_ptr, n_keys, comps, n_steps)
+    length = _lower_bound(keys_ptr, n_keys, comps + 1, n_steps) - start
+    pieces = tl.where(comps < n_comps, tl.maximum((length + PIECE - 1) // PIECE, 1), 0)
+    tl.store(start_ptr + comps, start, mask=mask)
+    tl.store(count_ptr + comps + 1, pieces, mask=comps < n_comps + 1)
+    if tl.program_id(0) == 0:
+        tl.store(count_ptr, 0)
+
+
+@triton.jit
+def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, order_ptr, start_ptr, piece_first_ptr,
+                       part_ptr, width, n_cols, n_comps, n_steps,
                        DIAGONAL: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums of one piece (program axis 0) and D tile (axis 1), written to the piece's row
     of ``part``: N_k, then S1's D columns, then S2's D (diag) or one per D tile (spherical)."""
     piece = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    comp = tl.load(piece_comp_ptr + piece)
+    # The piece's component: how many components' pieces end at or before it (pieces past the
+    # last component's belong to component K, whose segment is empty).
+    comp = tl.sum(_lower_bound(piece_first_ptr + 1, n_comps, tl.zeros([1], dtype=tl.int64) + piece + 1, n_steps),
+                  axis=0)
     first = tl.load(start_ptr + comp) + (piece - tl.load(piece_first_ptr + comp)) * PIECE
     last = tl.minimum(first + PIECE, tl.load(start_ptr + comp + 1))
     # (BLOCK_E, BLOCK_D) partial sums, reduced across entries once at the end: a reduction per
@@ -77,6 +112,11 @@ def piece_sum_kernel(part_ptr, piece_first_ptr, out_ptr, width, BLOCK: tl.conste
     for piece in range(tl.load(piece_first_ptr + comp), tl.load(piece_first_ptr + comp + 1)):
         acc += tl.load(part_ptr + piece * width + cols, mask=mask, other=0.0)
     tl.store(out_ptr + comp.to(tl.int64) * width + cols, acc, mask=mask)
+
+
+def _steps(n: int) -> int:
+    """Steps of a binary search over n sorted entries."""
+    return max(1, n.bit_length())
 
 
 def _sum_pieces(partials, piece_first, n_comps):
@@ -130,25 +170,26 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, nu
     """
     d = x.shape[1]
     keys, order = torch.sort(comps, stable=True)
-    # Segment bounds of components 0..K, where component K's segment [P, P) holds nothing.
-    start = torch.searchsorted(keys, torch.arange(n_comps + 2, dtype=keys.dtype, device=x.device))
-    # Every component gets at least one piece, so every output is written; sum_k ceil(L_k / PIECE)
-    # is at most K + P // PIECE, a size the host knows without reading the GPU. Pieces past the
-    # last component's are empty: they belong to component K.
-    pieces = ((start[1:] - start[:-1] + PIECE - 1) // PIECE).clamp_min(1)
-    pieces[n_comps:] = 0  # a slice: assigning one element would copy the 0 from the host and wait
-    piece_first = torch.zeros(n_comps + 2, dtype=torch.int64, device=x.device)
-    torch.cumsum(pieces, 0, out=piece_first[1:])
+    # Segment bounds of components 0..K+1, where component K's segment [P, P) holds nothing, and
+    # each component's first piece. Every component gets at least one piece, so every output is
+    # written; sum_k ceil(L_k / PIECE) is at most K + P // PIECE, a size the host knows without
+    # reading the GPU. Pieces past the last component's are empty: they belong to component K.
+    # One launch and a cumulative sum, where torch's searches and arithmetic took a dozen
+    # launches that the GPU waited for.
+    start = torch.empty(n_comps + 2, dtype=torch.int64, device=x.device)
+    counts = torch.empty(n_comps + 2, dtype=torch.int64, device=x.device)
+    layout = 1024
+    piece_layout_kernel[(triton.cdiv(n_comps + 2, layout),)](
+        keys, len(keys), start, counts, n_comps, _steps(len(keys)), PIECE=PIECE, BLOCK=layout)
+    piece_first = torch.cumsum(counts, 0)
     n_pieces = n_comps + len(comps) // PIECE
-    piece_comp = torch.searchsorted(piece_first[1:n_comps + 1],
-                                    torch.arange(n_pieces, device=x.device), right=True)
     block_d = min(64, triton.next_power_of_2(d))
     d_tiles = triton.cdiv(d, block_d)
     # One row of partials a piece (N_k, S1, S2 side by side): one launch adds them up.
     width = 1 + d + (d if diagonal else d_tiles)
     partials = torch.empty(n_pieces, width, dtype=torch.float64, device=x.device)
     piece_stats_kernel[(n_pieces, d_tiles)](
-        x, x.stride(0), shift, rows, resp, order, start, piece_comp, piece_first, partials, width, d,
+        x, x.stride(0), shift, rows, resp, order, start, piece_first, partials, width, d, n_comps, _steps(n_comps),
         DIAGONAL=diagonal, PIECE=PIECE, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
     total = _sum_pieces(partials, piece_first, n_comps)
     nk, s1, s2 = total[:, 0], total[:, 1:1 + d], total[:, 1 + d:]
