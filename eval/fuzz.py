@@ -234,7 +234,12 @@ def check_fitted(g, k, d, max_iter):
         check(np.isfinite(getattr(g, name)).all(), f"fitted {name} not finite")
     check((g.weights_ >= 0).all() and abs(g.weights_.sum() - 1) < 1e-6, f"weights sum {g.weights_.sum()}")
     if g.covariance_type == "full":
-        check((np.linalg.eigvalsh(g.covariances_) > 0).all(), "covariance not positive definite")
+        # On the correlation matrices: eigenvalues of features with variances 1 and 1e28 side by
+        # side come out with round-off ~1e12, negative for a matrix that is positive definite.
+        scale = 1 / np.sqrt(np.diagonal(g.covariances_, axis1=1, axis2=2))
+        corr = g.covariances_ * scale[:, :, None] * scale[:, None, :]
+        check((np.diagonal(g.covariances_, axis1=1, axis2=2) > 0).all() and (np.linalg.eigvalsh(corr) > 0).all(),
+              "covariance not positive definite")
     else:
         check((g.covariances_ > 0).all(), "variance <= 0")
     if max_iter > 0:

@@ -61,7 +61,7 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
             # can come out slightly negative. Such components (not positive definite) get the
             # floor added to their diagonal; the others keep scikit-learn's covariances.
             m2 = torch.diagonal(stats.s2.sum(0)) / stats.nk.sum()
-            broken = torch.linalg.cholesky_ex(cov)[1] > 0
+            broken = checked_cholesky(cov)[1]
             cov = torch.where(broken[:, None, None], cov + torch.diag(relative_floor * m2), cov)
     elif covariance_type == "diag":
         cov = stats.s2 / nk[:, None] - means * means + reg_covar
@@ -81,13 +81,29 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
     return nk / nk.sum(), means, cov
 
 
+def checked_cholesky(covariances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, broken): the lower Cholesky factors of (K, D, D) covariances, and a (K,) bool of which
+    are not positive definite as far as their precision can tell.
+
+    A Cholesky factorisation that succeeds can still hold a pivot that is round-off: a feature
+    that is (numerically) a linear combination of the earlier ones, in data with fewer distinct
+    rows than features and no ``reg_covar``, leaves pivot^2 / variance ~ eps where it should be
+    0, and a precision of ~1 / eps. The test is per feature, so variances of any spread pass.
+    """
+    chol, info = torch.linalg.cholesky_ex(covariances)
+    unexplained = torch.diagonal(chol, dim1=1, dim2=2) ** 2 / torch.diagonal(covariances, dim1=1, dim2=2)
+    # Cholesky's backward error: pivots are exact to ~D eps of their feature's variance.
+    tol = 4 * covariances.shape[-1] * torch.finfo(covariances.dtype).eps
+    return chol, (info > 0) | ~(unexplained > tol).all(1)
+
+
 def precisions_cholesky(covariances: torch.Tensor, covariance_type: str) -> torch.Tensor:
     """scikit-learn's ``precisions_cholesky_``: 1/sqrt(var), or upper P with P P^T = inv(cov)."""
     if covariance_type != "full":
         return 1.0 / torch.sqrt(covariances)
-    chol, info = torch.linalg.cholesky_ex(covariances)
-    if bool((info > 0).any()):
-        bad = int(torch.nonzero(info > 0)[0, 0])
+    chol, broken = checked_cholesky(covariances)
+    if bool(broken.any()):
+        bad = int(torch.nonzero(broken)[0, 0])
         raise ValueError("Fitting the mixture model failed because some components have ill-defined empirical "
                          "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
                          f"number of components, increase reg_covar, or scale the input data. (component {bad} "

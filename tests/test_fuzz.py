@@ -158,6 +158,24 @@ def test_full_covariance_far_from_origin():
         assert np.isfinite(g.lower_bound_) and g.score_samples(np.array([[1e12]]))[0] > 0
 
 
+def test_full_covariance_with_a_round_off_pivot_is_refused():
+    """Eight rows in eight dimensions without reg_covar: the covariance has rank seven, yet its
+    Cholesky factorisation succeeded on a last pivot of round-off (pivot^2 / variance 3.6e-16),
+    and the model came back with a precision of ~1e8. Now it is refused as ill-defined."""
+    x = np.array([[174, 80, 92, 112, 168, 149, 231, 179], [199, 18, 183, 24, 15, 95, 207, 159],
+                  [223, 160, 176, 22, 2, 233, 190, 77], [172, 250, 33, 157, 177, 165, 199, 121],
+                  [221, 232, 55, 183, 96, 226, 85, 114], [41, 29, 57, 106, 135, 185, 108, 122],
+                  [137, 245, 110, 32, 159, 195, 12, 153], [135, 99, 235, 53, 97, 233, 0, 230]], dtype=np.float64)
+    g = GaussianMixture(1, covariance_type="full", max_iter=0, reg_covar=0.0, compute_dtype="float64",
+                        random_state=1615953897, device="cpu")
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        quietly(g.fit, x)
+    # With reg_covar the same rows fit.
+    g.set_params(reg_covar=1e-6, max_iter=2)
+    quietly(g.fit, x)
+    assert np.isfinite(g.lower_bound_)
+
+
 # ---------------------------------------------------------------------------------------------
 # The fork-server fuzzer (flashgmm_ivf.eval.fuzz), and one regression test per bug it found.
 def test_fuzz_harness_quick_run(tmp_path):
@@ -172,6 +190,17 @@ def test_fuzz_harness_quick_run(tmp_path):
     assert sum(g["cases"] for g in report["groups"].values()) == 45
     assert report["failures"] == [], done.stdout[-3000:]
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize("seed", [904529, 912918])
+def test_fuzz_checks_full_covariances_on_their_correlations(seed):
+    """Cases whose features have variances 1 and 1e28 side by side: their covariances are
+    positive definite (correlation eigenvalues 0.4-1.5), but eigenvalues of the covariances
+    themselves carry round-off ~1e12 and came out negative, which the checker took for garbage."""
+    from flashgmm_ivf.eval.fuzz import CASES, Trace
+    trace = Trace()
+    quietly(CASES["gmm"], np.random.default_rng(seed), trace, {})
+    assert "fit" in trace.visited
 
 
 def reference_scores(g, x):
