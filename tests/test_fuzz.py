@@ -159,21 +159,29 @@ def test_full_covariance_far_from_origin():
 
 
 def test_full_covariance_with_a_round_off_pivot_is_refused():
-    """Eight rows in eight dimensions without reg_covar: the covariance has rank seven, yet its
-    Cholesky factorisation succeeded on a last pivot of round-off (pivot^2 / variance 3.6e-16),
-    and the model came back with a precision of ~1e8. Now it is refused as ill-defined."""
-    x = np.array([[174, 80, 92, 112, 168, 149, 231, 179], [199, 18, 183, 24, 15, 95, 207, 159],
-                  [223, 160, 176, 22, 2, 233, 190, 77], [172, 250, 33, 157, 177, 165, 199, 121],
-                  [221, 232, 55, 183, 96, 226, 85, 114], [41, 29, 57, 106, 135, 185, 108, 122],
-                  [137, 245, 110, 32, 159, 195, 12, 153], [135, 99, 235, 53, 97, 233, 0, 230]], dtype=np.float64)
-    g = GaussianMixture(1, covariance_type="full", max_iter=0, reg_covar=0.0, compute_dtype="float64",
-                        random_state=1615953897, device="cpu")
-    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
-        quietly(g.fit, x)
-    # With reg_covar the same rows fit.
-    g.set_params(reg_covar=1e-6, max_iter=2)
-    quietly(g.fit, x)
-    assert np.isfinite(g.lower_bound_)
+    """Rank-7 covariances in 8 dimensions (eight rows of integers, no reg_covar): Cholesky
+    factorisations often succeed on a last pivot of round-off (pivot^2 / variance ~1e-15, where
+    a fit came back with a precision of ~1e8). Those are refused as ill-defined (one whose
+    leading block is ill-conditioned can leave round-off of 1e-10 of the variance, which no
+    threshold tells from real data); full-rank covariances with variances from 1 to 1e28 are not."""
+    import torch
+
+    from flashgmm_ivf._mstep import precisions_cholesky
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(40):
+        a = torch.as_tensor(rng.integers(0, 256, (8, 7)), dtype=torch.float64)
+        cov = (a @ a.T)[None]
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if int(info[0]) == 0 and (torch.diagonal(chol[0]) ** 2 / torch.diagonal(cov[0])).min() < 2e-15:
+            with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+                precisions_cholesky(cov, "full")
+            refused += 1
+    assert refused >= 5
+    scale = torch.logspace(0, 14, 8, dtype=torch.float64)
+    corr = torch.full((8, 8), 0.3, dtype=torch.float64).fill_diagonal_(1.0)
+    prec_chol = precisions_cholesky((corr * scale[:, None] * scale[None, :])[None], "full")
+    assert torch.isfinite(prec_chol).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,15 +200,56 @@ def test_fuzz_harness_quick_run(tmp_path):
     assert done.returncode == 0
 
 
-@pytest.mark.parametrize("seed", [904529, 912918])
-def test_fuzz_checks_full_covariances_on_their_correlations(seed):
-    """Cases whose features have variances 1 and 1e28 side by side: their covariances are
-    positive definite (correlation eigenvalues 0.4-1.5), but eigenvalues of the covariances
-    themselves carry round-off ~1e12 and came out negative, which the checker took for garbage."""
-    from flashgmm_ivf.eval.fuzz import CASES, Trace
-    trace = Trace()
-    quietly(CASES["gmm"], np.random.default_rng(seed), trace, {})
-    assert "fit" in trace.visited
+def test_full_covariance_of_two_rows_far_out_in_float32():
+    """Two rows at 1e12, two full components, float32 E-steps: each component's first
+    covariance (one row) came out as 10 eps |x - shift|^2 ~ 1e9 instead of reg_covar (N_k + 10 eps
+    in s2 / N_k - mu^2), and the first lower bound as -inf."""
+    x = np.array([[1.70266264e12, -2.04740100e12, 2.40668901e11], [2.06245423e12, 9.29615905e11, 1.48174946e11]],
+                 np.float32)
+    g = quietly(GaussianMixture(2, covariance_type="full", max_iter=5, tol=0.0, init_params="k-means++",
+                                random_state=126972799, compute_dtype="float32", device="cpu").fit, x)
+    assert np.isfinite(g.lower_bounds_).all() and np.isfinite(g.score_samples(x)).all()
+
+
+def test_fuzz_checks_full_covariances_on_their_correlations():
+    """A fitted covariance (a fuzz case with features of variance 2 and 3e27 side by side) that is
+    positive definite (its correlation matrix's eigenvalues are 0.9993-1.0007) but whose own
+    eigenvalues carry round-off ~1e12, the smallest coming out at -4.5e7: the checker took it for
+    garbage. It checks the correlations now, and still catches a covariance that is not positive
+    definite."""
+    from types import SimpleNamespace
+
+    from flashgmm_ivf.eval.fuzz import Garbage, check_fitted
+    cov = np.array([
+        [2.2760136285632216e+27, 3.814048561924512e+19, -3.314491136086219e+19, 2.1622032601244296e+26,
+         23450214157838.594, 4.356482265354089e+26, -20345160908685.254, 1.960502422887689e+26],
+        [3.814048561924512e+19, 7.930859472964681e+23, 4.061864055171082e+19, 3.810596992202467e+19,
+         655468.099609375, 1.0747629267048202e+18, 585361.9501953125, 3.488987186788198e+19],
+        [-3.314491136086219e+19, 4.061864055171082e+19, 3.0002957752845614e+23, 5.616898457507935e+19,
+         -977938.4797363281, 5.045455853939851e+18, -5954.2801513671875, 6.264895509924676e+18],
+        [2.1622032601244296e+26, 3.810596992202467e+19, 5.616898457507935e+19, 1.6651621493839544e+27,
+         -9070360359918.44, -3.725069965400622e+26, -16025922562126.537, -1.676353614526258e+26],
+        [23450214157838.594, 655468.099609375, -977938.4797363281, -9070360359918.44, 1.9476583603281543,
+         -9168743815271.332, -0.08830379641357208, -1777942348775.2722],
+        [4.356482265354089e+26, 1.0747629267048202e+18, 5.045455853939851e+18, -3.725069965400622e+26,
+         -9168743815271.332, 3.048203563209237e+27, 30790672065230.18, -3.377576547768157e+26],
+        [-20345160908685.254, 585361.9501953125, -5954.2801513671875, -16025922562126.537, -0.08830379641357208,
+         30790672065230.18, 2.096899925240209, -5466032385788.403],
+        [1.960502422887689e+26, 3.488987186788198e+19, 6.264895509924676e+18, -1.676353614526258e+26,
+         -1777942348775.2722, -3.377576547768157e+26, -5466032385788.403, 1.368086417806992e+27],
+    ])
+    assert np.linalg.eigvalsh(cov).min() < 0
+    chol = np.linalg.cholesky(cov)
+
+    def fitted(c):
+        return SimpleNamespace(weights_=np.ones(1), means_=np.zeros((1, 8)), covariances_=c[None],
+                               precisions_cholesky_=np.linalg.inv(chol).T[None], covariance_type="full",
+                               lower_bound_=0.0, lower_bounds_=[0.0], n_iter_=1)
+    check_fitted(fitted(cov), 1, 8, 1)
+    broken = cov.copy()
+    broken[4, 6] = broken[6, 4] = 3.0  # |correlation| > 1 between the two small features
+    with pytest.raises(Garbage, match="not positive definite"):
+        check_fitted(fitted(broken), 1, 8, 1)
 
 
 def reference_scores(g, x):
