@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import select
 import shutil
@@ -1136,6 +1137,20 @@ def summarize(results) -> dict:
             "calls": dict(sorted(calls.items())), "clean_errors_raised_outside": dict(outside.most_common())}
 
 
+def refusals(results) -> dict:
+    """Each distinct refusal (ValueError / TypeError text with numbers, paths and addresses masked) by the
+    stage that raised it: count and one case to replay, so that a reviewer can tell every refusal of
+    valid input (a bug the outcome counts cannot see) from a refusal of bad input."""
+    found = defaultdict(dict)
+    for r in results:
+        if r["outcome"] != "clean_error":
+            continue
+        text = re.sub(r"\S*/\S+|0x[0-9a-f]+|-?\d[\d.,e+-]*", "#", r.get("error", ""))[:160]
+        seen = found[r.get("stage", "?")].setdefault(text, {"count": 0, "replay": f"{r['family']}:{r['seed']}"})
+        seen["count"] += 1
+    return {stage: dict(sorted(texts.items(), key=lambda t: -t[1]["count"])) for stage, texts in sorted(found.items())}
+
+
 def table(groups: dict) -> str:
     head = "| group | cases | " + " | ".join(o.replace("_", " ") for o in OUTCOMES) + " |"
     lines = [head, "|" + "---|" * (len(OUTCOMES) + 2)]
@@ -1206,7 +1221,7 @@ def main(argv=None):
                                  for name, rs in groups.items()},
                       "summary": summarize(everything),
                       "failures": failures[:200],
-                      "clean_error_examples": [r for r in everything if r["outcome"] == "clean_error"][:50],
+                      "refusals": refusals(everything),
                       "clean_errors_raised_outside_examples": [
                           r for r in everything if r.get("raised_in", "package") != "package"][:50]}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,10 @@ import zlib
 
 import numpy as np
 
+from ._validation import MAX_ABS_MEAN
+
 FORMAT = "flashgmm_ivf.GaussianMixture"
 FORMAT_VERSION = 2
-# The largest |mean| a file may hold; fit refuses data beyond the same bound.
-MAX_ABS_MEAN = 1e15
 _ARRAYS = ("weights", "means", "covariances")
 _SAVED_PARAMS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
                  "random_state", "warm_start", "verbose", "device", "chunk_size", "compute_dtype", "precision",

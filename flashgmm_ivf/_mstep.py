@@ -57,6 +57,9 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
     means = stats.s1 / nk[:, None]
     if covariance_type == "full":
         cov = stats.s2 / nk[:, None, None] - means[:, :, None] * means[:, None, :]
+        # A kernel sums entries (i, j) and (j, i) of S2 in different orders: average them, so that the
+        # covariances are exactly symmetric (a saved model's file is checked for it).
+        cov = 0.5 * (cov + cov.transpose(1, 2))
         cov += reg_covar * torch.eye(means.shape[1], dtype=cov.dtype, device=cov.device)
         if relative_floor:
             # float32 sums of x x^T about a far shift cancel: a feature constant within a component

@@ -8,6 +8,14 @@ import numpy as np
 import torch
 
 _ACCEPTED_KINDS = "biuf"  # bool, signed, unsigned, float
+# Largest |x| a GaussianMixture models (fit's data, a model's means, a saved file's). Squared
+# distances of larger values overflow float32 (FAISS k-means, the float32 E-step: 1e30 per
+# coordinate leaves a factor 1e8 of headroom for the sums over features), and where they do not,
+# the expanded form of the log-density loses all its digits to them.
+MAX_ABS_VALUE = 1e15
+# Largest |mean| of a model (from_parameters, a saved file): a mean of rows within MAX_ABS_VALUE,
+# with room for its float32 round-off.
+MAX_ABS_MEAN = 2 * MAX_ABS_VALUE
 
 
 def check_block(block, *, n_features=None, offset=0, name="X"):

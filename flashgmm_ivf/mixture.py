@@ -15,7 +15,7 @@ from ._init import INIT_METHODS, initial_means, sample_size, uniform_sample
 from ._mstep import (COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, EMState, kernel_params, m_step, n_parameters,
                      precisions_cholesky)
 from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFittedError
-from ._validation import Instances, Integer, Options, Real, as_rows, validate_params
+from ._validation import MAX_ABS_MEAN, MAX_ABS_VALUE, Instances, Integer, Options, Real, as_rows, validate_params
 from .kernels import EStepResult, NaturalParams
 from .kernels.truncated import TruncatedEStep
 
@@ -47,11 +47,6 @@ ILL_DEFINED = ("Fitting the mixture model failed because some components have il
 # up to FLOAT64_REACH.
 FLOAT32_REACH = 1e30
 FLOAT64_REACH = 1e290
-# Largest |x| fit accepts. Squared distances of larger values overflow float32 (FAISS
-# k-means, the float32 E-step: 1e30 per coordinate leaves a factor 1e8 of headroom for the
-# sums over features), and where they do not, the expanded form of the log-density loses all
-# its digits to them.
-MAX_ABS_VALUE = 1e15
 
 
 class GaussianMixture(DensityMixin, BaseEstimator):
@@ -800,6 +795,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             raise ValueError(f"weights must be >= 0 and sum to 1, got sum {weights.sum()}")
         if gmm.covariance_type != "full" and not (covariances > 0).all():
             raise ValueError("covariances must be > 0")
+        if (np.abs(means) > MAX_ABS_MEAN).any():
+            row = int(np.flatnonzero((np.abs(means) > MAX_ABS_MEAN).any(axis=1))[0])
+            raise ValueError(f"means of component {row} exceed {MAX_ABS_MEAN:g} in magnitude: GaussianMixture models "
+                             f"data with |x| <= {MAX_ABS_VALUE:g}")
         gmm.weights_, gmm.means_, gmm.covariances_ = weights, means, covariances
         gmm._set_precisions()  # raises for a 'full' covariance that is not positive definite
         gmm.converged_, gmm.n_iter_, gmm.lower_bound_, gmm.lower_bounds_ = False, 0, -math.inf, []

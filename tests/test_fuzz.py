@@ -149,6 +149,71 @@ def test_recall_search_on_a_tiny_index():
     assert (I >= 0).all()
 
 
+@pytest.mark.parametrize("spec, metric", [("IVF1_GMM,Flat", "l2"), ("IVF1_GMM(probe=radius),Flat", "cosine"),
+                                          ("IVF1_GMM(coarse=hnsw2,calibration_rows=1),Flat", "l2")])
+def test_recall_search_of_a_one_list_index_is_exact(spec, metric):
+    # The depth table's difficulty feature needed two coarse distances: one list raised a
+    # ValueError about an internal array's shape.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(4, spec, metric, device="cpu")
+    quietly(index.train, x)
+    index.add(x)
+    _, I = quietly(index.search, x[:5], 3, recall=0.9)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cosine" else x
+    exact = ((xn[:5, None, :].astype(np.float64) - xn[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.sort(I, 1), np.sort(np.argsort(exact, 1)[:, :3], 1))
+
+
+def test_float32_full_covariances_are_symmetric_and_round_trip():
+    # The kernels sum S2's entries (i, j) and (j, i) in different orders: the covariances came out
+    # asymmetric by ~1e-7 relative and the saved file was refused on load as not symmetric.
+    x = np.random.default_rng(0).integers(0, 256, (13, 8)).astype(np.uint8)
+    g = quietly(GaussianMixture(1, covariance_type="full", max_iter=2, random_state=0, device="cpu").fit, x)
+    np.testing.assert_array_equal(g.covariances_, g.covariances_.transpose(0, 2, 1))
+    buffer = io.BytesIO()
+    g.save(buffer)
+    buffer.seek(0)
+    np.testing.assert_array_equal(GaussianMixture.load(buffer).score_samples(x), g.score_samples(x))
+
+
+def test_a_model_of_rows_at_the_largest_accepted_values_round_trips():
+    # Means of rows with |x| <= 1e15 came out at 1.000000009e15 in float32, and the saved file
+    # was refused on load (means beyond 1e15).
+    x = np.random.default_rng(0).uniform(0.999e15, 1e15, size=(50, 3))
+    g = quietly(GaussianMixture(2, covariance_type="spherical", max_iter=3, random_state=0, device="cpu").fit, x)
+    buffer = io.BytesIO()
+    g.save(buffer)
+    buffer.seek(0)
+    np.testing.assert_array_equal(GaussianMixture.load(buffer).means_, g.means_)
+    with pytest.raises(ValueError, match="means of component 1 exceed 2e\\+15"):
+        GaussianMixture.from_parameters([0.5, 0.5], [[0.0], [3e15]], [1.0, 1.0], covariance_type="spherical")
+
+
+def test_index_training_refuses_values_its_mixture_cannot_hold(tmp_path):
+    # An inner-product index trained on values of 1e16 (norms below FAISS's float32 limit) stored
+    # a mixture whose file read_index then refused: the index was written but could not be read.
+    x = np.random.default_rng(0).uniform(-1, 1, size=(400, 3)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(3, "IVF4_GMM,Flat", "ip", device="cpu")
+    with pytest.raises(ValueError, match="up to \\|x\\| = 1e\\+16.*rescale"):
+        quietly(index.train, x * np.float32(1e16))
+    quietly(index.train, x * np.float32(1e14))
+    index.add(x * np.float32(1e14))
+    flashgmm_ivf.write_index(index, str(tmp_path / "i.npz"))
+    assert flashgmm_ivf.read_index(str(tmp_path / "i.npz")).ntotal == 400
+
+
+def test_recall_search_of_an_index_trained_on_three_rows():
+    # Fewer than 4 training rows hold none out as stand-in queries: the depth table was fitted
+    # on zero queries and numpy's reshape raised. The search scans every list instead.
+    x = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(3, "IVF1_GMM,Flat", device="cpu")
+    quietly(index.train, x)
+    index.add(np.repeat(x, 10, axis=0))
+    _, I = quietly(index.search, x, 10, recall=0.9)
+    assert (I >= 0).all() and all(len(set(row)) == 10 for row in I.tolist())
+
+
 def test_full_covariance_far_from_origin():
     # float64 rows are centred before the float32 rounding: x = 1e12 rounded to float32 first sat
     # 4096 from its own mean (lower_bound_ -inf, a score of -8e12).

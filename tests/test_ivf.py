@@ -378,7 +378,8 @@ def small(glove):
     return base[:3000], query, metric, learn
 
 
-@pytest.mark.parametrize("partition, spill", itertools.product(["gmm", "kmeans"], ["soar", "rair", "gmm", "none"]))
+@pytest.mark.parametrize("partition, spill",
+                         list(itertools.product(["gmm", "kmeans"], ["soar", "rair", "gmm", "none"])))
 def test_every_partition_and_spill_builds_and_searches(small, partition, spill):
     base, query, metric, _ = small
     index = build(f"IVF16_GMM(iter=2,partition={partition},spill={spill},copies=1.3),Flat", small)
@@ -388,7 +389,8 @@ def test_every_partition_and_spill_builds_and_searches(small, partition, spill):
 
 
 @pytest.mark.parametrize("coarse, probe",
-                         itertools.product(["flat", "hnsw16", "hnsw", "pca8", "pca"], ["adaptive", "radius", "fixed"]))
+                         list(itertools.product(["flat", "hnsw16", "hnsw", "pca8", "pca"],
+                                                ["adaptive", "radius", "fixed"])))
 def test_every_coarse_step_and_probe_builds_and_searches(small, coarse, probe):
     base, query, metric, _ = small
     index = build(f"IVF16_GMM(iter=2,coarse={coarse},probe={probe},partition=kmeans),Flat", small)

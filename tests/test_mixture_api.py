@@ -232,7 +232,7 @@ def test_load_rejects_bad_files(data, tmp_path):
                                                                        g.covariances_)))
     with pytest.raises(ValueError, match="weights do not form a distribution"):
         GaussianMixture.load(rewrite("sum.npz", weights=np.full(3, 0.5)))
-    with pytest.raises(ValueError, match="means of component 1 exceed 1e"):
+    with pytest.raises(ValueError, match="means of component 1 exceed 2e"):
         GaussianMixture.load(rewrite("big.npz", means=g.means_ * np.array([[1.0], [1e300], [1.0]])))
     for field, value in (("n_iter_", -1), ("n_iter_", 2.5), ("converged_", 1), ("lower_bound_", None)):
         with pytest.raises(ValueError, match=rf"\['{field}'\] have the wrong type"):

@@ -267,8 +267,10 @@ def test_bad_input_raises(sift, kmeans_index, table):
         ProbeTable.fit(np.full(2, np.nan), np.zeros((2, K), np.int64), np.ones((2, 4)))
     with pytest.raises(ValueError, match="must agree"):
         ProbeTable.fit(np.zeros(3), np.zeros((2, K), np.int64), np.ones((2, 4)))
-    with pytest.raises(ValueError, match="depth >= 2"):
-        distance_spread(np.ones((3, 1)))
+    with pytest.raises(ValueError, match="depth >= 1"):
+        distance_spread(np.ones((3, 0)))
+    # One list (IVF1): one column, no spread.
+    np.testing.assert_array_equal(distance_spread(np.full((3, 1), 2.0)), np.zeros(3))
     two_level = faiss.IndexIVFFlat(faiss.IndexIVFFlat(faiss.IndexFlatL2(test.shape[1]), test.shape[1], 2),
                                    test.shape[1], NLIST)
     with pytest.raises(TypeError, match="IndexFlat, IndexHNSW or IndexRefine"):
@@ -287,8 +289,9 @@ def test_similarity_gap_is_the_score_gap_over_the_query_norm():
     np.testing.assert_array_equal(query_difficulty(scores, x, 6, faiss.METRIC_INNER_PRODUCT), gap)
     dis = rng.uniform(1, 2, size=(5, 40)).cumsum(1)
     np.testing.assert_array_equal(query_difficulty(dis, x, 6, faiss.METRIC_L2), distance_spread(dis, 6))
-    with pytest.raises(ValueError, match="depth >= 2"):
-        similarity_gap(np.ones((3, 1)), x[:3])
+    with pytest.raises(ValueError, match="depth >= 1"):
+        similarity_gap(np.ones((3, 0)), x[:3])
+    np.testing.assert_array_equal(similarity_gap(np.ones((3, 1)), x[:3]), np.zeros(3))
 
 
 # ---------------------------------------------------------------------- first-walk widths of a graph quantizer

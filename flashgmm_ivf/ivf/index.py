@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._validation import check_positive_int
+from .._validation import MAX_ABS_VALUE, check_positive_int
 from ..mixture import GaussianMixture
 from .calibration import K_CAL, Calibration, coarse_candidates, fit_coarse_and_table, fit_table
 from .coarse import build, install, name_of
@@ -375,6 +375,11 @@ class GMMIndexIVF:
         drawn at random (``random_state``) from the rows not held out for calibration.
         """
         x = self._vectors(x, "x")
+        high = float(np.abs(x).max(initial=0.0))
+        if high > MAX_ABS_VALUE:
+            # The lists' model is stored with the index; it could not be read back.
+            raise ValueError(f"x holds values up to |x| = {high:.3g}; the index models its lists with a "
+                             f"GaussianMixture, which holds data with |x| <= {MAX_ABS_VALUE:g}: rescale the data")
         n = x.shape[0]
         n_cal = self.calibration_rows if self.calibration_rows is not None else _calibration_rows(n, self._nlist)
         if n - n_cal < self._nlist:
@@ -634,9 +639,10 @@ class GMMIndexIVF:
                 return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
             return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, copies=self._copies(),
                                  stats=stats)
-        if self._ntotal <= K_CAL:
-            # Too few vectors for a stand-in to have K_CAL neighbours besides itself, so no depth
-            # table: scan every list (exact, and cheap at this size).
+        if self._ntotal <= K_CAL or (self.calibration is not None and len(self.calibration.queries) == 0):
+            # Too few vectors for a stand-in to have K_CAL neighbours besides itself, or too few
+            # training rows (under 4) to hold one out, so no depth table: scan every list (exact,
+            # and cheap at this size; ``calibrate(queries)`` gives the index a table).
             return search_nprobe(self.index, x, k, self._nlist, max_dup=self._max_dup, copies=self._copies(),
                                  stats=stats)
         table = self._current_table().for_recall(recall)

@@ -49,18 +49,19 @@ def distance_spread(coarse_dis: np.ndarray, rank: int = SPREAD_RANK) -> np.ndarr
 
     Parameters
     ----------
-    coarse_dis : ndarray of shape (nq, depth), squared L2 distances, nearest first (for the
-        similarities of an inner-product index see :func:`similarity_gap`)
-    rank : int >= 2
+    coarse_dis : ndarray of shape (nq, depth), depth >= 1, squared L2 distances, nearest first
+        (for the similarities of an inner-product index see :func:`similarity_gap`)
+    rank : int >= 1 (1, like one column: 0 for every query)
 
     Returns
     -------
-    ndarray of shape (nq,), float64, >= 0. Small: many means about as near as the nearest.
+    ndarray of shape (nq,), float64, >= 0. Small: many means about as near as the nearest;
+    0 where there is one column (an index of one list: every query alike).
     """
     coarse_dis = np.asarray(coarse_dis, dtype=np.float64)
-    if coarse_dis.ndim != 2 or coarse_dis.shape[1] < 2:
-        raise ValueError(f"coarse_dis must have shape (nq, depth >= 2), got {coarse_dis.shape}")
-    rank = check_positive_int(rank, "rank", minimum=2)
+    if coarse_dis.ndim != 2 or coarse_dis.shape[1] < 1:
+        raise ValueError(f"coarse_dis must have shape (nq, depth >= 1), got {coarse_dis.shape}")
+    rank = check_positive_int(rank, "rank")
     m = min(rank, coarse_dis.shape[1])
     # log of a ratio of squared distances; the floor keeps a query sitting on a mean finite.
     tiny = np.finfo(np.float64).tiny
@@ -72,19 +73,20 @@ def similarity_gap(coarse_sim: np.ndarray, x: np.ndarray, rank: int = SPREAD_RAN
 
     Parameters
     ----------
-    coarse_sim : ndarray of shape (nq, depth), inner products with the means, best first
+    coarse_sim : ndarray of shape (nq, depth), depth >= 1, inner products with the means, best first
     x : ndarray of shape (nq, d), the queries (the gap is divided by their norms, so that
         scaling a query, which scales all its scores, does not change its bin)
-    rank : int >= 2
+    rank : int >= 1 (1, like one column: 0 for every query)
 
     Returns
     -------
-    ndarray of shape (nq,), float64, >= 0. Small: many means score about as well as the best.
+    ndarray of shape (nq,), float64, >= 0. Small: many means score about as well as the best;
+    0 where there is one column.
     """
     coarse_sim = np.asarray(coarse_sim, dtype=np.float64)
-    if coarse_sim.ndim != 2 or coarse_sim.shape[1] < 2:
-        raise ValueError(f"coarse_sim must have shape (nq, depth >= 2), got {coarse_sim.shape}")
-    rank = check_positive_int(rank, "rank", minimum=2)
+    if coarse_sim.ndim != 2 or coarse_sim.shape[1] < 1:
+        raise ValueError(f"coarse_sim must have shape (nq, depth >= 1), got {coarse_sim.shape}")
+    rank = check_positive_int(rank, "rank")
     m = min(rank, coarse_sim.shape[1])
     norms = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)
     return (coarse_sim[:, 0] - coarse_sim[:, m - 1]) / np.maximum(norms, np.finfo(np.float64).tiny)
@@ -178,7 +180,8 @@ def neighbor_depths(list_nos: np.ndarray, members: ListMembers, gt: np.ndarray) 
     # A graph quantizer may return fewer than depth lists (-1): those slots rank nothing.
     rows, cols = np.nonzero(list_nos >= 0)
     rank[rows, list_nos[rows, cols]] = cols
-    depths = np.take_along_axis(rank, np.maximum(lists, 0).reshape(nq, -1), 1).reshape(lists.shape)
+    depths = np.take_along_axis(rank, np.maximum(lists, 0).reshape(nq, lists[0].size if nq else 0), 1)
+    depths = depths.reshape(lists.shape)
     return np.where(lists >= 0, depths, depth).min(2)
 
 
