@@ -203,6 +203,18 @@ def test_index_training_refuses_values_its_mixture_cannot_hold(tmp_path):
     assert flashgmm_ivf.read_index(str(tmp_path / "i.npz")).ntotal == 400
 
 
+def test_full_covariance_index_of_constant_rows_far_out():
+    # k-means centroids of rows at 1e15 sit off the rows by float32 round-off (~1e8): list
+    # covariances taken about the centroids were rank one and refused as ill-defined.
+    x = np.full((200, 8), 1e15, np.float32)
+    x[:, 0] = np.arange(200)
+    index = flashgmm_ivf.index_factory(8, "IVF4_GMM(full),Flat", device="cpu")
+    quietly(index.train, x)
+    index.add(x)
+    _, I = quietly(index.search, x[:3], 1, recall=0.9)
+    np.testing.assert_array_equal(I[:, 0], [0, 1, 2])
+
+
 def test_recall_search_of_an_index_trained_on_three_rows():
     # Fewer than 4 training rows hold none out as stand-in queries: the depth table was fitted
     # on zero queries and numpy's reshape raised. The search scans every list instead.

@@ -135,7 +135,13 @@ def kmeans_mixture(x: np.ndarray, centroids: np.ndarray, covariance_type: str, r
         bounds = np.searchsorted(labels[order], np.arange(nlist + 1))
         for j in range(nlist):
             rj = r[order[bounds[j]:bounds[j + 1]]].astype(np.float64)
-            cov[j] = rj.T @ rj / len(rj) if len(rj) else overall * np.eye(d)
+            # About the members' own mean: a centroid off it by float32 round-off (rows at 1e15:
+            # ~1e8) would add a rank-one term that leaves the covariance singular but for reg_covar.
+            if len(rj):
+                rj -= rj.mean(0)
+                cov[j] = rj.T @ rj / len(rj)
+            else:
+                cov[j] = overall * np.eye(d)
         cov += reg_covar * np.eye(d)
     return GaussianMixture.from_parameters(weights, centroids, cov, covariance_type=covariance_type,
                                            reg_covar=reg_covar, **gmm_params)
