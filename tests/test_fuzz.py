@@ -215,6 +215,21 @@ def test_full_covariance_index_of_constant_rows_far_out():
     np.testing.assert_array_equal(I[:, 0], [0, 1, 2])
 
 
+@pytest.mark.parametrize("encoding", ["Flat", "SQ4"])
+def test_radius_search_returns_k_ids_at_any_nprobe(encoding):
+    # Radius pruning bounds the first min(k, 10) results: at k = ntotal it skipped lists the
+    # rest of the row needed, and FAISS-style nprobe = nlist searches returned -1 ids.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(200, 4)) + 8 * rng.integers(0, 4, (200, 1))).astype(np.float32)
+    index = flashgmm_ivf.index_factory(4, f"IVF16_GMM(probe=radius),{encoding}", device="cpu")
+    quietly(index.train, x)
+    index.add(x)
+    for nprobe in (4, 16):
+        _, I = index.search(x[:5], 200, nprobe=nprobe)
+        assert (I >= 0).all() if nprobe == 16 else (I[:, :10] >= 0).all()
+        assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in I)
+
+
 def test_recall_search_of_an_index_trained_on_three_rows():
     # Fewer than 4 training rows hold none out as stand-in queries: the depth table was fitted
     # on zero queries and numpy's reshape raised. The search scans every list instead.

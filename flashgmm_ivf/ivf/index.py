@@ -636,7 +636,8 @@ class GMMIndexIVF:
     def _search(self, x, k, nprobe, recall, stats):
         if recall is None:
             if self.probe == "radius":
-                return search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
+                D, I = search_pruned(self.index, x, k, nprobe, 1.0, rank=min(k, 10), stats=stats)
+                return self._fill_short_rows(x, k, D, I, stats, nprobe=nprobe)
             return search_nprobe(self.index, x, k, nprobe, max_dup=self._max_dup, copies=self._copies(),
                                  stats=stats)
         if self._ntotal <= K_CAL or (self.calibration is not None and len(self.calibration.queries) == 0):
@@ -658,27 +659,31 @@ class GMMIndexIVF:
         else:
             D, I = search_preassigned(self.index, x, k, *truncate_lists(lists, dis, depth), max_dup=self._max_dup,
                                       copies=self._copies(), ncoarse=evaluations, stats=stats)
-        return self._fill_short_rows(x, k, D, I, depth, stats)
+        return self._fill_short_rows(x, k, D, I, stats, depth=depth)
 
-    def _fill_short_rows(self, x, k, D, I, depth, stats):
-        """Rows whose chosen lists held fewer than k ids, searched again at twice their depth until they have k.
+    def _fill_short_rows(self, x, k, D, I, stats, *, depth=None, nprobe=None):
+        """Rows with fewer than k ids, searched again without pruning: at the caller's ``nprobe``
+        lists, or from twice their ``depth`` (a recall search), doubling until they have k.
 
         A recall target promises k results whenever the index holds k vectors; a table fitted
         on a small or uneven index, or a k larger than its lists, can pick lists that together
-        hold fewer.
+        hold fewer. Radius pruning bounds the first min(k, 10) results only, and may skip lists
+        that the rest of a long row needs.
         """
         short = np.flatnonzero((I < 0).any(axis=1)) if self._ntotal >= k else np.empty(0, np.int64)
         if short.size == 0:
             return D, I
         D, I = D.copy(), I.copy()
         more = SearchStats()
-        nprobe = int(depth[short].max())
-        while short.size and nprobe < self._nlist:
-            nprobe = min(self._nlist, 2 * nprobe)
-            D[short], I[short] = search_nprobe(self.index, x[short], k, nprobe, max_dup=self._max_dup,
+        probe = nprobe if nprobe is not None else min(self._nlist, 2 * int(depth[short].max()))
+        while short.size:
+            D[short], I[short] = search_nprobe(self.index, x[short], k, probe, max_dup=self._max_dup,
                                                copies=self._copies(), stats=more)
             stats.n_refetch += short.size
             short = short[(I[short] < 0).any(axis=1)]
+            if nprobe is not None or probe == self._nlist:
+                break
+            probe = min(self._nlist, 2 * probe)
         # The same queries searched again: their work counts, they do not count as new queries.
         stats.ndis, stats.ncoarse, stats.nlists = stats.ndis + more.ndis, stats.ncoarse + more.ncoarse, \
             stats.nlists + more.nlists
