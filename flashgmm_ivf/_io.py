@@ -117,6 +117,12 @@ def _is_int(value, low):
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def _is_bound(value) -> bool:
+    """A lower bound fit can produce: a number, -inf included, not NaN or +inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) \
+        and value != math.inf
+
+
 def _check_fitted_fields(fitted) -> dict:
     """The header's fitted attributes, each of the type and range fit produces."""
     if not isinstance(fitted, dict) or set(fitted) != {"converged_", "n_iter_", "lower_bound_", "lower_bounds_",
@@ -129,11 +135,10 @@ def _check_fitted_fields(fitted) -> dict:
             ("n_iter_", _is_int(fitted["n_iter_"], 0)),
             ("n_reseeded_", _is_int(fitted["n_reseeded_"], 0)),
             ("n_features_in_", _is_int(fitted["n_features_in_"], 1)),
-            # -inf is the bound of a model built from parameters (never run through EM)
-            ("lower_bound_", isinstance(fitted["lower_bound_"], (int, float))
-             and not math.isnan(fitted["lower_bound_"]) and fitted["lower_bound_"] != math.inf),
-            ("lower_bounds_", isinstance(bounds, list) and all(
-                isinstance(b, (int, float)) and math.isfinite(b) for b in bounds)),
+            # -inf is the bound of a model built from parameters (never run through EM), and may
+            # be an iteration's where a row's density underflows float64
+            ("lower_bound_", _is_bound(fitted["lower_bound_"])),
+            ("lower_bounds_", isinstance(bounds, list) and all(_is_bound(b) for b in bounds)),
         ) if not ok]
     if problems:
         raise ValueError(f"header fitted attribute(s) {problems} have the wrong type or range")

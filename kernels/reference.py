@@ -182,11 +182,15 @@ def block_rows(n_components: int, n_features: int, full: bool, dtype) -> int:
 
 
 def _kept_pairs(ll: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """Flat indices, ascending, of the entries of ``ll`` (rows, K) above ``floor`` (rows, 1)."""
+    """Flat indices, ascending, of the entries of ``ll`` (rows, K) at or above ``floor`` (rows, 1).
+
+    At or above: a floor of top + log(cutoff) rounds to top itself where |top| dwarfs the
+    cutoff (float32 log-densities of -7e13), and the row's largest entry must stay in.
+    """
     if ll.device.type == "cpu":
         # numpy's comparison and flatnonzero: ~0.6 ns per entry against ~2 ns for torch's.
-        return torch.from_numpy(np.flatnonzero(ll.numpy() > floor.numpy()))
-    return torch.flatten(ll > floor).nonzero().squeeze(1)
+        return torch.from_numpy(np.flatnonzero(ll.numpy() >= floor.numpy()))
+    return torch.flatten(ll >= floor).nonzero().squeeze(1)
 
 
 def _block_stats(ll: torch.Tensor, z: torch.Tensor, part: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:

@@ -230,6 +230,21 @@ def test_radius_search_returns_k_ids_at_any_nprobe(encoding):
         assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in I)
 
 
+def test_float32_log_densities_far_below_zero_keep_their_rows(tmp_path):
+    # At log-densities of -7e13 in float32, top + log(cutoff) rounds to top: the sparse
+    # log-sum-exp kept no entry of the row (log Z = -inf, the row dropped from the statistics),
+    # and the index's saved mixture, whose first bound was -inf, was refused by read_index.
+    x = np.full((296, 8), 1e12, np.float32)
+    g = quietly(GaussianMixture(4, covariance_type="full", max_iter=1, tol=0.0, reg_covar=1e-6,
+                                means_init=np.full((4, 8), 1e12), random_state=0, device="cpu").fit, x)
+    np.testing.assert_allclose(g.lower_bounds_, [-0.5 * 8 * 4096.0 ** 2 / 1e-6], rtol=1e-6)
+    index = flashgmm_ivf.index_factory(8, "IVF4_GMM(full,partition=gmm),Flat", device="cpu")
+    quietly(index.train, np.full((300, 8), 1e12, np.float32))
+    index.add(x)
+    flashgmm_ivf.write_index(index, str(tmp_path / "i.npz"))
+    assert flashgmm_ivf.read_index(str(tmp_path / "i.npz")).ntotal == len(x)
+
+
 def test_recall_search_of_an_index_trained_on_three_rows():
     # Fewer than 4 training rows hold none out as stand-in queries: the depth table was fitted
     # on zero queries and numpy's reshape raised. The search scans every list instead.
