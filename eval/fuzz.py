@@ -492,6 +492,8 @@ def case_index(rng, trace, ctx):
     trace.at("train")
     index.train(layouts(rng, xt))
     check(index.is_trained, "not trained after train")
+    # The lists' mixture: EM's bounds (partition=gmm) all finite, as fit promises.
+    check(np.isfinite(index.gmm.lower_bounds_).all(), f"index mixture bounds {index.gmm.lower_bounds_}")
     n_add = int(pick(rng, [1, 5, 30, 200]))
     xb = np.asarray(gen_rows(rng, n_add, d, allow_bad=rng.random() < 0.2))
     stored = {}

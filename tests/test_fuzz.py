@@ -12,6 +12,7 @@ import sys
 import warnings
 import zipfile
 
+import faiss
 import numpy as np
 import pytest
 from conftest import rewrite_gmm_file
@@ -453,6 +454,26 @@ def test_read_index_checks_counters_against_the_lists(tmp_path, field, value, ma
     edited = resigned_index(tmp_path / "i.npz", tmp_path / "edited.npz", **{field: value})
     with pytest.raises(ValueError, match=match):
         flashgmm_ivf.read_index(edited)
+
+
+def test_an_index_with_copies_removed_down_to_one_entry_reads_back(tmp_path):
+    # max_dup (the most copies a vector ever had) was checked against the entries left: after
+    # remove_ids a written index was refused by read_index.
+    x = np.random.default_rng(0).random((200, 4)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(4, "IVF4_GMM(coarse=flat,copies=1.5),Flat", device="cpu")
+    quietly(index.train, x)
+    index.add(x[:30])
+    invlists = index.index.invlists
+    entries = np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(j), invlists.list_size(j)).copy()
+                              for j in range(4)])
+    copies = np.bincount(entries, minlength=30)
+    assert copies.max() == 2 and (copies == 1).any()
+    single = int(np.flatnonzero(copies == 1)[0])
+    index.remove_ids(np.setdiff1d(np.arange(30), [single]))
+    assert index.index.ntotal == 1
+    flashgmm_ivf.write_index(index, tmp_path / "i.npz")
+    again = flashgmm_ivf.read_index(tmp_path / "i.npz")
+    assert again.ntotal == 1 and again.search(x[single:single + 1], 1, nprobe=4)[1][0, 0] == single
 
 
 def test_float32_model_scores_rows_beyond_1e19():

@@ -206,14 +206,15 @@ def _check_inner(path, inner, index, header, gmm):
 
 def _check_counters(path, inner, header):
     """The header's counters against the ids the lists hold: ntotal distinct ids, next_id past
-    the largest (a smaller one would make ``add`` reuse ids), max_dup at most the entries."""
+    the largest (a smaller one would make ``add`` reuse ids), max_dup at most one copy per list
+    (the most copies a vector ever had: removals leave it, so the entries may now be fewer)."""
     ids = stored_ids(inner)
     if header["ntotal"] != ids.size:
         raise ValueError(f"{path}: header says ntotal={header['ntotal']}, but the lists hold {ids.size} distinct ids")
     if ids.size and header["next_id"] <= int(ids[-1]):
         raise ValueError(f"{path}: header says next_id={header['next_id']}, but the lists hold id {int(ids[-1])}")
-    if not 1 <= header["max_dup"] <= max(1, inner.ntotal):  # copies of one id: at most every entry
-        raise ValueError(f"{path}: header field max_dup={header['max_dup']} is outside [1, {max(1, inner.ntotal)}]")
+    if not 1 <= header["max_dup"] <= inner.nlist:
+        raise ValueError(f"{path}: header field max_dup={header['max_dup']} is outside [1, nlist={inner.nlist}]")
 
 
 def _calibration(path, arrays, index, header) -> Calibration:
