@@ -312,13 +312,24 @@ def _earlier_rows(path, data, nlist, rerun):
     return [r for r in doc["rows"] if r["method"] not in rerun], [r for r in runs if r["methods"]]
 
 
+def _count(text: str) -> int:
+    """argparse type of the sizes below: an integer >= 1 (FAISS would take IVF-3 for a spec)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sweep's options (shared by ``flashgmm-ivf sweep`` and ``python -m flashgmm_ivf.eval.runner``)."""
     parser.add_argument("--dataset", help="registry name (e.g. sift-photos-128, glove-6B-50d-small); default: the "
                                           "SIFT sample bundled with the package")
     parser.add_argument("--data-dir", help="data directory searched first (default $FLASHGMM_DATA or "
                                            "~/.cache/flashgmm-ivf/data, then ../shared/data)")
-    parser.add_argument("--nlist", type=int, help="lists (default: the power of two nearest 4 sqrt(n))")
+    parser.add_argument("--nlist", type=_count, help="lists (default: the power of two nearest 4 sqrt(n))")
     parser.add_argument("--method", action="append", dest="methods",
                         help="repeatable: " + ", ".join(METHODS) + ", an index_factory spec such as "
                              "'IVF{nlist}_GMM(coarse=flat),Flat', either with a '+learn' suffix (refined by "
@@ -326,9 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              + " (bundled sample: " + " ".join(QUICK_METHODS) + ")")
     parser.add_argument("--out", default="sweep-results", help="output folder")
     parser.add_argument("--prefix", default="sweep", help="output file names: <prefix>_<dataset>.*")
-    parser.add_argument("--max-queries", type=int, default=1000, help="test queries used")
-    parser.add_argument("--max-learn", type=int, help="learn queries used (default: all)")
-    parser.add_argument("--max-base", type=int, help="deterministic random subset of the base (seeded)")
+    parser.add_argument("--max-queries", type=_count, default=1000, help="test queries used")
+    parser.add_argument("--max-learn", type=_count, help="learn queries used (default: all)")
+    parser.add_argument("--max-base", type=_count, help="deterministic random subset of the base (seeded)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--merge", help="an earlier sweep JSON of the same set: its methods not run now are kept")
     parser.add_argument("--cache", help="folder where the FAISS yardsticks keep their trained k-means for later "

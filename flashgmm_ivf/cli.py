@@ -6,10 +6,9 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch.distributed as dist
 
-from .datasets import bundled_dataset
+from .datasets import bundled_dataset, read_vectors
 from .distributed import DistributedGaussianMixture, init_distributed
 from .eval import runner as sweep_runner
 from .mixture import GaussianMixture
@@ -19,8 +18,7 @@ def _load(path):
     if path is None:
         base, test, meta = bundled_dataset()
         return base, test, meta["name"]
-    x = np.load(path, mmap_mode="r", allow_pickle=False)
-    return x, None, path
+    return read_vectors(path), None, path
 
 
 def cmd_fit(args) -> int:
@@ -93,7 +91,6 @@ def add_train_command(subparsers):
 
 def cmd_train(args) -> int:
     """``flashgmm-ivf train``: fit, print a summary and save on rank 0."""
-    from .datasets import read_vectors
     rank, world = init_distributed(args.backend) if args.distributed else (0, 1)
     try:
         x = read_vectors(args.data, key=args.key)
@@ -123,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashgmm-ivf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="fit a GMM (default: the bundled SIFT sample) and print a summary")
-    fit.add_argument("--data", help=".npy file of shape (n, d); default: the bundled real SIFT sample")
+    fit.add_argument("--data", help="vector file: .npy, .fvecs/.bvecs, .fbin/.u8bin/.i8bin, .hdf5; default: the "
+                                    "bundled real SIFT sample")
     add_gmm_arguments(fit, n_components=64, max_iter=100)
     fit.add_argument("--save", help="write the fitted model here (.npz)")
     fit.add_argument("-v", "--verbose", type=int, default=1)
@@ -138,8 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as err:
+        # Bad input (a file, its rows, an option's value) ends with its message and status 1, as
+        # argparse ends a bad option with status 2; any other exception is a bug: its traceback stays.
+        parser.exit(1, f"{parser.prog} {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,22 @@ def test_cli_sweep(tiny_dir, tmp_path):
     assert [s["method"] for s in saved["summary"]] == ["FAISS IVF8_HNSW32,Flat", "IVF8_GMM(spherical,iter=2),Flat"]
 
 
+@pytest.mark.parametrize("argv, status, message", [
+    (["fit", "--data", "{dir}/junk.npy"], 1, "junk.npy: not a readable .npy file"),
+    (["fit", "--data", "{dir}/missing.npy"], 1, "No such file"),
+    (["fit", "--data", "{dir}/nan.npy"], 1, "NaN or infinity; the first is row 0"),
+    (["train", "--data", "{dir}/nan.npy", "-k", "0"], 1, "n_components must be an integer"),
+    (["sweep", "--nlist", "-3"], 2, "--nlist: must be >= 1, got -3"),
+])
+def test_cli_ends_bad_input_with_its_message(tmp_path, capsys, argv, status, message):
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    np.save(tmp_path / "nan.npy", np.full((30, 4), np.nan, np.float32))
+    with pytest.raises(SystemExit) as ended:
+        cli_main([a.format(dir=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert ended.value.code == status and message in err and "Traceback" not in err
+
+
 def test_inner_product_sweep_builds_every_method_by_inner_product(tiny_dir, tmp_path):
     data = runner.load_data("tiny-sift", data_dir=tiny_dir, max_queries=20, inner_product=True)
     assert data.metric == "ip"
