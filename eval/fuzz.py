@@ -310,7 +310,9 @@ def case_gmm(rng, trace, ctx):
                   reg_covar=float(pick(rng, [1e-6, 1e-6, 0.0, 1e-3, 1.0])),
                   compute_dtype=pick(rng, ["float32", "float64"]), n_init=int(pick(rng, [1, 1, 2])),
                   init_params=pick(rng, ["kmeans", "k-means++", "random_from_data"]),
-                  tol=float(pick(rng, [1e-3, 0.0])), random_state=int(rng.integers(2**31)), device="cpu")
+                  tol=float(pick(rng, [1e-3, 0.0])), random_state=int(rng.integers(2**31)), device="cpu",
+                  # blocks of a few rows: statistics, bounds and worst rows summed across blocks
+                  chunk_size=int(pick(rng, [262144, 262144, 262144, 1, 3, 7])))
     if cov != "full" and rng.random() < 0.1:
         params.update(estep="truncated", n_candidates=int(rng.integers(1, 4)), n_neighbors=int(rng.integers(1, 4)))
     if rng.random() < 0.1 and k <= n:
