@@ -511,6 +511,20 @@ def case_index(rng, trace, ctx):
     xb32 = np.asarray(xb, np.float32)
     stored.update({int(i): row for i, row in zip(ids, xb32)})
     check(index.ntotal == len(stored), f"ntotal {index.ntotal} after adding {len(stored)} vectors")
+    if rng.random() < 0.25:
+        trace.at("calibrate")
+        cq = np.asarray(gen_rows(rng, int(pick(rng, [nlist, 2 * nlist + 1, 40])), d, allow_bad=False), np.float32)
+        if encoding != "Flat" or rng.random() < 0.3:  # neighbours given (any stored ids: a wrong table, valid results)
+            known = np.array(sorted(stored), dtype=np.int64)
+            index.calibrate(cq, known[rng.integers(0, len(known), (len(cq), 10))])
+        else:
+            index.calibrate(cq)
+    if rng.random() < 0.2:
+        trace.at("set depth")
+        if rng.random() < 0.5:
+            index.nprobe = int(rng.integers(1, nlist + 1))
+        else:
+            index.recall = float(pick(rng, [0.5, 0.9, 1.0]))
     flat = encoding == "Flat"
     nq = int(rng.integers(1, 8))
     q = np.asarray(gen_rows(rng, nq, d, allow_bad=False), np.float32)
@@ -626,6 +640,11 @@ def case_index_misuse(rng, trace, ctx):
                                        {"k": 1, "params": "nprobe=2"}], dtype=object), size=3, replace=False):
         refused(trace, "search(args)", index.search, q, **kwargs)
     refused(trace, "search(x)", index.search, pick(rng, bad_rows[:6]), 1)
+    refused(trace, "set depth", setattr, index, pick(rng, ["nprobe", "recall"]),
+            pick(rng, [0, -1, nlist + 1, 1.5, "2", float("nan"), 0.0]))
+    refused(trace, "calibrate", index.calibrate, *pick(rng, [
+        (x[:max(1, nlist - 1)],) if nlist > 1 else (x[:, :1],), (x[:nlist], np.zeros((nlist, 3), np.int64)),
+        (x[:nlist], np.zeros((nlist, 10))), (np.full((nlist, d), np.nan),)]))
     refused(trace, "range_search", index.range_search, q, pick(rng, [float("nan"), float("inf"), "1", None]))
     refused(trace, "remove_ids", index.remove_ids, pick(rng, [np.array([0.5]), np.zeros((2, 2), np.int64), "1"]))
     refused(trace, "write_index", flashgmm_ivf.write_index, pick(rng, [index.index, None, "index"]),
