@@ -423,7 +423,7 @@ def test_sqfp16_refuses_residuals_beyond_float16():
     assert index.ntotal == 0
 
 
-def resigned_index(src, dst, **header):
+def resigned_index(src, dst, faiss_bytes=None, **header):
     from flashgmm_ivf.eval.fuzz import (
         npy_array,
         npy_bytes,
@@ -437,6 +437,8 @@ def resigned_index(src, dst, **header):
     fields = json.loads(npy_array(members["header.npy"]).tobytes())
     fields.update(header)
     members["header.npy"] = npy_bytes(np.frombuffer(json.dumps(fields).encode(), np.uint8))
+    if faiss_bytes is not None:
+        members["faiss_index.npy"] = npy_bytes(np.frombuffer(faiss_bytes, np.uint8))
     resign(members, "header", "sha256", index_io.FILE_ARRAYS)
     dst.write_bytes(write_zip(members))
     return dst
@@ -474,6 +476,29 @@ def test_an_index_with_copies_removed_down_to_one_entry_reads_back(tmp_path):
     flashgmm_ivf.write_index(index, tmp_path / "i.npz")
     again = flashgmm_ivf.read_index(tmp_path / "i.npz")
     assert again.ntotal == 1 and again.search(x[single:single + 1], 1, nprobe=4)[1][0, 0] == single
+
+
+def test_read_index_refuses_faiss_bytes_whose_sizes_exhaust_memory(tmp_path):
+    # A size field FAISS trusts made it throw std::bad_alloc: a MemoryError, not a ValueError.
+    x = np.random.default_rng(0).random((200, 4)).astype(np.float32)
+    index = flashgmm_ivf.index_factory(4, "IVF2_GMM(coarse=flat),Flat", device="cpu")
+    quietly(index.train, x)
+    index.add(x)
+    flashgmm_ivf.write_index(index, tmp_path / "i.npz")
+    good = bytes(faiss.serialize_index(index.index))
+    for pos in range(min(len(good) - 8, 400)):  # the first field whose damage makes FAISS allocate 2^60 bytes
+        damaged = good[:pos] + (1 << 60).to_bytes(8, "little") + good[pos + 8:]
+        try:
+            faiss.deserialize_index(np.frombuffer(damaged, np.uint8))
+        except MemoryError:
+            break
+        except RuntimeError:
+            continue
+    else:
+        pytest.skip("no 8-byte field of this FAISS build's IVF header makes it run out of memory")
+    edited = resigned_index(tmp_path / "i.npz", tmp_path / "edited.npz", faiss_bytes=damaged)
+    with pytest.raises(ValueError, match="ran out of memory"):
+        flashgmm_ivf.read_index(edited)
 
 
 def test_float32_model_scores_rows_beyond_1e19():

@@ -127,6 +127,9 @@ def read_index(path) -> GMMIndexIVF:
         inner = faiss.deserialize_index(arrays["faiss_index"])
     except RuntimeError as err:
         raise ValueError(f"{path}: FAISS cannot read the stored index: {str(err).strip()}") from err
+    except MemoryError as err:  # std::bad_alloc: a size field FAISS trusts asks for more than there is
+        raise ValueError(f"{path}: FAISS ran out of memory reading the stored index (a damaged size field, or an "
+                         "index larger than this machine's memory)") from err
     try:
         gmm = GaussianMixture.load(io.BytesIO(arrays["gmm"].tobytes()))
     except ValueError as err:
