@@ -6,6 +6,7 @@ it fitted and the tests compare it, in this process, with single-process results
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -262,6 +263,13 @@ def test_read_shard_rejects_another_training(job, tmp_path):
     other.train(x)
     with pytest.raises(ValueError, match="centroids differ"):
         read_shard(job / "shard0.faissindex", other)
+
+
+def test_read_shard_refuses_a_damaged_faiss_file(job, single_index, tmp_path):
+    shutil.copy(f"{job / 'shard0.faissindex'}.json", f"{tmp_path / 'shard0.faissindex'}.json")
+    (tmp_path / "shard0.faissindex").write_bytes((job / "shard0.faissindex").read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="FAISS cannot read the shard"):
+        read_shard(tmp_path / "shard0.faissindex", single_index)
 
 
 def test_empty_copy_is_trained_and_empty(single_index):

@@ -122,7 +122,10 @@ def read_shard(path, trained: GMMIndexIVF, *, mmap: bool = False) -> GMMIndexIVF
             raise ValueError("calibration arrays do not match the trained index's calibration queries")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}.json: not a readable shard header: {err}") from err
-    inner = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+    try:
+        inner = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+    except (RuntimeError, MemoryError) as err:  # a damaged or truncated FAISS file (MemoryError: a damaged size)
+        raise ValueError(f"{path}: FAISS cannot read the shard: {str(err).strip() or type(err).__name__}") from err
     if int(inner.ntotal) != counters.pop("n_entries"):
         raise ValueError(f"{path}: holds {inner.ntotal} entries, its header says {header['n_entries']}")
     _check_same_training(trained.index, inner, path)
