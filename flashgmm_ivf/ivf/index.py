@@ -374,12 +374,7 @@ class GMMIndexIVF:
         The partition is fitted on at most 256 x nlist rows (as ``faiss.Kmeans`` samples),
         drawn at random (``random_state``) from the rows not held out for calibration.
         """
-        x = self._vectors(x, "x")
-        high = float(np.abs(x).max(initial=0.0))
-        if high > MAX_ABS_VALUE:
-            # The lists' model is stored with the index; it could not be read back.
-            raise ValueError(f"x holds values up to |x| = {high:.3g}; the index models its lists with a "
-                             f"GaussianMixture, which holds data with |x| <= {MAX_ABS_VALUE:g}: rescale the data")
+        x = self._vectors(x, "x", mixture_rows=True)
         n = x.shape[0]
         n_cal = self.calibration_rows if self.calibration_rows is not None else _calibration_rows(n, self._nlist)
         if n - n_cal < self._nlist:
@@ -848,8 +843,9 @@ class GMMIndexIVF:
         if not self.is_trained:
             raise ValueError(f"the index is not trained: call train before {what}")
 
-    def _vectors(self, x, name):
-        """x as C-contiguous float32 (n, d), finite, not overflowing float32 distances, normalised for 'cosine'."""
+    def _vectors(self, x, name, *, mixture_rows=False):
+        """x as C-contiguous float32 (n, d), finite, not overflowing float32 distances, normalised for 'cosine';
+        ``mixture_rows``: rows the lists' GaussianMixture is fitted on, within its ``MAX_ABS_VALUE``."""
         if hasattr(x, "detach"):  # torch tensors
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
@@ -886,6 +882,11 @@ class GMMIndexIVF:
                 raise ValueError(f"{name} has {bad.size} row(s) with norm above {_MAX_NORM:.3g} (first: row "
                                  f"{int(bad[0])}, norm {norms[bad[0]]:.3g}): their squared distances overflow "
                                  "float32; rescale the data")
+        if mixture_rows and not METRICS[self.metric][1] and max(-low, high) > MAX_ABS_VALUE:
+            # The lists' model is stored with the index; it could not be read back.
+            raise ValueError(f"{name} holds values up to |x| = {max(-low, high):.3g}; the index models its lists "
+                             f"with a GaussianMixture, which holds data with |x| <= {MAX_ABS_VALUE:g}: rescale the "
+                             "data")
         return x
 
 

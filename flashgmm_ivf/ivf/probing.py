@@ -180,8 +180,8 @@ def neighbor_depths(list_nos: np.ndarray, members: ListMembers, gt: np.ndarray) 
     # A graph quantizer may return fewer than depth lists (-1): those slots rank nothing.
     rows, cols = np.nonzero(list_nos >= 0)
     rank[rows, list_nos[rows, cols]] = cols
-    depths = np.take_along_axis(rank, np.maximum(lists, 0).reshape(nq, lists[0].size if nq else 0), 1)
-    depths = depths.reshape(lists.shape)
+    flat = np.maximum(lists, 0).reshape(nq, lists.shape[1] * lists.shape[2])  # explicit: nq may be 0
+    depths = np.take_along_axis(rank, flat, 1).reshape(lists.shape)
     return np.where(lists >= 0, depths, depth).min(2)
 
 
