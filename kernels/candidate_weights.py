@@ -8,7 +8,7 @@ small launches, issued by the host while the GPU waits for them (H100, K = 1024:
 that takes 3.5 ms at N = 100K, D = 960, spherical). Here one program finds the offset, then one
 program per component writes everything, working in float64.
 
-Rounding to bfloat16 is by bits (``tile._round_bf16``: ties away from zero, where torch's cast
+Rounding to bfloat16 is by bits (``tile.round_bf16``: ties away from zero, where torch's cast
 rounds ties to even); the search's error bound is taken from the rounded values themselves, so
 either rounding is as safe.
 
@@ -25,7 +25,7 @@ import triton.language as tl
 from .candidates import bound_weights
 from .exact_candidates import centred_params
 from .params import KernelWeights, NaturalParams, kernel_weights, split_offset
-from .tile import _round_bf16, split_dtype
+from .tile import round_bf16, split_dtype
 
 
 class CandidateWeights(NamedTuple):
@@ -83,11 +83,11 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
             prec = prec_s
         mean = lin / prec
         maha += lin * mean
-        lin_hi = _round_bf16(lin.to(tl.float32))
+        lin_hi = round_bf16(lin.to(tl.float32))
         tl.store(lin_out + row + cols, lin_hi.to(SPLIT_DTYPE), mask=mask)
         tl.store(mean_out + row + cols, mean.to(tl.float32), mask=mask)
         if DIAGONAL:
-            tl.store(quad_out + row + cols, _round_bf16(quad.to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
+            tl.store(quad_out + row + cols, round_bf16(quad.to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
             tl.store(bound_out + row + cols, tl.abs(lin_hi).to(SPLIT_DTYPE), mask=mask)
             tl.store(prec_out + row + cols, prec.to(tl.float32), mask=mask)
         else:

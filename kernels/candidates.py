@@ -1,6 +1,7 @@
 """Candidate pass of the exact-on-candidates E-step: every component that can matter to a row.
 
-One program owns BLOCK_N rows and streams over all K components in (BLOCK_N, BLOCK_K) tiles of
+One program owns BLOCK_N rows, loaded and split once (a row fits one feature tile: D <= BLOCK_D;
+wider rows take ``kernels.candidates_wide``), and streams over all K components in (BLOCK_N, BLOCK_K) tiles of
 log-densities computed with one bfloat16 product (``tile``'s "bf16" scheme). Each approximate
 log-density l~ comes with a proven error bound e_nk >= |l~ - l|:
 
@@ -98,40 +99,21 @@ def _rounded_sq(x):
 def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
                       mark_ptr, n_rows, n_comps, n_cols, n_words, eps, slack,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
-                      SPLIT_DTYPE: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    if ONE_TILE:
-        cols = tl.arange(0, BLOCK_D)
-        x, _, xx, _, sq_norm = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
-                                            DIAGONAL, "bf16", SPLIT_DTYPE)
-        ax = tl.abs(x)
+    cols = tl.arange(0, BLOCK_D)
+    x, _, xx, _, sq_norm = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
+                                        DIAGONAL, "bf16", SPLIT_DTYPE)
+    ax = tl.abs(x)
     floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
-    if not DIAGONAL and ONE_TILE:
+    if not DIAGONAL:
         x_norm = tl.sqrt(_rounded_sq(x))
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
-        if ONE_TILE:
-            ll, err = _tile_part(x, ax, xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols,
-                                 DIAGONAL, BLOCK_N, BLOCK_K)
-        else:
-            ll = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            err = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            sq_norm = tl.zeros([BLOCK_N], dtype=tl.float32)
-            rounded_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for d0 in range(0, n_cols, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                x, _, xx, _, sq = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
-                                               DIAGONAL, "bf16", SPLIT_DTYPE)
-                part, bound = _tile_part(x, tl.abs(x), xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols,
-                                         n_cols, DIAGONAL, BLOCK_N, BLOCK_K)
-                ll += part
-                err += bound
-                sq_norm += sq
-                rounded_sq += _rounded_sq(x)
-            x_norm = tl.sqrt(rounded_sq)
+        ll, err = _tile_part(x, ax, xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols,
+                             DIAGONAL, BLOCK_N, BLOCK_K)
         if not DIAGONAL:
             lin_norm = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
             err = x_norm[:, None] * lin_norm[None, :]
@@ -188,12 +170,15 @@ def candidates(x, shift, weights, floor, config, bound_w=None):
     if config.block_k % 32:
         raise ValueError(f"the candidate pass packs 32 components a word: block_k must be a multiple of 32, "
                          f"got {config.block_k}")
+    if d > config.block_d:
+        raise ValueError(f"the fused candidate pass holds a row in one feature tile: D = {d} exceeds block_d = "
+                         f"{config.block_d} (wider rows: kernels.candidates_wide)")
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const,
         bound_weights(weights) if bound_w is None else bound_w, floor, marks, n, weights.n_comps, d,
         marks.shape[1], bound_eps(n_terms(d, True)) if weights.diagonal else norm_bound_eps(d), FLOAT32_SLACK,
         DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_D=config.block_d, ONE_TILE=d <= config.block_d, SPLIT_DTYPE=split_dtype(x.device),
+        BLOCK_D=config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return marks

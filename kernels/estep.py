@@ -9,6 +9,7 @@ import triton
 from . import exact_candidates, gemm
 from .candidate_weights import candidate_weights
 from .candidates import bound_weights, candidates
+from .candidates_wide import candidates_wide
 from .exact_log_prob import exact_log_probs
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
@@ -86,6 +87,9 @@ def default_configs(n_features: int, diagonal: bool = True,
         # (128, 128) with 4 warps 1.19, with 8 warps 1.69, (128, 256) with 8 warps 1.47, (64, 128)
         # and (128, 64) with 4 warps 1.43, 3 stages 1.67-1.72. Wider diag tiles exceed an H100's
         # shared memory at 2 stages. Its exact pass picks its own tiles (``candidate_resp``).
+        if n_features > block_d:
+            # ``kernels.candidates_wide``: GEMM-like tiles over split rows.
+            return LaunchConfig(128, 64 if diagonal else 128, block_d, 8, 3, True), None
         if diagonal:
             return LaunchConfig(128, 64, block_d, 8, 2, True), None
         return LaunchConfig(128, 128, block_d, 4, 2, True), None
@@ -235,24 +239,24 @@ def candidate_search(x, shift, weights, configs=None, bound_w=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
     -> marks, with "bf16" ``weights``. Fused: the exact log-density of each row's hint (without
     one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the margin is its threshold
-    (``kernels.exact_log_prob``), then the candidate pass (``kernels.candidates``) with
-    ``configs[0]``; library products (``kernels.gemm.candidates``, thresholds from the best lower
-    bound) for wide rows on a GPU when no ``configs``. ``bound_w``: ``candidates.bound_weights(weights)``,
-    or None to compute it here."""
-    if configs is None and _library_products(x, weights, "bf16"):
-        def search(rows, centred, margin, hint=None):
-            # Thresholds from its stored products' lower bounds (a second sweep costs no product).
-            return gemm.candidates(rows, shift, weights, margin)
-        return search
+    (``kernels.exact_log_prob``), then the candidate pass with ``configs[0]``: ``kernels.candidates``
+    for rows within one feature tile, ``kernels.candidates_wide`` for wider ones. Wide rows on a
+    GPU without hints (an E-step's first) take library products instead when no ``configs``
+    (``kernels.gemm.candidates``, thresholds from the best lower bound of the stored products:
+    no ranking pass). ``bound_w``: ``candidates.bound_weights(weights)``, or None to compute it here."""
     d = x.shape[1]
+    library = configs is None and _library_products(x, weights, "bf16")
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
     bound_w = bound_weights(weights) if bound_w is None else bound_w
+    search_pass = candidates if d <= config.block_d else candidates_wide
 
     def search(rows, centred, margin, hint=None):
+        if hint is None and library:
+            return gemm.candidates(rows, shift, weights, margin)
         top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint
         floor = exact_log_probs(rows, shift, *centred, top, less=margin)
-        return candidates(rows, shift, weights, floor, config, bound_w)
+        return search_pass(rows, shift, weights, floor, config, bound_w)
     return search
 
 

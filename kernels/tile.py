@@ -1,4 +1,4 @@
-"""Device functions shared by the two E-step kernels (no kernel lives here).
+"""Device functions shared by the E-step kernels (no kernel lives here).
 
 Both passes work on *transposed* log-density tiles, (BLOCK_K components, BLOCK_N
 rows), the orientation of flash attention: in pass 2 the responsibilities r are
@@ -29,7 +29,7 @@ def split_dtype(device):
 
 
 @triton.jit
-def _round_bf16(a):
+def round_bf16(a):
     """Nearest bfloat16 value of a float32 tile, kept in float32.
 
     Rounding by bits rather than casting keeps the split exact and identical
@@ -47,10 +47,10 @@ def split(a, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     (lossless, they are bfloat16 values), float32 under the interpreter.
     """
     if PRECISION == "bf16x3":
-        hi = _round_bf16(a)
-        return hi.to(SPLIT_DTYPE), _round_bf16(a - hi).to(SPLIT_DTYPE)
+        hi = round_bf16(a)
+        return hi.to(SPLIT_DTYPE), round_bf16(a - hi).to(SPLIT_DTYPE)
     elif PRECISION == "bf16":
-        hi = _round_bf16(a).to(SPLIT_DTYPE)
+        hi = round_bf16(a).to(SPLIT_DTYPE)
         return hi, hi
     else:
         return a, a

@@ -7,6 +7,8 @@ of any block; rows are raw-scale (0..255) or standardised; posteriors range from
 flat (every component a candidate), and rows that overflow the capacity take the dense path.
 Outputs are poisoned (NaN / -7) before the kernels write them.
 """
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,8 @@ from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
 from flashgmm_ivf.kernels.candidate_weights import candidate_weights, candidate_weights_reference
-from flashgmm_ivf.kernels.candidates import candidates
+from flashgmm_ivf.kernels.candidates import bound_weights, candidates
+from flashgmm_ivf.kernels.candidates_wide import candidates_wide
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
 from flashgmm_ivf.kernels.kept_pairs import kept_pairs, kept_pairs_reference
@@ -133,19 +136,24 @@ def bound_rule(x, shift, weights, floor):
     return upper, upper >= floor.cpu().double()[:, None]
 
 
-@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[1] <= s[3][2]])  # D in one tile: fused pass
+@pytest.mark.parametrize("n,d,k,blocks", SHAPES)
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagonal, poisoned_empty):
-    """The fused pass marks a component exactly when the float64 replay of its bound reaches the
+    """The candidate pass (``candidates`` where D fits one tile, else ``candidates_wide`` in blocks
+    of 16 rows) marks a component exactly when the float64 replay of its bound reaches the
     floor, away from float32 ties with it: the bound's formula (elementwise for diag, norms for
     spherical) is what the kernel computes, not only a bound loose enough to hold the margin."""
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
-    floor = (exact.amax(1) - 3.0).float()
-    marks = candidates(xd, sh, weights, floor.to(DEVICE), config(blocks)).cpu().long()
+    floor = (exact.amax(1) - 3.0).float().to(DEVICE)
+    if d <= blocks[2]:
+        marks = candidates(xd, sh, weights, floor, config(blocks))
+    else:
+        marks = candidates_wide(xd, sh, weights, floor, config(blocks), bound_weights(weights), rows=16)
+    marks = marks.cpu().long()
     got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :k].bool()
-    upper, want = bound_rule(x, shift, weights, floor)
+    upper, want = bound_rule(x, shift, weights, floor.cpu())
     clear = (upper - floor.double()[:, None]).abs() > 1e-4 * (upper.abs() + 1)
     assert clear.float().mean() > 0.99
     assert torch.equal(got[clear], want[clear])
@@ -278,20 +286,25 @@ def test_estep_rows_that_overflow_take_the_dense_estep_with_the_offset_put_back(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
-def test_wide_rows_search_candidates_by_library_products_on_a_gpu(diagonal, monkeypatch):
+def test_wide_rows_search_candidates_by_library_products_then_the_wide_pass_on_a_gpu(diagonal, monkeypatch):
     """kernels.estep(precision="candidates") at D >= GEMM_FROM_FEATURES takes gemm.candidates
-    (and still matches the float64 dense E-step)."""
+    without hints and the wide fused pass with them (and both match the float64 dense E-step)."""
     from flashgmm_ivf.kernels.estep import GEMM_FROM_FEATURES
+    estep_module = importlib.import_module("flashgmm_ivf.kernels.estep")
     n, d, k = 700, GEMM_FROM_FEATURES["diag" if diagonal else "spherical"] + 3, 23
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     calls = []
-    real = gemm.candidates
-    monkeypatch.setattr(gemm, "candidates", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    got = kernels.estep(x.cuda(), params.to("cuda", torch.float32), shift.cuda(), precision="candidates")
-    assert calls
+    library, wide = gemm.candidates, candidates_wide
+    monkeypatch.setattr(gemm, "candidates", lambda *a, **kw: calls.append("library") or library(*a, **kw))
+    monkeypatch.setattr(estep_module, "candidates_wide", lambda *a, **kw: calls.append("wide") or wide(*a, **kw))
     ref = kernels.reference.estep(x.double(), params, shift)
-    for name, g, r in zip(ref._fields, got, ref):
-        assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
+    best = torch.zeros(n, dtype=torch.int32, device="cuda")
+    for hints in (None, best):
+        got = kernels.estep(x.cuda(), params.to("cuda", torch.float32), shift.cuda(), precision="candidates",
+                            best=hints)
+        for name, g, r in zip(ref._fields, got, ref):
+            assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
+    assert calls == ["library", "wide"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -414,6 +427,15 @@ def test_candidate_pass_refuses_tiles_that_split_a_word():
     floor = torch.zeros(37, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of 32"):
         candidates(xd, sh, weights, floor, config((16, 16, 16)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        candidates_wide(xd, sh, weights, floor, config((16, 16, 16)), bound_weights(weights))
+
+
+def test_fused_candidate_pass_refuses_rows_wider_than_its_tile():
+    x, params, shift = mixture(37, 40, 3, "raw", True)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    with pytest.raises(ValueError, match="D = 40 exceeds block_d = 32"):
+        candidates(xd, sh, weights, torch.zeros(37, device=DEVICE), config((16, 32, 32)))
 
 
 @pytest.mark.parametrize("n, capacity, first_row", [(1, 1, 0), (37, 3, 5), (203, 64, 0), (45, 128, 1000)])

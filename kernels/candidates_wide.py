@@ -1,0 +1,121 @@
+"""Candidate pass for rows wider than one feature tile: the rows split once, then one fused pass.
+
+``kernels.candidates`` loads a row tile once and keeps it in registers while it streams over the
+components, which holds up to D = 128. Wider rows there were re-read and re-split (shift,
+square, bfloat16 rounding) for every tile of components; as library products
+(``kernels.gemm.candidates``) they are split once, but the products of every (row, component)
+pair go through memory twice more: stored by the GEMM, read back by ``kernels.candidate_select``.
+Here each block of rows is split once (``kernels.split_rows``, precision "bf16": [x~ | x~^2]
+for diagonal models, x~ for spherical ones, and each row's |x|^2 and ||x~||), then one program
+per BLOCK_N rows streams over (component tile, feature tile) pairs as a GEMM does, reading the
+pieces, and marks its candidates from the accumulators in registers.
+
+The products, their error bound and the marks are those of ``kernels.candidates`` (whose
+docstring proves the bound): diag l~ = x~ . lin~ + x~^2 . quad~ with bound part |x~| . |lin~| -
+x~^2 . quad~, three bfloat16 products a tile pair, |x~| taken from the loaded pieces;
+spherical l~ = x~ . lin~ + quad |x|^2 with the norms' bound, one product. Each accumulator sums
+at most 2 D products in float32, which ``candidates.bound_eps(2 D)`` covers in any order. The
+threshold is each row's given floor (``kernels.exact_log_prob`` of a hint component less the
+margin), as in the fused pass.
+
+Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .candidates import FLOAT32_SLACK, bound_eps, bound_error, mark, n_terms, n_words, norm_bound_eps
+from .split_rows import segment_width, split_rows
+from .tile import finish_log_prob
+
+# Bytes of one block's split rows (bfloat16 pieces): fewer blocks, fewer launches.
+BLOCK_BYTES = 256 << 20
+
+
+@triton.jit
+def _product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, n_cols):
+    """acc + x @ w[comps, cols]^T for a (BLOCK_N, BLOCK_D) tile of pieces x."""
+    w = tl.load(w_ptr + comps[:, None] * n_cols + cols[None, :], mask=comp_mask[:, None] & col_mask[None, :],
+                other=0.0)
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
+                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, slack, DIAGONAL: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    base = rows.to(tl.int64)[:, None] * stride_xs
+    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
+    sq = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
+    if not DIAGONAL:
+        x_norm = tl.load(norm_ptr + rows, mask=row_mask, other=0.0)
+    for k0 in range(0, n_comps, BLOCK_K):
+        comps = k0 + tl.arange(0, BLOCK_K)
+        comp_mask = comps < n_comps
+        lin = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if DIAGONAL:
+            quad = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            bound = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, n_cols, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < n_cols
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(xs_ptr + base + cols[None, :], mask=mask, other=0.0)
+            lin = _product(lin, x, lin_ptr, comps, comp_mask, cols, col_mask, n_cols)
+            if DIAGONAL:
+                xx = tl.load(xs_ptr + base + n_cols + cols[None, :], mask=mask, other=0.0)
+                quad = _product(quad, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols)
+                bound = _product(bound, tl.abs(x), bound_w_ptr, comps, comp_mask, cols, col_mask, n_cols)
+        if DIAGONAL:
+            ll = lin + quad
+            err = bound - quad
+        else:
+            ll = lin
+            err = x_norm[:, None] * tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)[None, :]
+        ll = finish_log_prob(ll, sq, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
+        mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
+             BLOCK_N, BLOCK_K)
+
+
+def candidates_wide(x, shift, weights, floor, config, bound_w, *, rows=None):
+    """Launch the candidate pass of wide rows, block by block of rows.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, D), unit column stride, any real dtype
+    shift : float32 Tensor of shape (D,)
+    weights : KernelWeights laid out for precision "bf16"
+    floor : float32 Tensor of shape (n,), each row's threshold
+    config : LaunchConfig: tiles (block_n, block_k a multiple of 32, block_d), warps, stages
+    bound_w : ``candidates.bound_weights(weights)``
+    rows : int, rows per block of split rows (default: ``BLOCK_BYTES`` of pieces)
+
+    Returns
+    -------
+    marks : as ``kernels.candidates.candidates``
+    """
+    n, d = x.shape
+    if config.block_k % 32:
+        raise ValueError(f"the candidate pass packs 32 components a word: block_k must be a multiple of 32, "
+                         f"got {config.block_k}")
+    diagonal = weights.diagonal
+    width = segment_width(d, diagonal)
+    piece = weights.lin_hi.dtype
+    rows = min(max(n, 1), rows or max(config.block_n, BLOCK_BYTES // (piece.itemsize * width)))
+    pieces = torch.zeros(rows, width, dtype=piece, device=x.device)
+    sq = torch.empty(rows, dtype=torch.float32, device=x.device)
+    norm = None if diagonal else torch.empty(rows, dtype=torch.float32, device=x.device)
+    marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
+    eps = bound_eps(n_terms(d, True)) if diagonal else norm_bound_eps(d)
+    for start in range(0, n, rows):
+        block = x[start:start + rows]
+        m = block.shape[0]
+        split_rows(block, shift, diagonal, pieces, sq, precision="bf16", norm=norm)
+        candidates_wide_kernel[(triton.cdiv(m, config.block_n),)](
+            pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin_hi, weights.quad_hi,
+            weights.const, bound_w, floor[start:start + m], marks[start:start + m], m, weights.n_comps, d,
+            marks.shape[1], eps, FLOAT32_SLACK, DIAGONAL=diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            BLOCK_D=config.block_d, num_warps=config.num_warps, num_stages=config.num_stages)
+    return marks
