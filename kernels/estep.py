@@ -237,13 +237,12 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 def candidate_search(x, shift, weights, configs=None, bound_w=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
-    -> marks, with "bf16" ``weights``. Fused: the exact log-density of each row's hint (without
-    one, the first of a "bf16" pass 1, ``kernels.log_norm``) less the margin is its threshold
-    (``kernels.exact_log_prob``), then the candidate pass with ``configs[0]``: ``kernels.candidates``
-    for rows within one feature tile, ``kernels.candidates_wide`` for wider ones. Wide rows on a
-    GPU without hints (an E-step's first) take library products instead when no ``configs``
-    (``kernels.gemm.candidates``, thresholds from the best lower bound of the stored products:
-    no ranking pass). ``bound_w``: ``candidates.bound_weights(weights)``, or None to compute it here."""
+    -> marks, with "bf16" ``weights``. The exact log-density of each row's hint (without one, the
+    first of a "bf16" ranking pass: ``kernels.log_norm``, or library products for wide rows on a
+    GPU when no ``configs``) less the margin is its threshold (``kernels.exact_log_prob``), then the
+    candidate pass with ``configs[0]``: ``kernels.candidates`` for rows within one feature tile,
+    ``kernels.candidates_wide`` for wider ones. ``bound_w``: ``candidates.bound_weights(weights)``,
+    or None to compute it here."""
     d = x.shape[1]
     library = configs is None and _library_products(x, weights, "bf16")
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
@@ -252,10 +251,11 @@ def candidate_search(x, shift, weights, configs=None, bound_w=None):
     search_pass = candidates if d <= config.block_d else candidates_wide
 
     def search(rows, centred, margin, hint=None):
-        if hint is None and library:
-            return gemm.candidates(rows, shift, weights, margin)
-        top = _launch_log_norm(rows, shift, weights, "bf16", rank)[1] if hint is None else hint
-        floor = exact_log_probs(rows, shift, *centred, top, less=margin)
+        if hint is None:
+            ranked = gemm.log_norm(rows, shift, weights, precision="bf16") if library else \
+                _launch_log_norm(rows, shift, weights, "bf16", rank)
+            hint = ranked[1]
+        floor = exact_log_probs(rows, shift, *centred, hint, less=margin)
         return search_pass(rows, shift, weights, floor, config, bound_w)
     return search
 

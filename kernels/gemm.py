@@ -18,18 +18,14 @@ bfloat16 GEMMs with float32 output, over blocks of rows:
 
 Precision "bf16" makes one product of the rounded operands instead of three: X = [x_hi],
 W = [w_hi], and r_hi^T x_hi. Statistics are summed over blocks in float64; no (rows, K) block
-outlives its block. ``candidates`` is the exact-on-candidates E-step's search by the same
-"bf16" products (``kernels.exact_candidates``). On the CPU the pieces are held in float32 (the
+outlives its block. On the CPU the pieces are held in float32 (the
 same values) and the kernels run in Triton's interpreter, so the tests run the arithmetic a GPU
-runs. Oracle: ``kernels.reference`` in float64 (tests/test_gemm_estep.py,
-tests/test_exact_candidates.py).
+runs. Oracle: ``kernels.reference`` in float64 (tests/test_gemm_estep.py).
 """
 from __future__ import annotations
 
 import torch
 
-from .candidate_select import candidate_select
-from .candidates import FLOAT32_SLACK, bound_eps, bound_weights, n_terms, n_words, norm_bound_eps
 from .params import KernelWeights
 from .result import EStepResult
 from .split_resp import split_resp
@@ -49,16 +45,6 @@ def block_rows(n_comps: int, n_features: int, diagonal: bool = True, budget: int
     """Rows per block: 4 bytes a row piece (3 segments), 4 per product and 8 per responsibility pair."""
     per_row = 4 * 3 * segment_width(n_features, diagonal) + 12 * _padded(n_comps)
     return max(256, min(MAX_BLOCK_ROWS, budget // per_row))
-
-
-def _candidate_rows(n_comps: int, n_features: int, diagonal: bool, budget: int = BLOCK_BYTES) -> int:
-    """Rows per block of the candidate search: the row pieces and (diag) their absolute values,
-    one bfloat16 segment each, and two float32 products (spherical: one, and the rows' norms).
-    Its products sum over features only, so no ``MAX_BLOCK_ROWS``: fewer blocks, fewer launches
-    (the host paced D = 960 iterations)."""
-    products = 2 if diagonal else 1
-    per_row = 2 * products * segment_width(n_features, diagonal) + 4 * products * _padded(n_comps) + 8
-    return max(256, budget // per_row)
 
 
 def _padded(k: int) -> int:
@@ -102,11 +88,10 @@ class _Blocks:
         # Spherical models' (K,) quad vector; diagonal ones read none (any float32 tensor will do).
         self.quad = weights.quad_hi if not weights.diagonal else weights.const
 
-    def products(self, x, shift, weights: KernelWeights, **operands) -> torch.Tensor:
-        """(rows, K) float32 P of a block (its rows split into ``self.x``; ``operands``: the
-        further outputs of ``split_rows``)."""
+    def products(self, x, shift, weights: KernelWeights) -> torch.Tensor:
+        """(rows, K) float32 P of a block (its rows split into ``self.x``)."""
         m = x.shape[0]
-        split_rows(x, shift, weights.diagonal, self.x, self.sq, precision=self.precision, **operands)
+        split_rows(x, shift, weights.diagonal, self.x, self.sq, precision=self.precision)
         return _product(self.x[:m], self.w.T)
 
 
@@ -162,7 +147,7 @@ def log_norm(x, shift, weights: KernelWeights, *, precision="bf16x3", rows=None)
     """log Z_n (float32, without the split-off constant) and argmax_k (int32) of every row."""
     n, d = x.shape
     rows = min(max(n, 1), rows or block_rows(weights.n_comps, d, weights.diagonal))
-    buf = _Blocks(rows, weights, precision, x.device)
+    buf = _Blocks(rows, weights, precision, x.device, resp=False)
     lz = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
     for start in range(0, n, rows):
@@ -174,52 +159,6 @@ def log_norm(x, shift, weights: KernelWeights, *, precision="bf16x3", rows=None)
         lz[start:start + m] = torch.logsumexp(ll, 1)
         best[start:start + m] = ll.argmax(1)
     return lz, best
-
-
-def candidates(x, shift, weights: KernelWeights, margin, *, rows=None):
-    """The candidate pass of the exact-on-candidates E-step (``kernels.candidates``) by library products.
-
-    Per block of rows, one GEMM of the bfloat16-rounded operands gives the approximate
-    log-densities and, for diagonal models, one of their absolute values the error-bound product
-    (spherical models: the product of the rounded rows' and weights' norms); then
-    ``kernels.candidate_select`` sets each row's threshold (its best lower bound less the margin)
-    and marks its candidates. Wide rows are read once per block here, where the fused candidate pass re-reads them for
-    every tile of components.
-
-    Parameters
-    ----------
-    x : Tensor of shape (n, D), unit column stride, any real dtype
-    shift : float32 Tensor of shape (D,)
-    weights : KernelWeights laid out for precision "bf16", their largest constant split off
-    margin : float, nats
-    rows : int, rows per block (default ``_candidate_rows``)
-
-    Returns
-    -------
-    marks : as ``kernels.candidates.candidates``
-    """
-    n, d = x.shape
-    rows = min(max(n, 1), rows or _candidate_rows(weights.n_comps, d, weights.diagonal))
-    buf = _Blocks(rows, weights, "bf16", x.device, resp=False)
-    if weights.diagonal:
-        w_abs, x_abs, quad, eps = buf.w.abs(), torch.zeros_like(buf.x), None, bound_eps(n_terms(d, True))
-        operands = {"out_abs": x_abs}
-    else:
-        w_norm, quad, eps = bound_weights(weights), weights.quad_hi, norm_bound_eps(d)
-        x_norm = torch.empty(rows, dtype=torch.float32, device=x.device)
-        operands = {"norm": x_norm}
-    marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
-    for start in range(0, n, rows):
-        block = x[start:start + rows]
-        m = block.shape[0]
-        prod = buf.products(block, shift, weights, **operands)
-        if weights.diagonal:
-            bound = _product(x_abs[:m], w_abs.T)
-        else:
-            bound = (x_norm[:m], w_norm)
-        candidate_select(prod, bound, buf.sq[:m], quad, weights.const, margin, eps, FLOAT32_SLACK,
-                         marks[start:start + m])
-    return marks
 
 
 def split_rows_reference(x, shift, diagonal, precision="bf16x3") -> tuple[torch.Tensor, torch.Tensor]:

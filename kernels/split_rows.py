@@ -6,9 +6,9 @@ columns: x (and for diagonal models x * x after it) relative to the shift, as bf
 to ``width``, a multiple of 8 so that every segment starts on a 16-byte boundary for the
 tensor cores. One GEMM against ``[w_hi | w_lo | w_hi]`` then adds the three bf16x3 products;
 the first two segments serve the statistics' products too. For "bf16" the row is the one
-segment ``[x_hi]``. Also writes |x - shift|^2 per row in float32, and on request the candidate
-search's operands in the same pass: |x_hi| and ||x_hi|| (a separate abs and norm re-read the
-pieces: ~0.26 and ~0.18 ms of a 5 and 3.5 ms E-step, H100, N = 100K, K = 1024, D = 960).
+segment ``[x_hi]`` (also the wide candidate pass's operand, ``kernels.candidates_wide``). Also
+writes |x - shift|^2 per row in float32, and on request ||x_hi||, the norm of the rounded row (a
+separate norm re-read the pieces: ~0.18 ms of a 3.5 ms E-step, H100, N = 100K, K = 1024, D = 960).
 
 Torch reference: ``kernels.gemm.split_rows_reference``.
 """
@@ -27,9 +27,8 @@ def segment_width(n_features: int, diagonal: bool) -> int:
 
 
 @triton.jit
-def _store_pieces(out_ptr, abs_ptr, offs, mask, width, value, N_SEGMENTS: tl.constexpr, ABS: tl.constexpr,
-                  SPLIT_DTYPE: tl.constexpr):
-    """Store a tile's pieces (and with ABS, "bf16" only, their absolute values); returns hi."""
+def _store_pieces(out_ptr, offs, mask, width, value, N_SEGMENTS: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+    """Store a tile's pieces; returns hi."""
     if N_SEGMENTS == 3:
         hi, lo = split(value, "bf16x3", SPLIT_DTYPE)
         tl.store(out_ptr + offs, lo, mask=mask)
@@ -38,14 +37,12 @@ def _store_pieces(out_ptr, abs_ptr, offs, mask, width, value, N_SEGMENTS: tl.con
     else:
         hi, _ = split(value, "bf16", SPLIT_DTYPE)
         tl.store(out_ptr + offs, hi, mask=mask)
-        if ABS:
-            tl.store(abs_ptr + offs, tl.abs(hi), mask=mask)
     return hi
 
 
 @triton.jit
-def split_rows_kernel(x_ptr, stride_x, shift_ptr, out_ptr, sq_ptr, abs_ptr, norm_ptr, n_rows, n_cols, width,
-                      DIAGONAL: tl.constexpr, N_SEGMENTS: tl.constexpr, ABS: tl.constexpr, NORM: tl.constexpr,
+def split_rows_kernel(x_ptr, stride_x, shift_ptr, out_ptr, sq_ptr, norm_ptr, n_rows, n_cols, width,
+                      DIAGONAL: tl.constexpr, N_SEGMENTS: tl.constexpr, NORM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -57,10 +54,9 @@ def split_rows_kernel(x_ptr, stride_x, shift_ptr, out_ptr, sq_ptr, abs_ptr, norm
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         x = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
         xx = x * x
-        hi = _store_pieces(out_ptr, abs_ptr, base + cols[None, :], mask, width, x, N_SEGMENTS, ABS, SPLIT_DTYPE)
+        hi = _store_pieces(out_ptr, base + cols[None, :], mask, width, x, N_SEGMENTS, SPLIT_DTYPE)
         if DIAGONAL:
-            _store_pieces(out_ptr, abs_ptr, base + n_cols + cols[None, :], mask, width, xx, N_SEGMENTS, ABS,
-                          SPLIT_DTYPE)
+            _store_pieces(out_ptr, base + n_cols + cols[None, :], mask, width, xx, N_SEGMENTS, SPLIT_DTYPE)
         sq += tl.sum(xx, axis=1)
         if NORM:
             hi = hi.to(tl.float32)
@@ -70,9 +66,8 @@ def split_rows_kernel(x_ptr, stride_x, shift_ptr, out_ptr, sq_ptr, abs_ptr, norm
         tl.store(norm_ptr + rows, tl.sqrt(rounded_sq), mask=row_mask)
 
 
-def split_rows(x, shift, diagonal, out, sq, *, precision="bf16x3", out_abs=None, norm=None, block_n=32, block_d=64,
-               num_warps=4):
-    """Launch: fill ``out[:n]`` and ``sq[:n]`` for the n rows of ``x`` (and ``out_abs[:n]``, ``norm[:n]``).
+def split_rows(x, shift, diagonal, out, sq, *, precision="bf16x3", norm=None, block_n=32, block_d=64, num_warps=4):
+    """Launch: fill ``out[:n]`` and ``sq[:n]`` for the n rows of ``x`` (and ``norm[:n]``).
 
     Parameters
     ----------
@@ -83,17 +78,13 @@ def split_rows(x, shift, diagonal, out, sq, *, precision="bf16x3", out_abs=None,
         (float32 on the CPU), its padding columns zero (they are never written)
     sq : float32 Tensor of shape (>= n,)
     precision : "bf16x3" or "bf16"
-    out_abs : Tensor like ``out`` or None, "bf16" only: the pieces' absolute values (the candidate
-        search's error-bound operand, ``kernels.gemm.candidates``), its padding columns zero
     norm : float32 Tensor of shape (>= n,) or None: the norm of each row's x pieces (the first D
         columns), in float32
     """
     n, d = x.shape
     segments = SEGMENTS[precision]
-    if out_abs is not None and segments != 1:
-        raise ValueError(f"out_abs takes the one-segment \"bf16\" pieces, not {precision!r}")
     width = out.shape[1] // segments
     split_rows_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, out, sq, out if out_abs is None else out_abs, sq if norm is None else norm, n, d, width,
-        DIAGONAL=diagonal, N_SEGMENTS=segments, ABS=out_abs is not None, NORM=norm is not None, BLOCK_N=block_n,
+        x, x.stride(0), shift, out, sq, sq if norm is None else norm, n, d, width,
+        DIAGONAL=diagonal, N_SEGMENTS=segments, NORM=norm is not None, BLOCK_N=block_n,
         BLOCK_D=min(block_d, triton.next_power_of_2(d)), SPLIT_DTYPE=split_dtype(x.device), num_warps=num_warps)

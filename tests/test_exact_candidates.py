@@ -1,5 +1,5 @@
-"""Exact-on-candidates E-step (``kernels.candidates``, ``kernels.gemm.candidates`` with
-``candidate_select``, ``exact_log_prob``, ``candidate_resp``, ``kept_pairs``, ``exact_candidates``)
+"""Exact-on-candidates E-step (``kernels.candidates``, ``kernels.candidates_wide``, ``exact_log_prob``,
+``candidate_resp``, ``kept_pairs``, ``exact_candidates``)
 against the float64 dense E-step (``kept_pairs`` against torch indexing).
 
 Without a GPU the kernels run in Triton's interpreter (see conftest). Shapes are not multiples
@@ -52,11 +52,20 @@ def prepared(x, params, shift):
 
 
 def search(how, xd, sh, weights, blocks):
-    """The search as ``exact_candidates.estep`` takes it: fused, or library products in blocks
-    of 16 rows (several blocks, the last one short, at every shape over 16 rows)."""
+    """The search as ``exact_candidates.estep`` takes it: ``candidate_search`` with the given tiles
+    (the fused pass where D fits one tile, else the wide one; ranked by the fused pass 1), or
+    "wide": ranked by library products (``gemm.log_norm``, the ranking of wide rows on a GPU) and
+    marked by the wide pass, both in blocks of 16 rows (several blocks, the last one short, at
+    every shape over 16 rows) and the wide pass in 32-wide feature tiles."""
     if how == "fused":
         return candidate_search(xd, sh, weights, (config(blocks), None))
-    return lambda rows, centred, margin, hint: gemm.candidates(rows, sh, weights, margin, rows=16)
+    wide = config((blocks[0], blocks[1], 32))
+
+    def by_blocks(rows, centred, margin, hint):
+        top = gemm.log_norm(rows, sh, weights, precision="bf16", rows=16)[1] if hint is None else hint
+        floor = exact_log_probs(rows, sh, *centred, top, less=margin)
+        return candidates_wide(rows, sh, weights, floor, wide, bound_weights(weights), rows=16)
+    return by_blocks
 
 
 def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
@@ -75,7 +84,7 @@ def mixture(n, d, k, kind, diagonal, flat=False, seed=0):
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 @pytest.mark.parametrize("kind", ["raw", "standardised"])
-@pytest.mark.parametrize("how", ["fused", "gemm"])
+@pytest.mark.parametrize("how", ["fused", "wide"])
 def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diagonal, kind, how, poisoned_empty):
     x, params, shift = mixture(n, d, k, kind, diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
@@ -210,16 +219,16 @@ def test_estep_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_e
         assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
 
 
-# The library products' selection takes its own 128-wide tiles: the last shape adds nothing there.
-@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] not in ((61, 70, 50), (71, 20, 70))])
+# Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
+@pytest.mark.parametrize("n,d,k,blocks", [s for s in SHAPES if s[:3] != (61, 70, 50)])
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 @pytest.mark.parametrize("kind", ["raw", "standardised"])
-def test_estep_by_library_products_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_empty):
+def test_estep_by_the_wide_pass_in_blocks_matches_float64_dense(n, d, k, blocks, diagonal, kind, poisoned_empty):
     x, params, shift = mixture(n, d, k, kind, diagonal)
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, _ = exact_candidates.estep(xd, exact_candidates.centred_params(split), sh, diagonal,
-                                    search("gemm", xd, sh, weights, blocks),
+                                    search("wide", xd, sh, weights, blocks),
                                     lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"))
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
     for name, g, r in zip(ref._fields, got, ref):
@@ -230,7 +239,7 @@ def test_estep_by_library_products_matches_float64_dense(n, d, k, blocks, diagon
 
 @pytest.mark.parametrize("k,capacity", [(7, 8), (19, 8), (19, 32)], ids=["all-candidates", "overflow", "fits"])
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
-@pytest.mark.parametrize("how", ["fused", "gemm"])
+@pytest.mark.parametrize("how", ["fused", "wide"])
 def test_flat_posteriors(k, capacity, diagonal, how, poisoned_empty):
     """Identical components: every component is a candidate; beyond the capacity every row
     takes the dense path."""
@@ -286,16 +295,17 @@ def test_estep_rows_that_overflow_take_the_dense_estep_with_the_offset_put_back(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
-def test_wide_rows_search_candidates_by_library_products_then_the_wide_pass_on_a_gpu(diagonal, monkeypatch):
-    """kernels.estep(precision="candidates") at D >= GEMM_FROM_FEATURES takes gemm.candidates
-    without hints and the wide fused pass with them (and both match the float64 dense E-step)."""
+def test_wide_rows_rank_by_library_products_then_take_the_wide_pass_on_a_gpu(diagonal, monkeypatch):
+    """kernels.estep(precision="candidates") at D >= GEMM_FROM_FEATURES ranks hint-less rows by
+    library products (gemm.log_norm) and marks candidates by the wide pass, with hints too (and
+    both match the float64 dense E-step)."""
     from flashgmm_ivf.kernels.estep import GEMM_FROM_FEATURES
     estep_module = importlib.import_module("flashgmm_ivf.kernels.estep")
     n, d, k = 700, GEMM_FROM_FEATURES["diag" if diagonal else "spherical"] + 3, 23
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     calls = []
-    library, wide = gemm.candidates, candidates_wide
-    monkeypatch.setattr(gemm, "candidates", lambda *a, **kw: calls.append("library") or library(*a, **kw))
+    ranking, wide = gemm.log_norm, candidates_wide
+    monkeypatch.setattr(gemm, "log_norm", lambda *a, **kw: calls.append("ranking") or ranking(*a, **kw))
     monkeypatch.setattr(estep_module, "candidates_wide", lambda *a, **kw: calls.append("wide") or wide(*a, **kw))
     ref = kernels.reference.estep(x.double(), params, shift)
     best = torch.zeros(n, dtype=torch.int32, device="cuda")
@@ -304,7 +314,7 @@ def test_wide_rows_search_candidates_by_library_products_then_the_wide_pass_on_a
                             best=hints)
         for name, g, r in zip(ref._fields, got, ref):
             assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
-    assert calls == ["library", "wide"]
+    assert calls == ["ranking", "wide", "wide"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -408,17 +418,6 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
     assert got._best is None
     np.testing.assert_allclose(got.means_, ref.means_, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(got.lower_bounds_, ref.lower_bounds_, rtol=1e-6)
-
-
-def test_candidate_select_refuses_bounds_of_other_shapes():
-    from flashgmm_ivf.kernels.candidate_select import candidate_select
-    prod = torch.zeros(4, 6)
-    marks = torch.empty(4, 1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="share one"):
-        candidate_select(prod, torch.zeros(6, 4).T, torch.zeros(4), None, torch.zeros(6), 5.0, 0.01, 0.0, marks)
-    with pytest.raises(ValueError, match=r"norms of shapes \(4,\) and \(6,\), got \(4,\) and \(5,\)"):
-        candidate_select(prod, (torch.zeros(4), torch.zeros(5)), torch.zeros(4), torch.zeros(6), torch.zeros(6), 5.0,
-                         0.01, 0.0, marks)
 
 
 def test_candidate_pass_refuses_tiles_that_split_a_word():
