@@ -23,6 +23,10 @@ from .exact_log_prob import exact_log_prob, feature_tile, row_tile
 
 # Words of marks a row holds in registers (K = 1024: all of them).
 WORDS = 32
+# Rows up to this wide stay in registers across their candidates (4 rows, one warp); wider ones
+# are re-read per candidate. H100, N = 100K, K = 1024, ~3 candidates a row: D = 960 diag 0.46 ms
+# held against 0.79 re-read, spherical 0.35 against 0.72; D = 256 diag 0.25 against 0.30.
+ONE_TILE_FEATURES = 1024
 
 
 @triton.jit
@@ -153,7 +157,7 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     # A block walks as many candidates as its longest row holds: few rows a block waste few steps.
     # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
     # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical.
-    block_d, one_tile = feature_tile(d)
+    block_d, one_tile = feature_tile(d, ONE_TILE_FEATURES)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, kept, log_norm, resp,
         best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,

@@ -88,8 +88,11 @@ def default_configs(n_features: int, diagonal: bool = True,
         # and (128, 64) with 4 warps 1.43, 3 stages 1.67-1.72. Wider diag tiles exceed an H100's
         # shared memory at 2 stages. Its exact pass picks its own tiles (``candidate_resp``).
         if n_features > block_d:
-            # ``kernels.candidates_wide``: GEMM-like tiles over split rows.
-            return LaunchConfig(128, 64 if diagonal else 128, block_d, 8, 3, True), None
+            # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
+            # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 2.35 ms, (128, 64)
+            # 2.90 (2 stages 3.49), (64, 64) with 4 warps 2.86; spherical (128, 128) 0.86, (128, 64) 1.15,
+            # (64, 128) with 4 warps 0.88. D = 256 diag: (128, 128) 0.74, (64, 64) 0.64.
+            return LaunchConfig(128, 128, block_d, 8, 3, True), None
         if diagonal:
             return LaunchConfig(128, 64, block_d, 8, 2, True), None
         return LaunchConfig(128, 128, block_d, 4, 2, True), None

@@ -71,9 +71,9 @@ def exact_log_prob_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     tl.store(out_ptr + rows, ll - less, mask=row_mask)
 
 
-def feature_tile(n_features: int) -> tuple[int, bool]:
-    """(BLOCK_D, ONE_TILE): the whole row in one tile up to ``ONE_TILE_FEATURES``, else 64-wide tiles."""
-    one_tile = n_features <= ONE_TILE_FEATURES
+def feature_tile(n_features: int, one_tile_features: int = ONE_TILE_FEATURES) -> tuple[int, bool]:
+    """(BLOCK_D, ONE_TILE): the whole row in one tile up to ``one_tile_features``, else 64-wide tiles."""
+    one_tile = n_features <= one_tile_features
     return (triton.next_power_of_2(n_features) if one_tile else 64), one_tile
 
 

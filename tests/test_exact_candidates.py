@@ -155,14 +155,14 @@ def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagona
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
-    floor = (exact.amax(1) - 3.0).float().to(DEVICE)
+    floor = (exact.amax(1) - 3.0).float()
     if d <= blocks[2]:
-        marks = candidates(xd, sh, weights, floor, config(blocks))
+        marks = candidates(xd, sh, weights, floor.to(DEVICE), config(blocks))
     else:
-        marks = candidates_wide(xd, sh, weights, floor, config(blocks), bound_weights(weights), rows=16)
+        marks = candidates_wide(xd, sh, weights, floor.to(DEVICE), config(blocks), bound_weights(weights), rows=16)
     marks = marks.cpu().long()
     got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :k].bool()
-    upper, want = bound_rule(x, shift, weights, floor.cpu())
+    upper, want = bound_rule(x, shift, weights, floor)
     clear = (upper - floor.double()[:, None]).abs() > 1e-4 * (upper.abs() + 1)
     assert clear.float().mean() > 0.99
     assert torch.equal(got[clear], want[clear])
@@ -202,6 +202,25 @@ def test_exact_pass_walks_marks_beyond_its_register_words(diagonal, poisoned_emp
         if g.dim() == 2:  # slots past a row's kept ones are unwritten
             g, e = (torch.cat([t[i, :kept[i]] for i in range(n)]) for t in (g, e))
         assert torch.equal(g, e), name
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_exact_pass_reads_rows_wider_than_its_register_tile_tile_by_tile(diagonal, poisoned_empty, monkeypatch):
+    """Rows wider than ``ONE_TILE_FEATURES`` are re-read in 64-wide tiles per candidate: the
+    same log Z, responsibilities and slots to float32 round-off as rows held in registers."""
+    from flashgmm_ivf.kernels import candidate_resp as module
+    n, d, k = 37, 150, 19
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    xd, split, sh, weights, _ = prepared(x, params, shift)
+    centred = exact_candidates.centred_params(split)
+    marks = search("wide", xd, sh, weights, (16, 32, 32))(xd, centred, 30.0, None)
+    held = candidate_resp(xd, sh, *centred, marks, k)
+    monkeypatch.setattr(module, "ONE_TILE_FEATURES", 128)
+    tiled = candidate_resp(xd, sh, *centred, marks, k)
+    for name in ("best", "cand", "count", "kept"):
+        i = ("log_norm", "resp", "best", "cand", "count", "kept").index(name)
+        assert torch.equal(held[i].cpu(), tiled[i].cpu()), name
+    torch.testing.assert_close(held[0].cpu(), tiled[0].cpu(), rtol=1e-6, atol=1e-4)
 
 
 # Several D tiles are the candidate test's (61, 70, 50): here they would only add interpreter time.
