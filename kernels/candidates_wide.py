@@ -1,11 +1,10 @@
 """Candidate pass for rows wider than one feature tile: the rows split once, then one fused pass.
 
 ``kernels.candidates`` loads a row tile once and keeps it in registers while it streams over the
-components, which holds up to D = 128. Wider rows there were re-read and re-split (shift,
-square, bfloat16 rounding) for every tile of components; as library products
-(``kernels.gemm.candidates``) they are split once, but the products of every (row, component)
-pair go through memory twice more: stored by the GEMM, read back by ``kernels.candidate_select``.
-Here each block of rows is split once (``kernels.split_rows``, precision "bf16": [x~ | x~^2]
+components, which holds up to D = 128; wider rows would be re-read and re-split (shift, square,
+bfloat16 rounding) for every tile of components, and cuBLAS products of the split rows would
+send every (row, component) product through memory twice more (stored, then read back to be
+marked). Here each block of rows is split once (``kernels.split_rows``, precision "bf16": [x~ | x~^2]
 for diagonal models, x~ for spherical ones, and each row's |x|^2 and ||x~||), then one program
 per BLOCK_N rows streams over (component tile, feature tile) pairs as a GEMM does, reading the
 pieces, and marks its candidates from the accumulators in registers.

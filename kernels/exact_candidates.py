@@ -8,13 +8,13 @@ components per row within 40 nats of the best), so this E-step splits the work:
    every log-density with a proven error bound, and the row marks every component whose upper
    bound reaches its threshold, a proven lower bound of its best log-density less
    ``MARGIN_NATS``. A component left unmarked is more than ``MARGIN_NATS`` below the best, so all
-   left out together carry at most K e^-30 ~ 1e-10 of the row's mass. The fused search
-   (``kernels.candidates``) takes the exact log-density (``kernels.exact_log_prob``) of one
-   component: within round-off of the best when the component is the best, as the row's best
-   of an earlier E-step mostly is where the caller keeps them (``best``: EM's parameters move
-   little between iterations); else the first of a bfloat16 ranking pass (``kernels.log_norm``).
-   The search by library products for wide rows (``kernels.gemm.candidates``) takes the best
-   lower bound max_k (l~ - e) of its stored products.
+   left out together carry at most K e^-30 ~ 1e-10 of the row's mass. The threshold is the
+   exact log-density (``kernels.exact_log_prob``) of one component less the margin: within
+   round-off of the best when the component is the best, as the row's best of an earlier E-step
+   mostly is where the caller keeps them (``best``: EM's parameters move little between
+   iterations); else the first of a bfloat16 ranking pass (``kernels.log_norm``, or library
+   products for wide rows on a GPU). The pass is ``kernels.candidates`` for rows within one
+   feature tile and ``kernels.candidates_wide`` over rows split once for wider ones.
 2. ``kernels.candidate_resp``: the marks into per-row slots, then log Z and the responsibilities
    over them, in float32 from centred differences (x - mu); each row keeps, packed to the front
    of its slots, the (component, r) pairs of r >= e^-MARGIN_NATS.
