@@ -65,6 +65,18 @@ def norm_bound_eps(n_features: int) -> float:
     return bound_eps(n_features) / (1 - (n_features + 8) * 2.0 ** -24)
 
 
+def bound_factor(n_features: int, diagonal: bool) -> float:
+    """The bound's factor of a candidate pass: EPS (diag) or EPS' (spherical)."""
+    return bound_eps(n_terms(n_features, True)) if diagonal else norm_bound_eps(n_features)
+
+
+def check_block_k(block_k: int) -> None:
+    """Refuse component tiles that would split a word of marks."""
+    if block_k % 32:
+        raise ValueError(f"the candidate pass packs 32 components a word: block_k must be a multiple of 32, "
+                         f"got {block_k}")
+
+
 def bound_weights(weights):
     """The weights of the error bound: |lin~|, (K, D) (diag); ||lin~||, (K,) (spherical)."""
     if weights.diagonal:
@@ -167,9 +179,7 @@ def candidates(x, shift, weights, floor, config, bound_w=None):
         candidate c of the row
     """
     n, d = x.shape
-    if config.block_k % 32:
-        raise ValueError(f"the candidate pass packs 32 components a word: block_k must be a multiple of 32, "
-                         f"got {config.block_k}")
+    check_block_k(config.block_k)
     if d > config.block_d:
         raise ValueError(f"the fused candidate pass holds a row in one feature tile: D = {d} exceeds block_d = "
                          f"{config.block_d} (wider rows: kernels.candidates_wide)")
@@ -177,7 +187,7 @@ def candidates(x, shift, weights, floor, config, bound_w=None):
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const,
         bound_weights(weights) if bound_w is None else bound_w, floor, marks, n, weights.n_comps, d,
-        marks.shape[1], bound_eps(n_terms(d, True)) if weights.diagonal else norm_bound_eps(d), FLOAT32_SLACK,
+        marks.shape[1], bound_factor(d, weights.diagonal), FLOAT32_SLACK,
         DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_D=config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -13,9 +13,9 @@ The products, their error bound and the marks are those of ``kernels.candidates`
 docstring proves the bound): diag l~ = x~ . lin~ + x~^2 . quad~ with bound part |x~| . |lin~| -
 x~^2 . quad~, three bfloat16 products a tile pair, |x~| taken from the loaded pieces;
 spherical l~ = x~ . lin~ + quad |x|^2 with the norms' bound, one product. Each accumulator sums
-at most 2 D products in float32, which ``candidates.bound_eps(2 D)`` covers in any order. The
-threshold is each row's given floor (``kernels.exact_log_prob`` of a hint component less the
-margin), as in the fused pass.
+at most 2 D products in float32, which ``candidates.bound_eps(2 D)`` covers in any order
+(``candidates.bound_factor``). The threshold is each row's given floor (``kernels.exact_log_prob``
+of a hint component less the margin), as in the fused pass.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import FLOAT32_SLACK, bound_eps, bound_error, mark, n_terms, n_words, norm_bound_eps
+from .candidates import FLOAT32_SLACK, bound_error, bound_factor, check_block_k, mark, n_words
 from .split_rows import segment_width, split_rows
 from .tile import finish_log_prob
 
@@ -96,9 +96,7 @@ def candidates_wide(x, shift, weights, floor, config, bound_w, *, rows=None):
     marks : as ``kernels.candidates.candidates``
     """
     n, d = x.shape
-    if config.block_k % 32:
-        raise ValueError(f"the candidate pass packs 32 components a word: block_k must be a multiple of 32, "
-                         f"got {config.block_k}")
+    check_block_k(config.block_k)
     diagonal = weights.diagonal
     width = segment_width(d, diagonal)
     piece = weights.lin_hi.dtype
@@ -107,7 +105,7 @@ def candidates_wide(x, shift, weights, floor, config, bound_w, *, rows=None):
     sq = torch.empty(rows, dtype=torch.float32, device=x.device)
     norm = None if diagonal else torch.empty(rows, dtype=torch.float32, device=x.device)
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
-    eps = bound_eps(n_terms(d, True)) if diagonal else norm_bound_eps(d)
+    eps = bound_factor(d, diagonal)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
