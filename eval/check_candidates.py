@@ -4,8 +4,8 @@ A float64 EM fit (diag or spherical, from ``bench_estep``'s start: means at rand
 variances a quarter of the data's) runs on the first ``--n`` base rows of a data set, raw or
 standardised per feature. At some iterations, on the first ``--sample`` of those rows, the
 search's rule (``kernels.exact_candidates``) is replayed on float64 log-densities with the
-candidate pass's error bound (diag: ``bound_eps`` times the products of the absolute
-bfloat16-rounded operands; spherical: ``norm_bound_eps`` times the product of their norms):
+candidate pass's error bound (diag: ``bound_eps`` times the quad part and each component's
+C_k; spherical: ``norm_bound_eps`` times the product of the rounded operands' norms):
 
 * ``stored``: slots the pass fills: components whose upper bound reaches the row's threshold,
   the exact log-density of its best component less the margin (the slots the exact pass
@@ -27,7 +27,7 @@ import torch
 from flashgmm_ivf.datasets import load_dataset
 from flashgmm_ivf.eval.bench_estep import starting_params, write_json
 from flashgmm_ivf.eval.environment import environment
-from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, bound_eps, n_terms, norm_bound_eps
+from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, QUAD_FACTOR, bound_eps, linear_bound, n_terms, norm_bound_eps
 from flashgmm_ivf.kernels.exact_candidates import CAPACITY, MARGIN_NATS
 
 from flashgmm_ivf import kernels
@@ -40,8 +40,9 @@ def error_bound(xc, split):
     xb = xc.float().to(torch.bfloat16).double()
     if not split.diagonal:
         return norm_bound_eps(xc.shape[1]) * xb.norm(dim=1)[:, None] * lin.norm(dim=1)[None, :]
-    err = xb.abs() @ lin.abs().T
-    err += (xc * xc).float().to(torch.bfloat16).double() @ split.quad.to(torch.bfloat16).double().abs().T
+    quad = split.quad.to(torch.bfloat16).double()
+    err = QUAD_FACTOR * ((xc * xc).float().to(torch.bfloat16).double() @ quad.abs().T)
+    err += linear_bound(lin, quad).sum(1)[None, :]
     return bound_eps(n_terms(xc.shape[1], True)) * err
 
 

@@ -70,7 +70,8 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
         quad_s = tl.load(quad_ptr + comp).to(tl.float64)
         prec_s = -2.0 * quad_s
     maha = tl.zeros([BLOCK_D], dtype=tl.float64)
-    sq_norm = tl.zeros([BLOCK_D], dtype=tl.float64)
+    # diag: C_k of ``candidates``, sum lin~^2 / (4 |quad~|); spherical: ||lin~||^2
+    bound = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(0, n_cols, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = cols < n_cols
@@ -86,18 +87,24 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
         lin_hi = round_bf16(lin.to(tl.float32))
         tl.store(lin_out + row + cols, lin_hi.to(SPLIT_DTYPE), mask=mask)
         tl.store(mean_out + row + cols, mean.to(tl.float32), mask=mask)
+        lin_sq = lin_hi.to(tl.float64) * lin_hi.to(tl.float64)
         if DIAGONAL:
-            tl.store(quad_out + row + cols, round_bf16(quad.to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
-            tl.store(bound_out + row + cols, tl.abs(lin_hi).to(SPLIT_DTYPE), mask=mask)
+            quad_hi = round_bf16(quad.to(tl.float32))
+            tl.store(quad_out + row + cols, quad_hi.to(SPLIT_DTYPE), mask=mask)
             tl.store(prec_out + row + cols, prec.to(tl.float32), mask=mask)
+            # 0 where lin~ is 0 (padding lanes too); inf where only quad~ is
+            bound += tl.where(lin_sq == 0, 0.0, lin_sq / (4.0 * tl.abs(quad_hi.to(tl.float64))))
         else:
-            sq_norm += lin_hi.to(tl.float64) * lin_hi.to(tl.float64)
+            bound += lin_sq
     tl.store(const_out + comp, const.to(tl.float32))
     tl.store(centred_const_out + comp, (const + 0.5 * tl.sum(maha, axis=0)).to(tl.float32))
-    if not DIAGONAL:
+    if DIAGONAL:
+        # rounded up to float32, as ``candidates.bound_weights``
+        tl.store(bound_out + comp, (tl.sum(bound, axis=0) * (1.0 + 2.0 ** -22)).to(tl.float32))
+    else:
         tl.store(quad_out + comp, quad_s.to(tl.float32))
         tl.store(prec_out + comp, prec_s.to(tl.float32))
-        tl.store(bound_out + comp, tl.sqrt(tl.sum(sq_norm, axis=0)).to(tl.float32))
+        tl.store(bound_out + comp, tl.sqrt(tl.sum(bound, axis=0)).to(tl.float32))
 
 
 def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
@@ -111,7 +118,7 @@ def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
     f32 = dict(dtype=torch.float32, device=device)
     lin_hi = torch.empty(k, d, dtype=piece, device=device)
     quad_hi = torch.empty(k, d, dtype=piece, device=device) if diagonal else torch.empty(k, **f32)
-    bound_w = torch.empty(k, d, dtype=piece, device=device) if diagonal else torch.empty(k, **f32)
+    bound_w = torch.empty(k, **f32)
     means, prec = torch.empty(k, d, **f32), torch.empty(quad_hi.shape, **f32)
     kconst, cconst = torch.empty(k, **f32), torch.empty(k, **f32)
     offset = torch.empty((), dtype=torch.float64, device=device)

@@ -5,19 +5,26 @@ wider rows take ``kernels.candidates_wide``), and streams over all K components 
 log-densities computed with one bfloat16 product (``tile``'s "bf16" scheme). Each approximate
 log-density l~ comes with a proven error bound e_nk >= |l~ - l|:
 
-    diag:      e_nk = EPS * (|lin~_k| . |x~_n| + |quad~_k| . x~_n^2) + 2^-20 |l~|
-    spherical: e_nk = EPS' * ||lin~_k|| ||x~_n||                     + 2^-20 |l~|
+    diag:      e_nk = EPS * ((1 + R) Q_nk + C_k)               + 2^-20 |l~|
+    spherical: e_nk = EPS' * ||lin~_k|| ||x~_n||               + 2^-20 |l~|
 
 (2^-20 |l~|: float32 constants and sums). Rounding a to a~ (bfloat16, u = 2^-8) gives |a~ b~ - a b|
 <= (2u + u^2) |a| |b| and |a| <= |a~| / (1 - u); EPS (``bound_eps``) is (2u + u^2) / (1 - u)^2 with
 room for the float32 sums of the products, and EPS' (``norm_bound_eps``) adds room for the float32
-norms. A diagonal model's bound follows each term's size: it costs one more bfloat16 product,
-|lin~| . |x~| (quad~ is -1/2 the precisions, never positive, and x~^2 is not negative, so |quad~| .
-x~^2 is the negated quad part of l~ itself). A norm (Cauchy-Schwarz) bound there is tens of nats
-loose on fitted SIFT models, whose variances differ by orders of magnitude between features. A
-spherical model's linear weights are its means times one precision; there the norm bound costs
-no product and stays within a few nats (float64 replay on real SIFT rows across EM, K = 1024:
-1.3-4.0 nats at the row's best component, 12-23 candidates per row on average,
+norms. A diagonal model's error follows each term's size, S = |lin~_k| . |x~_n| + |quad~_k| . xx~_n
+(xx~ = the rounded x^2). Its quad part Q_nk = |quad~_k| . xx~_n is the negated quad part of l~ itself
+(quad~ is -1/2 the precisions, never positive): free. Its linear part is bounded feature by feature
+by |a b| <= t a^2 + b^2 / (4 t) with t = |quad~|: |lin~_k| . |x~_n| <= |quad~_k| . x~_n^2 + C_k, where
+C_k = sum_d lin~_kd^2 / (4 |quad~_kd|) is one number per component (``bound_weights``, rounded up)
+and x~^2 <= R xx~ (``QUAD_FACTOR`` = 1 + R). So the bound costs no product: the pass makes the
+log-density's two. What it adds over S is EPS sum_d (sqrt|quad~_kd| |x~_d| - |lin~_kd| / (2
+sqrt|quad~_kd|))^2, at most EPS times the row's Mahalanobis term to component k: a fraction of a
+nat at the components near a row's best, where the marks are decided (float64 replay on real SIFT
+rows across EM, ``eval/results/check_candidates_diag_sift_cpu.json``). A norm (Cauchy-Schwarz)
+bound is tens of nats loose on fitted SIFT models, whose variances differ by orders of magnitude
+between features. A spherical model's linear weights are its means times one precision; there the
+norm bound costs no product and stays within a few nats (float64 replay on real SIFT rows across
+EM, K = 1024: 1.3-4.0 nats at the row's best component, 12-23 candidates per row on average,
 ``eval/results/check_candidates_spherical_sift_cpu.json``).
 
 Each row comes with a threshold (``exact_candidates``: the exact log-density of one component,
@@ -53,6 +60,10 @@ def bound_eps(n_terms: int) -> float:
     return ((2 * _U + _U * _U) / (1 - _U) ** 2 + gamma) / (1 - gamma)
 
 
+# 1 + R: x~^2 <= R xx~ for x~ = bf16(x), xx~ = bf16(float32(x * x)).
+QUAD_FACTOR = 1.0 + (1 + _U) ** 2 / ((1 - _U) * (1 - 2.0 ** -24))
+
+
 def n_terms(n_features: int, diagonal: bool) -> int:
     """Products summed in one log-density: x . lin and x^2 . quad (diag), x . lin (spherical)."""
     return 2 * n_features if diagonal else n_features
@@ -78,25 +89,30 @@ def check_block_k(block_k: int) -> None:
 
 
 def bound_weights(weights):
-    """The weights of the error bound: |lin~|, (K, D) (diag); ||lin~||, (K,) (spherical)."""
+    """The weights of the error bound, (K,) float32: C_k of the module docstring (diag), rounded
+    up; ||lin~_k|| (spherical)."""
+    lin = weights.lin_hi.double()
     if weights.diagonal:
-        return weights.lin_hi.abs().contiguous()  # the product's operand: bfloat16 pieces
-    return torch.linalg.vector_norm(weights.lin_hi.double(), dim=1).float()
+        return linear_bound(lin, weights.quad_hi.double()).sum(1).mul(1 + 2.0 ** -22).float()
+    return torch.linalg.vector_norm(lin, dim=1).float()
+
+
+def linear_bound(lin, quad):
+    """lin^2 / (4 |quad|) elementwise, float64: 0 where lin is 0, inf where only quad is."""
+    return torch.where(lin == 0, 0.0, lin * lin / (4 * quad.abs()))
 
 
 @triton.jit
-def _tile_part(x, ax, xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols, DIAGONAL: tl.constexpr,
+def _tile_part(x, xx, lin_ptr, quad_ptr, comps, comp_mask, cols, n_cols, DIAGONAL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One feature tile's (log-density part, error-bound part), (BLOCK_N, BLOCK_K); spherical
-    models' bound part is 0 (``candidates_kernel`` takes theirs from the norms)."""
+    """One feature tile's (log-density part, Q part), (BLOCK_N, BLOCK_K); spherical models' Q
+    part is 0 (``candidates_kernel`` takes their bound from the norms)."""
     lin = log_prob_part(lin_ptr, lin_ptr, lin_ptr, lin_ptr, comps, comp_mask, cols, n_cols,
                         x, x, x, x, False, BLOCK_K, BLOCK_N, "bf16", True)
     if DIAGONAL:
-        bound = log_prob_part(bound_w_ptr, bound_w_ptr, bound_w_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols,
-                              ax, ax, ax, ax, False, BLOCK_K, BLOCK_N, "bf16", True)
         quad = log_prob_part(quad_ptr, quad_ptr, quad_ptr, quad_ptr, comps, comp_mask, cols, n_cols,
                              xx, xx, xx, xx, False, BLOCK_K, BLOCK_N, "bf16", True)
-        return lin + quad, bound - quad
+        return lin + quad, -quad
     return lin, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
 
 
@@ -109,7 +125,7 @@ def _rounded_sq(x):
 
 @triton.jit
 def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
-                      mark_ptr, n_rows, n_comps, n_cols, n_words, eps, slack,
+                      mark_ptr, n_rows, n_comps, n_cols, n_words, eps, quad_factor, slack,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,18 +133,18 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, 
     cols = tl.arange(0, BLOCK_D)
     x, _, xx, _, sq_norm = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
                                         DIAGONAL, "bf16", SPLIT_DTYPE)
-    ax = tl.abs(x)
     floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
     if not DIAGONAL:
         x_norm = tl.sqrt(_rounded_sq(x))
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
-        ll, err = _tile_part(x, ax, xx, lin_ptr, quad_ptr, bound_w_ptr, comps, comp_mask, cols, n_cols,
-                             DIAGONAL, BLOCK_N, BLOCK_K)
-        if not DIAGONAL:
-            lin_norm = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
-            err = x_norm[:, None] * lin_norm[None, :]
+        ll, quad = _tile_part(x, xx, lin_ptr, quad_ptr, comps, comp_mask, cols, n_cols, DIAGONAL, BLOCK_N, BLOCK_K)
+        bound_w = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
+        if DIAGONAL:
+            err = quad_factor * quad + bound_w[None, :]
+        else:
+            err = x_norm[:, None] * bound_w[None, :]
         ll = finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
         mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
              BLOCK_N, BLOCK_K)
@@ -187,7 +203,7 @@ def candidates(x, shift, weights, floor, config, bound_w=None):
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const,
         bound_weights(weights) if bound_w is None else bound_w, floor, marks, n, weights.n_comps, d,
-        marks.shape[1], bound_factor(d, weights.diagonal), FLOAT32_SLACK,
+        marks.shape[1], bound_factor(d, weights.diagonal), QUAD_FACTOR, FLOAT32_SLACK,
         DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_D=config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -10,10 +10,10 @@ per BLOCK_N rows streams over (component tile, feature tile) pairs as a GEMM doe
 pieces, and marks its candidates from the accumulators in registers.
 
 The products, their error bound and the marks are those of ``kernels.candidates`` (whose
-docstring proves the bound): diag l~ = x~ . lin~ + x~^2 . quad~ with bound part |x~| . |lin~| -
-x~^2 . quad~, three bfloat16 products a tile pair, |x~| taken from the loaded pieces;
-spherical l~ = x~ . lin~ + quad |x|^2 with the norms' bound, one product. Each accumulator sums
-at most 2 D products in float32, which ``candidates.bound_eps(2 D)`` covers in any order
+docstring proves the bound): diag l~ = x~ . lin~ + x~^2 . quad~, two bfloat16 products a tile
+pair, with bound part (1 + R) Q + C_k from the quad accumulator Q = -x~^2 . quad~; spherical
+l~ = x~ . lin~ + quad |x|^2 with the norms' bound, one product. Each accumulator sums at most
+2 D products in float32, which ``candidates.bound_eps(2 D)`` covers in any order
 (``candidates.bound_factor``). The threshold is each row's given floor (``kernels.exact_log_prob``
 of a hint component less the margin), as in the fused pass.
 
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import FLOAT32_SLACK, bound_error, bound_factor, check_block_k, mark, n_words
+from .candidates import FLOAT32_SLACK, QUAD_FACTOR, bound_error, bound_factor, check_block_k, mark, n_words
 from .split_rows import segment_width, split_rows
 from .tile import finish_log_prob
 
@@ -41,7 +41,7 @@ def _product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, n_cols):
 
 @triton.jit
 def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
-                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, slack, DIAGONAL: tl.constexpr,
+                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, quad_factor, slack, DIAGONAL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -56,7 +56,6 @@ def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_pt
         lin = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if DIAGONAL:
             quad = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            bound = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, n_cols, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < n_cols
@@ -66,13 +65,13 @@ def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_pt
             if DIAGONAL:
                 xx = tl.load(xs_ptr + base + n_cols + cols[None, :], mask=mask, other=0.0)
                 quad = _product(quad, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols)
-                bound = _product(bound, tl.abs(x), bound_w_ptr, comps, comp_mask, cols, col_mask, n_cols)
+        bound_w = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
         if DIAGONAL:
             ll = lin + quad
-            err = bound - quad
+            err = -quad_factor * quad + bound_w[None, :]
         else:
             ll = lin
-            err = x_norm[:, None] * tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)[None, :]
+            err = x_norm[:, None] * bound_w[None, :]
         ll = finish_log_prob(ll, sq, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
         mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
              BLOCK_N, BLOCK_K)
@@ -113,6 +112,6 @@ def candidates_wide(x, shift, weights, floor, config, bound_w, *, rows=None):
         candidates_wide_kernel[(triton.cdiv(m, config.block_n),)](
             pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin_hi, weights.quad_hi,
             weights.const, bound_w, floor[start:start + m], marks[start:start + m], m, weights.n_comps, d,
-            marks.shape[1], eps, FLOAT32_SLACK, DIAGONAL=diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            BLOCK_D=config.block_d, num_warps=config.num_warps, num_stages=config.num_stages)
+            marks.shape[1], eps, QUAD_FACTOR, FLOAT32_SLACK, DIAGONAL=diagonal, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, BLOCK_D=config.block_d, num_warps=config.num_warps, num_stages=config.num_stages)
     return marks

@@ -128,8 +128,9 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
 
 def bound_rule(x, shift, weights, floor):
     """The candidate pass's rule replayed in float64 from its rounded operands: (upper bound
-    l~ + e, marked), with e elementwise (diag) or from norms (spherical); ``kernels.candidates``."""
-    from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, bound_eps, norm_bound_eps
+    l~ + e, marked), with e from the quad part and each component's C_k (diag) or from norms
+    (spherical); ``kernels.candidates``."""
+    from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, QUAD_FACTOR, bound_eps, norm_bound_eps
     xs = x.float() - shift.float().cpu()
     xb = xs.to(torch.bfloat16).double()
     lin, quad, const = (t.cpu().double() for t in (weights.lin_hi, weights.quad_hi, weights.const))
@@ -137,12 +138,39 @@ def bound_rule(x, shift, weights, floor):
     if weights.diagonal:
         xx = (xs * xs).to(torch.bfloat16).double()
         ll += xx @ quad.T
-        err = bound_eps(2 * x.shape[1]) * (xb.abs() @ lin.abs().T - xx @ quad.T)
+        err = bound_eps(2 * x.shape[1]) * (-QUAD_FACTOR * (xx @ quad.T) + bound_weights(weights).cpu().double())
     else:
         ll += (xs * xs).sum(1).double()[:, None] * quad
         err = norm_bound_eps(x.shape[1]) * xb.norm(dim=1)[:, None] * lin.norm(dim=1)
     upper = ll + err + FLOAT32_SLACK * ll.abs()
     return upper, upper >= floor.cpu().double()[:, None]
+
+
+@pytest.mark.parametrize("kind", ["raw", "standardised", "spread"])
+def test_diag_bound_covers_the_elementwise_products(kind):
+    """The diag bound (1 + R) Q + C_k takes no product: it must cover the elementwise sizes
+    |lin~| . |x~| + Q of the rounding error's proof, for every row and component, at variances
+    from 1e-30 to 1e30 ("spread"), and zero linear weights."""
+    from flashgmm_ivf.kernels.candidates import QUAD_FACTOR
+    gen = torch.Generator().manual_seed(5)
+    x = make_rows(300, 37, "standardised" if kind == "spread" else kind, gen)
+    params, shift = random_mixture(x, 19, True, gen)
+    if kind == "spread":
+        scale = 10.0 ** torch.empty(19, 37, dtype=torch.float64).uniform_(-30, 30, generator=gen)
+        params = params._replace(lin=params.lin * scale, quad=params.quad * scale)
+        params.lin[0] = 0.0
+    _, split, sh, weights, _ = prepared(x, params, shift)
+    xs = x.float() - sh.cpu()
+    xb, xx = xs.to(torch.bfloat16).double(), (xs * xs).to(torch.bfloat16).double()
+    lin, quad = weights.lin_hi.cpu().double(), weights.quad_hi.cpu().double()
+    sizes = xb.abs() @ lin.abs().T - xx @ quad.T
+    bound = -QUAD_FACTOR * (xx @ quad.T) + bound_weights(weights).cpu().double()
+    assert torch.isfinite(bound).all()
+    assert (bound >= sizes).all()
+    # and it stays close where it decides the marks: at each row's best component
+    best = weighted_log_prob(x.double(), split.to("cpu", torch.float64), shift.double()).argmax(1, keepdim=True)
+    if kind != "spread":
+        assert (bound.gather(1, best) <= 1.5 * sizes.gather(1, best)).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
