@@ -82,20 +82,20 @@ def default_configs(n_features: int, diagonal: bool = True,
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
     if precision == "candidates":
         # The candidate pass (``kernels.candidates``): timed on an H100 at N = 1M rows of
-        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (128, 64) tiles with 8 warps
-        # 2.42 ms, (128, 32) 3.48, (64, 64) with 4 warps 3.32; spherical (one product a tile pair)
+        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (two products a tile pair)
+        # (128, 128) tiles with 8 warps, 2 stages 1.81 ms, 4 warps 2.95, (128, 64) with 8 warps 2.14
+        # (3 stages 1.99), (256, 64) 2.00, (64, 128) with 4 warps 2.47; spherical (one product)
         # (128, 128) with 4 warps 1.19, with 8 warps 1.69, (128, 256) with 8 warps 1.47, (64, 128)
-        # and (128, 64) with 4 warps 1.43, 3 stages 1.67-1.72. Wider diag tiles exceed an H100's
-        # shared memory at 2 stages. Its exact pass picks its own tiles (``candidate_resp``).
+        # and (128, 64) with 4 warps 1.43, 3 stages 1.67-1.72. (128, 128) diag tiles exceed an
+        # H100's shared memory at 3 stages. Its exact pass picks its own tiles (``candidate_resp``).
         if n_features > block_d:
             # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
-            # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 2.35 ms, (128, 64)
-            # 2.90 (2 stages 3.49), (64, 64) with 4 warps 2.86; spherical (128, 128) 0.86, (128, 64) 1.15,
-            # (64, 128) with 4 warps 0.88. D = 256 diag: (128, 128) 0.74, (64, 64) 0.64.
+            # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 1.80 ms, (128, 64)
+            # with 4 warps 2.79, (64, 128) with 4 warps 1.63 (D = 256: 0.47, 0.71, 0.61); spherical
+            # (128, 128) 0.86, (128, 64) 1.15, (64, 128) with 4 warps 0.88. (128, 256) tiles and
+            # 4 stages exceed an H100's shared memory.
             return LaunchConfig(128, 128, block_d, 8, 3, True), None
-        if diagonal:
-            return LaunchConfig(128, 64, block_d, 8, 2, True), None
-        return LaunchConfig(128, 128, block_d, 4, 2, True), None
+        return LaunchConfig(128, 128, block_d, 8 if diagonal else 4, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
