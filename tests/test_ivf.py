@@ -18,7 +18,7 @@ import pytest
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
 from flashgmm_ivf.ivf import calibration as calibration_module
-from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, spill_scores, spill_threshold
+from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, mean_variance, spill_scores, spill_threshold
 from flashgmm_ivf.ivf.quantizer import add_assigned
 from flashgmm_ivf.ivf.soft_assign import TopComponents
 
@@ -579,6 +579,17 @@ def test_knn_l2_is_exact_far_from_the_origin(tile, monkeypatch):
     np.testing.assert_array_equal(exact[np.arange(30)[:, None], I], np.sort(exact, 1)[:, :11])
 
 
+@pytest.mark.parametrize("shape", [(2, 1), (5, 3), (4096, 4), (4097, 9), (9000, 33)])
+def test_mean_variance_is_numpys_in_float64(shape):
+    """The blocked float64 variance equals numpy's to round-off on float32 rows far from the
+    origin (raw-scale offsets), uint8 rows, and blocks that do not divide the rows."""
+    rng = np.random.default_rng(shape[0])
+    x = (rng.standard_normal(shape) * 3 + 1e5).astype(np.float32)
+    assert mean_variance(x, rows=1000) == pytest.approx(float(x.var(0, dtype=np.float64).mean()), rel=1e-12)
+    u = rng.integers(0, 256, shape, dtype=np.uint8)
+    assert mean_variance(u) == pytest.approx(float(u.var(0, dtype=np.float64).mean()), rel=1e-12)
+
+
 def test_kmeans_partition_keeps_faiss_kmeans_lists(fashion):
     """partition=kmeans without spill: the lists are the cells of the k-means centroids (20 iterations)."""
     base, _, _, _ = fashion
@@ -1020,7 +1031,8 @@ def test_copies_budget_holds_when_the_training_rows_are_added():
     # The spill threshold is a quantile over all training rows, held-out calibration rows
     # included: adding the training rows themselves gives the budget to one row.
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal((3000, 12)) + 4 * rng.standard_normal((30, 12))[rng.integers(0, 30, 3000)]).astype(np.float32)
+    noise, centres = rng.standard_normal((3000, 12)), 4 * rng.standard_normal((30, 12))
+    x = (noise + centres[rng.integers(0, 30, 3000)]).astype(np.float32)
     index = index_factory(12, "IVF32_GMM(copies=1.4),Flat")
     index.train(x)
     index.add(x)
