@@ -3,9 +3,9 @@
 A float64 EM fit (diag or spherical, from ``bench_estep``'s start: means at random rows,
 variances a quarter of the data's) runs on the first ``--n`` base rows of a data set, raw or
 standardised per feature. At some iterations, on the first ``--sample`` of those rows, the
-search's rule (``kernels.exact_candidates``) is replayed on float64 log-densities with the
-candidate pass's error bound (diag: ``bound_eps`` times the quad part and each component's
-C_k; spherical: ``norm_bound_eps`` times the product of the rounded operands' norms):
+search's rule (``kernels.exact_candidates``) is replayed on float64 log-densities with what the
+candidate pass's upper bound adds to them (``kernels.candidates``: diag (1 - c) Q + eps C_k,
+spherical (1 - c') Q + eps' ||x~|| ||lin~||, from ``candidates.fold_factors``):
 
 * ``stored``: slots the pass fills: components whose upper bound reaches the row's threshold,
   the exact log-density of its best component less the margin (the slots the exact pass
@@ -14,8 +14,8 @@ C_k; spherical: ``norm_bound_eps`` times the product of the rounded operands' no
   pairs), ``within``: components within the margin of the row's best (exact);
 * ``overflow``: rows with more stored slots than ``--capacity`` (they take the dense E-step).
 
-The approximate log-densities are taken as the exact ones: each lies within its bound of them,
-so the counts show the rule, not one rounding draw. Prints a table and writes JSON.
+The rounded operands' products are taken as exact: each lies within the allowance of them, so
+the counts show the rule, not one rounding draw. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from flashgmm_ivf.datasets import load_dataset
 from flashgmm_ivf.eval.bench_estep import starting_params, write_json
 from flashgmm_ivf.eval.environment import environment
-from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, QUAD_FACTOR, bound_eps, linear_bound, n_terms, norm_bound_eps
+from flashgmm_ivf.kernels.candidates import fold_factors, linear_bound
 from flashgmm_ivf.kernels.exact_candidates import CAPACITY, MARGIN_NATS
 
 from flashgmm_ivf import kernels
@@ -35,15 +35,16 @@ from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR, m_step
 
 
 def error_bound(xc, split):
-    """(n, K) float64 bound on |bf16 log-density - exact| (``kernels.candidates``), ll aside."""
-    lin = split.lin.to(torch.bfloat16).double()
+    """(n, K) float64: what the candidate pass's upper bound adds to the log-density
+    (``kernels.candidates``), for centred rows ``xc``."""
+    c, eps = fold_factors(xc.shape[1], split.diagonal)
+    lin = split.lin.float().to(torch.bfloat16).double()
+    if split.diagonal:
+        quad = (1 - c) * (xc * xc) @ split.quad.abs().T
+        return quad + eps * linear_bound(lin, split.quad).sum(1)[None, :]
     xb = xc.float().to(torch.bfloat16).double()
-    if not split.diagonal:
-        return norm_bound_eps(xc.shape[1]) * xb.norm(dim=1)[:, None] * lin.norm(dim=1)[None, :]
-    quad = split.quad.to(torch.bfloat16).double()
-    err = QUAD_FACTOR * ((xc * xc).float().to(torch.bfloat16).double() @ quad.abs().T)
-    err += linear_bound(lin, quad).sum(1)[None, :]
-    return bound_eps(n_terms(xc.shape[1], True)) * err
+    quad = (1 - c) * (xc * xc).sum(1)[:, None] * split.quad.abs()[None, :]
+    return quad + eps * xb.norm(dim=1)[:, None] * lin.norm(dim=1)[None, :]
 
 
 def replay(xs, params, shift, capacity, margin):
@@ -51,7 +52,7 @@ def replay(xs, params, shift, capacity, margin):
     split, _ = kernels.params.split_offset(params.to(dtype=torch.float32))
     split = split.to(dtype=torch.float64)
     ll = kernels.reference.weighted_log_prob(xs, split, shift)
-    err = error_bound(xs - shift, split) + FLOAT32_SLACK * ll.abs()
+    err = error_bound(xs - shift, split)
     stored = ll + err >= ll.amax(1, keepdim=True) - margin
     log_z = torch.logsumexp(ll, 1, keepdim=True)
     count = stored.sum(1).double()

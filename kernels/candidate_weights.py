@@ -1,16 +1,15 @@
 """What one exact-on-candidates E-step derives from the parameters, in two launches.
 
-From natural parameters (``kernels.params``) the E-step needs the search's bfloat16 weights with the
-largest constant split off (``split_offset``, then ``kernel_weights(..., "bf16")``), their error-bound
-weights (``candidates.bound_weights``) and the exact pass's centred form
-(``exact_candidates.centred_params``). Done as torch operations on (K, D) tensors that is about 30
+From natural parameters (``kernels.params``) the E-step needs, with the largest constant split off
+(``split_offset``), the bfloat16 weights of its ranking pass (``kernel_weights(..., "bf16")``), the
+candidate pass's weights with its error bound folded in (``candidates.search_weights``) and the exact
+pass's centred form (``exact_candidates.centred_params``). Done as torch operations on (K, D) tensors that is about 30
 small launches, issued by the host while the GPU waits for them (H100, K = 1024: ~0.4 ms of an E-step
 that takes 3.5 ms at N = 100K, D = 960, spherical). Here one program finds the offset, then one
 program per component writes everything, working in float64.
 
 Rounding to bfloat16 is by bits (``tile.round_bf16``: ties away from zero, where torch's cast
-rounds ties to even); the search's error bound is taken from the rounded values themselves, so
-either rounding is as safe.
+rounds ties to even); the search's error bound holds for either rounding.
 
 Torch reference: ``candidate_weights_reference`` (the functions named above).
 """
@@ -22,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import bound_weights
+from .candidates import SearchWeights, fold_factors, search_weights
 from .exact_candidates import centred_params
 from .params import KernelWeights, NaturalParams, kernel_weights, split_offset
 from .tile import round_bf16, split_dtype
@@ -33,15 +32,15 @@ class CandidateWeights(NamedTuple):
 
     Attributes
     ----------
-    weights : KernelWeights laid out for precision "bf16", const less ``offset``
-    bound_w : the search's error-bound weights (``candidates.bound_weights`` of ``weights``)
+    weights : KernelWeights laid out for precision "bf16", const less ``offset`` (the ranking pass's)
+    search : SearchWeights, the candidate pass's (``candidates.search_weights``)
     centred : (means, precisions, consts), float32, as ``exact_candidates.centred_params`` of the
         parameters with ``offset`` split off
     offset : float64 0-dim Tensor, the largest finite constant (0 if none is finite)
     """
 
     weights: KernelWeights
-    bound_w: torch.Tensor
+    search: SearchWeights
     centred: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     offset: torch.Tensor
 
@@ -60,9 +59,16 @@ def offset_kernel(const_ptr, out_ptr, n_comps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, quad_out, const_out, bound_out,
-                             mean_out, prec_out, centred_const_out, n_cols, DIAGONAL: tl.constexpr,
-                             BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+def _rounded_up(v):
+    """float32 values >= the float64 ones (``candidates._rounded_up``)."""
+    finite = tl.abs(v) < float("inf")
+    return (v + 2.0 ** -23 * tl.abs(tl.where(finite, v, 0.0))).to(tl.float32)
+
+
+@triton.jit
+def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, quad_out, const_out, s_quad_out,
+                             bias_out, norm_out, mean_out, prec_out, centred_const_out, n_cols, fold, eps,
+                             DIAGONAL: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     comp = tl.program_id(0)
     row = comp.to(tl.int64) * n_cols
     const = tl.load(const_ptr + comp).to(tl.float64) - tl.load(offset_ptr)
@@ -70,7 +76,7 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
         quad_s = tl.load(quad_ptr + comp).to(tl.float64)
         prec_s = -2.0 * quad_s
     maha = tl.zeros([BLOCK_D], dtype=tl.float64)
-    # diag: C_k of ``candidates``, sum lin~^2 / (4 |quad~|); spherical: ||lin~||^2
+    # diag: C_k of ``candidates``, sum lin~^2 / (4 |quad|); spherical: ||lin~||^2
     bound = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(0, n_cols, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -89,22 +95,23 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
         tl.store(mean_out + row + cols, mean.to(tl.float32), mask=mask)
         lin_sq = lin_hi.to(tl.float64) * lin_hi.to(tl.float64)
         if DIAGONAL:
-            quad_hi = round_bf16(quad.to(tl.float32))
-            tl.store(quad_out + row + cols, quad_hi.to(SPLIT_DTYPE), mask=mask)
+            tl.store(quad_out + row + cols, round_bf16(quad.to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
+            tl.store(s_quad_out + row + cols, round_bf16((fold * quad).to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
             tl.store(prec_out + row + cols, prec.to(tl.float32), mask=mask)
-            # 0 where lin~ is 0 (padding lanes too); inf where only quad~ is
-            bound += tl.where(lin_sq == 0, 0.0, lin_sq / (4.0 * tl.abs(quad_hi.to(tl.float64))))
+            # 0 where lin~ is 0 (padding lanes too); inf where only quad is
+            bound += tl.where(lin_sq == 0, 0.0, lin_sq / (4.0 * tl.abs(quad)))
         else:
             bound += lin_sq
     tl.store(const_out + comp, const.to(tl.float32))
     tl.store(centred_const_out + comp, (const + 0.5 * tl.sum(maha, axis=0)).to(tl.float32))
     if DIAGONAL:
-        # rounded up to float32, as ``candidates.bound_weights``
-        tl.store(bound_out + comp, (tl.sum(bound, axis=0) * (1.0 + 2.0 ** -22)).to(tl.float32))
+        tl.store(bias_out + comp, _rounded_up(const + eps * tl.sum(bound, axis=0)))
     else:
         tl.store(quad_out + comp, quad_s.to(tl.float32))
+        tl.store(s_quad_out + comp, (fold * quad_s).to(tl.float32))
         tl.store(prec_out + comp, prec_s.to(tl.float32))
-        tl.store(bound_out + comp, tl.sqrt(tl.sum(bound, axis=0)).to(tl.float32))
+        tl.store(bias_out + comp, _rounded_up(const))
+        tl.store(norm_out + comp, _rounded_up(tl.sqrt(tl.sum(bound, axis=0))))
 
 
 def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
@@ -118,20 +125,23 @@ def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
     f32 = dict(dtype=torch.float32, device=device)
     lin_hi = torch.empty(k, d, dtype=piece, device=device)
     quad_hi = torch.empty(k, d, dtype=piece, device=device) if diagonal else torch.empty(k, **f32)
-    bound_w = torch.empty(k, **f32)
+    s_quad = torch.empty_like(quad_hi)
+    bias, norm = torch.empty(k, **f32), None if diagonal else torch.empty(k, **f32)
     means, prec = torch.empty(k, d, **f32), torch.empty(quad_hi.shape, **f32)
     kconst, cconst = torch.empty(k, **f32), torch.empty(k, **f32)
     offset = torch.empty((), dtype=torch.float64, device=device)
+    fold, eps = fold_factors(d, diagonal)
     offset_kernel[(1,)](const, offset, k, BLOCK=min(1024, triton.next_power_of_2(k)))
-    candidate_weights_kernel[(k,)](lin, quad, const, offset, lin_hi, quad_hi, kconst, bound_w, means, prec, cconst,
-                                   d, DIAGONAL=diagonal, BLOCK_D=min(256, triton.next_power_of_2(d)),
-                                   SPLIT_DTYPE=dtype)
+    candidate_weights_kernel[(k,)](lin, quad, const, offset, lin_hi, quad_hi, kconst, s_quad, bias,
+                                   bias if norm is None else norm, means, prec, cconst, d, fold, eps,
+                                   DIAGONAL=diagonal, BLOCK_D=min(256, triton.next_power_of_2(d)), SPLIT_DTYPE=dtype)
     weights = KernelWeights(lin_hi, lin_hi, quad_hi, quad_hi, kconst)
-    return CandidateWeights(weights, bound_w, (means, prec, cconst), offset)
+    search = SearchWeights(lin_hi, s_quad, bias, norm, 0.0 if diagonal else eps)
+    return CandidateWeights(weights, search, (means, prec, cconst), offset)
 
 
 def candidate_weights_reference(params: NaturalParams, device) -> CandidateWeights:
     """``candidate_weights`` by the torch functions it fuses."""
     split, offset = split_offset(params.to(device))
     weights = kernel_weights(split, "bf16", device)
-    return CandidateWeights(weights, bound_weights(weights), centred_params(split), offset.double())
+    return CandidateWeights(weights, search_weights(split, device), centred_params(split), offset.double())

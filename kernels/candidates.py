@@ -1,85 +1,142 @@
 """Candidate pass of the exact-on-candidates E-step: every component that can matter to a row.
 
 One program owns BLOCK_N rows, loaded and split once (a row fits one feature tile: D <= BLOCK_D;
-wider rows take ``kernels.candidates_wide``), and streams over all K components in (BLOCK_N, BLOCK_K) tiles of
-log-densities computed from bfloat16-rounded operands (``tile``'s one-product "bf16" scheme). Each approximate
-log-density l~ comes with a proven error bound e_nk >= |l~ - l|:
+wider rows take ``kernels.candidates_wide``), and streams over all K components in (BLOCK_N, BLOCK_K)
+tiles. Each tile yields, for every (row, component), a proven upper bound U_nk of the exact
+log-density l_nk = const_k + lin_k . x_n + quad_k . x_n^2 (quad = -1/2 the precisions) from one
+float32 accumulator of bfloat16 products and one addition: the rounding error's bound is folded into
+the weights (``search_weights``), so the pass costs what the products cost.
 
-    diag:      e_nk = EPS * ((1 + R) Q_nk + C_k)               + 2^-20 |l~|
-    spherical: e_nk = EPS' * ||lin~_k|| ||x~_n||               + 2^-20 |l~|
+Diag. Rounding to bfloat16 (u = 2^-8, with room for rounding float64 through float32) gives
+x~ = bf16(x), xx~ = bf16(x^2), lin~ = bf16(lin) and q~ = bf16(c quad) for a factor c < 1, and
 
-(2^-20 |l~|: float32 constants and sums). Rounding a to a~ (bfloat16, u = 2^-8) gives |a~ b~ - a b|
-<= (2u + u^2) |a| |b| and |a| <= |a~| / (1 - u); EPS (``bound_eps``) is (2u + u^2) / (1 - u)^2 with
-room for the float32 sums of the products, and EPS' (``norm_bound_eps``) adds room for the float32
-norms. A diagonal model's error follows each term's size, S = |lin~_k| . |x~_n| + |quad~_k| . xx~_n
-(xx~ = the rounded x^2). Its quad part Q_nk = |quad~_k| . xx~_n is the negated quad part of l~ itself
-(quad~ is -1/2 the precisions, never positive): free. Its linear part is bounded feature by feature
-by |a b| <= t a^2 + b^2 / (4 t) with t = |quad~|: |lin~_k| . |x~_n| <= |quad~_k| . x~_n^2 + C_k, where
-C_k = sum_d lin~_kd^2 / (4 |quad~_kd|) is one number per component (``bound_weights``, rounded up)
-and x~^2 <= R xx~ (``QUAD_FACTOR`` = 1 + R). So the bound costs no product: the pass makes the
-log-density's two. What it adds over S is EPS sum_d (sqrt|quad~_kd| |x~_d| - |lin~_kd| / (2
-sqrt|quad~_kd|))^2 (at most EPS times the row's Mahalanobis term to component k) and EPS (R - 1) Q:
-under a nat at a row's best component, where the marks are decided (float64 replay on real SIFT
-rows across EM, ``eval/results/check_candidates_diag_sift_cpu.json``: 5.9-57.9 nats there against
-5.0-57.3 for the elementwise bound, which took a third product). A norm (Cauchy-Schwarz)
-bound is tens of nats loose on fitted SIFT models, whose variances differ by orders of magnitude
-between features. A spherical model's linear weights are its means times one precision; there the
-norm bound costs no product and stays within a few nats (float64 replay on real SIFT rows across
-EM, K = 1024: 1.3-4.0 nats at the row's best component, 12-23 candidates per row on average,
-``eval/results/check_candidates_spherical_sift_cpu.json``).
+    U_nk = P_nk + b_k,    P_nk = lin~_k . x~_n + q~_k . xx~_n (float32 sums),
+                          b_k = const_k + eps C_k (rounded up),  C_k = sum_d lin~_kd^2 / (4 |quad_kd|).
 
-Each row comes with a threshold (``exact_candidates``: the exact log-density of one component,
-less the margin), and a component is marked when its upper bound l~ + e reaches it: nothing
-whose exact log-density is within the margin of the row's best is ever left out. The marks are
-one bit per (row, component), packed 32 components to an int32 word, (n, ceil(K / 32)) words:
-a tile's marks are one sum per 32 of its columns and one store per word, where writing the
-candidates into per-row slots took a prefix sum and a scattered store per tile (H100, N = 1M,
-K = 1024, D = 128, diag: 4.7 against 2.4 ms, the products alone 2.1). The exact pass
-(``kernels.candidate_resp``) turns the marks into slots.
+Proof: with Q = |quad_k| . x_n^2 and a = (2u + u^2) / (1 - u)^2, |lin~ x~ - lin x| <= a |lin~| |x~|
+featurewise, and |a b| <= t a^2 + b^2 / (4 t) with t = |quad_kd| bounds |lin~|.|x~| by
+(1 + u)^2 Q + C_k; q~ . xx~ is within (2u + u^2) c Q of -c Q; the float32 sums of 2 D products add
+at most g = gamma_2D (with 2^-23 per addition: any order, any rounding) of those sizes. So
+l - const <= P + (a + g) C_k + Q [(a + g)(1 + u)^2 + c (1 + 2u + u^2)(1 + g) - 1], and the bracket is
+<= 0 for c = (1 - (a + g)(1 + u)^2) / ((1 + 2u + u^2)(1 + g)) (``fold_factors``): the quad weights
+give up 4u of their size to pay for the rounding of both products, and eps = a + g. What U
+adds over l~ is about 4u Q + 2u C_k: the elementwise error bound's size, which on fitted SIFT
+models is 5-58 nats at a row's best component (float64 replay across EM,
+``eval/results/check_candidates_diag_sift_cpu.json``), where a norm (Cauchy-Schwarz) bound is
+tens of nats looser (variances differ by orders of magnitude between features).
+
+Spherical. One product, P = lin~ . x~, and the |x|^2 term in float32:
+
+    U_nk = P_nk + q'_k |x_n|^2 + eps' ||x~_n|| w_k + b_k,   q' = quad (1 - g' - 2^-20), w_k = ||lin~_k||,
+
+where |lin~ . x~ - lin . x| <= (a + g') ||lin~|| ||x~|| (g' = gamma_D), the float32 |x|^2 is within
+g' of the exact one and q' gives that up (plus the rounding of the two fused multiply-adds
+that carry Q), and eps' also covers the norms' float32 rounding and those additions' share of
+|P| (``fold_factors``). A spherical model's linear weights are its means times one precision:
+the norm bound stays within a few nats (float64 replay on real SIFT rows across EM, K = 1024:
+1.3-4.0 nats at the row's best component, ``eval/results/check_candidates_spherical_sift_cpu.json``).
+
+Rounding is monotonic, so the last addition needs no slack: if l_nk reaches a float32 floor, so
+does the float32 U_nk. b_k is rounded up from float64, -inf for components of weight 0.
+
+Each row comes with a floor (``exact_candidates``: the exact log-density of one component, less
+the margin), and a component is marked when U_nk reaches it: nothing whose exact log-density is
+within the margin of the row's best is ever left out. The marks are one bit per (row, component),
+packed 32 components to an int32 word, (n, ceil(K / 32)) words: a tile's marks are one sum per 32
+of its columns and one store per word, where writing the candidates into per-row slots took a
+prefix sum and a scattered store per tile (H100, N = 1M, K = 1024, D = 128, diag: 4.7 against
+2.4 ms). The exact pass (``kernels.candidate_resp``) turns the marks into slots.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
+from __future__ import annotations
+
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .tile import finish_log_prob, log_prob_part, row_operands, split_dtype
+from .tile import row_operands, split_dtype
 
-_U = 2.0 ** -8  # bfloat16 unit round-off
-# Relative slack for the float32 parts of a log-density (constants, the spherical |x|^2 term).
-FLOAT32_SLACK = 2.0 ** -20
+# bfloat16 unit round-off, with room for rounding float64 through float32 on the way.
+_U = 2.0 ** -8 + 2.0 ** -22
 
 
-def bound_eps(n_terms: int) -> float:
-    """EPS of the module docstring for log-densities that sum ``n_terms`` products.
+def _gamma(n_terms: int) -> float:
+    """Higham's gamma_n for sums of n terms at 2^-23 per addition (round to nearest or not)."""
+    t = n_terms * 2.0 ** -23
+    return t / (1 - t)
 
-    Operand rounding gives (2u + u^2) / (1 - u)^2 of S = sum |a~| |b~|; the float32 sum of the
-    log-density's products adds at most g S, g = n u32 / (1 - n u32) (Higham's gamma_n); and the
-    float32 bound product itself may come out as low as (1 - g) S.
+
+def fold_factors(n_features: int, diagonal: bool) -> tuple[float, float]:
+    """(c, eps) of the module docstring: diag, the quad weights' factor c and C_k's factor eps;
+    spherical, the quad factor 1 - g' - 2^-20 and eps', the factor of ||x~|| ||lin~||. Both with
+    room for their rounding to float32 (Triton passes Python floats as float32 scalars)."""
+    a = (2 * _U + _U * _U) / (1 - _U) ** 2
+    if diagonal:
+        g = _gamma(2 * n_features)
+        c, eps = (1 - (a + g) * (1 + _U) ** 2) / ((1 + _U) ** 2 * (1 + g)), a + g
+    else:
+        g = _gamma(n_features)
+        # The float32 norm of x~ may fall short by the rounding of D squares, their sum, the square
+        # root and its product with eps'.
+        c, eps = 1 - g - 2.0 ** -20, (a + g + 2.0 ** -21) / (1 - (n_features + 8) * 2.0 ** -24)
+    return c * (1 - 2.0 ** -22), eps * (1 + 2.0 ** -22)
+
+
+class SearchWeights(NamedTuple):
+    """The candidate pass's operands (module docstring).
+
+    Attributes
+    ----------
+    lin : (K, D) Tensor, lin~ (bfloat16 values; float32 under the interpreter)
+    quad : (K, D) Tensor of q~ = bf16(c quad) like ``lin`` (diag), or (K,) float32 q' (spherical)
+    bias : (K,) float32 Tensor, b_k rounded up (-inf for components of weight 0)
+    norm : (K,) float32 Tensor, ||lin~_k|| rounded up (spherical), None (diag)
+    eps : float, eps' (spherical), 0 (diag: folded into ``bias``)
     """
-    gamma = n_terms * 2.0 ** -24 / (1 - n_terms * 2.0 ** -24)
-    return ((2 * _U + _U * _U) / (1 - _U) ** 2 + gamma) / (1 - gamma)
+
+    lin: torch.Tensor
+    quad: torch.Tensor
+    bias: torch.Tensor
+    norm: torch.Tensor | None
+    eps: float
+
+    @property
+    def diagonal(self) -> bool:
+        return self.quad.dim() == 2
+
+    @property
+    def n_comps(self) -> int:
+        return self.lin.shape[0]
 
 
-# 1 + R: x~^2 <= R xx~ for x~ = bf16(x), xx~ = bf16(float32(x * x)).
-QUAD_FACTOR = 1.0 + (1 + _U) ** 2 / ((1 - _U) * (1 - 2.0 ** -24))
+def _rounded_up(t: torch.Tensor) -> torch.Tensor:
+    """float32 values >= the float64 ones (infinities kept)."""
+    return torch.where(torch.isfinite(t), t + 2.0 ** -23 * t.abs(), t).float()
 
 
-def n_terms(n_features: int, diagonal: bool) -> int:
-    """Products summed in one log-density: x . lin and x^2 . quad (diag), x . lin (spherical)."""
-    return 2 * n_features if diagonal else n_features
+def linear_bound(lin, quad):
+    """lin^2 / (4 |quad|) elementwise, float64: 0 where lin is 0, inf where only quad is."""
+    return torch.where(lin == 0, 0.0, lin * lin / (4 * quad.abs()))
 
 
-def norm_bound_eps(n_features: int) -> float:
-    """EPS' of the module docstring: EPS over float32 norms that may fall short of the exact
-    ||lin~|| ||x~|| by the rounding of a sum of ``n_features`` squares, two square roots, the
-    weights' norms rounded to float32 and their product."""
-    return bound_eps(n_features) / (1 - (n_features + 8) * 2.0 ** -24)
-
-
-def bound_factor(n_features: int, diagonal: bool) -> float:
-    """The bound's factor of a candidate pass: EPS (diag) or EPS' (spherical)."""
-    return bound_eps(n_terms(n_features, True)) if diagonal else norm_bound_eps(n_features)
+def search_weights(params, device) -> SearchWeights:
+    """The ``SearchWeights`` of natural parameters (their largest constant split off,
+    ``params.split_offset``), worked out in float64 by torch (``kernels.candidate_weights``
+    fuses this with the E-step's other weights)."""
+    lin, quad, const = (t.to(device=device, dtype=torch.float64) for t in (params.lin, params.quad, params.const))
+    diagonal = quad.dim() == 2
+    c, eps = fold_factors(lin.shape[1], diagonal)
+    piece = torch.bfloat16 if split_dtype(lin.device) == tl.bfloat16 else torch.float32
+    lin_t = lin.float().to(torch.bfloat16).double()
+    if diagonal:
+        bias = const + eps * linear_bound(lin_t, quad).sum(1)
+        return SearchWeights(lin_t.to(piece), (c * quad).float().to(torch.bfloat16).to(piece), _rounded_up(bias),
+                             None, 0.0)
+    return SearchWeights(lin_t.to(piece), (c * quad).float(), _rounded_up(const),
+                         _rounded_up(torch.linalg.vector_norm(lin_t, dim=1)), eps)
 
 
 def check_block_k(block_k: int) -> None:
@@ -89,73 +146,55 @@ def check_block_k(block_k: int) -> None:
                          f"got {block_k}")
 
 
-def bound_weights(weights):
-    """The weights of the error bound, (K,) float32: C_k of the module docstring (diag), rounded
-    up; ||lin~_k|| (spherical)."""
-    lin = weights.lin_hi.double()
-    if weights.diagonal:
-        return linear_bound(lin, weights.quad_hi.double()).sum(1).mul(1 + 2.0 ** -22).float()
-    return torch.linalg.vector_norm(lin, dim=1).float()
-
-
-def linear_bound(lin, quad):
-    """lin^2 / (4 |quad|) elementwise, float64: 0 where lin is 0, inf where only quad is."""
-    return torch.where(lin == 0, 0.0, lin * lin / (4 * quad.abs()))
+@triton.jit
+def product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, n_cols, EVEN: tl.constexpr = False):
+    """acc + x @ w[comps, cols]^T for a (BLOCK_N, BLOCK_D) tile of pieces x; EVEN: the tile lies
+    inside w (unmasked loads: H100, N = 1M, K = 1024, D = 128, diag pass 1.55 against 1.63 ms)."""
+    offs = comps[:, None] * n_cols + cols[None, :]
+    if EVEN:
+        w = tl.load(w_ptr + offs)
+    else:
+        w = tl.load(w_ptr + offs, mask=comp_mask[:, None] & col_mask[None, :], other=0.0)
+    return tl.dot(x, tl.trans(w), acc)
 
 
 @triton.jit
-def _tile_part(x, xx, lin_ptr, quad_ptr, comps, comp_mask, cols, n_cols, DIAGONAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One feature tile's (log-density part, Q part), (BLOCK_N, BLOCK_K); spherical models' Q
-    part is 0 (``candidates_kernel`` takes their bound from the norms)."""
-    lin = log_prob_part(lin_ptr, lin_ptr, lin_ptr, lin_ptr, comps, comp_mask, cols, n_cols,
-                        x, x, x, x, False, BLOCK_K, BLOCK_N, "bf16", True)
-    if DIAGONAL:
-        quad = log_prob_part(quad_ptr, quad_ptr, quad_ptr, quad_ptr, comps, comp_mask, cols, n_cols,
-                             xx, xx, xx, xx, False, BLOCK_K, BLOCK_N, "bf16", True)
-        return lin + quad, -quad
-    return lin, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+def upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_mask, DIAGONAL: tl.constexpr):
+    """U of the module docstring from a (BLOCK_N, BLOCK_K) tile of products: + b_k (diag);
+    + q'_k |x_n|^2 + eps' ||x~_n|| w_k + b_k (spherical); -inf for padded components."""
+    bias = tl.load(bias_ptr + comps, mask=comp_mask, other=float("-inf"))
+    if not DIAGONAL:
+        quad = tl.load(quad_ptr + comps, mask=comp_mask, other=0.0)
+        norm = tl.load(norm_ptr + comps, mask=comp_mask, other=0.0)
+        acc += sq[:, None] * quad[None, :]
+        acc += (eps * x_norm)[:, None] * norm[None, :]
+    return acc + bias[None, :]
 
 
 @triton.jit
-def _rounded_sq(x):
-    """Each row's sum of squares of a tile of bfloat16-rounded values, in float32."""
-    x = x.to(tl.float32)
-    return tl.sum(x * x, axis=1)
-
-
-@triton.jit
-def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
-                      mark_ptr, n_rows, n_comps, n_cols, n_words, eps, quad_factor, slack,
-                      DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, norm_ptr, floor_ptr, mark_ptr,
+                      n_rows, n_comps, n_cols, n_words, eps, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
-    x, _, xx, _, sq_norm = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
-                                        DIAGONAL, "bf16", SPLIT_DTYPE)
-    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
+    col_mask = cols < n_cols
+    x, _, xx, _, sq = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
+                                   DIAGONAL, "bf16", SPLIT_DTYPE)
+    x_norm = sq
     if not DIAGONAL:
-        x_norm = tl.sqrt(_rounded_sq(x))
+        x_f = x.to(tl.float32)
+        x_norm = tl.sqrt(tl.sum(x_f * x_f, axis=1))
+    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
-        ll, quad = _tile_part(x, xx, lin_ptr, quad_ptr, comps, comp_mask, cols, n_cols, DIAGONAL, BLOCK_N, BLOCK_K)
-        bound_w = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
+        acc = product(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), x, lin_ptr, comps, comp_mask, cols, col_mask,
+                      n_cols, EVEN)
         if DIAGONAL:
-            err = quad_factor * quad + bound_w[None, :]
-        else:
-            err = x_norm[:, None] * bound_w[None, :]
-        ll = finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
-        mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
-             BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def bound_error(ll, bound, eps, slack):
-    """e >= |l~ - l| from approximate log-densities and their error-bound product."""
-    # min(): -inf log-densities keep a finite bound, so l~ +- e stays -inf (not NaN).
-    return eps * bound + slack * tl.minimum(tl.abs(ll), 3.0e38)
+            acc = product(acc, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols, EVEN)
+        upper = upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_mask, DIAGONAL)
+        mark(upper, floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -177,18 +216,17 @@ def n_words(n_comps: int) -> int:
     return -(-n_comps // 32)
 
 
-def candidates(x, shift, weights, floor, config, bound_w=None):
+def candidates(x, shift, weights, floor, config):
     """Launch the candidate pass.
 
     Parameters
     ----------
     x : Tensor of shape (n, D), unit column stride
     shift : float32 Tensor of shape (D,)
-    weights : KernelWeights laid out for precision "bf16"
+    weights : SearchWeights
     floor : float32 Tensor of shape (n,), each row's threshold (the exact log-density of a
         component, less the margin)
-    config : LaunchConfig (``rows_first`` tiles, block_k a multiple of 32)
-    bound_w : ``bound_weights(weights)``, or None to compute it here
+    config : LaunchConfig (block_k a multiple of 32)
 
     Returns
     -------
@@ -202,10 +240,10 @@ def candidates(x, shift, weights, floor, config, bound_w=None):
                          f"{config.block_d} (wider rows: kernels.candidates_wide)")
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
-        x, x.stride(0), shift, weights.lin_hi, weights.quad_hi, weights.const,
-        bound_weights(weights) if bound_w is None else bound_w, floor, marks, n, weights.n_comps, d,
-        marks.shape[1], bound_factor(d, weights.diagonal), QUAD_FACTOR, FLOAT32_SLACK,
-        DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_D=config.block_d, SPLIT_DTYPE=split_dtype(x.device),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        x, x.stride(0), shift, weights.lin, weights.quad, weights.bias,
+        weights.bias if weights.norm is None else weights.norm, floor, marks, n, weights.n_comps, d, marks.shape[1],
+        weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_D=config.block_d, EVEN=weights.n_comps % config.block_k == 0 and d == config.block_d,
+        SPLIT_DTYPE=split_dtype(x.device), num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return marks

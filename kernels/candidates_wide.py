@@ -9,13 +9,12 @@ for diagonal models, x~ for spherical ones, and each row's |x|^2 and ||x~||), th
 per BLOCK_N rows streams over (component tile, feature tile) pairs as a GEMM does, reading the
 pieces, and marks its candidates from the accumulators in registers.
 
-The products, their error bound and the marks are those of ``kernels.candidates`` (whose
-docstring proves the bound): diag l~ = x~ . lin~ + x~^2 . quad~, two bfloat16 products a tile
-pair, with bound part (1 + R) Q + C_k from the quad accumulator Q = -x~^2 . quad~; spherical
-l~ = x~ . lin~ + quad |x|^2 with the norms' bound, one product. Each accumulator sums at most
-2 D products in float32, which ``candidates.bound_eps(2 D)`` covers in any order
-(``candidates.bound_factor``). The threshold is each row's given floor (``kernels.exact_log_prob``
-of a hint component less the margin), as in the fused pass.
+The products and their upper bound are those of ``kernels.candidates`` (whose docstring proves
+it): diag P = x~ . lin~ + x~^2 . q~, two bfloat16 products a tile pair into one accumulator, then
++ b_k; spherical P = x~ . lin~, one product, then + q'_k |x|^2 + eps' ||x~|| w_k + b_k. An
+accumulator sums at most 2 D products in float32, as the bound's factors allow, in any order. The
+threshold is each row's given floor (``kernels.exact_log_prob`` of a hint component less the
+margin), as in the fused pass.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -23,71 +22,52 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import FLOAT32_SLACK, QUAD_FACTOR, bound_error, bound_factor, check_block_k, mark, n_words
+from .candidates import check_block_k, mark, n_words, product, upper_bound
 from .split_rows import segment_width, split_rows
-from .tile import finish_log_prob
 
 # Bytes of one block's split rows (bfloat16 pieces): fewer blocks, fewer launches.
 BLOCK_BYTES = 256 << 20
 
 
 @triton.jit
-def _product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, n_cols):
-    """acc + x @ w[comps, cols]^T for a (BLOCK_N, BLOCK_D) tile of pieces x."""
-    w = tl.load(w_ptr + comps[:, None] * n_cols + cols[None, :], mask=comp_mask[:, None] & col_mask[None, :],
-                other=0.0)
-    return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.jit
-def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, const_ptr, bound_w_ptr, floor_ptr,
-                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, quad_factor, slack, DIAGONAL: tl.constexpr,
+def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, bias_ptr, w_norm_ptr, floor_ptr,
+                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, DIAGONAL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     base = rows.to(tl.int64)[:, None] * stride_xs
     floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
     sq = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
+    x_norm = sq
     if not DIAGONAL:
         x_norm = tl.load(norm_ptr + rows, mask=row_mask, other=0.0)
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
-        lin = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if DIAGONAL:
-            quad = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, n_cols, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < n_cols
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(xs_ptr + base + cols[None, :], mask=mask, other=0.0)
-            lin = _product(lin, x, lin_ptr, comps, comp_mask, cols, col_mask, n_cols)
+            acc = product(acc, x, lin_ptr, comps, comp_mask, cols, col_mask, n_cols)
             if DIAGONAL:
                 xx = tl.load(xs_ptr + base + n_cols + cols[None, :], mask=mask, other=0.0)
-                quad = _product(quad, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols)
-        bound_w = tl.load(bound_w_ptr + comps, mask=comp_mask, other=0.0)
-        if DIAGONAL:
-            ll = lin + quad
-            err = -quad_factor * quad + bound_w[None, :]
-        else:
-            ll = lin
-            err = x_norm[:, None] * bound_w[None, :]
-        ll = finish_log_prob(ll, sq, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL, True)
-        mark(ll + bound_error(ll, err, eps, slack), floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words,
-             BLOCK_N, BLOCK_K)
+                acc = product(acc, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols)
+        upper = upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, w_norm_ptr, eps, comps, comp_mask, DIAGONAL)
+        mark(upper, floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
-def candidates_wide(x, shift, weights, floor, config, bound_w, *, rows=None):
+def candidates_wide(x, shift, weights, floor, config, *, rows=None):
     """Launch the candidate pass of wide rows, block by block of rows.
 
     Parameters
     ----------
     x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
-    weights : KernelWeights laid out for precision "bf16"
+    weights : ``candidates.SearchWeights``
     floor : float32 Tensor of shape (n,), each row's threshold
     config : LaunchConfig: tiles (block_n, block_k a multiple of 32, block_d), warps, stages
-    bound_w : ``candidates.bound_weights(weights)``
     rows : int, rows per block of split rows (default: ``BLOCK_BYTES`` of pieces)
 
     Returns
@@ -98,20 +78,19 @@ def candidates_wide(x, shift, weights, floor, config, bound_w, *, rows=None):
     check_block_k(config.block_k)
     diagonal = weights.diagonal
     width = segment_width(d, diagonal)
-    piece = weights.lin_hi.dtype
+    piece = weights.lin.dtype
     rows = min(max(n, 1), rows or max(config.block_n, BLOCK_BYTES // (piece.itemsize * width)))
     pieces = torch.zeros(rows, width, dtype=piece, device=x.device)
     sq = torch.empty(rows, dtype=torch.float32, device=x.device)
     norm = None if diagonal else torch.empty(rows, dtype=torch.float32, device=x.device)
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
-    eps = bound_factor(d, diagonal)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
         split_rows(block, shift, diagonal, pieces, sq, precision="bf16", norm=norm)
         candidates_wide_kernel[(triton.cdiv(m, config.block_n),)](
-            pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin_hi, weights.quad_hi,
-            weights.const, bound_w, floor[start:start + m], marks[start:start + m], m, weights.n_comps, d,
-            marks.shape[1], eps, QUAD_FACTOR, FLOAT32_SLACK, DIAGONAL=diagonal, BLOCK_N=config.block_n,
+            pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin, weights.quad, weights.bias,
+            weights.bias if weights.norm is None else weights.norm, floor[start:start + m], marks[start:start + m],
+            m, weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=diagonal, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, BLOCK_D=config.block_d, num_warps=config.num_warps, num_stages=config.num_stages)
     return marks

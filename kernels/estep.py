@@ -8,7 +8,7 @@ import triton
 
 from . import exact_candidates, gemm
 from .candidate_weights import candidate_weights
-from .candidates import bound_weights, candidates
+from .candidates import candidates
 from .candidates_wide import candidates_wide
 from .exact_log_prob import exact_log_probs
 from .log_norm import log_norm as _launch_log_norm
@@ -82,12 +82,12 @@ def default_configs(n_features: int, diagonal: bool = True,
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
     if precision == "candidates":
         # The candidate pass (``kernels.candidates``): timed on an H100 at N = 1M rows of
-        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (two products a tile pair)
-        # (128, 128) tiles with 8 warps, 2 stages 1.81 ms, 4 warps 2.95, (128, 64) with 8 warps 2.14
-        # (3 stages 1.99), (256, 64) 2.00, (64, 128) with 4 warps 2.47; spherical (one product)
-        # (128, 128) with 4 warps 1.19, with 8 warps 1.69, (128, 256) with 8 warps 1.47, (64, 128)
-        # and (128, 64) with 4 warps 1.43, 3 stages 1.67-1.72. (128, 128) diag tiles exceed an
-        # H100's shared memory at 3 stages. Its exact pass picks its own tiles (``candidate_resp``).
+        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (two products a tile pair into one
+        # accumulator) (128, 128) tiles with 8 warps, 2 stages 1.55 ms, 4 warps 1.85, (128, 64) with
+        # 4 warps, 3 stages 2.07, (64, 128) 1.98; spherical (one product) (128, 128) with 4 warps
+        # 1.09, with 8 warps 1.51, (128, 256) with 8 warps 1.29, (128, 64) with 4 warps, 3 stages
+        # 1.30, (64, 128) 1.24. (128, 128) diag tiles at 3 stages, and (128, 256) or (256, 128) at
+        # 2, exceed an H100's shared memory. Its exact pass picks its own tiles (``candidate_resp``).
         if n_features > block_d:
             # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
             # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 1.80 ms, (128, 64)
@@ -238,19 +238,18 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     return EStepResult(lz.double() + offset, _sum_splits(nk), _sum_splits(s1), _sum_splits(s2))
 
 
-def candidate_search(x, shift, weights, configs=None, bound_w=None):
+def candidate_search(x, shift, weights, search_w, configs=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
-    -> marks, with "bf16" ``weights``. The exact log-density of each row's hint (without one, the
-    first of a "bf16" ranking pass: ``kernels.log_norm``, or library products for wide rows on a
-    GPU when no ``configs``) less the margin is its threshold (``kernels.exact_log_prob``), then the
-    candidate pass with ``configs[0]``: ``kernels.candidates`` for rows within one feature tile,
-    ``kernels.candidates_wide`` for wider ones. ``bound_w``: ``candidates.bound_weights(weights)``,
-    or None to compute it here."""
+    -> marks. The exact log-density of each row's hint (without one, the first of a "bf16" ranking
+    pass with ``weights``: ``kernels.log_norm``, or library products for wide rows on a GPU when no
+    ``configs``) less the margin is its threshold (``kernels.exact_log_prob``), then the candidate
+    pass with ``search_w`` (``candidates.SearchWeights``) and ``configs[0]``:
+    ``kernels.candidates`` for rows within one feature tile, ``kernels.candidates_wide`` for wider
+    ones."""
     d = x.shape[1]
     library = configs is None and _library_products(x, weights, "bf16")
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
     rank = default_configs(d, weights.diagonal, "bf16")[0] if configs is None else config
-    bound_w = bound_weights(weights) if bound_w is None else bound_w
     search_pass = candidates if d <= config.block_d else candidates_wide
 
     def search(rows, centred, margin, hint=None):
@@ -259,7 +258,7 @@ def candidate_search(x, shift, weights, configs=None, bound_w=None):
                 _launch_log_norm(rows, shift, weights, "bf16", rank)
             hint = ranked[1]
         floor = exact_log_probs(rows, shift, *centred, hint, less=margin)
-        return search_pass(rows, shift, weights, floor, config, bound_w)
+        return search_pass(rows, shift, search_w, floor, config)
     return search
 
 
@@ -273,13 +272,13 @@ def _estep_candidates(x, params, shift, configs, best):
                              or not best.is_contiguous()):
         raise ValueError(f"best must be a contiguous int32 tensor of shape ({x.shape[0]},) on {x.device}, got "
                          f"{best.dtype} of shape {tuple(best.shape)} on {best.device}")
-    weights, bound_w, centred, offset = candidate_weights(params, x.device)
+    weights, search_w, centred, offset = candidate_weights(params, x.device)
 
     def dense(rows):
         result = estep(rows, params, shift, precision="bf16x3")
         return result._replace(log_norm=result.log_norm - offset)
     result, _ = exact_candidates.estep(x, centred, shift, weights.diagonal,
-                                       candidate_search(x, shift, weights, configs, bound_w), dense, best=best)
+                                       candidate_search(x, shift, weights, search_w, configs), dense, best=best)
     return result._replace(log_norm=result.log_norm + offset)
 
 

@@ -16,7 +16,7 @@ from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
 from flashgmm_ivf.kernels.candidate_weights import candidate_weights, candidate_weights_reference
-from flashgmm_ivf.kernels.candidates import bound_weights, candidates
+from flashgmm_ivf.kernels.candidates import candidates, search_weights
 from flashgmm_ivf.kernels.candidates_wide import candidates_wide
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
@@ -51,20 +51,22 @@ def prepared(x, params, shift):
     return x.to(DEVICE), split.to(DEVICE), shift.to(device=DEVICE, dtype=torch.float32), weights, offset
 
 
-def search(how, xd, sh, weights, blocks):
-    """The search as ``exact_candidates.estep`` takes it: ``candidate_search`` with the given tiles
-    (the fused pass where D fits one tile, else the wide one; ranked by the fused pass 1), or
-    "wide": ranked by library products (``gemm.log_norm``, the ranking of wide rows on a GPU) and
-    marked by the wide pass, both in blocks of 16 rows (several blocks, the last one short, at
-    every shape over 16 rows) and the wide pass in 32-wide feature tiles."""
+def search(how, xd, sh, split, blocks):
+    """The search as ``exact_candidates.estep`` takes it, for the split parameters ``split``:
+    ``candidate_search`` with the given tiles (the fused pass where D fits one tile, else the wide
+    one; ranked by the fused pass 1), or "wide": ranked by library products (``gemm.log_norm``, the
+    ranking of wide rows on a GPU) and marked by the wide pass, both in blocks of 16 rows (several
+    blocks, the last one short, at every shape over 16 rows) and the wide pass in 32-wide feature
+    tiles."""
+    weights, search_w = kparams.kernel_weights(split, "bf16", DEVICE), search_weights(split, DEVICE)
     if how == "fused":
-        return candidate_search(xd, sh, weights, (config(blocks), None))
+        return candidate_search(xd, sh, weights, search_w, (config(blocks), None))
     wide = config((blocks[0], blocks[1], 32))
 
     def by_blocks(rows, centred, margin, hint):
         top = gemm.log_norm(rows, sh, weights, precision="bf16", rows=16)[1] if hint is None else hint
         floor = exact_log_probs(rows, sh, *centred, top, less=margin)
-        return candidates_wide(rows, sh, weights, floor, wide, bound_weights(weights), rows=16)
+        return candidates_wide(rows, sh, search_w, floor, wide, rows=16)
     return by_blocks
 
 
@@ -90,7 +92,7 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
     centred = exact_candidates.centred_params(split)
-    marks = search(how, xd, sh, weights, blocks)(xd, centred, margin, None)
+    marks = search(how, xd, sh, split, blocks)(xd, centred, margin, None)
     assert marks.shape == (n, -(-k // 32)) and marks.dtype == torch.int32
     _, resp, top, cand, count, kept = candidate_resp(xd, sh, *centred, marks, capacity)
     cand, count, resp, top, kept = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long(), kept.cpu()
@@ -126,51 +128,46 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
             assert n_packed[row] == 0
 
 
-def bound_rule(x, shift, weights, floor):
-    """The candidate pass's rule replayed in float64 from its rounded operands: (upper bound
-    l~ + e, marked), with e from the quad part and each component's C_k (diag) or from norms
-    (spherical); ``kernels.candidates``."""
-    from flashgmm_ivf.kernels.candidates import FLOAT32_SLACK, QUAD_FACTOR, bound_eps, norm_bound_eps
+def bound_rule(x, shift, split):
+    """The candidate pass's upper bound replayed in float64 from its operands
+    (``candidates.search_weights`` of the split parameters): (U, the products' sizes sum |a~| |b~|)."""
+    w = search_weights(split, "cpu")
+    lin, quad, bias = (t.double() for t in (w.lin, w.quad, w.bias))
     xs = x.float() - shift.float().cpu()
     xb = xs.to(torch.bfloat16).double()
-    lin, quad, const = (t.cpu().double() for t in (weights.lin_hi, weights.quad_hi, weights.const))
-    ll = xb @ lin.T + const
-    if weights.diagonal:
+    if w.diagonal:
         xx = (xs * xs).to(torch.bfloat16).double()
-        ll += xx @ quad.T
-        err = bound_eps(2 * x.shape[1]) * (-QUAD_FACTOR * (xx @ quad.T) + bound_weights(weights).cpu().double())
-    else:
-        ll += (xs * xs).sum(1).double()[:, None] * quad
-        err = norm_bound_eps(x.shape[1]) * xb.norm(dim=1)[:, None] * lin.norm(dim=1)
-    upper = ll + err + FLOAT32_SLACK * ll.abs()
-    return upper, upper >= floor.cpu().double()[:, None]
+        return xb @ lin.T + xx @ quad.T + bias, xb.abs() @ lin.abs().T - xx @ quad.T
+    sq = (xs * xs).sum(1).double()[:, None]
+    upper = xb @ lin.T + sq * quad + w.eps * xb.norm(dim=1)[:, None] * w.norm.double() + bias
+    return upper, xb.abs() @ lin.abs().T
 
 
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 @pytest.mark.parametrize("kind", ["raw", "standardised", "spread"])
-def test_diag_bound_covers_the_elementwise_products(kind):
-    """The diag bound (1 + R) Q + C_k takes no product: it must cover the elementwise sizes
-    |lin~| . |x~| + Q of the rounding error's proof, for every row and component, at variances
-    from 1e-30 to 1e30 ("spread"), and zero linear weights."""
-    from flashgmm_ivf.kernels.candidates import QUAD_FACTOR
+def test_upper_bound_covers_the_exact_log_density(kind, diagonal):
+    """U (products of the rounded operands, plus what the weights fold in) is at least the
+    float64 log-density of every row and component, with room left for the float32 sums of the
+    products (gamma_2D of their sizes), at variances from 1e-30 to 1e30 ("spread") and zero
+    linear weights; and at each row's best component it exceeds the log-density by a few
+    bfloat16 units of the products' sizes, no more."""
     gen = torch.Generator().manual_seed(5)
     x = make_rows(300, 37, "standardised" if kind == "spread" else kind, gen)
-    params, shift = random_mixture(x, 19, True, gen)
+    params, shift = random_mixture(x, 19, diagonal, gen)
     if kind == "spread":
         scale = 10.0 ** torch.empty(19, 37, dtype=torch.float64).uniform_(-30, 30, generator=gen)
-        params = params._replace(lin=params.lin * scale, quad=params.quad * scale)
+        if not diagonal:
+            scale = scale[:, :1]
+        params = params._replace(lin=params.lin * scale, quad=params.quad * (scale if diagonal else scale[:, 0]))
         params.lin[0] = 0.0
-    _, split, sh, weights, _ = prepared(x, params, shift)
-    xs = x.float() - sh.cpu()
-    xb, xx = xs.to(torch.bfloat16).double(), (xs * xs).to(torch.bfloat16).double()
-    lin, quad = weights.lin_hi.cpu().double(), weights.quad_hi.cpu().double()
-    sizes = xb.abs() @ lin.abs().T - xx @ quad.T
-    bound = -QUAD_FACTOR * (xx @ quad.T) + bound_weights(weights).cpu().double()
-    assert torch.isfinite(bound).all()
-    assert (bound >= sizes).all()
-    # and it stays close where it decides the marks: at each row's best component
-    best = weighted_log_prob(x.double(), split.to("cpu", torch.float64), shift.double()).argmax(1, keepdim=True)
+    split, _ = kparams.split_offset(params.to(dtype=torch.float32))
+    upper, sizes = bound_rule(x, shift, split)
+    exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64), shift.float().double())
+    assert torch.isfinite(upper).all()
+    assert (upper - 2 * 37 * 2.0 ** -23 * sizes >= exact).all()
     if kind != "spread":
-        assert (bound.gather(1, best) <= 1.5 * sizes.gather(1, best)).float().mean() > 0.9
+        over = (upper - exact).gather(1, exact.argmax(1, keepdim=True))
+        assert (over <= 6 * 2.0 ** -8 * sizes.gather(1, exact.argmax(1, keepdim=True))).all()
 
 
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
@@ -178,19 +175,21 @@ def test_diag_bound_covers_the_elementwise_products(kind):
 def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagonal, poisoned_empty):
     """The candidate pass (``candidates`` where D fits one tile, else ``candidates_wide`` in blocks
     of 16 rows) marks a component exactly when the float64 replay of its bound reaches the
-    floor, away from float32 ties with it: the bound's formula (elementwise for diag, norms for
-    spherical) is what the kernel computes, not only a bound loose enough to hold the margin."""
+    floor, away from float32 ties with it: the bound's formula is what the kernel computes, not
+    only a bound loose enough to hold the margin."""
     x, params, shift = mixture(n, d, k, "raw", diagonal)
-    xd, split, sh, weights, _ = prepared(x, params, shift)
+    xd, split, sh, _, _ = prepared(x, params, shift)
+    search_w = search_weights(split, DEVICE)
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
     floor = (exact.amax(1) - 3.0).float()
     if d <= blocks[2]:
-        marks = candidates(xd, sh, weights, floor.to(DEVICE), config(blocks))
+        marks = candidates(xd, sh, search_w, floor.to(DEVICE), config(blocks))
     else:
-        marks = candidates_wide(xd, sh, weights, floor.to(DEVICE), config(blocks), bound_weights(weights), rows=16)
+        marks = candidates_wide(xd, sh, search_w, floor.to(DEVICE), config(blocks), rows=16)
     marks = marks.cpu().long()
     got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :k].bool()
-    upper, want = bound_rule(x, shift, weights, floor)
+    upper, _ = bound_rule(x, shift, split.to("cpu"))
+    want = upper >= floor.double()[:, None]
     clear = (upper - floor.double()[:, None]).abs() > 1e-4 * (upper.abs() + 1)
     assert clear.float().mean() > 0.99
     assert torch.equal(got[clear], want[clear])
@@ -217,7 +216,7 @@ def test_exact_pass_walks_marks_beyond_its_register_words(diagonal, poisoned_emp
     x, params, shift = mixture(71, d, k, "standardised", diagonal)  # means drawn from 71 rows
     xd, split, sh, weights, _ = prepared(x[:n], params, shift)
     centred = exact_candidates.centred_params(split)
-    marks = search("fused", xd, sh, weights, (16, 64, 32))(xd, centred, 60.0, None)
+    marks = search("fused", xd, sh, split, (16, 64, 32))(xd, centred, 60.0, None)
     expected = candidate_resp(xd, sh, *centred, marks, k)
     monkeypatch.setattr(module, "WORDS", 2)
     got = candidate_resp(xd, sh, *centred, marks, k)
@@ -241,7 +240,7 @@ def test_exact_pass_reads_rows_wider_than_its_register_tile_tile_by_tile(diagona
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     centred = exact_candidates.centred_params(split)
-    marks = search("wide", xd, sh, weights, (16, 32, 32))(xd, centred, 30.0, None)
+    marks = search("wide", xd, sh, split, (16, 32, 32))(xd, centred, 30.0, None)
     held = candidate_resp(xd, sh, *centred, marks, k)
     monkeypatch.setattr(module, "ONE_TILE_FEATURES", 128)
     tiled = candidate_resp(xd, sh, *centred, marks, k)
@@ -275,7 +274,7 @@ def test_estep_by_the_wide_pass_in_blocks_matches_float64_dense(n, d, k, blocks,
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, _ = exact_candidates.estep(xd, exact_candidates.centred_params(split), sh, diagonal,
-                                    search("wide", xd, sh, weights, blocks),
+                                    search("wide", xd, sh, split, blocks),
                                     lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"))
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
     for name, g, r in zip(ref._fields, got, ref):
@@ -295,7 +294,7 @@ def test_flat_posteriors(k, capacity, diagonal, how, poisoned_empty):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, exact_candidates.centred_params(split), sh, diagonal, search(how, xd, sh, weights, (16, 32, 32)),
+        xd, exact_candidates.centred_params(split), sh, diagonal, search(how, xd, sh, split, (16, 32, 32)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=capacity)
     assert overflowed == (n if k > capacity else 0)
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -313,7 +312,7 @@ def test_some_rows_overflow(poisoned_empty, monkeypatch):
     ref = kernels.reference.estep(x.double(), params, shift)
     xd, split, sh, weights, offset = prepared(x, params, shift)
     got, overflowed = exact_candidates.estep(
-        xd, exact_candidates.centred_params(split), sh, True, search("fused", xd, sh, weights, (16, 32, 16)),
+        xd, exact_candidates.centred_params(split), sh, True, search("fused", xd, sh, split, (16, 32, 16)),
         lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), capacity=2, margin=10.0)
     assert 0 < overflowed < n
     got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
@@ -369,7 +368,7 @@ def test_wide_rows_rank_by_library_products_then_take_the_wide_pass_on_a_gpu(dia
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_candidate_weights_match_the_torch_functions_they_fuse(d, k, diagonal, dtype):
     """``candidate_weights`` (two launches) against split_offset, kernel_weights("bf16"),
-    bound_weights and centred_params: bfloat16 pieces within one bfloat16 step (ties round away
+    search_weights and centred_params: bfloat16 pieces within one bfloat16 step (ties round away
     from zero there, to even in torch), float32 values within float32 round-off; a component of
     zero weight (-inf constant) keeps it, and the offset is the largest finite constant."""
     gen = torch.Generator().manual_seed(d + 7 * k)
@@ -391,7 +390,17 @@ def test_candidate_weights_match_the_torch_functions_they_fuse(d, k, diagonal, d
         finite = torch.isfinite(r)
         step = 2.0 ** -7 if g.dim() == 2 else 2.0 ** -22  # one bfloat16 / a few float32 units, relative
         assert ((g - r).abs()[finite] <= step * r.abs()[finite] + 1e-30).all(), name
-    assert torch.allclose(got.bound_w.float().cpu(), ref.bound_w.float().cpu(), rtol=2.0 ** -7, atol=0)
+    assert got.search.eps == ref.search.eps
+    for name in ("lin", "quad", "bias", "norm"):
+        g, r = getattr(got.search, name), getattr(ref.search, name)
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        g, r = g.float().cpu(), r.float().cpu()
+        assert torch.equal(torch.isinf(g), torch.isinf(r)), name
+        finite = torch.isfinite(r)
+        assert ((g - r).abs()[finite] <= 2.0 ** -7 * r.abs()[finite] + 1e-30).all(), name
     for name, g, r in zip(("means", "precisions", "consts"), got.centred, ref.centred):
         g, r = g.cpu(), r.cpu()
         assert g.dtype == torch.float32 and g.shape == r.shape, name
@@ -469,19 +478,19 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
 
 def test_candidate_pass_refuses_tiles_that_split_a_word():
     x, params, shift = mixture(37, 5, 3, "raw", True)
-    xd, split, sh, weights, _ = prepared(x, params, shift)
-    floor = torch.zeros(37, device=DEVICE)
+    xd, split, sh, _, _ = prepared(x, params, shift)
+    search_w, floor = search_weights(split, DEVICE), torch.zeros(37, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of 32"):
-        candidates(xd, sh, weights, floor, config((16, 16, 16)))
+        candidates(xd, sh, search_w, floor, config((16, 16, 16)))
     with pytest.raises(ValueError, match="multiple of 32"):
-        candidates_wide(xd, sh, weights, floor, config((16, 16, 16)), bound_weights(weights))
+        candidates_wide(xd, sh, search_w, floor, config((16, 16, 16)))
 
 
 def test_fused_candidate_pass_refuses_rows_wider_than_its_tile():
     x, params, shift = mixture(37, 40, 3, "raw", True)
-    xd, split, sh, weights, _ = prepared(x, params, shift)
+    xd, split, sh, _, _ = prepared(x, params, shift)
     with pytest.raises(ValueError, match="D = 40 exceeds block_d = 32"):
-        candidates(xd, sh, weights, torch.zeros(37, device=DEVICE), config((16, 32, 32)))
+        candidates(xd, sh, search_weights(split, DEVICE), torch.zeros(37, device=DEVICE), config((16, 32, 32)))
 
 
 @pytest.mark.parametrize("n, capacity, first_row", [(1, 1, 0), (37, 3, 5), (203, 64, 0), (45, 128, 1000)])
