@@ -21,7 +21,7 @@ l - const <= P + (a + g) C_k + Q [(a + g)(1 + u)^2 + c (1 + 2u + u^2)(1 + g) - 1
 <= 0 for c = (1 - (a + g)(1 + u)^2) / ((1 + 2u + u^2)(1 + g)) (``fold_factors``): the quad weights
 give up 4u of their size to pay for the rounding of both products, and eps = a + g. What U
 adds over l~ is about 4u Q + 2u C_k: the elementwise error bound's size, which on fitted SIFT
-models is 5-58 nats at a row's best component (float64 replay across EM,
+models is 5.9-57.5 nats at a row's best component (float64 replay across EM,
 ``eval/results/check_candidates_diag_sift_cpu.json``), where a norm (Cauchy-Schwarz) bound is
 tens of nats looser (variances differ by orders of magnitude between features).
 
@@ -57,7 +57,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile import row_operands, split_dtype
+from .exact_log_prob import exact_log_prob
+from .tile import split, split_dtype
+from .truncated_select import load_rows
 
 # bfloat16 unit round-off, with room for rounding float64 through float32 on the way.
 _U = 2.0 ** -8 + 2.0 ** -22
@@ -172,20 +174,28 @@ def upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_
 
 
 @triton.jit
-def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, norm_ptr, floor_ptr, mark_ptr,
-                      n_rows, n_comps, n_cols, n_words, eps, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
+def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, norm_ptr, mean_ptr, prec_ptr,
+                      const_ptr, hint_ptr, margin, mark_ptr, n_rows, n_comps, n_cols, n_words, eps,
+                      DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                      EVEN: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
-    x, _, xx, _, sq = row_operands(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols,
-                                   DIAGONAL, "bf16", SPLIT_DTYPE)
+    x_f = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
+    # The floor from the rows in registers: a separate pass re-read them (0.21 ms of 1.8 at N = 1M, D = 128).
+    hint = tl.load(hint_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    floor = exact_log_prob(x_ptr, stride_x, shift_ptr, x_f, mean_ptr, prec_ptr, const_ptr, rows, row_mask, hint,
+                           n_cols, DIAGONAL, True, BLOCK_D) - margin
+    xx_f = x_f * x_f
+    sq = tl.sum(xx_f, axis=1)
+    x, _ = split(x_f, "bf16", SPLIT_DTYPE)
     x_norm = sq
-    if not DIAGONAL:
-        x_f = x.to(tl.float32)
-        x_norm = tl.sqrt(tl.sum(x_f * x_f, axis=1))
-    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
+    if DIAGONAL:
+        xx, _ = split(xx_f, "bf16", SPLIT_DTYPE)
+    else:
+        x_r = x.to(tl.float32)
+        x_norm = tl.sqrt(tl.sum(x_r * x_r, axis=1))
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
@@ -216,7 +226,7 @@ def n_words(n_comps: int) -> int:
     return -(-n_comps // 32)
 
 
-def candidates(x, shift, weights, floor, config):
+def candidates(x, shift, weights, centred, hint, margin, config):
     """Launch the candidate pass.
 
     Parameters
@@ -224,8 +234,11 @@ def candidates(x, shift, weights, floor, config):
     x : Tensor of shape (n, D), unit column stride
     shift : float32 Tensor of shape (D,)
     weights : SearchWeights
-    floor : float32 Tensor of shape (n,), each row's threshold (the exact log-density of a
-        component, less the margin)
+    centred : (means, precisions, consts), float32, the exact form of the same mixture
+        (``exact_candidates.centred_params``)
+    hint : integer Tensor of shape (n,): each row's floor is the exact log-density of component
+        ``hint[n]`` (``kernels.exact_log_prob``) less ``margin``
+    margin : float, nats
     config : LaunchConfig (block_k a multiple of 32)
 
     Returns
@@ -241,9 +254,9 @@ def candidates(x, shift, weights, floor, config):
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin, weights.quad, weights.bias,
-        weights.bias if weights.norm is None else weights.norm, floor, marks, n, weights.n_comps, d, marks.shape[1],
-        weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_D=config.block_d, EVEN=weights.n_comps % config.block_k == 0 and d == config.block_d,
-        SPLIT_DTYPE=split_dtype(x.device), num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(), float(margin), marks, n,
+        weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, BLOCK_D=config.block_d,
+        EVEN=weights.n_comps % config.block_k == 0 and d == config.block_d, SPLIT_DTYPE=split_dtype(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return marks

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .candidates import check_block_k, mark, n_words, product, upper_bound
+from .exact_log_prob import exact_log_probs
 from .split_rows import segment_width, split_rows
 
 # Bytes of one block's split rows (bfloat16 pieces): fewer blocks, fewer launches.
@@ -58,7 +59,7 @@ def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_pt
         mark(upper, floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
-def candidates_wide(x, shift, weights, floor, config, *, rows=None):
+def candidates_wide(x, shift, weights, centred, hint, margin, config, *, rows=None):
     """Launch the candidate pass of wide rows, block by block of rows.
 
     Parameters
@@ -66,7 +67,7 @@ def candidates_wide(x, shift, weights, floor, config, *, rows=None):
     x : Tensor of shape (n, D), unit column stride, any real dtype
     shift : float32 Tensor of shape (D,)
     weights : ``candidates.SearchWeights``
-    floor : float32 Tensor of shape (n,), each row's threshold
+    centred, hint, margin : each row's threshold, as ``kernels.candidates.candidates``
     config : LaunchConfig: tiles (block_n, block_k a multiple of 32, block_d), warps, stages
     rows : int, rows per block of split rows (default: ``BLOCK_BYTES`` of pieces)
 
@@ -84,6 +85,7 @@ def candidates_wide(x, shift, weights, floor, config, *, rows=None):
     sq = torch.empty(rows, dtype=torch.float32, device=x.device)
     norm = None if diagonal else torch.empty(rows, dtype=torch.float32, device=x.device)
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
+    floor = exact_log_probs(x, shift, *centred, hint, less=margin)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]

@@ -10,7 +10,6 @@ from . import exact_candidates, gemm
 from .candidate_weights import candidate_weights
 from .candidates import candidates
 from .candidates_wide import candidates_wide
-from .exact_log_prob import exact_log_probs
 from .log_norm import log_norm as _launch_log_norm
 from .params import NaturalParams, kernel_weights, split_offset
 from .result import EStepResult
@@ -240,10 +239,10 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 def candidate_search(x, shift, weights, search_w, configs=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
-    -> marks. The exact log-density of each row's hint (without one, the first of a "bf16" ranking
-    pass with ``weights``: ``kernels.log_norm``, or library products for wide rows on a GPU when no
-    ``configs``) less the margin is its threshold (``kernels.exact_log_prob``), then the candidate
-    pass with ``search_w`` (``candidates.SearchWeights``) and ``configs[0]``:
+    -> marks: the candidate pass with ``search_w`` (``candidates.SearchWeights``) and ``configs[0]``,
+    each row's threshold the exact log-density of its hint less the margin (without a hint, the
+    first of a "bf16" ranking pass with ``weights``: ``kernels.log_norm``, or library products for
+    wide rows on a GPU when no ``configs``):
     ``kernels.candidates`` for rows within one feature tile, ``kernels.candidates_wide`` for wider
     ones."""
     d = x.shape[1]
@@ -257,8 +256,7 @@ def candidate_search(x, shift, weights, search_w, configs=None):
             ranked = gemm.log_norm(rows, shift, weights, precision="bf16") if library else \
                 _launch_log_norm(rows, shift, weights, "bf16", rank)
             hint = ranked[1]
-        floor = exact_log_probs(rows, shift, *centred, hint, less=margin)
-        return search_pass(rows, shift, search_w, floor, config)
+        return search_pass(rows, shift, search_w, centred, hint, margin, config)
     return search
 
 

@@ -65,8 +65,7 @@ def search(how, xd, sh, split, blocks):
 
     def by_blocks(rows, centred, margin, hint):
         top = gemm.log_norm(rows, sh, weights, precision="bf16", rows=16)[1] if hint is None else hint
-        floor = exact_log_probs(rows, sh, *centred, top, less=margin)
-        return candidates_wide(rows, sh, search_w, floor, wide, rows=16)
+        return candidates_wide(rows, sh, search_w, centred, top, margin, wide, rows=16)
     return by_blocks
 
 
@@ -179,13 +178,14 @@ def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagona
     only a bound loose enough to hold the margin."""
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     xd, split, sh, _, _ = prepared(x, params, shift)
-    search_w = search_weights(split, DEVICE)
+    search_w, centred = search_weights(split, DEVICE), exact_candidates.centred_params(split)
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
-    floor = (exact.amax(1) - 3.0).float()
+    hint = exact.argmax(1).to(DEVICE, torch.int32)
+    floor = exact_log_probs(xd, sh, *centred, hint, less=3.0).cpu()
     if d <= blocks[2]:
-        marks = candidates(xd, sh, search_w, floor.to(DEVICE), config(blocks))
+        marks = candidates(xd, sh, search_w, centred, hint, 3.0, config(blocks))
     else:
-        marks = candidates_wide(xd, sh, search_w, floor.to(DEVICE), config(blocks), rows=16)
+        marks = candidates_wide(xd, sh, search_w, centred, hint, 3.0, config(blocks), rows=16)
     marks = marks.cpu().long()
     got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :k].bool()
     upper, _ = bound_rule(x, shift, split.to("cpu"))
@@ -479,18 +479,20 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
 def test_candidate_pass_refuses_tiles_that_split_a_word():
     x, params, shift = mixture(37, 5, 3, "raw", True)
     xd, split, sh, _, _ = prepared(x, params, shift)
-    search_w, floor = search_weights(split, DEVICE), torch.zeros(37, device=DEVICE)
+    operands = (search_weights(split, DEVICE), exact_candidates.centred_params(split),
+                torch.zeros(37, dtype=torch.int32, device=DEVICE), 30.0)
     with pytest.raises(ValueError, match="multiple of 32"):
-        candidates(xd, sh, search_w, floor, config((16, 16, 16)))
+        candidates(xd, sh, *operands, config((16, 16, 16)))
     with pytest.raises(ValueError, match="multiple of 32"):
-        candidates_wide(xd, sh, search_w, floor, config((16, 16, 16)))
+        candidates_wide(xd, sh, *operands, config((16, 16, 16)))
 
 
 def test_fused_candidate_pass_refuses_rows_wider_than_its_tile():
     x, params, shift = mixture(37, 40, 3, "raw", True)
     xd, split, sh, _, _ = prepared(x, params, shift)
     with pytest.raises(ValueError, match="D = 40 exceeds block_d = 32"):
-        candidates(xd, sh, search_weights(split, DEVICE), torch.zeros(37, device=DEVICE), config((16, 32, 32)))
+        candidates(xd, sh, search_weights(split, DEVICE), exact_candidates.centred_params(split),
+                   torch.zeros(37, dtype=torch.int32, device=DEVICE), 30.0, config((16, 32, 32)))
 
 
 @pytest.mark.parametrize("n, capacity, first_row", [(1, 1, 0), (37, 3, 5), (203, 64, 0), (45, 128, 1000)])
