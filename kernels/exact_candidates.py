@@ -41,7 +41,7 @@ MARGIN_NATS = 30.0
 # Candidate slots per row, by covariance type; rows beyond take the dense path, whose few rows cost
 # a dense E-step's launches. Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
 # 0-20 from bench_estep's start (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json):
-# diag rows store 3.9-8.5 slots (p99 13-28, at most 45: none overflow 64);
+# diag rows store 3.9-8.5 slots (p99 13-28, at most 44: none overflow 64);
 # spherical posteriors are flatter (11-21 components within 30 nats), rows store 12-23 slots (p99
 # 47-88, at most 177: 0-0.1% overflow 128).
 CAPACITY = {"diag": 64, "spherical": 128}
