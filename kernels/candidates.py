@@ -183,7 +183,10 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, n
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     x_f = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
-    # The floor from the rows in registers: a separate pass re-read them (0.21 ms of 1.8 at N = 1M, D = 128).
+    # The floor from the rows in registers, where a separate pass re-reads them. Not yet a measured gain: the
+    # hint's gathers run before the products, unhidden (H100, N = 1M, K = 1024, D = 128: pass with floor diag
+    # 1.89 ms, spherical 1.21, phases_candidates_h100.txt; products alone 1.55 / 1.09 and a separate floor
+    # pass 0.21 / 0.19 in other runs).
     hint = tl.load(hint_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     floor = exact_log_prob(x_ptr, stride_x, shift_ptr, x_f, mean_ptr, prec_ptr, const_ptr, rows, row_mask, hint,
                            n_cols, DIAGONAL, True, BLOCK_D) - margin
