@@ -239,12 +239,11 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 def candidate_search(x, shift, weights, search_w, configs=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
-    -> marks: the candidate pass with ``search_w`` (``candidates.SearchWeights``) and ``configs[0]``,
-    each row's threshold the exact log-density of its hint less the margin (without a hint, the
-    first of a "bf16" ranking pass with ``weights``: ``kernels.log_norm``, or library products for
-    wide rows on a GPU when no ``configs``):
-    ``kernels.candidates`` for rows within one feature tile, ``kernels.candidates_wide`` for wider
-    ones."""
+    -> marks, by the candidate pass with ``search_w`` (``candidates.SearchWeights``) and
+    ``configs[0]``: ``kernels.candidates`` for rows within one feature tile,
+    ``kernels.candidates_wide`` for wider ones. Each row's threshold is the exact log-density of its
+    hint less the margin; without hints, the first of a "bf16" ranking pass with ``weights``
+    (``kernels.log_norm``, or library products for wide rows on a GPU when no ``configs``)."""
     d = x.shape[1]
     library = configs is None and _library_products(x, weights, "bf16")
     config = (configs or default_configs(d, weights.diagonal, "candidates"))[0]
