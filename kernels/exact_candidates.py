@@ -21,8 +21,9 @@ components per row within 40 nats of the best), so this E-step splits the work:
 3. ``kernels.kept_pairs`` gathers the kept (row, component, r) triples, and
    ``kernels.truncated_stats.pair_stats`` sums N_k, S1, S2 over them in float64, sorted by component.
 
-Rows with more than ``capacity`` candidates (flat posteriors: early iterations, standardised
-data) take the dense E-step, given as ``dense``.
+Rows with more than ``capacity`` candidates are taken again with a slot for every component
+(``wide_pairs``) where few enough overflow; otherwise (flat posteriors: early iterations,
+standardised data) they take the dense E-step, given as ``dense``.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ from .result import EStepResult
 from .truncated_stats import pair_stats
 
 MARGIN_NATS = 30.0
-# Candidate slots per row, by covariance type; rows beyond take the dense path, whose few rows cost
-# a dense E-step's launches. Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
+# Candidate slots per row, by covariance type; rows beyond take the passes again with more slots or
+# the dense path (``WIDE_SLOTS``). Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
 # 0-20 from bench_estep's start (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json):
 # diag rows store 3.9-8.5 slots (p99 13-28, at most 44: none overflow 64);
 # spherical posteriors are flatter (11-21 components within 30 nats), rows store 12-23 slots (p99
@@ -52,6 +53,13 @@ CAPACITY = {"diag": 64, "spherical": 128}
 # ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
 # eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 28
+# Rows that overflow their capacity take the candidate passes again with a slot for every component
+# while those slots total at most WIDE_SLOTS and K is at most WIDE_COMPONENTS (a row's exact pass walks
+# its candidates one by one: thousands of them cost more than a dense pass). Their slots go to the
+# statistics without a host read, where the dense E-step's weights and launches left a GPU idle for
+# 0.5 ms when one row overflowed (profile of an EM iteration on an H200, N = 1M, K = 1024, D = 128, diag).
+WIDE_SLOTS = 1 << 18
+WIDE_COMPONENTS = 1024
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,6 +77,25 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def wide_pairs(x, over, centred, shift, search, margin, log_norm, best=None):
+    """The rows ``over`` of ``x`` (int64 indices) through the search and the exact pass with a slot
+    for each component (32 a word of marks): their log Z into ``log_norm``, their best into
+    ``best`` (if given), and (rows, comps, resp) of all their slots, of shape (len(over) * slots,),
+    the slots a row did not keep as pairs of weight 0 (they add nothing to the statistics)."""
+    slots = 32 * n_words(len(centred[2]))
+    hint = None if best is None else best[over]
+    part = x[over]
+    marks = search(part, centred, margin, hint)
+    lz, r, hint, cand, _, kept = candidate_resp(part, shift, *centred, marks, slots, min_resp=math.exp(-margin),
+                                                best=hint)
+    log_norm[over] = lz.to(log_norm.dtype)
+    if best is not None:
+        best[over] = hint
+    live = torch.arange(slots, device=x.device)[None, :] < kept[:, None]
+    rows = over.to(torch.int32)[:, None].expand(-1, slots)
+    return rows.flatten(), torch.where(live, cand, 0).flatten(), torch.where(live, r, 0.0).flatten()
+
+
 def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=None, margin=MARGIN_NATS):
     """Exact-on-candidates E-step of a block of rows.
 
@@ -84,7 +111,7 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         (``kernels.estep.candidate_search``) of a block of rows, ``hint`` the rows' slice of
         ``best`` or None
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
-        E-step of the rows that overflow their capacity
+        E-step of the rows that overflow their capacity where ``wide_pairs`` does not take them
     best : int32 Tensor of shape (n,) or None: each row's best component from an earlier E-step,
         the component of its threshold; overwritten with this E-step's best (rows that overflow
         keep theirs)
@@ -93,7 +120,8 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
 
     Returns
     -------
-    EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
+    EStepResult, float64 (log_norm without the offset), and the number of rows that overflowed
+    their capacity
     """
     capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
@@ -116,7 +144,7 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
         marks = search(part, centred, margin, hint)
-        # Rows that overflow keep their hint: the dense E-step finds no best.
+        # Rows that overflow keep their hint here: the wider pass or the dense E-step takes them.
         lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
                                                      min_resp=math.exp(-margin), best=hint)
         log_norm[start:start + len(part)] = lz
@@ -129,10 +157,23 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
             collect(*pending)
         pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
-    nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
+    n_comps = len(centred[2])
+
+    def statistics(*more):
+        """N_k, S1, S2 of the kept triples and ``more`` (rows, comps, resp) of them."""
+        parts = [rows, comps, resp]
+        for part, extra in zip(parts, more):
+            part.append(extra)
+        return pair_stats(x, shift, *map(_joined, parts), n_comps, diagonal)
+
     if not over:
-        return EStepResult(log_norm, nk, s1, s2), 0
+        return EStepResult(log_norm, *statistics()), 0
     over = _joined(over)
+    slots = 32 * n_words(n_comps)
+    if slots <= WIDE_COMPONENTS and over.numel() * slots <= WIDE_SLOTS:
+        wide = wide_pairs(x, over, centred, shift, search, margin, log_norm, best)
+        return EStepResult(log_norm, *statistics(*wide)), over.numel()
+    nk, s1, s2 = statistics()
     rest = dense(x[over])
     log_norm[over] = rest.log_norm
     return EStepResult(log_norm, nk + rest.nk, s1 + rest.s1, s2 + rest.s2), over.numel()
