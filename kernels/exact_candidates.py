@@ -85,9 +85,9 @@ def wide_pairs(x, over, centred, shift, search, margin, log_norm, best=None):
     slots = 32 * n_words(len(centred[2]))
     hint = None if best is None else best[over]
     part = x[over]
-    marks = search(part, centred, margin, hint)
+    marks, top, top_ll = search(part, centred, margin, hint)
     lz, r, hint, cand, _, kept = candidate_resp(part, shift, *centred, marks, slots, min_resp=math.exp(-margin),
-                                                best=hint)
+                                                best=hint, hint=top, hint_ll=top_ll)
     log_norm[over] = lz.to(log_norm.dtype)
     if best is not None:
         best[over] = hint
@@ -107,9 +107,9 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         ``kernels.candidate_weights`` gives them
     shift : float32 Tensor of shape (D,)
     diagonal : bool, whether the mixture is diagonal (else spherical)
-    search : callable (rows, centred, margin, hint) -> marks, the candidate search
+    search : callable (rows, centred, margin, hint) -> (marks, hint, hint_ll), the candidate search
         (``kernels.estep.candidate_search``) of a block of rows, ``hint`` the rows' slice of
-        ``best`` or None
+        ``best`` or None; it returns the hints it took and their exact log-densities
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
         E-step of the rows that overflow their capacity where ``wide_pairs`` does not take them
     best : int32 Tensor of shape (n,) or None: each row's best component from an earlier E-step,
@@ -143,10 +143,10 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
-        marks = search(part, centred, margin, hint)
+        marks, top, top_ll = search(part, centred, margin, hint)
         # Rows that overflow keep their hint here: the wider pass or the dense E-step takes them.
         lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
-                                                     min_resp=math.exp(-margin), best=hint)
+                                                     min_resp=math.exp(-margin), best=hint, hint=top, hint_ll=top_ll)
         log_norm[start:start + len(part)] = lz
         overflowed, ends = count > capacity, torch.cumsum(kept, 0)
         sizes = torch.stack([ends[-1], overflowed.sum()]).to("cpu", non_blocking=True)

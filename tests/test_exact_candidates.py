@@ -67,7 +67,8 @@ def search(how, xd, sh, split, blocks):
 
     def by_blocks(rows, centred, margin, hint):
         top = gemm.log_norm(rows, sh, weights, precision="bf16", rows=16)[1] if hint is None else hint
-        return candidates_wide(rows, sh, search_w, centred, top, margin, wide, rows=16)
+        marks, top_ll = candidates_wide(rows, sh, search_w, centred, top, margin, wide, rows=16)
+        return marks, top, top_ll
     return by_blocks
 
 
@@ -93,15 +94,16 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     xd, split, sh, weights, _ = prepared(x, params, shift)
     margin, capacity = 5.0, 8
     centred = exact_candidates.centred_params(split)
-    marks = search(how, xd, sh, split, blocks)(xd, centred, margin, None)
+    marks, hint, hint_ll = search(how, xd, sh, split, blocks)(xd, centred, margin, None)
     assert marks.shape == (n, -(-k // 32)) and marks.dtype == torch.int32
-    _, resp, top, cand, count, kept = candidate_resp(xd, sh, *centred, marks, capacity)
+    seed = dict(hint=hint, hint_ll=hint_ll)
+    _, resp, top, cand, count, kept = candidate_resp(xd, sh, *centred, marks, capacity, **seed)
     cand, count, resp, top, kept = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long(), kept.cpu()
     # With a least responsibility, each row keeps those of its slots that reach it, packed in order;
     # a given ``best`` is written in place where the row does not overflow.
     floor, given = 1e-3, torch.full((n,), -7, dtype=torch.int32, device=DEVICE)
     _, packed_resp, _, packed, _, n_packed = (t.cpu() for t in candidate_resp(xd, sh, *centred, marks, capacity,
-                                                                               min_resp=floor, best=given))
+                                                                               min_resp=floor, best=given, **seed))
     assert torch.equal(given.cpu().long(), torch.where(count <= capacity, top, -7))
     bits = (marks.cpu().long()[:, :, None] >> torch.arange(32)) & 1
     marked = [torch.nonzero(row.flatten()).view(-1) for row in bits]
@@ -115,7 +117,8 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
         assert set(needed.tolist()) <= set(marked[row].tolist()), row
         if count[row] <= capacity:
             stored = cand[row, :int(count[row])].long()
-            assert torch.equal(stored, marked[row])  # every mark in a slot, in component order
+            # every mark in a slot: the hint (always marked) first, the others in component order
+            assert stored[0] == hint[row] and torch.equal(stored[1:], marked[row][marked[row] != hint[row]])
             # the exact pass weighs them, and its responsibilities sum to 1
             weighted = stored[resp[row, :len(stored)] > 0]
             assert set(needed.tolist()) <= set(weighted.tolist()), row
@@ -185,9 +188,10 @@ def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagona
     hint = exact.argmax(1).to(DEVICE, torch.int32)
     floor = exact_log_probs(xd, sh, *centred, hint, less=3.0).cpu()
     if d <= blocks[2]:
-        marks = candidates(xd, sh, search_w, centred, hint, 3.0, config(blocks))
+        marks, hint_ll = candidates(xd, sh, search_w, centred, hint, 3.0, config(blocks))
     else:
-        marks = candidates_wide(xd, sh, search_w, centred, hint, 3.0, config(blocks), rows=16)
+        marks, hint_ll = candidates_wide(xd, sh, search_w, centred, hint, 3.0, config(blocks), rows=16)
+    torch.testing.assert_close(hint_ll.cpu() - 3.0, floor, rtol=1e-6, atol=1e-4)  # the hints' exact log-densities
     marks = marks.cpu().long()
     got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :k].bool()
     upper, _ = bound_rule(x, shift, split.to("cpu"))
@@ -210,18 +214,40 @@ def test_exact_log_probs_match_float64(n, d, k, blocks, diagonal, poisoned_empty
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_exact_pass_without_hints_computes_every_candidate_to_the_same_slots(diagonal, poisoned_empty):
+    """Without the hints' log-densities the exact pass computes every candidate itself: the same
+    candidates, now all in component order, and log Z to float32 round-off."""
+    n, d, k = 203, 37, 19
+    x, params, shift = mixture(n, d, k, "standardised", diagonal)
+    xd, split, sh, _, _ = prepared(x, params, shift)
+    centred = exact_candidates.centred_params(split)
+    marks, hint, hint_ll = search("fused", xd, sh, split, (32, 32, 64))(xd, centred, 30.0, None)
+    seeded = [t.cpu() for t in candidate_resp(xd, sh, *centred, marks, 32, hint=hint, hint_ll=hint_ll)]
+    plain = [t.cpu() for t in candidate_resp(xd, sh, *centred, marks, 32)]
+    count, kept = plain[4], plain[5]
+    fits = count <= 32
+    assert fits.all() and torch.equal(seeded[4], count) and torch.equal(seeded[5], kept)
+    assert (count > 1).sum() > n // 2
+    torch.testing.assert_close(plain[0], seeded[0], rtol=1e-6, atol=1e-5)
+    for row in range(n):
+        assert torch.equal(plain[3][row, :kept[row]], seeded[3][row, :kept[row]].sort().values), row
+    with pytest.raises(ValueError, match="give both or neither"):
+        candidate_resp(xd, sh, *centred, marks, 32, hint=hint)
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_exact_pass_walks_marks_beyond_its_register_words(diagonal, poisoned_empty, monkeypatch):
     """Two words a row in registers against three words of marks (K = 70): rows load their next
-    words when theirs are spent, and the slots still hold every mark in component order."""
+    words when theirs are spent (the hint's mark skipped in whichever word holds it), and the slots
+    still hold every mark in the same order."""
     from flashgmm_ivf.kernels import candidate_resp as module
     n, d, k = 24, 20, 70
     x, params, shift = mixture(71, d, k, "standardised", diagonal)  # means drawn from 71 rows
     xd, split, sh, weights, _ = prepared(x[:n], params, shift)
     centred = exact_candidates.centred_params(split)
-    marks = search("fused", xd, sh, split, (16, 64, 32))(xd, centred, 60.0, None)
-    expected = candidate_resp(xd, sh, *centred, marks, k)
+    marks, hint, hint_ll = search("fused", xd, sh, split, (16, 64, 32))(xd, centred, 60.0, None)
+    expected = candidate_resp(xd, sh, *centred, marks, k, hint=hint, hint_ll=hint_ll)
     monkeypatch.setattr(module, "WORDS", 2)
-    got = candidate_resp(xd, sh, *centred, marks, k)
+    got = candidate_resp(xd, sh, *centred, marks, k, hint=hint, hint_ll=hint_ll)
     count = got[4].cpu()
     assert (count > 64).sum() >= 4  # rows walk into their third word
     kept = got[5].cpu()
@@ -242,10 +268,10 @@ def test_exact_pass_reads_rows_wider_than_its_register_tile_tile_by_tile(diagona
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     xd, split, sh, weights, _ = prepared(x, params, shift)
     centred = exact_candidates.centred_params(split)
-    marks = search("wide", xd, sh, split, (16, 32, 32))(xd, centred, 30.0, None)
-    held = candidate_resp(xd, sh, *centred, marks, k)
+    marks, hint, hint_ll = search("wide", xd, sh, split, (16, 32, 32))(xd, centred, 30.0, None)
+    held = candidate_resp(xd, sh, *centred, marks, k, hint=hint, hint_ll=hint_ll)
     monkeypatch.setattr(module, "ONE_TILE_FEATURES", 128)
-    tiled = candidate_resp(xd, sh, *centred, marks, k)
+    tiled = candidate_resp(xd, sh, *centred, marks, k, hint=hint, hint_ll=hint_ll)
     for name in ("best", "cand", "count", "kept"):
         i = ("log_norm", "resp", "best", "cand", "count", "kept").index(name)
         assert torch.equal(held[i].cpu(), tiled[i].cpu()), name
@@ -360,7 +386,7 @@ def test_overflowed_rows_take_a_slot_per_component_and_come_back_with_their_best
     """Two slots a row: the rows that overflow take the search and the exact pass again with a slot
     for every component, never the dense E-step; statistics, log Z and each row's best as float64's."""
     monkeypatch.setattr(exact_candidates, "CAPACITY", {"diag": 2, "spherical": 2})
-    n, d, k = 203, 37, 19
+    n, d, k = 61, 37, 19
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     ref = kernels.reference.estep(x.double(), params, shift)
     ll = weighted_log_prob(x.double(), params, shift)
