@@ -89,6 +89,7 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     best = tl.zeros([BLOCK_N], dtype=tl.int64)
     taken = none
+    first_slot = tl.zeros([BLOCK_N], dtype=tl.int32)  # slot of a row's first walked candidate
     if HINTED:
         # The hint's log-density is known (the search computed it for the threshold): it takes the first
         # slot and its mark is skipped, one gather of a component's parameters fewer a row.
@@ -102,9 +103,11 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         best = tl.where(seeded, hint, best).to(tl.int64)
         run_max = tl.where(seeded, tl.maximum(run_max, ll), run_max)
         run_sum = tl.where(seeded, tl.exp(ll - run_max), run_sum)
+        first_slot = seeded.to(tl.int32)
     words = _words(marks, start, todo > 0, n_words, taken, WORDS)  # the marks not yet taken
-    for s in range(tl.max(todo)):
-        live = (s < todo) & ((s > 0) | (taken < 0))
+    walk = todo - first_slot  # candidates left to walk
+    for s in range(tl.max(walk)):
+        live = s < walk
         first = _first_word(words, WORDS)
         # A live row has a mark left in its words or in later ones.
         advance = live & (first == WORDS)
@@ -119,8 +122,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         comp = ((start + first) * 32 + bit).to(tl.int64)
         ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
                             n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
-        tl.store(cand_ptr + slots + s, comp.to(tl.int32), mask=live)
-        tl.store(resp_ptr + slots + s, ll, mask=live)
+        tl.store(cand_ptr + slots + first_slot + s, comp.to(tl.int32), mask=live)
+        tl.store(resp_ptr + slots + first_slot + s, ll, mask=live)
         best = tl.where(ll > run_max, comp, best)
         new_max = tl.maximum(run_max, ll)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)

@@ -21,8 +21,8 @@ components per row within 40 nats of the best), so this E-step splits the work:
 3. ``kernels.kept_pairs`` gathers the kept (row, component, r) triples, and
    ``kernels.truncated_stats.pair_stats`` sums N_k, S1, S2 over them in float64, sorted by component.
 
-Rows with more than ``capacity`` candidates are taken again with a slot for every component
-(``wide_pairs``) where few enough overflow; otherwise (flat posteriors: early iterations,
+Rows with more than ``capacity`` candidates are taken against every component (``wide_pairs``)
+where few enough overflow; otherwise (flat posteriors: early iterations,
 standardised data) they take the dense E-step, given as ``dense``.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ from .result import EStepResult
 from .truncated_stats import pair_stats
 
 MARGIN_NATS = 30.0
-# Candidate slots per row, by covariance type; rows beyond take the passes again with more slots or
-# the dense path (``WIDE_SLOTS``). Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
+# Candidate slots per row, by covariance type; rows beyond are taken against every component
+# (``WIDE_BYTES``). Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
 # 0-20 from bench_estep's start (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json):
 # diag rows store 3.9-8.5 slots (p99 13-28, at most 44: none overflow 64);
 # spherical posteriors are flatter (11-21 components within 30 nats), rows store 12-23 slots (p99
@@ -53,13 +53,11 @@ CAPACITY = {"diag": 64, "spherical": 128}
 # ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
 # eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 28
-# Rows that overflow their capacity take the candidate passes again with a slot for every component
-# while those slots total at most WIDE_SLOTS and K is at most WIDE_COMPONENTS (a row's exact pass walks
-# its candidates one by one: thousands of them cost more than a dense pass). Their slots go to the
-# statistics without a host read, where the dense E-step's weights and launches left a GPU idle for
-# 0.5 ms when one row overflowed (profile of an EM iteration on an H200, N = 1M, K = 1024, D = 128, diag).
-WIDE_SLOTS = 1 << 18
-WIDE_COMPONENTS = 1024
+# Rows that overflow their capacity get every component's exact log-density from torch (float32 from
+# centred differences, as the exact pass) while their (rows, K, D) differences take at most WIDE_BYTES,
+# and all their (row, component) pairs go to the statistics, with no host read; past that (flat
+# posteriors: many rows) they take the dense E-step.
+WIDE_BYTES = 64 << 20
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,23 +75,24 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def wide_pairs(x, over, centred, shift, search, margin, log_norm, best=None):
-    """The rows ``over`` of ``x`` (int64 indices) through the search and the exact pass with a slot
-    for each component (32 a word of marks): their log Z into ``log_norm``, their best into
-    ``best`` (if given), and (rows, comps, resp) of all their slots, of shape (len(over) * slots,),
-    the slots a row did not keep as pairs of weight 0 (they add nothing to the statistics)."""
-    slots = 32 * n_words(len(centred[2]))
-    hint = None if best is None else best[over]
-    part = x[over]
-    marks, top, top_ll = search(part, centred, margin, hint)
-    lz, r, hint, cand, _, kept = candidate_resp(part, shift, *centred, marks, slots, min_resp=math.exp(-margin),
-                                                best=hint, hint=top, hint_ll=top_ll)
+def wide_pairs(x, over, centred, shift, min_resp, log_norm, best=None):
+    """The rows ``over`` of ``x`` (int64 indices) against every component: their log Z into
+    ``log_norm``, their best component into ``best`` (if given), and (rows, comps, resp) of shape
+    (len(over) * K,), responsibilities below ``min_resp`` as 0 (those pairs add nothing)."""
+    means, precisions, consts = centred
+    diff = (x[over].float() - shift)[:, None, :] - means
+    sq = diff * diff
+    quad = (sq * precisions).sum(2) if precisions.dim() == 2 else sq.sum(2) * precisions
+    ll = consts - 0.5 * quad
+    lz = torch.logsumexp(ll, 1)
     log_norm[over] = lz.to(log_norm.dtype)
     if best is not None:
-        best[over] = hint
-    live = torch.arange(slots, device=x.device)[None, :] < kept[:, None]
-    rows = over.to(torch.int32)[:, None].expand(-1, slots)
-    return rows.flatten(), torch.where(live, cand, 0).flatten(), torch.where(live, r, 0.0).flatten()
+        best[over] = ll.argmax(1).to(best.dtype)
+    r = torch.exp(ll - lz[:, None])
+    n, k = ll.shape
+    rows = over.to(torch.int32)[:, None].expand(n, k)
+    comps = torch.arange(k, dtype=torch.int32, device=x.device).expand(n, k)
+    return rows.flatten(), comps.flatten(), torch.where(r >= min_resp, r, 0.0).flatten()
 
 
 def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=None, margin=MARGIN_NATS):
@@ -144,7 +143,7 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
         marks, top, top_ll = search(part, centred, margin, hint)
-        # Rows that overflow keep their hint here: the wider pass or the dense E-step takes them.
+        # Rows that overflow keep their hint here: ``wide_pairs`` or the dense E-step takes them.
         lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
                                                      min_resp=math.exp(-margin), best=hint, hint=top, hint_ll=top_ll)
         log_norm[start:start + len(part)] = lz
@@ -169,9 +168,8 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
     if not over:
         return EStepResult(log_norm, *statistics()), 0
     over = _joined(over)
-    slots = 32 * n_words(n_comps)
-    if slots <= WIDE_COMPONENTS and over.numel() * slots <= WIDE_SLOTS:
-        wide = wide_pairs(x, over, centred, shift, search, margin, log_norm, best)
+    if over.numel() * n_comps * x.shape[1] * 4 <= WIDE_BYTES:
+        wide = wide_pairs(x, over, centred, shift, math.exp(-margin), log_norm, best)
         return EStepResult(log_norm, *statistics(*wide)), over.numel()
     nk, s1, s2 = statistics()
     rest = dense(x[over])

@@ -5,7 +5,7 @@ against the float64 dense E-step (``kept_pairs`` against torch indexing).
 Without a GPU the kernels run in Triton's interpreter (see conftest). Shapes are not multiples
 of any block; rows are raw-scale (0..255) or standardised; posteriors range from peaked to
 flat (every component a candidate), and rows that overflow the capacity take the passes again
-with a slot per component or the dense path.
+against every component or by the dense path.
 Outputs are poisoned (NaN / -7) before the kernels write them.
 """
 import importlib
@@ -99,6 +99,7 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
     seed = dict(hint=hint, hint_ll=hint_ll)
     _, resp, top, cand, count, kept = candidate_resp(xd, sh, *centred, marks, capacity, **seed)
     cand, count, resp, top, kept = cand.cpu(), count.cpu(), resp.cpu(), top.cpu().long(), kept.cpu()
+    hint_cpu = hint.cpu().long()
     # With a least responsibility, each row keeps those of its slots that reach it, packed in order;
     # a given ``best`` is written in place where the row does not overflow.
     floor, given = 1e-3, torch.full((n,), -7, dtype=torch.int32, device=DEVICE)
@@ -118,7 +119,7 @@ def test_candidates_hold_every_component_within_the_margin(n, d, k, blocks, diag
         if count[row] <= capacity:
             stored = cand[row, :int(count[row])].long()
             # every mark in a slot: the hint (always marked) first, the others in component order
-            assert stored[0] == hint[row] and torch.equal(stored[1:], marked[row][marked[row] != hint[row]])
+            assert stored[0] == hint_cpu[row] and torch.equal(stored[1:], marked[row][marked[row] != hint_cpu[row]])
             # the exact pass weighs them, and its responsibilities sum to 1
             weighted = stored[resp[row, :len(stored)] > 0]
             assert set(needed.tolist()) <= set(weighted.tolist()), row
@@ -312,10 +313,10 @@ def test_estep_by_the_wide_pass_in_blocks_matches_float64_dense(n, d, k, blocks,
 
 
 def overflow_by(path, monkeypatch):
-    """Send rows that overflow their capacity to ``path``: "wide" (the passes again with a slot per
-    component) or "dense" (the dense E-step)."""
+    """Send rows that overflow their capacity to ``path``: "wide" (against every component,
+    ``exact_candidates.wide_pairs``) or "dense" (the dense E-step)."""
     if path == "dense":
-        monkeypatch.setattr(exact_candidates, "WIDE_SLOTS", 0)
+        monkeypatch.setattr(exact_candidates, "WIDE_BYTES", 0)
 
 
 @pytest.mark.parametrize("k,capacity", [(7, 8), (19, 8), (19, 32)], ids=["all-candidates", "overflow", "fits"])
@@ -324,7 +325,7 @@ def overflow_by(path, monkeypatch):
 @pytest.mark.parametrize("how,after", [("fused", "wide"), ("wide", "wide"), ("fused", "dense")])
 def test_flat_posteriors(k, capacity, diagonal, how, after, poisoned_empty, monkeypatch):
     """Identical components: every component is a candidate; beyond the capacity every row
-    takes the passes again with a slot per component, or the dense path."""
+    is taken against every component, or by the dense path."""
     overflow_by(after, monkeypatch)
     n, d = 53, 20
     x, params, shift = mixture(n, d, k, "raw", diagonal, flat=True)
@@ -381,10 +382,10 @@ def test_estep_rows_that_overflow_take_the_dense_estep_with_the_offset_put_back(
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
-def test_overflowed_rows_take_a_slot_per_component_and_come_back_with_their_best(diagonal, monkeypatch,
-                                                                                poisoned_empty):
-    """Two slots a row: the rows that overflow take the search and the exact pass again with a slot
-    for every component, never the dense E-step; statistics, log Z and each row's best as float64's."""
+def test_overflowed_rows_are_taken_against_every_component_and_come_back_with_their_best(diagonal, monkeypatch,
+                                                                                         poisoned_empty):
+    """Two slots a row: the rows that overflow are taken against every component, never by the
+    dense E-step; statistics, log Z and each row's best as float64's."""
     monkeypatch.setattr(exact_candidates, "CAPACITY", {"diag": 2, "spherical": 2})
     n, d, k = 61, 37, 19
     x, params, shift = mixture(n, d, k, "raw", diagonal)
