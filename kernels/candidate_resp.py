@@ -1,18 +1,17 @@
 """Exact pass of the exact-on-candidates E-step: log Z and responsibilities over each row's candidates.
 
 One program owns BLOCK_N rows. It counts each row's marks (``kernels.candidates``: one bit per
-component, 32 to a word). A row's hint, whose exact log-density the search computed for its
-threshold, takes the first slot; then the program walks the other marks in component order, one
-candidate per row and step, up to the block's largest count. A row's words stay in registers, WORDS
-at a time (all of them up to K = 32 WORDS = 1024): each step takes the lowest mark of a row's first
-non-zero word, and a row whose words are spent loads its next WORDS. For every candidate the
-log-density is computed in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale
-rows (SIFT: 0..255) lose nothing to cancellation, stored in the row's next slot and folded into an
-online log-sum-exp; the largest gives the row's best component (the next E-step's hint,
-``exact_candidates``). A second walk turns the stored log-densities into responsibilities and keeps,
-packed to the front of the row's slots, those of at least ``min_resp``: the statistics then read
-only the kept (row, component, r) triples, never all the row's slots. Rows with more candidates than
-slots keep none (another pass takes them; their log Z is left unwritten).
+component, 32 to a word), then walks them in component order, one candidate per row and step,
+up to the block's largest count. A row's words stay in registers, WORDS at a time (all of them
+up to K = 32 WORDS = 1024): each step takes the lowest mark of a row's first non-zero word, and a
+row whose words are spent loads its next WORDS. For every candidate the log-density is computed
+in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows (SIFT:
+0..255) lose nothing to cancellation, stored in the row's next slot and folded into an online
+log-sum-exp; the largest gives the row's best component (the next E-step's hint,
+``exact_candidates``). A second walk turns the stored log-densities into responsibilities and
+keeps, packed to the front of the row's slots, those of at least ``min_resp``: the statistics
+then read only the kept (row, component, r) triples, never all the row's slots. Rows with more
+candidates than slots keep none (their E-step is the dense one; their log Z is left unwritten).
 
 Oracle: the float64 dense E-step of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -48,16 +47,11 @@ def _lowest_bit(w):
 
 
 @triton.jit
-def _words(marks, start, row_mask, n_words, taken, WORDS: tl.constexpr):
-    """(BLOCK_N, WORDS) uint32: each row's marks from its word ``start`` on (0 past the last),
-    without the mark of component ``taken`` (-1: none)."""
+def _words(marks, start, row_mask, n_words, WORDS: tl.constexpr):
+    """(BLOCK_N, WORDS) uint32: each row's marks from its word ``start`` on (0 past the last)."""
     word = start[:, None] + tl.arange(0, WORDS)[None, :]
-    words = tl.load(marks[:, None] + word, mask=row_mask[:, None] & (word < n_words), other=0).to(tl.uint32,
-                                                                                                 bitcast=True)
-    at = tl.where(taken >= 0, taken, 0)
-    bit = tl.full(taken.shape, 1, tl.uint32) << (at % 32).to(tl.uint32)
-    hit = (taken >= 0)[:, None] & (word == (at // 32)[:, None])
-    return tl.where(hit, words & ~bit[:, None], words)
+    return tl.load(marks[:, None] + word, mask=row_mask[:, None] & (word < n_words), other=0).to(tl.uint32,
+                                                                                                bitcast=True)
 
 
 @triton.jit
@@ -68,18 +62,16 @@ def _first_word(words, WORDS: tl.constexpr):
 
 @triton.jit
 def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, mark_ptr, n_words,
-                          hint_ptr, hint_ll_ptr, cand_ptr, count_ptr, kept_ptr, log_norm_ptr, resp_ptr, best_ptr,
-                          min_resp, n_rows, n_cols, CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, WORDS: tl.constexpr,
-                          HINTED: tl.constexpr):
+                          cand_ptr, count_ptr, kept_ptr, log_norm_ptr, resp_ptr, best_ptr, min_resp, n_rows,
+                          n_cols, CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     marks = mark_ptr + rows.to(tl.int64) * n_words
     start = tl.zeros([BLOCK_N], dtype=tl.int32)  # first word of each row's ``words``
-    none = tl.full([BLOCK_N], -1, dtype=tl.int32)
     count = tl.zeros([BLOCK_N], dtype=tl.int32)
     for w0 in range(0, n_words, WORDS):
-        count += tl.sum(_popcount(_words(marks, start + w0, row_mask, n_words, none, WORDS)), axis=1)
+        count += tl.sum(_popcount(_words(marks, start + w0, row_mask, n_words, WORDS)), axis=1)
     tl.store(count_ptr + rows, count, mask=row_mask)
     todo = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
     # Rows of one feature tile stay in registers for every candidate; wider rows are re-read per candidate.
@@ -88,32 +80,15 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     best = tl.zeros([BLOCK_N], dtype=tl.int64)
-    taken = none
-    first_slot = tl.zeros([BLOCK_N], dtype=tl.int32)  # slot of a row's first walked candidate
-    if HINTED:
-        # The hint's log-density is known (the search computed it for the threshold): it takes the first
-        # slot and its mark is skipped, one gather of a component's parameters fewer a row.
-        hint = tl.load(hint_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-        word = tl.load(marks + hint // 32, mask=row_mask & (todo > 0), other=0).to(tl.uint32, bitcast=True)
-        seeded = ((word >> (hint % 32).to(tl.uint32)) & 1) != 0
-        ll = tl.load(hint_ll_ptr + rows, mask=seeded, other=float("-inf"))
-        tl.store(cand_ptr + slots, hint, mask=seeded)
-        tl.store(resp_ptr + slots, ll, mask=seeded)
-        taken = tl.where(seeded, hint, none)
-        best = tl.where(seeded, hint, best).to(tl.int64)
-        run_max = tl.where(seeded, tl.maximum(run_max, ll), run_max)
-        run_sum = tl.where(seeded, tl.exp(ll - run_max), run_sum)
-        first_slot = seeded.to(tl.int32)
-    words = _words(marks, start, todo > 0, n_words, taken, WORDS)  # the marks not yet taken
-    walk = todo - first_slot  # candidates left to walk
-    for s in range(tl.max(walk)):
-        live = s < walk
+    words = _words(marks, start, todo > 0, n_words, WORDS)  # the marks not yet taken
+    for s in range(tl.max(todo)):
+        live = s < todo
         first = _first_word(words, WORDS)
         # A live row has a mark left in its words or in later ones.
         advance = live & (first == WORDS)
         while tl.max(advance.to(tl.int32)) > 0:
             start = tl.where(advance, start + WORDS, start)
-            words = tl.where(advance[:, None], _words(marks, start, advance, n_words, taken, WORDS), words)
+            words = tl.where(advance[:, None], _words(marks, start, advance, n_words, WORDS), words)
             first = _first_word(words, WORDS)
             advance = live & (first == WORDS)
         at = (tl.arange(0, WORDS)[None, :] == first[:, None]) & live[:, None]
@@ -122,8 +97,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
         comp = ((start + first) * 32 + bit).to(tl.int64)
         ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
                             n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
-        tl.store(cand_ptr + slots + first_slot + s, comp.to(tl.int32), mask=live)
-        tl.store(resp_ptr + slots + first_slot + s, ll, mask=live)
+        tl.store(cand_ptr + slots + s, comp.to(tl.int32), mask=live)
+        tl.store(resp_ptr + slots + s, ll, mask=live)
         best = tl.where(ll > run_max, comp, best)
         new_max = tl.maximum(run_max, ll)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
@@ -143,8 +118,8 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     tl.store(kept_ptr + rows, kept, mask=row_mask)
 
 
-def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None, hint=None,
-                   hint_ll=None, block_n=4, num_warps=1):
+def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None, block_n=4,
+                   num_warps=1):
     """Launch the exact pass.
 
     Parameters
@@ -158,20 +133,17 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     capacity : int, candidate slots per row
     min_resp : float, the least responsibility a kept candidate has (0: keep every candidate)
     best : int32 Tensor of shape (n,) or None, written in place as the returned ``best`` (rows
-        that overflow keep their value); it may be ``hint`` itself
-    hint, hint_ll : int32 and float32 Tensors of shape (n,), or None: a component of each row and its
-        exact log-density (``kernels.candidates`` returns them); where the hint is marked, it takes
-        the row's first slot and is not computed again
+        that overflow keep their value)
 
     Returns
     -------
     log_norm : float32 Tensor of shape (n,), written where 0 < count <= capacity
     resp : float32 Tensor of shape (n, capacity), the kept candidates' responsibilities in the
         row's first ``kept`` slots (the rest unwritten)
-    best : int32 Tensor of shape (n,), the component of largest log-density (of equal ones, the
-        hint, else the first), written where 0 < count <= capacity
-    cand : int32 Tensor of shape (n, capacity), the kept candidates in the row's first ``kept``
-        slots, the hint first, then in component order
+    best : int32 Tensor of shape (n,), the component of largest log-density, written where
+        0 < count <= capacity
+    cand : int32 Tensor of shape (n, capacity), the kept candidates in component order in the
+        row's first ``kept`` slots
     count : int32 Tensor of shape (n,), candidates marked (> capacity: the row overflowed)
     kept : int32 Tensor of shape (n,), candidates kept (0 where the row overflowed)
     """
@@ -186,12 +158,8 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
     # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical.
     block_d, one_tile = feature_tile(d, ONE_TILE_FEATURES)
-    hinted = hint is not None
-    if hinted != (hint_ll is not None):
-        raise ValueError("hint and hint_ll come together: give both or neither")
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
-        x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], hint if hinted else count,
-        hint_ll if hinted else log_norm, cand, count, kept, log_norm, resp, best, min_resp, n, d, CAPACITY=capacity,
-        DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=one_tile,
-        WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), HINTED=hinted, num_warps=num_warps)
+        x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, kept, log_norm, resp,
+        best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,
+        ONE_TILE=one_tile, WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), num_warps=num_warps)
     return log_norm, resp, best, cand, count, kept

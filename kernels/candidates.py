@@ -175,7 +175,7 @@ def upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_
 
 @triton.jit
 def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, norm_ptr, mean_ptr, prec_ptr,
-                      const_ptr, hint_ptr, hint_ll_ptr, margin, mark_ptr, n_rows, n_comps, n_cols, n_words, eps,
+                      const_ptr, hint_ptr, margin, mark_ptr, n_rows, n_comps, n_cols, n_words, eps,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                       EVEN: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,10 +188,8 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, n
     # 1.89 ms, spherical 1.21, phases_candidates_h100.txt; products alone 1.55 / 1.09 and a separate floor
     # pass 0.21 / 0.19 in other runs).
     hint = tl.load(hint_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    hint_ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_f, mean_ptr, prec_ptr, const_ptr, rows, row_mask, hint,
-                             n_cols, DIAGONAL, True, BLOCK_D)
-    tl.store(hint_ll_ptr + rows, hint_ll, mask=row_mask)
-    floor = hint_ll - margin
+    floor = exact_log_prob(x_ptr, stride_x, shift_ptr, x_f, mean_ptr, prec_ptr, const_ptr, rows, row_mask, hint,
+                           n_cols, DIAGONAL, True, BLOCK_D) - margin
     xx_f = x_f * x_f
     sq = tl.sum(xx_f, axis=1)
     x, _ = split(x_f, "bf16", SPLIT_DTYPE)
@@ -249,9 +247,7 @@ def candidates(x, shift, weights, centred, hint, margin, config):
     Returns
     -------
     marks : int32 Tensor of shape (n, ceil(K / 32)), bit c % 32 of word c // 32 set for every
-        candidate c of the row (the hint among them)
-    hint_ll : float32 Tensor of shape (n,), the exact log-density of each row's hint (its floor
-        plus ``margin``), for the exact pass
+        candidate c of the row
     """
     n, d = x.shape
     check_block_k(config.block_k)
@@ -259,13 +255,11 @@ def candidates(x, shift, weights, centred, hint, margin, config):
         raise ValueError(f"the fused candidate pass holds a row in one feature tile: D = {d} exceeds block_d = "
                          f"{config.block_d} (wider rows: kernels.candidates_wide)")
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
-    hint_ll = torch.empty(n, dtype=torch.float32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
         x, x.stride(0), shift, weights.lin, weights.quad, weights.bias,
-        weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(), hint_ll, float(margin),
-        marks, n,
+        weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(), float(margin), marks, n,
         weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, BLOCK_D=config.block_d,
         EVEN=weights.n_comps % config.block_k == 0 and d == config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)
-    return marks, hint_ll
+    return marks

@@ -13,8 +13,8 @@ The products and their upper bound are those of ``kernels.candidates`` (whose do
 it): diag P = x~ . lin~ + x~^2 . q~, two bfloat16 products a tile pair into one accumulator, then
 + b_k; spherical P = x~ . lin~, one product, then + q'_k |x|^2 + eps' ||x~|| w_k + b_k. An
 accumulator sums at most 2 D products in float32, as the bound's factors allow, in any order. The
-threshold is each row's floor, the exact log-density of its hint component (``kernels.exact_log_prob``,
-returned for the exact pass) less the margin, as in the fused pass.
+threshold is each row's given floor (``kernels.exact_log_prob`` of a hint component less the
+margin), as in the fused pass.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -31,13 +31,13 @@ BLOCK_BYTES = 256 << 20
 
 
 @triton.jit
-def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, bias_ptr, w_norm_ptr, hint_ll_ptr,
-                           margin, mark_ptr, n_rows, n_comps, n_cols, n_words, eps, DIAGONAL: tl.constexpr,
+def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, bias_ptr, w_norm_ptr, floor_ptr,
+                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, DIAGONAL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     base = rows.to(tl.int64)[:, None] * stride_xs
-    floor = tl.load(hint_ll_ptr + rows, mask=row_mask, other=0.0) - margin
+    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
     sq = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
     x_norm = sq
     if not DIAGONAL:
@@ -73,7 +73,7 @@ def candidates_wide(x, shift, weights, centred, hint, margin, config, *, rows=No
 
     Returns
     -------
-    marks, hint_ll : as ``kernels.candidates.candidates``
+    marks : as ``kernels.candidates.candidates``
     """
     n, d = x.shape
     check_block_k(config.block_k)
@@ -85,15 +85,14 @@ def candidates_wide(x, shift, weights, centred, hint, margin, config, *, rows=No
     sq = torch.empty(rows, dtype=torch.float32, device=x.device)
     norm = None if diagonal else torch.empty(rows, dtype=torch.float32, device=x.device)
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
-    hint_ll = exact_log_probs(x, shift, *centred, hint)
+    floor = exact_log_probs(x, shift, *centred, hint, less=margin)
     for start in range(0, n, rows):
         block = x[start:start + rows]
         m = block.shape[0]
         split_rows(block, shift, diagonal, pieces, sq, precision="bf16", norm=norm)
         candidates_wide_kernel[(triton.cdiv(m, config.block_n),)](
             pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin, weights.quad, weights.bias,
-            weights.bias if weights.norm is None else weights.norm, hint_ll[start:start + m], float(margin),
-            marks[start:start + m], m, weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=diagonal,
-            BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_D=config.block_d, num_warps=config.num_warps,
-            num_stages=config.num_stages)
-    return marks, hint_ll
+            weights.bias if weights.norm is None else weights.norm, floor[start:start + m], marks[start:start + m],
+            m, weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=diagonal, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, BLOCK_D=config.block_d, num_warps=config.num_warps, num_stages=config.num_stages)
+    return marks

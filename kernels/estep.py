@@ -239,7 +239,7 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
 
 def candidate_search(x, shift, weights, search_w, configs=None):
     """The search of ``exact_candidates.estep`` for rows like ``x``: (rows, centred, margin, hint)
-    -> (marks, hint, hint_ll), by the candidate pass with ``search_w`` (``candidates.SearchWeights``) and
+    -> marks, by the candidate pass with ``search_w`` (``candidates.SearchWeights``) and
     ``configs[0]``: ``kernels.candidates`` for rows within one feature tile,
     ``kernels.candidates_wide`` for wider ones. Each row's threshold is the exact log-density of its
     hint less the margin; without hints, the first of a "bf16" ranking pass with ``weights``
@@ -255,8 +255,7 @@ def candidate_search(x, shift, weights, search_w, configs=None):
             ranked = gemm.log_norm(rows, shift, weights, precision="bf16") if library else \
                 _launch_log_norm(rows, shift, weights, "bf16", rank)
             hint = ranked[1]
-        marks, hint_ll = search_pass(rows, shift, search_w, centred, hint, margin, config)
-        return marks, hint, hint_ll
+        return search_pass(rows, shift, search_w, centred, hint, margin, config)
     return search
 
 

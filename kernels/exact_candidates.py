@@ -21,9 +21,8 @@ components per row within 40 nats of the best), so this E-step splits the work:
 3. ``kernels.kept_pairs`` gathers the kept (row, component, r) triples, and
    ``kernels.truncated_stats.pair_stats`` sums N_k, S1, S2 over them in float64, sorted by component.
 
-Rows with more than ``capacity`` candidates are taken against every component (``wide_pairs``)
-where few enough overflow; otherwise (flat posteriors: early iterations,
-standardised data) they take the dense E-step, given as ``dense``.
+Rows with more than ``capacity`` candidates (flat posteriors: early iterations, standardised
+data) take the dense E-step, given as ``dense``.
 """
 from __future__ import annotations
 
@@ -39,8 +38,8 @@ from .result import EStepResult
 from .truncated_stats import pair_stats
 
 MARGIN_NATS = 30.0
-# Candidate slots per row, by covariance type; rows beyond are taken against every component
-# (``WIDE_BYTES``). Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
+# Candidate slots per row, by covariance type; rows beyond take the dense path, whose few rows cost
+# a dense E-step's launches. Replayed in float64 on 60,000 real SIFT rows, K = 1024, EM iterations
 # 0-20 from bench_estep's start (eval/check_candidates.py, eval/results/check_candidates_*_sift_cpu.json):
 # diag rows store 3.9-8.5 slots (p99 13-28, at most 44: none overflow 64);
 # spherical posteriors are flatter (11-21 components within 30 nats), rows store 12-23 slots (p99
@@ -53,11 +52,6 @@ CAPACITY = {"diag": 64, "spherical": 128}
 # ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
 # eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 28
-# Rows that overflow their capacity get every component's exact log-density from torch (float32 from
-# centred differences, as the exact pass) while their (rows, K, D) differences take at most WIDE_BYTES,
-# and all their (row, component) pairs go to the statistics, with no host read; past that (flat
-# posteriors: many rows) they take the dense E-step.
-WIDE_BYTES = 64 << 20
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,26 +69,6 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def wide_pairs(x, over, centred, shift, min_resp, log_norm, best=None):
-    """The rows ``over`` of ``x`` (int64 indices) against every component: their log Z into
-    ``log_norm``, their best component into ``best`` (if given), and (rows, comps, resp) of shape
-    (len(over) * K,), responsibilities below ``min_resp`` as 0 (those pairs add nothing)."""
-    means, precisions, consts = centred
-    diff = (x[over].float() - shift)[:, None, :] - means
-    sq = diff * diff
-    quad = (sq * precisions).sum(2) if precisions.dim() == 2 else sq.sum(2) * precisions
-    ll = consts - 0.5 * quad
-    lz = torch.logsumexp(ll, 1)
-    log_norm[over] = lz.to(log_norm.dtype)
-    if best is not None:
-        best[over] = ll.argmax(1).to(best.dtype)
-    r = torch.exp(ll - lz[:, None])
-    n, k = ll.shape
-    rows = over.to(torch.int32)[:, None].expand(n, k)
-    comps = torch.arange(k, dtype=torch.int32, device=x.device).expand(n, k)
-    return rows.flatten(), comps.flatten(), torch.where(r >= min_resp, r, 0.0).flatten()
-
-
 def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=None, margin=MARGIN_NATS):
     """Exact-on-candidates E-step of a block of rows.
 
@@ -106,11 +80,11 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         ``kernels.candidate_weights`` gives them
     shift : float32 Tensor of shape (D,)
     diagonal : bool, whether the mixture is diagonal (else spherical)
-    search : callable (rows, centred, margin, hint) -> (marks, hint, hint_ll), the candidate search
+    search : callable (rows, centred, margin, hint) -> marks, the candidate search
         (``kernels.estep.candidate_search``) of a block of rows, ``hint`` the rows' slice of
-        ``best`` or None; it returns the hints it took and their exact log-densities
+        ``best`` or None
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
-        E-step of the rows that overflow their capacity where ``wide_pairs`` does not take them
+        E-step of the rows that overflow their capacity
     best : int32 Tensor of shape (n,) or None: each row's best component from an earlier E-step,
         the component of its threshold; overwritten with this E-step's best (rows that overflow
         keep theirs)
@@ -119,8 +93,7 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
 
     Returns
     -------
-    EStepResult, float64 (log_norm without the offset), and the number of rows that overflowed
-    their capacity
+    EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
     """
     capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
@@ -142,10 +115,10 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
-        marks, top, top_ll = search(part, centred, margin, hint)
-        # Rows that overflow keep their hint here: ``wide_pairs`` or the dense E-step takes them.
+        marks = search(part, centred, margin, hint)
+        # Rows that overflow keep their hint: the dense E-step finds no best.
         lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
-                                                     min_resp=math.exp(-margin), best=hint, hint=top, hint_ll=top_ll)
+                                                     min_resp=math.exp(-margin), best=hint)
         log_norm[start:start + len(part)] = lz
         overflowed, ends = count > capacity, torch.cumsum(kept, 0)
         sizes = torch.stack([ends[-1], overflowed.sum()]).to("cpu", non_blocking=True)
@@ -156,22 +129,10 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
             collect(*pending)
         pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
-    n_comps = len(centred[2])
-
-    def statistics(*more):
-        """N_k, S1, S2 of the kept triples and ``more`` (rows, comps, resp) of them."""
-        parts = [rows, comps, resp]
-        for part, extra in zip(parts, more):
-            part.append(extra)
-        return pair_stats(x, shift, *map(_joined, parts), n_comps, diagonal)
-
+    nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
     if not over:
-        return EStepResult(log_norm, *statistics()), 0
+        return EStepResult(log_norm, nk, s1, s2), 0
     over = _joined(over)
-    if over.numel() * n_comps * x.shape[1] * 4 <= WIDE_BYTES:
-        wide = wide_pairs(x, over, centred, shift, math.exp(-margin), log_norm, best)
-        return EStepResult(log_norm, *statistics(*wide)), over.numel()
-    nk, s1, s2 = statistics()
     rest = dense(x[over])
     log_norm[over] = rest.log_norm
     return EStepResult(log_norm, nk + rest.nk, s1 + rest.s1, s2 + rest.s2), over.numel()
