@@ -183,10 +183,9 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, n
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     x_f = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
-    # The floor from the rows in registers, where a separate pass re-reads them. Not yet a measured gain: the
-    # hint's gathers run before the products, unhidden (H100, N = 1M, K = 1024, D = 128: pass with floor diag
-    # 1.89 ms, spherical 1.21, phases_candidates_h100.txt; products alone 1.55 / 1.09 and a separate floor
-    # pass 0.21 / 0.19 in other runs).
+    # The floor from the rows in registers, where a separate pass re-reads them: H100, N = 1M, K = 1024,
+    # D = 128, same run, diag 1.82 ms against 1.80 for the separate pass and the products, spherical 1.16
+    # against 1.26 (ab_candidate_floor_h100.txt).
     hint = tl.load(hint_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     floor = exact_log_prob(x_ptr, stride_x, shift_ptr, x_f, mean_ptr, prec_ptr, const_ptr, rows, row_mask, hint,
                            n_cols, DIAGONAL, True, BLOCK_D) - margin
