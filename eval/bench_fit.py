@@ -21,7 +21,16 @@ from ..mixture import GaussianMixture
 from .bench_estep import raw_scale_rows
 from .environment import environment
 
-CELLS = (("spherical", "bf16"), ("spherical", "bf16x3"), ("diag", "bf16x3"))
+CELLS = (("spherical", "bf16"), ("spherical", "bf16x3"), ("diag", "bf16x3"), ("spherical", "candidates"),
+         ("diag", "candidates"))
+
+
+def _cells(text: str) -> tuple[tuple[str, str], ...]:
+    """"diag:candidates,spherical:bf16" -> (("diag", "candidates"), ("spherical", "bf16"))."""
+    cells = tuple(tuple(cell.split(":")) for cell in text.split(","))
+    if any(len(cell) != 2 for cell in cells):
+        raise argparse.ArgumentTypeError(f"cells are covariance_type:precision pairs, got {text!r}")
+    return cells
 
 
 def _fit_seconds(x, k, covariance_type, precision, means_init, max_iter) -> float:
@@ -64,13 +73,14 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cells", type=_cells, default=CELLS, help="covariance_type:precision,... (default: all)")
     parser.add_argument("--out", default="eval/results/bench_fit.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device)
-    print(f"{'cov':9} {'precision':9} {'ms/iter (median)':>16}  all")
+    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells)
+    print(f"{'cov':9} {'precision':10} {'ms/iter (median)':>16}  all")
     for r in rows:
-        print(f"{r['covariance_type']:9} {r['precision']:9} {r['ms_per_iteration']:16.2f}  "
+        print(f"{r['covariance_type']:9} {r['precision']:10} {r['ms_per_iteration']:16.2f}  "
               + " ".join(f"{t:.2f}" for t in r["ms_all"]))
     doc = {"environment": environment(device), "arguments": vars(args), "rows": rows}
     with open(args.out, "w") as f:

@@ -39,6 +39,9 @@ CACHED_KERNEL_BLOCK = 1 << 20
 CACHE_FREE_FRACTION = 0.5
 # Initialisations tried at most: each is a whole EM run, so more is a hang, not a search.
 MAX_N_INIT = 1000
+# Captures of an EM iteration a fit makes (``_em_iteration``): each one after the first follows an
+# iteration whose 'candidates' E-step outgrew its sizes, and costs that iteration twice.
+MAX_CAPTURES = 4
 ILL_DEFINED = ("Fitting the mixture model failed because some components have ill-defined empirical covariance (for "
                "instance caused by singleton or collapsed samples). Try to decrease the number of components, "
                "increase reg_covar, or scale the input data.")
@@ -179,7 +182,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # The truncated E-step's state during a fit (None otherwise).
     _truncation = None
-    _best = None  # precision="candidates": each block's best components of the last E-step, by offset
+    _hints = None  # precision="candidates": each block's ``kernels.exact_candidates.Hints``, by offset
 
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
@@ -358,18 +361,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             state = self._initialize(source, rng, device) if do_init else self._state(device)
             self._truncation = TruncatedEStep(n, self.n_components, source.n_features, self.n_candidates,
                                               self.n_neighbors) if self._truncates() else None
-            self._best = {}
+            self._hints = {}
             lower_bound = -math.inf if do_init else self.lower_bound_
             bounds, converged, reseeded_total, n_iter = [], False, 0, 0
             bar = tqdm(total=self.max_iter, desc="EM", disable=not self.verbose, leave=False)
             for n_iter in range(1, self.max_iter + 1):
                 previous = lower_bound
                 state, log_lik, reseeded = iteration(state)
-                # The iteration's one host read.
-                log_lik, reseeded = torch.stack([log_lik, reseeded.to(log_lik.dtype)]).tolist()
                 lower_bound = log_lik / n
                 bounds.append(lower_bound)
-                reseeded = int(reseeded)
                 reseeded_total += reseeded
                 if reseeded_total >= self.n_components and iteration is iterations[True]:
                     # Components that keep emptying (K near the number of distinct rows) would be
@@ -386,7 +386,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if best is None or lower_bound > best[0]:
                 best = (lower_bound, state, converged, n_iter, bounds, reseeded_total)
         lower_bound, state, converged, n_iter, bounds, reseeded_total = best
-        self._truncation, self._best = None, None
+        self._truncation, self._hints = None, None
         _check_fitted_state(state, lower_bound, self.covariance_type)
         if not converged:
             warnings.warn("Best performing initialization did not converge. Try different init parameters, or increase "
@@ -416,32 +416,51 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self._uses_kernels(device) and not self._truncates()
 
     def _graphable(self, source, device) -> bool:
-        """Whether an EM iteration can be replayed from a CUDA graph (``_graph``): dense
-        kernels over one checked tensor already on the GPU, so that nothing in it reads the
-        host (an unchecked source tests every block for NaN, a host read). The 'candidates'
-        E-step sizes its (row, component) pairs and its overflowed rows on the host."""
-        return self._dense_kernels(device) and self.precision != "candidates" and source.checked \
-            and source.resident_on(device)
+        """Whether an EM iteration can be replayed from a CUDA graph (``_graph``): dense or
+        'candidates' kernels over one checked tensor already on the GPU, so that nothing in it
+        reads the host (an unchecked source tests every block for NaN, a host read)."""
+        return self._dense_kernels(device) and source.checked and source.resident_on(device)
 
     def _em_iteration(self, source, device, n, reseed):
-        """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two 0-d tensors;
-        ``reseed``: whether emptied components are re-seeded.
+        """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two numbers read from
+        the device, the iteration's one host read; ``reseed``: whether emptied components are
+        re-seeded.
 
-        Nothing in it waits for the GPU, so where ``_graphable`` it is captured once and
-        replayed (``_graph.GraphedStep``)."""
+        Nothing in it waits for the GPU, so where ``_graphable`` it is captured and replayed
+        (``_graph.GraphedStep``). A captured 'candidates' E-step has sizes fixed in advance
+        (``kernels.exact_candidates.Hints``); where they fall short, the iteration runs again
+        host-sized, which grows them, and is captured again, at most ``MAX_CAPTURES`` times a fit."""
         def step(*tensors):
             state = EMState(*tensors)
             stats, log_lik, worst = self._e_step(source, state, device)
             state, reseeded = self._m_step(stats, worst if reseed else worst[:0], state, n)
-            return (*state, log_lik, reseeded)
+            return (*state, torch.stack([log_lik, reseeded.to(log_lik.dtype), self._short(device).to(log_lik.dtype)]))
 
-        run = GraphedStep(step) if self._graphable(source, device) else step
+        captures = MAX_CAPTURES if self._graphable(source, device) else 0
+
+        def capture():
+            nonlocal captures
+            captures -= 1
+            return GraphedStep(step) if captures >= 0 else step
+
+        run = capture()
 
         def iteration(state):
-            *tensors, log_lik, reseeded = run(*state)
-            return EMState(*tensors), log_lik, reseeded
+            nonlocal run
+            *tensors, read = run(*state)
+            log_lik, reseeded, short = read.tolist()
+            if short:
+                *tensors, read = step(*state)
+                log_lik, reseeded, _ = read.tolist()
+                run = capture()
+            return EMState(*tensors), log_lik, int(reseeded)
 
         return iteration
+
+    def _short(self, device) -> torch.Tensor:
+        """Pairs and rows the last 'candidates' E-steps found no room for (0-d; 0 for the others)."""
+        short = [h.short for h in (self._hints or {}).values()]
+        return torch.stack(short).sum() if short else torch.zeros((), dtype=torch.int64, device=device)
 
     def _initialize(self, source, rng, device):
         k = self.n_components
@@ -595,10 +614,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self._truncation is not None:
             return self._truncation.block(offset, x, params, shift, dtype=params[0].dtype)
         if self._uses_kernels(x.device):
-            best = None
-            if self.precision == "candidates" and self._best is not None and offset is not None:
-                best = kernels.candidate_hints(self._best, offset, x, params, shift)
-            return kernels.estep(x, params, shift, precision=self.precision, best=best)
+            hints = None
+            if self.precision == "candidates" and self._hints is not None and offset is not None:
+                hints = kernels.candidate_hints(self._hints, offset, x, params, shift)
+            return kernels.estep(x, params, shift, precision=self.precision, hints=hints)
         return kernels.reference.estep(x, params, shift, dtype=params[0].dtype)
 
     def _best_components(self, x, params, shift) -> torch.Tensor:

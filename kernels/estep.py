@@ -139,15 +139,16 @@ def log_norm(x, params: NaturalParams, shift=None, *, precision="bf16x3", config
     return lz.double() + offset, best
 
 
-def candidate_hints(hints: dict, key, x, params: NaturalParams, shift=None) -> torch.Tensor:
-    """The ``best`` of ``estep(precision="candidates")`` for a block of rows kept in ``hints``
-    under ``key`` (say, its first row's index) from one E-step to the next: the block's best
-    components of its last E-step, or, the first time or when the block changed size, those of a
-    "bf16" ranking pass (``log_norm``)."""
-    best = hints.get(key)
-    if best is None or best.shape[0] != x.shape[0]:
-        best = hints[key] = log_norm(x, params.to(dtype=torch.float32), shift, precision="bf16")[1]
-    return best
+def candidate_hints(hints: dict, key, x, params: NaturalParams, shift=None) -> exact_candidates.Hints:
+    """The ``hints`` of ``estep(precision="candidates")`` for a block of rows, kept in the dict
+    ``hints`` under ``key`` (say, its first row's index) from one E-step to the next: the block's
+    best components of its last E-step, or, the first time or when the block changed size, those of
+    a "bf16" ranking pass (``log_norm``)."""
+    got = hints.get(key)
+    if got is None or got.best.shape[0] != x.shape[0]:
+        best = log_norm(x, params.to(dtype=torch.float32), shift, precision="bf16")[1]
+        got = hints[key] = exact_candidates.Hints(best)
+    return got
 
 
 def _library_products(x, weights, precision) -> bool:
@@ -181,7 +182,7 @@ def fullest_waves_split(programs: int, sms: int, cap: int) -> int:
 
 
 def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=None,
-          n_split=None, best=None) -> EStepResult:
+          n_split=None, hints=None) -> EStepResult:
     """Fused E-step of a diagonal or spherical mixture over a block of rows.
 
     Returns the per-row log-normalisers and the sufficient statistics
@@ -198,10 +199,12 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     precision : one of ``PRECISIONS`` (see ``kernels.tile``; "candidates": ``kernels.exact_candidates``)
     configs : (pass 1, pass 2) LaunchConfig, or None for ``default_configs``
     n_split : row splits of pass 2, or None to fill the device within ``PARTIALS_BUDGET``
-    best : int32 Tensor of shape (n,), "candidates" only: each row's best component from an
-        earlier E-step (``candidate_hints`` keeps them per block of rows), read as the rows'
-        hints and overwritten with this E-step's best. Any components give
+    hints : ``exact_candidates.Hints`` of the rows, "candidates" only: each row's best component
+        from an earlier E-step (``candidate_hints`` keeps them per block of rows), read as its
+        threshold's component and overwritten with this E-step's best. Any components give
         the same statistics; the rows' best give the fewest candidates (no ranking pass).
+        While a CUDA graph captures the E-step, it takes its sizes from the hints
+        (``exact_candidates.estep(static=True)``; ``hints.short`` says if they fell short).
 
     On a GPU, "bf16x3" and "bf16" rows of at least ``GEMM_FROM_FEATURES`` features take the same
     products as cuBLAS matrix products (``kernels.gemm``) unless ``configs`` or ``n_split``
@@ -212,9 +215,9 @@ def estep(x, params: NaturalParams, shift=None, *, precision="bf16x3", configs=N
     EStepResult, all float64.
     """
     if precision == "candidates":
-        return _estep_candidates(x, params, shift, configs, best)
-    if best is not None:
-        raise ValueError(f"best is read by precision='candidates' only, not {precision!r}")
+        return _estep_candidates(x, params, shift, configs, hints)
+    if hints is not None:
+        raise ValueError(f"hints are read by precision='candidates' only, not {precision!r}")
     x, weights, shift, offset, _ = _prepare(x, params, shift, precision)
     if configs is None and n_split is None and _library_products(x, weights, precision):
         result = gemm.estep(x, shift, weights, precision=precision)
@@ -259,15 +262,21 @@ def candidate_search(x, shift, weights, search_w, configs=None):
     return search
 
 
-def _estep_candidates(x, params, shift, configs, best):
-    """``exact_candidates.estep`` with ``candidate_search``; rows that overflow their candidate
-    capacity take the dense "bf16x3" E-step."""
+def _capturing(x) -> bool:
+    """Whether a CUDA graph is capturing the work on ``x`` (which must then not read the host)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _estep_candidates(x, params, shift, configs, hints):
+    """``exact_candidates.estep`` with ``candidate_search``, static while a CUDA graph captures it;
+    rows that overflow their candidate capacity take the dense "bf16x3" E-step (host-sized)."""
     x, shift = _rows(x, params, shift, "bf16")
     if x.shape[0] == 0:
         return estep(x, params, shift, precision="bf16x3")
+    best = None if hints is None else hints.best
     if best is not None and (best.shape != (x.shape[0],) or best.dtype != torch.int32 or best.device != x.device
                              or not best.is_contiguous()):
-        raise ValueError(f"best must be a contiguous int32 tensor of shape ({x.shape[0]},) on {x.device}, got "
+        raise ValueError(f"hints.best must be a contiguous int32 tensor of shape ({x.shape[0]},) on {x.device}, got "
                          f"{best.dtype} of shape {tuple(best.shape)} on {best.device}")
     weights, search_w, centred, offset = candidate_weights(params, x.device)
 
@@ -275,7 +284,8 @@ def _estep_candidates(x, params, shift, configs, best):
         result = estep(rows, params, shift, precision="bf16x3")
         return result._replace(log_norm=result.log_norm - offset)
     result, _ = exact_candidates.estep(x, centred, shift, weights.diagonal,
-                                       candidate_search(x, shift, weights, search_w, configs), dense, best=best)
+                                       candidate_search(x, shift, weights, search_w, configs), dense, hints=hints,
+                                       static=_capturing(x))
     return result._replace(log_norm=result.log_norm + offset)
 
 

@@ -23,6 +23,14 @@ components per row within 40 nats of the best), so this E-step splits the work:
 
 Rows with more than ``capacity`` candidates (flat posteriors: early iterations, standardised
 data) take the dense E-step, given as ``dense``.
+
+Sizes. The kept pairs and the overflowed rows are counted on the GPU and read by the host, which
+sizes the statistics' inputs from them. A CUDA graph cannot read them, so a captured E-step
+(``static=True``) takes sizes fixed in advance from ``Hints`` (what earlier, host-sized E-steps
+of the same rows met, with room to spare): kept pairs go to a buffer of ``Hints.pairs`` entries,
+and up to ``Hints.rows`` overflowed rows are taken against every component by torch
+(``wide_pairs``). Where those sizes fall short, ``Hints.short`` says by how much: the statistics
+are then incomplete, and the caller runs the E-step again host-sized.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import torch
 
 from .candidate_resp import candidate_resp
 from .candidates import n_words
-from .kept_pairs import kept_pairs
+from .kept_pairs import kept_pairs, kept_pairs_into
 from .params import NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
@@ -52,6 +60,39 @@ CAPACITY = {"diag": 64, "spherical": 128}
 # ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
 # eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 28
+# A captured E-step takes its overflowed rows against every component by torch, their (rows, K, D)
+# float32 differences at most this many bytes: 128 rows at K = 1024, D = 128.
+WIDE_BYTES = 64 << 20
+
+
+class Hints:
+    """What the E-step of one block of rows carries from one call to the next.
+
+    Parameters
+    ----------
+    best : int32 Tensor of shape (n,), each row's threshold component (module docstring),
+        overwritten by every E-step with the rows' best (rows that overflow keep theirs)
+
+    Attributes
+    ----------
+    best : as given
+    pairs : int, kept (row, component) pairs a captured E-step has room for (0: none seen yet)
+    rows : int, overflowed rows a captured E-step has room for
+    short : int64 0-d Tensor, how many pairs and overflowed rows the last E-step found no room
+        for (0 after a host-sized one)
+    """
+
+    def __init__(self, best: torch.Tensor):
+        self.best = best
+        self.pairs = self.rows = 0
+        self.short = torch.zeros((), dtype=torch.int64, device=best.device)
+
+    def grow(self, n_kept: int, n_over: int, max_rows: int) -> None:
+        """Make room for what a host-sized E-step met: a quarter more pairs (EM's posteriors
+        change little from one iteration to the next), twice the overflowed rows (at most
+        ``max_rows``), and a little more of both."""
+        self.pairs = max(self.pairs, -(-(n_kept + n_kept // 4 + 1) // 4096) * 4096)
+        self.rows = max(self.rows, min(max_rows, 2 * n_over + 8))
 
 
 def centred_params(params: NaturalParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,7 +110,39 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=None, margin=MARGIN_NATS):
+def wide_rows(n_comps: int, n_features: int) -> int:
+    """How many overflowed rows ``wide_pairs`` takes within ``WIDE_BYTES``."""
+    return max(1, WIDE_BYTES // (4 * n_comps * n_features))
+
+
+def wide_pairs(x, over, centred, shift, min_resp, log_norm, best):
+    """The rows ``over`` of ``x`` against every component, in float32 from centred differences as
+    the exact pass: their log Z into ``log_norm`` and their best component into ``best``, and the
+    (rows, comps, resp) triples of them all, of shape (len(over) * K,). ``over`` (int64) may end
+    in -1 (no row, as ``torch.nonzero_static`` fills): those write nothing, and their triples, like
+    those of responsibilities below ``min_resp``, stand for none (component K)."""
+    means, precisions, consts = centred
+    n_comps = len(consts)
+    live = over >= 0
+    at = over.clamp_min(0)
+    diff = (x[at].float() - shift)[:, None, :] - means
+    sq = diff * diff
+    quad = (sq * precisions).sum(2) if precisions.dim() == 2 else sq.sum(2) * precisions
+    ll = consts - 0.5 * quad
+    lz = torch.logsumexp(ll, 1)
+    # Added where the entry is live and 0 elsewhere: repeated fill indices change nothing, where an
+    # assignment through them would race with a live row's.
+    log_norm.index_put_((at,), torch.where(live, lz.to(log_norm.dtype) - log_norm[at], 0.0), accumulate=True)
+    best.index_put_((at,), torch.where(live, ll.argmax(1).to(best.dtype) - best[at], 0), accumulate=True)
+    r = torch.exp(ll - lz[:, None])
+    take = live[:, None] & (r >= min_resp)
+    comps = torch.arange(n_comps, dtype=torch.int32, device=x.device).expand_as(ll)
+    rows = at.to(torch.int32)[:, None].expand_as(ll)
+    return rows.flatten(), torch.where(take, comps, n_comps).flatten(), torch.where(take, r, 0.0).flatten()
+
+
+def estep(x, centred, shift, diagonal, search, dense, *, hints=None, capacity=None, margin=MARGIN_NATS,
+          static=False):
     """Exact-on-candidates E-step of a block of rows.
 
     Parameters
@@ -85,17 +158,23 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
         ``best`` or None
     dense : callable (rows) -> EStepResult (log_norm float64 without the offset), the dense
         E-step of the rows that overflow their capacity
-    best : int32 Tensor of shape (n,) or None: each row's best component from an earlier E-step,
-        the component of its threshold; overwritten with this E-step's best (rows that overflow
-        keep theirs)
+    hints : Hints or None: each row's threshold component, from an earlier E-step (``hints.best``,
+        overwritten with this E-step's best), and the sizes of a static E-step (grown by a
+        host-sized one)
     capacity : int, candidate slots per row, or None for ``CAPACITY``
     margin : float, nats
+    static : bool, sizes from ``hints`` (which must have seen a host-sized E-step) and no host
+        read, so that a CUDA graph can capture it (module docstring)
 
     Returns
     -------
-    EStepResult, float64 (log_norm without the offset), and the number of overflowed rows
+    EStepResult, float64 (log_norm without the offset), and the number of overflowed rows: an int,
+    or, static, a 0-d int64 Tensor
     """
     capacity = capacity or CAPACITY["diag" if diagonal else "spherical"]
+    if static:
+        return _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin)
+    best = None if hints is None else hints.best
     log_norm = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     rows, comps, resp, over = [], [], [], []
 
@@ -129,6 +208,10 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
             collect(*pending)
         pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
+    n_kept = sum(len(part) for part in rows)
+    if hints is not None:
+        hints.grow(n_kept, sum(len(part) for part in over), wide_rows(len(centred[2]), x.shape[1]))
+        hints.short.zero_()
     nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
     if not over:
         return EStepResult(log_norm, nk, s1, s2), 0
@@ -136,3 +219,37 @@ def estep(x, centred, shift, diagonal, search, dense, *, best=None, capacity=Non
     rest = dense(x[over])
     log_norm[over] = rest.log_norm
     return EStepResult(log_norm, nk + rest.nk, s1 + rest.s1, s2 + rest.s2), over.numel()
+
+
+def _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin):
+    """``estep(static=True)``: no host read, sizes from ``hints``."""
+    if hints is None or not hints.pairs:
+        raise ValueError("a static E-step takes its sizes from hints that have seen a host-sized E-step")
+    n, n_comps = x.shape[0], len(centred[2])
+    device = x.device
+    log_norm = torch.empty(n, dtype=torch.float64, device=device)
+    overflowed = torch.empty(n, dtype=torch.bool, device=device)
+    pairs = (torch.zeros(hints.pairs, dtype=torch.int32, device=device),
+             torch.full((hints.pairs,), n_comps, dtype=torch.int32, device=device),
+             torch.zeros(hints.pairs, dtype=torch.float32, device=device))
+    n_kept = torch.zeros((), dtype=torch.int64, device=device)
+    sub_block = max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(n_comps)))
+    for start in range(0, n, sub_block):
+        part = x[start:start + sub_block]
+        end = start + len(part)
+        marks = search(part, centred, margin, hints.best[start:end])
+        lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
+                                                     min_resp=math.exp(-margin), best=hints.best[start:end])
+        over = count > capacity
+        overflowed[start:end] = over
+        # Overflowed rows' log Z is written by ``wide_pairs``, which adds to it.
+        log_norm[start:end] = torch.where(over, 0.0, lz.double())
+        ends = torch.cumsum(kept, 0) + n_kept
+        kept_pairs_into(pairs, cand, r, kept, ends, first_row=start)
+        n_kept = ends[-1]
+    over = torch.nonzero_static(overflowed, size=hints.rows, fill_value=-1).view(-1)
+    wide = wide_pairs(x, over, centred, shift, math.exp(-margin), log_norm, hints.best)
+    n_over = overflowed.sum()
+    hints.short.copy_((n_kept - hints.pairs).clamp_min(0) + (n_over - hints.rows).clamp_min(0))
+    nk, s1, s2 = pair_stats(x, shift, *(torch.cat(t) for t in zip(pairs, wide)), n_comps, diagonal)
+    return EStepResult(log_norm, nk, s1, s2), n_over

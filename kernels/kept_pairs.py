@@ -15,24 +15,24 @@ import triton.language as tl
 
 
 @triton.jit
-def kept_pairs_kernel(cand_ptr, resp_ptr, kept_ptr, ends_ptr, rows_out, comps_out, resp_out, first_row, n_rows,
+def kept_pairs_kernel(cand_ptr, resp_ptr, kept_ptr, ends_ptr, rows_out, comps_out, resp_out, n_out, first_row, n_rows,
                       CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     kept = tl.load(kept_ptr + rows, mask=row_mask, other=0)
     first = tl.load(ends_ptr + rows, mask=row_mask, other=0) - kept
     slots = tl.arange(0, BLOCK_S)
-    mask = slots[None, :] < kept[:, None]
     src = rows.to(tl.int64)[:, None] * CAPACITY + slots[None, :]
     dst = first.to(tl.int64)[:, None] + slots[None, :]
+    mask = (slots[None, :] < kept[:, None]) & (dst < n_out)
     tl.store(comps_out + dst, tl.load(cand_ptr + src, mask=mask), mask=mask)
     tl.store(resp_out + dst, tl.load(resp_ptr + src, mask=mask), mask=mask)
     row_ids = tl.broadcast_to((rows + first_row)[:, None], (BLOCK_N, BLOCK_S))
     tl.store(rows_out + dst, row_ids.to(tl.int32), mask=mask)
 
 
-def kept_pairs(cand, resp, kept, ends, n_kept, *, first_row=0, block_n=16, num_warps=4):
-    """Launch the gather pass.
+def kept_pairs(cand, resp, kept, ends, n_kept, *, first_row=0):
+    """The kept (row, component, r) triples of a block of rows, in row order.
 
     Parameters
     ----------
@@ -49,16 +49,26 @@ def kept_pairs(cand, resp, kept, ends, n_kept, *, first_row=0, block_n=16, num_w
     comps : int32 Tensor of shape (n_kept,)
     resp : float32 Tensor of shape (n_kept,)
     """
-    n, capacity = cand.shape
     device = cand.device
-    rows = torch.empty(n_kept, dtype=torch.int32, device=device)
-    comps = torch.empty(n_kept, dtype=torch.int32, device=device)
-    out = torch.empty(n_kept, dtype=torch.float32, device=device)
-    if n and n_kept:
+    out = (torch.empty(n_kept, dtype=torch.int32, device=device), torch.empty(n_kept, dtype=torch.int32, device=device),
+           torch.empty(n_kept, dtype=torch.float32, device=device))
+    if n_kept:
+        kept_pairs_into(out, cand, resp, kept, ends, first_row=first_row)
+    return out
+
+
+def kept_pairs_into(out, cand, resp, kept, ends, *, first_row=0, block_n=16, num_warps=4):
+    """Launch the gather pass into given tensors: row n's pairs go to positions
+    ends[n] - kept[n] .. ends[n] - 1 of ``out`` = (rows, comps, resp), each of shape (P,); pairs
+    at positions >= P are dropped, so that a caller that cannot read ``ends[-1]`` (a CUDA graph)
+    can size ``out`` from an estimate. ``ends`` may start past 0 (the pairs of earlier blocks);
+    other arguments as ``kept_pairs``'s."""
+    n, capacity = cand.shape
+    rows, comps, out_resp = out
+    if n:
         kept_pairs_kernel[(triton.cdiv(n, block_n),)](
-            cand, resp, kept, ends, rows, comps, out, first_row, n, CAPACITY=capacity, BLOCK_N=block_n,
-            BLOCK_S=triton.next_power_of_2(capacity), num_warps=num_warps)
-    return rows, comps, out
+            cand, resp, kept, ends, rows, comps, out_resp, rows.shape[0], first_row, n, CAPACITY=capacity,
+            BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(capacity), num_warps=num_warps)
 
 
 def kept_pairs_reference(cand, resp, kept, n_kept, *, first_row=0):

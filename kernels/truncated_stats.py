@@ -43,8 +43,8 @@ def _lower_bound(sorted_ptr, n, values, n_steps):
 def piece_layout_kernel(keys_ptr, n_keys, start_ptr, count_ptr, n_comps, n_steps, PIECE: tl.constexpr,
                         BLOCK: tl.constexpr):
     """Where each component's segment of the sorted keys starts (components 0..K+1, K's segment
-    empty) and how many pieces it takes, at least one (components below K), written one place
-    on so that a cumulative sum gives each component's first piece."""
+    the skipped triples') and how many pieces it takes, at least one (components below K), written
+    one place on so that a cumulative sum gives each component's first piece."""
     comps = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = comps < n_comps + 2
     start = _lower_bound(keys_ptr, n_keys, comps, n_steps)
@@ -66,11 +66,12 @@ def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, order_ptr,
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     # The piece's component: how many components' pieces end at or before it (pieces past the
-    # last component's belong to component K, whose segment is empty).
+    # last component's belong to component K, whose segment is skipped).
     comp = tl.sum(_lower_bound(piece_first_ptr + 1, n_comps, tl.zeros([1], dtype=tl.int64) + piece + 1, n_steps),
                   axis=0)
     first = tl.load(start_ptr + comp) + (piece - tl.load(piece_first_ptr + comp)) * PIECE
-    last = tl.minimum(first + PIECE, tl.load(start_ptr + comp + 1))
+    # Component K's entries (pairs that stand for none) are never read.
+    last = tl.where(comp < n_comps, tl.minimum(first + PIECE, tl.load(start_ptr + comp + 1)), first)
     # (BLOCK_E, BLOCK_D) partial sums, reduced across entries once at the end: a reduction per
     # step would cross warps through shared memory every BLOCK_E entries.
     nk = tl.zeros([BLOCK_E], dtype=tl.float64)
@@ -159,7 +160,8 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, nu
     ----------
     x : Tensor of shape (n, D), unit column stride
     shift : float32 Tensor of shape (D,)
-    rows, comps : integer Tensors of shape (P,), row and component of every triple
+    rows, comps : integer Tensors of shape (P,), row and component of every triple; component K
+        stands for none (the triple is skipped: unused entries of a buffer sized in advance)
     resp : float32 Tensor of shape (P,)
     n_comps : int, K
     diagonal : bool
@@ -169,13 +171,13 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, nu
     nk, s1, s2 : as ``segment_stats``
     """
     d = x.shape[1]
-    # Components fit 16 bits: cub's radix sort then makes two passes over the keys, not four
-    # (H100, 3.4M keys: 0.16 against 0.24 ms).
-    keys, order = torch.sort(comps.to(torch.int16 if n_comps <= 2 ** 15 else torch.int32), stable=True)
-    # Segment bounds of components 0..K+1, where component K's segment [P, P) holds nothing, and
+    # Components (and K, the skipped triples') fit 16 bits: cub's radix sort then makes two passes
+    # over the keys, not four (H100, 3.4M keys: 0.16 against 0.24 ms).
+    keys, order = torch.sort(comps.to(torch.int16 if n_comps < 2 ** 15 else torch.int32), stable=True)
+    # Segment bounds of components 0..K+1, where component K's segment holds the skipped triples, and
     # each component's first piece. Every component gets at least one piece, so every output is
     # written; sum_k ceil(L_k / PIECE) is at most K + P // PIECE, a size the host knows without
-    # reading the GPU. Pieces past the last component's are empty: they belong to component K.
+    # reading the GPU. Pieces past the last component's belong to component K: they read nothing.
     # One launch and a cumulative sum, where torch's searches and arithmetic took a dozen
     # launches that the GPU waited for.
     start = torch.empty(n_comps + 2, dtype=torch.int64, device=x.device)

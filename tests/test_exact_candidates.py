@@ -8,6 +8,7 @@ flat (every component a candidate), and rows that overflow the capacity take the
 Outputs are poisoned (NaN / -7) before the kernels write them.
 """
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from flashgmm_ivf.kernels.candidates import candidates, search_weights
 from flashgmm_ivf.kernels.candidates_wide import candidates_wide
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
-from flashgmm_ivf.kernels.kept_pairs import kept_pairs, kept_pairs_reference
+from flashgmm_ivf.kernels.kept_pairs import kept_pairs, kept_pairs_into, kept_pairs_reference
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
@@ -321,6 +322,58 @@ def test_some_rows_overflow(poisoned_empty, monkeypatch):
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_static_estep_matches_float64_and_counts_what_its_sizes_leave_out(diagonal, poisoned_empty, monkeypatch):
+    """``static=True`` (what a CUDA graph captures) takes its sizes from hints grown by a host-sized
+    E-step. With eight slots a row most rows overflow and are taken against every component
+    (``wide_pairs``), in sub-blocks of 16 rows: statistics, log Z and every row's best (overflowed
+    rows' too) are float64's, and nothing is short. Fewer pair slots or overflowed rows than needed
+    are counted in ``hints.short``, one for one."""
+    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_BYTES", 16 * (8 * 8 + 4))  # capacity 8, one word: 16 rows
+    n, d, k = 97, 9, 13
+    x, params, shift = mixture(n, d, k, "standardised", diagonal)
+    ref = kernels.reference.estep(x.double(), params, shift)
+    ll = weighted_log_prob(x.double(), params, shift)
+    xd, split, sh, weights, offset = prepared(x, params, shift)
+
+    def run(hints, static):
+        return exact_candidates.estep(
+            xd, exact_candidates.centred_params(split), sh, diagonal, search("fused", xd, sh, split, (16, 32, 16)),
+            lambda rows: kernels.estep(rows, split, sh, precision="bf16x3"), hints=hints, capacity=8, margin=15.0,
+            static=static)
+
+    hints = exact_candidates.Hints(ll.argmax(1).to(DEVICE, torch.int32))
+    with pytest.raises(ValueError, match="host-sized"):
+        run(hints, True)
+    _, n_over = run(hints, False)
+    assert 0 < n_over < n and hints.pairs > 0 and hints.rows == 2 * n_over + 8 and int(hints.short) == 0
+    # Random threshold components: more rows overflow, all within the room given.
+    scattered = torch.randint(k, (n,), generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.int32)
+    hints.best.copy_(scattered)
+    hints.rows = n
+    got, over = run(hints, True)
+    assert 0 < int(over) < n and int(hints.short) == 0
+    got = got._replace(log_norm=got.log_norm + offset.to(got.log_norm.device))
+    for name, g, r in zip(ref._fields, got, ref):
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
+    top2 = ll.topk(2, 1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-3
+    assert torch.equal(hints.best.cpu().long()[clear], ll.argmax(1)[clear])
+    hints.rows = int(over) - 3
+    hints.best.copy_(scattered)
+    run(hints, True)
+    assert int(hints.short) == 3
+    hints.rows = n
+    shorts = []
+    for pairs in (1, 2):
+        hints.pairs = pairs
+        hints.best.copy_(scattered)
+        run(hints, True)
+        shorts.append(int(hints.short))
+    assert shorts[0] >= 2 and shorts[0] - shorts[1] == 1
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_estep_rows_that_overflow_take_the_dense_estep_with_the_offset_put_back(diagonal, monkeypatch,
                                                                                 poisoned_empty):
     """kernels.estep(precision="candidates") with two slots a row: overflowed rows take the dense
@@ -354,10 +407,10 @@ def test_wide_rows_rank_by_library_products_then_take_the_wide_pass_on_a_gpu(dia
     monkeypatch.setattr(gemm, "log_norm", lambda *a, **kw: calls.append("ranking") or ranking(*a, **kw))
     monkeypatch.setattr(estep_module, "candidates_wide", lambda *a, **kw: calls.append("wide") or wide(*a, **kw))
     ref = kernels.reference.estep(x.double(), params, shift)
-    best = torch.zeros(n, dtype=torch.int32, device="cuda")
-    for hints in (None, best):
+    given = exact_candidates.Hints(torch.zeros(n, dtype=torch.int32, device="cuda"))
+    for hints in (None, given):
         got = kernels.estep(x.cuda(), params.to("cuda", torch.float32), shift.cuda(), precision="candidates",
-                            best=hints)
+                            hints=hints)
         for name, g, r in zip(ref._fields, got, ref):
             assert relative_error(g.cpu(), r) < TOLERANCE, (name, relative_error(g.cpu(), r))
     assert calls == ["ranking", "wide", "wide"]
@@ -411,8 +464,8 @@ def test_candidate_weights_match_the_torch_functions_they_fuse(d, k, diagonal, d
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_hints_of_any_components_give_the_same_statistics_and_come_back_as_the_best(diagonal, poisoned_empty):
-    """``best``: the threshold's component may be any (here random, then the rows' worst); the
-    statistics still match float64, and ``best`` comes back as each row's best component."""
+    """``hints.best``: the threshold's component may be any (here random, then the rows' worst); the
+    statistics still match float64, and ``hints.best`` comes back as each row's best component."""
     n, d, k = 203, 37, 19
     x, params, shift = mixture(n, d, k, "raw", diagonal)
     ref = kernels.reference.estep(x.double(), params, shift)
@@ -420,7 +473,7 @@ def test_hints_of_any_components_give_the_same_statistics_and_come_back_as_the_b
     for hints in (torch.randint(k, (n,), generator=torch.Generator().manual_seed(1)), ll.argmin(1)):
         best = hints.to(DEVICE, torch.int32)
         got = kernels.estep(x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE), precision="candidates",
-                            configs=(config((32, 32, 64)), None), best=best)
+                            configs=(config((32, 32, 64)), None), hints=exact_candidates.Hints(best))
         for name, g, r in zip(ref._fields, got, ref):
             assert relative_error(g, r) < TOLERANCE, (name, relative_error(g, r))
         top2 = ll.topk(2, 1).values
@@ -429,13 +482,14 @@ def test_hints_of_any_components_give_the_same_statistics_and_come_back_as_the_b
         assert torch.equal(best.cpu().long()[clear], ll.argmax(1)[clear])
 
 
-def test_best_is_checked():
+def test_hints_are_checked():
     x, params, shift = mixture(37, 5, 3, "raw", True)
     x, params, shift = x.to(DEVICE), params.to(DEVICE, torch.float32), shift.to(DEVICE)
-    with pytest.raises(ValueError, match="int32 tensor of shape \\(37,\\)"):
-        kernels.estep(x, params, shift, precision="candidates", best=torch.zeros(36, dtype=torch.int32, device=DEVICE))
+    wrong, right = (exact_candidates.Hints(torch.zeros(n, dtype=torch.int32, device=DEVICE)) for n in (36, 37))
+    with pytest.raises(ValueError, match="hints.best must be a contiguous int32 tensor of shape \\(37,\\)"):
+        kernels.estep(x, params, shift, precision="candidates", hints=wrong)
     with pytest.raises(ValueError, match="candidates' only"):
-        kernels.estep(x, params, shift, precision="bf16x3", best=torch.zeros(37, dtype=torch.int32, device=DEVICE))
+        kernels.estep(x, params, shift, precision="bf16x3", hints=right)
 
 
 @pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
@@ -455,10 +509,11 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
     real, seen = kernels.estep, []
 
     def spy(rows, params, shift, **kw):
-        before = kw["best"].clone()
+        best = kw["hints"].best
+        before = best.clone()
         out = real(rows, params, shift, **kw)
         ll = weighted_log_prob(rows.double(), params.to(dtype=torch.float64), shift.double())
-        seen.append((rows.shape[0], before, kw["best"], kw["best"].clone(), ll))
+        seen.append((rows.shape[0], before, best, best.clone(), ll))
         return out
 
     monkeypatch.setattr(kernels, "estep", spy)
@@ -471,9 +526,101 @@ def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
         if i >= blocks:
             previous = seen[i - blocks]
             assert kept is previous[2] and torch.equal(before.long(), previous[4].argmax(1))
-    assert got._best is None
+    assert got._hints is None
     np.testing.assert_allclose(got.means_, ref.means_, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(got.lower_bounds_, ref.lower_bounds_, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
+def test_fit_replays_static_esteps_and_runs_again_host_sized_where_their_sizes_fall_short(monkeypatch):
+    """A fit whose EM iteration is a CUDA graph (``_graph.GraphedStep``: its first call runs eagerly,
+    later ones replay what was captured, stood in for here by calls while ``_capturing``) replays
+    static E-steps. Where their sizes fall short (forced: the first block's first growth leaves one
+    pair slot), the iteration runs again host-sized, growing them, and is captured again. The fit
+    is float64's."""
+    from flashgmm_ivf import mixture as mixture_module
+    estep_module = importlib.import_module("flashgmm_ivf.kernels.estep")
+    gen = torch.Generator().manual_seed(3)
+    x = make_rows(300, 6, "raw", gen).numpy()
+    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device=DEVICE).fit(x)
+    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_,
+                covariance_type="diag", max_iter=6, tol=0, chunk_size=128, device=DEVICE)
+    ref = GaussianMixture(4, compute_dtype="float64", **init).fit(x)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
+    capturing, graphs, statics, grown = [False], [], [], []
+
+    class Replayed:
+        def __init__(self, fn):
+            self.fn, self.calls = fn, 0
+            graphs.append(self)
+
+        def __call__(self, *inputs):
+            self.calls += 1
+            capturing[0] = self.calls > 1
+            try:
+                return self.fn(*inputs)
+            finally:
+                capturing[0] = False
+
+    real_estep, real_grow = exact_candidates.estep, exact_candidates.Hints.grow
+
+    def grow(hints, *args):
+        real_grow(hints, *args)
+        grown.append(hints)
+        if len(grown) == 1:
+            hints.pairs = 1
+
+    monkeypatch.setattr(estep_module, "_capturing", lambda rows: capturing[0])
+    monkeypatch.setattr(exact_candidates, "estep",
+                        lambda *a, **kw: statics.append(kw["static"]) or real_estep(*a, **kw))
+    monkeypatch.setattr(exact_candidates.Hints, "grow", grow)
+    monkeypatch.setattr(mixture_module, "GraphedStep", Replayed)
+    monkeypatch.setattr(GaussianMixture, "_graphable", lambda self, source, device: True)
+    got = GaussianMixture(4, precision="candidates", **init).fit(x)
+    blocks = len(statics) // 7  # E-steps per iteration; one iteration runs twice
+    assert blocks >= 1 and len(statics) == 7 * blocks
+    # eager; replayed, short; again host-sized; eager (a new capture); replayed three times
+    assert statics == [False] * blocks + [True] * blocks + [False] * 2 * blocks + [True] * 3 * blocks
+    assert len(graphs) == 2
+    np.testing.assert_allclose(got.means_, ref.means_, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got.lower_bounds_, ref.lower_bounds_, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("short", [False, True], ids=["sizes-hold", "first-sizes-short"])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fit_on_a_gpu_captures_the_candidates_iteration_as_a_cuda_graph(covariance_type, short, monkeypatch):
+    """On a GPU the 'candidates' EM iteration is captured (no warning that it runs eagerly) and
+    replayed; where the first sizes fall short (forced) it is captured again. The fit equals
+    the one that never captures (overflowed rows differ in float32 round-off only)."""
+    from flashgmm_ivf import mixture as mixture_module
+    graphs = []
+    real_graph, real_grow = mixture_module.GraphedStep, exact_candidates.Hints.grow
+    monkeypatch.setattr(mixture_module, "GraphedStep", lambda fn: graphs.append(real_graph(fn)) or graphs[-1])
+    if short:
+        def grow(hints, *args):
+            first = not hints.pairs
+            real_grow(hints, *args)
+            if first and len(graphs) == 1:
+                hints.pairs = 1
+        monkeypatch.setattr(exact_candidates.Hints, "grow", grow)
+    x = make_rows(20_000, 32, "raw", torch.Generator().manual_seed(4)).numpy()
+    kw = dict(covariance_type=covariance_type, precision="candidates", max_iter=8, tol=0, random_state=0,
+              device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        warnings.filterwarnings("ignore", "Best performing initialization did not converge")
+        graphed = GaussianMixture(16, **kw).fit(x)
+    assert len(graphs) == (2 if short else 1) and all(g._graph is not None for g in graphs)
+    monkeypatch.setattr(GaussianMixture, "_graphable", lambda self, source, device: False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Best performing initialization did not converge")
+        eager = GaussianMixture(16, **kw).fit(x)
+    np.testing.assert_allclose(graphed.lower_bounds_, eager.lower_bounds_, rtol=1e-9)
+    np.testing.assert_allclose(graphed.means_, eager.means_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(graphed.covariances_, eager.covariances_, rtol=1e-5)
 
 
 def test_candidate_pass_refuses_tiles_that_split_a_word():
@@ -512,3 +659,8 @@ def test_kept_pairs_gather_what_torch_indexing_gathers(n, capacity, first_row):
         assert g.dtype == w.dtype and torch.equal(g, w)
     # The rows come out ascending, as the statistics pass's stable sort expects.
     assert bool((got[0][1:] >= got[0][:-1]).all())
+    # Into a buffer after 5 earlier pairs, 3 entries short: what fits lands, nothing else is written.
+    out = tuple(torch.full((n_kept + 2,), -7, dtype=w.dtype, device=DEVICE) for w in want)
+    kept_pairs_into(out, cand, resp, kept, ends + 5, first_row=first_row)
+    for o, w in zip(out, want):
+        assert (o[:5] == -7).all() and torch.equal(o[5:], w[:n_kept - 3])

@@ -119,6 +119,13 @@ def test_pair_stats_spread_long_segments_over_pieces(diagonal, poisoned_empty, m
         assert torch.isfinite(g).all(), name
         np.testing.assert_allclose(g.cpu().numpy(), ref.numpy(), rtol=1e-12, atol=1e-9, err_msg=name)
     assert got[0][1].item() == 0.0 and not got[1][1].any()
+    # Triples of component K stand for none, whatever their rows and responsibilities: 50 of them,
+    # over three pieces, change nothing.
+    skipped = torch.full((50,), k, dtype=torch.int32)
+    spaced = [torch.cat([t, pad]) for t, pad in ((rows, rows[:50]), (comps, skipped), (resp, resp[:50] + 1))]
+    again = truncated_stats.pair_stats(*(t.to(DEVICE) for t in (x, shift, *spaced)), k, diagonal)
+    for name, g, a in zip(("nk", "s1", "s2"), got, again):
+        assert torch.equal(g, a), name
 
 
 def test_rows_in_any_order_and_uint8_equal_float32_input():
