@@ -5,6 +5,10 @@ as a user runs it, on rows already on the device: (fit of ``2 + iterations`` - f
 ``iterations``, which leaves out the start (validation, the hard-assignment pass, the
 compile) and keeps everything an iteration does. Prints a table, writes JSON.
 
+With ``--profile`` (CUDA), each cell also gets its GPU time per iteration, by kernel: the kernel
+times ``torch.profiler`` records in the same two fits, subtracted and divided the same way, so
+that what the GPU does (``gpu_busy_ms``) can be set against the iteration's wall time.
+
 ``python -m flashgmm_ivf.eval.bench_fit --out eval/results/bench_fit_h100.json``
 """
 from __future__ import annotations
@@ -47,8 +51,28 @@ def _fit_seconds(x, k, covariance_type, precision, means_init, max_iter) -> floa
     return time.perf_counter() - start
 
 
-def run(n, k, d, iterations, repeats, device, cells=CELLS):
-    """Rows of (covariance type, precision, ms per iteration: median and all repeats)."""
+def _kernel_ms(x, k, covariance_type, precision, means_init, max_iter) -> dict[str, tuple[int, float]]:
+    """{kernel: (launches, GPU ms)} of one fit, from ``torch.profiler``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _fit_seconds(x, k, covariance_type, precision, means_init, max_iter)
+    return {e.key: (e.count, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def gpu_time(x, k, covariance_type, precision, means_init, iterations, top=12) -> dict:
+    """GPU ms per iteration (fit of ``2 + iterations`` less fit of 2), in all and by kernel (the
+    ``top`` largest: name, launches and ms per iteration)."""
+    short = _kernel_ms(x, k, covariance_type, precision, means_init, 2)
+    long = _kernel_ms(x, k, covariance_type, precision, means_init, 2 + iterations)
+    per = {name: ((count - short.get(name, (0, 0.0))[0]) / iterations,
+                  (ms - short.get(name, (0, 0.0))[1]) / iterations) for name, (count, ms) in long.items()}
+    ranked = sorted(per.items(), key=lambda item: -item[1][1])
+    return {"gpu_busy_ms": sum(ms for _, ms in per.values()),
+            "kernels": [{"name": name, "launches": count, "ms": ms} for name, (count, ms) in ranked[:top]]}
+
+
+def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False):
+    """Rows of (covariance type, precision, ms per iteration: median and all repeats; with
+    ``profile``, ``gpu_time``'s GPU ms per iteration too)."""
     gen = torch.Generator(device).manual_seed(0)
     x = raw_scale_rows(n, d, 256, gen, device)
     means_init = x[torch.randperm(n, generator=gen, device=device)[:k]].double().cpu().numpy()
@@ -62,6 +86,8 @@ def run(n, k, d, iterations, repeats, device, cells=CELLS):
             per_iteration.append((long - short) / iterations * 1e3)
         rows.append({"covariance_type": covariance_type, "precision": precision, "n": n, "k": k, "d": d,
                      "ms_per_iteration": statistics.median(per_iteration), "ms_all": per_iteration})
+        if profile:
+            rows[-1] |= gpu_time(x, k, covariance_type, precision, means_init, iterations)
     return rows
 
 
@@ -74,14 +100,20 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cells", type=_cells, default=CELLS, help="covariance_type:precision,... (default: all)")
+    parser.add_argument("--profile", action="store_true", help="GPU time per iteration by kernel (torch.profiler)")
     parser.add_argument("--out", default="eval/results/bench_fit.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells)
-    print(f"{'cov':9} {'precision':10} {'ms/iter (median)':>16}  all")
+    if args.profile and device.type != "cuda":
+        parser.error("--profile times GPU kernels: it needs --device cuda")
+    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells, args.profile)
+    print(f"{'cov':9} {'precision':10} {'ms/iter (median)':>16} {'GPU busy':>9}  all")
     for r in rows:
-        print(f"{r['covariance_type']:9} {r['precision']:10} {r['ms_per_iteration']:16.2f}  "
+        busy = f"{r['gpu_busy_ms']:9.2f}" if "gpu_busy_ms" in r else f"{'':9}"
+        print(f"{r['covariance_type']:9} {r['precision']:10} {r['ms_per_iteration']:16.2f} {busy}  "
               + " ".join(f"{t:.2f}" for t in r["ms_all"]))
+        for kernel in r.get("kernels", ()):
+            print(f"    {kernel['ms']:7.3f} ms {kernel['launches']:6.1f}x  {kernel['name'][:90]}")
     doc = {"environment": environment(device), "arguments": vars(args), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)

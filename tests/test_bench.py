@@ -41,7 +41,8 @@ def run(tmp_path_factory):
         (folder / name).write_text(FAKE_ANCHOR)
     out = folder / "bench.json"
     bench_estep.main(["--device", "cpu", "--n", "600", "--k", "8,32", "--d", "6", "--precisions", "",
-                      "--window-s", "0.01", "--ceiling-size", "64", "--anchor-dir", str(folder), "--oracle-max-flop", "5e5",
+                      "--window-s", "0.01", "--ceiling-size", "64", "--anchor-dir", str(folder),
+                      "--oracle-max-flop", "5e5",
                       "--out", str(out)])
     return json.loads(out.read_text())
 
@@ -128,6 +129,17 @@ def test_bench_outofcore_on_gpu(tmp_path):
     assert json.loads(out.read_text())["file"]["created_seconds"] is None  # reused
 
 
+@pytest.mark.gpu
+def test_bench_fit_profiles_the_gpu(tmp_path):
+    from flashgmm_ivf.eval import bench_fit
+    out = tmp_path / "fit.json"
+    bench_fit.main(["--n", "20000", "--k", "16", "--d", "32", "--iterations", "2", "--repeats", "1", "--device", "cuda",
+                    "--cells", "diag:candidates", "--profile", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["gpu_busy_ms"] > 0 and len(row["kernels"]) <= 12
+    assert "candidates_kernel" in [kernel["name"] for kernel in row["kernels"]]
+
+
 def test_bench_fit_times_the_estimator(tmp_path):
     from flashgmm_ivf.eval import bench_fit
     out = tmp_path / "fit.json"
@@ -138,3 +150,10 @@ def test_bench_fit_times_the_estimator(tmp_path):
     assert [(r["covariance_type"], r["precision"]) for r in doc["rows"]] == list(bench_fit.CELLS)
     for r in doc["rows"]:
         assert len(r["ms_all"]) == 2 and min(r["ms_all"]) <= r["ms_per_iteration"] <= max(r["ms_all"])
+    bench_fit.main(["--n", "600", "--k", "4", "--d", "8", "--iterations", "2", "--repeats", "1", "--device", "cpu",
+                    "--cells", "spherical:candidates", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["covariance_type"] == "spherical" and row["precision"] == "candidates" and "gpu_busy_ms" not in row
+    for bad in (["--cells", "diag"], ["--device", "cpu", "--profile"]):
+        with pytest.raises(SystemExit):
+            bench_fit.main(bad + ["--out", str(out)])
