@@ -106,9 +106,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         every component within 30 nats of each row's best; log Z and the statistics are then
         float32 over those alone (``flashgmm_ivf.kernels.exact_candidates``). ``fit`` keeps
         each row's best component between EM iterations for it (4 bytes a row, on the device).
-        On an H100 at N = 1M, K = 1024, D = 128 a diag EM iteration takes 5.1 ms against
-        bf16x3's 10.0 (spherical 4.9 against 6.2), with up to 1.5 GB of candidate buffers
-        (two sub-blocks of ``exact_candidates.SUB_BLOCK_BYTES``).
+        On an H100 at N = 1M, K = 1024, D = 128 a diag EM iteration through ``fit`` takes 5.1 ms
+        against bf16x3's 9.4 (spherical 5.5 against 6.1), with up to 1.5 GB of candidate
+        buffers (two sub-blocks of ``exact_candidates.SUB_BLOCK_BYTES``).
     variance_floor : 'auto' or float >= 0, default='auto'
         Diagonal and spherical variances are kept at least this times the data's mean squared
         deviation (per feature) from the point the E-step expands around; full covariances
