@@ -71,7 +71,8 @@ class Hints:
     Parameters
     ----------
     best : int32 Tensor of shape (n,), each row's threshold component (module docstring),
-        overwritten by every E-step with the rows' best (rows that overflow keep theirs)
+        overwritten by every E-step with the rows' best (but for the rows that overflow in a
+        host-sized one: those keep theirs)
 
     Attributes
     ----------
