@@ -492,20 +492,27 @@ def test_hints_are_checked():
         kernels.estep(x, params, shift, precision="bf16x3", hints=right)
 
 
+def kernel_fit(monkeypatch, max_iter):
+    """(rows, GaussianMixture keywords from a shared start, the float64 fit of them) for fits
+    whose float32 E-step takes the kernels (without a GPU, in the interpreter)."""
+    gen = torch.Generator().manual_seed(3)
+    x = make_rows(300, 6, "raw", gen).numpy()
+    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device=DEVICE).fit(x)
+    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_,
+                covariance_type="diag", max_iter=max_iter, tol=0, chunk_size=128, device=DEVICE)
+    ref = GaussianMixture(4, compute_dtype="float64", **init).fit(x)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
+    return x, init, ref
+
+
 @pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
 def test_fit_hands_each_blocks_best_components_to_the_next_estep(monkeypatch):
     """GaussianMixture(precision="candidates") keeps each block's best components between EM
     iterations (without a GPU, its kernel path runs in the interpreter): every E-step after the
     first reads the previous one's, which are the rows' best under the previous parameters,
     and the fit is float64's."""
-    gen = torch.Generator().manual_seed(3)
-    x = make_rows(300, 6, "raw", gen).numpy()
-    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device=DEVICE).fit(x)
-    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_,
-                covariance_type="diag", max_iter=4, tol=0, chunk_size=128, device=DEVICE)
-    ref = GaussianMixture(4, compute_dtype="float64", **init).fit(x)
-    if DEVICE == "cpu":
-        monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
+    x, init, ref = kernel_fit(monkeypatch, max_iter=4)
     real, seen = kernels.estep, []
 
     def spy(rows, params, shift, **kw):
@@ -540,14 +547,7 @@ def test_fit_replays_static_esteps_and_runs_again_host_sized_where_their_sizes_f
     is float64's."""
     from flashgmm_ivf import mixture as mixture_module
     estep_module = importlib.import_module("flashgmm_ivf.kernels.estep")
-    gen = torch.Generator().manual_seed(3)
-    x = make_rows(300, 6, "raw", gen).numpy()
-    start = GaussianMixture(4, covariance_type="diag", max_iter=1, random_state=0, device=DEVICE).fit(x)
-    init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_,
-                covariance_type="diag", max_iter=6, tol=0, chunk_size=128, device=DEVICE)
-    ref = GaussianMixture(4, compute_dtype="float64", **init).fit(x)
-    if DEVICE == "cpu":
-        monkeypatch.setattr(GaussianMixture, "_uses_kernels", lambda self, device: self.compute_dtype == "float32")
+    x, init, ref = kernel_fit(monkeypatch, max_iter=6)
     capturing, graphs, statics, grown = [False], [], [], []
 
     class Replayed:
