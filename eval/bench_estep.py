@@ -275,7 +275,7 @@ def blocked_estep(precision, configs, keep_rows):
     GaussianMixture, keeps just its sum). ``precision`` may end in ``FUSED``. "candidates" keeps
     each block's best components between calls, as GaussianMixture does between EM iterations
     (the first call ranks them with a "bf16" pass 1)."""
-    best = {}
+    hints = {}
 
     def options(d, diagonal):
         if precision.endswith(FUSED):
@@ -288,7 +288,8 @@ def blocked_estep(precision, configs, keep_rows):
         opts = options(x.shape[1], p.diagonal)
         for i in range(0, len(x), CHUNK):
             chunk = x[i:i + CHUNK]
-            extra = {"best": kernels.candidate_hints(best, i, chunk, p, s)} if opts["precision"] == "candidates" else {}
+            candidates = opts["precision"] == "candidates"
+            extra = {"hints": kernels.candidate_hints(hints, i, chunk, p, s)} if candidates else {}
             r = kernels.estep(chunk, p, s, **opts, **extra)
             log_norms.append(r.log_norm if keep_rows else r.log_norm.sum(0, keepdim=True))
             total = list(r[1:]) if total is None else [t.add_(u) for t, u in zip(total, r[1:])]
@@ -434,7 +435,8 @@ class Runner:
         try:
             row |= self._measure(method, cell, ref)
         except Exception as error:  # noqa: BLE001 - one cell's failure (OOM, IBM's asserts) must not end the sweep
-            row |= {"status": "failed", "reason": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"}
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            row |= {"status": "failed", "reason": f"{type(error).__name__}: {first_line}"}
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -81,6 +81,15 @@ def test_methods_predicted_too_slow_are_skipped(tmp_path):
     assert "--max-method-s" in rows[-1]["reason"]
 
 
+def test_exact_on_candidates_row_is_timed_and_checked(tmp_path):
+    out = tmp_path / "b.json"
+    bench_estep.main(["--device", "cpu", "--n", "300", "--k", "8", "--d", "4", "--covariance-types", "diag",
+                      "--precisions", "candidates", "--window-s", "0", "--ceiling-size", "32", "--out", str(out)])
+    ours = [r for r in json.loads(out.read_text())["rows"] if r["method"].startswith("ours")]
+    assert [r["status"] for r in ours] == ["ok"], ours
+    assert max(ours[0]["relative_error"].values()) < 1e-4
+
+
 def test_energy_meter_is_inert_on_cpu():
     meter = bench_estep.EnergyMeter(torch.device("cpu"))
     meter.start()
@@ -91,12 +100,12 @@ def test_energy_meter_is_inert_on_cpu():
 @pytest.mark.gpu
 def test_bench_estep_on_gpu(tmp_path):
     out = tmp_path / "b.json"
-    bench_estep.main(["--n", "20000", "--k", "64", "--d", "32", "--precisions", "bf16x3,ieee", "--uint8",
+    bench_estep.main(["--n", "20000", "--k", "64", "--d", "32", "--precisions", "bf16x3,ieee,candidates", "--uint8",
                       "--window-s", "0.3", "--ceiling-size", "2048", "--memory-n", "200000", "--out", str(out)])
     run = json.loads(out.read_text())
     assert all(r["status"] == "ok" for r in run["rows"]), run["rows"]
     ours = [r for r in run["rows"] if r["method"].startswith("ours")]
-    assert len(ours) == 6 and all(r["peak_mib_above_input"] >= 0 for r in ours)
+    assert len(ours) == 8 and all(r["peak_mib_above_input"] >= 0 for r in ours)
     assert all(r["relative_error"]["nk"] < 1e-3 for r in ours)
     assert run["memory_at_scale"]["n"] == 200000
     if run["energy_method"]:
