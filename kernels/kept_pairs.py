@@ -21,14 +21,17 @@ def kept_pairs_kernel(cand_ptr, resp_ptr, kept_ptr, ends_ptr, rows_out, comps_ou
     row_mask = rows < n_rows
     kept = tl.load(kept_ptr + rows, mask=row_mask, other=0)
     first = tl.load(ends_ptr + rows, mask=row_mask, other=0) - kept
-    slots = tl.arange(0, BLOCK_S)
-    src = rows.to(tl.int64)[:, None] * CAPACITY + slots[None, :]
-    dst = first.to(tl.int64)[:, None] + slots[None, :]
-    mask = (slots[None, :] < kept[:, None]) & (dst < n_out)
-    tl.store(comps_out + dst, tl.load(cand_ptr + src, mask=mask), mask=mask)
-    tl.store(resp_out + dst, tl.load(resp_ptr + src, mask=mask), mask=mask)
-    row_ids = tl.broadcast_to((rows + first_row)[:, None], (BLOCK_N, BLOCK_S))
-    tl.store(rows_out + dst, row_ids.to(tl.int32), mask=mask)
+    row_ids = tl.broadcast_to((rows + first_row)[:, None], (BLOCK_N, BLOCK_S)).to(tl.int32)
+    # Slots in chunks up to the block's longest row: rows keep a few of their slots (spherical
+    # ~4 of 128), and a lane per slot would mostly idle.
+    for s0 in range(0, tl.max(kept), BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        src = rows.to(tl.int64)[:, None] * CAPACITY + slots[None, :]
+        dst = first.to(tl.int64)[:, None] + slots[None, :]
+        mask = (slots[None, :] < kept[:, None]) & (dst < n_out)
+        tl.store(comps_out + dst, tl.load(cand_ptr + src, mask=mask), mask=mask)
+        tl.store(resp_out + dst, tl.load(resp_ptr + src, mask=mask), mask=mask)
+        tl.store(rows_out + dst, row_ids, mask=mask)
 
 
 def kept_pairs(cand, resp, kept, ends, n_kept, *, first_row=0):
@@ -57,7 +60,7 @@ def kept_pairs(cand, resp, kept, ends, n_kept, *, first_row=0):
     return out
 
 
-def kept_pairs_into(out, cand, resp, kept, ends, *, first_row=0, block_n=16, num_warps=4):
+def kept_pairs_into(out, cand, resp, kept, ends, *, first_row=0, block_n=64, block_s=8, num_warps=4):
     """Launch the gather pass into given tensors: row n's pairs go to positions
     ends[n] - kept[n] .. ends[n] - 1 of ``out`` = (rows, comps, resp), each of shape (P,); pairs
     at positions >= P are dropped, so that a caller that cannot read ``ends[-1]`` (a CUDA graph)
@@ -68,7 +71,7 @@ def kept_pairs_into(out, cand, resp, kept, ends, *, first_row=0, block_n=16, num
     if n:
         kept_pairs_kernel[(triton.cdiv(n, block_n),)](
             cand, resp, kept, ends, rows, comps, out_resp, rows.shape[0], first_row, n, CAPACITY=capacity,
-            BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(capacity), num_warps=num_warps)
+            BLOCK_N=block_n, BLOCK_S=min(block_s, triton.next_power_of_2(capacity)), num_warps=num_warps)
 
 
 def kept_pairs_reference(cand, resp, kept, n_kept, *, first_row=0):
