@@ -215,9 +215,9 @@ def mark(upper, floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words, 
     """Store a (BLOCK_N, BLOCK_K) tile's marks, bit c % 32 of word c // 32 of its row set where
     component c's upper bound reaches the row's floor; BLOCK_K and k0 are multiples of 32.
 
-    Packing the bytes by one small product instead (the 0/1 tile times the powers of two, which
-    keeps the tile out of shared memory) made the pass slower: H100, N = 1M, K = 1024, D = 128,
-    2.05 / 1.37 ms diag / spherical against 1.79 / 1.20 (``bench_fit_candidates_profile_h100.json``)."""
+    A sum per 32 columns rather than a small product of the 0/1 tile with powers of two (which keeps
+    the tile out of shared memory): with the product the pass takes 2.05 / 1.37 ms diag / spherical
+    against 1.79 / 1.20 (H100, N = 1M, K = 1024, D = 128, ``bench_fit_candidates_profile_h100.json``)."""
     take = (upper >= floor[:, None]) & row_mask[:, None] & comp_mask[None, :]
     bits = take.to(tl.uint32) << (tl.arange(0, BLOCK_K) % 32).to(tl.uint32)[None, :]
     # Distinct bits: their sum is their bitwise or.
