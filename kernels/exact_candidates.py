@@ -112,6 +112,11 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _sub_block_rows(capacity: int, n_comps: int) -> int:
+    """Rows of one sub-block: ``SUB_BLOCK_BYTES`` of marks and candidate slots."""
+    return max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(n_comps)))
+
+
 def wide_rows(n_comps: int, n_features: int) -> int:
     """How many overflowed rows ``wide_pairs`` takes within ``WIDE_BYTES``."""
     return max(1, WIDE_BYTES // (4 * n_comps * n_features))
@@ -192,7 +197,7 @@ def estep(x, centred, shift, diagonal, search, dense, *, hints=None, capacity=No
             over.append(torch.nonzero_static(overflowed, size=n_over).view(-1) + start)
 
     pending = None
-    sub_block = max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(len(centred[2]))))
+    sub_block = _sub_block_rows(capacity, len(centred[2]))
     for start in range(0, x.shape[0], sub_block):
         part = x[start:start + sub_block]
         hint = None if best is None else best[start:start + len(part)]
@@ -210,9 +215,9 @@ def estep(x, centred, shift, diagonal, search, dense, *, hints=None, capacity=No
             collect(*pending)
         pending = (start, r, cand, kept, ends, overflowed, sizes, ready)
     collect(*pending)
-    n_kept = sum(len(part) for part in rows)
     if hints is not None:
-        hints.grow(n_kept, sum(len(part) for part in over), wide_rows(len(centred[2]), x.shape[1]))
+        hints.grow(sum(len(part) for part in rows), sum(len(part) for part in over),
+                   wide_rows(len(centred[2]), x.shape[1]))
         hints.short.zero_()
     nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
     if not over:
@@ -235,7 +240,7 @@ def _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin):
              torch.full((hints.pairs,), n_comps, dtype=torch.int32, device=device),
              torch.zeros(hints.pairs, dtype=torch.float32, device=device))
     n_kept = torch.zeros((), dtype=torch.int64, device=device)
-    sub_block = max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(n_comps)))
+    sub_block = _sub_block_rows(capacity, n_comps)
     for start in range(0, n, sub_block):
         part = x[start:start + sub_block]
         end = start + len(part)
