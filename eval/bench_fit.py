@@ -5,6 +5,10 @@ as a user runs it, on rows already on the device: (fit of ``2 + iterations`` - f
 ``iterations``, which leaves out the start (validation, the hard-assignment pass, the
 compile) and keeps everything an iteration does. Prints a table, writes JSON.
 
+``--dtype uint8`` keeps the same rows (integers in 0..255) in SIFT's own storage, as a user who
+passes uint8 data gets them: the device copy stays uint8 and the kernels widen it (a quarter of
+float32's bytes for every pass that reads the rows).
+
 With ``--profile`` (CUDA), each cell also gets its GPU time per iteration, by kernel: the kernel
 times ``torch.profiler`` records in the same two fits, subtracted and divided the same way, so
 that what the GPU does (``gpu_busy_ms``) can be set against the iteration's wall time.
@@ -70,11 +74,12 @@ def gpu_time(x, k, covariance_type, precision, means_init, iterations, top=12) -
             "kernels": [{"name": name, "launches": count, "ms": ms} for name, (count, ms) in ranked[:top]]}
 
 
-def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False):
+def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=torch.float32):
     """Rows of (covariance type, precision, ms per iteration: median and all repeats; with
-    ``profile``, ``gpu_time``'s GPU ms per iteration too)."""
+    ``profile``, ``gpu_time``'s GPU ms per iteration too), on rows of ``dtype`` (float32 or uint8:
+    the same values)."""
     gen = torch.Generator(device).manual_seed(0)
-    x = raw_scale_rows(n, d, 256, gen, device)
+    x = raw_scale_rows(n, d, 256, gen, device).to(dtype)
     means_init = x[torch.randperm(n, generator=gen, device=device)[:k]].double().cpu().numpy()
     rows = []
     for covariance_type, precision in cells:
@@ -85,6 +90,7 @@ def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False):
             long = _fit_seconds(x, k, covariance_type, precision, means_init, 2 + iterations)
             per_iteration.append((long - short) / iterations * 1e3)
         rows.append({"covariance_type": covariance_type, "precision": precision, "n": n, "k": k, "d": d,
+                     "dtype": str(dtype).removeprefix("torch."),
                      "ms_per_iteration": statistics.median(per_iteration), "ms_all": per_iteration})
         if profile:
             rows[-1] |= gpu_time(x, k, covariance_type, precision, means_init, iterations)
@@ -100,13 +106,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cells", type=_cells, default=CELLS, help="covariance_type:precision,... (default: all)")
+    parser.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
+                        help="the rows' storage (the same integer values)")
     parser.add_argument("--profile", action="store_true", help="GPU time per iteration by kernel (torch.profiler)")
     parser.add_argument("--out", default="eval/results/bench_fit.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.profile and device.type != "cuda":
         parser.error("--profile times GPU kernels: it needs --device cuda")
-    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells, args.profile)
+    rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells, args.profile,
+               getattr(torch, args.dtype))
+    print(f"{args.dtype} rows")
     print(f"{'cov':9} {'precision':10} {'ms/iter (median)':>16} {'GPU busy':>9}  all")
     for r in rows:
         busy = f"{r['gpu_busy_ms']:9.2f}" if "gpu_busy_ms" in r else f"{'':9}"
