@@ -63,11 +63,13 @@ def m_step(stats: EStepResult, covariance_type: str, reg_covar: float, relative_
         cov += reg_covar * torch.eye(means.shape[1], dtype=cov.dtype, device=cov.device)
         if relative_floor:
             # float32 sums of x x^T about a far shift cancel: a feature constant within a component
-            # can come out slightly negative. Such components (not positive definite) get the
-            # floor added to their diagonal; the others keep scikit-learn's covariances.
-            m2 = torch.diagonal(stats.s2.sum(0)) / stats.nk.sum()
+            # comes out as round-off of either sign. Variances below the floor are raised to it, as
+            # diag's are (a larger diagonal keeps a matrix positive definite); components still not
+            # positive definite get the floor added to their whole diagonal.
+            floor = relative_floor * torch.diagonal(stats.s2.sum(0)) / stats.nk.sum()
+            cov = cov + torch.diag_embed(torch.clamp_min(floor - torch.diagonal(cov, dim1=1, dim2=2), 0.0))
             broken = checked_cholesky(cov)[1]
-            cov = torch.where(broken[:, None, None], cov + torch.diag(relative_floor * m2), cov)
+            cov = torch.where(broken[:, None, None], cov + torch.diag(floor), cov)
     elif covariance_type == "diag":
         cov = stats.s2 / nk[:, None] - means * means + reg_covar
     else:

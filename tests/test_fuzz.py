@@ -235,8 +235,9 @@ def test_float32_log_densities_far_below_zero_keep_their_rows(tmp_path):
     # At log-densities of -7e13 in float32, top + log(cutoff) rounds to top: the sparse
     # log-sum-exp kept no entry of the row (log Z = -inf, the row dropped from the statistics),
     # and the index's saved mixture, whose first bound was -inf, was refused by read_index.
+    # variance_floor=0: scikit-learn's model, whose variance of 1e-6 puts the rows that far down.
     x = np.full((296, 8), 1e12, np.float32)
-    g = quietly(GaussianMixture(4, covariance_type="full", max_iter=1, tol=0.0, reg_covar=1e-6,
+    g = quietly(GaussianMixture(4, covariance_type="full", max_iter=1, tol=0.0, reg_covar=1e-6, variance_floor=0.0,
                                 means_init=np.full((4, 8), 1e12), random_state=0, device="cpu").fit, x)
     np.testing.assert_allclose(g.lower_bounds_, [-0.5 * 8 * 4096.0 ** 2 / 1e-6], rtol=1e-6)
     index = flashgmm_ivf.index_factory(8, "IVF4_GMM(full,partition=gmm),Flat", device="cpu")
@@ -259,11 +260,15 @@ def test_recall_search_of_an_index_trained_on_three_rows():
 
 def test_full_covariance_far_from_origin():
     # float64 rows are centred before the float32 rounding: x = 1e12 rounded to float32 first sat
-    # 4096 from its own mean (lower_bound_ -inf, a score of -8e12).
+    # 4096 from its own mean (lower_bound_ -inf, a score of -8e12). The row sits at its mean: its
+    # score is the density's peak, whatever variance the floor of the dtype leaves.
     for compute_dtype in ("float32", "float64"):
         g = quietly(GaussianMixture(1, covariance_type="full", max_iter=3, random_state=0, device="cpu",
                                     compute_dtype=compute_dtype).fit, np.array([[1e12]]))
-        assert np.isfinite(g.lower_bound_) and g.score_samples(np.array([[1e12]]))[0] > 0
+        peak = -0.5 * np.log(2 * np.pi * g.covariances_[0, 0, 0])
+        assert g.score_samples(np.array([[1e12]]))[0] == pytest.approx(peak, abs=1e-3)
+        assert g.lower_bound_ == pytest.approx(peak, abs=1e-3)
+    assert peak > 0  # float64: scikit-learn's reg_covar alone
 
 
 def test_full_covariance_with_a_round_off_pivot_is_refused():

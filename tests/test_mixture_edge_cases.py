@@ -3,10 +3,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf._init import sample_size
+from flashgmm_ivf._mstep import m_step
+from flashgmm_ivf.kernels import EStepResult
 from flashgmm_ivf.cli import main
 
 FAST = dict(max_iter=10, random_state=0, device="cpu")
@@ -188,6 +191,25 @@ def test_full_precisions_init_must_be_symmetric_positive_definite():
 def test_fitted_attributes_are_float64_whatever_the_input_dtype():
     g = fit(GaussianMixture(2, **FAST), blobs().astype(np.float32))
     assert g.means_.dtype == g.covariances_.dtype == g.weights_.dtype == np.float64
+
+
+@pytest.mark.parametrize("roundoff", [0.09, -0.09])
+def test_full_variances_below_the_float32_floor_are_raised_to_it(roundoff):
+    """A feature constant within component 0 comes out of float32 sums as round-off of either
+    sign: raised to the floor (1e-4 x the mean squared deviation, here 1e4 -> 1), as diag's
+    variances are; component 1, well above it, keeps scikit-learn's covariance exactly."""
+    nk = torch.tensor([1000.0, 1000.0], dtype=torch.float64)
+    means = torch.tensor([[-50.0, -100.0], [50.0, 100.0]], dtype=torch.float64)
+    cov = torch.tensor([[[25.0, 0.04], [0.04, roundoff]], [[25.0, 1.0], [1.0, 25.0]]], dtype=torch.float64)
+    s2 = nk[:, None, None] * (cov + means[:, :, None] * means[:, None, :])
+    stats = EStepResult(torch.zeros(2, dtype=torch.float64), nk, nk[:, None] * means, s2)
+    _, _, got = m_step(stats, "full", 0.0, relative_floor=1e-4)
+    floor = 1e-4 * (s2.sum(0).diagonal() / nk.sum())
+    assert got[0, 1, 1] == pytest.approx(float(floor[1]), rel=1e-9) and float(floor[1]) > 1.0
+    assert got[0, 0, 0] == pytest.approx(25.0) and torch.linalg.eigvalsh(got[0]).min() > 0.9
+    torch.testing.assert_close(got[1], cov[1], rtol=1e-12, atol=1e-9)
+    # float64 E-steps (no relative floor) keep scikit-learn's covariance, round-off and all.
+    assert m_step(stats, "full", 0.0)[2][0, 1, 1] == pytest.approx(roundoff, abs=1e-9)
 
 
 def test_full_float32_fits_raw_scale_data_with_a_feature_constant_in_a_component():
