@@ -145,8 +145,11 @@ def test_bench_fit_profiles_the_gpu(tmp_path):
     bench_fit.main(["--n", "20000", "--k", "16", "--d", "32", "--iterations", "2", "--repeats", "1", "--device", "cuda",
                     "--cells", "diag:candidates", "--profile", "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["gpu_busy_ms"] > 0 and len(row["kernels"]) <= 12
-    assert "candidates_kernel" in [kernel["name"] for kernel in row["kernels"]]
+    assert row["gpu_busy_ms"] > 0 and 0 < len(row["kernels"]) <= 12
+    ms = [kernel["ms"] for kernel in row["kernels"]]
+    assert ms == sorted(ms, reverse=True) and ms[-1] >= 0
+    # The busiest kernels of a tiny cell vary; the E-step's own always rank among its twelve.
+    assert {"candidates_kernel", "candidate_resp_kernel", "piece_stats_kernel"} & {k["name"] for k in row["kernels"]}
 
 
 def test_bench_fit_times_the_estimator(tmp_path):
