@@ -113,9 +113,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Diagonal and spherical variances are kept at least this times the data's mean squared
         deviation (per feature) from the point the E-step expands around, and so are full
         covariances' variances (those still not positive definite get it added to their whole
-        diagonal). float32
-        log-densities cannot resolve smaller variances on raw-scale data (a feature a component
-        collapsed on costs tens of nats; see ``_mstep.FLOAT32_RELATIVE_FLOOR``). 'auto' is 1e-4
+        diagonal). float32 log-densities cannot resolve smaller variances on raw-scale data (a
+        feature a component collapsed on costs tens of nats; see
+        ``_mstep.FLOAT32_RELATIVE_FLOOR``). 'auto' is 1e-4
         with ``compute_dtype='float32'`` and 0 (scikit-learn's model: ``reg_covar`` alone)
         with 'float64'.
     estep : {'auto', 'dense', 'truncated'}, default='auto'
