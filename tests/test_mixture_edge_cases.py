@@ -9,8 +9,8 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf._init import sample_size
 from flashgmm_ivf._mstep import m_step
-from flashgmm_ivf.kernels import EStepResult
 from flashgmm_ivf.cli import main
+from flashgmm_ivf.kernels import EStepResult
 
 FAST = dict(max_iter=10, random_state=0, device="cpu")
 
