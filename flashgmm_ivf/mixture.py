@@ -94,7 +94,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         (``_chunks.device_blocks``: a few blocks in flight, whatever N is).
     cache_data : {'auto', True, False}, default='auto'
         On CUDA, copy the data set to the GPU once at the start of ``fit`` and read every EM
-        pass from that copy (in the dtype the kernels read: uint8 stays uint8). 'auto' does so
+        pass from that copy (in the dtype the kernels read: uint8 stays uint8, and float rows
+        whose values are all byte-sized integers, SIFT read as float32, are held as bytes). 'auto' does so
         when the copy takes at most half of the GPU's free memory; False streams every pass
         from the host, for data the GPU must not hold. Ignored on the CPU.
     compute_dtype : {'float32', 'float64'}, default='float32'

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashgmm_ivf import GaussianMixture, mixture
-from flashgmm_ivf._chunks import ChunkSource, device_blocks, device_copy, to_tensor
+from flashgmm_ivf._chunks import ChunkSource, compact, device_blocks, device_copy, to_tensor
 
 CONVERSIONS = {
     "uint8": lambda x: x,
@@ -83,6 +83,22 @@ def test_device_copy_holds_the_blocks_in_one_tensor(convert):
     assert device_copy(source, torch.device("cpu"), max_bytes=1000 * 12 * itemsize - 1) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_holds_byte_sized_integers_in_bytes(dtype):
+    x = torch.from_numpy(rows(300, 7)).to(dtype)
+    got = compact(x)
+    assert got.dtype == torch.uint8 and torch.equal(got.to(dtype), x)
+    signed = compact(x - 128)
+    assert signed.dtype == torch.int8 and torch.equal(signed.to(dtype), x - 128)
+    # One value a byte cannot hold exactly (first row, last column) keeps the whole copy as it is.
+    for bad in (0.5, 256.0, -129.0, -0.25):
+        y = x.clone()
+        y[0, -1] = bad
+        assert compact(y) is y
+    assert compact(torch.from_numpy(rows(5, 3))).dtype == torch.uint8
+    assert compact(torch.empty(0, 4, dtype=dtype)).dtype == dtype
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_cache_data_must_be_auto_or_bool(bad):
     with pytest.raises(ValueError, match="cache_data must be one of 'auto', True, False"):
@@ -156,3 +172,18 @@ def test_as_checked_reblocks_one_array_only():
     assert [len(b) for _, b in listed.as_checked(600)] == [300, 700]  # a list keeps its own blocks
     assert ChunkSource(torch.from_numpy(x), 300).resident_on(torch.device("cpu"))
     assert not source.resident_on(torch.device("cpu")) and not listed.resident_on(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+@pytest.mark.parametrize("precision", ["candidates", "bf16x3"])
+def test_fit_of_byte_valued_floats_equals_fit_of_bytes(covariance_type, precision):
+    x = (np.random.default_rng(3).normal(size=(20000, 32)) * 30 + 120).clip(0, 255).round().astype(np.uint8)
+    fit = dict(covariance_type=covariance_type, precision=precision, max_iter=5, tol=0.0, random_state=0,
+               device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = GaussianMixture(16, **fit).fit(x)
+        got = GaussianMixture(16, **fit).fit(x.astype(np.float32))
+    np.testing.assert_allclose(got.means_, want.means_, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(got.lower_bounds_, want.lower_bounds_, rtol=1e-7)
