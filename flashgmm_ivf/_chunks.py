@@ -237,12 +237,18 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float,
     EM reads the data once per iteration: from such a copy a pass costs no host reads and
     no host-to-device copies (for 390,000 SIFT rows on an H100, streaming them cost more
     than the E-step itself). On CUDA, float rows that are all byte-sized integers are held
-    as bytes (:func:`compact`).
+    as bytes (:func:`compact`), also when they are a float tensor on the GPU already: their byte
+    copy takes a quarter of their memory and every pass reads a quarter of the bytes.
     """
     first = next(iter(source), None)
     if first is None:
         return None
     if _on_device(first[1], device):
+        rows = source._rows
+        if rows is not None and device.type == "cuda" and rows.shape[0] * rows.shape[1] <= max_bytes:
+            packed = compact(rows)
+            if packed is not rows:
+                return source.reading(packed, chunk_size)
         return source.as_checked(chunk_size)
     dtype = kept_dtype(first[1])
     if source.n_samples * source.n_features * dtype.itemsize > max_bytes:
@@ -255,6 +261,7 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float,
 
 # Byte dtypes a float copy is held in when every value fits: (dtype, least, largest).
 _BYTES = ((torch.uint8, 0, 255), (torch.int8, -128, 127))
+_CHECK_ROWS = 1 << 16
 
 
 def compact(rows: torch.Tensor) -> torch.Tensor:
@@ -269,8 +276,10 @@ def compact(rows: torch.Tensor) -> torch.Tensor:
         return rows
     least, largest = (float(v) for v in rows.aminmax())
     for dtype, lo, hi in _BYTES:
-        if lo <= least and largest <= hi and bool((rows == rows.round()).all()):
-            return rows.to(dtype)
+        if lo <= least and largest <= hi:
+            # Checked in blocks: a whole-copy rows.round() would take as much memory as the copy.
+            whole = all(bool((block == block.round()).all()) for block in rows.split(_CHECK_ROWS))
+            return rows.to(dtype) if whole else rows
     return rows
 
 

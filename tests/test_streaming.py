@@ -184,6 +184,7 @@ def test_fit_of_byte_valued_floats_equals_fit_of_bytes(covariance_type, precisio
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = GaussianMixture(16, **fit).fit(x)
-        got = GaussianMixture(16, **fit).fit(x.astype(np.float32))
-    np.testing.assert_allclose(got.means_, want.means_, rtol=1e-6, atol=1e-4)
-    np.testing.assert_allclose(got.lower_bounds_, want.lower_bounds_, rtol=1e-7)
+        for floats in (x.astype(np.float32), torch.from_numpy(x.astype(np.float32)).cuda()):
+            got = GaussianMixture(16, **fit).fit(floats)
+            np.testing.assert_allclose(got.means_, want.means_, rtol=1e-6, atol=1e-4)
+            np.testing.assert_allclose(got.lower_bounds_, want.lower_bounds_, rtol=1e-7)
