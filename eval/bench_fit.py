@@ -5,6 +5,9 @@ as a user runs it, on rows already on the device: (fit of ``2 + iterations`` - f
 ``iterations``, which leaves out the start (validation, the hard-assignment pass, the
 compile) and keeps everything an iteration does. Prints a table, writes JSON.
 
+``--standardise`` scales every feature of the rows to mean 0 and variance 1 (float32, no longer
+byte-sized integers: the kernels then read them as float32, and posteriors are flatter).
+
 ``--dtype uint8`` keeps the same rows (integers in 0..255) in SIFT's own storage, as a user who
 passes uint8 data gets them: the device copy stays uint8 and the kernels widen it (a quarter of
 float32's bytes for every pass that reads the rows).
@@ -74,12 +77,16 @@ def gpu_time(x, k, covariance_type, precision, means_init, iterations, top=12) -
             "kernels": [{"name": name, "launches": count, "ms": ms} for name, (count, ms) in ranked[:top]]}
 
 
-def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=torch.float32):
+def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=torch.float32, standardise=False):
     """Rows of (covariance type, precision, ms per iteration: median and all repeats; with
     ``profile``, ``gpu_time``'s GPU ms per iteration too), on rows of ``dtype`` (float32 or uint8:
-    the same values)."""
+    the same values), or, ``standardise``, on those rows scaled to mean 0 and variance 1 per feature."""
+    if standardise and dtype != torch.float32:
+        raise ValueError(f"standardised rows are float32, not {dtype}")
     gen = torch.Generator(device).manual_seed(0)
     x = raw_scale_rows(n, d, 256, gen, device).to(dtype)
+    if standardise:
+        x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
     means_init = x[torch.randperm(n, generator=gen, device=device)[:k]].double().cpu().numpy()
     rows = []
     for covariance_type, precision in cells:
@@ -90,7 +97,7 @@ def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=
             long = _fit_seconds(x, k, covariance_type, precision, means_init, 2 + iterations)
             per_iteration.append((long - short) / iterations * 1e3)
         rows.append({"covariance_type": covariance_type, "precision": precision, "n": n, "k": k, "d": d,
-                     "dtype": str(dtype).removeprefix("torch."),
+                     "dtype": str(dtype).removeprefix("torch."), "standardised": standardise,
                      "ms_per_iteration": statistics.median(per_iteration), "ms_all": per_iteration})
         if profile:
             rows[-1] |= gpu_time(x, k, covariance_type, precision, means_init, iterations)
@@ -108,15 +115,18 @@ def main(argv=None):
     parser.add_argument("--cells", type=_cells, default=CELLS, help="covariance_type:precision,... (default: all)")
     parser.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
                         help="the rows' storage (the same integer values)")
+    parser.add_argument("--standardise", action="store_true", help="rows scaled to mean 0, variance 1 per feature")
     parser.add_argument("--profile", action="store_true", help="GPU time per iteration by kernel (torch.profiler)")
     parser.add_argument("--out", default="eval/results/bench_fit.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.profile and device.type != "cuda":
         parser.error("--profile times GPU kernels: it needs --device cuda")
+    if args.standardise and args.dtype != "float32":
+        parser.error("--standardise makes float32 rows: it cannot take --dtype uint8")
     rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells, args.profile,
-               getattr(torch, args.dtype))
-    print(f"{args.dtype} rows")
+               getattr(torch, args.dtype), args.standardise)
+    print(f"{args.dtype} rows{', standardised' if args.standardise else ''}")
     print(f"{'cov':9} {'precision':10} {'ms/iter (median)':>16} {'GPU busy':>9}  all")
     for r in rows:
         busy = f"{r['gpu_busy_ms']:9.2f}" if "gpu_busy_ms" in r else f"{'':9}"

@@ -100,16 +100,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         from the host, for data the GPU must not hold. Ignored on the CPU.
     compute_dtype : {'float32', 'float64'}, default='float32'
         Arithmetic of the E-step. Statistics are always summed, and the M-step done, in float64.
-    precision : {'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16', 'candidates'}, default='bf16x3'
-        Tensor-core scheme of the Triton kernels (see ``flashgmm_ivf.kernels.tile``); 'tf32'
-        and 'bf16' are fast and loose (~1e-3 relative in the statistics) and opt-in only.
-        'candidates' (diag and spherical): bf16 products find, with a proven error bound,
-        every component within 30 nats of each row's best; log Z and the statistics are then
-        float32 over those alone (``flashgmm_ivf.kernels.exact_candidates``). ``fit`` keeps
-        each row's best component between EM iterations for it (4 bytes a row, on the device).
-        On an H100 at N = 1M, K = 1024, D = 128 a diag EM iteration through ``fit`` takes 5.1 ms
-        against bf16x3's 9.4 (spherical 5.5 against 6.1), with up to 1.5 GB of candidate
-        buffers (two sub-blocks of ``exact_candidates.SUB_BLOCK_BYTES``).
+    precision : {'auto', 'candidates', 'bf16x3', 'tf32x3', 'ieee', 'tf32', 'bf16'}, default='auto'
+        Tensor-core scheme of the Triton kernels (CUDA, diag and spherical; see
+        ``flashgmm_ivf.kernels.tile``). 'candidates': bf16 products find, with a proven error
+        bound, every component within 30 nats of each row's best; log Z and the statistics are
+        then float32 over those alone (``flashgmm_ivf.kernels.exact_candidates``), and rows
+        whose posteriors are too flat for that take 'bf16x3'. ``fit`` keeps each row's best
+        component between EM iterations for it (4 bytes a row, on the device), and the search
+        takes up to 1.5 GB of buffers (two sub-blocks of ``exact_candidates.SUB_BLOCK_BYTES``).
+        'bf16x3' and 'tf32x3' evaluate every (row, component) pair with three products (~1e-5
+        relative in the statistics; 'ieee' float32 FMA). 'tf32' and 'bf16' are fast and loose
+        (~1e-3 relative) and opt-in only. 'auto' is 'candidates', whose statistics are the most
+        accurate (~1e-7 relative) and, at N = 1M, K = 1024 on an H100, the fastest:
+        ``docs/gpu.md`` has the times.
     variance_floor : 'auto' or float >= 0, default='auto'
         Diagonal and spherical variances are kept at least this times the data's mean squared
         deviation (per feature) from the point the E-step expands around, and so are full
@@ -189,7 +192,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def __init__(self, n_components=1, *, covariance_type="diag", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
                  random_state=None, warm_start=False, verbose=0, device="auto", chunk_size=262144,
-                 cache_data="auto", compute_dtype="float32", precision="bf16x3", variance_floor="auto", estep="auto",
+                 cache_data="auto", compute_dtype="float32", precision="auto", variance_floor="auto", estep="auto",
                  n_candidates=8, n_neighbors=12):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -234,7 +237,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         "chunk_size": [Integer(1)],
         "cache_data": [Options(*CACHE_DATA)],
         "compute_dtype": [Options(*COMPUTE_DTYPES)],
-        "precision": [Options(*kernels.PRECISIONS)],
+        "precision": [Options("auto", *kernels.PRECISIONS)],
         "variance_floor": [Options("auto"), Real(0)],
         "estep": [Options(*ESTEPS)],
         "n_candidates": [Integer(1)],
@@ -413,6 +416,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         budget = math.inf if self.cache_data is True else CACHE_FREE_FRACTION * torch.cuda.mem_get_info(device)[0]
         rows = max(self.chunk_size, CACHED_KERNEL_BLOCK) if self._dense_kernels(device) else None
         return device_copy(source, device, budget, chunk_size=rows) or source
+
+    def _kernel_precision(self) -> str:
+        """``precision`` with 'auto' resolved."""
+        return "candidates" if self.precision == "auto" else self.precision
 
     def _dense_kernels(self, device) -> bool:
         return self._uses_kernels(device) and not self._truncates()
@@ -620,14 +627,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return self._truncation.block(offset, x, params, shift, dtype=params[0].dtype)
         if self._uses_kernels(x.device):
             hints = None
-            if self.precision == "candidates" and self._hints is not None and offset is not None:
+            precision = self._kernel_precision()
+            if precision == "candidates" and self._hints is not None and offset is not None:
                 hints = kernels.candidate_hints(self._hints, offset, x, params, shift)
-            return kernels.estep(x, params, shift, precision=self.precision, hints=hints)
+            return kernels.estep(x, params, shift, precision=precision, hints=hints)
         return kernels.reference.estep(x, params, shift, dtype=params[0].dtype)
 
     def _best_components(self, x, params, shift) -> torch.Tensor:
         if self._uses_kernels(x.device):
-            return kernels.log_norm(x, params.to(dtype=torch.float32), shift, precision=self.precision)[1].long()
+            return kernels.log_norm(x, params.to(dtype=torch.float32), shift,
+                                    precision=self._kernel_precision())[1].long()
         return self._weighted_log_prob(x, params, shift, reduce=lambda ll: ll.argmax(1))
 
     def _weighted_log_prob(self, x, params, shift, reduce=None):
@@ -734,7 +743,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Log-likelihood log p(x_n) of every row, shape (n_samples,), float64."""
         def block(x, params, shift):
             if self._uses_kernels(x.device) and params[0].dtype == torch.float32:
-                return kernels.log_norm(x, params, shift, precision=self.precision)[0]
+                return kernels.log_norm(x, params, shift, precision=self._kernel_precision())[0]
             return self._weighted_log_prob(x, params, shift, reduce=lambda ll: torch.logsumexp(ll, 1).double())
         return self._scan(X, block)
 

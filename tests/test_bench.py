@@ -162,12 +162,17 @@ def test_bench_fit_times_the_estimator(tmp_path):
     assert [(r["covariance_type"], r["precision"]) for r in doc["rows"]] == list(bench_fit.CELLS)
     for r in doc["rows"]:
         assert len(r["ms_all"]) == 2 and min(r["ms_all"]) <= r["ms_per_iteration"] <= max(r["ms_all"])
-        assert r["dtype"] == "float32"
+        assert r["dtype"] == "float32" and not r["standardised"]
+    bench_fit.main(["--n", "600", "--k", "4", "--d", "8", "--iterations", "2", "--repeats", "1", "--device", "cpu",
+                    "--cells", "diag:auto", "--standardise", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["precision"] == "auto" and row["standardised"]
     bench_fit.main(["--n", "600", "--k", "4", "--d", "8", "--iterations", "2", "--repeats", "1", "--device", "cpu",
                     "--cells", "spherical:candidates", "--dtype", "uint8", "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["covariance_type"] == "spherical" and row["precision"] == "candidates" and "gpu_busy_ms" not in row
     assert row["dtype"] == "uint8"
-    for bad in (["--cells", "diag"], ["--device", "cpu", "--profile"], ["--dtype", "float16"]):
+    for bad in (["--cells", "diag"], ["--device", "cpu", "--profile"], ["--dtype", "float16"],
+                ["--device", "cpu", "--dtype", "uint8", "--standardise"]):
         with pytest.raises(SystemExit):
             bench_fit.main(bad + ["--out", str(out)])

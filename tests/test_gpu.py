@@ -47,8 +47,9 @@ def test_compiled_estep_is_deterministic():
         assert torch.equal(g, h)
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16x3"])
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
-def test_cuda_fit_tracks_cpu_float64(covariance_type):
+def test_cuda_fit_tracks_cpu_float64(covariance_type, precision):
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(20000, 48)) * 20 + 100).clip(0, 255).round().astype(np.uint8)
     with warnings.catch_warnings():
@@ -58,7 +59,7 @@ def test_cuda_fit_tracks_cpu_float64(covariance_type):
         init = dict(weights_init=start.weights_, means_init=start.means_, precisions_init=start.precisions_,
                     covariance_type=covariance_type, max_iter=10, tol=0.0)
         cpu = GaussianMixture(16, device="cpu", compute_dtype="float64", **init).fit(x)
-        gpu = GaussianMixture(16, device="cuda", **init).fit(x)
+        gpu = GaussianMixture(16, device="cuda", precision=precision, **init).fit(x)
     assert abs(gpu.lower_bound_ - cpu.lower_bound_) <= 1e-6 * abs(cpu.lower_bound_)
     np.testing.assert_allclose(gpu.means_, cpu.means_, atol=1e-2)
     np.testing.assert_array_equal(gpu.predict(x[:2000]), cpu.predict(x[:2000]))
