@@ -62,7 +62,16 @@ def test_cuda_fit_tracks_cpu_float64(covariance_type, precision):
         gpu = GaussianMixture(16, device="cuda", precision=precision, **init).fit(x)
     assert abs(gpu.lower_bound_ - cpu.lower_bound_) <= 1e-6 * abs(cpu.lower_bound_)
     np.testing.assert_allclose(gpu.means_, cpu.means_, atol=1e-2)
-    np.testing.assert_array_equal(gpu.predict(x[:2000]), cpu.predict(x[:2000]))
+    # Two fits a float32 round-off apart may label a near-tie row differently (one row in 2,000
+    # with 'candidates'), but only a near-tie: under the float64 model, both labels' log-posteriors
+    # lie within 1e-3 nats of each other.
+    ours, exact = gpu.predict(x[:2000]), cpu.predict(x[:2000])
+    differ = np.flatnonzero(ours != exact)
+    assert len(differ) <= 2, differ
+    if len(differ):
+        log_resp = np.log(cpu.predict_proba(x[:2000][differ]))
+        rows = np.arange(len(differ))
+        assert np.all(log_resp[rows, exact[differ]] - log_resp[rows, ours[differ]] < 1e-3), differ
 
 
 def _raw_rows_cuda(n, d, seed):
@@ -94,6 +103,7 @@ def test_graphed_iteration_reseeds_like_eager(monkeypatch):
     x = _raw_rows_cuda(20000, 16, 2)
     gmm = GaussianMixture(8, covariance_type="diag", random_state=0)
     gmm._check_parameters()
+    gmm._hints = {}  # as fit starts it: the 'candidates' E-step's per-block hints
     source = ChunkSource(x, gmm.chunk_size)
     n, device = source.validate(), torch.device("cuda")
     source = source.as_checked()
