@@ -118,7 +118,7 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     tl.store(kept_ptr + rows, kept, mask=row_mask)
 
 
-def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None, block_n=4,
+def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None, block_n=None,
                    num_warps=1):
     """Launch the exact pass.
 
@@ -134,6 +134,7 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     min_resp : float, the least responsibility a kept candidate has (0: keep every candidate)
     best : int32 Tensor of shape (n,) or None, written in place as the returned ``best`` (rows
         that overflow keep their value)
+    block_n : rows a program, or None: 2 (diag), 4 (spherical)
 
     Returns
     -------
@@ -154,12 +155,16 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     cand = torch.empty(n, capacity, dtype=torch.int32, device=x.device)
     count = torch.empty(n, dtype=torch.int32, device=x.device)
     kept = torch.empty(n, dtype=torch.int32, device=x.device)
+    diagonal = precisions.dim() == 2
     # A block walks as many candidates as its longest row holds: few rows a block waste few steps.
     # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
-    # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical.
+    # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical; then on bench_fit's rows
+    # after 5 EM iterations (N = 1M, K = 1024, ~3.9 candidates a row), 1 warp, two runs: diag 2 rows
+    # 1.07 ms against 4 rows 1.20-1.21; spherical 4 rows 0.21-0.23 against 2 rows 0.26, 8 rows 0.25-0.26.
+    block_n = block_n or (2 if diagonal else 4)
     block_d, one_tile = feature_tile(d, ONE_TILE_FEATURES)
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, kept, log_norm, resp,
-        best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=precisions.dim() == 2, BLOCK_N=block_n, BLOCK_D=block_d,
+        best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=diagonal, BLOCK_N=block_n, BLOCK_D=block_d,
         ONE_TILE=one_tile, WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), num_warps=num_warps)
     return log_norm, resp, best, cand, count, kept
