@@ -39,6 +39,7 @@ class ChunkSource:
         self.chunk_size = chunk_size
         self.checked = checked
         self._rows = None  # the data when it is one sliceable array or tensor
+        self.owned = False  # ``_rows`` is a copy this library made (``reading(owned=True)``)
         if inspect.isgenerator(data) or isinstance(data, Iterator):
             raise TypeError(f"{name} is a one-shot iterator, but EM reads the data once per iteration: "
                             "pass a callable that returns a fresh iterable of chunks (e.g. lambda: gen())")
@@ -92,9 +93,10 @@ class ChunkSource:
         twin.checked = True
         return twin
 
-    def reading(self, rows, chunk_size: int | None = None) -> ChunkSource:
+    def reading(self, rows, chunk_size: int | None = None, *, owned: bool = False) -> ChunkSource:
         """A copy of this validated source that reads ``rows`` (the same rows, held elsewhere: a
-        device copy) in blocks of ``chunk_size`` (default this source's), marked checked.
+        device copy) in blocks of ``chunk_size`` (default this source's), marked checked;
+        ``owned``: ``rows`` is a copy made for this source alone, which ``permute_rows_`` may reorder.
 
         A copy, not a new ``ChunkSource``: a subclass keeps its type and what it knows beyond
         the rows (a data-parallel shard its global row count and offset).
@@ -102,7 +104,16 @@ class ChunkSource:
         twin = copy.copy(self)
         twin.chunk_size = chunk_size or self.chunk_size
         twin._rows, twin._blocks, twin.checked = rows, _slices(rows, twin.chunk_size), True
+        twin.owned = owned
         return twin
+
+    def permute_rows_(self, offset: int, order: torch.Tensor) -> None:
+        """Reorder rows ``offset .. offset + len(order)`` in place, row i taking row ``order[i]``
+        of that range: only the library's own copy (``owned``), never the caller's data."""
+        if not self.owned:
+            raise ValueError("only a copy the library owns may be reordered, not the caller's rows")
+        rows = self._rows[offset:offset + len(order)]
+        rows.copy_(rows[order])
 
     def resident_on(self, device: torch.device) -> bool:
         """Whether the data is one tensor on ``device`` (each pass then only slices it)."""
@@ -248,7 +259,7 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float,
         if rows is not None and device.type == "cuda" and rows.shape[0] * rows.shape[1] <= max_bytes:
             packed = compact(rows)
             if packed is not rows:
-                return source.reading(packed, chunk_size)
+                return source.reading(packed, chunk_size, owned=True)
         return source.as_checked(chunk_size)
     dtype = kept_dtype(first[1])
     if source.n_samples * source.n_features * dtype.itemsize > max_bytes:
@@ -256,7 +267,7 @@ def device_copy(source: ChunkSource, device: torch.device, max_bytes: float,
     rows = torch.empty((source.n_samples, source.n_features), dtype=dtype, device=device)
     for offset, x in device_blocks(source, device):
         rows[offset:offset + x.shape[0]] = x
-    return source.reading(compact(rows) if device.type == "cuda" else rows, chunk_size)
+    return source.reading(compact(rows) if device.type == "cuda" else rows, chunk_size, owned=True)
 
 
 # Byte dtypes a float copy is held in when every value fits: (dtype, least, largest).

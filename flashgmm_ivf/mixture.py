@@ -37,6 +37,8 @@ CACHED_KERNEL_BLOCK = 1 << 20
 # cache_data='auto' copies the data to the GPU when it takes at most this share of the free
 # memory: the rest stays for the E-step's blocks and, truncated, the candidate sets.
 CACHE_FREE_FRACTION = 0.5
+# EM iterations after which a device copy's rows are grouped by best component (``_group_rows``).
+GROUP_ROWS_AFTER = frozenset({1})
 # Initialisations tried at most: each is a whole EM run, so more is a hang, not a search.
 MAX_N_INIT = 1000
 # Captures of an EM iteration a fit makes (``_em_iteration``): each one after the first follows an
@@ -373,6 +375,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             for n_iter in range(1, self.max_iter + 1):
                 previous = lower_bound
                 state, log_lik, reseeded = iteration(state)
+                if n_iter in GROUP_ROWS_AFTER:
+                    self._group_rows(source)
                 lower_bound = log_lik / n
                 bounds.append(lower_bound)
                 reseeded_total += reseeded
@@ -465,6 +469,24 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return EMState(*tensors), log_lik, int(reseeded)
 
         return iteration
+
+    def _group_rows(self, source):
+        """Reorder the rows of each block of the library's own device copy by their best
+        component, in place ('candidates' E-steps, after their first).
+
+        Rows that share components then sit side by side: the exact pass's programs read the
+        same components' parameters, and the statistics, summed component by component, read
+        neighbouring rows. Timed through fit on an H100 (N = 1M, D = 128 byte rows, ms per EM
+        iteration, in generation order against grouped): K = 1024 diag 4.80 / 4.34, spherical
+        3.71 / 3.07; K = 256 diag 3.64 / 3.27, spherical 2.71 / 2.59 (same lower bounds). Only
+        a copy is reordered (the caller's rows never are), and the order never leaves the fit:
+        the model does not depend on it but for the rounding of sums."""
+        if not (self._hints and source.owned):
+            return
+        for offset, hints in self._hints.items():
+            order = torch.argsort(hints.best)
+            source.permute_rows_(offset, order)
+            hints.best.copy_(hints.best[order])
 
     def _short(self, device) -> torch.Tensor:
         """Pairs and rows the last 'candidates' E-steps found no room for (0-d; 0 for the others)."""

@@ -98,6 +98,32 @@ def test_graphed_fit_equals_eager_fit(covariance_type, monkeypatch):
     np.testing.assert_allclose(graphed.covariances_, eager.covariances_, rtol=1e-10)
 
 
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_grouped_rows_fit_the_model_of_the_given_order(covariance_type, monkeypatch):
+    """After the first 'candidates' E-step the fit reorders its own copy of the rows by best
+    component: the model is the one of the rows in their given order (to the rounding of sums),
+    and the caller's tensor is left as it was."""
+    x = _raw_rows_cuda(30000, 40, 4)  # byte-valued floats: the fit holds a byte copy of its own
+    given = x.clone()
+    orders = []
+    permute = ChunkSource.permute_rows_
+    monkeypatch.setattr(ChunkSource, "permute_rows_",
+                        lambda self, offset, order: orders.append(order.clone()) or permute(self, offset, order))
+    params = dict(covariance_type=covariance_type, max_iter=8, tol=0.0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grouped = GaussianMixture(24, **params).fit(x)
+        assert torch.equal(x, given)
+        assert len(orders) == 1 and not torch.equal(orders[0], torch.arange(len(x), device="cuda"))
+        monkeypatch.setattr(GaussianMixture, "_group_rows", lambda self, source: None)
+        plain = GaussianMixture(24, **params).fit(x)
+    assert len(orders) == 1
+    np.testing.assert_allclose(grouped.lower_bounds_, plain.lower_bounds_, rtol=1e-10)
+    np.testing.assert_allclose(grouped.means_, plain.means_, rtol=1e-8)
+    np.testing.assert_allclose(grouped.covariances_, plain.covariances_, rtol=1e-7)
+    np.testing.assert_array_equal(grouped.predict(x), plain.predict(x))
+
+
 def test_graphed_iteration_reseeds_like_eager(monkeypatch):
     """A replayed iteration re-seeds an emptied component as the eager one does (masks, no host read)."""
     x = _raw_rows_cuda(20000, 16, 2)

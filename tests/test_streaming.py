@@ -153,6 +153,9 @@ def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path, cache_data, estep, m
     # Data on the GPU is read in blocks of >= CACHED_KERNEL_BLOCK rows; the streamed fit's
     # float32 partial sums agree bit for bit only over the same blocks (chunk_size).
     monkeypatch.setattr(mixture, "CACHED_KERNEL_BLOCK", 1)
+    # A copy of its own ('auto') the fit groups by component, which sums in another order: bit for
+    # bit only without (the grouping's own test: tests/test_gpu.py).
+    monkeypatch.setattr(GaussianMixture, "_group_rows", lambda self, source: None)
     x = rows(50_000, 32)
     fit = {"max_iter": 5, "tol": 0.0, "random_state": 0, "device": "cuda", "chunk_size": 4096, "estep": estep}
     with warnings.catch_warnings():
@@ -161,6 +164,25 @@ def test_cuda_memmap_fit_matches_gpu_resident_fit(tmp_path, cache_data, estep, m
         got = GaussianMixture(16, cache_data=cache_data, **fit).fit(memmap_of(x, tmp_path))
     np.testing.assert_array_equal(got.means_, ref.means_)
     assert got.lower_bounds_ == ref.lower_bounds_
+
+
+def test_only_an_owned_copy_is_reordered():
+    x = torch.from_numpy(rows(1000, 4))
+    source = ChunkSource(x, 300)
+    source.validate()
+    with pytest.raises(ValueError, match="caller's rows"):
+        source.permute_rows_(0, torch.arange(300))
+    before = x.clone()
+    # On the CPU device_copy hands a tensor back as it is: the caller's, never reordered.
+    assert not device_copy(source, torch.device("cpu"), max_bytes=float("inf")).owned
+    copy = device_copy(ChunkSource(x.numpy(), 300), torch.device("cpu"), max_bytes=float("inf"))
+    assert copy.owned and copy.as_checked(600).owned is False
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    copy.permute_rows_(300, order)
+    got = torch.cat([b for _, b in copy])
+    assert torch.equal(got[300:600], before[300:600][order])
+    assert torch.equal(got[:300], before[:300]) and torch.equal(got[600:], before[600:])
+    assert torch.equal(x, before)
 
 
 def test_as_checked_reblocks_one_array_only():
