@@ -476,10 +476,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         Rows that share components then sit side by side: the exact pass's programs read the
         same components' parameters, and the statistics, summed component by component, read
-        neighbouring rows. Timed through fit on an H100 (N = 1M, D = 128 byte rows, ms per EM
-        iteration, in generation order against grouped): K = 1024 diag 4.80 / 4.34, spherical
-        3.71 / 3.07; K = 256 diag 3.64 / 3.27, spherical 2.71 / 2.59 (same lower bounds). Only
-        a copy is reordered (the caller's rows never are), and the order never leaves the fit:
+        neighbouring rows. H100, N = 1M, D = 128 byte rows, K = 1024, GPU busy ms per EM
+        iteration in the given order against grouped: diag 4.45 / 4.19, spherical 3.33 / 3.16
+        (eval/results/bench_fit_profile_group_*_h100.json). Only a copy is reordered (the caller's rows never are), and the order never leaves the fit:
         the model does not depend on it but for the rounding of sums."""
         if not (self._hints and source.owned):
             return
