@@ -478,8 +478,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         same components' parameters, and the statistics, summed component by component, read
         neighbouring rows. H100, N = 1M, D = 128 byte rows, K = 1024, GPU busy ms per EM
         iteration in the given order against grouped: diag 4.45 / 4.19, spherical 3.33 / 3.16
-        (eval/results/bench_fit_profile_group_*_h100.json). Only a copy is reordered (the caller's rows never are), and the order never leaves the fit:
-        the model does not depend on it but for the rounding of sums."""
+        (eval/results/bench_fit_profile_group_*_h100.json). Only a copy is reordered (the
+        caller's rows never are), and the order never leaves the fit: the model does not depend
+        on it but for the rounding of sums."""
         if not (self._hints and source.owned):
             return
         for offset, hints in self._hints.items():
