@@ -109,7 +109,9 @@ class ChunkSource:
 
     def permute_rows_(self, offset: int, order: torch.Tensor) -> None:
         """Reorder rows ``offset .. offset + len(order)`` in place, row i taking row ``order[i]``
-        of that range: only the library's own copy (``owned``), never the caller's data."""
+        of that range: only the library's own copy (``owned``), never the caller's data. The
+        rows change only once their reordered copy exists: if that copy does not fit, they are
+        left as they were."""
         if not self.owned:
             raise ValueError("only a copy the library owns may be reordered, not the caller's rows")
         rows = self._rows[offset:offset + len(order)]

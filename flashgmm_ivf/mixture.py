@@ -480,12 +480,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         iteration in the given order against grouped: diag 4.45 / 4.19, spherical 3.33 / 3.16
         (eval/results/bench_fit_profile_group_*_h100.json). Only a copy is reordered (the
         caller's rows never are), and the order never leaves the fit: the model does not depend
-        on it but for the rounding of sums."""
+        on it but for the rounding of sums. A block takes a transient copy of itself: where the
+        device has no room for it, that block and the rest stay as they are."""
         if not (self._hints and source.owned):
             return
         for offset, hints in self._hints.items():
             order = torch.argsort(hints.best)
-            source.permute_rows_(offset, order)
+            try:
+                source.permute_rows_(offset, order)
+            except torch.cuda.OutOfMemoryError:
+                return
             hints.best.copy_(hints.best[order])
 
     def _short(self, device) -> torch.Tensor:

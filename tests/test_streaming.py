@@ -185,6 +185,34 @@ def test_only_an_owned_copy_is_reordered():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("room", [True, False])
+def test_group_rows_moves_rows_and_their_hints_together(room, monkeypatch):
+    from flashgmm_ivf.kernels.exact_candidates import Hints
+    x = rows(1000, 4)
+    copy = device_copy(ChunkSource(x, 300), torch.device("cpu"), max_bytes=float("inf"))
+    gmm = GaussianMixture(3)
+    best = {offset: torch.from_numpy(block[:, 0] % 3).to(torch.int32) for offset, block in ChunkSource(x, 300)}
+    gmm._hints = {offset: Hints(b.clone()) for offset, b in best.items()}
+    if not room:
+        def no_room(self, offset, order):
+            raise torch.cuda.OutOfMemoryError("no room")
+        monkeypatch.setattr(ChunkSource, "permute_rows_", no_room)
+    gmm._group_rows(copy)
+    got = torch.cat([b for _, b in copy])
+    if not room:  # nothing moved, and the fit goes on
+        assert torch.equal(got, torch.from_numpy(x))
+        assert all(torch.equal(gmm._hints[o].best, b) for o, b in best.items())
+        return
+    for offset, b in best.items():
+        block = got[offset:offset + len(b)]
+        hint = gmm._hints[offset].best
+        assert torch.equal(hint, torch.sort(b).values)  # grouped by component
+        # Each row keeps its own hint: the hints are the rows' first feature mod 3, as before.
+        assert torch.equal(hint, (block[:, 0] % 3).to(torch.int32))
+        given = torch.from_numpy(x[offset:offset + len(b)])
+        assert torch.equal(torch.sort(block.view(-1)).values, torch.sort(given.view(-1)).values)
+
+
 def test_as_checked_reblocks_one_array_only():
     x = rows(1000, 4)
     source = ChunkSource(x, 300)
