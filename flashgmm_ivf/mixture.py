@@ -375,8 +375,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             for n_iter in range(1, self.max_iter + 1):
                 previous = lower_bound
                 state, log_lik, reseeded = iteration(state)
-                if n_iter in GROUP_ROWS_AFTER:
-                    self._group_rows(source)
+                if n_iter in GROUP_ROWS_AFTER and self._group_rows(source):
+                    # A captured iteration would replay the exact pass set up for rows in their
+                    # given order (``kernels.candidate_resp.walk``): capture it again.
+                    reseeding = iteration is iterations[True]
+                    iterations = {key: self._em_iteration(source, device, n, reseed=key) for key in iterations}
+                    iteration = iterations[reseeding]
                 lower_bound = log_lik / n
                 bounds.append(lower_bound)
                 reseeded_total += reseeded
@@ -481,16 +485,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         (eval/results/bench_fit_profile_group_*_h100.json). Only a copy is reordered (the
         caller's rows never are), and the order never leaves the fit: the model does not depend
         on it but for the rounding of sums. A block takes a transient copy of itself: where the
-        device has no room for it, that block and the rest stay as they are."""
+        device has no room for it, that block and the rest stay as they are. Returns whether a
+        block was reordered."""
         if not (self._hints and source.owned):
-            return
+            return False
+        moved = False
         for offset, hints in self._hints.items():
             order = torch.argsort(hints.best)
             try:
                 source.permute_rows_(offset, order)
             except torch.cuda.OutOfMemoryError:
-                return
+                break
             hints.best.copy_(hints.best[order])
+            hints.grouped = moved = True
+        return moved
 
     def _short(self, device) -> torch.Tensor:
         """Pairs and rows the last 'candidates' E-steps found no room for (0-d; 0 for the others)."""

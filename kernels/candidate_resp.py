@@ -1,17 +1,24 @@
 """Exact pass of the exact-on-candidates E-step: log Z and responsibilities over each row's candidates.
 
 One program owns BLOCK_N rows. It counts each row's marks (``kernels.candidates``: one bit per
-component, 32 to a word), then walks them in component order, one candidate per row and step,
-up to the block's largest count. A row's words stay in registers, WORDS at a time (all of them
-up to K = 32 WORDS = 1024): each step takes the lowest mark of a row's first non-zero word, and a
-row whose words are spent loads its next WORDS. For every candidate the log-density is computed
-in float32 from centred differences (``kernels.exact_log_prob``), so raw-scale rows (SIFT:
-0..255) lose nothing to cancellation, stored in the row's next slot and folded into an online
-log-sum-exp; the largest gives the row's best component (the next E-step's hint,
-``exact_candidates``). A second walk turns the stored log-densities into responsibilities and
-keeps, packed to the front of the row's slots, those of at least ``min_resp``: the statistics
-then read only the kept (row, component, r) triples, never all the row's slots. Rows with more
-candidates than slots keep none (their E-step is the dense one; their log Z is left unwritten).
+component, 32 to a word), then walks them in component order, WORDS words at a time (all of them
+up to K = 32 WORDS = 1024), in one of two ways (``walk``):
+
+- gathered: each step takes every row's own lowest mark left, and loads each row's component;
+- shared: each step takes the lowest of those, loads it once and evaluates it for the rows that
+  marked it. Where neighbouring rows mark the same components
+  (the fit's own copy of the rows, grouped by best component: four such diag rows mark 4.0
+  components between them, four rows in their given order 15.7) a block reads each component
+  once instead of once per row.
+
+For every candidate the log-density is computed in float32 from centred differences
+(``kernels.exact_log_prob``), so raw-scale rows (SIFT: 0..255) lose nothing to cancellation,
+stored in the row's next slot and folded into an online log-sum-exp; the largest gives the row's
+best component (the next E-step's hint, ``exact_candidates``). A second walk turns the stored
+log-densities into responsibilities and keeps, packed to the front of the row's slots, those of
+at least ``min_resp``: the statistics then read only the kept (row, component, r) triples, never
+all the row's slots. Rows with more candidates than slots keep none (their E-step is the dense
+one; their log Z is left unwritten).
 
 Oracle: the float64 dense E-step of ``kernels.reference`` (tests/test_exact_candidates.py).
 """
@@ -23,8 +30,8 @@ from .exact_log_prob import exact_log_prob, feature_tile, row_tile
 
 # Words of marks a row holds in registers (K = 1024: all of them).
 WORDS = 32
-# Rows up to this wide stay in registers across their candidates (4 rows, one warp); wider ones
-# are re-read per candidate. H100, N = 100K, K = 1024, ~3 candidates a row: D = 960 diag 0.46 ms
+# Rows up to this wide stay in registers across their candidates; wider ones are re-read per
+# candidate (gathered walk, 4 rows, one warp). H100, N = 100K, K = 1024, ~3 candidates a row: D = 960 diag 0.46 ms
 # held against 0.79 re-read, spherical 0.35 against 0.72; D = 256 diag 0.25 against 0.30.
 ONE_TILE_FEATURES = 1024
 
@@ -47,11 +54,11 @@ def _lowest_bit(w):
 
 
 @triton.jit
-def _words(marks, start, row_mask, n_words, WORDS: tl.constexpr):
-    """(BLOCK_N, WORDS) uint32: each row's marks from its word ``start`` on (0 past the last)."""
-    word = start[:, None] + tl.arange(0, WORDS)[None, :]
-    return tl.load(marks[:, None] + word, mask=row_mask[:, None] & (word < n_words), other=0).to(tl.uint32,
-                                                                                                bitcast=True)
+def _words(marks, w0, row_mask, n_words, WORDS: tl.constexpr):
+    """(BLOCK_N, WORDS) uint32: each row's marks from word ``w0`` on (0 past the last)."""
+    word = w0 + tl.arange(0, WORDS)
+    return tl.load(marks[:, None] + word[None, :], mask=row_mask[:, None] & (word < n_words)[None, :],
+                   other=0).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -61,56 +68,68 @@ def _first_word(words, WORDS: tl.constexpr):
 
 
 @triton.jit
+def _take(ll, comp, live, taken, run_max, run_sum, best, cand_ptr, resp_ptr, slots):
+    """Store each live row's log-density ``ll`` of ``comp`` in its next slot and fold it into the
+    row's online log-sum-exp and best component. Other rows see ll = -inf: nothing changes for them."""
+    tl.store(cand_ptr + slots + taken, comp.to(tl.int32), mask=live)
+    tl.store(resp_ptr + slots + taken, ll, mask=live)
+    best = tl.where(ll > run_max, comp, best)
+    new_max = tl.maximum(run_max, ll)
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
+    return taken + live.to(tl.int32), new_max, run_sum, best
+
+
+@triton.jit
 def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_ptr, mark_ptr, n_words,
                           cand_ptr, count_ptr, kept_ptr, log_norm_ptr, resp_ptr, best_ptr, min_resp, n_rows,
-                          n_cols, CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, WORDS: tl.constexpr):
+                          n_cols, CAPACITY: tl.constexpr, DIAGONAL: tl.constexpr, SHARED: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
+                          WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     marks = mark_ptr + rows.to(tl.int64) * n_words
-    start = tl.zeros([BLOCK_N], dtype=tl.int32)  # first word of each row's ``words``
     count = tl.zeros([BLOCK_N], dtype=tl.int32)
     for w0 in range(0, n_words, WORDS):
-        count += tl.sum(_popcount(_words(marks, start + w0, row_mask, n_words, WORDS)), axis=1)
+        count += tl.sum(_popcount(_words(marks, w0, row_mask, n_words, WORDS)), axis=1)
     tl.store(count_ptr + rows, count, mask=row_mask)
-    todo = tl.where(count <= CAPACITY, count, 0)  # overflowed rows: the dense E-step's
+    walk = row_mask & (count <= CAPACITY)  # overflowed rows: the dense E-step's
     # Rows of one feature tile stay in registers for every candidate; wider rows are re-read per candidate.
     x_tile = row_tile(x_ptr, stride_x, shift_ptr, rows, row_mask, n_cols, BLOCK_N, BLOCK_D, ONE_TILE)
     slots = rows.to(tl.int64) * CAPACITY
     run_max = tl.full([BLOCK_N], -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     best = tl.zeros([BLOCK_N], dtype=tl.int64)
-    words = _words(marks, start, todo > 0, n_words, WORDS)  # the marks not yet taken
-    for s in range(tl.max(todo)):
-        live = s < todo
-        first = _first_word(words, WORDS)
-        # A live row has a mark left in its words or in later ones.
-        advance = live & (first == WORDS)
-        while tl.max(advance.to(tl.int32)) > 0:
-            start = tl.where(advance, start + WORDS, start)
-            words = tl.where(advance[:, None], _words(marks, start, advance, n_words, WORDS), words)
+    taken = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for w0 in range(0, n_words, WORDS):
+        words = _words(marks, w0, walk, n_words, WORDS)  # the marks not yet taken
+        left = tl.sum(_popcount(words), axis=1)
+        while tl.max(left) > 0:
+            # Each row's lowest mark left.
             first = _first_word(words, WORDS)
-            advance = live & (first == WORDS)
-        at = (tl.arange(0, WORDS)[None, :] == first[:, None]) & live[:, None]
-        bit, low = _lowest_bit(tl.max(tl.where(at, words, 0), axis=1))
-        words = tl.where(at, words ^ low[:, None], words)
-        comp = ((start + first) * 32 + bit).to(tl.int64)
-        ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
-                            n_cols, DIAGONAL, ONE_TILE, BLOCK_D)
-        tl.store(cand_ptr + slots + s, comp.to(tl.int32), mask=live)
-        tl.store(resp_ptr + slots + s, ll, mask=live)
-        best = tl.where(ll > run_max, comp, best)
-        new_max = tl.maximum(run_max, ll)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(ll - new_max)
-        run_max = new_max
-    log_z = run_max + tl.log(tl.where(todo > 0, run_sum, 1.0))  # rows with no candidate: log Z unused
-    tl.store(log_norm_ptr + rows, log_z, mask=row_mask & (todo > 0))
-    tl.store(best_ptr + rows, best.to(tl.int32), mask=row_mask & (todo > 0))
+            at = tl.arange(0, WORDS)[None, :] == first[:, None]
+            bit, low = _lowest_bit(tl.max(tl.where(at, words, 0), axis=1))
+            own = (w0 + first) * 32 + bit
+            if SHARED:
+                # The lowest of them, loaded once for the rows that marked it.
+                comp = tl.min(tl.where(left > 0, own, 2**31 - 1)).to(tl.int64)
+                live = (left > 0) & (own == comp)
+            else:
+                comp = own.to(tl.int64)
+                live = left > 0
+            ll = exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp,
+                                n_cols, DIAGONAL, ONE_TILE, BLOCK_D, SHARED=SHARED)
+            words = tl.where(at & live[:, None], words ^ low[:, None], words)
+            left -= live.to(tl.int32)
+            taken, run_max, run_sum, best = _take(ll, comp, live, taken, run_max, run_sum, best, cand_ptr,
+                                                  resp_ptr, slots)
+    log_z = run_max + tl.log(tl.where(taken > 0, run_sum, 1.0))  # rows with no candidate: log Z unused
+    tl.store(log_norm_ptr + rows, log_z, mask=taken > 0)
+    tl.store(best_ptr + rows, best.to(tl.int32), mask=taken > 0)
     # Packing in place is safe: a row's kept slot never lies past the slot being read.
     kept = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for s in range(tl.max(todo)):
-        r = tl.exp(tl.load(resp_ptr + slots + s, mask=s < todo, other=float("-inf")) - log_z)
-        keep = (s < todo) & (r >= min_resp)
+    for s in range(tl.max(taken)):
+        r = tl.exp(tl.load(resp_ptr + slots + s, mask=s < taken, other=float("-inf")) - log_z)
+        keep = (s < taken) & (r >= min_resp)
         comp = tl.load(cand_ptr + slots + s, mask=keep)
         tl.store(resp_ptr + slots + kept, r, mask=keep)
         tl.store(cand_ptr + slots + kept, comp, mask=keep)
@@ -118,8 +137,23 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     tl.store(kept_ptr + rows, kept, mask=row_mask)
 
 
-def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None, block_n=None,
-                   num_warps=1):
+def walk(diagonal: bool, n_features: int, grouped: bool) -> tuple[bool, int]:
+    """(shared, rows a program) of the exact pass (module docstring).
+
+    H100, K = 1024, ~3.9 candidates a row, the last E-step of a fit (ms, grouped / shuffled
+    rows; eval/results/exact_pass_walks_h100.json): D = 128 diag, shared 4 rows 0.59 / 1.60,
+    shared 1 row 1.08 / 0.99, gathered 2 rows 0.93 / 1.10; D = 128 spherical, shared 4 rows
+    1.09 / 2.10 (4 grouped rows mark 6.7 components between them, diag 4.0), gathered 4 rows
+    0.78 / 0.92; D = 960 (N = 100K), shared 1 row diag 0.44 / 0.45, spherical 0.25 / 0.25,
+    shared 4 grouped rows diag 0.27, gathered 0.59 / 0.65 and 0.34 / 0.37.
+    """
+    if not diagonal and n_features <= 128:
+        return False, 4
+    return True, 4 if diagonal and grouped else 1
+
+
+def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_resp=0.0, best=None,
+                   grouped=False):
     """Launch the exact pass.
 
     Parameters
@@ -134,7 +168,8 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     min_resp : float, the least responsibility a kept candidate has (0: keep every candidate)
     best : int32 Tensor of shape (n,) or None, written in place as the returned ``best`` (rows
         that overflow keep their value)
-    block_n : rows a program, or None: 2 (diag), 4 (spherical)
+    grouped : bool, whether the rows come in runs of equal best component (the fit's own device
+        copy, ``GaussianMixture._group_rows``): neighbouring rows then mark the same components
 
     Returns
     -------
@@ -156,15 +191,11 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     count = torch.empty(n, dtype=torch.int32, device=x.device)
     kept = torch.empty(n, dtype=torch.int32, device=x.device)
     diagonal = precisions.dim() == 2
-    # A block walks as many candidates as its longest row holds: few rows a block waste few steps.
-    # Timed on an H100 (bench_estep's D = 128 cell, rows in registers): 4 rows with 1 warp took
-    # 1.2-3.8x less time than 4-32 rows with 2-4 warps, diag and spherical; then on bench_fit's rows
-    # after 5 EM iterations (N = 1M, K = 1024, ~3.9 candidates a row), 1 warp, two runs: diag 2 rows
-    # 1.07 ms against 4 rows 1.20-1.21; spherical 4 rows 0.21-0.23 against 2 rows 0.26, 8 rows 0.25-0.26.
-    block_n = block_n or (2 if diagonal else 4)
+    shared, block_n = walk(diagonal, d, grouped)
     block_d, one_tile = feature_tile(d, ONE_TILE_FEATURES)
+    # One warp a program: the walk's reductions stay within it (4 warps: 1.7-3x slower).
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
         x, x.stride(0), shift, means, precisions, consts, marks, marks.shape[1], cand, count, kept, log_norm, resp,
-        best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=diagonal, BLOCK_N=block_n, BLOCK_D=block_d,
-        ONE_TILE=one_tile, WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), num_warps=num_warps)
+        best, min_resp, n, d, CAPACITY=capacity, DIAGONAL=diagonal, SHARED=shared, BLOCK_N=block_n,
+        BLOCK_D=block_d, ONE_TILE=one_tile, WORDS=min(WORDS, triton.next_power_of_2(marks.shape[1])), num_warps=1)
     return log_norm, resp, best, cand, count, kept

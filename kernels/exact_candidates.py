@@ -81,11 +81,14 @@ class Hints:
     rows : int, overflowed rows a captured E-step has room for
     short : int64 0-d Tensor, how many pairs and overflowed rows the last E-step found no room
         for (0 after a host-sized one)
+    grouped : bool, whether the owner has put the rows in runs of equal ``best`` (the exact pass
+        then walks the components a run of rows marks together, ``kernels.candidate_resp.walk``)
     """
 
     def __init__(self, best: torch.Tensor):
         self.best = best
         self.pairs = self.rows = 0
+        self.grouped = False
         self.short = torch.zeros((), dtype=torch.int64, device=best.device)
 
     def grow(self, n_kept: int, n_over: int, max_rows: int) -> None:
@@ -204,7 +207,8 @@ def estep(x, centred, shift, diagonal, search, dense, *, hints=None, capacity=No
         marks = search(part, centred, margin, hint)
         # Rows that overflow keep their hint: the dense E-step finds no best.
         lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
-                                                     min_resp=math.exp(-margin), best=hint)
+                                                     min_resp=math.exp(-margin), best=hint,
+                                                     grouped=hints is not None and hints.grouped)
         log_norm[start:start + len(part)] = lz
         overflowed, ends = count > capacity, torch.cumsum(kept, 0)
         sizes = torch.stack([ends[-1], overflowed.sum()]).to("cpu", non_blocking=True)
@@ -246,7 +250,8 @@ def _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin):
         end = start + len(part)
         marks = search(part, centred, margin, hints.best[start:end])
         lz, r, _, cand, count, kept = candidate_resp(part, shift, *centred, marks, capacity,
-                                                     min_resp=math.exp(-margin), best=hints.best[start:end])
+                                                     min_resp=math.exp(-margin), best=hints.best[start:end],
+                                                     grouped=hints.grouped)
         over = count > capacity
         overflowed[start:end] = over
         # Overflowed rows' log Z is written by ``wide_pairs``, which adds to it.

@@ -20,10 +20,15 @@ ONE_TILE_FEATURES = 128
 
 
 @triton.jit
-def _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL: tl.constexpr):
-    """sum over ``cols`` of prec (x - mu)^2 (diag) or (x - mu)^2 (spherical), mu and prec of ``comp[n]``."""
-    mask = live[:, None] & (cols < n_cols)[None, :]
-    offs = comp[:, None] * n_cols + cols[None, :]
+def _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL: tl.constexpr, SHARED: tl.constexpr):
+    """sum over ``cols`` of prec (x - mu)^2 (diag) or (x - mu)^2 (spherical), mu and prec of ``comp[n]``,
+    or of the one component ``comp`` for every row (``SHARED``: loaded once, not gathered per row)."""
+    if SHARED:
+        mask = (cols < n_cols)[None, :]
+        offs = comp * n_cols + cols[None, :]
+    else:
+        mask = live[:, None] & (cols < n_cols)[None, :]
+        offs = comp[:, None] * n_cols + cols[None, :]
     diff = x - tl.load(mean_ptr + offs, mask=mask, other=0.0)
     if DIAGONAL:
         return tl.sum(tl.load(prec_ptr + offs, mask=mask, other=0.0) * diff * diff, axis=1)
@@ -42,20 +47,28 @@ def row_tile(x_ptr, stride_x, shift_ptr, rows, row_mask, n_cols, BLOCK_N: tl.con
 
 @triton.jit
 def exact_log_prob(x_ptr, stride_x, shift_ptr, x_tile, mean_ptr, prec_ptr, const_ptr, rows, live, comp, n_cols,
-                   DIAGONAL: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """log pi_k + log N(x_n | k) of component ``comp[n]`` (int64) for every live row (-inf elsewhere);
-    ``x_tile`` holds the centred rows when they fit one feature tile (``ONE_TILE``)."""
+                   DIAGONAL: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                   SHARED: tl.constexpr = False):
+    """log pi_k + log N(x_n | k) of component ``comp[n]`` (int64) for every live row (-inf elsewhere),
+    or of the one component ``comp`` (an int64 scalar, ``SHARED``); ``x_tile`` holds the centred rows
+    when they fit one feature tile (``ONE_TILE``)."""
     if ONE_TILE:
-        acc = _centred_sum(x_tile, mean_ptr, prec_ptr, live, comp, tl.arange(0, BLOCK_D), n_cols, DIAGONAL)
+        acc = _centred_sum(x_tile, mean_ptr, prec_ptr, live, comp, tl.arange(0, BLOCK_D), n_cols, DIAGONAL, SHARED)
     else:
         acc = tl.zeros([x_tile.shape[0]], dtype=tl.float32)
         for d0 in range(0, n_cols, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             x = load_rows(x_ptr, stride_x, shift_ptr, rows, live, cols, n_cols)
-            acc += _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL)
-    if not DIAGONAL:
-        acc *= tl.load(prec_ptr + comp, mask=live, other=0.0)
-    return tl.where(live, tl.load(const_ptr + comp, mask=live, other=0.0) - 0.5 * acc, float("-inf"))
+            acc += _centred_sum(x, mean_ptr, prec_ptr, live, comp, cols, n_cols, DIAGONAL, SHARED)
+    if SHARED:
+        if not DIAGONAL:
+            acc *= tl.load(prec_ptr + comp)
+        const = tl.load(const_ptr + comp)
+    else:
+        if not DIAGONAL:
+            acc *= tl.load(prec_ptr + comp, mask=live, other=0.0)
+        const = tl.load(const_ptr + comp, mask=live, other=0.0)
+    return tl.where(live, const - 0.5 * acc, float("-inf"))
 
 
 @triton.jit

@@ -197,8 +197,9 @@ def test_group_rows_moves_rows_and_their_hints_together(room, monkeypatch):
         def no_room(self, offset, order):
             raise torch.cuda.OutOfMemoryError("no room")
         monkeypatch.setattr(ChunkSource, "permute_rows_", no_room)
-    gmm._group_rows(copy)
+    assert gmm._group_rows(copy) is room
     got = torch.cat([b for _, b in copy])
+    assert all(h.grouped is room for h in gmm._hints.values())
     if not room:  # nothing moved, and the fit goes on
         assert torch.equal(got, torch.from_numpy(x))
         assert all(torch.equal(gmm._hints[o].best, b) for o, b in best.items())
