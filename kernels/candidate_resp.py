@@ -137,7 +137,7 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
     tl.store(kept_ptr + rows, kept, mask=row_mask)
 
 
-def walk(diagonal: bool, n_features: int, grouped: bool) -> tuple[bool, int]:
+def walk(diagonal: bool, n_features: int, grouped: bool, device: torch.device) -> tuple[bool, int]:
     """(shared, rows a program) of the exact pass (module docstring).
 
     H100, K = 1024, ~3.9 candidates a row, the last E-step of a fit (ms, grouped / shuffled
@@ -145,8 +145,11 @@ def walk(diagonal: bool, n_features: int, grouped: bool) -> tuple[bool, int]:
     shared 1 row 1.08 / 0.99, gathered 2 rows 0.93 / 1.10; D = 128 spherical, shared 4 rows
     1.09 / 2.10 (4 grouped rows mark 6.7 components between them, diag 4.0), gathered 4 rows
     0.78 / 0.92; D = 960 (N = 100K), shared 1 row diag 0.44 / 0.45, spherical 0.25 / 0.25,
-    shared 4 grouped rows diag 0.27, gathered 0.59 / 0.65 and 0.34 / 0.37.
+    shared 4 grouped rows diag 0.27, gathered 0.59 / 0.65 and 0.34 / 0.37. Under Triton's
+    interpreter (CPU tensors: the tests) programs run one after another in Python: few large ones.
     """
+    if device.type == "cpu":
+        return False, 16
     if not diagonal and n_features <= 128:
         return False, 4
     return True, 4 if diagonal and grouped else 1
@@ -191,7 +194,7 @@ def candidate_resp(x, shift, means, precisions, consts, marks, capacity, *, min_
     count = torch.empty(n, dtype=torch.int32, device=x.device)
     kept = torch.empty(n, dtype=torch.int32, device=x.device)
     diagonal = precisions.dim() == 2
-    shared, block_n = walk(diagonal, d, grouped)
+    shared, block_n = walk(diagonal, d, grouped, x.device)
     block_d, one_tile = feature_tile(d, ONE_TILE_FEATURES)
     # One warp a program: the walk's reductions stay within it (4 warps: 1.7-3x slower).
     candidate_resp_kernel[(triton.cdiv(n, block_n),)](
