@@ -9,6 +9,7 @@ from flashgmm_ivf import GaussianMixture, kernels
 from flashgmm_ivf._chunks import ChunkSource
 from flashgmm_ivf._graph import GraphedStep
 from flashgmm_ivf._mstep import EMState
+from flashgmm_ivf.kernels import candidate_resp
 from test_kernels import make_rows, random_mixture, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -101,20 +102,27 @@ def test_graphed_fit_equals_eager_fit(covariance_type, monkeypatch):
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
 def test_grouped_rows_fit_the_model_of_the_given_order(covariance_type, monkeypatch):
     """After the first 'candidates' E-step the fit reorders its own copy of the rows by best
-    component: the model is the one of the rows in their given order (to the rounding of sums),
-    and the caller's tensor is left as it was."""
+    component and captures its iteration again (its exact pass then walks the grouped rows'
+    shared components): the model is the one of the rows in their given order (to the rounding
+    of sums), and the caller's tensor is left as it was."""
+    from flashgmm_ivf import mixture as mixture_module
     x = _raw_rows_cuda(30000, 40, 4)  # byte-valued floats: the fit holds a byte copy of its own
     given = x.clone()
-    orders = []
+    orders, graphs, walks = [], [], set()
     permute = ChunkSource.permute_rows_
     monkeypatch.setattr(ChunkSource, "permute_rows_",
                         lambda self, offset, order: orders.append(order.clone()) or permute(self, offset, order))
+    real_graph = mixture_module.GraphedStep
+    monkeypatch.setattr(mixture_module, "GraphedStep", lambda fn: graphs.append(real_graph(fn)) or graphs[-1])
+    real_walk = candidate_resp.walk
+    monkeypatch.setattr(candidate_resp, "walk", lambda *a: walks.add(a[2]) or real_walk(*a))
     params = dict(covariance_type=covariance_type, max_iter=8, tol=0.0, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grouped = GaussianMixture(24, **params).fit(x)
         assert torch.equal(x, given)
         assert len(orders) == 1 and not torch.equal(orders[0], torch.arange(len(x), device="cuda"))
+        assert len(graphs) == 2 and walks == {False, True}
         monkeypatch.setattr(GaussianMixture, "_group_rows", lambda self, source: None)
         plain = GaussianMixture(24, **params).fit(x)
     assert len(orders) == 1
