@@ -117,9 +117,10 @@ def test_train_distributed_one_rank_nccl(data, api_fit, tmp_path):
 
 def test_train_distributed_two_ranks_equals_single_gpu(data, tmp_path):
     """Two ranks: NCCL on two GPUs, else gloo on one. Each rank's E-step runs over its 30,000
-    rows as one block, as the single-GPU reference runs over blocks of 30,000 rows: the float32
-    partial sums are the same, only the order of the float64 additions differs. (Over other
-    blocks, float32 sums of other row groups differ by ~1e-7 relative, and EM carries that on.)"""
+    rows as one block, as the single-GPU reference runs over blocks of 30,000 rows. Each rank
+    groups its own copy of its rows by best component, the streamed reference does not: the
+    exact pass then sums some log-densities in another float32 order (H100: 5e-9 relative in
+    the bound after 6 iterations), so the bar is the one the distributed fit is held to, 1e-6."""
     half = len(data[1]) // 2
     want = GaussianMixture(K, max_iter=MAX_ITER, tol=0.0, random_state=0, init_params="kmeans", device="cuda",
                            chunk_size=half, cache_data=False).fit(data[1])
@@ -128,7 +129,7 @@ def test_train_distributed_two_ranks_equals_single_gpu(data, tmp_path):
                        "--checkpoint", str(tmp_path / "c.npz"))
     out = _torchrun(2, argv, tmp_path)
     assert "on 2 rank(s)" in out and f"{MAX_ITER} iterations" in out
-    _assert_same_fit(GaussianMixture.load(tmp_path / "gmm.npz"), want, rtol=1e-9)
+    _assert_same_fit(GaussianMixture.load(tmp_path / "gmm.npz"), want, rtol=1e-6)
     assert load_checkpoint(tmp_path / "c.npz").n_iter == MAX_ITER
     # --resume from the finished checkpoint: no iteration runs, the same model comes back.
     (tmp_path / "gmm.npz").rename(tmp_path / "first.npz")
