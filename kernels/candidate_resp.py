@@ -140,13 +140,14 @@ def candidate_resp_kernel(x_ptr, stride_x, shift_ptr, mean_ptr, prec_ptr, const_
 def walk(diagonal: bool, n_features: int, grouped: bool, device: torch.device) -> tuple[bool, int]:
     """(shared, rows a program) of the exact pass (module docstring).
 
-    H100, K = 1024, ~3.9 candidates a row, the last E-step of a fit (ms, grouped / shuffled
-    rows; eval/results/exact_pass_walks_h100.json): D = 128 diag, shared 4 rows 0.59 / 1.60,
-    shared 1 row 1.08 / 0.99, gathered 2 rows 0.93 / 1.10; D = 128 spherical, shared 4 rows
-    1.09 / 2.10 (4 grouped rows mark 6.7 components between them, diag 4.0), gathered 4 rows
-    0.78 / 0.92; D = 960 (N = 100K), shared 1 row diag 0.44 / 0.45, spherical 0.25 / 0.25,
-    shared 4 grouped rows diag 0.27, gathered 0.59 / 0.65 and 0.34 / 0.37. Under Triton's
-    interpreter (CPU tensors: the tests) programs run one after another in Python: few large ones.
+    H100, K = 1024, ~3.9 candidates a row, the calls of a fit's last host-sized E-step (ms,
+    grouped / shuffled rows; eval/results/exact_pass_walks_h100.json): D = 128 diag, shared 4
+    rows 0.65 / 1.76, shared 1 row 1.07 / 0.99, gathered 2 rows 1.00 / 1.17; D = 128 spherical,
+    shared 4 rows 0.80 / 2.15 (4 grouped rows mark 6.7 components between them, diag 4.0),
+    gathered 4 rows 0.78 / 0.92; D = 960 (N = 100K), shared 1 row diag 0.45 / 0.46, spherical
+    0.26 / 0.25, shared 4 grouped rows diag 0.27, gathered 4 rows 0.55 / 0.52 and 0.34 / 0.37.
+    Under Triton's interpreter (CPU tensors: the tests) programs run one after another in
+    Python: few large ones.
     """
     if device.type == "cpu":
         return False, 16
