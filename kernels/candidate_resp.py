@@ -6,10 +6,9 @@ up to K = 32 WORDS = 1024), in one of two ways (``walk``):
 
 - gathered: each step takes every row's own lowest mark left, and loads each row's component;
 - shared: each step takes the lowest of those, loads it once and evaluates it for the rows that
-  marked it. Where neighbouring rows mark the same components
-  (the fit's own copy of the rows, grouped by best component: four such diag rows mark 4.0
-  components between them, four rows in their given order 15.7) a block reads each component
-  once instead of once per row.
+  marked it. Where neighbouring rows mark the same components (the fit's own copy of the rows,
+  grouped by best component: four such diag rows mark 4.0 components between them, four rows in
+  their given order 15.7) a block reads each component once instead of once per row.
 
 For every candidate the log-density is computed in float32 from centred differences
 (``kernels.exact_log_prob``), so raw-scale rows (SIFT: 0..255) lose nothing to cancellation,
@@ -31,8 +30,9 @@ from .exact_log_prob import exact_log_prob, feature_tile, row_tile
 # Words of marks a row holds in registers (K = 1024: all of them).
 WORDS = 32
 # Rows up to this wide stay in registers across their candidates; wider ones are re-read per
-# candidate (gathered walk, 4 rows, one warp). H100, N = 100K, K = 1024, ~3 candidates a row: D = 960 diag 0.46 ms
-# held against 0.79 re-read, spherical 0.35 against 0.72; D = 256 diag 0.25 against 0.30.
+# candidate (gathered walk, 4 rows, one warp). H100, N = 100K, K = 1024, ~3 candidates a row:
+# D = 960 diag 0.46 ms held against 0.79 re-read, spherical 0.35 against 0.72; D = 256 diag 0.25
+# against 0.30.
 ONE_TILE_FEATURES = 1024
 
 
