@@ -17,7 +17,7 @@ import pytest
 
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf.ivf import Calibration, GMMIndexIVF, dedup_results, index_factory, read_index, write_index
-from flashgmm_ivf.ivf import calibration as calibration_module
+from flashgmm_ivf.ivf import exact as exact_module
 from flashgmm_ivf.ivf.partition import assign_lists, fit_kmeans, mean_variance, spill_scores, spill_threshold
 from flashgmm_ivf.ivf.quantizer import add_assigned
 from flashgmm_ivf.ivf.soft_assign import TopComponents
@@ -566,17 +566,48 @@ def test_knn_l2_is_exact_far_from_the_origin(tile, monkeypatch):
     """The tiled product brute force agrees with a float64 one on rows offset far from the origin
     (SIFT-like spread at 1e4), to float32 roundoff of the spread (not of the offset), in tiles
     that do not divide the shapes."""
-    monkeypatch.setattr(calibration_module, "_TILE", tile)
+    monkeypatch.setattr(exact_module, "_TILE", tile)
     rng = np.random.default_rng(1)
     x = (rng.integers(0, 256, (500, 24)) + 1e4).astype(np.float32)
     queries = x[rng.choice(500, 30, replace=False)] + rng.integers(-2, 3, (30, 24)).astype(np.float32)
     center = queries.mean(0, dtype=np.float64).astype(np.float32)
-    D, I = calibration_module.knn_l2(queries, x, 11, center)
+    D, I = exact_module.knn_l2(queries, x, 11, center)
     exact = ((queries.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
     roundoff = 1e-6 * ((x - center).astype(np.float64) ** 2).sum(1).max()  # ~0.2 here; the offset's is ~1e3
     np.testing.assert_allclose(D, np.sort(exact, 1)[:, :11], rtol=0, atol=roundoff)
     # integer rows: distances 1 apart at least, so the ids are the exact ones (ties aside)
     np.testing.assert_array_equal(exact[np.arange(30)[:, None], I], np.sort(exact, 1)[:, :11])
+
+
+@pytest.mark.parametrize("spec", ["IVF32_GMM,Flat", "IVF32_GMM(partition=gmm),Flat"])
+def test_index_far_from_the_origin_searches_as_it_does_about_it(spec, monkeypatch):
+    """Rows offset by 1e4 over unit spread (float32 keeps ~1e-3 of each value): the partition, the
+    lists and the searches are those of the same rows about the origin, to that rounding: no list
+    left empty by cancelled distances, no -1 results, the same recall at the same cost, also when
+    vectors are added in blocks that FAISS's flat search would take BLAS products for."""
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 20)
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(40, 16)) * 3
+    x = (centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 16))).astype(np.float32)
+    queries = x[:200] + rng.normal(size=(200, 16)).astype(np.float32) * 0.3
+    results = []
+    for offset in (0.0, 1e4):
+        xb, xq = x + np.float32(offset), queries + np.float32(offset)
+        index = index_factory(16, spec)
+        index.train(xb)
+        index.add(xb)
+        D, I = index.search(xq, 10, nprobe=4)
+        exact = ((xq.astype(np.float64)[:, None] - xb.astype(np.float64)[None]) ** 2).sum(-1)
+        truth = np.argsort(exact, 1)[:, :10]
+        assert (I >= 0).all() and np.isfinite(D).all()
+        lists = faiss.extract_index_ivf(index.index).invlists
+        used = sum(lists.list_size(j) > 0 for j in range(lists.nlist))
+        results.append((np.mean([len(set(a) & set(b)) for a, b in zip(I, truth)]) / 10,
+                        index.last_stats.ndis / len(xq), used))
+    (recall0, cost0, used0), (recall1, cost1, used1) = results
+    assert recall0 > 0.8 and abs(recall1 - recall0) < 0.03
+    assert cost1 == pytest.approx(cost0, rel=0.1)
+    assert used1 >= used0 - 2
 
 
 @pytest.mark.parametrize("shape", [(2, 1), (5, 3), (4096, 4), (4097, 9), (9000, 33)])
@@ -625,10 +656,11 @@ def test_kmeans_stages(sift, monkeypatch):
     plain = faiss.Kmeans(base.shape[1], 16, niter=25, seed=3, max_points_per_centroid=len(base))
     real_train(plain, base)
     assert objective(centroids) <= 1.01 * objective(plain.centroids)
-    # Too few rows for a second stage: plain faiss.Kmeans on all rows.
+    # Too few rows for a second stage: plain faiss.Kmeans on all rows, about their mean.
     calls.clear()
+    center = base[:1000].mean(0, dtype=np.float64).astype(np.float32)
     np.testing.assert_array_equal(fit_kmeans(base[:1000], 16, 25, seed=3),
-                                  _plain_kmeans(real_train, base[:1000], 16, 25, 3))
+                                  _plain_kmeans(real_train, base[:1000] - center, 16, 25, 3) + center)
     assert calls == [(1000, 25)]
 
 

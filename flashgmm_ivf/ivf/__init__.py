@@ -12,6 +12,7 @@ Small functions over real FAISS objects (in the style of ``faiss.contrib.ivf_too
 - :mod:`.probing`: a per-query depth from a calibrated :class:`ProbeTable`.
 - :mod:`.pruning`: radius pruning, lists skipped by a half-space bound.
 - :mod:`.calibration`: calibration queries, their exact neighbours, fitting the table.
+- :mod:`.exact`: exact nearest neighbours and nearest means by squared L2, about a centre.
 - :mod:`.shards`: building, merging and searching shards of one trained index.
 
 Every search function returns FAISS's ``(D, I)``, deduplicated by id, and adds its costs to

@@ -27,20 +27,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .coarse import build, install, means_index
+from .exact import knn_l2
 from .probing import (SPREAD_RANK, ListMembers, ProbeTable, ProbeTables, found_within, list_members,
                       neighbor_depths, query_difficulty, scan_costs)
 from .search import dedup_results, ranked_lists
 
 __all__ = ["DEEP_WALKS", "GRAPH_LINKS", "K_CAL", "LINK_MARGIN", "LINK_QUERIES", "LINK_RECALLS", "PROJECTED_DIMS",
            "REACH", "REACH_QUERIES", "SELF_TOLERANCE", "TABLE_CELLS", "WIDTHS", "Calibration",
-           "coarse_candidates", "fit_coarse_and_table", "fit_table", "knn_l2", "table_depth", "walk_depths"]
+           "coarse_candidates", "fit_coarse_and_table", "fit_table", "table_depth", "walk_depths"]
 
 K_CAL = 10  # recall@10 is what ``search(..., recall=)`` targets
 # A stand-in's own copy: squared distance at most this x |q - m|^2, m the queries' mean (the
 # roundoff of a product-based distance is ~1e-6 of that; a distinct row this close is a copy
 # for any purpose).
 SELF_TOLERANCE = 1e-4
-_TILE = 4096  # rows of each side per product of the brute force (a 64 MiB distance tile)
 # Widths of a graph quantizer's first walk (its efSearch) a depth table is fitted for.
 WIDTHS = (4, 6, 8, 12, 16, 24, 32)
 # Deeper walks measured per table (see walk_depths): 16 depths from 4 to 256 lie 1.3x apart.
@@ -160,49 +160,6 @@ class Calibration:
         all_d, all_i = np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
         # One id may come twice (its copies in two lists, or added twice): keep its best.
         self.distances, self.ids, _ = dedup_results(all_d.astype(np.float32), all_i, K_CAL, self.metric_type)
-
-
-def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray):
-    """Exact k nearest rows of x for every query by squared L2, by BLAS products in tiles.
-
-    ``faiss.knn`` computes the pairs one by one below 128,000 queries (FAISS's
-    ``distance_compute_blas_threshold``), several times slower than a product at d = 50.
-    Both sides are shifted by ``center`` first, so the product's cancellation
-    (|q|^2 + |x|^2 - 2 <q, x>) is relative to the data's spread, not to its offset.
-
-    Parameters
-    ----------
-    queries : ndarray of shape (nq, d), float32
-    x : ndarray of shape (n, d), float32, n >= k
-    k : int
-    center : ndarray of shape (d,), float32
-
-    Returns
-    -------
-    D : ndarray of shape (nq, k), float32, ascending (>= 0)
-    I : ndarray of shape (nq, k), int64, row numbers of x
-    """
-    nq, d = queries.shape
-    D = np.empty((nq, k), np.float32)
-    I = np.empty((nq, k), np.int64)
-    tile = np.empty((min(_TILE, nq), min(_TILE, x.shape[0])), np.float32)
-    for i0 in range(0, nq, _TILE):
-        q = np.ascontiguousarray(queries[i0:i0 + _TILE] - center)
-        heaps = faiss.float_maxheap_array_t()  # FAISS's own top-k merge over the tiles
-        heaps.k, heaps.nh = k, q.shape[0]
-        heaps.val, heaps.ids = faiss.swig_ptr(D[i0:i0 + _TILE]), faiss.swig_ptr(I[i0:i0 + _TILE])
-        heaps.heapify()
-        for j0 in range(0, x.shape[0], _TILE):
-            xb = np.ascontiguousarray(x[j0:j0 + _TILE] - center)
-            out = tile[:q.shape[0], :xb.shape[0]]
-            if not out.flags.c_contiguous:  # a shorter last tile of x
-                out = np.empty((q.shape[0], xb.shape[0]), np.float32)
-            faiss.pairwise_L2sqr(d, q.shape[0], faiss.swig_ptr(q), xb.shape[0], faiss.swig_ptr(xb),
-                                 faiss.swig_ptr(out), d, d, xb.shape[0])
-            heaps.addn(xb.shape[0], faiss.swig_ptr(out), j0, 0, q.shape[0])
-        heaps.reorder()
-    np.maximum(D, 0, out=D)  # a product can round a copy's distance below 0
-    return D, I
 
 
 def table_depth(index_ivf: faiss.IndexIVF, calibration: Calibration, members: ListMembers | None = None) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..mixture import ConvergenceWarning, GaussianMixture
+from .exact import nearest_means
 from .soft_assign import top_components
 from .spill import extra_list, nearest_and_extra
 
@@ -87,7 +88,10 @@ def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
     stages are 4, 4, 4 and 8, the cost of ~11.5 iterations on all rows. Rows too few for a second stage give
     plain k-means on x.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    # About the rows' mean: faiss.Kmeans on rows far from the origin next to their spread (1e4
+    # over unit spread) collapses most of them into a few cells (``exact`` has why).
+    center = x.mean(0, dtype=np.float64).astype(np.float32)
+    x = np.ascontiguousarray(x - center, dtype=np.float32)
     n = x.shape[0]
     stages = 1
     while stages < KMEANS_STAGES and n >> stages >= MIN_STAGE_POINTS * nlist and niter >= stages + 1:
@@ -108,7 +112,7 @@ def fit_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
             centroids = km.centroids.copy()
             bar.set_postfix_str(f"{len(rows):,} rows")
             bar.update(iterations)
-    return centroids
+    return centroids + center
 
 
 def kmeans_mixture(x: np.ndarray, centroids: np.ndarray, covariance_type: str, reg_covar: float,
@@ -289,6 +293,4 @@ def assign_lists(gmm: GaussianMixture, x: np.ndarray, *, partition: str, spill_r
 
 
 def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
-    flat = faiss.IndexFlatL2(centroids.shape[1])
-    flat.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    return flat.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0].astype(np.int64)
+    return nearest_means(x, centroids, 1)[1][:, 0]

@@ -25,7 +25,7 @@ the excess ``cost(c) - cost(c_1)`` of its chosen list for the single-extra rules
 additive threshold, as ScaNN's 'additive' spilling), the ratio
 ``d(x, c_j) / d(x, c_1)`` for SPANN (its multiplicative threshold 1 + eps).
 
-Candidates are the nearest centroids by squared L2 (``faiss.IndexFlatL2``), primary
+Candidates are the nearest centroids by squared L2 (:func:`.exact.nearest_means`), primary
 excluded; rows are processed in blocks so no (n, m, d) array is formed for all n.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 
 from .._validation import check_nonnegative_float, check_positive_int
+from .exact import nearest_means
 
 __all__ = ["RULES", "extra_list", "nearest_and_extra", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
            "keep_best"]
@@ -63,7 +64,7 @@ def nearest_other(x, centroids, primary, m):
         raise ValueError(f"m must be in [1, K - 1 = {k - 1}], got {m}")
     # One more than asked for: the primary is among them unless it is not L2-nearest
     # (GMM primaries), in which case the farthest one is dropped instead.
-    d2, idx = _search(x, centroids, m + 1)
+    d2, idx = nearest_means(x, centroids, m + 1)
     is_primary = idx == primary[:, None]
     drop = np.where(is_primary.any(1), is_primary.argmax(1), m)
     keep = np.ones_like(is_primary)
@@ -236,7 +237,7 @@ def nearest_and_extra(x, centroids, *, rule="soar", lam=None, n_candidates=None)
     x, centroids, _ = _check(x, centroids, np.zeros(len(x), np.int64))
     m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
     # The m + 1 nearest: the first is the primary, the others its candidates.
-    d2, idx = _search(x, centroids, m + 1)
+    d2, idx = nearest_means(x, centroids, m + 1)
     primary = idx[:, 0].copy()
     return (primary, *_rule_choice(x, centroids, primary, idx[:, 1:], d2[:, 1:], d2[:, 0], rule, lam))
 
@@ -249,10 +250,6 @@ def _rule_params(rule, lam, n_candidates):
     return lam, defaults[rule][1] if n_candidates is None else n_candidates
 
 
-def _search(x, centroids, k):
-    flat = faiss.IndexFlatL2(centroids.shape[1])
-    flat.add(centroids)
-    return flat.search(x, k)
 
 
 def _rule_choice(x, centroids, primary, cand, cost, primary_d2, rule, lam):
