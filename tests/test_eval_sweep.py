@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -243,6 +244,17 @@ def test_eval_does_not_import_the_cli(tmp_path):
     # Out of the repository root: there `python -c` would import the source folder, not the installed package.
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           check=True).stdout.strip() == "False"
+
+
+def test_source_folder_imports_from_the_repository_root():
+    """``python -m pytest`` or ``python -c`` in the repository root import the source folder ahead of an
+    installed wheel: its subpackages (the top-level kernels/, datasets/ and eval/) are found there too."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import flashgmm_ivf, flashgmm_ivf.kernels, flashgmm_ivf.datasets, flashgmm_ivf.eval.runner; "
+            "print(flashgmm_ivf.__file__); print(flashgmm_ivf.kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    package, kernels = (Path(line) for line in out.stdout.split())
+    assert package == root / "flashgmm_ivf" / "__init__.py" and kernels == root / "kernels" / "__init__.py"
 
 
 def test_hnsw_yardstick_from_ivf_centroids_is_what_faiss_trains(sift):
