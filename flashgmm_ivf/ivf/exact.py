@@ -19,7 +19,7 @@ __all__ = ["knn_l2", "nearest_means"]
 _TILE = 4096  # rows of each side per product of the brute force (a 64 MiB distance tile)
 
 
-def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray | None = None):
+def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray):
     """Exact k nearest rows of x for every query by squared L2, by BLAS products in tiles.
 
     ``faiss.knn`` computes the pairs one by one below 128,000 queries (FAISS's
@@ -32,7 +32,7 @@ def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray | None
     queries : ndarray of shape (nq, d), float32
     x : ndarray of shape (n, d), float32, n >= k
     k : int
-    center : ndarray of shape (d,), float32, optional; default: the mean of x
+    center : ndarray of shape (d,), float32
 
     Returns
     -------
@@ -40,8 +40,6 @@ def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray | None
     I : ndarray of shape (nq, k), int64, row numbers of x
     """
     nq, d = queries.shape
-    if center is None:
-        center = x.mean(0, dtype=np.float64).astype(np.float32)
     D = np.empty((nq, k), np.float32)
     I = np.empty((nq, k), np.int64)
     tile = np.empty((min(_TILE, nq), min(_TILE, x.shape[0])), np.float32)

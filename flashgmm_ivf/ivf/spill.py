@@ -250,8 +250,6 @@ def _rule_params(rule, lam, n_candidates):
     return lam, defaults[rule][1] if n_candidates is None else n_candidates
 
 
-
-
 def _rule_choice(x, centroids, primary, cand, cost, primary_d2, rule, lam):
     """The rule's best candidate of every row and its excess cost over the primary list."""
     cost = cost.astype(np.float64)
