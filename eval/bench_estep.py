@@ -233,11 +233,12 @@ def matmul_ceilings(size, device, repeat=10):
 class Cell:
     """One (N, K, D, covariance type): data, starting parameters and the float64 oracle."""
 
-    def __init__(self, n, k, d, covariance_type, device, seed=0):
+    def __init__(self, n, k, d, covariance_type, device, seed=0, x=None):
+        """``x``: rows of shape (n, d) to take instead of drawing them."""
         # Seeded per (N, K, D), so a subset of the grid reproduces the full run's data.
         gen = torch.Generator(device).manual_seed(seed + 1_000_003 * n + 1009 * k + d)
         self.n, self.k, self.d, self.covariance_type = n, k, d, covariance_type
-        self.x = raw_scale_rows(n, d, 256, gen, device)
+        self.x = raw_scale_rows(n, d, 256, gen, device) if x is None else x
         self.weights, self.means, self.var, self.shift = starting_params(self.x, k, covariance_type, gen)
         self.params = kernels.natural_params(self.weights, self.means, self.var)
         self.flop = FLOP_PER_NKD[covariance_type] * n * k * d

@@ -16,6 +16,11 @@ With ``--profile`` (CUDA), each cell also gets its GPU time per iteration, by ke
 times ``torch.profiler`` records in the same two fits, subtracted and divided the same way, so
 that what the GPU does (``gpu_busy_ms``) can be set against the iteration's wall time.
 
+With ``--anchor-dir``, IBM's Flash-GMM kernels of each covariance type in ``--cells`` are
+timed on the same rows in the same run: their E-step and their README's M-step with one host read
+an iteration, as ``bench_estep`` runs them (``bench_estep.anchor_methods``; median of
+``iterations`` iterations after a warm-up, from ``bench_estep``'s starting parameters).
+
 ``python -m flashgmm_ivf.eval.bench_fit --out eval/results/bench_fit_h100.json``
 """
 from __future__ import annotations
@@ -29,7 +34,7 @@ import warnings
 import torch
 
 from ..mixture import GaussianMixture
-from .bench_estep import raw_scale_rows
+from .bench_estep import Cell, anchor_methods, load_anchors, raw_scale_rows, time_ms
 from .environment import environment
 
 CELLS = (("spherical", "bf16"), ("spherical", "bf16x3"), ("diag", "bf16x3"), ("spherical", "candidates"),
@@ -77,10 +82,13 @@ def gpu_time(x, k, covariance_type, precision, means_init, iterations, top=12) -
             "kernels": [{"name": name, "launches": count, "ms": ms} for name, (count, ms) in ranked[:top]]}
 
 
-def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=torch.float32, standardise=False):
+def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=torch.float32, standardise=False,
+        anchors=None):
     """Rows of (covariance type, precision, ms per iteration: median and all repeats; with
     ``profile``, ``gpu_time``'s GPU ms per iteration too), on rows of ``dtype`` (float32 or uint8:
-    the same values), or, ``standardise``, on those rows scaled to mean 0 and variance 1 per feature."""
+    the same values), or, ``standardise``, on those rows scaled to mean 0 and variance 1 per feature;
+    then, with ``anchors`` (``bench_estep.load_anchors``), a row per anchor of each covariance type
+    in ``cells``, its precision the anchor's name, on the same rows as float32."""
     if standardise and dtype != torch.float32:
         raise ValueError(f"standardised rows are float32, not {dtype}")
     gen = torch.Generator(device).manual_seed(0)
@@ -101,6 +109,13 @@ def run(n, k, d, iterations, repeats, device, cells=CELLS, profile=False, dtype=
                      "ms_per_iteration": statistics.median(per_iteration), "ms_all": per_iteration})
         if profile:
             rows[-1] |= gpu_time(x, k, covariance_type, precision, means_init, iterations)
+    for covariance_type in dict.fromkeys(cov for cov, _ in cells):
+        cell = Cell(n, k, d, covariance_type, device, x=x.float())
+        for method in anchor_methods(cell, anchors or {}):
+            median, times = time_ms(method.iteration, iterations)
+            rows.append({"covariance_type": covariance_type, "precision": method.name, "n": n, "k": k, "d": d,
+                         "dtype": "float32", "standardised": standardise, "ms_per_iteration": median,
+                         "ms_all": times})
     return rows
 
 
@@ -117,6 +132,7 @@ def main(argv=None):
                         help="the rows' storage (the same integer values)")
     parser.add_argument("--standardise", action="store_true", help="rows scaled to mean 0, variance 1 per feature")
     parser.add_argument("--profile", action="store_true", help="GPU time per iteration by kernel (torch.profiler)")
+    parser.add_argument("--anchor-dir", help="folder with IBM Flash-GMM's flash_gmm*.py (outside the repo)")
     parser.add_argument("--out", default="eval/results/bench_fit.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -125,12 +141,12 @@ def main(argv=None):
     if args.standardise and args.dtype != "float32":
         parser.error("--standardise makes float32 rows: it cannot take --dtype uint8")
     rows = run(args.n, args.k, args.d, args.iterations, args.repeats, device, args.cells, args.profile,
-               getattr(torch, args.dtype), args.standardise)
+               getattr(torch, args.dtype), args.standardise, load_anchors(args.anchor_dir) if args.anchor_dir else None)
     print(f"{args.dtype} rows{', standardised' if args.standardise else ''}")
-    print(f"{'cov':9} {'precision':10} {'ms/iter (median)':>16} {'GPU busy':>9}  all")
+    print(f"{'cov':9} {'precision':34} {'ms/iter (median)':>16} {'GPU busy':>9}  all")
     for r in rows:
         busy = f"{r['gpu_busy_ms']:9.2f}" if "gpu_busy_ms" in r else f"{'':9}"
-        print(f"{r['covariance_type']:9} {r['precision']:10} {r['ms_per_iteration']:16.2f} {busy}  "
+        print(f"{r['covariance_type']:9} {r['precision']:34} {r['ms_per_iteration']:16.2f} {busy}  "
               + " ".join(f"{t:.2f}" for t in r["ms_all"]))
         for kernel in r.get("kernels", ()):
             print(f"    {kernel['ms']:7.3f} ms {kernel['launches']:6.1f}x  {kernel['name'][:90]}")

@@ -578,9 +578,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         acc = _zero_stats(k, d, self.covariance_type, device)
         # Summed on the device: a host read per block would stall the stream of blocks.
         log_lik = torch.zeros((), dtype=torch.float64, device=device)
-        worst_ll = torch.empty(0, dtype=torch.float64, device=device)
-        worst_rows = torch.empty(0, d, dtype=torch.float64, device=device)
-        worst_at = torch.empty(0, dtype=torch.int64, device=device)
+        worst = None  # (log Z, rows, global indices) of the worst rows so far
         if self._truncation is not None:
             self._truncation.begin_pass(state.means + state.shift)
         for offset, x in self._blocks(source, device, "E-step"):
@@ -588,16 +586,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             for total, part in zip(acc[1:], res[1:]):
                 total += part
             log_lik += res.log_norm.sum(dtype=torch.float64)
-            m = min(RESEED_CANDIDATES, x.shape[0])
             # Ranked in float32: a radix select makes half the passes of float64's (H100, N = 1M:
             # its digit sums 0.07 against 0.13 ms an iteration), and which of two rows within 1e-7
             # of each other is the worse explained does not matter to a re-seed.
-            low = torch.topk(res.log_norm.float(), m, largest=False).indices
-            worst_ll = torch.cat([worst_ll, res.log_norm[low].to(torch.float64)])
-            worst_rows = torch.cat([worst_rows, x[low].to(torch.float64)])
-            worst_at = torch.cat([worst_at, low + offset])
-            keep = torch.topk(worst_ll, min(RESEED_CANDIDATES, worst_ll.numel()), largest=False).indices
-            worst_ll, worst_rows, worst_at = worst_ll[keep], worst_rows[keep], worst_at[keep]
+            low = torch.topk(res.log_norm.float(), min(RESEED_CANDIDATES, x.shape[0]), largest=False).indices
+            block = (res.log_norm[low].to(torch.float64), x[low].to(torch.float64), low + offset)
+            if worst is not None:
+                block = tuple(torch.cat(pair) for pair in zip(worst, block))
+                keep = torch.topk(block[0], min(RESEED_CANDIDATES, len(block[0])), largest=False).indices
+                block = tuple(t[keep] for t in block)
+            worst = block
+        worst_ll, worst_rows, worst_at = worst
         order = torch.argsort(worst_ll)
         if self._truncation is not None:
             self._truncation.worst_rows = worst_at[order]

@@ -28,8 +28,8 @@ Sizes. The kept pairs and the overflowed rows are counted on the GPU and read by
 sizes the statistics' inputs from them. A CUDA graph cannot read them, so a captured E-step
 (``static=True``) takes sizes fixed in advance from ``Hints`` (what earlier, host-sized E-steps
 of the same rows met, with room to spare): kept pairs go to a buffer of ``Hints.pairs`` entries,
-and up to ``Hints.rows`` overflowed rows are taken against every component by torch
-(``wide_pairs``). Where those sizes fall short, ``Hints.short`` says by how much: the statistics
+and up to ``Hints.rows`` overflowed rows are taken against every component
+(``kernels.overflow_rows``). Where those sizes fall short, ``Hints.short`` says by how much: the statistics
 are then incomplete, and the caller runs the E-step again host-sized.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from .candidate_resp import candidate_resp
 from .candidates import n_words
 from .kept_pairs import kept_pairs, kept_pairs_into
+from .overflow_rows import overflow_pairs_into
 from .params import NaturalParams
 from .result import EStepResult
 from .truncated_stats import pair_stats
@@ -60,9 +61,10 @@ CAPACITY = {"diag": 64, "spherical": 128}
 # ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
 # eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 28
-# A captured E-step takes its overflowed rows against every component by torch, their (rows, K, D)
-# float32 differences at most this many bytes: 128 rows at K = 1024, D = 128.
-WIDE_BYTES = 64 << 20
+# A captured E-step keeps room for the triples of this many (overflowed row, component) pairs at
+# most (``kernels.overflow_rows``): the statistics pass sorts the whole room, used or not, with the
+# kept pairs (~3.4M at N = 1M, SIFT-like rows): 128 rows at K = 1024.
+OVERFLOW_PAIRS = 1 << 17
 
 
 class Hints:
@@ -120,35 +122,10 @@ def _sub_block_rows(capacity: int, n_comps: int) -> int:
     return max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(n_comps)))
 
 
-def wide_rows(n_comps: int, n_features: int) -> int:
-    """How many overflowed rows ``wide_pairs`` takes within ``WIDE_BYTES``."""
-    return max(1, WIDE_BYTES // (4 * n_comps * n_features))
-
-
-def wide_pairs(x, over, centred, shift, min_resp, log_norm, best):
-    """The rows ``over`` of ``x`` against every component, in float32 from centred differences as
-    the exact pass: their log Z into ``log_norm`` and their best component into ``best``, and the
-    (rows, comps, resp) triples of them all, of shape (len(over) * K,). ``over`` (int64) may end
-    in -1 (no row, as ``torch.nonzero_static`` fills): those write nothing, and their triples, like
-    those of responsibilities below ``min_resp``, stand for none (component K)."""
-    means, precisions, consts = centred
-    n_comps = len(consts)
-    live = over >= 0
-    at = over.clamp_min(0)
-    diff = (x[at].float() - shift)[:, None, :] - means
-    sq = diff * diff
-    quad = (sq * precisions).sum(2) if precisions.dim() == 2 else sq.sum(2) * precisions
-    ll = consts - 0.5 * quad
-    lz = torch.logsumexp(ll, 1)
-    # Added where the entry is live and 0 elsewhere: repeated fill indices change nothing, where an
-    # assignment through them would race with a live row's.
-    log_norm.index_put_((at,), torch.where(live, lz.to(log_norm.dtype) - log_norm[at], 0.0), accumulate=True)
-    best.index_put_((at,), torch.where(live, ll.argmax(1).to(best.dtype) - best[at], 0), accumulate=True)
-    r = torch.exp(ll - lz[:, None])
-    take = live[:, None] & (r >= min_resp)
-    comps = torch.arange(n_comps, dtype=torch.int32, device=x.device).expand_as(ll)
-    rows = at.to(torch.int32)[:, None].expand_as(ll)
-    return rows.flatten(), torch.where(take, comps, n_comps).flatten(), torch.where(take, r, 0.0).flatten()
+def overflow_room(n_comps: int) -> int:
+    """How many overflowed rows a captured E-step keeps room for, at most: ``OVERFLOW_PAIRS`` of
+    their triples."""
+    return max(1, OVERFLOW_PAIRS // n_comps)
 
 
 def estep(x, centred, shift, diagonal, search, dense, *, hints=None, capacity=None, margin=MARGIN_NATS,
@@ -221,7 +198,7 @@ def estep(x, centred, shift, diagonal, search, dense, *, hints=None, capacity=No
     collect(*pending)
     if hints is not None:
         hints.grow(sum(len(part) for part in rows), sum(len(part) for part in over),
-                   wide_rows(len(centred[2]), x.shape[1]))
+                   overflow_room(len(centred[2])))
         hints.short.zero_()
     nk, s1, s2 = pair_stats(x, shift, _joined(rows), _joined(comps), _joined(resp), len(centred[2]), diagonal)
     if not over:
@@ -240,9 +217,11 @@ def _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin):
     device = x.device
     log_norm = torch.empty(n, dtype=torch.float64, device=device)
     overflowed = torch.empty(n, dtype=torch.bool, device=device)
-    pairs = (torch.zeros(hints.pairs, dtype=torch.int32, device=device),
-             torch.full((hints.pairs,), n_comps, dtype=torch.int32, device=device),
-             torch.zeros(hints.pairs, dtype=torch.float32, device=device))
+    # The kept pairs, then room for the overflowed rows' triples, "no pair" where nothing is written.
+    room = hints.pairs + hints.rows * n_comps
+    triples = (torch.zeros(room, dtype=torch.int32, device=device),
+               torch.full((room,), n_comps, dtype=torch.int32, device=device),
+               torch.zeros(room, dtype=torch.float32, device=device))
     n_kept = torch.zeros((), dtype=torch.int64, device=device)
     sub_block = _sub_block_rows(capacity, n_comps)
     for start in range(0, n, sub_block):
@@ -254,14 +233,15 @@ def _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin):
                                                      grouped=hints.grouped)
         over = count > capacity
         overflowed[start:end] = over
-        # Overflowed rows' log Z is written by ``wide_pairs``, which adds to it.
+        # Overflowed rows' log Z is written by ``overflow_pairs_into`` where there is room for them.
         log_norm[start:end] = torch.where(over, 0.0, lz.double())
         ends = torch.cumsum(kept, 0) + n_kept
-        kept_pairs_into(pairs, cand, r, kept, ends, first_row=start)
+        kept_pairs_into(tuple(t[:hints.pairs] for t in triples), cand, r, kept, ends, first_row=start)
         n_kept = ends[-1]
     over = torch.nonzero_static(overflowed, size=hints.rows, fill_value=-1).view(-1)
-    wide = wide_pairs(x, over, centred, shift, math.exp(-margin), log_norm, hints.best)
+    overflow_pairs_into(tuple(t[hints.pairs:] for t in triples), x, over, centred, shift, math.exp(-margin),
+                        log_norm, hints.best)
     n_over = overflowed.sum()
     hints.short.copy_((n_kept - hints.pairs).clamp_min(0) + (n_over - hints.rows).clamp_min(0))
-    nk, s1, s2 = pair_stats(x, shift, *(torch.cat(t) for t in zip(pairs, wide)), n_comps, diagonal)
+    nk, s1, s2 = pair_stats(x, shift, *triples, n_comps, diagonal)
     return EStepResult(log_norm, nk, s1, s2), n_over

@@ -35,10 +35,16 @@ def flash_gmm_estep(X, mu, log_sigma_sq, log_pi, BLOCK_N=64, BLOCK_K=16, BLOCK_D
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def anchor_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     for name in ("flash_gmm.py", "flash_gmm_h100.py", "flash_gmm_diag_h100.py"):
         (folder / name).write_text(FAKE_ANCHOR)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(anchor_dir):
+    folder = anchor_dir
     out = folder / "bench.json"
     bench_estep.main(["--device", "cpu", "--n", "600", "--k", "8,32", "--d", "6", "--precisions", "",
                       "--window-s", "0.01", "--ceiling-size", "64", "--anchor-dir", str(folder),
@@ -150,6 +156,22 @@ def test_bench_fit_profiles_the_gpu(tmp_path):
     assert ms == sorted(ms, reverse=True) and ms[-1] >= 0
     # The busiest kernels of a tiny cell vary; the E-step's own always rank among its twelve.
     assert {"candidates_kernel", "candidate_resp_kernel", "piece_stats_kernel"} & {k["name"] for k in row["kernels"]}
+
+
+def test_bench_fit_times_the_anchors_on_the_same_rows(tmp_path, anchor_dir):
+    from flashgmm_ivf.eval import bench_fit
+    out = tmp_path / "fit.json"
+    bench_fit.main(["--n", "600", "--k", "4", "--d", "8", "--iterations", "2", "--repeats", "1", "--device", "cpu",
+                    "--cells", "diag:candidates,spherical:candidates,diag:bf16", "--anchor-dir", str(anchor_dir),
+                    "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["covariance_type"], r["precision"]) for r in rows] == [
+        ("diag", "candidates"), ("spherical", "candidates"), ("diag", "bf16"),
+        ("diag", "IBM Flash-GMM H100 (diag, bf16)"), ("spherical", "IBM Flash-GMM portable (isotropic)"),
+        ("spherical", "IBM Flash-GMM H100 (isotropic, bf16)")]
+    for r in rows:  # ours: one per repeat; the anchors': one per iteration
+        assert len(r["ms_all"]) == (2 if r["precision"].startswith("IBM") else 1), r
+        assert r["ms_per_iteration"] > 0 and r["n"] == 600
 
 
 def test_bench_fit_times_the_estimator(tmp_path):

@@ -22,6 +22,7 @@ from flashgmm_ivf.kernels.candidates_wide import candidates_wide
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
 from flashgmm_ivf.kernels.kept_pairs import kept_pairs, kept_pairs_into, kept_pairs_reference
+from flashgmm_ivf.kernels.overflow_rows import overflow_pairs_into, overflow_pairs_reference
 from flashgmm_ivf.kernels.reference import weighted_log_prob
 from test_kernels import make_rows, random_mixture, relative_error
 
@@ -334,7 +335,7 @@ def test_some_rows_overflow(poisoned_empty, monkeypatch):
 def test_static_estep_matches_float64_and_counts_what_its_sizes_leave_out(diagonal, poisoned_empty, monkeypatch):
     """``static=True`` (what a CUDA graph captures) takes its sizes from hints grown by a host-sized
     E-step. With eight slots a row most rows overflow and are taken against every component
-    (``wide_pairs``), in sub-blocks of 16 rows: statistics, log Z and every row's best (overflowed
+    (``kernels.overflow_rows``), in sub-blocks of 16 rows: statistics, log Z and every row's best (overflowed
     rows' too) are float64's, and nothing is short. Fewer pair slots or overflowed rows than needed
     are counted in ``hints.short``, one for one."""
     monkeypatch.setattr(exact_candidates, "SUB_BLOCK_BYTES", 16 * (8 * 8 + 4))  # capacity 8, one word: 16 rows
@@ -675,3 +676,49 @@ def test_kept_pairs_gather_what_torch_indexing_gathers(n, capacity, first_row):
     kept_pairs_into(out, cand, resp, kept, ends + 5, first_row=first_row)
     for o, w in zip(out, want):
         assert (o[:5] == -7).all() and torch.equal(o[5:], w[:n_kept - 3])
+
+
+@pytest.mark.parametrize("n, d, k", [(1, 1, 1), (37, 5, 3), (71, 20, 70), (45, 129, 11), (131, 128, 130)])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_overflow_rows_take_every_component_as_torch_does_and_skip_padding(n, d, k, diagonal):
+    """``overflow_pairs_into`` (a captured E-step's overflowed rows) against its torch reference and
+    float64: listed rows get log Z, best and their triples of r >= min_resp at their entry's K
+    positions; -1 entries and unlisted rows are left as they were."""
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    xd, split, sh, _, _ = prepared(x, params, shift)
+    centred = exact_candidates.centred_params(split)
+    listed = torch.arange(n - 1, -1, -2)  # every other row, last first
+    over = torch.cat([listed, torch.full((3,), -1)]).to(DEVICE)
+    min_resp = float(np.exp(-15.0))
+    ll = weighted_log_prob(x.double(), split.to("cpu", torch.float64), shift)
+
+    def poisoned():
+        return (torch.full((n,), float("nan"), dtype=torch.float64, device=DEVICE),
+                torch.full((n,), -7, dtype=torch.int32, device=DEVICE),
+                (torch.zeros(len(over) * k, dtype=torch.int32, device=DEVICE),
+                 torch.full((len(over) * k,), k, dtype=torch.int32, device=DEVICE),
+                 torch.zeros(len(over) * k, dtype=torch.float32, device=DEVICE)))
+    log_norm, best, out = poisoned()
+    overflow_pairs_into(out, xd, over, centred, sh, min_resp, log_norm, best)
+    ref_norm, ref_best, _ = poisoned()
+    want = overflow_pairs_reference(xd, over, centred, sh, min_resp, ref_norm, ref_best)
+    lz = torch.logsumexp(ll, 1)
+    assert torch.allclose(log_norm.cpu()[listed], lz[listed], rtol=TOLERANCE, atol=1e-3)
+    assert torch.isnan(log_norm.cpu()[n % 2::2]).all() and (best.cpu()[n % 2::2] == -7).all()
+    top2 = torch.cat([ll, torch.full((n, 1), -torch.inf, dtype=ll.dtype)], 1).topk(2, 1).values
+    clear = listed[(top2[listed, 0] - top2[listed, 1]) > 1e-3]
+    assert torch.equal(best.cpu()[clear].long(), ll.argmax(1)[clear])
+    assert torch.equal(best, ref_best) or torch.equal(best.cpu()[clear], ref_best.cpu()[clear])
+    r = torch.exp(ll[listed] - lz[listed, None])
+    entries = torch.arange(len(listed))[:, None] * k + torch.arange(k)
+    clear_r = ((r.log() + 15.0).abs() > 1e-3).flatten()  # not within round-off of the cut
+    for got, ref in zip(out[:2], want[:2]):
+        assert torch.equal(got.cpu()[entries.flatten()][clear_r], ref.cpu()[entries.flatten()][clear_r])
+    # Responsibilities carry the float32 log-densities' round-off (sums in another order): ~1e-4 of
+    # the rows' raw-scale quadratic terms, relative, at D = 129.
+    assert torch.allclose(out[2], want[2], rtol=1e-3, atol=1e-9)
+    assert (out[1][len(listed) * k:] == k).all() and (out[2][len(listed) * k:] == 0).all()
+    kept = out[1].cpu()[entries] < k
+    assert torch.equal(kept.flatten()[clear_r], (r >= min_resp).flatten()[clear_r])
+    assert torch.allclose(out[2].cpu()[entries][kept].double(), r[kept], rtol=1e-3, atol=1e-9)
+    assert (out[0].cpu()[entries][kept] == listed[:, None].expand(-1, k)[kept].int()).all()
