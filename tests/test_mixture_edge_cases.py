@@ -9,6 +9,7 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from flashgmm_ivf import GaussianMixture
 from flashgmm_ivf._init import sample_size
 from flashgmm_ivf._mstep import m_step
+from flashgmm_ivf.mixture import _lowest
 from flashgmm_ivf.cli import main
 from flashgmm_ivf.kernels import EStepResult
 
@@ -256,3 +257,20 @@ def test_random_responsibilities_start_near_the_data_mean_and_fit(covariance_typ
     got = fit(GaussianMixture(3, covariance_type=covariance_type, init_params="random", compute_dtype="float64",
                               max_iter=200, random_state=0, device="cpu"), x)
     assert got.converged_ and np.isfinite(got.score(x))
+
+
+@pytest.mark.parametrize("n", [1, 32, 16384, 16385, 50_000, 777_777])
+@pytest.mark.parametrize("values", ["distinct", "ties", "outliers"])
+def test_worst_rows_are_the_smallest_log_likelihoods(n, values):
+    """The re-seed's worst rows (``_lowest``, grouped minima then one select) are m smallest values,
+    as torch.topk's, ties and values far below the rest included."""
+    gen = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=gen)
+    if values == "ties":
+        v = torch.randint(0, 5, (n,), generator=gen).float()
+    elif values == "outliers":
+        v[torch.randperm(n, generator=gen)[:40]] = -1e30
+    m = min(32, n)
+    at = _lowest(v, m)
+    assert len(set(at.tolist())) == m
+    assert torch.equal(v[at].sort().values, torch.topk(v, m, largest=False).values.sort().values)
