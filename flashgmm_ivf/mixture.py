@@ -573,19 +573,22 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _e_step(self, source, state, device):
         """One pass: summed statistics, summed log-likelihood (a 0-d tensor), and the
         worst-explained rows, worst first."""
-        k, d = state.means.shape
         params = self._kernel_params(state, device)
-        acc = _zero_stats(k, d, self.covariance_type, device)
-        # Summed on the device: a host read per block would stall the stream of blocks.
-        log_lik = torch.zeros((), dtype=torch.float64, device=device)
+        # Summed on the device (a host read per block would stall the stream of blocks), into the
+        # first block's own results (every E-step returns fresh tensors).
+        acc = log_lik = None
         worst = None  # (log Z, rows, global indices) of the worst rows so far
         if self._truncation is not None:
             self._truncation.begin_pass(state.means + state.shift)
         for offset, x in self._blocks(source, device, "E-step"):
             res = self._estep_block(x, params, state.shift, offset)
-            for total, part in zip(acc[1:], res[1:]):
-                total += part
-            log_lik += res.log_norm.sum(dtype=torch.float64)
+            if acc is None:
+                acc = EStepResult(None, *(t.to(torch.float64) for t in res[1:]))
+                log_lik = res.log_norm.sum(dtype=torch.float64)
+            else:
+                for total, part in zip(acc[1:], res[1:]):
+                    total += part
+                log_lik += res.log_norm.sum(dtype=torch.float64)
             # Ranked in float32: a radix select makes half the passes of float64's (H100, N = 1M:
             # its digit sums 0.07 against 0.13 ms an iteration), and which of two rows within 1e-7
             # of each other is the worse explained does not matter to a re-seed.
@@ -596,6 +599,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 keep = torch.topk(block[0], min(RESEED_CANDIDATES, len(block[0])), largest=False).indices
                 block = tuple(t[keep] for t in block)
             worst = block
+        if acc is None:  # no rows (a rank of a data-parallel fit may hold none)
+            k, d = state.means.shape
+            acc, log_lik = _zero_stats(k, d, self.covariance_type, device), torch.zeros((), dtype=torch.float64,
+                                                                                        device=device)
+            worst = (torch.empty(0, dtype=torch.float64, device=device),
+                     torch.empty(0, d, dtype=torch.float64, device=device),
+                     torch.empty(0, dtype=torch.int64, device=device))
         worst_ll, worst_rows, worst_at = worst
         order = torch.argsort(worst_ll)
         if self._truncation is not None:
