@@ -928,8 +928,9 @@ def _lowest(values: torch.Tensor, m: int, group: int = 512) -> torch.Tensor:
     minimum below t, all of them taken, and every other taken group has one at t. Two selects over a
     few thousand values each, one block's work, replace torch's multi-block radix select over all of
     them, about 20 small launches on a GPU (from 20,000 values of one slice on). The saving is in
-    launches more than time: a one-block select takes 2 bits a pass (H100, N = 2^20: 0.10 ms for both,
-    the multi-block select 0.12, ``eval/results/bench_fit_profile_8fe7596_k256_h100.json``)."""
+    launches more than time: a one-block select takes 2 bits a pass (H100, N = 2^20: the two take
+    0.10 ms, ``eval/results/bench_fit_profile_8fe7596_k256_h100.json``; the multi-block select's digit
+    sums alone took 0.07, ``bench_fit_shared_walk_k1024_h100.json``)."""
     n = len(values)
     if n <= m * group:
         return torch.topk(values, m, largest=False).indices
