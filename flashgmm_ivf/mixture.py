@@ -925,19 +925,20 @@ def _lowest(values: torch.Tensor, m: int, group: int = 512) -> torch.Tensor:
 
     The ``m`` groups of ``group`` consecutive values with the smallest minima hold ``m`` smallest
     values: with t the m-th smallest, fewer than m values lie below t, so fewer than m groups have a
-    minimum below t, all of them taken, and every other taken group has one at t. Two selects over a
-    few thousand values each, one block's work, replace torch's multi-block radix select over all of
-    them, about 20 small launches on a GPU (from 20,000 values of one slice on). The saving is in
-    launches more than time: a one-block select takes 2 bits a pass (H100, N = 2^20: the two take
-    0.10 ms, ``eval/results/bench_fit_profile_8fe7596_k256_h100.json``; the multi-block select's digit
-    sums alone took 0.07, ``bench_fit_shared_walk_k1024_h100.json``)."""
+    minimum below t, all of them taken, and every other taken group has one at t. Each taken group
+    gives at most ``m`` of them, so its ``m`` smallest are enough. On a GPU these are small sorts and
+    selects of one block each (a 2,048-value sort for 2^20 rows), where torch.topk over all values
+    is a multi-block radix select of about 20 launches and a single-block one is slow (its radix
+    takes 2 bits a pass: H100, two selects over 2,048 and 16,384 values took 0.10 ms,
+    ``eval/results/bench_fit_profile_8fe7596_k256_h100.json``)."""
     n = len(values)
     if n <= m * group:
         return torch.topk(values, m, largest=False).indices
     groups = torch.nn.functional.pad(values, (0, -n % group), value=math.inf).view(-1, group)
-    chosen = torch.topk(groups.amin(1), m, largest=False).indices
-    at = torch.topk(groups[chosen].flatten(), m, largest=False).indices
-    return chosen[at // group] * group + at % group
+    chosen = torch.sort(groups.amin(1)).indices[:m]
+    top = torch.topk(groups[chosen], m, dim=1, largest=False)
+    best = torch.sort(top.values.flatten()).indices[:m]
+    return (chosen[:, None] * group + top.indices).flatten()[best]
 
 
 def _zero_stats(k, d, covariance_type, device) -> EStepResult:
