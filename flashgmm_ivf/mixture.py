@@ -932,7 +932,7 @@ def _lowest(values: torch.Tensor, m: int, group: int = 512) -> torch.Tensor:
     takes 2 bits a pass: H100, two selects over 2,048 and 16,384 values took 0.10 ms,
     ``eval/results/bench_fit_profile_8fe7596_k256_h100.json``)."""
     n = len(values)
-    if n <= m * group:
+    if n <= m * group or m > group:
         return torch.topk(values, m, largest=False).indices
     groups = torch.nn.functional.pad(values, (0, -n % group), value=math.inf).view(-1, group)
     chosen = torch.sort(groups.amin(1)).indices[:m]
