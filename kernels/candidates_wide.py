@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import check_block_k, mark, n_words, product, upper_bound
+from .candidates import check_block_k, mark, mark_floor, n_words, product, upper_bound
 from .exact_log_prob import exact_log_probs
 from .split_rows import segment_width, split_rows
 
@@ -37,7 +37,7 @@ def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_pt
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     base = rows.to(tl.int64)[:, None] * stride_xs
-    floor = tl.load(floor_ptr + rows, mask=row_mask, other=0.0)
+    floor = mark_floor(tl.load(floor_ptr + rows, mask=row_mask, other=0.0), row_mask)
     sq = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
     x_norm = sq
     if not DIAGONAL:
@@ -56,7 +56,7 @@ def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_pt
                 xx = tl.load(xs_ptr + base + n_cols + cols[None, :], mask=mask, other=0.0)
                 acc = product(acc, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols)
         upper = upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, w_norm_ptr, eps, comps, comp_mask, DIAGONAL)
-        mark(upper, floor, rows, row_mask, comps, comp_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
+        mark(upper, floor, rows, row_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
 def candidates_wide(x, shift, weights, centred, hint, margin, config, *, rows=None):

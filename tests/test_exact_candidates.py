@@ -8,6 +8,7 @@ flat (every component a candidate), and rows that overflow the capacity take the
 Outputs are poisoned (NaN / -7) before the kernels write them.
 """
 import importlib
+import math
 import warnings
 
 import numpy as np
@@ -196,6 +197,37 @@ def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagona
     assert clear.float().mean() > 0.99
     assert torch.equal(got[clear], want[clear])
     assert want.sum() < want.numel() or k == 1  # the rule leaves components out
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["fused", "wide"])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_rows_whose_hint_has_weight_zero_mark_every_weighted_component_and_nothing_else(wide, diagonal,
+                                                                                      poisoned_empty):
+    """A hint of weight 0 gives a floor of -inf: the row then marks every component of positive
+    weight, none of weight 0 and no padding past K (here 19 components, one word, 13 bits past K),
+    while rows with a good hint in the same tile keep their few marks."""
+    n, d, k = 40, 12, 19
+    x, params, shift = mixture(n, d, k, "raw", diagonal)
+    params = params._replace(const=params.const.clone())
+    params.const[[3, 11]] = -math.inf
+    xd, split, sh, _, _ = prepared(x, params, shift)
+    search_w, centred = search_weights(split, DEVICE), exact_candidates.centred_params(split)
+    exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64).to("cpu"), shift.float().double())
+    hint = exact.argmax(1).to(torch.int32)
+    hint[::2] = 3
+    hint = hint.to(DEVICE)
+    if wide:
+        marks = candidates_wide(xd, sh, search_w, centred, hint, 3.0, config((16, 32, 32)), rows=16)
+    else:
+        marks = candidates(xd, sh, search_w, centred, hint, 3.0, config((16, 32, 16)))
+    marks = marks.cpu().long()
+    got = ((marks[:, :, None] >> torch.arange(32)) & 1).flatten(1).bool()
+    assert not got[:, k:].any()
+    weighted = torch.ones(k, dtype=torch.bool)
+    weighted[[3, 11]] = False
+    assert (got[::2, :k] == weighted).all()
+    assert not got[1::2, [3, 11]].any()
+    assert got[1::2, :k].sum(1).float().mean() < k - 2
 
 
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
