@@ -67,7 +67,7 @@ def _rounded_up(v):
 
 @triton.jit
 def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, quad_out, const_out, s_quad_out,
-                             bias_out, norm_out, mean_out, prec_out, centred_const_out, n_cols, fold, eps,
+                             lin_quad_out, bias_out, norm_out, mean_out, prec_out, centred_const_out, n_cols, fold, eps,
                              DIAGONAL: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     comp = tl.program_id(0)
     row = comp.to(tl.int64) * n_cols
@@ -95,8 +95,11 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
         tl.store(mean_out + row + cols, mean.to(tl.float32), mask=mask)
         lin_sq = lin_hi.to(tl.float64) * lin_hi.to(tl.float64)
         if DIAGONAL:
+            s_quad = round_bf16((fold * quad).to(tl.float32)).to(SPLIT_DTYPE)
             tl.store(quad_out + row + cols, round_bf16(quad.to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
-            tl.store(s_quad_out + row + cols, round_bf16((fold * quad).to(tl.float32)).to(SPLIT_DTYPE), mask=mask)
+            tl.store(s_quad_out + row + cols, s_quad, mask=mask)
+            tl.store(lin_quad_out + 2 * row + cols, lin_hi.to(SPLIT_DTYPE), mask=mask)
+            tl.store(lin_quad_out + 2 * row + n_cols + cols, s_quad, mask=mask)
             tl.store(prec_out + row + cols, prec.to(tl.float32), mask=mask)
             # 0 where lin~ is 0 (padding lanes too); inf where only quad is
             bound += tl.where(lin_sq == 0, 0.0, lin_sq / (4.0 * tl.abs(quad)))
@@ -126,17 +129,19 @@ def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
     lin_hi = torch.empty(k, d, dtype=piece, device=device)
     quad_hi = torch.empty(k, d, dtype=piece, device=device) if diagonal else torch.empty(k, **f32)
     s_quad = torch.empty_like(quad_hi)
+    lin_quad = torch.empty(k, 2 * d, dtype=piece, device=device) if diagonal else None
     bias, norm = torch.empty(k, **f32), None if diagonal else torch.empty(k, **f32)
     means, prec = torch.empty(k, d, **f32), torch.empty(quad_hi.shape, **f32)
     kconst, cconst = torch.empty(k, **f32), torch.empty(k, **f32)
     offset = torch.empty((), dtype=torch.float64, device=device)
     fold, eps = fold_factors(d, diagonal)
     offset_kernel[(1,)](const, offset, k, BLOCK=min(1024, triton.next_power_of_2(k)))
-    candidate_weights_kernel[(k,)](lin, quad, const, offset, lin_hi, quad_hi, kconst, s_quad, bias,
+    candidate_weights_kernel[(k,)](lin, quad, const, offset, lin_hi, quad_hi, kconst, s_quad,
+                                   s_quad if lin_quad is None else lin_quad, bias,
                                    bias if norm is None else norm, means, prec, cconst, d, fold, eps,
                                    DIAGONAL=diagonal, BLOCK_D=min(256, triton.next_power_of_2(d)), SPLIT_DTYPE=dtype)
     weights = KernelWeights(lin_hi, lin_hi, quad_hi, quad_hi, kconst)
-    search = SearchWeights(lin_hi, s_quad, bias, norm, 0.0 if diagonal else eps)
+    search = SearchWeights(lin_hi, s_quad, bias, norm, 0.0 if diagonal else eps, lin_quad)
     return CandidateWeights(weights, search, (means, prec, cconst), offset)
 
 

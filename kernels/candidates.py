@@ -97,6 +97,7 @@ class SearchWeights(NamedTuple):
     bias : (K,) float32 Tensor, b_k rounded up (-inf for components of weight 0)
     norm : (K,) float32 Tensor, ||lin~_k|| rounded up (spherical), None (diag)
     eps : float, eps' (spherical), 0 (diag: folded into ``bias``)
+    lin_quad : (K, 2 D) Tensor [lin~ | q~] (diag), None (spherical): the fused pass's one operand
     """
 
     lin: torch.Tensor
@@ -104,6 +105,7 @@ class SearchWeights(NamedTuple):
     bias: torch.Tensor
     norm: torch.Tensor | None
     eps: float
+    lin_quad: torch.Tensor | None = None
 
     @property
     def diagonal(self) -> bool:
@@ -135,8 +137,8 @@ def search_weights(params, device) -> SearchWeights:
     lin_t = lin.float().to(torch.bfloat16).double()
     if diagonal:
         bias = const + eps * linear_bound(lin_t, quad).sum(1)
-        return SearchWeights(lin_t.to(piece), (c * quad).float().to(torch.bfloat16).to(piece), _rounded_up(bias),
-                             None, 0.0)
+        lin_t, quad_t = lin_t.to(piece), (c * quad).float().to(torch.bfloat16).to(piece)
+        return SearchWeights(lin_t, quad_t, _rounded_up(bias), None, 0.0, torch.cat([lin_t, quad_t], 1))
     return SearchWeights(lin_t.to(piece), (c * quad).float(), _rounded_up(const),
                          _rounded_up(torch.linalg.vector_norm(lin_t, dim=1)), eps)
 
@@ -149,10 +151,10 @@ def check_block_k(block_k: int) -> None:
 
 
 @triton.jit
-def product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, n_cols, EVEN: tl.constexpr = False):
-    """acc + x @ w[comps, cols]^T for a (BLOCK_N, BLOCK_D) tile of pieces x; EVEN: the tile lies
-    inside w (unmasked loads: H100, N = 1M, K = 1024, D = 128, diag pass 1.55 against 1.63 ms)."""
-    offs = comps[:, None] * n_cols + cols[None, :]
+def product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, row_stride, EVEN: tl.constexpr = False):
+    """acc + x @ w[comps, cols]^T for a tile of pieces x, w's rows ``row_stride`` apart; EVEN: the
+    tile lies inside w (unmasked loads: H100, N = 1M, K = 1024, D = 128, diag pass 1.55 against 1.63 ms)."""
+    offs = comps[:, None] * row_stride + cols[None, :]
     if EVEN:
         w = tl.load(w_ptr + offs)
     else:
@@ -174,7 +176,7 @@ def upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_
 
 
 @triton.jit
-def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, norm_ptr, mean_ptr, prec_ptr,
+def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, norm_ptr, mean_ptr, prec_ptr,
                       const_ptr, hint_ptr, margin, mark_ptr, n_rows, n_comps, n_cols, n_words, eps,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                       EVEN: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
@@ -194,18 +196,26 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, lin_ptr, quad_ptr, bias_ptr, n
     sq = tl.sum(xx_f, axis=1)
     x, _ = split(x_f, "bf16", SPLIT_DTYPE)
     x_norm = sq
+    w_cols, w_mask, w_stride = cols, col_mask, n_cols
     if DIAGONAL:
+        # One product of depth 2 D, [x~ | xx~] against [lin~ | q~], where two of depth D wait for
+        # each other (H100, N = 1M, K = 1024, D = 128: 1.59 against 1.72 ms, ``candidates_joined_h100.json``).
         xx, _ = split(xx_f, "bf16", SPLIT_DTYPE)
+        x = tl.reshape(tl.permute(tl.join(x, xx), (0, 2, 1)), (BLOCK_N, 2 * BLOCK_D))
+        pos = tl.arange(0, 2 * BLOCK_D)
+        # Column pos of the product reads feature pos % BLOCK_D of half pos // BLOCK_D; with D =
+        # BLOCK_D that is column pos, which keeps the loads contiguous in the compiler's eyes.
+        w_cols = pos if EVEN else pos % BLOCK_D + (pos // BLOCK_D) * n_cols
+        w_mask = pos % BLOCK_D < n_cols
+        w_stride = 2 * n_cols
     else:
         x_r = x.to(tl.float32)
         x_norm = tl.sqrt(tl.sum(x_r * x_r, axis=1))
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
-        acc = product(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), x, lin_ptr, comps, comp_mask, cols, col_mask,
-                      n_cols, EVEN)
-        if DIAGONAL:
-            acc = product(acc, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols, EVEN)
+        acc = product(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), x, w_ptr, comps, comp_mask, w_cols, w_mask,
+                      w_stride, EVEN)
         upper = upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_mask, DIAGONAL)
         mark(upper, floor, rows, row_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
@@ -271,7 +281,7 @@ def candidates(x, shift, weights, centred, hint, margin, config):
                          f"{config.block_d} (wider rows: kernels.candidates_wide)")
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
-        x, x.stride(0), shift, weights.lin, weights.quad, weights.bias,
+        x, x.stride(0), shift, weights.lin if weights.lin_quad is None else weights.lin_quad, weights.quad, weights.bias,
         weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(), float(margin), marks, n,
         weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, BLOCK_D=config.block_d,

@@ -486,7 +486,9 @@ def test_candidate_weights_match_the_torch_functions_they_fuse(d, k, diagonal, d
         step = 2.0 ** -7 if g.dim() == 2 else 2.0 ** -22  # one bfloat16 / a few float32 units, relative
         assert ((g - r).abs()[finite] <= step * r.abs()[finite] + 1e-30).all(), name
     assert got.search.eps == ref.search.eps
-    for name in ("lin", "quad", "bias", "norm"):
+    if diagonal:  # the fused pass's operand: the same pieces side by side
+        assert torch.equal(got.search.lin_quad, torch.cat([got.search.lin, got.search.quad], 1))
+    for name in ("lin", "quad", "bias", "norm", "lin_quad"):
         g, r = getattr(got.search, name), getattr(ref.search, name)
         if r is None:
             assert g is None, name
