@@ -199,8 +199,8 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, nor
     w_cols, w_mask, w_stride = cols, col_mask, n_cols
     if DIAGONAL:
         # One product of depth 2 D, [x~ | xx~] against [lin~ | q~], where two of depth D wait for
-        # each other (H100, N = 1M, K = 1024, D = 128, through ``fit``: ``bench_fit_profile_6333142_k1024_h100.json``
-        against ``bench_fit_profile_ee3fdbf_k1024_h100.json``).
+        # each other (H100, N = 1M, K = 1024, D = 128, through ``fit``: ``bench_fit_profile_218a102_k1024_h100.json``
+        # against ``bench_fit_profile_ee3fdbf_k1024_h100.json``).
         xx, _ = split(xx_f, "bf16", SPLIT_DTYPE)
         x = tl.reshape(tl.permute(tl.join(x, xx), (0, 2, 1)), (BLOCK_N, 2 * BLOCK_D))
         pos = tl.arange(0, 2 * BLOCK_D)
