@@ -199,8 +199,8 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, nor
     w_cols, w_mask, w_stride = cols, col_mask, n_cols
     if DIAGONAL:
         # One product of depth 2 D, [x~ | xx~] against [lin~ | q~], where two of depth D wait for
-        # each other (H100, N = 1M, K = 1024, D = 128, through ``fit``: ``bench_fit_profile_218a102_k1024_h100.json``
-        # against ``bench_fit_profile_ee3fdbf_k1024_h100.json``).
+        # each other (H100, N = 1M, K = 1024, D = 128, the pass through ``fit`` 1.59 against 1.73 ms,
+        # ``bench_fit_profile_8e64227_k1024_h100.json`` against ``bench_fit_profile_ee3fdbf_k1024_h100.json``).
         xx, _ = split(xx_f, "bf16", SPLIT_DTYPE)
         x = tl.reshape(tl.permute(tl.join(x, xx), (0, 2, 1)), (BLOCK_N, 2 * BLOCK_D))
         pos = tl.arange(0, 2 * BLOCK_D)
@@ -235,9 +235,10 @@ def mark(upper, floor, rows, row_mask, k0, mark_ptr, n_words, BLOCK_N: tl.conste
     component c's upper bound reaches the row's floor (``mark_floor``); BLOCK_K and k0 are
     multiples of 32.
 
-    The masks are in the floor and the bounds, so a tile costs a compare, a select and a sum per
-    entry (the loop's instructions per tile of the diag pass: 865 against 1,199 with the masks
-    applied to each entry). A sum per 32 columns rather than a small product of the 0/1 tile with
+    The masks are in the floor and the bounds, so an entry costs a compare, a select and an add
+    (with both masks applied to each entry, as well, a diag iteration through ``fit`` took 3.63 ms
+    against 3.29 with this and the joined product, ``bench_fit_ab_base_fdc1639_k1024_h100.json``
+    against ``bench_fit_ab_8e64227_k1024_h100.json``). A sum per 32 columns rather than a small product of the 0/1 tile with
     powers of two (which keeps the tile out of shared memory): with the product the pass takes
     2.05 / 1.37 ms diag / spherical against 1.79 / 1.20 (H100, N = 1M, K = 1024, D = 128,
     ``bench_fit_candidates_profile_h100.json``)."""

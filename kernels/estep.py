@@ -81,8 +81,8 @@ def default_configs(n_features: int, diagonal: bool = True,
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
     if precision == "candidates":
         # The candidate pass (``kernels.candidates``): timed on an H100 at N = 1M rows of
-        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6): diag (two products a tile pair into one
-        # accumulator) (128, 128) tiles with 8 warps, 2 stages 1.55 ms, 4 warps 1.85, (128, 64) with
+        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6), when diag rows took two products a tile
+        # pair: diag (128, 128) tiles with 8 warps, 2 stages 1.55 ms, 4 warps 1.85, (128, 64) with
         # 4 warps, 3 stages 2.07, (64, 128) 1.98; spherical (one product) (128, 128) with 4 warps
         # 1.09, with 8 warps 1.51, (128, 256) with 8 warps 1.29, (128, 64) with 4 warps, 3 stages
         # 1.30, (64, 128) 1.24. (128, 128) diag tiles at 3 stages, and (128, 256) or (256, 128) at
