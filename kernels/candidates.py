@@ -238,10 +238,10 @@ def mark(upper, floor, rows, row_mask, k0, mark_ptr, n_words, BLOCK_N: tl.conste
     The masks are in the floor and the bounds, so an entry costs a compare, a select and an add
     (with both masks applied to each entry, as well, a diag iteration through ``fit`` took 3.63 ms
     against 3.29 with this and the joined product, ``bench_fit_ab_base_fdc1639_k1024_h100.json``
-    against ``bench_fit_ab_8e64227_k1024_h100.json``). A sum per 32 columns rather than a small product of the 0/1 tile with
-    powers of two (which keeps the tile out of shared memory): with the product the pass takes
-    2.05 / 1.37 ms diag / spherical against 1.79 / 1.20 (H100, N = 1M, K = 1024, D = 128,
-    ``bench_fit_candidates_profile_h100.json``)."""
+    against ``bench_fit_ab_8e64227_k1024_h100.json``). A sum per 32 columns rather than a small
+    product of the 0/1 tile with powers of two (which keeps the tile out of shared memory): with the
+    product the pass takes 2.05 / 1.37 ms diag / spherical against 1.79 / 1.20 (H100, N = 1M,
+    K = 1024, D = 128, ``bench_fit_candidates_profile_h100.json``)."""
     pow2 = (1 << (tl.arange(0, BLOCK_K) % 32)).to(tl.uint32)
     bits = tl.where(upper >= floor[:, None], pow2[None, :], 0)
     # Distinct bits: their sum is their bitwise or.
@@ -283,8 +283,9 @@ def candidates(x, shift, weights, centred, hint, margin, config):
                          f"{config.block_d} (wider rows: kernels.candidates_wide)")
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
-        x, x.stride(0), shift, weights.lin if weights.lin_quad is None else weights.lin_quad, weights.quad, weights.bias,
-        weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(), float(margin), marks, n,
+        x, x.stride(0), shift, weights.lin if weights.lin_quad is None else weights.lin_quad, weights.quad,
+        weights.bias, weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(),
+        float(margin), marks, n,
         weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, BLOCK_D=config.block_d,
         EVEN=weights.n_comps % config.block_k == 0 and d == config.block_d, SPLIT_DTYPE=split_dtype(x.device),
