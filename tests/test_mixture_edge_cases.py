@@ -259,18 +259,20 @@ def test_random_responsibilities_start_near_the_data_mean_and_fit(covariance_typ
     assert got.converged_ and np.isfinite(got.score(x))
 
 
-@pytest.mark.parametrize("n", [1, 32, 16384, 16385, 50_000, 777_777])
+@pytest.mark.parametrize("n,m,group", [(1, 32, 512), (32, 32, 512), (16384, 32, 512), (16385, 32, 512),
+                                       (50_000, 32, 512), (777_777, 32, 512), (5000, 7, 16), (5000, 40, 16)])
 @pytest.mark.parametrize("values", ["distinct", "ties", "outliers"])
-def test_worst_rows_are_the_smallest_log_likelihoods(n, values):
-    """The re-seed's worst rows (``_lowest``, grouped minima then one select) are m smallest values,
-    as torch.topk's, ties and values far below the rest included."""
+def test_worst_rows_are_the_smallest_log_likelihoods(n, m, group, values):
+    """The re-seed's worst rows (``_lowest``: grouped minima, then each chosen group's smallest, or
+    one select where m exceeds a group) are m smallest values, as torch.topk's, ties and values far
+    below the rest included."""
     gen = torch.Generator().manual_seed(n)
     v = torch.randn(n, generator=gen)
     if values == "ties":
         v = torch.randint(0, 5, (n,), generator=gen).float()
     elif values == "outliers":
         v[torch.randperm(n, generator=gen)[:40]] = -1e30
-    m = min(32, n)
-    at = _lowest(v, m)
+    m = min(m, n)
+    at = _lowest(v, m, group)
     assert len(set(at.tolist())) == m
     assert torch.equal(v[at].sort().values, torch.topk(v, m, largest=False).values.sort().values)
