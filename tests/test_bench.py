@@ -1,5 +1,6 @@
 """The E-step benchmark's harness on the CPU: table, JSON, skips, and the IBM anchors' conventions."""
 import json
+import math
 
 import pytest
 import torch
@@ -170,8 +171,11 @@ def test_bench_fit_times_the_anchors_on_the_same_rows(tmp_path, anchor_dir):
         ("diag", "IBM Flash-GMM H100 (diag, bf16)"), ("spherical", "IBM Flash-GMM portable (isotropic)"),
         ("spherical", "IBM Flash-GMM H100 (isotropic, bf16)")]
     for r in rows:  # ours: one per repeat; the anchors': one per iteration
-        assert len(r["ms_all"]) == (2 if r["precision"].startswith("IBM") else 1), r
-        assert r["ms_per_iteration"] > 0 and r["n"] == 600
+        anchor = r["precision"].startswith("IBM")
+        assert len(r["ms_all"]) == (2 if anchor else 1) and r["n"] == 600, r
+        # Ours is a difference of two fits' times, at this size within a loaded machine's noise;
+        # the anchors' are times of single iterations.
+        assert r["ms_per_iteration"] > 0 if anchor else math.isfinite(r["ms_per_iteration"]), r
 
 
 def test_bench_fit_times_the_estimator(tmp_path):
