@@ -2,6 +2,9 @@
 
 ``python -m flashgmm_ivf.eval.tune_estep --out tuned.json`` then
 ``python -m flashgmm_ivf.eval.bench_estep --configs tuned.json`` benchmarks with the winners.
+``--precision candidates`` sweeps the candidate pass of the exact-on-candidates E-step instead
+(``kernels.candidates``; its exact pass picks its own tiles), every configuration's marks checked
+against the default's.
 """
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ import triton
 
 from flashgmm_ivf import kernels
 from flashgmm_ivf.eval.bench_estep import raw_scale_rows, starting_params, time_ms
+from flashgmm_ivf.eval.environment import environment
 from flashgmm_ivf.kernels import LaunchConfig
-from flashgmm_ivf.kernels.estep import default_split
+from flashgmm_ivf.kernels.candidate_weights import candidate_weights
+from flashgmm_ivf.kernels.estep import candidate_search, default_split
+from flashgmm_ivf.kernels.exact_candidates import MARGIN_NATS
 from flashgmm_ivf.kernels.log_norm import log_norm
 from flashgmm_ivf.kernels.stats import stats
 
@@ -24,11 +30,13 @@ SPACES = {
     "pass 1": dict(block_n=(64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2),
                    rows_first=(False, True)),
     "pass 2": dict(block_n=(32, 64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
+    "candidate pass": dict(block_n=(128, 256), block_k=(64, 128), num_warps=(4, 8, 16), num_stages=(2, 3)),
 }
 
 
 def sweep(name, run, block_d):
     best = None
+    rows = []
     for values in itertools.product(*SPACES[name].values()):
         config = LaunchConfig(block_d=block_d, **dict(zip(SPACES[name], values)))
         try:
@@ -37,9 +45,44 @@ def sweep(name, run, block_d):
             print(f"{name:8} {config}: out of resources")
             continue
         print(f"{name:8} {config}: {ms:.3f} ms")
+        rows.append({"config": config._asdict(), "ms": ms})
         if best is None or ms < best[0]:
             best = (ms, config)
-    return best
+    return best, rows
+
+
+def sweep_candidates(x, params, shift, covariance_type, block_d):
+    """The candidate pass's sweep on ``x``, each row's threshold from its best component of a
+    "bf16" ranking pass; a configuration whose marks differ from the default's is an error."""
+    diagonal = covariance_type == "diag"
+    cw = candidate_weights(params, x.device)
+    hint = log_norm(x, shift, cw.weights, "bf16", kernels.default_configs(x.shape[1], diagonal, "bf16")[0])[1]
+
+    def run(config):
+        return candidate_search(x, shift, cw.weights, cw.search, (config, None))(x, cw.centred, MARGIN_NATS, hint)
+    expected = run(kernels.default_configs(x.shape[1], diagonal, "candidates")[0])
+
+    def checked(config):
+        marks = run(config)
+        if not torch.equal(marks, expected):
+            raise AssertionError(f"{config} marks {int((marks != expected).sum())} words unlike the default's")
+    return sweep("candidate pass", checked, block_d)
+
+
+def tune_passes(x, natural, shift, covariance_type, precision, passes):
+    """Sweep pass 1 and pass 2 of the dense E-step: {pass: (best ms, best config, rows)}."""
+    params = kernels.kernel_weights(natural, precision, "cuda")
+    diagonal = covariance_type == "diag"
+    defaults = kernels.default_configs(x.shape[1], diagonal, precision)
+    block_d = defaults[0].block_d
+    lz, _ = log_norm(x, shift, params, precision, defaults[0])
+    out = {}
+    if "pass 1" in passes:
+        out["pass1"] = sweep("pass 1", lambda c: log_norm(x, shift, params, precision, c), block_d)
+    if "pass 2" in passes:
+        split = lambda c: default_split(natural.lin.shape[0], x.shape[1], diagonal, c, x.device)
+        out["pass2"] = sweep("pass 2", lambda c: stats(x, shift, params, lz, split(c), precision, c), block_d)
+    return out
 
 
 def main(argv=None):
@@ -49,28 +92,23 @@ def main(argv=None):
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--covariance-type", default="diag")
     parser.add_argument("--precision", default="bf16x3")
-    parser.add_argument("--passes", default="pass 1,pass 2")
+    parser.add_argument("--passes", default="pass 1,pass 2", help="dense precisions: which passes to sweep")
     parser.add_argument("--out", default="tuned_estep.json")
     args = parser.parse_args(argv)
     gen = torch.Generator("cuda").manual_seed(0)
     x = raw_scale_rows(args.n, args.d, 256, gen, "cuda")
     weights, means, var, shift = starting_params(x, args.k, args.covariance_type, gen)
-    params = kernels.kernel_weights(kernels.natural_params(weights, means, var), args.precision, "cuda")
-    shift = shift.float()
-    defaults = kernels.default_configs(args.d, args.covariance_type == "diag", args.precision)
-    lz, _ = log_norm(x, shift, params, args.precision, defaults[0])
-    passes = args.passes.split(",")
-    block_d = defaults[0].block_d
-    first = sweep("pass 1", lambda c: log_norm(x, shift, params, args.precision, c), block_d) \
-        if "pass 1" in passes else (float("nan"), defaults[0])
-    diagonal = args.covariance_type == "diag"
-    second = sweep("pass 2", lambda c: stats(x, shift, params, lz, default_split(args.k, args.d, diagonal, c, x.device),
-                                             args.precision, c), block_d) \
-        if "pass 2" in passes else (float("nan"), defaults[1])
+    natural, shift = kernels.natural_params(weights, means, var), shift.float()
+    if args.precision == "candidates":
+        block_d = kernels.default_configs(args.d, args.covariance_type == "diag", "candidates")[0].block_d
+        swept = {"candidate_pass": sweep_candidates(x, natural, shift, args.covariance_type, block_d)}
+    else:
+        swept = tune_passes(x, natural, shift, args.covariance_type, args.precision, args.passes.split(","))
     result = {"n": args.n, "k": args.k, "d": args.d, "covariance_type": args.covariance_type,
-              "precision": args.precision, "pass1": first[1]._asdict(), "pass1_ms": first[0],
-              "pass2": second[1]._asdict(), "pass2_ms": second[0]}
-    print(json.dumps(result))
+              "precision": args.precision, "environment": environment(x.device)}
+    for name, ((ms, config), rows) in swept.items():
+        result |= {name: config._asdict(), f"{name}_ms": ms, f"{name}_rows": rows}
+    print(json.dumps({key: value for key, value in result.items() if not key.endswith("_rows")}))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
