@@ -30,7 +30,7 @@ SPACES = {
     "pass 1": dict(block_n=(64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2),
                    rows_first=(False, True)),
     "pass 2": dict(block_n=(32, 64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
-    "candidate pass": dict(block_n=(128, 256), block_k=(64, 128), num_warps=(4, 8, 16), num_stages=(2, 3)),
+    "candidate pass": dict(block_n=(128, 256), block_k=(32, 64, 128), num_warps=(4, 8, 16), num_stages=(2, 3)),
 }
 
 
