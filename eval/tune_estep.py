@@ -27,10 +27,11 @@ from flashgmm_ivf.kernels.stats import stats
 
 # BLOCK_D is not swept: both passes use default_configs' (D in one feature tile up to 128).
 SPACES = {
-    "pass 1": dict(block_n=(64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2),
-                   rows_first=(False, True)),
-    "pass 2": dict(block_n=(32, 64, 128), block_k=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
-    "candidate pass": dict(block_n=(128, 256), block_k=(32, 64, 128), num_warps=(4, 8, 16), num_stages=(2, 3)),
+    "pass 1": {"block_n": (64, 128), "block_k": (64, 128), "num_warps": (4, 8), "num_stages": (1, 2),
+               "rows_first": (False, True)},
+    "pass 2": {"block_n": (32, 64, 128), "block_k": (64, 128), "num_warps": (4, 8), "num_stages": (1, 2)},
+    "candidate pass": {"block_n": (128, 256), "block_k": (32, 64, 128), "num_warps": (4, 8, 16),
+                       "num_stages": (2, 3)},
 }
 
 
@@ -70,17 +71,19 @@ def sweep_candidates(x, params, shift, covariance_type, block_d):
 
 
 def tune_passes(x, natural, shift, covariance_type, precision, passes):
-    """Sweep pass 1 and pass 2 of the dense E-step: {pass: (best ms, best config, rows)}."""
+    """Sweep pass 1 and/or pass 2 of the dense E-step: {"pass1" / "pass2": ((best ms, best config), rows)}."""
     params = kernels.kernel_weights(natural, precision, "cuda")
     diagonal = covariance_type == "diag"
     defaults = kernels.default_configs(x.shape[1], diagonal, precision)
     block_d = defaults[0].block_d
     lz, _ = log_norm(x, shift, params, precision, defaults[0])
-    out = {}
+    # A pass not swept keeps its default (bench_estep --configs reads both).
+    out = {"pass1": ((float("nan"), defaults[0]), []), "pass2": ((float("nan"), defaults[1]), [])}
     if "pass 1" in passes:
         out["pass1"] = sweep("pass 1", lambda c: log_norm(x, shift, params, precision, c), block_d)
     if "pass 2" in passes:
-        split = lambda c: default_split(natural.lin.shape[0], x.shape[1], diagonal, c, x.device)
+        def split(config):
+            return default_split(natural.lin.shape[0], x.shape[1], diagonal, config, x.device)
         out["pass2"] = sweep("pass 2", lambda c: stats(x, shift, params, lz, split(c), precision, c), block_d)
     return out
 

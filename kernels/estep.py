@@ -87,10 +87,6 @@ def default_configs(n_features: int, diagonal: bool = True,
         # 1.09, with 8 warps 1.51, (128, 256) with 8 warps 1.29, (128, 64) with 4 warps, 3 stages
         # 1.30, (64, 128) 1.24. (128, 128) diag tiles at 3 stages, and (128, 256) or (256, 128) at
         # 2, exceed an H100's shared memory. Its exact pass picks its own tiles (``candidate_resp``).
-        # With one product of depth 2 D (diag), 256-row tiles halve the weights' reads, each tile
-        # serving twice the rows: same cell, (256, 64) with 16 warps, 3 stages 1.40 ms, 8 warps
-        # 1.45, 2 stages 1.52, (128, 128) with 8 warps, 2 stages 1.60; spherical (256, 128) with
-        # 8 warps 1.12 against 1.00 for (128, 128) with 4 (``eval/results/tune_candidates_h100.json``).
         if n_features > block_d:
             # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
             # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 1.80 ms, (128, 64)
@@ -98,9 +94,7 @@ def default_configs(n_features: int, diagonal: bool = True,
             # (128, 128) 0.86, (128, 64) 1.15, (64, 128) with 4 warps 0.88. (128, 256) tiles and
             # 4 stages exceed an H100's shared memory.
             return LaunchConfig(128, 128, block_d, 8, 3, True), None
-        if diagonal:
-            return LaunchConfig(256, 64, block_d, 16, 3, True), None
-        return LaunchConfig(128, 128, block_d, 4, 2, True), None
+        return LaunchConfig(128, 128, block_d, 8 if diagonal else 4, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)

@@ -202,3 +202,27 @@ def test_bench_fit_times_the_estimator(tmp_path):
                 ["--device", "cpu", "--dtype", "uint8", "--standardise"]):
         with pytest.raises(SystemExit):
             bench_fit.main(bad + ["--out", str(out)])
+
+
+def test_candidate_sweep_times_every_config_and_refuses_one_whose_marks_differ(monkeypatch):
+    from flashgmm_ivf import kernels
+    from flashgmm_ivf.eval import tune_estep
+
+    monkeypatch.setitem(tune_estep.SPACES, "candidate pass",
+                        {"block_n": (64, 128), "block_k": (32,), "num_warps": (4,), "num_stages": (2,)})
+    gen = torch.Generator().manual_seed(0)
+    x = bench_estep.raw_scale_rows(200, 24, 256, gen, "cpu")
+    weights, means, var, shift = bench_estep.starting_params(x, 64, "diag", gen)
+    natural = kernels.natural_params(weights, means, var)
+    (ms, best), rows = tune_estep.sweep_candidates(x, natural, shift.float(), "diag", 32)
+    assert [row["config"]["block_n"] for row in rows] == [64, 128]
+    assert ms == min(row["ms"] for row in rows) and best.block_n in (64, 128)
+
+    search = tune_estep.candidate_search
+
+    def wrong_for_small_tiles(x, shift, weights, search_w, configs):
+        run = search(x, shift, weights, search_w, configs)
+        return run if configs[0].block_n != 64 else lambda *a: run(*a) ^ 1
+    monkeypatch.setattr(tune_estep, "candidate_search", wrong_for_small_tiles)
+    with pytest.raises(AssertionError, match="unlike the default's"):
+        tune_estep.sweep_candidates(x, natural, shift.float(), "diag", 32)
