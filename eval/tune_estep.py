@@ -52,22 +52,23 @@ def sweep(name, run, block_d):
     return best, rows
 
 
-def sweep_candidates(x, params, shift, covariance_type, block_d):
-    """The candidate pass's sweep on ``x``, each row's threshold from its best component of a
-    "bf16" ranking pass; a configuration whose marks differ from the default's is an error."""
+def sweep_candidates(x, params, shift, covariance_type):
+    """The candidate pass's sweep on ``x`` at its default BLOCK_D, each row's threshold from its best
+    component of a "bf16" ranking pass; a configuration whose marks differ from the default's is an error."""
     diagonal = covariance_type == "diag"
     cw = candidate_weights(params, x.device)
     hint = log_norm(x, shift, cw.weights, "bf16", kernels.default_configs(x.shape[1], diagonal, "bf16")[0])[1]
 
     def run(config):
         return candidate_search(x, shift, cw.weights, cw.search, (config, None))(x, cw.centred, MARGIN_NATS, hint)
-    expected = run(kernels.default_configs(x.shape[1], diagonal, "candidates")[0])
+    default = kernels.default_configs(x.shape[1], diagonal, "candidates")[0]
+    expected = run(default)
 
     def checked(config):
         marks = run(config)
         if not torch.equal(marks, expected):
             raise AssertionError(f"{config} marks {int((marks != expected).sum())} words unlike the default's")
-    return sweep("candidate pass", checked, block_d)
+    return sweep("candidate pass", checked, default.block_d)
 
 
 def tune_passes(x, natural, shift, covariance_type, precision, passes):
@@ -103,8 +104,7 @@ def main(argv=None):
     weights, means, var, shift = starting_params(x, args.k, args.covariance_type, gen)
     natural, shift = kernels.natural_params(weights, means, var), shift.float()
     if args.precision == "candidates":
-        block_d = kernels.default_configs(args.d, args.covariance_type == "diag", "candidates")[0].block_d
-        swept = {"candidate_pass": sweep_candidates(x, natural, shift, args.covariance_type, block_d)}
+        swept = {"candidate_pass": sweep_candidates(x, natural, shift, args.covariance_type)}
     else:
         swept = tune_passes(x, natural, shift, args.covariance_type, args.precision, args.passes.split(","))
     result = {"n": args.n, "k": args.k, "d": args.d, "covariance_type": args.covariance_type,

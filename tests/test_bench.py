@@ -214,7 +214,7 @@ def test_candidate_sweep_times_every_config_and_refuses_one_whose_marks_differ(m
     x = bench_estep.raw_scale_rows(200, 24, 256, gen, "cpu")
     weights, means, var, shift = bench_estep.starting_params(x, 64, "diag", gen)
     natural = kernels.natural_params(weights, means, var)
-    (ms, best), rows = tune_estep.sweep_candidates(x, natural, shift.float(), "diag", 32)
+    (ms, best), rows = tune_estep.sweep_candidates(x, natural, shift.float(), "diag")
     assert [row["config"]["block_n"] for row in rows] == [64, 128]
     assert ms == min(row["ms"] for row in rows) and best.block_n in (64, 128)
 
@@ -225,4 +225,4 @@ def test_candidate_sweep_times_every_config_and_refuses_one_whose_marks_differ(m
         return run if configs[0].block_n != 64 else lambda *a: run(*a) ^ 1
     monkeypatch.setattr(tune_estep, "candidate_search", wrong_for_small_tiles)
     with pytest.raises(AssertionError, match="unlike the default's"):
-        tune_estep.sweep_candidates(x, natural, shift.float(), "diag", 32)
+        tune_estep.sweep_candidates(x, natural, shift.float(), "diag")
