@@ -80,15 +80,13 @@ def default_configs(n_features: int, diagonal: bool = True,
     """
     block_d = max(16, triton.next_power_of_2(n_features)) if n_features <= 128 else 64
     if precision == "candidates":
-        # The candidate pass (``kernels.candidates``), timed on an H100 over the rows and marks of a
-        # K = 1024 fit of bench_estep's D = 128 cell (Triton 3.6, eval/tune_estep.py --precision
-        # candidates): every component tile re-reads the weights from L2, so 256-row tiles halve
-        # that traffic. Diag (one product of depth 2 D) (256, 64) tiles with 16 warps, 3 stages
-        # 1.40 ms, 8 warps 1.45, 2 stages 1.52; (128, 128) with 8 warps, 2 stages 1.60; (256, 128)
-        # with 8 warps, 1 stage 1.61; (256, 32) with 8 warps, 4 stages 1.91. Spherical (depth D)
-        # (128, 128) with 4 warps, 2 stages 0.70 ms per 700K rows, (256, 128) with 8 warps 0.79,
-        # (128, 256) with 8 warps (earlier build) 1.29. (128, 128) diag tiles at 3 stages exceed an
-        # H100's shared memory. Its exact pass picks its own tiles (``candidate_resp``).
+        # The candidate pass (``kernels.candidates``): timed on an H100 at N = 1M rows of
+        # bench_estep's D = 128 cell, K = 1024 (Triton 3.6), when diag rows took two products a tile
+        # pair: diag (128, 128) tiles with 8 warps, 2 stages 1.55 ms, 4 warps 1.85, (128, 64) with
+        # 4 warps, 3 stages 2.07, (64, 128) 1.98; spherical (one product) (128, 128) with 4 warps
+        # 1.09, with 8 warps 1.51, (128, 256) with 8 warps 1.29, (128, 64) with 4 warps, 3 stages
+        # 1.30, (64, 128) 1.24. (128, 128) diag tiles at 3 stages, and (128, 256) or (256, 128) at
+        # 2, exceed an H100's shared memory. Its exact pass picks its own tiles (``candidate_resp``).
         if n_features > block_d:
             # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
             # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 1.80 ms, (128, 64)
@@ -96,9 +94,7 @@ def default_configs(n_features: int, diagonal: bool = True,
             # (128, 128) 0.86, (128, 64) 1.15, (64, 128) with 4 warps 0.88. (128, 256) tiles and
             # 4 stages exceed an H100's shared memory.
             return LaunchConfig(128, 128, block_d, 8, 3, True), None
-        if diagonal:
-            return LaunchConfig(256, 64, block_d, 16, 3, True), None
-        return LaunchConfig(128, 128, block_d, 4, 2, True), None
+        return LaunchConfig(128, 128, block_d, 8 if diagonal else 4, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)
