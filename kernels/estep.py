@@ -86,7 +86,9 @@ def default_configs(n_features: int, diagonal: bool = True,
         # 4 warps, 3 stages 2.07, (64, 128) 1.98; spherical (one product) (128, 128) with 4 warps
         # 1.09, with 8 warps 1.51, (128, 256) with 8 warps 1.29, (128, 64) with 4 warps, 3 stages
         # 1.30, (64, 128) 1.24. (128, 128) diag tiles at 3 stages, and (128, 256) or (256, 128) at
-        # 2, exceed an H100's shared memory. Its exact pass picks its own tiles (``candidate_resp``).
+        # 2, exceed an H100's shared memory. Diag (256, 64) tiles with 16 warps, 3 stages (half the
+        # weights' L2 reads) took no less through ``fit``: 3.39 against 3.03 ms per iteration, same
+        # call (bench_fit_ab_14880ef_k1024_h100.json). Its exact pass picks its own tiles (``candidate_resp``).
         if n_features > block_d:
             # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
             # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 1.80 ms, (128, 64)
