@@ -86,9 +86,12 @@ def default_configs(n_features: int, diagonal: bool = True,
         # 4 warps, 3 stages 2.07, (64, 128) 1.98; spherical (one product) (128, 128) with 4 warps
         # 1.09, with 8 warps 1.51, (128, 256) with 8 warps 1.29, (128, 64) with 4 warps, 3 stages
         # 1.30, (64, 128) 1.24. (128, 128) diag tiles at 3 stages, and (128, 256) or (256, 128) at
-        # 2, exceed an H100's shared memory. Diag (256, 64) tiles with 16 warps, 3 stages (half the
-        # weights' L2 reads) took no less through ``fit``: 3.39 against 3.03 ms per iteration, same
-        # call (bench_fit_ab_14880ef_k1024_h100.json). Its exact pass picks its own tiles (``candidate_resp``).
+        # 2, exceed an H100's shared memory. Diag (256, 64) tiles with 16 warps, 3 stages read each
+        # component tile's weights once per 256 rows: on the byte rows a fit holds, 1.67 against 1.80 ms
+        # alone, and through ``fit`` (torch.profiler, N = 1M, K = 1024) 1.39 against 1.58 ms an
+        # iteration, the GPU's busy time 3.12 against 3.31 (ab_candidate_tiles_h100.json; spherical
+        # keeps (128, 128): 1.12 ms alone, (256, 128) with 8 warps, 3 stages 1.20, and 1.11 against
+        # 1.00 through ``fit``). Its exact pass picks its own tiles (``candidate_resp``).
         if n_features > block_d:
             # ``kernels.candidates_wide``, GEMM-like tiles over split rows: H100, N = 100K, K = 1024,
             # D = 960, (BLOCK_N, BLOCK_K) with 8 warps, 3 stages: diag (128, 128) 1.80 ms, (128, 64)
@@ -96,7 +99,9 @@ def default_configs(n_features: int, diagonal: bool = True,
             # (128, 128) 0.86, (128, 64) 1.15, (64, 128) with 4 warps 0.88. (128, 256) tiles and
             # 4 stages exceed an H100's shared memory.
             return LaunchConfig(128, 128, block_d, 8, 3, True), None
-        return LaunchConfig(128, 128, block_d, 8 if diagonal else 4, 2, True), None
+        if diagonal:
+            return LaunchConfig(256, 64, block_d, 16, 3, True), None
+        return LaunchConfig(128, 128, block_d, 4, 2, True), None
     bf16 = precision in ("bf16x3", "bf16")
     if not bf16:
         first, second = LaunchConfig(64, 64, block_d, 4, 1, True), LaunchConfig(64, 64, block_d, 8, 1)

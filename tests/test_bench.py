@@ -173,9 +173,7 @@ def test_bench_fit_times_the_anchors_on_the_same_rows(tmp_path, anchor_dir):
     for r in rows:  # ours: one per repeat; the anchors': one per iteration
         anchor = r["precision"].startswith("IBM")
         assert len(r["ms_all"]) == (2 if anchor else 1) and r["n"] == 600, r
-        # Ours is a difference of two fits' times, at this size within a loaded machine's noise;
-        # the anchors' are times of single iterations.
-        assert r["ms_per_iteration"] > 0 if anchor else math.isfinite(r["ms_per_iteration"]), r
+        assert r["ms_per_iteration"] > 0, r
 
 
 def test_bench_fit_times_the_estimator(tmp_path):
@@ -187,7 +185,7 @@ def test_bench_fit_times_the_estimator(tmp_path):
     assert doc["environment"]["commit"] and doc["arguments"]["iterations"] == 2
     assert [(r["covariance_type"], r["precision"]) for r in doc["rows"]] == list(bench_fit.CELLS)
     for r in doc["rows"]:
-        assert len(r["ms_all"]) == 2 and min(r["ms_all"]) <= r["ms_per_iteration"] <= max(r["ms_all"])
+        assert len(r["ms_all"]) == 2 and 0 < min(r["ms_all"]) <= r["ms_per_iteration"] <= max(r["ms_all"])
         assert r["dtype"] == "float32" and not r["standardised"]
     bench_fit.main(["--n", "600", "--k", "4", "--d", "8", "--iterations", "2", "--repeats", "1", "--device", "cpu",
                     "--cells", "diag:auto", "--standardise", "--out", str(out)])
