@@ -185,9 +185,10 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, nor
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     x_f = load_rows(x_ptr, stride_x, shift_ptr, rows, row_mask, cols, n_cols)
-    # The floor from the rows in registers, where a separate pass re-reads them: H100, N = 1M, K = 1024,
-    # D = 128, same run, diag 1.82 ms against 1.80 for the separate pass and the products, spherical 1.16
-    # against 1.26 (ab_candidate_floor_h100.txt, a build that also stored each hint's log-density).
+    # The floor from the rows in registers, where a separate pass re-reads them and gathers the hints
+    # at full occupancy: H100, N = 1M, K = 1024, D = 128, through ``fit``, diag 3.24 ms an iteration
+    # against 3.32 with the separate pass (0.17 ms, for 0.10 off this pass), spherical 2.92 against
+    # 3.00-3.05 (ab_candidate_floor_pass_h100.txt).
     hint = tl.load(hint_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     floor = exact_log_prob(x_ptr, stride_x, shift_ptr, x_f, mean_ptr, prec_ptr, const_ptr, rows, row_mask, hint,
                            n_cols, DIAGONAL, True, BLOCK_D) - margin
