@@ -1,6 +1,5 @@
 """The E-step benchmark's harness on the CPU: table, JSON, skips, and the IBM anchors' conventions."""
 import json
-import math
 
 import pytest
 import torch
