@@ -60,8 +60,8 @@ class _ClockedMixture(GaussianMixture):
     def _em_iteration(self, *args, **kwargs):
         iteration = super()._em_iteration(*args, **kwargs)
 
-        def clocked(state):
-            result = iteration(state)
+        def clocked(state, **kwargs):
+            result = iteration(state, **kwargs)
             self.iteration_ends.append(time.perf_counter())
             return result
         return clocked

@@ -17,6 +17,7 @@ from ._mstep import (COVARIANCE_TYPES, FLOAT32_RELATIVE_FLOOR, EMState, kernel_p
 from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFittedError
 from ._validation import MAX_ABS_MEAN, MAX_ABS_VALUE, Instances, Integer, Options, Real, as_rows, validate_params
 from .kernels import EStepResult, NaturalParams
+from .kernels.estep_params import float32_natural_params
 from .kernels.truncated import TruncatedEStep
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -374,7 +375,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             bar = tqdm(total=self.max_iter, desc="EM", disable=not self.verbose, leave=False)
             for n_iter in range(1, self.max_iter + 1):
                 previous = lower_bound
-                state, log_lik, reseeded = iteration(state)
+                state, log_lik, reseeded = iteration(state, more=n_iter < self.max_iter)
                 if n_iter in GROUP_ROWS_AFTER and self._group_rows(source):
                     # A captured iteration would replay the exact pass set up for rows in their
                     # given order (``kernels.candidate_resp.walk``): capture it again.
@@ -439,7 +440,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self._dense_kernels(device) and source.checked and source.resident_on(device)
 
     def _em_iteration(self, source, device, n, reseed):
-        """``iteration(state) -> (state, log_lik, n_reseeded)``, the last two numbers read from
+        """``iteration(state, more=False) -> (state, log_lik, n_reseeded)``, the last two numbers read from
         the device, the iteration's one host read; ``reseed``: whether emptied components are
         re-seeded.
 
@@ -461,16 +462,33 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return GraphedStep(step) if captures >= 0 else step
 
         run = capture()
+        ahead = None  # (state, outputs): the iteration from ``state``, queued before ``state`` was returned
 
-        def iteration(state):
-            nonlocal run
-            *tensors, read = run(*state)
+        def iteration(state, more=False):
+            """``more``: whether another iteration may follow, which a replayed one then queues on the
+            GPU before it reads its numbers, so that the GPU does not wait for the host to decide (if
+            EM stops here or this iteration runs again, the queued one is dropped)."""
+            nonlocal run, ahead
+            queued, ahead = ahead, None
+            *tensors, read = queued[1] if queued is not None and queued[0] is state else run(*state)
+            state_out = EMState(*tensors)
+            if more and isinstance(run, GraphedStep):
+                numbers = read.to("cpu", non_blocking=True)
+                copied = torch.cuda.Event() if read.is_cuda else None
+                if copied is not None:
+                    copied.record()
+                ahead = (state_out, run(*state_out))
+                if copied is not None:
+                    copied.synchronize()
+                read = numbers
             log_lik, reseeded, short = read.tolist()
             if short:
+                ahead = None
                 *tensors, read = step(*state)
                 log_lik, reseeded, _ = read.tolist()
                 run = capture()
-            return EMState(*tensors), log_lik, int(reseeded)
+                state_out = EMState(*tensors)
+            return state_out, log_lik, int(reseeded)
 
         return iteration
 
@@ -622,7 +640,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """New state, and the number of re-seeded components (a 0-d tensor).
 
         Empty components, in index order, take the worst rows, worst first, as far as they
-        go; computed with masks, so that nothing waits for the GPU."""
+        go; computed with masks, so that nothing waits for the GPU. Where the E-step runs the
+        kernels, so does the M-step (``kernels.m_step``: the same arithmetic in two launches)."""
+        if self._truncation is None and self._uses_kernels(stats.nk.device):
+            *params, shift, reseeded = kernels.m_step(stats, worst_rows, state.shift, n, self.reg_covar,
+                                                      self._relative_floor(), self.compute_dtype != "float64")
+            return EMState(*params, shift), reseeded
         weights, means, cov = m_step(stats, self.covariance_type, self.reg_covar, self._relative_floor())
         empty = stats.nk < EMPTY_MASS
         rank = torch.cumsum(empty, 0) - 1
@@ -654,11 +677,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _kernel_params(self, state, device, dtype=None, centres=None):
         """The E-step's parameters in ``dtype`` (default: ``compute_dtype``); diag and spherical
         ones carry the means in the data's coordinates (``centres``, default the state's)."""
+        if dtype is None:
+            dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        if centres is None and dtype == torch.float32 and self._uses_kernels(state.means.device) \
+                and torch.device(device).type == state.means.device.type:
+            # One launch where the torch operations below are some 20 (``kernels.estep_params``).
+            return float32_natural_params(state.weights, state.means, state.cov, state.shift)
         params = kernel_params(state.weights, state.means, state.cov, state.prec_chol, self.covariance_type)
         if isinstance(params, NaturalParams):
             params = params._replace(centres=state.means + state.shift if centres is None else centres)
-        if dtype is None:
-            dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
         return params.to(device=device, dtype=dtype)
 
     def _estep_block(self, x, params, shift, offset=None) -> EStepResult:

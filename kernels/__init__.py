@@ -7,8 +7,9 @@ the oracle in tests.
 """
 from . import reference
 from .estep import PRECISIONS, LaunchConfig, candidate_hints, default_configs, estep, log_norm
+from .mstep import m_step
 from .params import CholeskyParams, KernelWeights, NaturalParams, kernel_weights, natural_params
 from .result import EStepResult
 
 __all__ = ["PRECISIONS", "CholeskyParams", "EStepResult", "KernelWeights", "LaunchConfig", "NaturalParams",
-           "candidate_hints", "default_configs", "estep", "kernel_weights", "log_norm", "natural_params", "reference"]
+           "candidate_hints", "default_configs", "estep", "kernel_weights", "log_norm", "m_step", "natural_params", "reference"]

@@ -1,4 +1,4 @@
-"""Device functions shared by the E-step kernels (no kernel lives here).
+"""Device functions shared by the kernels (no kernel lives here).
 
 Both passes work on *transposed* log-density tiles, (BLOCK_K components, BLOCK_N
 rows), the orientation of flash attention: in pass 2 the responsibilities r are
@@ -19,6 +19,8 @@ products in the same order.
 * ``"bf16"``: one bfloat16 product of the rounded operands, fastest and loosest
   (~1e-3 on centred data): opt-in only.
 """
+import struct
+
 import triton
 import triton.language as tl
 
@@ -177,3 +179,16 @@ def log_prob_streamed(x_ptr, stride_x, shift_ptr, lin_hi_ptr, lin_lo_ptr, quad_h
                             x_hi, x_lo, xx_hi, xx_lo, DIAGONAL, BLOCK_K, BLOCK_N, PRECISION, ROWS_FIRST)
         sq_norm += sq
     return finish_log_prob(ll, sq_norm, quad_hi_ptr, const_ptr, comps, comp_mask, DIAGONAL, ROWS_FIRST), sq_norm
+
+
+@triton.jit
+def float64_arg(bits):
+    """The float64 whose bits an integer argument carries (``float64_bits``): Triton passes Python
+    floats as float32 scalars."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+def float64_bits(value: float) -> int:
+    """A float64's bits as a signed integer, for ``float64_arg`` (mark the argument
+    ``do_not_specialize``: Triton folds an integer 1 into the kernel)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]

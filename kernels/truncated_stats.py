@@ -164,7 +164,7 @@ def segment_stats(x, shift, members, resp, n_comps, diagonal, *, block_e=32, num
                       block_e=block_e, num_warps=num_warps)
 
 
-def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, num_warps=4):
+def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, block_d=64, num_warps=4):
     """The statistics of (row, component, responsibility) triples in any order.
 
     Parameters
@@ -198,7 +198,7 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, nu
         keys, len(keys), start, counts, n_comps, _steps(len(keys)), PIECE=PIECE, BLOCK=layout)
     piece_first = torch.cumsum(counts, 0)
     n_pieces = n_comps + len(comps) // PIECE
-    block_d = min(64, triton.next_power_of_2(d))
+    block_d = min(block_d, triton.next_power_of_2(d))
     d_tiles = triton.cdiv(d, block_d)
     # One row of partials a piece (N_k, S1, S2 side by side): one launch adds them up.
     width = 1 + d + (d if diagonal else d_tiles)

@@ -101,6 +101,23 @@ def test_graphed_fit_equals_eager_fit(covariance_type, monkeypatch):
     np.testing.assert_allclose(graphed.covariances_, eager.covariances_, rtol=1e-10)
 
 
+def test_queued_iteration_is_dropped_where_em_stops(monkeypatch):
+    """A replayed iteration queues the next one before reading its numbers (``_em_iteration``): where EM
+    converges the queued one is dropped, so the fit is the eager one, iteration for iteration."""
+    x = _raw_rows_cuda(30000, 40, 3)
+    params = dict(covariance_type="diag", max_iter=50, tol=1e-2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphed = GaussianMixture(24, **params).fit(x)
+        monkeypatch.setattr(GaussianMixture, "_graphable", lambda *args: False)
+        eager = GaussianMixture(24, **params).fit(x)
+    assert graphed.converged_ and eager.converged_
+    assert graphed.n_iter_ == eager.n_iter_ < params["max_iter"]
+    np.testing.assert_allclose(graphed.lower_bounds_, eager.lower_bounds_, rtol=1e-12)
+    np.testing.assert_allclose(graphed.means_, eager.means_, rtol=1e-10)
+    np.testing.assert_allclose(graphed.covariances_, eager.covariances_, rtol=1e-10)
+
+
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
 def test_grouped_rows_fit_the_model_of_the_given_order(covariance_type, monkeypatch):
     """After the first 'candidates' E-step the fit reorders its own copy of the rows by best
