@@ -54,10 +54,10 @@ def _variance(s1, s2, nkp, msq, reg_covar, floor, n_cols, DIAGONAL: tl.constexpr
     (spherical: ``msq`` = sum_d mu_kd^2)."""
     if DIAGONAL:
         mean = s1 / nkp[:, None]
-        cov = s2 / nkp[:, None] - mean * mean + reg_covar
-        return tl.maximum(cov, floor[None, :])
-    cov = (s2 / nkp - msq) / n_cols + reg_covar
-    return tl.maximum(cov, floor)
+        cov = tl.maximum(s2 / nkp[:, None] - mean * mean + reg_covar, floor[None, :])
+    else:
+        cov = tl.maximum((s2 / nkp - msq) / n_cols + reg_covar, floor)
+    return cov
 
 
 @triton.jit(do_not_specialize=["n_worst", "n_rows", "reg_bits", "floor_bits"])

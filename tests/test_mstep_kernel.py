@@ -29,7 +29,7 @@ def _torch_m_step(stats, worst, shift, n, covariance_type, floor):
     return gmm._m_step(cpu, worst.cpu(), EMState(None, None, None, None, shift.cpu()), n)
 
 
-def _check_m_step(covariance_type, k, d, n_worst, floor, device):
+def _check_m_step(covariance_type, k, d, n_worst, floor, device, rtol=1e-14):
     n = 3000
     stats, x, shift = _stats(n, k, d, covariance_type, device)
     worst = x[:n_worst]
@@ -38,7 +38,7 @@ def _check_m_step(covariance_type, k, d, n_worst, floor, device):
     assert int(got_count) == int(want_count) == min(n_worst, int((stats.nk < 1).sum()))
     for name, w, g in zip(("weights", "means", "covariances", "precisions_cholesky"), want, got):
         assert g.dtype == torch.float64 and g.shape == w.shape, name
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-14, atol=0, msg=name)
+        torch.testing.assert_close(g.cpu(), w, rtol=rtol, atol=0, msg=name)
     assert torch.equal(got_shift.cpu(), want.shift)
 
 
@@ -73,4 +73,5 @@ def test_float32_natural_params_equal_the_torch_path(covariance_type, k, d, pois
 @pytest.mark.gpu
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
 def test_m_step_on_cuda_equals_the_torch_path(covariance_type):
-    _check_m_step(covariance_type, 300, 128, 5, 1e-4, "cuda")
+    # The compiled kernels fuse multiplies and adds: round-off differs from the interpreter's numpy.
+    _check_m_step(covariance_type, 300, 128, 5, 1e-4, "cuda", rtol=1e-12)
