@@ -375,7 +375,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             bar = tqdm(total=self.max_iter, desc="EM", disable=not self.verbose, leave=False)
             for n_iter in range(1, self.max_iter + 1):
                 previous = lower_bound
-                state, log_lik, reseeded = iteration(state, more=n_iter < self.max_iter)
+                # Nothing is queued behind an iteration after which the rows may be grouped: the
+                # grouping's order is then the one its own E-step found, whether replayed or not
+                # (later initialisations sample the grouped rows), and the queued one would be dropped.
+                more = n_iter < self.max_iter and n_iter not in GROUP_ROWS_AFTER
+                state, log_lik, reseeded = iteration(state, more=more)
                 if n_iter in GROUP_ROWS_AFTER and self._group_rows(source):
                     # A captured iteration would replay the exact pass set up for rows in their
                     # given order (``kernels.candidate_resp.walk``): capture it again.

@@ -622,10 +622,10 @@ def test_fit_replays_static_esteps_and_runs_again_host_sized_where_their_sizes_f
     monkeypatch.setattr(mixture_module, "GraphedStep", Replayed)
     monkeypatch.setattr(GaussianMixture, "_graphable", lambda self, source, device: True)
     got = GaussianMixture(4, precision="candidates", **init).fit(x)
-    blocks = len(statics) // 8  # E-steps per iteration; one iteration runs twice, one is queued and dropped
+    blocks = len(statics) // 8  # E-steps per iteration; one runs twice, one is queued and dropped
     assert blocks >= 1 and len(statics) == 8 * blocks
-    # eager; replayed (queued by the first), short, and the one queued behind it (dropped); again
-    # host-sized; eager (a new capture); replayed three times (each queued by the one before)
+    # eager; replayed, short, and the one queued behind it (dropped); again host-sized; eager (a new
+    # capture); replayed three times (each queued by the one before)
     assert statics == [False] * blocks + [True] * 2 * blocks + [False] * 2 * blocks + [True] * 3 * blocks
     assert len(graphs) == 2
     np.testing.assert_allclose(got.means_, ref.means_, rtol=1e-5, atol=1e-3)
