@@ -18,12 +18,11 @@ from ._estimator import BaseEstimator, ConvergenceWarning, DensityMixin, NotFitt
 from ._validation import MAX_ABS_MEAN, MAX_ABS_VALUE, Instances, Integer, Options, Real, as_rows, validate_params
 from .kernels import EStepResult, NaturalParams
 from .kernels.estep_params import float32_natural_params
+from .kernels.mstep import EMPTY_MASS
 from .kernels.truncated import TruncatedEStep
 
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("float32", "float64")
-# Fewer than one sample's worth of responsibility: the component is re-seeded.
-EMPTY_MASS = 1.0
 RESEED_CANDIDATES = 32
 ESTEPS = ("auto", "dense", "truncated")
 # estep='auto' truncates from this many components on: there a dense pass costs

@@ -1,9 +1,10 @@
-"""E-step kernels: fused Triton passes and the torch reference of the same math.
+"""E-step and M-step kernels: fused Triton passes and the torch reference of the same math.
 
 ``estep`` and ``log_norm`` run the Triton kernels (CUDA, or the CPU under
 ``TRITON_INTERPRET=1``), on a GPU rows wider than 128 features as cuBLAS products
 (``gemm``); ``reference.estep`` is the torch version, used as the CPU path and as
-the oracle in tests.
+the oracle in tests. ``m_step`` is the M-step of a GPU fit (``mstep``; the torch M-step of
+``flashgmm_ivf._mstep`` is its oracle).
 """
 from . import reference
 from .estep import PRECISIONS, LaunchConfig, candidate_hints, default_configs, estep, log_norm
