@@ -61,6 +61,15 @@ def _variance(s1, s2, nkp, msq, reg_covar, floor, n_cols, DIAGONAL: tl.constexpr
     return cov
 
 
+@triton.jit
+def _means(s1, nkp, reseed, rank, worst_ptr, shift, cols, col_mask, n_cols):
+    """A (components, features) tile of the new means, relative to the old shift: S1 / N_k, or the
+    component's worst row for a re-seeded one."""
+    worst = tl.load(worst_ptr + tl.maximum(rank, 0)[:, None].to(tl.int64) * n_cols + cols[None, :],
+                    mask=reseed[:, None] & col_mask[None, :], other=0.0)
+    return tl.where(reseed[:, None], worst - shift[None, :], s1 / nkp[:, None])
+
+
 @triton.jit(do_not_specialize=["n_worst", "n_rows", "reg_bits", "floor_bits"])
 def columns_kernel(nk_ptr, s1_ptr, s2_ptr, msq_ptr, worst_ptr, shift_ptr, n_comps, n_cols, n_worst, n_rows,
                    reg_bits, floor_bits, rw_out, rank_out, floor_out, kept_out, shift_out, scalar_out, count_out,
@@ -128,9 +137,7 @@ def columns_kernel(nk_ptr, s1_ptr, s2_ptr, msq_ptr, worst_ptr, shift_ptr, n_comp
             cov = _variance(0.0, tl.load(s2_ptr + comps, mask=comp_mask, other=0.0), nkp,
                             tl.load(msq_ptr + comps, mask=comp_mask, other=0.0), reg_covar, floor, n_cols, DIAGONAL)
             kept_sum_k += tl.where(kept, cov, 0.0)
-        worst = tl.load(worst_ptr + tl.maximum(rank, 0)[:, None].to(tl.int64) * n_cols + cols[None, :],
-                        mask=reseed[:, None] & col_mask[None, :], other=0.0)
-        mean = tl.where(reseed[:, None], worst - shift[None, :], s1 / nkp[:, None])
+        mean = _means(s1, nkp, reseed, rank, worst_ptr, shift, cols, col_mask, n_cols)
         move += tl.sum(rw[:, None] * mean, axis=0)
         if first:
             tl.store(rw_out + comps, rw, mask=comp_mask)
@@ -186,9 +193,7 @@ def write_kernel(nk_ptr, s1_ptr, s2_ptr, msq_ptr, worst_ptr, shift_ptr, rw_ptr, 
         mask = comp_mask[:, None] & col_mask[None, :]
         shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
         s1 = tl.load(s1_ptr + tile, mask=mask, other=0.0)
-        worst = tl.load(worst_ptr + tl.maximum(rank, 0)[:, None].to(tl.int64) * n_cols + cols[None, :],
-                        mask=reseed[:, None] & col_mask[None, :], other=0.0)
-        mean = tl.where(reseed[:, None], worst - shift[None, :], s1 / nkp[:, None])
+        mean = _means(s1, nkp, reseed, rank, worst_ptr, shift, cols, col_mask, n_cols)
         move = tl.load(new_shift_ptr + cols, mask=col_mask, other=0.0) - shift
         tl.store(means_out + tile, mean - move[None, :], mask=mask)
         if DIAGONAL:
