@@ -170,8 +170,11 @@ def upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_
     if not DIAGONAL:
         quad = tl.load(quad_ptr + comps, mask=comp_mask, other=0.0)
         norm = tl.load(norm_ptr + comps, mask=comp_mask, other=0.0)
-        acc += sq[:, None] * quad[None, :]
-        acc += (eps * x_norm)[:, None] * norm[None, :]
+        # Fused multiply-adds on the product: an addition to it would become the product's
+        # starting accumulator, worked out in another register layout and converted to the
+        # product's through shared memory, two (BLOCK_N, BLOCK_K) tiles a step.
+        acc = tl.fma(sq[:, None], quad[None, :], acc)
+        acc = tl.fma((eps * x_norm)[:, None], norm[None, :], acc)
     return acc + bias[None, :]
 
 

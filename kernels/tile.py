@@ -146,10 +146,12 @@ def finish_log_prob(ll, sq_norm, quad_ptr, const_ptr, comps, comp_mask, DIAGONAL
     const = tl.load(const_ptr + comps, mask=comp_mask, other=float("-inf"))
     if not DIAGONAL:
         quad = tl.load(quad_ptr + comps, mask=comp_mask, other=0.0)
+        # A fused multiply-add: an addition to the products would become their starting
+        # accumulator, worked out in another register layout and converted through shared memory.
         if ROWS_FIRST:
-            ll += sq_norm[:, None] * quad[None, :]
+            ll = tl.fma(sq_norm[:, None], quad[None, :], ll)
         else:
-            ll += quad[:, None] * sq_norm[None, :]
+            ll = tl.fma(quad[:, None], sq_norm[None, :], ll)
     if ROWS_FIRST:
         return ll + const[None, :]
     else:
