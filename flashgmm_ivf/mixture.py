@@ -475,7 +475,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             queued, ahead = ahead, None
             *tensors, read = queued[1] if queued is not None and queued[0] is state else run(*state)
             state_out = EMState(*tensors)
-            if more and isinstance(run, GraphedStep):
+            if more and run is not step:  # replayed
                 numbers = read.to("cpu", non_blocking=True)
                 copied = torch.cuda.Event() if read.is_cuda else None
                 if copied is not None:

@@ -24,31 +24,38 @@ from .truncated_select import load_rows
 PIECE = 4096
 
 
+# Probes of each step of a search: a step narrows the range 17-fold, so 3.4M sorted keys take 6
+# dependent reads where a binary search takes 22.
+FANOUT = 16
+
+
 @triton.jit
-def _lower_bound(sorted_ptr, n, values, n_steps):
-    """For each of ``values``, how many of the n sorted entries are below it (a binary search of
-    ``n_steps`` >= bit length of n steps)."""
+def _lower_bound(sorted_ptr, n, values, n_steps, FANOUT: tl.constexpr):
+    """For each of ``values`` (1-D), how many of the n sorted entries are below it: a search of
+    ``n_steps`` (``_steps``) steps, each reading FANOUT evenly spaced entries of the range left."""
     lo = tl.zeros(values.shape, dtype=tl.int64)
     hi = lo + n
+    at = tl.arange(1, FANOUT + 1)
     for _ in range(n_steps):
-        live = lo < hi
-        mid = (lo + hi) // 2
-        below = live & (tl.load(sorted_ptr + mid, mask=live, other=0) < values)
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(live & ~below, mid, hi)
+        probe = lo[:, None] + ((hi - lo)[:, None] * at[None, :]) // (FANOUT + 1)
+        live = probe < hi[:, None]
+        below = live & (tl.load(sorted_ptr + probe, mask=live, other=0) < values[:, None])
+        # Sorted entries: the probes below the value come first.
+        lo = tl.max(tl.where(below, probe + 1, lo[:, None]), axis=1)
+        hi = tl.min(tl.where(live & ~below, probe, hi[:, None]), axis=1)
     return lo
 
 
 @triton.jit
 def piece_layout_kernel(keys_ptr, n_keys, start_ptr, count_ptr, n_comps, n_steps, PIECE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, FANOUT: tl.constexpr):
     """Where each component's segment of the sorted keys starts (components 0..K+1, K's segment
     the skipped triples') and how many pieces it takes, at least one (components below K), written
     one place on so that a cumulative sum gives each component's first piece."""
     comps = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = comps < n_comps + 2
-    start = _lower_bound(keys_ptr, n_keys, comps, n_steps)
-    length = _lower_bound(keys_ptr, n_keys, comps + 1, n_steps) - start
+    start = _lower_bound(keys_ptr, n_keys, comps, n_steps, FANOUT)
+    length = _lower_bound(keys_ptr, n_keys, comps + 1, n_steps, FANOUT) - start
     pieces = tl.where(comps < n_comps, tl.maximum((length + PIECE - 1) // PIECE, 1), 0)
     tl.store(start_ptr + comps, start, mask=mask)
     tl.store(count_ptr + comps + 1, pieces, mask=comps < n_comps + 1)
@@ -70,7 +77,8 @@ def _triples(order_ptr, row_ptr, resp_ptr, e0, last, BLOCK_E: tl.constexpr):
 @triton.jit
 def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, order_ptr, start_ptr, piece_first_ptr,
                        part_ptr, width, n_cols, n_comps, n_steps,
-                       DIAGONAL: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                       DIAGONAL: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                       FANOUT: tl.constexpr):
     """Partial sums of one piece (program axis 0) and D tile (axis 1), written to the piece's row
     of ``part``: N_k, then S1's D columns, then S2's D (diag) or one per D tile (spherical)."""
     piece = tl.program_id(0)
@@ -78,8 +86,8 @@ def piece_stats_kernel(x_ptr, stride_x, shift_ptr, row_ptr, resp_ptr, order_ptr,
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     # The piece's component: how many components' pieces end at or before it (pieces past the
     # last component's belong to component K, whose segment is skipped).
-    comp = tl.sum(_lower_bound(piece_first_ptr + 1, n_comps, tl.zeros([1], dtype=tl.int64) + piece + 1, n_steps),
-                  axis=0)
+    comp = tl.sum(_lower_bound(piece_first_ptr + 1, n_comps, tl.zeros([1], dtype=tl.int64) + piece + 1, n_steps,
+                               FANOUT), axis=0)
     first = tl.load(start_ptr + comp) + (piece - tl.load(piece_first_ptr + comp)) * PIECE
     # Component K's entries (pairs that stand for none) are never read.
     last = tl.where(comp < n_comps, tl.minimum(first + PIECE, tl.load(start_ptr + comp + 1)), first)
@@ -127,8 +135,12 @@ def piece_sum_kernel(part_ptr, piece_first_ptr, out_ptr, width, BLOCK: tl.conste
 
 
 def _steps(n: int) -> int:
-    """Steps of a binary search over n sorted entries."""
-    return max(1, n.bit_length())
+    """Steps of ``_lower_bound`` over n sorted entries: each leaves at most 1 / (FANOUT + 1) of
+    the range (rounded down) to search."""
+    steps = 1
+    while n := n // (FANOUT + 1):
+        steps += 1
+    return steps
 
 
 def _sum_pieces(partials, piece_first, n_comps):
@@ -193,9 +205,11 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, bl
     # launches that the GPU waited for.
     start = torch.empty(n_comps + 2, dtype=torch.int64, device=x.device)
     counts = torch.empty(n_comps + 2, dtype=torch.int64, device=x.device)
-    layout = 1024
+    # Small programs: each value's search holds FANOUT probes.
+    layout = 64
     piece_layout_kernel[(triton.cdiv(n_comps + 2, layout),)](
-        keys, len(keys), start, counts, n_comps, _steps(len(keys)), PIECE=PIECE, BLOCK=layout)
+        keys, len(keys), start, counts, n_comps, _steps(len(keys)), PIECE=PIECE, BLOCK=layout,
+        FANOUT=FANOUT)
     piece_first = torch.cumsum(counts, 0)
     n_pieces = n_comps + len(comps) // PIECE
     block_d = min(block_d, triton.next_power_of_2(d))
@@ -205,7 +219,7 @@ def pair_stats(x, shift, rows, comps, resp, n_comps, diagonal, *, block_e=32, bl
     partials = torch.empty(n_pieces, width, dtype=torch.float64, device=x.device)
     piece_stats_kernel[(n_pieces, d_tiles)](
         x, x.stride(0), shift, rows, resp, order, start, piece_first, partials, width, d, n_comps, _steps(n_comps),
-        DIAGONAL=diagonal, PIECE=PIECE, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
+        DIAGONAL=diagonal, PIECE=PIECE, BLOCK_E=block_e, BLOCK_D=block_d, FANOUT=FANOUT, num_warps=num_warps)
     total = _sum_pieces(partials, piece_first, n_comps)
     nk, s1, s2 = total[:, 0], total[:, 1:1 + d], total[:, 1 + d:]
     return nk, s1, s2 if diagonal else s2.sum(1)

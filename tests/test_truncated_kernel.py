@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import triton
 from flashgmm_ivf.kernels import truncated
 from test_kernels import make_rows, random_mixture, relative_error
 
@@ -126,6 +127,29 @@ def test_pair_stats_spread_long_segments_over_pieces(diagonal, poisoned_empty, m
     again = truncated_stats.pair_stats(*(t.to(DEVICE) for t in (x, shift, *spaced)), k, diagonal)
     for name, g, a in zip(("nk", "s1", "s2"), got, again):
         assert torch.equal(g, a), name
+
+
+def test_piece_layout_finds_every_segment_of_many_sorted_keys():
+    """The layout's searches (several steps of FANOUT probes) give each component's segment start and
+    piece count as a sorted search does: runs of every length, absent components, component K's run."""
+    from flashgmm_ivf.kernels import truncated_stats
+    gen = torch.Generator().manual_seed(5)
+    k, piece = 300, 16
+    lengths = torch.randint(0, 40, (k + 1,), generator=gen)
+    lengths[::7] = 0  # absent components
+    lengths[5] = 3 * piece  # exactly three pieces
+    keys = torch.repeat_interleave(torch.arange(k + 1, dtype=torch.int16), lengths)
+    assert truncated_stats._steps(len(keys)) >= 3
+    start = torch.empty(k + 2, dtype=torch.int64, device=DEVICE)
+    counts = torch.empty(k + 2, dtype=torch.int64, device=DEVICE)
+    truncated_stats.piece_layout_kernel[(triton.cdiv(k + 2, 64),)](
+        keys.to(DEVICE), len(keys), start, counts, k, truncated_stats._steps(len(keys)), PIECE=piece, BLOCK=64,
+        FANOUT=truncated_stats.FANOUT)
+    start, counts = start.cpu(), counts.cpu()
+    want = torch.searchsorted(keys.long(), torch.arange(k + 2))
+    assert torch.equal(start, want)
+    pieces = ((lengths[:k] + piece - 1) // piece).clamp_min(1)
+    assert torch.equal(counts, torch.cat([torch.zeros(1, dtype=torch.int64), pieces, torch.zeros(1, dtype=torch.int64)]))
 
 
 def test_rows_in_any_order_and_uint8_equal_float32_input():
