@@ -56,7 +56,7 @@ MARGIN_NATS = 30.0
 CAPACITY = {"diag": 64, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
 # (8 bytes a slot); 768 MB holds 1.2M diag or 700K spherical rows at K = 1024, and two sub-blocks
-# exist at once. Each sub-block's count of kept pairs is read on the host while the GPU works on
+# exist at once (a static E-step holds one, of twice the bytes). Each sub-block's count of kept pairs is read on the host while the GPU works on
 # the next one, yet fewer, larger sub-blocks cost less, up to 768 MB (H100, N = 1M, K = 1024, D = 128,
 # ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
 # eval/results/profile_candidates_h100.json).
@@ -117,9 +117,10 @@ def _joined(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _sub_block_rows(capacity: int, n_comps: int) -> int:
-    """Rows of one sub-block: ``SUB_BLOCK_BYTES`` of marks and candidate slots."""
-    return max(1, SUB_BLOCK_BYTES // (8 * capacity + 4 * n_words(n_comps)))
+def _sub_block_rows(capacity: int, n_comps: int, sub_blocks_held: int = 2) -> int:
+    """Rows of one sub-block, where ``sub_blocks_held`` exist at once: their marks and candidate
+    slots take ``2 * SUB_BLOCK_BYTES``."""
+    return max(1, 2 * SUB_BLOCK_BYTES // (sub_blocks_held * (8 * capacity + 4 * n_words(n_comps))))
 
 
 def overflow_room(n_comps: int) -> int:
@@ -223,7 +224,10 @@ def _static_estep(x, centred, shift, diagonal, search, hints, capacity, margin):
                torch.full((room,), n_comps, dtype=torch.int32, device=device),
                torch.zeros(room, dtype=torch.float32, device=device))
     n_kept = torch.zeros((), dtype=torch.int64, device=device)
-    sub_block = _sub_block_rows(capacity, n_comps)
+    # One sub-block exists at a time (none waits for a host read), so each may take the bytes of
+    # the two a host-sized E-step holds: N = 1M spherical rows at K = 1024 then take one launch of
+    # each pass, not two.
+    sub_block = _sub_block_rows(capacity, n_comps, sub_blocks_held=1)
     for start in range(0, n, sub_block):
         part = x[start:start + sub_block]
         end = start + len(part)

@@ -370,7 +370,8 @@ def test_static_estep_matches_float64_and_counts_what_its_sizes_leave_out(diagon
     (``kernels.overflow_rows``), in sub-blocks of 16 rows: statistics, log Z and every row's best (overflowed
     rows' too) are float64's, and nothing is short. Fewer pair slots or overflowed rows than needed
     are counted in ``hints.short``, one for one."""
-    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_BYTES", 16 * (8 * 8 + 4))  # capacity 8, one word: 16 rows
+    # Capacity 8, one word: host-sized sub-blocks of 8 rows, static ones (one held at a time) of 16.
+    monkeypatch.setattr(exact_candidates, "SUB_BLOCK_BYTES", 8 * (8 * 8 + 4))
     n, d, k = 97, 9, 13
     x, params, shift = mixture(n, d, k, "standardised", diagonal)
     ref = kernels.reference.estep(x.double(), params, shift)
