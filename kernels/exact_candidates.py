@@ -56,10 +56,10 @@ MARGIN_NATS = 30.0
 CAPACITY = {"diag": 64, "spherical": 128}
 # Bytes of one sub-block of rows: its marks (4 bytes per 32 components), slots and responsibilities
 # (8 bytes a slot); 768 MB holds 1.2M diag or 700K spherical rows at K = 1024, and two sub-blocks
-# exist at once (a static E-step holds one, of twice the bytes). Each sub-block's count of kept pairs is read on the host while the GPU works on
-# the next one, yet fewer, larger sub-blocks cost less, up to 768 MB (H100, N = 1M, K = 1024, D = 128,
-# ms per EM iteration at 384, 768 and 1536 MB: diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21;
-# eval/results/profile_candidates_h100.json).
+# exist at once (a static E-step holds one, of twice the bytes). Each sub-block's count of kept
+# pairs is read on the host while the GPU works on the next one, yet fewer, larger sub-blocks cost
+# less, up to 768 MB (H100, N = 1M, K = 1024, D = 128, ms per EM iteration at 384, 768 and 1536 MB:
+# diag 8.01, 7.18, 7.14; spherical 5.56, 5.39, 6.21; eval/results/profile_candidates_h100.json).
 SUB_BLOCK_BYTES = 3 << 28
 # A captured E-step keeps room for the triples of this many (overflowed row, component) pairs at
 # most (``kernels.overflow_rows``): the statistics pass sorts the whole room, used or not, with the
