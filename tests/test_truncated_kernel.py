@@ -149,7 +149,8 @@ def test_piece_layout_finds_every_segment_of_many_sorted_keys():
     want = torch.searchsorted(keys.long(), torch.arange(k + 2))
     assert torch.equal(start, want)
     pieces = ((lengths[:k] + piece - 1) // piece).clamp_min(1)
-    assert torch.equal(counts, torch.cat([torch.zeros(1, dtype=torch.int64), pieces, torch.zeros(1, dtype=torch.int64)]))
+    none = torch.zeros(1, dtype=torch.int64)
+    assert torch.equal(counts, torch.cat([none, pieces, none]))
 
 
 def test_rows_in_any_order_and_uint8_equal_float32_input():
