@@ -5,7 +5,7 @@ variances a quarter of the data's) runs on the first ``--n`` base rows of a data
 standardised per feature. At some iterations, on the first ``--sample`` of those rows, the
 search's rule (``kernels.exact_candidates``) is replayed on float64 log-densities with what the
 candidate pass's upper bound adds to them (``kernels.candidates``: diag (1 - c) Q + eps C_k,
-spherical (1 - c') Q + eps' ||x~|| ||lin~||, from ``candidates.fold_factors``):
+spherical (1 - c') Q + eps' ||x~|| ||lin~|| + g_b |const|, from ``candidates.fold_factors``):
 
 * ``stored``: slots the pass fills: components whose upper bound reaches the row's threshold,
   the exact log-density of its best component less the margin (the slots the exact pass
@@ -37,14 +37,15 @@ from flashgmm_ivf._mstep import FLOAT32_RELATIVE_FLOOR, m_step
 def error_bound(xc, split):
     """(n, K) float64: what the candidate pass's upper bound adds to the log-density
     (``kernels.candidates``), for centred rows ``xc``."""
-    c, eps = fold_factors(xc.shape[1], split.diagonal)
+    c, eps, slack = fold_factors(xc.shape[1], split.diagonal)
     lin = split.lin.float().to(torch.bfloat16).double()
     if split.diagonal:
         quad = (1 - c) * (xc * xc) @ split.quad.abs().T
         return quad + eps * linear_bound(lin, split.quad).sum(1)[None, :]
     xb = xc.float().to(torch.bfloat16).double()
     quad = (1 - c) * (xc * xc).sum(1)[:, None] * split.quad.abs()[None, :]
-    return quad + eps * xb.norm(dim=1)[:, None] * lin.norm(dim=1)[None, :]
+    const = torch.where(torch.isfinite(split.const), split.const.abs(), 0.0)
+    return quad + eps * xb.norm(dim=1)[:, None] * lin.norm(dim=1)[None, :] + slack * const[None, :]
 
 
 def replay(xs, params, shift, capacity, margin):

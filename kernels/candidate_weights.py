@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import SearchWeights, fold_factors, search_weights
+from .candidates import BOUND_COLUMNS, SearchWeights, fold_factors, search_weights
 from .exact_candidates import centred_params
 from .params import KernelWeights, NaturalParams, kernel_weights, split_offset
-from .tile import round_bf16, split_dtype
+from .tile import round_bf16, round_bf16_directed, split_dtype
 
 
 class CandidateWeights(NamedTuple):
@@ -67,7 +67,7 @@ def _rounded_up(v):
 
 @triton.jit
 def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, quad_out, const_out, s_quad_out,
-                             lin_quad_out, bias_out, norm_out, mean_out, prec_out, centred_const_out, n_cols, fold, eps,
+                             lin_quad_out, bound_out, mean_out, prec_out, centred_const_out, n_cols, fold, eps, slack,
                              DIAGONAL: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     comp = tl.program_id(0)
     row = comp.to(tl.int64) * n_cols
@@ -108,13 +108,25 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
     tl.store(const_out + comp, const.to(tl.float32))
     tl.store(centred_const_out + comp, (const + 0.5 * tl.sum(maha, axis=0)).to(tl.float32))
     if DIAGONAL:
-        tl.store(bias_out + comp, _rounded_up(const + eps * tl.sum(bound, axis=0)))
+        tl.store(bound_out + comp, _rounded_up(const + eps * tl.sum(bound, axis=0)))
     else:
         tl.store(quad_out + comp, quad_s.to(tl.float32))
-        tl.store(s_quad_out + comp, (fold * quad_s).to(tl.float32))
         tl.store(prec_out + comp, prec_s.to(tl.float32))
-        tl.store(bias_out + comp, _rounded_up(const))
-        tl.store(norm_out + comp, _rounded_up(tl.sqrt(tl.sum(bound, axis=0))))
+        # ``candidates.bound_columns``
+        q = (fold * quad_s).to(tl.float32)
+        q1 = round_bf16(q)
+        # Infinities (weight 0) are kept, -inf as b1 + 0; the finite values alone meet arithmetic.
+        bias = tl.where(tl.abs(const) < float("inf"), const, 0.0)
+        bias = _rounded_up(tl.where(tl.abs(const) < float("inf"), bias + slack * tl.abs(bias), const))
+        finite = tl.where(tl.abs(bias) < float("inf"), bias, 0.0)
+        b1 = tl.where(tl.abs(bias) < float("inf"), round_bf16(finite), bias)
+        b2 = round_bf16_directed(finite - round_bf16(finite), True)
+        norm = _rounded_up(tl.sqrt(tl.sum(bound, axis=0)))
+        w = round_bf16_directed(_rounded_up(eps * norm.to(tl.float64)), True)
+        j = tl.arange(0, 16)
+        q_j = tl.where(j % 2 == 0, q1, round_bf16_directed(q - q1, True))
+        terms = tl.where(j < 4, q_j, tl.where(j == 4, b1, tl.where(j == 5, b2, tl.where(j == 6, w, 0.0))))
+        tl.store(bound_out + comp.to(tl.int64) * 16 + j, terms.to(SPLIT_DTYPE))
 
 
 def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
@@ -128,20 +140,23 @@ def candidate_weights(params: NaturalParams, device) -> CandidateWeights:
     f32 = dict(dtype=torch.float32, device=device)
     lin_hi = torch.empty(k, d, dtype=piece, device=device)
     quad_hi = torch.empty(k, d, dtype=piece, device=device) if diagonal else torch.empty(k, **f32)
-    s_quad = torch.empty_like(quad_hi)
+    s_quad = torch.empty_like(quad_hi) if diagonal else None
     lin_quad = torch.empty(k, 2 * d, dtype=piece, device=device) if diagonal else None
-    bias, norm = torch.empty(k, **f32), None if diagonal else torch.empty(k, **f32)
+    bound = torch.empty(k, **f32) if diagonal else torch.empty(k, BOUND_COLUMNS, dtype=piece, device=device)
     means, prec = torch.empty(k, d, **f32), torch.empty(quad_hi.shape, **f32)
     kconst, cconst = torch.empty(k, **f32), torch.empty(k, **f32)
     offset = torch.empty((), dtype=torch.float64, device=device)
-    fold, eps = fold_factors(d, diagonal)
+    fold, eps, slack = fold_factors(d, diagonal)
     offset_kernel[(1,)](const, offset, k, BLOCK=min(1024, triton.next_power_of_2(k)))
-    candidate_weights_kernel[(k,)](lin, quad, const, offset, lin_hi, quad_hi, kconst, s_quad,
-                                   s_quad if lin_quad is None else lin_quad, bias,
-                                   bias if norm is None else norm, means, prec, cconst, d, fold, eps,
+    candidate_weights_kernel[(k,)](lin, quad, const, offset, lin_hi, quad_hi, kconst,
+                                   bound if s_quad is None else s_quad, bound if lin_quad is None else lin_quad,
+                                   bound, means, prec, cconst, d, fold, eps, slack,
                                    DIAGONAL=diagonal, BLOCK_D=min(256, triton.next_power_of_2(d)), SPLIT_DTYPE=dtype)
     weights = KernelWeights(lin_hi, lin_hi, quad_hi, quad_hi, kconst)
-    search = SearchWeights(lin_hi, s_quad, bias, norm, 0.0 if diagonal else eps, lin_quad)
+    if diagonal:
+        search = SearchWeights(lin_hi, s_quad, bound, lin_quad)
+    else:
+        search = SearchWeights(lin_hi, columns=bound)
     return CandidateWeights(weights, search, (means, prec, cconst), offset)
 
 

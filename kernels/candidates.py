@@ -4,8 +4,8 @@ One program owns BLOCK_N rows, loaded and split once (a row fits one feature til
 wider rows take ``kernels.candidates_wide``), and streams over all K components in (BLOCK_N, BLOCK_K)
 tiles. Each tile yields, for every (row, component), a proven upper bound U_nk of the exact
 log-density l_nk = const_k + lin_k . x_n + quad_k . x_n^2 (quad = -1/2 the precisions) from one
-float32 accumulator of bfloat16 products and one addition: the rounding error's bound is folded into
-the weights (``search_weights``), so the pass costs what the products cost.
+float32 accumulator of bfloat16 products (diag: and one addition): the rounding error's bound is
+folded into the weights (``search_weights``), so the pass costs what the products cost.
 
 Diag. Rounding to bfloat16 (u = 2^-8, with room for rounding float64 through float32) gives
 x~ = bf16(x), xx~ = bf16(x^2), lin~ = bf16(lin) and q~ = bf16(c quad) for a factor c < 1, and
@@ -25,19 +25,33 @@ models is 5.9-57.5 nats at a row's best component (float64 replay across EM,
 ``eval/results/check_candidates_diag_sift_cpu.json``), where a norm (Cauchy-Schwarz) bound is
 tens of nats looser (variances differ by orders of magnitude between features).
 
-Spherical. One product, P = lin~ . x~, and the |x|^2 term in float32:
+Spherical. One product, P = lin~ . x~, and the rest of the bound as sixteen more columns of it
+(one bfloat16 product step), so a tile's bound is its product and nothing after it:
 
-    U_nk = P_nk + q'_k |x_n|^2 + eps' ||x~_n|| w_k + b_k,   q' = quad (1 - g' - 2^-20), w_k = ||lin~_k||,
+    U_nk = P_nk + (s1 + s2)(q1 + q2) + (b1 + b2) + r~ w~    (one float32 accumulator)
 
-where |lin~ . x~ - lin . x| <= (a + g') ||lin~|| ||x~|| (g' = gamma_D), the float32 |x|^2 is within
-g' of the exact one and q' gives that up (plus the rounding of the two fused multiply-adds
-that carry Q), and eps' also covers the norms' float32 rounding and those additions' share of
-|P| (``fold_factors``). A spherical model's linear weights are its means times one precision:
-the norm bound stays within a few nats (float64 replay on real SIFT rows across EM, K = 1024:
-1.3-4.0 nats at the row's best component, ``eval/results/check_candidates_spherical_sift_cpu.json``).
+row side [s1, s1, s2, s2, 1, 1, r~, 0 ...], component side [q1, q2, q1, q2, b1, b2, w~, 0 ...]
+(``bound_rows``, ``SearchWeights.columns``): s1 = bf16(s) and s2 = bf16(s - s1) rounded down, s the
+float32 |x|^2 (s - s1 is exact, so s1 + s2 <= s); q1 = bf16(q') and q2 = bf16(q' - q1) rounded
+up, q' = c quad in float32 (so q1 + q2 >= q'); b1 + b2 >= b likewise; r~ and w~ rounded up from
+||x~|| and eps' ||lin~||. Every product of bfloat16 values is exact in float32, and with s >= 0 and
+q' <= 0, (s1 + s2)(q1 + q2) >= q' s. The accumulator sums D + 16 products, within
+g = gamma_{D+16} of their sizes: ||lin~|| ||x~|| (Cauchy-Schwarz), (1 + 2^-5) |q' s|, (1 + 2^-6) |b|
+and the last term's own. So the three parts pay for it separately: the norm term
+eps' ||x~|| ||lin~|| with eps' = (a + g) / (1 - g) (and the norm's float32 rounding) covers
+|lin~ . x~ - lin . x| <= a ||lin~|| ||x~|| and the products' share; c = 1 / ((1 + g')(1 + g (1 + 2^-5)))
+makes q' s (1 + g (1 + 2^-5)) >= quad |x|^2, the float32 |x|^2 being within g' = gamma_D of the exact
+one; and b = const + g_b |const| rounded up, g_b = g (1 + 2^-6) / (1 - g (1 + 2^-6)), covers the
+constant's share (``fold_factors``). Compiled for sm_90 at (128, 128) tiles with 4 warps, the
+epilogue this replaces (two rank-one fused multiply-adds and the constant's addition) was 384 of a
+step's 1,021 instructions per thread; the extra columns add one product step to the eight of D = 128.
+A spherical model's linear weights are its means times one precision: the norm
+bound stays within a few nats (float64 replay on real SIFT rows across EM, K = 1024: 1.3-4.0 nats at
+the row's best component, ``eval/results/check_candidates_spherical_sift_cpu.json``).
 
-Rounding is monotonic, so the last addition needs no slack: if l_nk reaches a float32 floor, so
-does the float32 U_nk. b_k is rounded up from float64, -inf for components of weight 0.
+Diag: rounding is monotonic, so the last addition needs no slack: if l_nk reaches a float32 floor,
+so does the float32 U_nk. b_k is rounded up from float64, -inf for components of weight 0 (spherical:
+b1 = -inf, b2 = 0).
 
 Each row comes with a floor (``exact_candidates``: the exact log-density of one component, less
 the margin), and a component is marked when U_nk reaches it: nothing whose exact log-density is
@@ -58,11 +72,13 @@ import triton
 import triton.language as tl
 
 from .exact_log_prob import exact_log_prob
-from .tile import split, split_dtype
+from .tile import round_bf16, round_bf16_directed, split, split_dtype
 from .truncated_select import load_rows
 
 # bfloat16 unit round-off, with room for rounding float64 through float32 on the way.
 _U = 2.0 ** -8 + 2.0 ** -22
+# The spherical bound's columns: one bfloat16 product step (the kernels spell it out as 16).
+BOUND_COLUMNS = 16
 
 
 def _gamma(n_terms: int) -> float:
@@ -71,45 +87,48 @@ def _gamma(n_terms: int) -> float:
     return t / (1 - t)
 
 
-def fold_factors(n_features: int, diagonal: bool) -> tuple[float, float]:
-    """(c, eps) of the module docstring: diag, the quad weights' factor c and C_k's factor eps;
-    spherical, the quad factor 1 - g' - 2^-20 and eps', the factor of ||x~|| ||lin~||. Both with
-    room for their rounding to float32 (Triton passes Python floats as float32 scalars)."""
+def fold_factors(n_features: int, diagonal: bool) -> tuple[float, float, float]:
+    """(c, eps, g_b) of the module docstring: diag, the quad weights' factor c and C_k's factor eps
+    (g_b = 0: b_k is added after the sums); spherical, the quad factor c, eps' (the factor of
+    ||x~|| ||lin~||) and the constant's factor g_b. Each with room for its rounding to float32
+    (Triton passes Python floats as float32 scalars)."""
     a = (2 * _U + _U * _U) / (1 - _U) ** 2
     if diagonal:
         g = _gamma(2 * n_features)
-        c, eps = (1 - (a + g) * (1 + _U) ** 2) / ((1 + _U) ** 2 * (1 + g)), a + g
+        c, eps, slack = (1 - (a + g) * (1 + _U) ** 2) / ((1 + _U) ** 2 * (1 + g)), a + g, 0.0
     else:
-        g = _gamma(n_features)
-        # The float32 norm of x~ may fall short by the rounding of D squares, their sum, the square
-        # root and its product with eps'.
-        c, eps = 1 - g - 2.0 ** -20, (a + g + 2.0 ** -21) / (1 - (n_features + 8) * 2.0 ** -24)
-    return c * (1 - 2.0 ** -22), eps * (1 + 2.0 ** -22)
+        g, g_sq = _gamma(n_features + BOUND_COLUMNS), _gamma(n_features)
+        c = 1 / ((1 + g_sq) * (1 + g * (1 + 2.0 ** -5)))
+        # The float32 norm of x~ may fall short by the rounding of D squares, their sum and the
+        # square root.
+        eps = (a + g) / ((1 - g) * (1 - (n_features + 8) * 2.0 ** -24))
+        slack = g * (1 + 2.0 ** -6) / (1 - g * (1 + 2.0 ** -6))
+    return c * (1 - 2.0 ** -22), eps * (1 + 2.0 ** -22), slack * (1 + 2.0 ** -22)
 
 
 class SearchWeights(NamedTuple):
-    """The candidate pass's operands (module docstring).
+    """The candidate pass's operands (module docstring); bfloat16 values, float32 under the
+    interpreter, unless said otherwise.
 
     Attributes
     ----------
-    lin : (K, D) Tensor, lin~ (bfloat16 values; float32 under the interpreter)
-    quad : (K, D) Tensor of q~ = bf16(c quad) like ``lin`` (diag), or (K,) float32 q' (spherical)
-    bias : (K,) float32 Tensor, b_k rounded up (-inf for components of weight 0)
-    norm : (K,) float32 Tensor, ||lin~_k|| rounded up (spherical), None (diag)
-    eps : float, eps' (spherical), 0 (diag: folded into ``bias``)
-    lin_quad : (K, 2 D) Tensor [lin~ | q~] (diag), None (spherical): the fused pass's one operand
+    lin : (K, D) Tensor, lin~
+    quad : (K, D) Tensor of q~ = bf16(c quad) (diag), None (spherical)
+    bias : (K,) float32 Tensor, b_k rounded up, -inf for components of weight 0 (diag), None
+    lin_quad : (K, 2 D) Tensor [lin~ | q~] (diag), None: the fused pass's one operand
+    columns : (K, 16) Tensor, the component side of the bound's columns
+        [q1, q2, q1, q2, b1, b2, w~, 0 ...] (spherical), None
     """
 
     lin: torch.Tensor
-    quad: torch.Tensor
-    bias: torch.Tensor
-    norm: torch.Tensor | None
-    eps: float
+    quad: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     lin_quad: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
 
     @property
     def diagonal(self) -> bool:
-        return self.quad.dim() == 2
+        return self.columns is None
 
     @property
     def n_comps(self) -> int:
@@ -119,6 +138,46 @@ class SearchWeights(NamedTuple):
 def _rounded_up(t: torch.Tensor) -> torch.Tensor:
     """float32 values >= the float64 ones (infinities kept)."""
     return torch.where(torch.isfinite(t), t + 2.0 ** -23 * t.abs(), t).float()
+
+
+def bf16_values(t: torch.Tensor, direction: int = 0) -> torch.Tensor:
+    """bfloat16 values of a float32 tensor, kept in float32, by bits as ``tile.round_bf16`` (0:
+    nearest, ties away from zero) and ``tile.round_bf16_directed`` (1: up, -1: down)."""
+    bits = t.float().view(torch.int32)
+    if direction == 0:
+        bits = bits + 0x8000
+    else:
+        away = bits > 0 if direction > 0 else bits < 0
+        bits = torch.where(away, bits + 0xFFFF, bits)
+    return (bits & -65536).view(torch.float32)
+
+
+def bound_columns(quad, const, norm, c, eps, slack):
+    """(K, 16) float32: ``SearchWeights.columns`` (bfloat16 values) of a spherical model's float64
+    ``quad`` and ``const`` (K,) and its ||lin~|| (K,) rounded up to float32."""
+    q = (c * quad).float()
+    q1 = bf16_values(q)
+    bias = _rounded_up(torch.where(torch.isfinite(const), const + slack * const.abs(), const))
+    b1 = bf16_values(bias)
+    b2 = torch.where(torch.isfinite(bias), bf16_values(bias - b1, 1), 0.0)
+    terms = [q1, bf16_values(q - q1, 1), b1, b2, bf16_values(_rounded_up(eps * norm.double()), 1)]
+    columns = torch.zeros(len(q), BOUND_COLUMNS, dtype=torch.float32, device=q.device)
+    columns[:, :7] = torch.stack([terms[i] for i in (0, 1, 0, 1, 2, 3, 4)], 1)
+    return columns
+
+
+def bound_rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """(n, 16) float32: ``bound_rows`` of centred rows ``x`` (n, D) by torch: the row side of the
+    spherical bound's columns (bfloat16 values), from the float32 |x|^2 and ||x~||."""
+    x = x.float()
+    xb = bf16_values(x)
+    sq, norm = (x * x).sum(1), (xb * xb).sum(1).sqrt()
+    s1 = bf16_values(sq)
+    s2, one = bf16_values(sq - s1, -1), torch.ones_like(sq)
+    terms = [s1, s1, s2, s2, one, one, bf16_values(norm, 1)]
+    out = torch.zeros(len(x), BOUND_COLUMNS, dtype=torch.float32, device=x.device)
+    out[:, :7] = torch.stack(terms, 1)
+    return out
 
 
 def linear_bound(lin, quad):
@@ -132,15 +191,15 @@ def search_weights(params, device) -> SearchWeights:
     fuses this with the E-step's other weights)."""
     lin, quad, const = (t.to(device=device, dtype=torch.float64) for t in (params.lin, params.quad, params.const))
     diagonal = quad.dim() == 2
-    c, eps = fold_factors(lin.shape[1], diagonal)
+    c, eps, slack = fold_factors(lin.shape[1], diagonal)
     piece = torch.bfloat16 if split_dtype(lin.device) == tl.bfloat16 else torch.float32
     lin_t = lin.float().to(torch.bfloat16).double()
     if diagonal:
         bias = const + eps * linear_bound(lin_t, quad).sum(1)
         lin_t, quad_t = lin_t.to(piece), (c * quad).float().to(torch.bfloat16).to(piece)
-        return SearchWeights(lin_t, quad_t, _rounded_up(bias), None, 0.0, torch.cat([lin_t, quad_t], 1))
-    return SearchWeights(lin_t.to(piece), (c * quad).float(), _rounded_up(const),
-                         _rounded_up(torch.linalg.vector_norm(lin_t, dim=1)), eps)
+        return SearchWeights(lin_t, quad_t, _rounded_up(bias), torch.cat([lin_t, quad_t], 1))
+    norm = _rounded_up(torch.linalg.vector_norm(lin_t, dim=1))
+    return SearchWeights(lin_t.to(piece), columns=bound_columns(quad, const, norm, c, eps, slack).to(piece))
 
 
 def check_block_k(block_k: int) -> None:
@@ -163,24 +222,37 @@ def product(acc, x, w_ptr, comps, comp_mask, cols, col_mask, row_stride, EVEN: t
 
 
 @triton.jit
-def upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_mask, DIAGONAL: tl.constexpr):
-    """U of the module docstring from a (BLOCK_N, BLOCK_K) tile of products: + b_k (diag);
-    + q'_k |x_n|^2 + eps' ||x~_n|| w_k + b_k (spherical); -inf for padded components."""
-    bias = tl.load(bias_ptr + comps, mask=comp_mask, other=float("-inf"))
-    if not DIAGONAL:
-        quad = tl.load(quad_ptr + comps, mask=comp_mask, other=0.0)
-        norm = tl.load(norm_ptr + comps, mask=comp_mask, other=0.0)
-        # Fused multiply-adds on the product: an addition to it would become the product's
-        # starting accumulator, worked out in another register layout and converted to the
-        # product's through shared memory, two (BLOCK_N, BLOCK_K) tiles a step.
-        acc = tl.fma(sq[:, None], quad[None, :], acc)
-        acc = tl.fma((eps * x_norm)[:, None], norm[None, :], acc)
-    return acc + bias[None, :]
+def bound_rows(sq, x_norm, SPLIT_DTYPE: tl.constexpr):
+    """(BLOCK_N, 16): the row side of the spherical bound's columns, [s1, s1, s2, s2, 1, 1, r~, 0 ...]
+    from each row's float32 |x|^2 and ||x~|| (module docstring)."""
+    s1 = round_bf16(sq)
+    s2 = round_bf16_directed(sq - s1, False)
+    r = round_bf16_directed(x_norm, True)
+    j = tl.arange(0, 16)[None, :]
+    terms = tl.where(j < 2, s1[:, None], tl.where(j < 4, s2[:, None], tl.where(j == 6, r[:, None], 0.0)))
+    return tl.where((j == 4) | (j == 5), 1.0, terms).to(SPLIT_DTYPE)
 
 
 @triton.jit
-def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, norm_ptr, mean_ptr, prec_ptr,
-                      const_ptr, hint_ptr, margin, mark_ptr, n_rows, n_comps, n_cols, n_words, eps,
+def upper_bound(acc, row_terms, bound_ptr, comps, comp_mask, DIAGONAL: tl.constexpr, EVEN_K: tl.constexpr):
+    """U of the module docstring from a (BLOCK_N, BLOCK_K) tile of products, -inf for padded
+    components: diag + b_k (``bound_ptr``: ``SearchWeights.bias``); spherical, the product of
+    ``row_terms`` (``bound_rows``) and the components' columns (``SearchWeights.columns``) added to
+    the same accumulator. EVEN_K: no padded components."""
+    if DIAGONAL:
+        bias = tl.load(bound_ptr + comps, mask=comp_mask, other=float("-inf"))
+        acc = acc + bias[None, :]
+    else:
+        cols = tl.arange(0, 16)
+        acc = product(acc, row_terms, bound_ptr, comps, comp_mask, cols, cols < 16, 16, EVEN_K)
+        if not EVEN_K:
+            acc = tl.where(comp_mask[None, :], acc, float("-inf"))
+    return acc
+
+
+@triton.jit
+def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, bound_ptr, mean_ptr, prec_ptr, const_ptr,
+                      hint_ptr, margin, mark_ptr, n_rows, n_comps, n_cols, n_words,
                       DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                       EVEN: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,9 +269,8 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, nor
                            n_cols, DIAGONAL, True, BLOCK_D) - margin
     floor = mark_floor(floor, row_mask)
     xx_f = x_f * x_f
-    sq = tl.sum(xx_f, axis=1)
     x, _ = split(x_f, "bf16", SPLIT_DTYPE)
-    x_norm = sq
+    row_terms = x
     w_cols, w_mask, w_stride = cols, col_mask, n_cols
     if DIAGONAL:
         # One product of depth 2 D, [x~ | xx~] against [lin~ | q~], where two of depth D wait for
@@ -215,13 +286,13 @@ def candidates_kernel(x_ptr, stride_x, shift_ptr, w_ptr, quad_ptr, bias_ptr, nor
         w_stride = 2 * n_cols
     else:
         x_r = x.to(tl.float32)
-        x_norm = tl.sqrt(tl.sum(x_r * x_r, axis=1))
+        row_terms = bound_rows(tl.sum(xx_f, axis=1), tl.sqrt(tl.sum(x_r * x_r, axis=1)), SPLIT_DTYPE)
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
         acc = product(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), x, w_ptr, comps, comp_mask, w_cols, w_mask,
                       w_stride, EVEN)
-        upper = upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, norm_ptr, eps, comps, comp_mask, DIAGONAL)
+        upper = upper_bound(acc, row_terms, bound_ptr, comps, comp_mask, DIAGONAL, EVEN)
         mark(upper, floor, rows, row_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
@@ -286,12 +357,11 @@ def candidates(x, shift, weights, centred, hint, margin, config):
         raise ValueError(f"the fused candidate pass holds a row in one feature tile: D = {d} exceeds block_d = "
                          f"{config.block_d} (wider rows: kernels.candidates_wide)")
     marks = torch.empty(n, n_words(weights.n_comps), dtype=torch.int32, device=x.device)
+    diagonal = weights.diagonal
     candidates_kernel[(triton.cdiv(n, config.block_n),)](
-        x, x.stride(0), shift, weights.lin if weights.lin_quad is None else weights.lin_quad, weights.quad,
-        weights.bias, weights.bias if weights.norm is None else weights.norm, *centred, hint.contiguous(),
-        float(margin), marks, n,
-        weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=weights.diagonal, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, BLOCK_D=config.block_d,
+        x, x.stride(0), shift, *((weights.lin_quad, weights.bias) if diagonal else (weights.lin, weights.columns)),
+        *centred, hint.contiguous(), float(margin), marks, n, weights.n_comps, d, marks.shape[1], DIAGONAL=diagonal,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_D=config.block_d,
         EVEN=weights.n_comps % config.block_k == 0 and d == config.block_d, SPLIT_DTYPE=split_dtype(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return marks

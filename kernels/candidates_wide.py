@@ -11,8 +11,9 @@ pieces, and marks its candidates from the accumulators in registers.
 
 The products and their upper bound are those of ``kernels.candidates`` (whose docstring proves
 it): diag P = x~ . lin~ + x~^2 . q~, two bfloat16 products a tile pair into one accumulator, then
-+ b_k; spherical P = x~ . lin~, one product, then + q'_k |x|^2 + eps' ||x~|| w_k + b_k. An
-accumulator sums at most 2 D products in float32, as the bound's factors allow, in any order. The
++ b_k; spherical P = x~ . lin~, one product, then the bound's 16 columns into the same accumulator.
+An accumulator sums at most 2 D (diag) or D + 16 products in float32, as the bound's factors allow,
+in any order. The
 threshold is each row's given floor (``kernels.exact_log_prob`` of a hint component less the
 margin), as in the fused pass.
 
@@ -22,26 +23,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .candidates import check_block_k, mark, mark_floor, n_words, product, upper_bound
+from .candidates import bound_rows, check_block_k, mark, mark_floor, n_words, product, upper_bound
 from .exact_log_prob import exact_log_probs
 from .split_rows import segment_width, split_rows
+from .tile import split_dtype
 
 # Bytes of one block's split rows (bfloat16 pieces): fewer blocks, fewer launches.
 BLOCK_BYTES = 256 << 20
 
 
 @triton.jit
-def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, bias_ptr, w_norm_ptr, floor_ptr,
-                           mark_ptr, n_rows, n_comps, n_cols, n_words, eps, DIAGONAL: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_ptr, bound_ptr, floor_ptr, mark_ptr,
+                           n_rows, n_comps, n_cols, n_words, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_K: tl.constexpr,
+                           SPLIT_DTYPE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     base = rows.to(tl.int64)[:, None] * stride_xs
     floor = mark_floor(tl.load(floor_ptr + rows, mask=row_mask, other=0.0), row_mask)
-    sq = tl.load(sq_ptr + rows, mask=row_mask, other=0.0)
-    x_norm = sq
+    row_terms = floor
     if not DIAGONAL:
-        x_norm = tl.load(norm_ptr + rows, mask=row_mask, other=0.0)
+        row_terms = bound_rows(tl.load(sq_ptr + rows, mask=row_mask, other=0.0),
+                               tl.load(norm_ptr + rows, mask=row_mask, other=0.0), SPLIT_DTYPE)
     for k0 in range(0, n_comps, BLOCK_K):
         comps = k0 + tl.arange(0, BLOCK_K)
         comp_mask = comps < n_comps
@@ -55,7 +58,7 @@ def candidates_wide_kernel(xs_ptr, stride_xs, sq_ptr, norm_ptr, lin_ptr, quad_pt
             if DIAGONAL:
                 xx = tl.load(xs_ptr + base + n_cols + cols[None, :], mask=mask, other=0.0)
                 acc = product(acc, xx, quad_ptr, comps, comp_mask, cols, col_mask, n_cols)
-        upper = upper_bound(acc, sq, x_norm, quad_ptr, bias_ptr, w_norm_ptr, eps, comps, comp_mask, DIAGONAL)
+        upper = upper_bound(acc, row_terms, bound_ptr, comps, comp_mask, DIAGONAL, EVEN_K)
         mark(upper, floor, rows, row_mask, k0, mark_ptr, n_words, BLOCK_N, BLOCK_K)
 
 
@@ -91,8 +94,10 @@ def candidates_wide(x, shift, weights, centred, hint, margin, config, *, rows=No
         m = block.shape[0]
         split_rows(block, shift, diagonal, pieces, sq, precision="bf16", norm=norm)
         candidates_wide_kernel[(triton.cdiv(m, config.block_n),)](
-            pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin, weights.quad, weights.bias,
-            weights.bias if weights.norm is None else weights.norm, floor[start:start + m], marks[start:start + m],
-            m, weights.n_comps, d, marks.shape[1], weights.eps, DIAGONAL=diagonal, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, BLOCK_D=config.block_d, num_warps=config.num_warps, num_stages=config.num_stages)
+            pieces, pieces.stride(0), sq, sq if norm is None else norm, weights.lin,
+            *((weights.quad, weights.bias) if diagonal else (weights.lin, weights.columns)), floor[start:start + m],
+            marks[start:start + m], m, weights.n_comps, d, marks.shape[1], DIAGONAL=diagonal,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_D=config.block_d,
+            EVEN_K=weights.n_comps % config.block_k == 0, SPLIT_DTYPE=split_dtype(x.device),
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return marks

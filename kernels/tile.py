@@ -42,6 +42,18 @@ def round_bf16(a):
 
 
 @triton.jit
+def round_bf16_directed(a, UP: tl.constexpr):
+    """The bfloat16 value of a float32 tile next to it toward +inf (UP) or -inf, kept in float32:
+    a rounding of known direction, for bounds (by bits, as ``round_bf16``)."""
+    bits = a.to(tl.int32, bitcast=True)
+    # Sign and magnitude: adding 0xFFFF before the mask moves the magnitude up. The sign is read
+    # from the bits, where a float comparison may flush subnormal values to zero.
+    away = bits > 0 if UP else bits < 0
+    bits = tl.where(away, bits + 0xFFFF, bits) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def split(a, PRECISION: tl.constexpr, SPLIT_DTYPE: tl.constexpr):
     """Operands (hi, lo) of a float32 tile: its bfloat16 pieces for bf16x3, else (a, a).
 

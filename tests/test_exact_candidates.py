@@ -14,17 +14,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from flashgmm_ivf.kernels import exact_candidates, gemm
 from flashgmm_ivf.kernels import params as kparams
 from flashgmm_ivf.kernels.candidate_resp import candidate_resp
 from flashgmm_ivf.kernels.candidate_weights import candidate_weights, candidate_weights_reference
-from flashgmm_ivf.kernels.candidates import candidates, search_weights
+from flashgmm_ivf.kernels.candidates import (BOUND_COLUMNS, bf16_values, bound_rows_reference, candidates,
+                                              search_weights)
 from flashgmm_ivf.kernels.candidates_wide import candidates_wide
 from flashgmm_ivf.kernels.estep import candidate_search
 from flashgmm_ivf.kernels.exact_log_prob import exact_log_probs
 from flashgmm_ivf.kernels.kept_pairs import kept_pairs, kept_pairs_into, kept_pairs_reference
 from flashgmm_ivf.kernels.overflow_rows import overflow_pairs_into, overflow_pairs_reference
 from flashgmm_ivf.kernels.reference import weighted_log_prob
+from flashgmm_ivf.kernels.tile import round_bf16_directed
 from test_kernels import make_rows, random_mixture, relative_error
 
 from flashgmm_ivf import GaussianMixture, kernels
@@ -134,15 +138,45 @@ def bound_rule(x, shift, split):
     """The candidate pass's upper bound replayed in float64 from its operands
     (``candidates.search_weights`` of the split parameters): (U, the products' sizes sum |a~| |b~|)."""
     w = search_weights(split, "cpu")
-    lin, quad, bias = (t.double() for t in (w.lin, w.quad, w.bias))
     xs = x.float() - shift.float().cpu()
-    xb = xs.to(torch.bfloat16).double()
+    xb = bf16_values(xs).double()
     if w.diagonal:
-        xx = (xs * xs).to(torch.bfloat16).double()
+        lin, quad, bias = (t.double() for t in (w.lin, w.quad, w.bias))
+        xx = bf16_values(xs * xs).double()
         return xb @ lin.T + xx @ quad.T + bias, xb.abs() @ lin.abs().T - xx @ quad.T
-    sq = (xs * xs).sum(1).double()[:, None]
-    upper = xb @ lin.T + sq * quad + w.eps * xb.norm(dim=1)[:, None] * w.norm.double() + bias
-    return upper, xb.abs() @ lin.abs().T
+    a = torch.cat([xb, bound_rows_reference(xs).double()], 1)
+    b = torch.cat([w.lin, w.columns], 1).double()
+    return a @ b.T, a.abs() @ b.abs().T
+
+
+@triton.jit
+def _directed_kernel(x_ptr, up_ptr, down_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(up_ptr + offs, round_bf16_directed(x, True))
+    tl.store(down_ptr + offs, round_bf16_directed(x, False))
+
+
+def test_bfloat16_rounding_up_and_down_brackets_every_value_by_its_bfloat16_neighbours():
+    """``bf16_values`` (torch) and ``tile.round_bf16_directed`` (kernel): a bfloat16 value on the
+    given side of each float32 value, and its nearest there, at every sign and magnitude (bfloat16
+    values, zeros and infinities kept); to nearest, it is torch's cast but at ties."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-30, 31, (4096,), generator=gen).float()
+    x[:8] = torch.tensor([0.0, -0.0, 1.0, -3.5, float("inf"), float("-inf"), 1e-40, -1e38])
+    up, down = bf16_values(x, 1), bf16_values(x, -1)
+    got = torch.empty(2, len(x), device=DEVICE)
+    _directed_kernel[(1,)](x.to(DEVICE), got[0], got[1], BLOCK=len(x))
+    assert torch.equal(got.cpu(), torch.stack([up, down]))
+    for r in (up, down, bf16_values(x)):
+        assert torch.equal(r.to(torch.bfloat16).float(), r)
+    assert (down <= x).all() and (x <= up).all()
+    finite = torch.isfinite(x)
+    inf = torch.full_like(x, float("inf")).to(torch.bfloat16)
+    assert (torch.nextafter(up.to(torch.bfloat16), -inf).float()[finite] < x[finite]).all()
+    assert (torch.nextafter(down.to(torch.bfloat16), inf).float()[finite] > x[finite]).all()
+    tie = (up - x) == (x - down)
+    assert torch.equal(bf16_values(x)[~tie], x[~tie].to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
@@ -150,7 +184,7 @@ def bound_rule(x, shift, split):
 def test_upper_bound_covers_the_exact_log_density(kind, diagonal):
     """U (products of the rounded operands, plus what the weights fold in) is at least the
     float64 log-density of every row and component, with room left for the float32 sums of the
-    products (gamma_2D of their sizes), at variances from 1e-30 to 1e30 ("spread") and zero
+    products (gamma_2D of their sizes, gamma_{D+16} with the spherical bound's columns), at variances from 1e-30 to 1e30 ("spread") and zero
     linear weights; and at each row's best component it exceeds the log-density by a few
     bfloat16 units of the products' sizes, no more."""
     gen = torch.Generator().manual_seed(5)
@@ -166,7 +200,8 @@ def test_upper_bound_covers_the_exact_log_density(kind, diagonal):
     upper, sizes = bound_rule(x, shift, split)
     exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64), shift.float().double())
     assert torch.isfinite(upper).all()
-    assert (upper - 2 * 37 * 2.0 ** -23 * sizes >= exact).all()
+    products = 2 * 37 if diagonal else 37 + BOUND_COLUMNS
+    assert (upper - products * 2.0 ** -23 * sizes >= exact).all()
     if kind != "spread":
         over = (upper - exact).gather(1, exact.argmax(1, keepdim=True))
         assert (over <= 6 * 2.0 ** -8 * sizes.gather(1, exact.argmax(1, keepdim=True))).all()
@@ -486,19 +521,22 @@ def test_candidate_weights_match_the_torch_functions_they_fuse(d, k, diagonal, d
         finite = torch.isfinite(r)
         step = 2.0 ** -7 if g.dim() == 2 else 2.0 ** -22  # one bfloat16 / a few float32 units, relative
         assert ((g - r).abs()[finite] <= step * r.abs()[finite] + 1e-30).all(), name
-    assert got.search.eps == ref.search.eps
     if diagonal:  # the fused pass's operand: the same pieces side by side
         assert torch.equal(got.search.lin_quad, torch.cat([got.search.lin, got.search.quad], 1))
-    for name in ("lin", "quad", "bias", "norm", "lin_quad"):
+    for name in ("lin", "quad", "bias", "lin_quad", "columns"):
         g, r = getattr(got.search, name), getattr(ref.search, name)
         if r is None:
             assert g is None, name
             continue
         assert g.shape == r.shape and g.dtype == r.dtype, name
         g, r = g.float().cpu(), r.float().cpu()
+        step = 2.0 ** -7
+        if name == "columns":  # q1 + q2, b1 + b2 (float32 values in two pieces), then w~ and the zeros
+            g, r = (torch.cat([t[:, 0:1] + t[:, 1:2], t[:, 4:5] + t[:, 5:6], t[:, 6:]], 1) for t in (g, r))
+            step = torch.tensor([2.0 ** -21] * 2 + [2.0 ** -7] * 10).expand_as(r)[torch.isfinite(r)]
         assert torch.equal(torch.isinf(g), torch.isinf(r)), name
         finite = torch.isfinite(r)
-        assert ((g - r).abs()[finite] <= 2.0 ** -7 * r.abs()[finite] + 1e-30).all(), name
+        assert ((g - r).abs()[finite] <= step * r.abs()[finite] + 1e-30).all(), name
     for name, g, r in zip(("means", "precisions", "consts"), got.centred, ref.centred):
         g, r = g.cpu(), r.cpu()
         assert g.dtype == torch.float32 and g.shape == r.shape, name
