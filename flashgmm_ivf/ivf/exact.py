@@ -14,7 +14,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-__all__ = ["knn_l2", "nearest_means"]
+__all__ = ["knn_l2", "nearest_means", "pair_l2"]
 
 _TILE = 4096  # rows of each side per product of the brute force (a 64 MiB distance tile)
 
@@ -65,9 +65,10 @@ def knn_l2(queries: np.ndarray, x: np.ndarray, k: int, center: np.ndarray):
 def nearest_means(x: np.ndarray, means: np.ndarray, k: int):
     """The k nearest means of every row of x: FAISS's flat search, both sides about the means' mean.
 
-    FAISS computes each pair on its own below its BLAS threshold, so a row's result does not
-    depend on the rows searched with it (the lists of a vector are the same whatever the blocks
-    it is added in); above it, the products are taken about the centre.
+    A distance may differ in its last bits with the rows searched beside it (FAISS's kernels
+    take several queries at a time, and from its BLAS threshold on, products about the centre);
+    where a row's value must not depend on its block (a spill score against a threshold), take
+    it from ``pair_l2``.
 
     Parameters
     ----------
@@ -83,3 +84,27 @@ def nearest_means(x: np.ndarray, means: np.ndarray, k: int):
     flat = faiss.IndexFlatL2(means.shape[1])
     flat.add(np.ascontiguousarray(means - center, dtype=np.float32))
     return flat.search(np.ascontiguousarray(x - center, dtype=np.float32), k)
+
+
+def pair_l2(x: np.ndarray, means: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Squared L2 from each row of x to the means ``idx`` names, each pair computed on its own
+    (``faiss.pairwise_indexed_L2sqr``): a row's values are the same whatever rows come with it.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, d), float32
+    means : ndarray of shape (K, d), float32
+    idx : ndarray of shape (n, m), integer, entries in [0, K)
+
+    Returns
+    -------
+    ndarray of shape (n, m), float32
+    """
+    n, m = idx.shape
+    out = np.empty((n, m), np.float32)
+    rows = np.ascontiguousarray(np.repeat(np.arange(n, dtype=np.int64), m))
+    cols = np.ascontiguousarray(idx, dtype=np.int64).ravel()
+    x, means = (np.ascontiguousarray(a, dtype=np.float32) for a in (x, means))
+    faiss.pairwise_indexed_L2sqr(x.shape[1], n * m, faiss.swig_ptr(x), faiss.swig_ptr(rows), faiss.swig_ptr(means),
+                                 faiss.swig_ptr(cols), faiss.swig_ptr(out))
+    return out

@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 from .._validation import check_nonnegative_float, check_positive_int
-from .exact import nearest_means
+from .exact import nearest_means, pair_l2
 
 __all__ = ["RULES", "extra_list", "nearest_and_extra", "spill", "spill_top2", "spill_soar", "spill_rair", "spill_spann", "nearest_other",
            "keep_best"]
@@ -64,16 +64,14 @@ def nearest_other(x, centroids, primary, m):
         raise ValueError(f"m must be in [1, K - 1 = {k - 1}], got {m}")
     # One more than asked for: the primary is among them unless it is not L2-nearest
     # (GMM primaries), in which case the farthest one is dropped instead.
-    d2, idx = nearest_means(x, centroids, m + 1)
+    _, idx = nearest_means(x, centroids, m + 1)
     is_primary = idx == primary[:, None]
     drop = np.where(is_primary.any(1), is_primary.argmax(1), m)
     keep = np.ones_like(is_primary)
     keep[np.arange(len(x)), drop] = False
     cand = idx[keep].reshape(-1, m)
-    cand_d2 = d2[keep].reshape(-1, m)
-    diff = x - centroids[primary]
-    primary_d2 = np.einsum("nd,nd->n", diff, diff)
-    return cand, cand_d2, primary_d2
+    # Each pair on its own: a row's spill score is then the same in any block of rows.
+    return cand, pair_l2(x, centroids, cand), pair_l2(x, centroids, primary[:, None])[:, 0]
 
 
 def keep_best(scores, extra):
@@ -237,7 +235,12 @@ def nearest_and_extra(x, centroids, *, rule="soar", lam=None, n_candidates=None)
     x, centroids, _ = _check(x, centroids, np.zeros(len(x), np.int64))
     m = min(check_positive_int(n_candidates, "n_candidates"), centroids.shape[0] - 1)
     # The m + 1 nearest: the first is the primary, the others its candidates.
-    d2, idx = nearest_means(x, centroids, m + 1)
+    _, idx = nearest_means(x, centroids, m + 1)
+    # Each pair on its own, ranked again (ties by index): a row's lists and spill score are then
+    # the same in any block of rows.
+    d2 = pair_l2(x, centroids, idx)
+    order = np.lexsort((idx, d2), axis=-1)
+    idx, d2 = np.take_along_axis(idx, order, 1), np.take_along_axis(d2, order, 1)
     primary = idx[:, 0].copy()
     return (primary, *_rule_choice(x, centroids, primary, idx[:, 1:], d2[:, 1:], d2[:, 0], rule, lam))
 
