@@ -207,6 +207,28 @@ def test_upper_bound_covers_the_exact_log_density(kind, diagonal):
         assert (over <= 6 * 2.0 ** -8 * sizes.gather(1, exact.argmax(1, keepdim=True))).all()
 
 
+@pytest.mark.parametrize("d", [1, 37, 300])
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
+def test_upper_bound_holds_where_every_rounding_errs_the_same_way(d, diagonal):
+    """Rows and weights all of one sign and each just past a bfloat16 rounding point, so that every
+    product rounds down by nearly a unit and the errors add up (Cauchy-Schwarz is tight for parallel
+    rows and weights): where the bound has the least room, U still covers the float64 log-density
+    with room for the float32 sums (as ``test_upper_bound_covers_the_exact_log_density``)."""
+    gen = torch.Generator().manual_seed(d)
+    past = 1 + 2.0 ** -9 - 2.0 ** -20  # rounds down to 1 in bfloat16, by almost half a unit
+    x = 2.0 ** torch.randint(-4, 8, (40, 1), generator=gen).float() * past * torch.ones(40, d)
+    k = 8
+    lin = 2.0 ** torch.randint(-6, 6, (k, 1), generator=gen).double() * past * torch.ones(k, d, dtype=torch.float64)
+    quad = -(2.0 ** torch.randint(-6, 6, (k, d) if diagonal else (k,), generator=gen).double()) * past
+    const = 100 * torch.randn(k, generator=gen, dtype=torch.float64)
+    split, _ = kparams.split_offset(kparams.NaturalParams(quad, lin, const).to(dtype=torch.float32))
+    shift = torch.zeros(d)
+    upper, sizes = bound_rule(x, shift, split)
+    exact = weighted_log_prob(x.double(), split.to(dtype=torch.float64), shift.double())
+    products = 2 * d if diagonal else d + BOUND_COLUMNS
+    assert (upper - products * 2.0 ** -23 * sizes >= exact).all()
+
+
 @pytest.mark.parametrize("n,d,k,blocks", SHAPES)
 @pytest.mark.parametrize("diagonal", [True, False], ids=["diag", "spherical"])
 def test_candidate_pass_marks_what_its_bound_rule_marks(n, d, k, blocks, diagonal, poisoned_empty):
