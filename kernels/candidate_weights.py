@@ -115,12 +115,14 @@ def candidate_weights_kernel(lin_ptr, quad_ptr, const_ptr, offset_ptr, lin_out, 
         # ``candidates.bound_columns``
         q = (fold * quad_s).to(tl.float32)
         q1 = round_bf16(q)
-        # Infinities (weight 0) are kept, -inf as b1 + 0; the finite values alone meet arithmetic.
-        bias = tl.where(tl.abs(const) < float("inf"), const, 0.0)
-        bias = _rounded_up(tl.where(tl.abs(const) < float("inf"), bias + slack * tl.abs(bias), const))
-        finite = tl.where(tl.abs(bias) < float("inf"), bias, 0.0)
-        b1 = tl.where(tl.abs(bias) < float("inf"), round_bf16(finite), bias)
-        b2 = round_bf16_directed(finite - round_bf16(finite), True)
+        # -inf (weight 0) stays b1 = -inf, b2 = 0: only finite values go through the arithmetic,
+        # which would make inf - inf of it.
+        finite = tl.abs(const) < float("inf")
+        c0 = tl.where(finite, const, 0.0)
+        bias = _rounded_up(tl.where(finite, c0 + slack * tl.abs(c0), const))
+        b0 = tl.where(tl.abs(bias) < float("inf"), bias, 0.0)
+        b1 = tl.where(tl.abs(bias) < float("inf"), round_bf16(b0), bias)
+        b2 = round_bf16_directed(b0 - round_bf16(b0), True)
         norm = _rounded_up(tl.sqrt(tl.sum(bound, axis=0)))
         w = round_bf16_directed(_rounded_up(eps * norm.to(tl.float64)), True)
         j = tl.arange(0, 16)

@@ -13,9 +13,8 @@ The products and their upper bound are those of ``kernels.candidates`` (whose do
 it): diag P = x~ . lin~ + x~^2 . q~, two bfloat16 products a tile pair into one accumulator, then
 + b_k; spherical P = x~ . lin~, one product, then the bound's 16 columns into the same accumulator.
 An accumulator sums at most 2 D (diag) or D + 16 products in float32, as the bound's factors allow,
-in any order. The
-threshold is each row's given floor (``kernels.exact_log_prob`` of a hint component less the
-margin), as in the fused pass.
+in any order. The threshold is each row's given floor (``kernels.exact_log_prob`` of a hint
+component less the margin), as in the fused pass.
 
 Oracle: the float64 log-densities of ``kernels.reference`` (tests/test_exact_candidates.py).
 """

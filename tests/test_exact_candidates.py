@@ -218,7 +218,7 @@ def test_upper_bound_holds_where_every_rounding_errs_the_same_way(d, diagonal):
     past = 1 + 2.0 ** -9 - 2.0 ** -20  # rounds down to 1 in bfloat16, by almost half a unit
     x = 2.0 ** torch.randint(-4, 8, (40, 1), generator=gen).float() * past * torch.ones(40, d)
     k = 8
-    lin = 2.0 ** torch.randint(-6, 6, (k, 1), generator=gen).double() * past * torch.ones(k, d, dtype=torch.float64)
+    lin = 2.0 ** torch.randint(-6, 6, (k, 1), generator=gen).double() * past * torch.ones(k, d).double()
     quad = -(2.0 ** torch.randint(-6, 6, (k, d) if diagonal else (k,), generator=gen).double()) * past
     const = 100 * torch.randn(k, generator=gen, dtype=torch.float64)
     split, _ = kparams.split_offset(kparams.NaturalParams(quad, lin, const).to(dtype=torch.float32))
