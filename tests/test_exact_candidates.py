@@ -184,9 +184,9 @@ def test_bfloat16_rounding_up_and_down_brackets_every_value_by_its_bfloat16_neig
 def test_upper_bound_covers_the_exact_log_density(kind, diagonal):
     """U (products of the rounded operands, plus what the weights fold in) is at least the
     float64 log-density of every row and component, with room left for the float32 sums of the
-    products (gamma_2D of their sizes, gamma_{D+16} with the spherical bound's columns), at variances from 1e-30 to 1e30 ("spread") and zero
-    linear weights; and at each row's best component it exceeds the log-density by a few
-    bfloat16 units of the products' sizes, no more."""
+    products (gamma_2D of their sizes, gamma_{D+16} with the spherical bound's columns), at
+    variances from 1e-30 to 1e30 ("spread") and zero linear weights; and at each row's best
+    component it exceeds the log-density by a few bfloat16 units of the products' sizes, no more."""
     gen = torch.Generator().manual_seed(5)
     x = make_rows(300, 37, "standardised" if kind == "spread" else kind, gen)
     params, shift = random_mixture(x, 19, diagonal, gen)
