@@ -160,9 +160,9 @@ def bound_columns(quad, const, norm, c, eps, slack):
     bias = _rounded_up(torch.where(torch.isfinite(const), const + slack * const.abs(), const))
     b1 = bf16_values(bias)
     b2 = torch.where(torch.isfinite(bias), bf16_values(bias - b1, 1), 0.0)
-    terms = [q1, bf16_values(q - q1, 1), b1, b2, bf16_values(_rounded_up(eps * norm.double()), 1)]
+    q2, w = bf16_values(q - q1, 1), bf16_values(_rounded_up(eps * norm.double()), 1)
     columns = torch.zeros(len(q), BOUND_COLUMNS, dtype=torch.float32, device=q.device)
-    columns[:, :7] = torch.stack([terms[i] for i in (0, 1, 0, 1, 2, 3, 4)], 1)
+    columns[:, :7] = torch.stack([q1, q2, q1, q2, b1, b2, w], 1)
     return columns
 
 
